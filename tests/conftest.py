@@ -1,0 +1,117 @@
+"""Fixtures: a tiny byte-level BPE tokenizer trained here, tiny random teachers built from configs, and text.
+
+Nothing is downloaded: the tokenizer is trained on the fixture text, the models are random.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the scripts (cache_teacher.py, train_student.py) live at the repo root
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("the king queen lord lady sword crown night day love death blood fair foul heaven earth sea storm "
+         "speak hear see know think go come stay fly sleep dream wake ghost witch father mother son daughter "
+         "friend enemy war peace gold silver true false sweet bitter old young").split()
+
+
+def make_text(seed: int, n_words: int) -> str:
+    rng = random.Random(seed)
+    lines = []
+    while n_words > 0:
+        k = rng.randint(4, 12)
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + rng.choice(".!?,;"))
+        n_words -= k
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Six small 'plays' as .txt files (one document each), ~1.5k tokens each."""
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(6):
+        (d / f"play{i}.txt").write_text(make_text(i, 900))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus_dir) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(p) for p in sorted(corpus_dir.glob("*.txt"))], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    d = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(d)
+    return d
+
+
+def _save_model(model_cls, config, tokenizer_dir: Path, out: Path, seed: int) -> Path:
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
+def llama_teacher(tmp_path_factory, tokenizer_dir) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    cfg = LlamaConfig(vocab_size=vocab, **TINY)
+    return _save_model(LlamaForCausalLM, cfg, tokenizer_dir, tmp_path_factory.mktemp("llama_teacher"), 0)
+
+
+@pytest.fixture(scope="session")
+def moe_teacher(tmp_path_factory, tokenizer_dir) -> Path:
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    cfg = Qwen3MoeConfig(vocab_size=vocab, head_dim=8, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                         **TINY)
+    return _save_model(Qwen3MoeForCausalLM, cfg, tokenizer_dir, tmp_path_factory.mktemp("moe_teacher"), 1)
+
+
+def cache_overrides(teacher: Path, corpus: Path, out: Path, **extra) -> list[str]:
+    """Dotted overrides for a small, fast cache run on the fixture corpus."""
+    base = {
+        "teacher.model": str(teacher), "teacher.batch_size": 3,
+        "data.files": f"[{corpus}/*.txt]", "data.seq_len": 32, "data.eval_documents": 1,
+        "data.separator_token": "<|endoftext|>",
+        "cache.output_dir": str(out), "cache.top_k": 16, "cache.hidden_layers": "[0, 2]",
+        "cache.sequences_per_shard": 8, "data.max_train_sequences": 40,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def make_cache_config(corpus_dir):
+    from kd.cache_config import CacheConfig
+    from kd.config import load_config
+
+    def make(teacher: Path, out: Path, **extra):
+        return load_config(CacheConfig, None, cache_overrides(teacher, corpus_dir, out, **extra))
+
+    return make

@@ -1,0 +1,217 @@
+"""The teacher cache: stored values equal a recomputation, resume, several processes, verify, reader."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import cache_teacher
+from conftest import ROOT, cache_overrides
+from kd.cache import CONFIG_FILE, MANIFEST, TeacherCache, verify
+
+
+def read_all(out: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Every split's datasets concatenated in sequence order: the cache's content, independent of sharding."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    result = {}
+    for split, info in manifest["splits"].items():
+        parts: dict[str, list] = {}
+        for shard in sorted(info["shards"], key=lambda s: s["first_sequence"]):
+            with h5py.File(out / shard["file"], "r") as f:
+                for name in f:
+                    parts.setdefault(name, []).append(f[name][:])
+        result[split] = {k: np.concatenate(v) for k, v in parts.items()}
+    return result
+
+
+@pytest.mark.parametrize("teacher_fixture", ["llama_teacher", "moe_teacher"])
+def test_stored_values_equal_recomputation(request, tmp_path, make_cache_config, teacher_fixture):
+    from transformers import AutoModelForCausalLM
+
+    teacher = request.getfixturevalue(teacher_fixture)
+    out = cache_teacher.main(make_cache_config(teacher, tmp_path / "c"))
+    content = read_all(out)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["teacher"]["model_type"] == ("llama" if teacher_fixture == "llama_teacher" else "qwen3_moe")
+    for split in ("train", "eval"):
+        c = content[split]
+        assert len(c["lengths"]) == manifest["splits"][split]["num_sequences"] > 0
+        ids = torch.from_numpy(c["input_ids"].astype(np.int64))
+        lengths = torch.from_numpy(c["lengths"].astype(np.int64))
+        mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+        with torch.no_grad():
+            out_full = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        logp = torch.log_softmax(out_full.logits.float(), dim=-1)
+        ref_vals, ref_ids = logp.topk(16, dim=-1)
+        stored_vals = torch.from_numpy(c["topk_logprobs"].astype(np.float32))
+        stored_ids = torch.from_numpy(c["topk_ids"].astype(np.int64))
+        valid = mask.bool()
+        # Values: fp16 storage tolerance. Ids: equal wherever the reference values are not near-ties.
+        torch.testing.assert_close(stored_vals[valid], ref_vals[valid], atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(torch.gather(logp, -1, stored_ids)[valid], ref_vals[valid], atol=2e-3, rtol=1e-3)
+        assert (stored_ids[valid] == ref_ids[valid]).float().mean() > 0.99
+        # Hidden states are hidden_states[0] (embeddings) and hidden_states[2] (last layer).
+        ref_hidden = torch.stack([out_full.hidden_states[0], out_full.hidden_states[2]], dim=1)
+        stored_hidden = torch.from_numpy(c["hidden_states"].astype(np.float32))
+        torch.testing.assert_close(stored_hidden.permute(0, 2, 1, 3)[valid], ref_hidden.permute(0, 2, 1, 3)[valid],
+                                   atol=2e-3, rtol=2e-3)
+    assert verify(out, log=lambda *_: None) == []
+
+
+def test_manifest_describes_the_cache(tmp_path, make_cache_config, llama_teacher):
+    out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
+    m = json.loads((out / MANIFEST).read_text())
+    for key in ("format", "format_version", "teacher", "tokenizer", "top_k", "hidden_layers", "value_dtype",
+                "seq_len", "dataset", "splits", "config"):
+        assert key in m, key
+    assert m["teacher"]["vocab_size"] > 0 and m["teacher"]["hidden_size"] == 32
+    assert len(m["tokenizer"]["fingerprint"]) == 64
+    # the document-level split: eval documents are never train documents
+    assert set(m["splits"]["train"]["documents"]).isdisjoint(m["splits"]["eval"]["documents"])
+    assert len(m["splits"]["eval"]["documents"]) == 1
+    assert m["splits"]["train"]["num_sequences"] == 40  # data.max_train_sequences
+    for split in m["splits"].values():
+        for shard in split["shards"]:
+            assert len(shard["sha256"]) == 64
+            with h5py.File(out / shard["file"], "r") as f:
+                meta = json.loads(f.attrs["kd_meta"])
+                assert meta["format_version"] == m["format_version"] and meta["top_k"] == 16
+                assert meta["num_tokens"] == shard["num_tokens"]
+                assert f["topk_logprobs"].chunks == (1, 32, 16)  # one chunk per sequence
+    assert m["config"]["cache"]["top_k"] == 16
+    # the last window of a split is kept, short, and counted by its valid length
+    content = read_all(out)
+    assert content["eval"]["lengths"][-1] <= 32 and content["eval"]["lengths"][:-1].min() == 32
+
+
+def test_reader_random_access_and_workers(tmp_path, make_cache_config, llama_teacher):
+    out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
+    content = read_all(out)["train"]
+    cache = TeacherCache(out)
+    split = cache.split("train")
+    assert len(split) == 40
+    for i in (0, 7, 8, 39):  # both sides of a shard boundary
+        item = split[i]
+        assert torch.equal(item["input_ids"], torch.from_numpy(content["input_ids"][i].astype(np.int64)))
+        assert torch.equal(item["topk_ids"], torch.from_numpy(content["topk_ids"][i].astype(np.int64)))
+        assert torch.equal(item["topk_logprobs"], torch.from_numpy(content["topk_logprobs"][i]))
+        assert item["hidden_states"].shape == (2, 32, 32)
+        assert int(item["length"]) == content["lengths"][i]
+    with pytest.raises(IndexError):
+        split[40]
+    # h5py handles are opened per worker process: a 2-worker DataLoader reads the same data
+    loader = torch.utils.data.DataLoader(cache.split("train", fields=("input_ids",)), batch_size=5, num_workers=2)
+    ids = torch.cat([b["input_ids"] for b in loader])
+    assert torch.equal(ids, torch.from_numpy(content["input_ids"].astype(np.int64)))
+
+
+def test_interrupted_run_resumes_to_identical_cache(tmp_path, make_cache_config, llama_teacher, monkeypatch):
+    reference = read_all(cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "ref")))
+    out = tmp_path / "c"
+    calls = {"n": 0}
+    real_append = cache_teacher.ShardWriter.append
+
+    def crash_on_fifth_batch(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 5:  # part-way through a shard, as a kill would be: no cleanup runs
+            raise KeyboardInterrupt
+        return real_append(self, *args)
+
+    monkeypatch.setattr(cache_teacher.ShardWriter, "append", crash_on_fifth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher.main(make_cache_config(llama_teacher, out))
+    monkeypatch.setattr(cache_teacher.ShardWriter, "append", real_append)
+    assert not (out / MANIFEST).exists()  # an unfinished cache is never usable
+    finished = sorted(p.name for p in out.glob("*.h5"))
+    assert finished == ["train-00000.h5"]  # batches of 3, shards of 8: 1 shard done when batch 5 starts
+    assert list(out.glob("*.tmp-*"))  # the interrupted shard only ever existed under a temporary name
+    # a re-run with another batch size (not a content key) keeps the complete shard and finishes the rest
+    mtime = (out / "train-00000.h5").stat().st_mtime_ns
+    cache_teacher.main(make_cache_config(llama_teacher, out, **{"teacher.batch_size": 5}))
+    assert (out / "train-00000.h5").stat().st_mtime_ns == mtime
+    assert not list(out.glob("*.tmp-*"))
+    resumed = read_all(out)
+    for split in reference:
+        for name in reference[split]:
+            np.testing.assert_allclose(resumed[split][name].astype(np.float32),
+                                       reference[split][name].astype(np.float32), atol=1e-3, err_msg=f"{split}/{name}")
+
+
+def test_killed_process_never_leaves_a_complete_looking_shard(tmp_path, corpus_dir, llama_teacher):
+    """SIGKILL a real run while it writes; every final-named shard must then be whole, and a re-run completes."""
+    import signal
+    import time
+
+    out = tmp_path / "c"
+    args = [sys.executable, str(ROOT / "cache_teacher.py"),
+            *cache_overrides(llama_teacher, corpus_dir, out, **{"cache.sequences_per_shard": 2, "teacher.batch_size": 1})]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.h5"))) < 3 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for shard in out.glob("*.h5"):
+        info = json.loads(shard.with_suffix(".json").read_text())
+        from kd.cache import sha256_file
+        assert sha256_file(shard) == info["sha256"], shard.name
+    subprocess.run(args, check=True, capture_output=True)
+    assert verify(out, log=lambda *_: None) == []
+
+
+def test_two_processes_equal_one(tmp_path, corpus_dir, llama_teacher):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    # ACCELERATE_USE_CPU=1 is what `accelerate launch --cpu` sets; without it Accelerate ignores torchrun on CPU.
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    subprocess.run([sys.executable, str(ROOT / "cache_teacher.py"),
+                    *cache_overrides(llama_teacher, corpus_dir, one)], check=True, capture_output=True, env=env)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29512", str(ROOT / "cache_teacher.py"),
+                             *cache_overrides(llama_teacher, corpus_dir, two)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stdout
+    a, b = read_all(one), read_all(two)
+    for split in a:
+        for name in a[split]:
+            np.testing.assert_array_equal(a[split][name], b[split][name], err_msg=f"{split}/{name}")
+    ma, mb = (json.loads((d / MANIFEST).read_text()) for d in (one, two))
+    assert [s["sha256"] for s in ma["splits"]["train"]["shards"]] == [s["sha256"] for s in mb["splits"]["train"]["shards"]]
+
+
+def test_verify_catches_a_flipped_byte(tmp_path, make_cache_config, llama_teacher):
+    out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
+    shard = out / "train-00001.h5"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    problems = verify(out, log=lambda *_: None)
+    assert problems and "train-00001.h5" in problems[0] and "sha256" in problems[0]
+    result = subprocess.run([sys.executable, "-m", "kd.cache", "verify", str(out)], capture_output=True, text=True)
+    assert result.returncode == 1 and "train-00001.h5" in result.stderr
+
+
+def test_verify_names_the_bad_sequence(tmp_path, make_cache_config, llama_teacher):
+    """A value that is wrong but checksummed (a buggy writer) is caught by the content checks."""
+    from kd.cache import sha256_file
+
+    out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
+    shard = out / "train-00001.h5"
+    with h5py.File(shard, "r+") as f:
+        f["topk_logprobs"][3, 5, 0] = 0.5  # a positive log-prob
+    m = json.loads((out / MANIFEST).read_text())
+    for s in m["splits"]["train"]["shards"]:
+        if s["file"] == shard.name:
+            s["sha256"] = sha256_file(shard)
+    (out / MANIFEST).write_text(json.dumps(m))
+    problems = verify(out, log=lambda *_: None)
+    assert problems == [f"shard train-00001.h5, sequence 11 of split train: log-probs are positive"]

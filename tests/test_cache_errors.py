@@ -1,0 +1,117 @@
+"""Bad input to cache_teacher.py: one clear message, a non-zero exit, nothing already written is lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import cache_teacher
+from conftest import ROOT, cache_overrides
+from kd.cache import MANIFEST
+from kd.errors import KDError
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "cache_teacher.py"), *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"data.seq_len": 256}, "longer than the teacher's context (128"),
+    ({"cache.top_k": 100000}, "larger than the teacher's vocabulary"),
+    ({"cache.hidden_layers": "[0, 3]"}, "cache.hidden_layers [3] out of range"),
+    ({"data.files": "[/nonexistent/*.txt]"}, "data file(s) not found: /nonexistent/*.txt"),
+    ({"data.text_field": "content", "data.files": "[{jsonl}]"}, "text field 'content' is not in"),
+    ({"data.files": "[{empty}]"}, "holds no non-empty text"),
+    ({"data.separator_token": "<nope>"}, "separator token '<nope>' is not in the teacher's vocabulary"),
+    ({"data.eval_documents": 6}, "leaving none for training"),
+])
+def test_bad_input_is_refused_before_work(tmp_path, make_cache_config, llama_teacher, override, message):
+    (tmp_path / "docs.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (tmp_path / "empty.txt").write_text("  \n")
+    override = {k: v.format(jsonl=tmp_path / "docs.jsonl", empty=tmp_path / "empty.txt") if isinstance(v, str) else v
+                for k, v in override.items()}
+    with pytest.raises(KDError, match=None) as e:
+        cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c", **override))
+    assert message in str(e.value)
+    assert not list((tmp_path / "c").glob("*.h5")) if (tmp_path / "c").exists() else True
+
+
+def test_cli_error_is_one_line_and_exit_2(tmp_path, corpus_dir, llama_teacher):
+    result = run_cli(*cache_overrides(llama_teacher, corpus_dir, tmp_path / "c"), "cache.topk=3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown config key(s) cache.topk in section 'cache'; allowed: hidden_layers, output_dir, overwrite, "
+        "sequences_per_shard, top_k, value_dtype"]
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_missing_teacher(tmp_path, corpus_dir):
+    result = run_cli(*cache_overrides(tmp_path / "no-model", corpus_dir, tmp_path / "c"))
+    assert result.returncode == 2 and "cannot load a model config from" in result.stderr
+
+
+def test_unwritable_output_dir(tmp_path, make_cache_config, llama_teacher):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(KDError, match="cannot write to cache.output_dir"):
+        cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "a-file" / "c"))
+
+
+def test_full_disk_keeps_complete_shards(tmp_path, make_cache_config, llama_teacher, monkeypatch):
+    """ENOSPC part-way: a clear error, the partial shard removed, complete shards kept, a re-run finishes."""
+    import errno
+
+    import h5py
+
+    out = tmp_path / "c"
+    real_setitem = h5py.Dataset.__setitem__
+    calls = {"n": 0}
+
+    def no_space_after_a_while(self, key, value):
+        calls["n"] += 1
+        if calls["n"] > 24:  # 6 datasets per batch: the 5th batch fails, inside the 2nd shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_setitem(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", no_space_after_a_while)
+    with pytest.raises(KDError, match="No space left on device.*complete shards are kept"):
+        cache_teacher.main(make_cache_config(llama_teacher, out))
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", real_setitem)
+    assert sorted(p.name for p in out.glob("*.h5")) == ["train-00000.h5"]
+    assert not list(out.glob("*.tmp-*"))
+    cache_teacher.main(make_cache_config(llama_teacher, out))
+    assert (out / MANIFEST).exists()
+
+
+def test_rerun_with_other_config_names_the_keys(tmp_path, make_cache_config, llama_teacher):
+    out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(KDError) as e:
+        cache_teacher.main(make_cache_config(llama_teacher, out, **{"cache.top_k": 8, "data.seq_len": 16}))
+    assert "differing keys: cache.top_k, data.seq_len" in str(e.value) and "cache.overwrite=true" in str(e.value)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+    # the same config again is a no-op resume; an explicit overwrite replaces the cache
+    cache_teacher.main(make_cache_config(llama_teacher, out))
+    cache_teacher.main(make_cache_config(llama_teacher, out, **{"cache.top_k": 8, "cache.overwrite": "true"}))
+    assert json.loads((out / MANIFEST).read_text())["top_k"] == 8
+
+
+def test_refuses_a_non_cache_directory(tmp_path, make_cache_config, llama_teacher):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(KDError, match="holds no kd cache; refusing"):
+        cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c", **{"cache.overwrite": "true"}))
+    assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
+
+
+def test_reader_refuses_unfinished_cache(tmp_path, make_cache_config, llama_teacher):
+    from kd.cache import TeacherCache
+
+    out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
+    (out / MANIFEST).unlink()
+    with pytest.raises(KDError, match="has not finished"):
+        TeacherCache(out)
+    with pytest.raises(KDError, match="no teacher cache at"):
+        TeacherCache(tmp_path / "nowhere")
