@@ -1,0 +1,82 @@
+"""Caching overhead: the real SmolLM2-135M teacher on real Shakespeare, bare forward vs cache_teacher.py.
+
+    python bench/bench_cache.py [--sequences 64] [--repeats 2]
+
+(a) bare: load the model and run a plain forward (no hidden states, no top-k) over the same packed windows,
+    same batch size. (b) cache: `cache_teacher.main` end to end on those windows (config, tokenizer, data,
+    model load, forward with hidden states, fp32 top-k log-probs, HDF5 writes, sha256, manifest).
+Runs alternate a, b, a, b, ... and the fastest of each is kept, since this machine is shared and noisy.
+Prints tokens/s of each, their ratio (goal: cache/bare >= 0.85) and cache bytes per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cache_teacher  # noqa: E402
+from kd import data  # noqa: E402
+from kd.assets import fetch  # noqa: E402
+from kd.cache_config import CacheConfig  # noqa: E402
+from kd.config import load_config  # noqa: E402
+from kd.teacher import load_causal_lm, load_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bare_forward(cfg: CacheConfig) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    tok = load_tokenizer(cfg.teacher.model)
+    texts = data.load_documents(cfg.data.files, None, None, "train", "text")
+    train_docs, _ = data.split_documents(len(texts), cfg.data.eval_documents, 0.1, cfg.data.split_seed)
+    sep = tok.get_vocab()[cfg.data.separator_token]
+    packed = data.pack(data.tokenize(tok, [texts[i] for i in train_docs]), train_docs, cfg.data.seq_len, sep, sep,
+                       cfg.data.max_train_sequences)
+    model = load_causal_lm(cfg.teacher.model, None, cfg.teacher.dtype, cfg.teacher.attn_implementation).eval()
+    ids = torch.from_numpy(packed.input_ids)
+    with torch.inference_mode():
+        for s in range(0, len(ids), cfg.teacher.batch_size):
+            model(input_ids=ids[s:s + cfg.teacher.batch_size]).logits.sum()
+    return time.perf_counter() - t0, packed.num_tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sequences", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    fetch(["smollm2-135m-instruct", "shakespeare"])
+    work = Path(tempfile.mkdtemp(prefix="kd-bench-cache-"))
+    base = ["data.eval_documents=1", f"data.max_train_sequences={args.sequences}", "data.max_eval_sequences=1"]
+    bare_t, cache_t = [], []
+    for r in range(args.repeats):
+        cfg = load_config(CacheConfig, ROOT / "configs/shakespeare_smollm2.yaml", base + [f"cache.output_dir={work}/c{r}"])
+        t, n_tokens = bare_forward(cfg)
+        bare_t.append(t)
+        t0 = time.perf_counter()
+        out = cache_teacher.main(cfg)
+        cache_t.append(time.perf_counter() - t0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    # the cache run also forwards the 1 eval window; count its tokens too
+    cache_tokens = sum(s["num_tokens"] for s in manifest["splits"].values())
+    bare_tps, cache_tps = n_tokens / min(bare_t), cache_tokens / min(cache_t)
+    print(f"\n{'':28}{'tokens':>8}{'best s':>9}{'tokens/s':>10}")
+    print(f"{'(a) bare teacher forward':28}{n_tokens:>8}{min(bare_t):>9.1f}{bare_tps:>10.0f}")
+    print(f"{'(b) cache_teacher.py':28}{cache_tokens:>8}{min(cache_t):>9.1f}{cache_tps:>10.0f}")
+    print(f"ratio (b)/(a) throughput: {cache_tps / bare_tps:.3f}   (goal >= 0.85)")
+    print(f"cache bytes per token: {manifest['bytes_per_token']:.0f} (top-{manifest['top_k']} fp16 + ids, "
+          f"{len(manifest['hidden_layers'])} hidden layers x {manifest['teacher']['hidden_size']} fp16)")
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Distillation losses as pure functions: fp32 inside, each returns a SUM over positions (the caller divides
+once by the global count of the accumulation window; see kd/train.py).
+
+Shapes: N positions (flattened batch x time), V student vocabulary, k cached teacher entries, H hidden size.
+`mask` [N] bool selects the positions that count (those with a next token inside the window).
+
+KD against a sparse (top-k) teacher needs a policy for the probability mass outside the top-k, the "tail":
+    renormalize: q = softmax(teacher_topk_logprobs / T) over the k cached tokens; the student keeps its full
+                 softmax, so mass it puts outside the top-k is penalised: sum_i q_i (log q_i - log p_i) >= 0.
+    bucket:      the tail is one extra (k+1-th) outcome. Teacher: [top-k log-probs, log(1 - sum top-k probs)],
+                 exact at T = 1 because the cache stores log-probs under the full softmax. Student: its top-k
+                 log-probs at the same ids and log(1 - their total). At T != 1 the teacher's k+1 log-probs are
+                 divided by T and renormalised (the tail is treated as one token, since its inner shape is not
+                 cached); the student's distribution is its exact full softmax at T, then bucketed.
+KD is multiplied by T^2 (Hinton et al. 2015), so its gradient scale does not shrink as T grows and alpha_kd
+means the same thing at every temperature.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+TailPolicy = Literal["renormalize", "bucket"]
+TAIL_POLICIES = ("renormalize", "bucket")
+# Smallest probability a student tail bucket is clamped to, so log(p_tail) stays finite when the student puts
+# (numerically) all of its mass on the teacher's top-k.
+_MIN_TAIL = 1e-30
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable on both ends (Maechler 2012)."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def sparse_kd_per_position(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                           temperature: float, tail: TailPolicy) -> torch.Tensor:
+    """T^2 * KL(teacher || student) per position, [N], from the student's logits [N, V] and the cached teacher
+    top-k ids [N, k] (int64) and log-probs [N, k] (any float dtype; full-softmax log-probs at T = 1)."""
+    T = float(temperature)
+    s_logp = torch.log_softmax(student_logits.float() / T, dim=-1)
+    s_top = s_logp.gather(-1, topk_ids)  # [N, k]
+    t_lp = topk_logprobs.float()
+    if tail == "renormalize":
+        q_logp = torch.log_softmax(t_lp / T, dim=-1)
+        kl = (q_logp.exp() * (q_logp - s_top)).sum(-1)
+    elif tail == "bucket":
+        t_tail = _log1mexp(torch.logsumexp(t_lp, dim=-1, keepdim=True))  # exact tail mass at T = 1
+        q_logp = torch.log_softmax(torch.cat([t_lp, t_tail], dim=-1) / T, dim=-1)  # [N, k+1]
+        s_tail = torch.log((-torch.expm1(torch.logsumexp(s_top, dim=-1, keepdim=True))).clamp(min=_MIN_TAIL))
+        s_b = torch.cat([s_top, s_tail], dim=-1)
+        q = q_logp.exp()
+        # xlogy-style: a bucket the teacher gives 0 contributes 0, whatever the student does
+        kl = torch.where(q > 0, q * (q_logp - s_b), torch.zeros_like(q)).sum(-1)
+    else:
+        raise ValueError(f"unknown tail policy {tail!r}; expected one of {TAIL_POLICIES}")
+    return kl * (T * T)
+
+
+def token_losses(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float,
+                 tail: TailPolicy) -> torch.Tensor:
+    """Sums over masked positions of [CE, KD, top-1 agreement with the teacher], as a [3] fp32 tensor.
+
+    student_logits [N, V]; targets [N] next-token ids; topk_ids/topk_logprobs [N, k]; mask [N] bool.
+    Top-1 agreement counts positions where the student's argmax equals the teacher's most likely token; it has
+    no gradient.
+    """
+    logits = student_logits.float()
+    ce = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    kd = sparse_kd_per_position(logits, topk_ids, topk_logprobs, temperature, tail)
+    agree = (logits.argmax(-1) == topk_ids[:, 0]).float()
+    zero = torch.zeros_like(ce)
+    return torch.stack([torch.where(mask, ce, zero).sum(), torch.where(mask, kd, zero).sum(),
+                        torch.where(mask, agree, zero).sum()])
+
+
+def chunked_token_losses(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor,
+                         topk_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float, tail: TailPolicy,
+                         chunk: int) -> torch.Tensor:
+    """`token_losses` over chunks of `chunk` positions; with autograd on, each chunk is recomputed in backward
+    (activation checkpointing), so at most one chunk's fp32 [chunk, V] intermediates are alive at a time instead
+    of several full-vocabulary fp32 copies of the whole batch. Same value as the unchunked call."""
+    total = torch.zeros(3, dtype=torch.float32, device=student_logits.device)
+    for s in range(0, student_logits.shape[0], chunk):
+        args = (student_logits[s:s + chunk], targets[s:s + chunk], topk_ids[s:s + chunk], topk_logprobs[s:s + chunk],
+                mask[s:s + chunk], temperature, tail)
+        if torch.is_grad_enabled() and student_logits.requires_grad:
+            total = total + checkpoint(token_losses, *args, use_reentrant=False)
+        else:
+            total = total + token_losses(*args)
+    return total
+
+
+def feature_per_position(student: torch.Tensor, teacher: torch.Tensor,
+                         kind: Literal["cosine", "normalized_mse"]) -> torch.Tensor:
+    """Scale-free distance per position between projected student states [N, H] and teacher states [N, H].
+
+    cosine: 1 - cos(student, teacher), in [0, 2]. normalized_mse: mean squared difference after normalising
+    each token's vector to zero mean and unit variance (layer norm without affine), so it cannot explode with
+    the teacher's activation scale (late layers of LLMs have outlier dimensions in the hundreds).
+    """
+    s, t = student.float(), teacher.float()
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-6)
+    if kind == "normalized_mse":
+        return (F.layer_norm(s, s.shape[-1:]) - F.layer_norm(t, t.shape[-1:])).pow(2).mean(-1)
+    raise ValueError(f"unknown feature loss {kind!r}")
+
+
+def info_nce_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Contrastive (InfoNCE) loss summed over M positions: each projected student state [M, H] must pick its own
+    teacher state among the M teacher states of the same batch. Cosine similarities divided by `temperature`."""
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(teacher.float(), dim=-1)
+    logits = s @ t.T / temperature
+    return F.cross_entropy(logits, torch.arange(len(s), device=s.device), reduction="sum")

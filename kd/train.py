@@ -1,0 +1,271 @@
+"""Pieces of the student training loop (the loop itself reads top to bottom in train_student.py).
+
+Normalisation, in ONE place (`accumulate_window`): every loss term is a sum over the positions of the whole
+accumulation window on all processes, divided once by the global count of those positions. Accelerate is
+created with gradient_accumulation_steps=1, so `accelerator.backward` divides by nothing; DDP averages
+gradients over processes, which the factor `num_processes` undoes. Hence GA=4 x micro-batch 2 gives the same
+gradient as GA=1 x micro-batch 8, on any number of processes, whatever the sequence lengths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kd.cache import CacheSplit
+from kd.losses import chunked_token_losses, feature_per_position, info_nce_sum
+from kd.train_config import LossConfig
+
+COMPONENTS = ("ce", "kd", "feature", "contrastive")
+RUN_FORMAT_VERSION = 1
+
+
+class DistillModel(nn.Module):
+    """The student LM plus one linear projector (student hidden -> teacher hidden) per mapped layer pair.
+
+    One module, so one `accelerator.prepare`, one optimizer and one checkpoint hold everything trained, and
+    under DDP/FSDP every trained parameter is used inside `forward`.
+    """
+
+    def __init__(self, lm: nn.Module, feature_pairs: list[tuple[int, int]], teacher_hidden: int):
+        super().__init__()
+        self.lm = lm
+        self.feature_pairs = [tuple(p) for p in feature_pairs]
+        student_hidden = lm.config.hidden_size
+        self.projectors = nn.ModuleList(nn.Linear(student_hidden, teacher_hidden, bias=False) for _ in feature_pairs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False):
+        """-> (logits [B, T, V], list of projected student states [B, T, H_teacher] per pair, or None)."""
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_features)
+        if not with_features:
+            return out.logits, None
+        projected = [proj(out.hidden_states[s]) for proj, (s, _) in zip(self.projectors, self.feature_pairs)]
+        return out.logits, projected
+
+
+def positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(attention_mask [B, T] long, loss_mask [B, T] bool, targets [B, T]) of a cache batch.
+
+    A position t counts for the losses when t+1 is still a valid token of the window: its target is
+    input_ids[t+1], and the cached teacher distribution at t is the teacher's prediction of that token.
+    """
+    ids, lengths = batch["input_ids"], batch["length"]
+    t = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    attention = (t < lengths[:, None]).long()
+    loss_mask = t < (lengths[:, None] - 1)
+    targets = torch.roll(ids, shifts=-1, dims=1)
+    return attention, loss_mask, targets
+
+
+def contrastive_positions(loss_mask: torch.Tensor, max_positions: int) -> torch.Tensor:
+    """Flat indices of at most `max_positions` valid positions, evenly spread (deterministic)."""
+    idx = loss_mask.reshape(-1).nonzero().squeeze(-1)
+    if len(idx) > max_positions:
+        idx = idx[torch.linspace(0, len(idx) - 1, max_positions, device=idx.device).round().long()]
+    return idx
+
+
+def batch_counts(batch: dict, loss_cfg: LossConfig) -> torch.Tensor:
+    """Positions each component sums over in this micro-batch: [tokens, contrastive positions], float64."""
+    _, loss_mask, _ = positions(batch)
+    n_tok = loss_mask.sum()
+    n_con = min(int(n_tok), loss_cfg.contrastive_max_positions) if loss_cfg.alpha_contrastive > 0 else 0
+    return torch.tensor([float(n_tok), float(n_con)], dtype=torch.float64)
+
+
+def micro_batch_sums(model, batch: dict, loss_cfg: LossConfig, teacher_slots: list[int]) -> dict[str, torch.Tensor]:
+    """Loss sums of one micro-batch (fp32 scalars with grad) plus the top-1 agreement sum (no grad).
+
+    teacher_slots[j]: where layer pair j's teacher layer sits in the batch's hidden_states [B, L, T, H].
+    """
+    attention, loss_mask, targets = positions(batch)
+    with_features = loss_cfg.alpha_feature > 0 or loss_cfg.alpha_contrastive > 0
+    logits, projected = model(batch["input_ids"], attention, with_features)
+    B, T, V = logits.shape
+    k = batch["topk_ids"].shape[-1]
+    ce, kd, agree = chunked_token_losses(
+        logits.reshape(B * T, V), targets.reshape(-1), batch["topk_ids"].reshape(B * T, k),
+        batch["topk_logprobs"].reshape(B * T, k), loss_mask.reshape(-1), loss_cfg.temperature, loss_cfg.tail,
+        loss_cfg.position_chunk)
+    sums = {"ce": ce, "kd": kd, "agree": agree.detach()}
+    if with_features:
+        flat_mask = loss_mask.reshape(-1)
+        con_idx = contrastive_positions(loss_mask, loss_cfg.contrastive_max_positions)
+        feature = torch.zeros((), device=logits.device)
+        contrastive = torch.zeros((), device=logits.device)
+        for proj, slot in zip(projected, teacher_slots):
+            student_h = proj.reshape(B * T, -1)
+            teacher_h = batch["hidden_states"][:, slot].reshape(B * T, -1)
+            if loss_cfg.alpha_feature > 0:
+                per_pos = feature_per_position(student_h, teacher_h, loss_cfg.feature_kind)
+                feature = feature + torch.where(flat_mask, per_pos, torch.zeros_like(per_pos)).sum()
+            if loss_cfg.alpha_contrastive > 0:
+                contrastive = contrastive + info_nce_sum(student_h[con_idx], teacher_h[con_idx],
+                                                         loss_cfg.contrastive_temperature)
+        # mean over the mapped layer pairs, so adding a pair does not change the term's scale
+        sums["feature"] = feature / len(teacher_slots)
+        sums["contrastive"] = contrastive / len(teacher_slots)
+    return sums
+
+
+def active_components(loss_cfg: LossConfig) -> list[str]:
+    """Terms that are computed and logged: CE and KD always (KD is an informative monitor even at alpha 0)."""
+    return ["ce", "kd"] + [c for c in ("feature", "contrastive") if getattr(loss_cfg, f"alpha_{c}") > 0]
+
+
+@dataclass
+class WindowResult:
+    raw: dict[str, float]               # component -> global token mean over the window
+    nonfinite: list[str]                # components that were NaN/inf on any process
+    tokens: int                         # loss positions in the window, all processes
+    agree: float = field(default=0.0)   # top-1 agreement with the teacher over the window
+
+
+def accumulate_window(model, batches: list[dict], loss_cfg: LossConfig, accelerator,
+                      teacher_slots: list[int]) -> WindowResult:
+    """Forward + backward over the micro-batches of one optimizer step; gradients end up in `.grad`."""
+    comps = active_components(loss_cfg)
+    counts = accelerator.reduce(sum(batch_counts(b, loss_cfg) for b in batches).to(accelerator.device), "sum")
+    n_tok, n_con = float(counts[0]), float(counts[1])
+    denom = {"ce": n_tok, "kd": n_tok, "feature": n_tok, "contrastive": max(n_con, 1.0)}
+    alpha = {c: getattr(loss_cfg, f"alpha_{c}") for c in comps}
+    # THE normalisation (see module docstring): sum / global count, times num_processes to undo DDP's mean.
+    scale = {c: accelerator.num_processes / max(denom[c], 1.0) for c in comps}
+    local = torch.zeros(len(comps) + 1, dtype=torch.float64, device=accelerator.device)
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        # gradients are all-reduced once per window, on its last micro-batch
+        sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            sums = micro_batch_sums(model, batch, loss_cfg, teacher_slots)
+            loss = sum(alpha[c] * scale[c] * sums[c] for c in comps)
+            # Always backward, even when non-finite: skipping it on one process would deadlock DDP's all-reduce.
+            # A non-finite window is detected below and its step skipped on every process.
+            accelerator.backward(loss)
+        local += torch.stack([sums[c].detach().double() for c in comps] + [sums["agree"].double()])
+    total = accelerator.reduce(local, "sum")
+    raw = {c: float(total[j]) / denom[c] for j, c in enumerate(comps)}
+    return WindowResult(raw=raw, nonfinite=[c for c in comps if not math.isfinite(raw[c])], tokens=int(n_tok),
+                        agree=float(total[-1]) / max(n_tok, 1.0))
+
+
+@torch.no_grad()
+def evaluate(model, loader, loss_cfg: LossConfig, accelerator) -> dict[str, float]:
+    """Held-out metrics of the model as it is now, in eval mode. eval/ppl = exp(eval/ce), uncapped."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        attention, loss_mask, targets = positions(batch)
+        logits, _ = model(batch["input_ids"], attention, False)
+        B, T, V = logits.shape
+        k = batch["topk_ids"].shape[-1]
+        ce, kd, agree = chunked_token_losses(
+            logits.reshape(B * T, V), targets.reshape(-1), batch["topk_ids"].reshape(B * T, k),
+            batch["topk_logprobs"].reshape(B * T, k), loss_mask.reshape(-1), loss_cfg.temperature, loss_cfg.tail,
+            loss_cfg.position_chunk)
+        total += torch.stack([ce.double(), kd.double(), agree.double(), loss_mask.sum().double()])
+    total = accelerator.reduce(total, "sum")
+    model.train(was_training)
+    n = float(total[3])
+    ce = float(total[0]) / n
+    return {"eval/ce": ce, "eval/ppl": math.exp(ce), "eval/kd": float(total[1]) / n,
+            "eval/top1_agreement": float(total[2]) / n, "eval/tokens": int(n)}
+
+
+class EMA:
+    """Exponential moving average of the trained parameters, kept in fp32."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """Temporarily put the EMA weights into `model` (for eval and saving)."""
+        backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.shadow}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in self.shadow:
+                    p.copy_(self.shadow[n])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in backup:
+                        p.copy_(backup[n])
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.shadow = {n: t.clone() for n, t in state["shadow"].items()}
+
+
+def steps_per_epoch(num_sequences: int, world: int, micro_batch_size: int, accumulation: int) -> int:
+    """Optimizer steps in one pass over the train split (a remainder smaller than one window is dropped)."""
+    return (num_sequences // world) // (micro_batch_size * accumulation)
+
+
+def epoch_order(num_sequences: int, epoch: int, seed: int, rank: int, world: int, per_step: int) -> np.ndarray:
+    """This process's sequence indices for `epoch`, in order: a seeded permutation dealt round-robin to ranks,
+    cut to whole optimizer windows. A pure function of (epoch, seed), so a resumed run sees the same data."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_sequences)
+    mine = perm[rank::world][: num_sequences // world]
+    return mine[: (len(mine) // per_step) * per_step]
+
+
+def make_loader(split: CacheSplit, indices, batch_size: int, num_workers: int, pin_memory: bool):
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(split, list(map(int, indices))), batch_size=batch_size,
+                                       shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                                       persistent_workers=False)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated when on CUDA, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per optimizer step or eval, flushed as written (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None = None):
+        self.path, self.enabled = path, enabled
+        if enabled and keep_until_step is not None and path.exists():
+            # a resumed run drops what the interrupted run logged after its checkpoint
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_until_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln]
