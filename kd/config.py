@@ -71,6 +71,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise KDError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 1e-3 as a string; it needs 1.0e-3. Accept what people write.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise KDError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
@@ -104,10 +110,8 @@ def _build(cls: type[T], data: Any, prefix: str = "") -> T:
             kwargs[name] = _build(hints[name], {}, key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise KDError(f"config key '{key}' is required")
-    try:
-        return cls(**kwargs)
-    except KDError as e:
-        raise KDError(f"{prefix + ': ' if prefix else ''}{e}") from None
+    # __post_init__ checks raise KDError with messages that name their full dotted keys
+    return cls(**kwargs)
 
 
 def apply_override(data: dict, dotted: str) -> None:

@@ -54,8 +54,9 @@ def sparse_kd_per_position(student_logits: torch.Tensor, topk_ids: torch.Tensor,
         s_tail = torch.log((-torch.expm1(torch.logsumexp(s_top, dim=-1, keepdim=True))).clamp(min=_MIN_TAIL))
         s_b = torch.cat([s_top, s_tail], dim=-1)
         q = q_logp.exp()
-        # xlogy-style: a bucket the teacher gives 0 contributes 0, whatever the student does
-        kl = torch.where(q > 0, q * (q_logp - s_b), torch.zeros_like(q)).sum(-1)
+        # xlogy-style: a bucket the teacher gives exactly 0 contributes 0, whatever the student does. Tested as
+        # `q == 0` (not `q > 0`) so that a NaN teacher stays NaN and is caught, never silently turned into 0.
+        kl = torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_b)).sum(-1)
     else:
         raise ValueError(f"unknown tail policy {tail!r}; expected one of {TAIL_POLICIES}")
     return kl * (T * T)

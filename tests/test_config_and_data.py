@@ -35,6 +35,12 @@ def test_overrides_types_and_unknown_keys(tmp_path):
     y.write_text("data:\n  files: [a.txt]\n  seq_len: 64\n")
     cfg = load_config(CacheConfig, y, ["cache.top_k=32", "teacher.dtype=fp16", "cache.hidden_layers=[1, 2]"])
     assert (cfg.data.seq_len, cfg.cache.top_k, cfg.teacher.dtype, cfg.cache.hidden_layers) == (64, 32, "fp16", [1, 2])
+    from kd.train_config import TrainConfig
+
+    t = load_config(TrainConfig, None, ["student.pretrained=x", "train.lr=1e-3", "train.min_lr=1e-4"])
+    assert (t.train.lr, t.train.min_lr) == (1e-3, 1e-4)  # YAML 1.1 would read 1e-3 as a string
+    with pytest.raises(KDError, match="'train.lr' must be a number"):
+        load_config(TrainConfig, None, ["student.pretrained=x", "train.lr=fast"])
     with pytest.raises(KDError, match="unknown config key.*data.seqlen"):
         load_config(CacheConfig, y, ["data.seqlen=3"])
     with pytest.raises(KDError, match="'cache.top_k' must be an integer"):

@@ -1,0 +1,74 @@
+"""Curves of a run: `python -m kd.report RUN_DIR [--out FILE.png]` (default RUN_DIR/report.png).
+
+Four panels: raw loss components and the total per optimizer step; LR; gradient norm (skipped steps marked);
+held-out CE and perplexity per eval (EMA weights dashed when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kd.errors import KDError, run_cli
+from kd.train import COMPONENTS, read_metrics
+
+
+def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    try:
+        import matplotlib
+    except ImportError:
+        raise KDError("kd.report needs matplotlib: pip install -e '.[plots]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").exists():
+        raise KDError(f"{run_dir} has no metrics.jsonl: not a run directory")
+    records = read_metrics(run_dir)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/ce" in r]
+    if not steps:
+        raise KDError(f"{run_dir}/metrics.jsonl has no training steps yet")
+    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+    x = [r["step"] for r in steps]
+    for name in ("loss",) + COMPONENTS:
+        if name in steps[0]:
+            ax[0, 0].plot(x, [r[name] for r in steps], label=name, lw=2 if name == "loss" else 1)
+    ax[0, 0].set(title="training loss (total = weighted sum; raw components)", xlabel="optimizer step")
+    ax[0, 0].legend()
+    ax[0, 1].plot(x, [r["lr"] for r in steps])
+    ax[0, 1].set(title="learning rate", xlabel="optimizer step")
+    ax[1, 0].plot(x, [r["grad_norm"] for r in steps], lw=1)
+    skipped = [r["step"] for r in steps if r["skipped"]]
+    if skipped:
+        ax[1, 0].scatter(skipped, [0] * len(skipped), color="red", marker="x", label="skipped (non-finite)")
+        ax[1, 0].legend()
+    ax[1, 0].set(title="gradient norm (before clipping)", xlabel="optimizer step", yscale="log")
+    if evals:
+        ex = [r["step"] for r in evals]
+        ax[1, 1].plot(ex, [r["eval/ce"] for r in evals], "o-", label="eval/ce")
+        if "ema_eval/ce" in evals[0]:
+            ax[1, 1].plot(ex, [r["ema_eval/ce"] for r in evals], "o--", label="EMA eval/ce")
+        twin = ax[1, 1].twinx()
+        twin.plot(ex, [r["eval/ppl"] for r in evals], "s:", color="gray", label="eval/ppl")
+        twin.set(ylabel="perplexity = exp(eval/ce)", yscale="log")
+        ax[1, 1].legend(loc="upper right")
+    ax[1, 1].set(title="held-out cross-entropy", xlabel="optimizer step")
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    out = Path(out) if out else run_dir / "report.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m kd.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    print(plot(args.run_dir, args.out))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,153 @@
+"""Property tests of the pure loss functions and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd.losses import (chunked_token_losses, feature_per_position, info_nce_sum, sparse_kd_per_position,
+                       token_losses)
+from kd.schedule import lr_at
+
+
+def teacher_topk(logits: torch.Tensor, k: int):
+    lp = torch.log_softmax(logits.double(), -1)
+    v, i = lp.topk(k, -1)
+    return i, v.float()
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(12, 50, generator=g) * 3, torch.randn(12, 50, generator=g) * 3
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_kd_is_zero_for_identical_distributions(logits, tail):
+    s, _ = logits
+    ids, lp = teacher_topk(s, 50)  # k = V
+    kd = sparse_kd_per_position(s, ids, lp, 1.0, tail)
+    assert kd.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("tail, T", [("renormalize", 1.0), ("renormalize", 2.5), ("bucket", 1.0)])
+def test_kd_with_k_equal_v_equals_dense_kl_div(logits, tail, T):
+    s, t = logits
+    ids, lp = teacher_topk(t, 50)
+    dense = F.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1), log_target=True,
+                     reduction="none").sum(-1) * T * T
+    torch.testing.assert_close(sparse_kd_per_position(s, ids, lp, T, tail), dense, atol=1e-4, rtol=1e-4)
+
+
+def test_bucket_equals_dense_kl_of_bucketed_distributions(logits):
+    s, t = logits
+    k = 5
+    ids, lp = teacher_topk(t, k)
+    p_t, p_s = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
+    q = torch.cat([p_t.gather(-1, ids), 1 - p_t.gather(-1, ids).sum(-1, keepdim=True)], -1)
+    p = torch.cat([p_s.gather(-1, ids), 1 - p_s.gather(-1, ids).sum(-1, keepdim=True)], -1)
+    ref = (q * (q.log() - p.log())).sum(-1)
+    torch.testing.assert_close(sparse_kd_per_position(s, ids, lp, 1.0, "bucket").double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_renormalize_equals_kl_to_renormalised_teacher_with_full_student(logits):
+    s, t = logits
+    k = 7
+    ids, lp = teacher_topk(t, k)
+    q = torch.softmax(lp.double(), -1)
+    ref = (q * (q.log() - torch.log_softmax(s.double(), -1).gather(-1, ids))).sum(-1)
+    torch.testing.assert_close(sparse_kd_per_position(s, ids, lp, 1.0, "renormalize").double(), ref, atol=1e-5, rtol=1e-5)
+    assert (ref >= 0).all()
+
+
+def test_temperature_squared_factor(logits):
+    s, t = logits
+    ids, lp = teacher_topk(t, 50)
+    a = sparse_kd_per_position(s, ids, lp, 2.0, "renormalize")
+    b = F.kl_div(torch.log_softmax(s / 2, -1), torch.log_softmax(t / 2, -1), log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(a, 4 * b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_chunked_equals_unchunked_values_and_gradients(tail):
+    g = torch.Generator().manual_seed(1)
+    N, V, k = 37, 64, 8
+    t = torch.randn(N, V, generator=g)
+    ids, lp = teacher_topk(t, k)
+    targets = torch.randint(0, V, (N,), generator=g)
+    mask = torch.rand(N, generator=g) > 0.3
+    s1 = (torch.randn(N, V, generator=g) * 2).requires_grad_()
+    s2 = s1.detach().clone().requires_grad_()
+    full = token_losses(s1, targets, ids, lp.half(), mask, 1.5, tail)
+    chunked = chunked_token_losses(s2, targets, ids, lp.half(), mask, 1.5, tail, chunk=10)
+    torch.testing.assert_close(chunked, full)
+    (full[0] + full[1]).backward()
+    (chunked[0] + chunked[1]).backward()
+    torch.testing.assert_close(s2.grad, s1.grad)
+
+
+def test_token_losses_ce_matches_cross_entropy_and_masks():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(10, 30, generator=g)
+    targets = torch.randint(0, 30, (10,), generator=g)
+    mask = torch.tensor([True] * 6 + [False] * 4)
+    ids, lp = teacher_topk(torch.randn(10, 30, generator=g), 4)
+    ce, kd, agree = token_losses(s, targets, ids, lp, mask, 1.0, "bucket")
+    torch.testing.assert_close(ce, F.cross_entropy(s[:6], targets[:6], reduction="sum"))
+    assert agree == (s[:6].argmax(-1) == ids[:6, 0]).sum()
+    # a NaN in a masked-out position does not leak into the sums
+    lp_nan = lp.clone()
+    lp_nan[8] = float("nan")
+    assert torch.isfinite(token_losses(s, targets, ids, lp_nan, mask, 1.0, "bucket")).all()
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_nan_teacher_is_never_hidden(logits, tail):
+    s, t = logits
+    ids, lp = teacher_topk(t, 5)
+    lp[3] = float("nan")
+    kd = sparse_kd_per_position(s, ids, lp, 1.0, tail)
+    assert torch.isnan(kd[3]) and torch.isfinite(kd[torch.arange(12) != 3]).all()
+
+
+def test_feature_losses_are_scale_free():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(20, 16, generator=g), torch.randn(20, 16, generator=g)
+    for kind in ("cosine", "normalized_mse"):
+        assert feature_per_position(a, a, kind).abs().max() < 1e-5
+        torch.testing.assert_close(feature_per_position(a, 100 * b, kind), feature_per_position(a, b, kind),
+                                   atol=1e-4, rtol=1e-4)
+    assert (feature_per_position(a, b, "cosine") <= 2).all()
+
+
+def test_info_nce_prefers_matching_pairs():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(32, 16, generator=g)
+    matched = info_nce_sum(x, x, 0.1) / 32
+    shuffled = info_nce_sum(x, x[torch.randperm(32, generator=g)], 0.1) / 32
+    assert matched < 0.1 < math.log(32) < shuffled
+
+
+# ---- LR schedule: closed forms, in optimizer steps ----
+
+def test_cosine_closed_form():
+    kw = dict(schedule="cosine", lr=1e-3, min_lr=1e-4, warmup_steps=4, total_steps=20)
+    assert [lr_at(s, **kw) for s in (1, 2, 4)] == pytest.approx([2.5e-4, 5e-4, 1e-3])
+    for s in range(5, 21):
+        expected = 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 16))
+        assert lr_at(s, **kw) == pytest.approx(expected)
+    lrs = [lr_at(s, **kw) for s in range(1, 21)]
+    assert min(lrs) > 0 and lrs[-1] == pytest.approx(1e-4) and min(lrs[:-1]) > 1e-4
+
+
+def test_linear_and_constant_closed_forms():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=2, total_steps=12)
+    assert [lr_at(s, schedule="linear", **kw) for s in (1, 2, 7, 12)] == pytest.approx([0.5, 1.0, 0.55, 0.1])
+    assert [lr_at(s, schedule="constant", **kw) for s in (1, 2, 3, 12)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_at(1, schedule="cosine_with_restarts", **kw)
+    with pytest.raises(ValueError, match="outside"):
+        lr_at(13, schedule="linear", **kw)

@@ -1,0 +1,370 @@
+"""train_student.py: each failure of the original project, made impossible and proven here."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+
+import cache_teacher
+import train_student
+from conftest import ROOT
+from kd.cache import MANIFEST, TeacherCache
+from kd.config import load_config
+from kd.errors import KDError
+from kd.schedule import lr_at
+from kd.train import read_metrics
+from kd.train_config import TrainConfig
+
+STUDENT = ("{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
+           "num_key_value_heads: 2, max_position_embeddings: 128}")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, corpus_dir, llama_teacher) -> Path:
+    from kd.cache_config import CacheConfig
+    from conftest import cache_overrides
+
+    out = tmp_path_factory.mktemp("train_cache") / "cache"
+    cfg = load_config(CacheConfig, None, cache_overrides(llama_teacher, corpus_dir, out,
+                                                         **{"data.max_train_sequences": 64, "data.max_eval_sequences": 12}))
+    return cache_teacher.main(cfg)
+
+
+def overrides(cache: Path, out: Path, **extra) -> list[str]:
+    base = {"student.config": STUDENT, "train.cache_dir": cache, "train.output_dir": out, "train.run_name": "r",
+            "train.max_steps": 10, "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2,
+            "train.lr": 3e-3, "train.min_lr": 3e-4, "train.warmup_steps": 2, "train.eval_every": 5,
+            "train.num_workers": 0, "loss.alpha_feature": 0.1, "loss.feature_layers": "[[1, 0], [2, 2]]"}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def make_cfg(cache: Path, out: Path, **extra) -> TrainConfig:
+    return load_config(TrainConfig, None, overrides(cache, out, **extra))
+
+
+def steps_of(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if "loss" in r]
+
+
+def evals_of(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if "eval/ce" in r]
+
+
+# ---- 1, 2: the LR schedule, in optimizer steps, whatever GA and the number of processes ----
+
+def check_lr_log(run_dir: Path, total: int, warmup: int, schedule="cosine", lr=3e-3, min_lr=3e-4):
+    steps = steps_of(run_dir)
+    assert [r["step"] for r in steps] == list(range(1, total + 1))
+    for r in steps:
+        assert r["lr"] == pytest.approx(lr_at(r["step"], schedule=schedule, lr=lr, min_lr=min_lr, warmup_steps=warmup,
+                                              total_steps=total), rel=1e-12)
+        assert r["lr"] > 0
+    if schedule != "constant":
+        assert steps[-1]["lr"] == pytest.approx(min_lr) and min(r["lr"] for r in steps[:-1]) > min_lr
+
+
+def test_lr_follows_closed_form_with_accumulation(tiny_cache, tmp_path):
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.gradient_accumulation_steps": 4,
+                                                               "train.max_steps": 6}))
+    check_lr_log(run, 6, 2)
+    assert steps_of(run)[0]["tokens_seen"] == 2 * 4 * 31  # 8 full windows of 32 tokens, 31 targets each
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_other_schedules_are_honoured(tiny_cache, tmp_path, schedule):
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.schedule": schedule, "train.max_steps": 5,
+                                                               "loss.alpha_feature": 0}))
+    check_lr_log(run, 5, 2, schedule=schedule)
+
+
+def test_lr_on_two_processes_with_accumulation(tiny_cache, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29513", str(ROOT / "train_student.py"),
+                             *overrides(tiny_cache, tmp_path, **{"train.gradient_accumulation_steps": 4,
+                                                                 "train.max_steps": 4, "train.eval_every": 2})],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "r"
+    check_lr_log(run, 4, 2)
+    assert json.loads((run / "config.json").read_text())["num_processes"] == 2
+    assert steps_of(run)[0]["tokens_seen"] == 2 * 2 * 4 * 31  # both processes' windows are counted
+
+
+# ---- 4: losses balanced and visible; GA-invariant normalisation ----
+
+def test_logged_total_is_the_sum_of_weighted_terms(tiny_cache, tmp_path):
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"loss.alpha_contrastive": 0.05, "train.max_steps": 3}))
+    for r in steps_of(run):
+        for c in ("ce", "kd", "feature", "contrastive"):
+            assert r[f"w_{c}"] == pytest.approx(load_config(TrainConfig, None, overrides(
+                tiny_cache, tmp_path, **{"loss.alpha_contrastive": 0.05})).loss.__dict__[f"alpha_{c}"] * r[c])
+        assert r["loss"] == pytest.approx(r["w_ce"] + r["w_kd"] + r["w_feature"] + r["w_contrastive"], rel=1e-12)
+        assert r["grad_norm"] > 0 and r["peak_mem_mb"] > 0
+
+
+def _grads_after_window(cache: Path, micro_batch: int, accumulation: int, extra: dict) -> dict[str, torch.Tensor]:
+    from accelerate import Accelerator
+
+    from kd.train import DistillModel, accumulate_window
+
+    cfg = load_config(TrainConfig, None, overrides(cache, Path("/unused"), **extra))
+    c = TeacherCache(cache)
+    split = c.split("train")
+    items = [split[i] for i in range(8)]
+    for j, it in enumerate(items):  # ragged: every sequence gets its own valid length
+        it["length"] = torch.tensor(32 - 3 * j)
+    batches = [torch.utils.data.default_collate(items[i:i + micro_batch]) for i in range(0, 8, micro_batch)]
+    assert len(batches) == accumulation
+    torch.manual_seed(0)
+    lm = train_student.build_student(cfg, train_student.load_tokenizer(c.manifest["teacher"]["name_or_path"]), 0)
+    model = DistillModel(lm, cfg.loss.feature_layers, c.manifest["teacher"]["hidden_size"])
+    accelerator = Accelerator()
+    accumulate_window(model, batches, cfg.loss, accelerator, [0, 1])
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_accumulation_gives_the_same_gradient_as_one_big_batch(tiny_cache):
+    extra = {"loss.alpha_contrastive": 0.0}
+    a = _grads_after_window(tiny_cache, 2, 4, extra)
+    b = _grads_after_window(tiny_cache, 8, 1, extra)
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+# ---- 3, 6: evaluation of the current student; honest perplexity ----
+
+def test_eval_reflects_the_current_student_and_ppl_is_exp_ce(tiny_cache, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 10, "train.eval_every": 5}))
+    evals = evals_of(run)
+    assert [e["step"] for e in evals] == [0, 5, 10]
+    assert len({e["eval/ce"] for e in evals}) == 3  # training in between changes the eval
+    for e in evals:
+        assert e["eval/ppl"] == pytest.approx(math.exp(e["eval/ce"]), rel=1e-12)
+    # the final eval, recomputed from scratch from the saved model: plain HF forward + F.cross_entropy
+    model = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    split = TeacherCache(tiny_cache).split("eval")
+    total, count, agree = 0.0, 0, 0
+    for i in range(len(split)):
+        it = split[i]
+        n = int(it["length"])
+        with torch.no_grad():
+            logits = model(it["input_ids"][None, :n]).logits[0, :-1]
+        total += torch.nn.functional.cross_entropy(logits, it["input_ids"][1:n], reduction="sum").item()
+        agree += (logits.argmax(-1) == it["topk_ids"][: n - 1, 0]).sum().item()
+        count += n - 1
+    assert evals[-1]["eval/tokens"] == count
+    assert evals[-1]["eval/ce"] == pytest.approx(total / count, rel=1e-5)
+    assert evals[-1]["eval/top1_agreement"] == pytest.approx(agree / count)
+    assert (run / "final" / "projectors.pt").exists()
+    meta = json.loads((run / "final" / "kd_meta.json").read_text())
+    assert meta["format_version"] == 1 and meta["config"]["train"]["max_steps"] == 10
+
+
+def test_training_loss_and_eval_ce_fall(tiny_cache, tmp_path):
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 30, "train.eval_every": 10,
+                                                               "train.lr": 1e-2, "train.min_lr": 1e-3}))
+    steps, evals = steps_of(run), evals_of(run)
+    first = sum(r["loss"] for r in steps[:3]) / 3
+    last = sum(r["loss"] for r in steps[-3:]) / 3
+    assert last < 0.8 * first
+    assert evals[-1]["eval/ce"] < evals[0]["eval/ce"] - 1.0
+
+
+# ---- 5: no silent NaN ----
+
+def poisoned_cache(src: Path, dst: Path, sequences: list[int] | None) -> Path:
+    """A copy of the cache whose teacher log-probs are NaN for the given train sequences (None = all)."""
+    shutil.copytree(src, dst)
+    m = json.loads((dst / MANIFEST).read_text())
+    for shard in m["splits"]["train"]["shards"]:
+        with h5py.File(dst / shard["file"], "r+") as f:
+            for r, seq in enumerate(f["sequence_index"][:]):
+                if sequences is None or int(seq) in sequences:
+                    f["topk_logprobs"][r] = float("nan")
+    return dst
+
+
+def test_nonfinite_step_is_skipped_and_logged(tiny_cache, tmp_path):
+    from kd.train import epoch_order
+
+    # poison exactly the sequences that make up optimizer step 3 (window of 2 x 2 sequences, seed 0)
+    order = epoch_order(64, 0, 0, 0, 1, 4)
+    cache = poisoned_cache(tiny_cache, tmp_path / "cache", [int(i) for i in order[8:12]])
+    run = train_student.main(make_cfg(cache, tmp_path, **{"train.max_steps": 5}))
+    steps = steps_of(run)
+    assert [r["skipped"] for r in steps] == [False, False, True, False, False]
+    assert steps[2]["nonfinite"] == ["kd", "grad_norm"] and steps[2]["kd"] is None  # NaN logged as null, not 0
+    assert [r["skipped_steps"] for r in steps] == [0, 0, 1, 1, 1]
+    assert all(math.isfinite(r["loss"]) for i, r in enumerate(steps) if i != 2)
+
+
+def test_weights_unchanged_by_a_skipped_step(tiny_cache, tmp_path):
+    from safetensors.torch import load_file
+
+    cache = poisoned_cache(tiny_cache, tmp_path / "cache", None)  # every step non-finite
+    with pytest.raises(KDError, match="3 optimizer steps in a row had non-finite kd"):
+        train_student.main(make_cfg(cache, tmp_path, **{"train.max_consecutive_skips": 3}))
+    ckpt = tmp_path / "r" / "checkpoints" / json.loads((tmp_path / "r/checkpoints/latest.json").read_text())["path"]
+    saved = load_file(ckpt / "model.safetensors")
+    torch.manual_seed(0)
+    cfg = make_cfg(cache, tmp_path)
+    from accelerate.utils import set_seed
+    set_seed(0)
+    fresh = train_student.build_student(cfg, train_student.load_tokenizer(
+        TeacherCache(cache).manifest["teacher"]["name_or_path"]), 0)
+    for name, p in fresh.state_dict().items():
+        if f"lm.{name}" in saved:
+            assert torch.equal(saved[f"lm.{name}"], p), name  # the last good state = the initial weights
+    assert all(r["skipped"] for r in steps_of(tmp_path / "r"))
+
+
+# ---- 10: checkpoints and exact resume ----
+
+def test_resume_continues_exactly(tiny_cache, tmp_path, monkeypatch):
+    full = train_student.main(make_cfg(tiny_cache, tmp_path / "a", **{"train.max_steps": 20, "train.checkpoint_every": 10,
+                                                                      "train.eval_every": 10, "train.num_workers": 1}))
+    # the same run, interrupted after step 12 (its step-10 checkpoint saved), then resumed
+    real_write = train_student.MetricsLog.write
+
+    def interrupt_after_12(self, record):
+        real_write(self, record)
+        if record.get("step") == 12 and "loss" in record:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_student.MetricsLog, "write", interrupt_after_12)
+    cfg = make_cfg(tiny_cache, tmp_path / "b", **{"train.max_steps": 20, "train.checkpoint_every": 10,
+                                                  "train.eval_every": 10, "train.num_workers": 1})
+    with pytest.raises(KeyboardInterrupt):
+        train_student.main(cfg)
+    monkeypatch.setattr(train_student.MetricsLog, "write", real_write)
+    with pytest.raises(KDError, match="already exists"):  # never overwritten without resume
+        train_student.main(cfg)
+    cfg.train.resume = True
+    resumed = train_student.main(cfg)
+    a, b = read_metrics(full), read_metrics(resumed)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "ce", "kd", "feature", "lr", "grad_norm", "eval/ce", "tokens_seen"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+
+
+def test_final_model_loads_with_from_pretrained(tiny_cache, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 3, "train.ema_decay": 0.9}))
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    assert model.config.num_hidden_layers == 2 and len(tok) > 0
+    ema = AutoModelForCausalLM.from_pretrained(run / "final_ema")
+    assert json.loads((run / "final_ema" / "kd_meta.json").read_text())["weights"].startswith("ema")
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), ema.parameters()))
+    assert "ema_eval/ce" in evals_of(run)[-1]
+
+
+# ---- early stopping ----
+
+def test_early_stopping(tiny_cache, tmp_path):
+    # an absurd LR makes eval CE worse at every eval: stop after `patience` evals without improvement
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 40, "train.eval_every": 2,
+                                                               "train.lr": 5.0, "train.min_lr": 1.0,
+                                                               "train.early_stopping_patience": 2,
+                                                               "train.max_grad_norm": "null"}))
+    records = read_metrics(run)
+    stop = [r for r in records if r.get("event") == "early_stopping"]
+    assert stop and stop[0]["step"] < 40
+    assert json.loads((run / "final" / "kd_meta.json").read_text())["stop_reason"] == "early_stopping"
+
+
+# ---- bad input ----
+
+@pytest.mark.parametrize("extra, message", [
+    ({"train.warmup_steps": 10}, "is not shorter than the run"),
+    ({"loss.alpha_ce": 0, "loss.alpha_kd": 0, "loss.alpha_feature": 0}, "all loss weights"),
+    ({"train.schedule": "cosine_restarts"}, "unknown LR schedule"),
+    ({"loss.tail": "ignore"}, "unknown KD tail policy"),
+    ({"train.min_lr": 0.0}, "0 < train.min_lr"),
+    ({"train.bogus": 1}, "unknown config key(s) train.bogus"),
+])
+def test_config_errors(tiny_cache, tmp_path, extra, message):
+    with pytest.raises(KDError) as e:
+        make_cfg(tiny_cache, tmp_path, **extra)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"loss.feature_layers": "[[5, 0]]"}, "student layer 5 out of range 0..2"),
+    ({"loss.feature_layers": "[[1, 1]]"}, "teacher layer 1 is not in the cache"),
+    ({"train.cache_dir": "/nonexistent"}, "no teacher cache at /nonexistent"),
+    ({"train.micro_batch_size": 64, "train.gradient_accumulation_steps": 2}, "smaller than one optimizer step"),
+])
+def test_input_errors(tiny_cache, tmp_path, extra, message):
+    with pytest.raises(KDError) as e:
+        train_student.main(make_cfg(tiny_cache, tmp_path, **extra))
+    assert message in str(e.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_tokenizer_mismatch_is_refused(tiny_cache, tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(tokenizer_dir)
+    other.add_tokens(["<extra>"])
+    other.save_pretrained(tmp_path / "tok")
+    with pytest.raises(KDError, match="differs from the one the cache was made with"):
+        train_student.main(make_cfg(tiny_cache, tmp_path, **{"student.tokenizer": tmp_path / "tok"}))
+
+
+def test_empty_split_is_refused(tiny_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    m = json.loads((cache / MANIFEST).read_text())
+    m["splits"]["eval"].update(num_sequences=0, shards=[])
+    (cache / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(KDError, match="empty train or eval split"):
+        train_student.main(make_cfg(cache, tmp_path))
+
+
+def test_cli_error_exit_code(tiny_cache, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train_student.py"),
+                             *overrides(tiny_cache, tmp_path, **{"train.schedule": "step"})], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown LR schedule train.schedule='step'; choose one of ['cosine', 'linear', 'constant']"]
+
+
+# ---- report and sweep ----
+
+def test_report_draws_a_png(tiny_cache, tmp_path):
+    from kd.report import plot
+
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 4, "train.eval_every": 2}))
+    png = plot(run)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_sweep_runs_the_grid_and_prints_a_table(tiny_cache, tmp_path):
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(f"student:\n  config: {STUDENT}\n")
+    args = [sys.executable, "-m", "kd.sweep", "--config", str(cfg_file),
+            *[o for o in overrides(tiny_cache, tmp_path, **{"train.max_steps": 3, "loss.alpha_feature": 0})
+              if not o.startswith("student.")], "train.lr=1e-3,3e-3"]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = result.stdout[result.stdout.index("eval/ce"):]
+    assert "r-0" in table and "r-1" in table and "train.lr=1e-3" in table and "train.lr=3e-3" in table
+    assert (tmp_path / "r-0" / "final").exists() and (tmp_path / "r-1" / "final").exists()
