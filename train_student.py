@@ -110,12 +110,16 @@ def save_checkpoint(accelerator, run_dir: Path, state: dict) -> Path:
 
 
 def save_final(accelerator, model, tokenizer, out: Path, meta: dict) -> None:
+    """save_pretrained folder (+ tokenizer, projectors, kd_meta.json). The full state dict is gathered through
+    Accelerate on every process (a collective under FSDP / DeepSpeed ZeRO-3), then written by the main one."""
     unwrapped = accelerator.unwrap_model(model)
+    state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        unwrapped.lm.save_pretrained(out)
+        unwrapped.lm.save_pretrained(out, state_dict={k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")})
         tokenizer.save_pretrained(out)
         if len(unwrapped.projectors):
-            torch.save({"feature_pairs": unwrapped.feature_pairs, "state_dict": unwrapped.projectors.state_dict()},
+            torch.save({"feature_pairs": unwrapped.feature_pairs,
+                        "state_dict": {k[len("projectors."):]: v for k, v in state.items() if k.startswith("projectors.")}},
                        out / "projectors.pt")
         write_json_atomic(out / "kd_meta.json", meta)
     accelerator.wait_for_everyone()
@@ -187,7 +191,9 @@ def main(cfg: TrainConfig) -> Path:
             "cache": {"dir": tc.cache_dir, "teacher": cache.manifest["teacher"], "top_k": cache.top_k,
                       "tokenizer_fingerprint": teacher_tok["fingerprint"]},
             "total_steps": total_steps, "warmup_steps": warmup, "steps_per_epoch": epoch_steps, "num_processes": world})
-    log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until_step=step if tc.resume else None)
+    # on resume, records the interrupted run wrote after its checkpoint are dropped (all of them if it had none)
+    keep = None if not tc.resume else (step if resume_state is not None else -1)
+    log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until_step=keep)
     pin = accelerator.device.type == "cuda"
     eval_indices = list(range(len(eval_split)))[: tc.eval_max_sequences][rank::world]
     eval_loader = make_loader(eval_split, eval_indices, tc.micro_batch_size, tc.num_workers, pin)

@@ -97,6 +97,101 @@ def chunked_token_losses(student_logits: torch.Tensor, targets: torch.Tensor, to
     return total
 
 
+class _FusedCEKD(torch.autograd.Function):
+    """alpha_ce * CE + alpha_kd * KD summed over masked positions, with the gradient w.r.t. the logits computed
+    analytically in the same chunked pass (one softmax per chunk) and stored as ONE logits-sized buffer.
+
+    Backward is then a multiply. Memory equals the checkpointed reference (logits + one gradient-sized tensor),
+    without recomputing the softmax in backward. Gradients (z = logits, p = softmax(z / T), q = teacher):
+      CE:                    p1 - onehot(target)                       (p1 = softmax(z))
+      KD, renormalize:       T (p - q)                                 (q zero outside the top-k)
+      KD, bucket:            T (p a) + T (r p - q) on the top-k ids    where S = sum_topk p, r = q_tail / (1 - S)
+                             and a = (1 - q_tail) - r S; r = 0 where 1 - S is clamped, as autograd of the reference.
+    Equality with autograd through `token_losses` is tested.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, topk_ids, topk_logprobs, mask, alpha_ce: float, alpha_kd: float,
+                temperature: float, tail: str, chunk: int):
+        # Few passes over each [chunk, V] block (they dominate the cost): one log-softmax, an in-place exp, one
+        # multiply written straight into the gradient buffer with per-row coefficients (masking folded in), and
+        # [chunk, k]-sized corrections scattered onto the top-k ids and the target.
+        T = float(temperature)
+        N, V = logits.shape
+        grad = torch.empty_like(logits)
+        sums = torch.zeros(3, dtype=torch.float32, device=logits.device)
+        for s in range(0, N, chunk):
+            z = logits[s:s + chunk].float()
+            m = mask[s:s + chunk]
+            tgt = targets[s:s + chunk].clamp(min=0)
+            ids = topk_ids[s:s + chunk]
+            t_lp = topk_logprobs[s:s + chunk].float()
+            logp = torch.log_softmax(z, dim=-1)
+            ce = -logp.gather(-1, tgt[:, None]).squeeze(-1)
+            agree = (logp.argmax(-1) == ids[:, 0]).float()
+            if T == 1.0:
+                s_top, p_t = logp.gather(-1, ids), None
+            else:
+                p_t = torch.log_softmax(z / T, dim=-1)
+                s_top = p_t.gather(-1, ids)
+                p_t = p_t.exp_()
+            p1 = logp.exp_()  # softmax at T = 1, in place: logp is not needed any more
+            if tail == "renormalize":
+                q_logp = torch.log_softmax(t_lp / T, dim=-1)
+                q_top = q_logp.exp()
+                kd = (q_top * (q_logp - s_top)).sum(-1) * (T * T)
+                coef_kd = torch.full_like(kd, T)
+                top_corr = -T * q_top
+            elif tail == "bucket":
+                t_tail = _log1mexp(torch.logsumexp(t_lp, dim=-1, keepdim=True))
+                q_logp = torch.log_softmax(torch.cat([t_lp, t_tail], dim=-1) / T, dim=-1)
+                q = q_logp.exp()
+                p_top = s_top.exp()
+                S = p_top.sum(-1, keepdim=True)
+                p_tail_raw = 1.0 - S
+                p_tail = p_tail_raw.clamp(min=_MIN_TAIL)
+                s_b = torch.cat([s_top, p_tail.log()], dim=-1)
+                kd = torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_b)).sum(-1) * (T * T)
+                q_top, q_tail = q[:, :-1], q[:, -1:]
+                r = torch.where(p_tail_raw > _MIN_TAIL, q_tail / p_tail, torch.zeros_like(q_tail))
+                coef_kd = (T * ((1.0 - q_tail) - r * S)).squeeze(-1)
+                top_corr = T * (r * p_top - q_top)
+            else:
+                raise ValueError(f"unknown tail policy {tail!r}; expected one of {TAIL_POLICIES}")
+            keep = m.float()
+            # masked rows get exactly zero gradient, even where their teacher values are NaN
+            coef_kd = torch.where(m, coef_kd, torch.zeros_like(coef_kd))
+            top_corr = torch.where(m[:, None], top_corr, torch.zeros_like(top_corr))
+            g = grad[s:s + chunk]
+            if p_t is None:
+                torch.mul(p1, (alpha_ce * keep + alpha_kd * coef_kd)[:, None], out=g)
+            else:
+                torch.mul(p1, (alpha_ce * keep)[:, None], out=g)
+                g.add_(p_t.mul_((alpha_kd * coef_kd)[:, None]))
+            g.scatter_add_(-1, ids, (alpha_kd * top_corr).to(g.dtype))
+            g.scatter_add_(-1, tgt[:, None], (-alpha_ce * keep)[:, None].to(g.dtype))
+            zero = torch.zeros_like(ce)
+            sums += torch.stack([torch.where(m, ce, zero).sum(), torch.where(m, kd, zero).sum(),
+                                 torch.where(m, agree, zero).sum()])
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(sums)
+        return alpha_ce * sums[0] + alpha_kd * sums[1], sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_sums):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total.to(grad.dtype),) + (None,) * 9
+
+
+def fused_ce_kd(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor,
+                topk_logprobs: torch.Tensor, mask: torch.Tensor, alpha_ce: float, alpha_kd: float, temperature: float,
+                tail: TailPolicy, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training form of `token_losses`: (alpha_ce * CE_sum + alpha_kd * KD_sum with gradient, [CE, KD, top-1]
+    sums without). Same shapes and values as `token_losses`; see `_FusedCEKD` for the gradient."""
+    return _FusedCEKD.apply(student_logits, targets, topk_ids, topk_logprobs, mask, float(alpha_ce), float(alpha_kd),
+                            float(temperature), tail, int(chunk))
+
+
 def feature_per_position(student: torch.Tensor, teacher: torch.Tensor,
                          kind: Literal["cosine", "normalized_mse"]) -> torch.Tensor:
     """Scale-free distance per position between projected student states [N, H] and teacher states [N, H].

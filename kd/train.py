@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kd.cache import CacheSplit
-from kd.losses import chunked_token_losses, feature_per_position, info_nce_sum
+from kd.losses import chunked_token_losses, feature_per_position, fused_ce_kd, info_nce_sum
 from kd.train_config import LossConfig
 
 COMPONENTS = ("ce", "kd", "feature", "contrastive")
@@ -83,20 +83,23 @@ def batch_counts(batch: dict, loss_cfg: LossConfig) -> torch.Tensor:
 
 
 def micro_batch_sums(model, batch: dict, loss_cfg: LossConfig, teacher_slots: list[int]) -> dict[str, torch.Tensor]:
-    """Loss sums of one micro-batch (fp32 scalars with grad) plus the top-1 agreement sum (no grad).
+    """Loss sums of one micro-batch, fp32 scalars.
 
-    teacher_slots[j]: where layer pair j's teacher layer sits in the batch's hidden_states [B, L, T, H].
+    "ce_kd" = alpha_ce * CE + alpha_kd * KD (carries the gradient; fused, see kd.losses.fused_ce_kd); "ce", "kd"
+    and "agree" (top-1 agreement) are the same sums without gradient, for logging; "feature" and "contrastive"
+    (with gradient) when their alphas are on. teacher_slots[j]: where layer pair j's teacher layer sits in the
+    batch's hidden_states [B, L, T, H].
     """
     attention, loss_mask, targets = positions(batch)
     with_features = loss_cfg.alpha_feature > 0 or loss_cfg.alpha_contrastive > 0
     logits, projected = model(batch["input_ids"], attention, with_features)
     B, T, V = logits.shape
     k = batch["topk_ids"].shape[-1]
-    ce, kd, agree = chunked_token_losses(
+    ce_kd, (ce, kd, agree) = fused_ce_kd(
         logits.reshape(B * T, V), targets.reshape(-1), batch["topk_ids"].reshape(B * T, k),
-        batch["topk_logprobs"].reshape(B * T, k), loss_mask.reshape(-1), loss_cfg.temperature, loss_cfg.tail,
-        loss_cfg.position_chunk)
-    sums = {"ce": ce, "kd": kd, "agree": agree.detach()}
+        batch["topk_logprobs"].reshape(B * T, k), loss_mask.reshape(-1), loss_cfg.alpha_ce, loss_cfg.alpha_kd,
+        loss_cfg.temperature, loss_cfg.tail, loss_cfg.position_chunk)
+    sums = {"ce_kd": ce_kd, "ce": ce, "kd": kd, "agree": agree}
     if with_features:
         flat_mask = loss_mask.reshape(-1)
         con_idx = contrastive_positions(loss_mask, loss_cfg.contrastive_max_positions)
@@ -137,9 +140,11 @@ def accumulate_window(model, batches: list[dict], loss_cfg: LossConfig, accelera
     counts = accelerator.reduce(sum(batch_counts(b, loss_cfg) for b in batches).to(accelerator.device), "sum")
     n_tok, n_con = float(counts[0]), float(counts[1])
     denom = {"ce": n_tok, "kd": n_tok, "feature": n_tok, "contrastive": max(n_con, 1.0)}
-    alpha = {c: getattr(loss_cfg, f"alpha_{c}") for c in comps}
     # THE normalisation (see module docstring): sum / global count, times num_processes to undo DDP's mean.
     scale = {c: accelerator.num_processes / max(denom[c], 1.0) for c in comps}
+    # CE and KD share the token count, so their alpha-weighted sum (fused, one gradient buffer) takes one scale.
+    weighted_terms = [("ce_kd", 1.0, scale["ce"])] + [(c, getattr(loss_cfg, f"alpha_{c}"), scale[c])
+                                                      for c in comps if c in ("feature", "contrastive")]
     local = torch.zeros(len(comps) + 1, dtype=torch.float64, device=accelerator.device)
     for i, batch in enumerate(batches):
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
@@ -147,7 +152,7 @@ def accumulate_window(model, batches: list[dict], loss_cfg: LossConfig, accelera
         sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
         with sync:
             sums = micro_batch_sums(model, batch, loss_cfg, teacher_slots)
-            loss = sum(alpha[c] * scale[c] * sums[c] for c in comps)
+            loss = sum(alpha * sc * sums[name] for name, alpha, sc in weighted_terms)
             # Always backward, even when non-finite: skipping it on one process would deadlock DDP's all-reduce.
             # A non-finite window is detected below and its step skipped on every process.
             accelerator.backward(loss)

@@ -55,7 +55,8 @@ class LossConfig:
     feature_kind: cosine (1 - cos) or normalized_mse (MSE of per-token layer-normalised states).
     contrastive_temperature: temperature of the InfoNCE similarities.
     contrastive_max_positions: positions per micro-batch used as InfoNCE candidates (an M x M matrix).
-    position_chunk: positions per chunk of the vocabulary-sized loss computation (bounds peak memory).
+    position_chunk: positions per chunk of the vocabulary-sized loss computation: bounds peak memory, and small
+        chunks stay in CPU cache (128 measured fastest on CPU; GPUs may prefer 1024+).
     """
 
     alpha_ce: float = 0.5
@@ -68,7 +69,7 @@ class LossConfig:
     feature_kind: Literal["cosine", "normalized_mse"] = "cosine"
     contrastive_temperature: float = 0.1
     contrastive_max_positions: int = 256
-    position_chunk: int = 1024
+    position_chunk: int = 128
 
     def __post_init__(self):
         alphas = {k: getattr(self, k) for k in ("alpha_ce", "alpha_kd", "alpha_feature", "alpha_contrastive")}

@@ -151,3 +151,35 @@ def test_linear_and_constant_closed_forms():
         lr_at(1, schedule="cosine_with_restarts", **kw)
     with pytest.raises(ValueError, match="outside"):
         lr_at(13, schedule="linear", **kw)
+
+
+@pytest.mark.parametrize("tail, T", [("renormalize", 1.0), ("renormalize", 2.0), ("bucket", 1.0), ("bucket", 2.0)])
+def test_fused_training_loss_equals_reference_values_and_gradients(tail, T):
+    from kd.losses import fused_ce_kd
+
+    g = torch.Generator().manual_seed(5)
+    N, V, k = 29, 80, 6
+    ids, lp = teacher_topk(torch.randn(N, V, generator=g) * 2, k)
+    targets = torch.randint(0, V, (N,), generator=g)
+    mask = torch.rand(N, generator=g) > 0.25
+    s1 = (torch.randn(N, V, generator=g) * 2).requires_grad_()
+    s2 = s1.detach().clone().requires_grad_()
+    ref = token_losses(s1, targets, ids, lp.half(), mask, T, tail)
+    (0.3 * ref[0] + 0.7 * ref[1]).mul(1.7).backward()
+    total, sums = fused_ce_kd(s2, targets, ids, lp.half(), mask, 0.3, 0.7, T, tail, chunk=8)
+    (total * 1.7).backward()
+    torch.testing.assert_close(sums, ref.detach())
+    torch.testing.assert_close(total, 0.3 * ref[0] + 0.7 * ref[1])
+    torch.testing.assert_close(s2.grad, s1.grad, atol=1e-6, rtol=1e-5)
+    assert (s2.grad[~mask] == 0).all()
+
+
+def test_fused_loss_keeps_nan_visible():
+    from kd.losses import fused_ce_kd
+
+    s = torch.randn(4, 20, requires_grad=True)
+    ids, lp = teacher_topk(torch.randn(4, 20), 3)
+    lp[1] = float("nan")
+    total, sums = fused_ce_kd(s, torch.zeros(4, dtype=torch.long), ids, lp, torch.ones(4, dtype=torch.bool),
+                              0.5, 0.5, 1.0, "bucket", 2)
+    assert torch.isnan(total) and torch.isnan(sums[1]) and torch.isfinite(sums[0])

