@@ -22,7 +22,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 TailPolicy = Literal["renormalize", "bucket"]
 TAIL_POLICIES = ("renormalize", "bucket")
@@ -83,17 +82,12 @@ def token_losses(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: 
 def chunked_token_losses(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor,
                          topk_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float, tail: TailPolicy,
                          chunk: int) -> torch.Tensor:
-    """`token_losses` over chunks of `chunk` positions; with autograd on, each chunk is recomputed in backward
-    (activation checkpointing), so at most one chunk's fp32 [chunk, V] intermediates are alive at a time instead
-    of several full-vocabulary fp32 copies of the whole batch. Same value as the unchunked call."""
+    """`token_losses` summed over chunks of `chunk` positions, so only one chunk's fp32 [chunk, V] intermediates
+    exist at a time. Used for evaluation (no gradient); training uses `fused_ce_kd`, which gives the same sums."""
     total = torch.zeros(3, dtype=torch.float32, device=student_logits.device)
     for s in range(0, student_logits.shape[0], chunk):
-        args = (student_logits[s:s + chunk], targets[s:s + chunk], topk_ids[s:s + chunk], topk_logprobs[s:s + chunk],
-                mask[s:s + chunk], temperature, tail)
-        if torch.is_grad_enabled() and student_logits.requires_grad:
-            total = total + checkpoint(token_losses, *args, use_reentrant=False)
-        else:
-            total = total + token_losses(*args)
+        total = total + token_losses(student_logits[s:s + chunk], targets[s:s + chunk], topk_ids[s:s + chunk],
+                                     topk_logprobs[s:s + chunk], mask[s:s + chunk], temperature, tail)
     return total
 
 
@@ -101,7 +95,7 @@ class _FusedCEKD(torch.autograd.Function):
     """alpha_ce * CE + alpha_kd * KD summed over masked positions, with the gradient w.r.t. the logits computed
     analytically in the same chunked pass (one softmax per chunk) and stored as ONE logits-sized buffer.
 
-    Backward is then a multiply. Memory equals the checkpointed reference (logits + one gradient-sized tensor),
+    Backward is then a multiply. Memory: the logits plus one gradient-sized tensor (what autograd needs anyway),
     without recomputing the softmax in backward. Gradients (z = logits, p = softmax(z / T), q = teacher):
       CE:                    p1 - onehot(target)                       (p1 = softmax(z))
       KD, renormalize:       T (p - q)                                 (q zero outside the top-k)
