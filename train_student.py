@@ -211,8 +211,7 @@ def main(cfg: TrainConfig) -> Path:
         log.write(record)
         return record
 
-    if step == 0:
-        run_eval()  # the untrained student: the baseline every curve starts from
+    last_eval = run_eval() if step == 0 else None  # the untrained student: the baseline every curve starts from
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process,
                file=sys.stdout, dynamic_ncols=True)
     model.train()
@@ -267,7 +266,7 @@ def main(cfg: TrainConfig) -> Path:
                               f"(last at step {step}); stopped. The last good weights are saved in {ckpt}. Check the "
                               f"cache (python -m kd.cache verify {tc.cache_dir}), lower train.lr, or use bf16/fp32")
             if step % tc.eval_every == 0 and step < total_steps:
-                ev = run_eval()
+                last_eval = ev = run_eval()
                 if ev["eval/ce"] < best_eval:
                     best_eval, evals_without_improvement = ev["eval/ce"], 0
                 else:
@@ -281,8 +280,8 @@ def main(cfg: TrainConfig) -> Path:
                 save_checkpoint(accelerator, run_dir, trainer_state())
     bar.close()
 
-    # 4. Final eval, checkpoint and models.
-    final = run_eval()
+    # 4. Final eval (unless this step was just evaluated, as when early stopping), checkpoint and models.
+    final = last_eval if last_eval is not None and last_eval["step"] == step else run_eval()
     save_checkpoint(accelerator, run_dir, trainer_state())
     meta = {"format": "kd-student", "format_version": RUN_FORMAT_VERSION, "kd_version": __version__,
             "config": cfg_dict, "step": step, "stop_reason": stop_reason, "final_eval": final, "weights": "trained"}

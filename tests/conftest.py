@@ -59,6 +59,17 @@ def tokenizer_dir(tmp_path_factory, corpus_dir) -> Path:
     return d
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps a process-wide singleton state; tests run many trainings (with different precisions) in one
+    process, as a user never does, so each test starts from a clean state."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def _save_model(model_cls, config, tokenizer_dir: Path, out: Path, seed: int) -> Path:
     import torch
     from transformers import AutoTokenizer

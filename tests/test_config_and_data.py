@@ -39,6 +39,9 @@ def test_overrides_types_and_unknown_keys(tmp_path):
 
     t = load_config(TrainConfig, None, ["student.pretrained=x", "train.lr=1e-3", "train.min_lr=1e-4"])
     assert (t.train.lr, t.train.min_lr) == (1e-3, 1e-4)  # YAML 1.1 would read 1e-3 as a string
+    y2 = tmp_path / "t.yaml"
+    y2.write_text("student:\n  pretrained: x\ntrain:\n  mixed_precision: no\n")  # YAML 1.1: `no` is False
+    assert load_config(TrainConfig, y2).train.mixed_precision == "no"
     with pytest.raises(KDError, match="'train.lr' must be a number"):
         load_config(TrainConfig, None, ["student.pretrained=x", "train.lr=fast"])
     with pytest.raises(KDError, match="unknown config key.*data.seqlen"):
