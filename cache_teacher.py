@@ -80,6 +80,12 @@ def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool, is_main: bool
         p.unlink()
 
 
+def sequence_generator(seed: int, split: str, index: int, device) -> torch.Generator:
+    """The random stream of one sequence's sampled targets: a function of (seed, split, index) only."""
+    digest = hashlib.sha256(f"{seed}/{split}/{index}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
 def main(cfg: CacheConfig) -> Path:
     from accelerate import Accelerator
 
@@ -131,6 +137,7 @@ def main(cfg: CacheConfig) -> Path:
                       "size": len(tokenizer), "separator_id": sep_id},
         "top_k": cfg.cache.top_k, "hidden_layers": cfg.cache.hidden_layers, "seq_len": cfg.data.seq_len,
         "value_dtype": cfg.cache.value_dtype, "id_dtype": ids_dt.name, "position_targets": "next token (t+1)",
+        "sample_n": cfg.cache.sample_n,
         "dataset": {"files": cfg.data.files, "dataset": cfg.data.dataset, "dataset_config": cfg.data.dataset_config,
                     "dataset_split": cfg.data.dataset_split, "text_field": cfg.data.text_field,
                     "num_documents": len(texts),
@@ -161,17 +168,20 @@ def main(cfg: CacheConfig) -> Path:
             p = packed[split]
             writer = ShardWriter(out / shard_name(split, j), dict(meta, split=split, shard_index=j, first_sequence=a),
                                  b - a, cfg.data.seq_len, cfg.cache.top_k, len(cfg.cache.hidden_layers),
-                                 model_cfg.hidden_size, ids_dt, value_dt)
+                                 model_cfg.hidden_size, ids_dt, value_dt, cfg.cache.sample_n)
             for s in range(a, b, cfg.teacher.batch_size):
                 e = min(s + cfg.teacher.batch_size, b)
                 ids = torch.from_numpy(p.input_ids[s:e]).to(accelerator.device)
                 lengths = torch.from_numpy(p.lengths[s:e])
                 mask = (torch.arange(cfg.data.seq_len)[None, :] < lengths[:, None]).long().to(accelerator.device)
-                lp, top_ids, hidden = teacher_targets(model, ids, mask, cfg.cache.top_k, cfg.cache.hidden_layers)
+                gens = [sequence_generator(cfg.cache.sample_seed, split, i, accelerator.device) for i in range(s, e)]
+                lp, top_ids, hidden, samples = teacher_targets(model, ids, mask, cfg.cache.top_k, cfg.cache.hidden_layers,
+                                                               sample_n=cfg.cache.sample_n, sample_generators=gens)
                 torch_value_dt = torch.float16 if value_dt == np.float16 else torch.float32
                 writer.append(p.input_ids[s:e], p.lengths[s:e], np.arange(s, e), top_ids.cpu().numpy(),
                               lp.to(torch_value_dt).cpu().numpy(),
-                              None if hidden is None else hidden.to(torch_value_dt).cpu().numpy())
+                              None if hidden is None else hidden.to(torch_value_dt).cpu().numpy(),
+                              None if samples is None else (samples[0].cpu().numpy(), samples[1].cpu().numpy()))
                 n_tok = int(lengths.sum())
                 tokens_done += n_tok
                 bar.update(n_tok)

@@ -58,7 +58,8 @@ def build_student(cfg: TrainConfig, tokenizer, teacher_vocab: int):
         raise KDError(f"the student's vocab_size ({lm.config.vocab_size}) is smaller than the teacher's "
                       f"({teacher_vocab}): cached teacher token ids would fall outside the student's logits")
     if s.gradient_checkpointing:
-        lm.gradient_checkpointing_enable()
+        # renamed to activation_checkpointing_enable in recent transformers 5.x releases (the old name warns)
+        (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
     return lm
 
 
@@ -148,8 +149,14 @@ def main(cfg: TrainConfig) -> Path:
                       "so they must match. Use the teacher's tokenizer for the student, or a cross-tokenizer setup")
     resume_state = prepare_run_dir(run_dir, cfg_dict, tc.resume)
     need_hidden = cfg.loss.alpha_feature > 0 or cfg.loss.alpha_contrastive > 0
-    fields = ("input_ids", "topk_ids", "topk_logprobs") + (("hidden_states",) if need_hidden else ())
-    train_split, eval_split = cache.split("train", fields), cache.split("eval", fields)
+    if cfg.loss.target == "sampled" and not cache.manifest.get("sample_n"):
+        raise KDError(f"loss.target=sampled but cache {tc.cache_dir} holds no sampled targets; re-cache with "
+                      "cache.sample_n=50 (or another count), or use loss.target=topk")
+    target_fields = {"topk": ("topk_ids", "topk_logprobs"), "sampled": ("sample_ids", "sample_counts"),
+                     "online": ()}[cfg.loss.target]
+    train_split = cache.split("train", ("input_ids",) + target_fields + (("hidden_states",) if need_hidden else ()))
+    # eval/kd and top-1 agreement are always measured against the cached top-k, whatever the training target
+    eval_split = cache.split("eval", ("input_ids", "topk_ids", "topk_logprobs"))
     if len(eval_split) == 0 or len(train_split) == 0:
         raise KDError(f"cache {tc.cache_dir} has an empty train or eval split")
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -173,6 +180,12 @@ def main(cfg: TrainConfig) -> Path:
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                                   lr=tc.lr, betas=tuple(tc.betas))
     model, optimizer = accelerator.prepare(model, optimizer)
+    teacher = None
+    if cfg.loss.target == "online":  # the reference mode: the teacher in memory, as the cache exists to avoid
+        from kd.teacher import load_causal_lm
+
+        t = cache.manifest["teacher"]
+        teacher = load_causal_lm(t["name_or_path"], t["revision"], t["dtype"], "sdpa").to(accelerator.device).eval()
     ema = EMA(accelerator.unwrap_model(model), tc.ema_decay) if tc.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -229,7 +242,7 @@ def main(cfg: TrainConfig) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             window = [next(batches_iter) for _ in range(tc.gradient_accumulation_steps)]
-            result = accumulate_window(model, window, cfg.loss, accelerator, slots)
+            result = accumulate_window(model, window, cfg.loss, accelerator, slots, teacher)
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm or math.inf))
             nonfinite = result.nonfinite + ([] if math.isfinite(grad_norm) else ["grad_norm"])
             if nonfinite:

@@ -10,7 +10,8 @@ the demo cache, which must exist: run scripts/demo.sh or cache_teacher.py first)
         KL + CE, backward, step: the teacher lives in the training process.
 Each variant runs in its own process (so peak memory is its own), variants alternate over `--rounds`, and the
 median step time of each round's `--steps` timed steps (after 2 warm-up steps) is kept, best round wins.
-Peak memory: CUDA max allocated when on a GPU, else the process's peak RSS. Prints b/a and c/b.
+Peak memory: CUDA max allocated when on a GPU, else the process's peak RSS. Prints b/a and c/b, and how many
+batches per second one DataLoader worker reads from the cache, against the rate the cached step consumes them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def reader_rate(cache_dir: str, batches: int = 40) -> dict:
+    """Batches/s that the training DataLoader (1 worker, all fields) delivers from the cache, alone."""
+    from kd.cache import TeacherCache
+    from kd.train import make_loader
+
+    split = TeacherCache(cache_dir).split("train")
+    loader = make_loader(split, range(min(len(split), batches * 4)), 4, num_workers=1, pin_memory=False)
+    it = iter(loader)
+    next(it)  # worker start-up, not steady state
+    t0 = time.perf_counter()
+    n = sum(1 for _ in it)
+    return {"batches_per_s": n / (time.perf_counter() - t0)}
 
 
 def run_variant(variant: str, cache_dir: str, steps: int) -> dict:
@@ -94,7 +109,8 @@ def main() -> None:
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
-        print("RESULT " + json.dumps(run_variant(args.variant, args.cache, args.steps)))
+        result = reader_rate(args.cache) if args.variant == "reader" else run_variant(args.variant, args.cache, args.steps)
+        print("RESULT " + json.dumps(result))
         return
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
@@ -110,6 +126,11 @@ def main() -> None:
         print(f"{labels[v]:30}{r['step_s']:>9.3f}{r['tokens_per_step'] / r['step_s']:>10.0f}{r['peak_mem_mb']:>10.0f}")
     print(f"b/a = {best['cached']['step_s'] / best['plain']['step_s']:.3f}   (goal <= 1.10)")
     print(f"c/b = {best['online']['step_s'] / best['cached']['step_s']:.3f}   (goal >= 2)")
+    out = subprocess.run([sys.executable, __file__, "--variant", "reader", "--cache", args.cache],
+                         capture_output=True, text=True, check=True).stdout
+    rate = json.loads(out.split("RESULT ", 1)[1])["batches_per_s"]
+    print(f"cache reader, 1 DataLoader worker: {rate:.1f} batches/s of 4 x 256 tokens = "
+          f"{rate * best['cached']['step_s']:.0f}x what the cached step consumes")
 
 
 if __name__ == "__main__":

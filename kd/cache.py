@@ -16,6 +16,8 @@ Datasets in each shard (N sequences, T = seq_len, k = top_k, L = stored layers, 
                                  so the tail mass 1 - sum(exp(topk_logprobs)) is exact up to rounding
     hidden_states   [N, L, T, H] fp16 (or fp32), only when layers are stored; layer j is hidden_states[j] of
                                  the HF `output_hidden_states` tuple (0 = embeddings, num_hidden_layers = last)
+    sample_ids      [N, T, n]    only when sample_n > 0: distinct ids among n draws from the full teacher
+    sample_counts   [N, T, n]    distribution (T = 1), most frequent first; uint8 counts summing to n, 0 = padding
 Position t's targets describe the token at t+1. Every dataset is chunked one sequence per chunk, so reading
 sequence i touches one chunk per dataset. Each shard's attribute `kd_meta` (JSON) repeats the cache-wide
 metadata plus the shard's own split, index and counts.
@@ -86,7 +88,7 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path, meta: dict, num_sequences: int, seq_len: int, top_k: int, num_layers: int,
-                 hidden_size: int, ids_dtype: np.dtype, value_dtype: np.dtype):
+                 hidden_size: int, ids_dtype: np.dtype, value_dtype: np.dtype, sample_n: int = 0):
         import h5py
 
         self.path, self.meta = path, meta
@@ -103,12 +105,16 @@ class ShardWriter:
             if num_layers:
                 H = hidden_size
                 self.f.create_dataset("hidden_states", (N, num_layers, T, H), value_dtype, chunks=(1, num_layers, T, H))
+            if sample_n:
+                self.f.create_dataset("sample_ids", (N, T, sample_n), ids_dtype, chunks=(1, T, sample_n))
+                self.f.create_dataset("sample_counts", (N, T, sample_n), np.uint8, chunks=(1, T, sample_n))
         except OSError as e:
             self.abort()
             raise KDError(f"cannot create shard {self.tmp}: {e}") from None
 
-    def append(self, input_ids, lengths, sequence_index, topk_ids, topk_logprobs, hidden) -> None:
-        """Add a batch of n sequences (numpy arrays in the layout above, any dtype castable to the stored one)."""
+    def append(self, input_ids, lengths, sequence_index, topk_ids, topk_logprobs, hidden, samples=None) -> None:
+        """Add a batch of n sequences (numpy arrays in the layout above, any dtype castable to the stored one);
+        samples: None or (sample_ids, sample_counts)."""
         n = len(lengths)
         sl = slice(self.cursor, self.cursor + n)
         try:
@@ -119,6 +125,8 @@ class ShardWriter:
             self.f["topk_logprobs"][sl] = topk_logprobs
             if hidden is not None:
                 self.f["hidden_states"][sl] = hidden
+            if samples is not None:
+                self.f["sample_ids"][sl], self.f["sample_counts"][sl] = samples
         except (OSError, RuntimeError) as e:  # h5py reports ENOSPC as either
             self.abort()
             raise KDError(f"writing shard {self.tmp} failed ({e}); free space or choose another cache.output_dir, "
@@ -201,16 +209,18 @@ class CacheSplit:
     `fields` limits what is read (skip hidden states when no feature loss needs them).
     """
 
-    ALL_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "hidden_states")
+    ALL_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "hidden_states", "sample_ids", "sample_counts")
 
     def __init__(self, root: Path, manifest: dict, split: str, fields: Iterable[str] = ALL_FIELDS):
         if split not in manifest["splits"]:
             raise KDError(f"cache {root} has no '{split}' split (it has {sorted(manifest['splits'])})")
         self.root, self.split = root, split
-        self.fields = tuple(f for f in fields if f != "hidden_states" or manifest["hidden_layers"])
-        unknown = set(self.fields) - set(self.ALL_FIELDS)
+        unknown = set(fields) - set(self.ALL_FIELDS)
         if unknown:
             raise ValueError(f"unknown cache fields {sorted(unknown)}")
+        stored = {"hidden_states": bool(manifest["hidden_layers"]), "sample_ids": bool(manifest.get("sample_n")),
+                  "sample_counts": bool(manifest.get("sample_n"))}
+        self.fields = tuple(f for f in fields if stored.get(f, True))
         self.shards = sorted(manifest["splits"][split]["shards"], key=lambda s: s["first_sequence"])
         self.starts = np.array([s["first_sequence"] for s in self.shards], dtype=np.int64)
         self.length = int(manifest["splits"][split]["num_sequences"])
@@ -302,6 +312,7 @@ def verify(path: str | Path, log=print) -> list[str]:
     manifest = read_manifest(root)
     T, k, vocab = manifest["seq_len"], manifest["top_k"], manifest["teacher"]["vocab_size"]
     L, H = len(manifest["hidden_layers"]), manifest["teacher"]["hidden_size"]
+    n_samples = manifest.get("sample_n", 0)
     for split, info in manifest["splits"].items():
         expected_next = 0
         for shard in sorted(info["shards"], key=lambda s: s["first_sequence"]):
@@ -321,6 +332,8 @@ def verify(path: str | Path, log=print) -> list[str]:
                           "topk_logprobs": (n, T, k)}
                 if L:
                     shapes["hidden_states"] = (n, L, T, H)
+                if n_samples:
+                    shapes["sample_ids"] = shapes["sample_counts"] = (n, T, n_samples)
                 for name, shape in shapes.items():
                     if name not in f or f[name].shape != shape:
                         got = f[name].shape if name in f else "missing"
@@ -338,10 +351,15 @@ def verify(path: str | Path, log=print) -> list[str]:
                 for s in range(0, n, 16):  # blocks of 16 sequences: few reads, per-sequence messages
                     lp, ids = f["topk_logprobs"][s:s + 16], f["topk_ids"][s:s + 16]
                     hs = f["hidden_states"][s:s + 16] if L else None
+                    counts = f["sample_counts"][s:s + 16] if n_samples else None
+                    sids = f["sample_ids"][s:s + 16] if n_samples else None
                     for i in range(len(lp)):
                         problem = _check_block(lp[i], ids[i], vocab)
                         if problem is None and hs is not None and not np.isfinite(hs[i].astype(np.float32)).all():
                             problem = "hidden states are not finite"
+                        if problem is None and counts is not None and (
+                                (counts[i].astype(np.int64).sum(-1) != n_samples).any() or (sids[i] >= vocab).any()):
+                            problem = f"sampled counts do not sum to {n_samples} or sampled ids are out of range"
                         if problem:
                             return [f"{where}, sequence {int(seq_index[s + i])} of split {split}: {problem}"]
             expected_next += n

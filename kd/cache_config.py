@@ -84,6 +84,9 @@ class CacheSection:
     top_k: teacher tokens kept per position, with their log-probs under the full softmax.
     hidden_layers: indices into the teacher's `output_hidden_states` tuple to store (0 = embeddings, num_hidden_layers = last).
     value_dtype: storage dtype of log-probs and hidden states.
+    sample_n: also store sampled targets: per position, this many draws with replacement from the teacher's full
+        distribution at T = 1, kept as distinct ids + counts (0 = off; at most 255).
+    sample_seed: seed of those draws; each sequence has its own stream, so contents never depend on batching.
     sequences_per_shard: sequences per HDF5 shard, the unit of work, resume and checksums.
     overwrite: replace a cache in output_dir that was made with a different config (otherwise that is refused).
     """
@@ -92,12 +95,16 @@ class CacheSection:
     top_k: int = 256
     hidden_layers: list[int] = field(default_factory=list)
     value_dtype: Literal["fp16", "fp32"] = "fp16"
+    sample_n: int = 0
+    sample_seed: int = 0
     sequences_per_shard: int = 256
     overwrite: bool = False
 
     def __post_init__(self):
         if self.top_k < 1:
             raise KDError(f"cache.top_k must be >= 1, got {self.top_k}")
+        if not 0 <= self.sample_n <= 255:
+            raise KDError(f"cache.sample_n must be in 0..255 (counts are stored as uint8), got {self.sample_n}")
         if self.sequences_per_shard < 1:
             raise KDError(f"cache.sequences_per_shard must be >= 1, got {self.sequences_per_shard}")
         if len(set(self.hidden_layers)) != len(self.hidden_layers):

@@ -46,7 +46,9 @@ def sparse_kd_per_position(student_logits: torch.Tensor, topk_ids: torch.Tensor,
     t_lp = topk_logprobs.float()
     if tail == "renormalize":
         q_logp = torch.log_softmax(t_lp / T, dim=-1)
-        kl = (q_logp.exp() * (q_logp - s_top)).sum(-1)
+        q = q_logp.exp()
+        # an entry with teacher probability exactly 0 (a -inf log-prob: padding of sampled targets) contributes 0
+        kl = torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_top)).sum(-1)
     elif tail == "bucket":
         t_tail = _log1mexp(torch.logsumexp(t_lp, dim=-1, keepdim=True))  # exact tail mass at T = 1
         q_logp = torch.log_softmax(torch.cat([t_lp, t_tail], dim=-1) / T, dim=-1)  # [N, k+1]
@@ -91,6 +93,21 @@ def chunked_token_losses(student_logits: torch.Tensor, targets: torch.Tensor, to
     return total
 
 
+def _dense_chunk(z, teacher_logits, tgt, m, alpha_ce: float, alpha_kd: float, T: float):
+    """Full-vocabulary teacher (online KD): gradient alpha_ce (p1 - onehot) + alpha_kd T (p - q), q = softmax(t / T)."""
+    logp = torch.log_softmax(z, dim=-1)
+    logp_t = logp if T == 1.0 else torch.log_softmax(z / T, dim=-1)
+    q_logp = torch.log_softmax(teacher_logits / T, dim=-1)
+    q = q_logp.exp()
+    kd = torch.where(q == 0, torch.zeros_like(q), q * (q_logp - logp_t)).sum(-1) * (T * T)
+    ce = -logp.gather(-1, tgt[:, None]).squeeze(-1)
+    agree = (z.argmax(-1) == teacher_logits.argmax(-1)).float()
+    keep = m.float()[:, None]
+    g = (alpha_ce * keep) * logp.exp() + (alpha_kd * T * keep) * (logp_t.exp() - q)
+    g.scatter_add_(-1, tgt[:, None], -alpha_ce * keep)
+    return torch.where(m[:, None], g, torch.zeros_like(g)), ce, kd, agree
+
+
 class _FusedCEKD(torch.autograd.Function):
     """alpha_ce * CE + alpha_kd * KD summed over masked positions, with the gradient w.r.t. the logits computed
     analytically in the same chunked pass (one softmax per chunk) and stored as ONE logits-sized buffer.
@@ -118,6 +135,13 @@ class _FusedCEKD(torch.autograd.Function):
             z = logits[s:s + chunk].float()
             m = mask[s:s + chunk]
             tgt = targets[s:s + chunk].clamp(min=0)
+            if topk_ids is None:
+                g, ce, kd, agree = _dense_chunk(z, topk_logprobs[s:s + chunk].float(), tgt, m, alpha_ce, alpha_kd, T)
+                grad[s:s + chunk] = g.to(grad.dtype)
+                zero = torch.zeros_like(ce)
+                sums += torch.stack([torch.where(m, ce, zero).sum(), torch.where(m, kd, zero).sum(),
+                                     torch.where(m, agree, zero).sum()])
+                continue
             ids = topk_ids[s:s + chunk]
             t_lp = topk_logprobs[s:s + chunk].float()
             logp = torch.log_softmax(z, dim=-1)
@@ -133,7 +157,7 @@ class _FusedCEKD(torch.autograd.Function):
             if tail == "renormalize":
                 q_logp = torch.log_softmax(t_lp / T, dim=-1)
                 q_top = q_logp.exp()
-                kd = (q_top * (q_logp - s_top)).sum(-1) * (T * T)
+                kd = torch.where(q_top == 0, torch.zeros_like(q_top), q_top * (q_logp - s_top)).sum(-1) * (T * T)
                 coef_kd = torch.full_like(kd, T)
                 top_corr = -T * q_top
             elif tail == "bucket":
@@ -181,7 +205,10 @@ def fused_ce_kd(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: t
                 topk_logprobs: torch.Tensor, mask: torch.Tensor, alpha_ce: float, alpha_kd: float, temperature: float,
                 tail: TailPolicy, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Training form of `token_losses`: (alpha_ce * CE_sum + alpha_kd * KD_sum with gradient, [CE, KD, top-1]
-    sums without). Same shapes and values as `token_losses`; see `_FusedCEKD` for the gradient."""
+    sums without). Same shapes and values as `token_losses`; see `_FusedCEKD` for the gradient.
+
+    topk_ids=None means a dense teacher: topk_logprobs then holds the teacher's full logits [N, V] (online KD),
+    and KD is the exact full-vocabulary KL."""
     return _FusedCEKD.apply(student_logits, targets, topk_ids, topk_logprobs, mask, float(alpha_ce), float(alpha_kd),
                             float(temperature), tail, int(chunk))
 

@@ -57,10 +57,32 @@ def load_causal_lm(name_or_path: str, revision: str | None, dtype: str, attn_imp
     return model
 
 
+def sample_targets(logits: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `n` tokens with replacement from softmax(logits) at T = 1, per position; logits [T, V] (fp32 inside).
+
+    Returns (ids [T, n] int64, counts [T, n] int64): the distinct drawn ids, most frequent first (ties by id),
+    padded with count 0 (and id 0). counts.sum(-1) == n; counts / n is the empirical distribution, an unbiased
+    estimate of the teacher's (Anshumann et al. 2025, "Sparse Logit Sampling").
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    drawn = torch.multinomial(probs, n, replacement=True, generator=generator).sort(dim=-1).values
+    new = torch.ones_like(drawn, dtype=torch.bool)
+    new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    group = new.long().cumsum(-1) - 1  # index of each draw's distinct id within its row
+    counts = torch.zeros_like(drawn).scatter_add_(1, group, torch.ones_like(drawn))
+    ids = torch.zeros_like(drawn).scatter_(1, group, drawn)
+    # most frequent first (stable sort keeps ascending ids among ties), so ids[:, 0] is the teacher's likeliest draw
+    order = counts.sort(dim=-1, descending=True, stable=True).indices
+    return ids.gather(1, order), counts.gather(1, order)
+
+
 @torch.inference_mode()
 def teacher_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int,
-                    hidden_layers: list[int], position_chunk: int = 1024):
-    """One teacher forward -> (topk_logprobs [B,T,k] fp32, topk_ids [B,T,k] int64, hidden [B,L,T,H] model dtype).
+                    hidden_layers: list[int], position_chunk: int = 1024, sample_n: int = 0,
+                    sample_generators: list[torch.Generator] | None = None):
+    """One teacher forward -> (topk_logprobs [B,T,k] fp32, topk_ids [B,T,k] int64, hidden [B,L,T,H] model dtype,
+    samples): samples is None, or (ids [B,T,n], counts [B,T,n]) from `sample_targets` with one generator per
+    sequence, so what is drawn for a sequence never depends on the batch it was computed in.
 
     topk_logprobs are log-probabilities under the FULL softmax at temperature 1, computed in fp32:
     log p_i = z_i - logsumexp(z). Taking top-k of the raw logits and subtracting one logsumexp gives the same
@@ -81,4 +103,8 @@ def teacher_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     hidden = None
     if hidden_layers:
         hidden = torch.stack([out.hidden_states[i] for i in hidden_layers], dim=1)
-    return values.view(B, T, top_k), ids.view(B, T, top_k), hidden
+    samples = None
+    if sample_n:
+        drawn = [sample_targets(logits[b], sample_n, sample_generators[b]) for b in range(B)]
+        samples = (torch.stack([d[0] for d in drawn]), torch.stack([d[1] for d in drawn]))
+    return values.view(B, T, top_k), ids.view(B, T, top_k), hidden, samples

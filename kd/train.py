@@ -82,23 +82,40 @@ def batch_counts(batch: dict, loss_cfg: LossConfig) -> torch.Tensor:
     return torch.tensor([float(n_tok), float(n_con)], dtype=torch.float64)
 
 
-def micro_batch_sums(model, batch: dict, loss_cfg: LossConfig, teacher_slots: list[int]) -> dict[str, torch.Tensor]:
+def kd_targets(batch: dict, loss_cfg: LossConfig, teacher, attention: torch.Tensor):
+    """(ids [B, T, k] or None, values [B, T, k or V], tail policy) of the configured KD target (see LossConfig.target).
+
+    sampled: counts / n as log-probabilities, -inf for padding (probability 0, inert in the loss).
+    online: ids None and the teacher's full logits, computed here without gradient.
+    """
+    if loss_cfg.target == "topk":
+        return batch["topk_ids"], batch["topk_logprobs"], loss_cfg.tail
+    if loss_cfg.target == "sampled":
+        counts = batch["sample_counts"].float()
+        return batch["sample_ids"], torch.log(counts / counts.sum(-1, keepdim=True)), "renormalize"
+    with torch.inference_mode():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=attention).logits
+    return None, logits.clone(), loss_cfg.tail  # clone: an inference tensor cannot be saved for backward
+
+
+def micro_batch_sums(model, batch: dict, loss_cfg: LossConfig, teacher_slots: list[int],
+                     teacher=None) -> dict[str, torch.Tensor]:
     """Loss sums of one micro-batch, fp32 scalars.
 
     "ce_kd" = alpha_ce * CE + alpha_kd * KD (carries the gradient; fused, see kd.losses.fused_ce_kd); "ce", "kd"
     and "agree" (top-1 agreement) are the same sums without gradient, for logging; "feature" and "contrastive"
     (with gradient) when their alphas are on. teacher_slots[j]: where layer pair j's teacher layer sits in the
-    batch's hidden_states [B, L, T, H].
+    batch's hidden_states [B, L, T, H]. teacher: the online teacher, for loss.target == "online".
     """
     attention, loss_mask, targets = positions(batch)
     with_features = loss_cfg.alpha_feature > 0 or loss_cfg.alpha_contrastive > 0
     logits, projected = model(batch["input_ids"], attention, with_features)
     B, T, V = logits.shape
-    k = batch["topk_ids"].shape[-1]
+    t_ids, t_values, tail = kd_targets(batch, loss_cfg, teacher, attention)
     ce_kd, (ce, kd, agree) = fused_ce_kd(
-        logits.reshape(B * T, V), targets.reshape(-1), batch["topk_ids"].reshape(B * T, k),
-        batch["topk_logprobs"].reshape(B * T, k), loss_mask.reshape(-1), loss_cfg.alpha_ce, loss_cfg.alpha_kd,
-        loss_cfg.temperature, loss_cfg.tail, loss_cfg.position_chunk)
+        logits.reshape(B * T, V), targets.reshape(-1), None if t_ids is None else t_ids.reshape(B * T, -1),
+        t_values.reshape(B * T, -1), loss_mask.reshape(-1), loss_cfg.alpha_ce, loss_cfg.alpha_kd,
+        loss_cfg.temperature, tail, loss_cfg.position_chunk)
     sums = {"ce_kd": ce_kd, "ce": ce, "kd": kd, "agree": agree}
     if with_features:
         flat_mask = loss_mask.reshape(-1)
@@ -134,7 +151,7 @@ class WindowResult:
 
 
 def accumulate_window(model, batches: list[dict], loss_cfg: LossConfig, accelerator,
-                      teacher_slots: list[int]) -> WindowResult:
+                      teacher_slots: list[int], teacher=None) -> WindowResult:
     """Forward + backward over the micro-batches of one optimizer step; gradients end up in `.grad`."""
     comps = active_components(loss_cfg)
     counts = accelerator.reduce(sum(batch_counts(b, loss_cfg) for b in batches).to(accelerator.device), "sum")
@@ -151,7 +168,7 @@ def accumulate_window(model, batches: list[dict], loss_cfg: LossConfig, accelera
         # gradients are all-reduced once per window, on its last micro-batch
         sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
         with sync:
-            sums = micro_batch_sums(model, batch, loss_cfg, teacher_slots)
+            sums = micro_batch_sums(model, batch, loss_cfg, teacher_slots, teacher)
             loss = sum(alpha * sc * sums[name] for name, alpha, sc in weighted_terms)
             # Always backward, even when non-finite: skipping it on one process would deadlock DDP's all-reduce.
             # A non-finite window is detected below and its step skipped on every process.

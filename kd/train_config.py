@@ -47,8 +47,14 @@ class LossConfig:
     alpha_kd: weight of KL(teacher || student) on the cached top-k teacher distribution (times T^2).
     alpha_feature: weight of the hidden-state loss at the mapped layers (needs hidden states in the cache).
     alpha_contrastive: weight of InfoNCE between projected student and teacher token states of a micro-batch.
+    target: what KD compares the student with. topk: the cached top-k log-probs, with `tail` policy. sampled: the
+        cached sampled targets (empirical distribution counts / n; needs a cache made with cache.sample_n > 0).
+        online: the cache's teacher runs in the training process on every batch and gives its full-vocabulary
+        distribution: the exact reference the cached targets are measured against (slow; the teacher is in memory).
+        Eval always reports eval/kd and top-1 agreement against the cached top-k, so runs stay comparable.
     temperature: KD temperature T.
-    tail: policy for the teacher mass outside the cached top-k: renormalize or bucket (see kd/losses.py).
+    tail: policy for the teacher mass outside the cached top-k when target is topk: renormalize or bucket
+        (see kd/losses.py).
     feature_layers: [student_layer, teacher_layer] pairs. Student layers index the student's hidden_states
         (0 = embeddings, num_hidden_layers = last); teacher layers must be among the cache's hidden_layers.
         Each pair gets its own learned linear projector student hidden -> teacher hidden.
@@ -63,6 +69,7 @@ class LossConfig:
     alpha_kd: float = 0.5
     alpha_feature: float = 0.0
     alpha_contrastive: float = 0.0
+    target: Literal["topk", "sampled", "online"] = "topk"
     temperature: float = 1.0
     tail: str = "bucket"
     feature_layers: list[list[int]] = field(default_factory=list)

@@ -91,7 +91,8 @@ def llama_teacher(tmp_path_factory, tokenizer_dir) -> Path:
 
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     cfg = LlamaConfig(vocab_size=vocab, **TINY)
-    return _save_model(LlamaForCausalLM, cfg, tokenizer_dir, tmp_path_factory.mktemp("llama_teacher"), 0)
+    # seeds differ from the students' (train.seed 0), so a same-shaped student never starts equal to its teacher
+    return _save_model(LlamaForCausalLM, cfg, tokenizer_dir, tmp_path_factory.mktemp("llama_teacher"), 100)
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +102,7 @@ def moe_teacher(tmp_path_factory, tokenizer_dir) -> Path:
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     cfg = Qwen3MoeConfig(vocab_size=vocab, head_dim=8, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                          **TINY)
-    return _save_model(Qwen3MoeForCausalLM, cfg, tokenizer_dir, tmp_path_factory.mktemp("moe_teacher"), 1)
+    return _save_model(Qwen3MoeForCausalLM, cfg, tokenizer_dir, tmp_path_factory.mktemp("moe_teacher"), 101)
 
 
 def cache_overrides(teacher: Path, corpus: Path, out: Path, **extra) -> list[str]:
@@ -111,7 +112,7 @@ def cache_overrides(teacher: Path, corpus: Path, out: Path, **extra) -> list[str
         "data.files": f"[{corpus}/*.txt]", "data.seq_len": 32, "data.eval_documents": 1,
         "data.separator_token": "<|endoftext|>",
         "cache.output_dir": str(out), "cache.top_k": 16, "cache.hidden_layers": "[0, 2]",
-        "cache.sequences_per_shard": 8, "data.max_train_sequences": 40,
+        "cache.sequences_per_shard": 8, "data.max_train_sequences": 40, "cache.sample_n": 8,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

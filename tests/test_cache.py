@@ -64,7 +64,29 @@ def test_stored_values_equal_recomputation(request, tmp_path, make_cache_config,
         stored_hidden = torch.from_numpy(c["hidden_states"].astype(np.float32))
         torch.testing.assert_close(stored_hidden.permute(0, 2, 1, 3)[valid], ref_hidden.permute(0, 2, 1, 3)[valid],
                                    atol=2e-3, rtol=2e-3)
+        # sampled targets: counts sum to n, every drawn id is a real teacher token, most frequent first
+        counts = c["sample_counts"].astype(np.int64)
+        assert (counts.sum(-1) == 8).all() and (np.diff(counts, axis=-1) <= 0).all()
+        drawn_logp = torch.gather(logp, -1, torch.from_numpy(c["sample_ids"].astype(np.int64)))
+        assert torch.isfinite(drawn_logp).all()
     assert verify(out, log=lambda *_: None) == []
+
+
+def test_sampled_targets_are_unbiased():
+    """The empirical distribution of many draws converges to the teacher's (fixed seed, small vocabulary)."""
+    from kd.teacher import sample_targets
+
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(0)) * 2
+    ids, counts = sample_targets(logits, 20000, torch.Generator().manual_seed(1))
+    assert (counts.sum(-1) == 20000).all()
+    empirical = torch.zeros(3, 20).scatter_add_(1, ids, counts.float()) / 20000
+    assert (empirical - torch.softmax(logits, -1)).abs().max() < 0.015
+    # few draws: distinct ids first (most frequent first), padding has count 0
+    ids, counts = sample_targets(logits, 5, torch.Generator().manual_seed(2))
+    assert (counts.sum(-1) == 5).all() and (counts[:, :-1] >= counts[:, 1:]).all()
+    for row_ids, row_counts in zip(ids, counts):
+        real = row_ids[row_counts > 0]
+        assert len(set(real.tolist())) == len(real)
 
 
 def test_manifest_describes_the_cache(tmp_path, make_cache_config, llama_teacher):
@@ -87,7 +109,7 @@ def test_manifest_describes_the_cache(tmp_path, make_cache_config, llama_teacher
                 assert meta["format_version"] == m["format_version"] and meta["top_k"] == 16
                 assert meta["num_tokens"] == shard["num_tokens"]
                 assert f["topk_logprobs"].chunks == (1, 32, 16)  # one chunk per sequence
-    assert m["config"]["cache"]["top_k"] == 16
+    assert m["config"]["cache"]["top_k"] == 16 and m["sample_n"] == 8
     # the last window of a split is kept, short, and counted by its valid length
     content = read_all(out)
     assert content["eval"]["lengths"][-1] <= 32 and content["eval"]["lengths"][:-1].min() == 32

@@ -183,3 +183,44 @@ def test_fused_loss_keeps_nan_visible():
     total, sums = fused_ce_kd(s, torch.zeros(4, dtype=torch.long), ids, lp, torch.ones(4, dtype=torch.bool),
                               0.5, 0.5, 1.0, "bucket", 2)
     assert torch.isnan(total) and torch.isnan(sums[1]) and torch.isfinite(sums[0])
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_fused_dense_teacher_equals_kl_div(T):
+    from kd.losses import fused_ce_kd
+
+    g = torch.Generator().manual_seed(6)
+    N, V = 21, 40
+    t = torch.randn(N, V, generator=g) * 2
+    targets = torch.randint(0, V, (N,), generator=g)
+    mask = torch.rand(N, generator=g) > 0.25
+    s1 = (torch.randn(N, V, generator=g) * 2).requires_grad_()
+    s2 = s1.detach().clone().requires_grad_()
+    kl = F.kl_div(torch.log_softmax(s1[mask] / T, -1), torch.log_softmax(t[mask] / T, -1), log_target=True,
+                  reduction="sum") * T * T
+    ce = F.cross_entropy(s1[mask], targets[mask], reduction="sum")
+    (0.4 * ce + 0.6 * kl).backward()
+    total, sums = fused_ce_kd(s2, targets, None, t, mask, 0.4, 0.6, T, "bucket", chunk=8)
+    total.backward()
+    torch.testing.assert_close(sums[:2], torch.stack([ce, kl]).detach(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(s2.grad, s1.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_sampled_targets_as_renormalized_counts():
+    """Sampled targets enter as log(count / n) with -inf padding: KD = KL(empirical || student), padding inert."""
+    from kd.losses import fused_ce_kd
+
+    g = torch.Generator().manual_seed(7)
+    s1 = torch.randn(3, 10, generator=g).requires_grad_()
+    s2 = s1.detach().clone().requires_grad_()
+    ids = torch.tensor([[4, 1, 0, 0], [2, 0, 0, 0], [7, 3, 5, 0]])
+    counts = torch.tensor([[3, 2, 0, 0], [5, 0, 0, 0], [2, 2, 1, 0]])
+    lp = torch.log(counts / 5)
+    q = torch.zeros(3, 10).scatter_add_(1, ids, counts / 5)
+    ref = (torch.where(q > 0, q * (q.log() - torch.log_softmax(s1, -1)), torch.zeros_like(q))).sum()
+    ref.backward()
+    total, sums = fused_ce_kd(s2, torch.zeros(3, dtype=torch.long), ids, lp, torch.ones(3, dtype=torch.bool),
+                              0.0, 1.0, 1.0, "renormalize", chunk=2)
+    total.backward()
+    torch.testing.assert_close(sums[1], ref.detach())
+    torch.testing.assert_close(s2.grad, s1.grad)

@@ -401,3 +401,51 @@ def test_sweep_runs_the_grid_and_prints_a_table(tiny_cache, tmp_path):
     table = result.stdout[result.stdout.index("eval/ce"):]
     assert "r-0" in table and "r-1" in table and "train.lr=1e-3" in table and "train.lr=3e-3" in table
     assert (tmp_path / "r-0" / "final").exists() and (tmp_path / "r-1" / "final").exists()
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_cache, tmp_path):
+    a = train_student.main(make_cfg(tiny_cache, tmp_path / "a", **{"train.max_steps": 3}))
+    b = train_student.main(make_cfg(tiny_cache, tmp_path / "b", **{"train.max_steps": 3,
+                                                                   "student.gradient_checkpointing": "true"}))
+    for ra, rb in zip(steps_of(a), steps_of(b)):
+        for key in ("loss", "ce", "kd", "feature", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
+
+
+# ---- KD targets: cached top-k, cached samples, the online teacher ----
+
+@pytest.mark.parametrize("target", ["sampled", "online"])
+def test_other_kd_targets_train(tiny_cache, tmp_path, target):
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"loss.target": target, "train.max_steps": 6,
+                                                               "loss.alpha_feature": 0}))
+    steps, evals = steps_of(run), evals_of(run)
+    assert all(math.isfinite(r["kd"]) and r["kd"] >= 0 for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"] and evals[-1]["eval/ce"] < evals[0]["eval/ce"]
+
+
+def test_online_kd_equals_topk_kd_when_k_is_the_vocabulary(tmp_path, corpus_dir, llama_teacher):
+    """With top_k = V cached, cached KD (renormalize: exact at k = V) and online KD are the same loss. (The bucket
+    policy differs here by a rounding-level tail of ~1e-7 probability, against a student tail clamped at 1e-30.)"""
+    from conftest import cache_overrides
+    from kd.cache_config import CacheConfig
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(llama_teacher).vocab_size
+    cache = cache_teacher.main(load_config(CacheConfig, None, cache_overrides(
+        llama_teacher, corpus_dir, tmp_path / "c", **{"cache.top_k": vocab, "cache.value_dtype": "fp32"})))
+    runs = {t: train_student.main(make_cfg(cache, tmp_path / t, **{"loss.target": t, "train.max_steps": 3,
+                                                                  "loss.alpha_feature": 0, "loss.tail": "renormalize"}))
+            for t in ("topk", "online")}
+    for a, b in zip(steps_of(runs["topk"]), steps_of(runs["online"])):
+        for key in ("loss", "ce", "kd", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+
+
+def test_sampled_target_needs_sampled_cache(tiny_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    m = json.loads((cache / MANIFEST).read_text())
+    m["sample_n"] = 0
+    (cache / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(KDError, match="holds no sampled targets; re-cache with cache.sample_n"):
+        train_student.main(make_cfg(cache, tmp_path, **{"loss.target": "sampled"}))
