@@ -1,7 +1,13 @@
-"""Does distillation help? Held-out CE of students trained with the project's own trainer at equal optimizer
-steps and data: CE only vs KD against the cache (with and without the feature loss).
+"""Does distillation help, and how much of the full teacher does each cached target keep? Held-out CE of students
+trained with the project's own trainer at equal optimizer steps and data.
 
-    python bench/bench_quality.py [--steps 80] [--cache caches/shakespeare_smollm2]
+    python bench/bench_quality.py [--steps 80] [--cache caches/shakespeare_smollm2]              # suite "kd"
+    python bench/bench_quality.py --suite targets --cache caches/shakespeare_smollm2_s50        # needs sample_n > 0
+
+Suite kd: CE only vs KD against the cache, with and without the feature loss. Suite targets: CE only vs KD
+(alpha 0.5 KD + 0.5 CE, no feature loss) against each target: cached top-256 with either tail policy, cached
+sampled targets, and the full vocabulary with the teacher online; the last column is the share of the full-KD
+gain over CE only that each target recovers.
 
 Student: the demo's random-init 6-layer 256-wide Llama with the SmolLM tokenizer (configs/train_shakespeare.yaml);
 the cache must exist (scripts/demo.sh or cache_teacher.py). Each variant is one train_student.py process.
@@ -20,10 +26,20 @@ sys.path.insert(0, str(ROOT))
 
 from kd.train import read_metrics  # noqa: E402
 
-VARIANTS = {
-    "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0", "loss.alpha_feature=0.0"],
-    "KD + CE (top-256, tail bucket)": ["loss.alpha_ce=0.5", "loss.alpha_kd=0.5", "loss.alpha_feature=0.0"],
-    "KD + CE + feature (2 layers)": ["loss.alpha_ce=0.5", "loss.alpha_kd=0.5", "loss.alpha_feature=0.1"],
+KD = ["loss.alpha_ce=0.5", "loss.alpha_kd=0.5", "loss.alpha_feature=0.0"]
+SUITES = {
+    "kd": {
+        "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0", "loss.alpha_feature=0.0"],
+        "KD + CE (top-256, tail bucket)": KD,
+        "KD + CE + feature (2 layers)": ["loss.alpha_ce=0.5", "loss.alpha_kd=0.5", "loss.alpha_feature=0.1"],
+    },
+    "targets": {
+        "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0", "loss.alpha_feature=0.0"],
+        "top-256 + tail bucket": KD + ["loss.target=topk", "loss.tail=bucket"],
+        "top-256 renormalized": KD + ["loss.target=topk", "loss.tail=renormalize"],
+        "sampled (n=50)": KD + ["loss.target=sampled"],
+        "full vocabulary, teacher online": KD + ["loss.target=online"],
+    },
 }
 
 
@@ -31,21 +47,32 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--cache", default="caches/shakespeare_smollm2")
+    ap.add_argument("--suite", choices=sorted(SUITES), default="kd")
+    ap.add_argument("--only", help="comma-separated variant numbers (0-based) to run, e.g. 2,3,4")
     args = ap.parse_args()
+    variants = list(SUITES[args.suite].items())
+    picked = [int(i) for i in args.only.split(",")] if args.only else range(len(variants))
     out = Path(tempfile.mkdtemp(prefix="kd-bench-quality-"))
     rows = []
-    for i, (name, overrides) in enumerate(VARIANTS.items()):
+    for i, (name, overrides) in [(i, variants[i]) for i in picked]:
         subprocess.run([sys.executable, str(ROOT / "train_student.py"), "--config",
                         str(ROOT / "configs/train_shakespeare.yaml"), *overrides, f"train.cache_dir={args.cache}",
                         f"train.output_dir={out}", f"train.run_name=v{i}", f"train.max_steps={args.steps}",
                         "train.checkpoint_every=0"], check=True, capture_output=True)
         final = [r for r in read_metrics(out / f"v{i}") if "eval/ce" in r][-1]
         rows.append((name, final))
+    if args.only:  # a partial table: print the raw numbers only
+        for name, r in rows:
+            print(f"{name:34}{r['eval/ce']:>13.3f}{r['eval/ppl']:>9.1f}{r['eval/top1_agreement']:>13.3f}")
+        return
     base = rows[0][1]["eval/ce"]
-    print(f"\n{'target':34}{'held-out CE':>13}{'ppl':>9}{'top-1 agree':>13}{'vs CE only':>12}")
+    full = rows[-1][1]["eval/ce"] if args.suite == "targets" else None
+    print(f"\n{'target':34}{'held-out CE':>13}{'ppl':>9}{'top-1 agree':>13}{'vs CE only':>12}"
+          + (f"{'share of full-KD gain':>24}" if full is not None else ""))
     for name, r in rows:
+        share = f"{100 * (base - r['eval/ce']) / (base - full):>23.0f}%" if full is not None else ""
         print(f"{name:34}{r['eval/ce']:>13.3f}{r['eval/ppl']:>9.1f}{r['eval/top1_agreement']:>13.3f}"
-              f"{r['eval/ce'] - base:>+12.3f}")
+              f"{r['eval/ce'] - base:>+12.3f}{share}")
     print(f"({args.steps} optimizer steps of 4 x 2 x 256 tokens each, same data order; run dirs under {out})")
 
 
