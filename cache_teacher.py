@@ -101,9 +101,6 @@ def main(cfg: CacheConfig) -> Path:
     check_teacher_fits(cfg, model_cfg)
     tokenizer = load_tokenizer(cfg.teacher.model, cfg.teacher.revision)
     prepare_output_dir(out, cfg_dict, cfg.cache.overwrite, accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(out / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg_dict})
 
     # 2. Documents -> document-level train/eval split -> packed windows. Every rank does this identically.
     sep = cfg.data.separator_token or tokenizer.eos_token
@@ -123,6 +120,12 @@ def main(cfg: CacheConfig) -> Path:
         if packed[split].input_ids.max() >= model_cfg.vocab_size:
             raise KDError(f"the tokenizer produced ids >= the teacher's vocab_size ({model_cfg.vocab_size}): "
                           "tokenizer and model do not belong together")
+
+    # Only now, with every input checked, does the directory become this config's cache: a run refused above
+    # leaves nothing that would block the corrected re-run.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(out / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg_dict})
 
     # 3. Metadata every shard and the manifest carry.
     ids_dt = id_dtype(model_cfg.vocab_size)

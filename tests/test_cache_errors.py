@@ -36,7 +36,9 @@ def test_bad_input_is_refused_before_work(tmp_path, make_cache_config, llama_tea
     with pytest.raises(KDError, match=None) as e:
         cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c", **override))
     assert message in str(e.value)
-    assert not list((tmp_path / "c").glob("*.h5")) if (tmp_path / "c").exists() else True
+    assert not list((tmp_path / "c").glob("*")) if (tmp_path / "c").exists() else True
+    # nothing left behind blocks the corrected run
+    cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
 
 
 def test_cli_error_is_one_line_and_exit_2(tmp_path, corpus_dir, llama_teacher):
