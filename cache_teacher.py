@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from kd import __version__, data
-from kd.cache import (CONFIG_FILE, FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, complete_shard_info, id_dtype,
+from kd.cache import (CONFIG_FILE, FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, complete_shard_info,
                       shard_name, sidecar_path, write_json_atomic)
+from kd.codecs import codec_specs
 from kd.cache_config import NON_CONTENT_KEYS, CacheConfig
 from kd.config import diff_keys, flatten, parse_cli, to_dict
 from kd.errors import KDError, run_cli
@@ -80,6 +81,11 @@ def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool, is_main: bool
         p.unlink()
 
 
+def to_numpy(t: torch.Tensor, spec: dict) -> np.ndarray:
+    dtype = torch.float32 if spec["name"] != "plain" or spec["dtype"] == "float32" else torch.float16
+    return t.to(dtype).cpu().numpy()
+
+
 def sequence_generator(seed: int, split: str, index: int, device) -> torch.Generator:
     """The random stream of one sequence's sampled targets: a function of (seed, split, index) only."""
     digest = hashlib.sha256(f"{seed}/{split}/{index}".encode()).digest()
@@ -113,8 +119,13 @@ def main(cfg: CacheConfig) -> Path:
                                                  cfg.data.split_seed)
     packed = {}
     for split, docs, cap in (("train", train_docs, cfg.data.max_train_sequences), ("eval", eval_docs, cfg.data.max_eval_sequences)):
-        tokens = data.tokenize(tokenizer, [texts[i] for i in docs])
-        packed[split] = data.pack(tokens, docs, cfg.data.seq_len, sep_id, sep_id, cap)
+        docs_text = [texts[i] for i in docs]
+        if cfg.cache.store_text:
+            tokens, offsets = data.tokenize_with_offsets(tokenizer, docs_text)
+            packed[split] = data.pack(tokens, docs, cfg.data.seq_len, sep_id, sep_id, cap, offsets, docs_text, sep)
+        else:
+            tokens = data.tokenize(tokenizer, docs_text)
+            packed[split] = data.pack(tokens, docs, cfg.data.seq_len, sep_id, sep_id, cap)
         if len(packed[split].lengths) == 0:
             raise KDError(f"the {split} split packs into no windows of {cfg.data.seq_len} tokens; add text or lower data.seq_len")
         if packed[split].input_ids.max() >= model_cfg.vocab_size:
@@ -128,8 +139,8 @@ def main(cfg: CacheConfig) -> Path:
         write_json_atomic(out / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg_dict})
 
     # 3. Metadata every shard and the manifest carry.
-    ids_dt = id_dtype(model_cfg.vocab_size)
-    value_dt = np.dtype(np.float16 if cfg.cache.value_dtype == "fp16" else np.float32)
+    field_codecs = codec_specs(model_cfg.vocab_size, cfg.cache.id_codec, cfg.cache.logprob_codec,
+                               cfg.cache.hidden_codec, cfg.cache.sample_n)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kd_version": __version__, "config_hash": config_hash,
         "teacher": {"name_or_path": cfg.teacher.model, "revision": cfg.teacher.revision,
@@ -137,10 +148,10 @@ def main(cfg: CacheConfig) -> Path:
                     "vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.hidden_size,
                     "num_hidden_layers": model_cfg.num_hidden_layers, "dtype": cfg.teacher.dtype},
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "class": type(tokenizer).__name__,
-                      "size": len(tokenizer), "separator_id": sep_id},
+                      "size": len(tokenizer), "separator_id": sep_id, "separator": sep},
         "top_k": cfg.cache.top_k, "hidden_layers": cfg.cache.hidden_layers, "seq_len": cfg.data.seq_len,
-        "value_dtype": cfg.cache.value_dtype, "id_dtype": ids_dt.name, "position_targets": "next token (t+1)",
-        "sample_n": cfg.cache.sample_n,
+        "codecs": field_codecs, "position_targets": "next token (t+1)",
+        "sample_n": cfg.cache.sample_n, "store_text": cfg.cache.store_text,
         "dataset": {"files": cfg.data.files, "dataset": cfg.data.dataset, "dataset_config": cfg.data.dataset_config,
                     "dataset_split": cfg.data.dataset_split, "text_field": cfg.data.text_field,
                     "num_documents": len(texts),
@@ -171,7 +182,7 @@ def main(cfg: CacheConfig) -> Path:
             p = packed[split]
             writer = ShardWriter(out / shard_name(split, j), dict(meta, split=split, shard_index=j, first_sequence=a),
                                  b - a, cfg.data.seq_len, cfg.cache.top_k, len(cfg.cache.hidden_layers),
-                                 model_cfg.hidden_size, ids_dt, value_dt, cfg.cache.sample_n)
+                                 model_cfg.hidden_size, field_codecs, cfg.cache.sample_n, cfg.cache.store_text)
             for s in range(a, b, cfg.teacher.batch_size):
                 e = min(s + cfg.teacher.batch_size, b)
                 ids = torch.from_numpy(p.input_ids[s:e]).to(accelerator.device)
@@ -180,11 +191,12 @@ def main(cfg: CacheConfig) -> Path:
                 gens = [sequence_generator(cfg.cache.sample_seed, split, i, accelerator.device) for i in range(s, e)]
                 lp, top_ids, hidden, samples = teacher_targets(model, ids, mask, cfg.cache.top_k, cfg.cache.hidden_layers,
                                                                sample_n=cfg.cache.sample_n, sample_generators=gens)
-                torch_value_dt = torch.float16 if value_dt == np.float16 else torch.float32
+                # values leave the device in fp32 (q8 quantises from fp32) or in their plain storage dtype
                 writer.append(p.input_ids[s:e], p.lengths[s:e], np.arange(s, e), top_ids.cpu().numpy(),
-                              lp.to(torch_value_dt).cpu().numpy(),
-                              None if hidden is None else hidden.to(torch_value_dt).cpu().numpy(),
-                              None if samples is None else (samples[0].cpu().numpy(), samples[1].cpu().numpy()))
+                              to_numpy(lp, field_codecs["topk_logprobs"]),
+                              None if hidden is None else to_numpy(hidden, field_codecs["hidden_states"]),
+                              None if samples is None else (samples[0].cpu().numpy(), samples[1].cpu().numpy()),
+                              (p.texts[s:e], p.spans[s:e]) if cfg.cache.store_text else None)
                 n_tok = int(lengths.sum())
                 tokens_done += n_tok
                 bar.update(n_tok)

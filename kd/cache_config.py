@@ -83,10 +83,16 @@ class CacheSection:
     output_dir: the cache directory (created if missing).
     top_k: teacher tokens kept per position, with their log-probs under the full softmax.
     hidden_layers: indices into the teacher's `output_hidden_states` tuple to store (0 = embeddings, num_hidden_layers = last).
-    value_dtype: storage dtype of log-probs and hidden states.
+    id_codec: how token ids are stored: `bitpack` (ceil(log2 V) bits each; sampled targets stored ragged, without
+        padding) or `plain` (uint16/int32). Exact either way.
+    logprob_codec: top-k log-probs as `q8` (8 bits + a per-position anchor and step; the top-1 value is exact, the
+        rest within half a step; KD-loss error measured in bench/bench_targets.py), `fp16` or `fp32`.
+    hidden_codec: hidden states as `fp16`, `fp32` or `q8` (8 bits + a per-token anchor and step).
     sample_n: also store sampled targets: per position, this many draws with replacement from the teacher's full
         distribution at T = 1, kept as distinct ids + counts (0 = off; at most 255).
     sample_seed: seed of those draws; each sequence has its own stream, so contents never depend on batching.
+    store_text: keep each window's text and every teacher token's character span, so students with OTHER tokenizers
+        can be aligned to this cache later (cross-tokenizer KD); about 12 bytes per token. Needs a fast tokenizer.
     sequences_per_shard: sequences per HDF5 shard, the unit of work, resume and checksums.
     overwrite: replace a cache in output_dir that was made with a different config (otherwise that is refused).
     """
@@ -94,9 +100,12 @@ class CacheSection:
     output_dir: str = "caches/default"
     top_k: int = 256
     hidden_layers: list[int] = field(default_factory=list)
-    value_dtype: Literal["fp16", "fp32"] = "fp16"
+    id_codec: Literal["bitpack", "plain"] = "bitpack"
+    logprob_codec: Literal["q8", "fp16", "fp32"] = "q8"
+    hidden_codec: Literal["fp16", "fp32", "q8"] = "fp16"
     sample_n: int = 0
     sample_seed: int = 0
+    store_text: bool = True
     sequences_per_shard: int = 256
     overwrite: bool = False
 

@@ -32,6 +32,11 @@ class PackedSplit:
     input_ids: np.ndarray
     lengths: np.ndarray
     documents: list[int]  # indices of the source documents in this split
+    # With text: each window's text and every token's [start, end) character span in it (separators span the
+    # separator token's own string; padding spans the empty string at the end), so any other tokenizer can
+    # re-tokenize the window and be aligned to these tokens later (cross-tokenizer KD, kd/align.py).
+    texts: list[str] | None = None
+    spans: np.ndarray | None = None  # [N, seq_len, 2] int32
 
     @property
     def num_tokens(self) -> int:
@@ -109,8 +114,10 @@ def split_documents(n_docs: int, eval_documents: int, eval_fraction: float, seed
 
 
 def pack(token_lists: list[list[int]], documents: list[int], seq_len: int, sep_id: int, pad_id: int,
-         max_sequences: int | None = None) -> PackedSplit:
-    """Join documents with `sep_id` and cut into [N, seq_len] windows (last partial window padded with pad_id)."""
+         max_sequences: int | None = None, offsets: list[np.ndarray] | None = None, doc_texts: list[str] | None = None,
+         sep_text: str = "") -> PackedSplit:
+    """Join documents with `sep_id` and cut into [N, seq_len] windows (last partial window padded with pad_id).
+    With `offsets` (per document, [n_tokens, 2] character offsets) and `doc_texts`, also each window's text and spans."""
     stream = np.fromiter((t for toks in token_lists for t in (*toks, sep_id)), dtype=np.int64)
     n_full, rest = divmod(len(stream), seq_len)
     n = n_full + (1 if rest >= MIN_WINDOW_TOKENS else 0)
@@ -122,7 +129,55 @@ def pack(token_lists: list[list[int]], documents: list[int], seq_len: int, sep_i
         chunk = stream[i * seq_len:(i + 1) * seq_len]
         ids[i, : len(chunk)] = chunk
         lengths[i] = len(chunk)
-    return PackedSplit(ids, lengths, documents)
+    if offsets is None:
+        return PackedSplit(ids, lengths, documents)
+    # the same stream with, per token, its document (-1 = separator) and character offsets in that document
+    doc_of = np.fromiter((d for j, toks in enumerate(token_lists) for d in (*([j] * len(toks)), -1)), dtype=np.int64)
+    offs = np.concatenate([np.concatenate([np.asarray(o, dtype=np.int64).reshape(-1, 2), [[0, 0]]]) for o in offsets])
+    texts, spans = [], np.zeros((n, seq_len, 2), dtype=np.int32)
+    for i in range(n):
+        a, b = i * seq_len, i * seq_len + int(lengths[i])
+        text, spans[i, : b - a] = window_text(doc_of[a:b], offs[a:b], doc_texts, sep_text)
+        spans[i, b - a:] = len(text)
+        texts.append(text)
+    return PackedSplit(ids, lengths, documents, texts, spans)
+
+
+def window_text(doc_of: np.ndarray, offs: np.ndarray, doc_texts: list[str], sep_text: str) -> tuple[str, np.ndarray]:
+    """The text of one window (runs of tokens from one document, their source text; separators as `sep_text`)
+    and each token's [start, end) span in it. A window may start mid-document: its text starts at the first token."""
+    pieces, spans, pos = [], np.zeros((len(doc_of), 2), dtype=np.int64), 0
+    j = 0
+    while j < len(doc_of):
+        if doc_of[j] < 0:
+            spans[j] = (pos, pos + len(sep_text))
+            pieces.append(sep_text)
+            pos += len(sep_text)
+            j += 1
+            continue
+        e = j
+        while e < len(doc_of) and doc_of[e] == doc_of[j]:
+            e += 1
+        seg_start, seg_end = int(offs[j, 0]), int(offs[j:e, 1].max())
+        spans[j:e] = offs[j:e] - seg_start + pos
+        pieces.append(doc_texts[int(doc_of[j])][seg_start:seg_end])
+        pos += seg_end - seg_start
+        j = e
+    return "".join(pieces), spans
+
+
+def tokenize_with_offsets(tokenizer, texts: list[str], batch: int = 256) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Token ids and [n, 2] character offsets per text; refuses a tokenizer without offsets (a slow tokenizer)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise KDError(f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast tokenizer): "
+                      "character spans need a `tokenizers`-backed (fast) tokenizer; use one, or set cache.store_text=false")
+    ids: list[list[int]] = []
+    offsets: list[np.ndarray] = []
+    for i in range(0, len(texts), batch):
+        enc = tokenizer(texts[i:i + batch], add_special_tokens=False, return_offsets_mapping=True)
+        ids.extend(enc["input_ids"])
+        offsets.extend(np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in enc["offset_mapping"])
+    return ids, offsets
 
 
 def tokenize(tokenizer, texts: list[str], batch: int = 256) -> list[list[int]]:

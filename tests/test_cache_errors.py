@@ -45,8 +45,8 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path, corpus_dir, llama_teacher):
     result = run_cli(*cache_overrides(llama_teacher, corpus_dir, tmp_path / "c"), "cache.topk=3")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown config key(s) cache.topk in section 'cache'; allowed: hidden_layers, output_dir, overwrite, "
-        "sample_n, sample_seed, sequences_per_shard, top_k, value_dtype"]
+        "error: unknown config key(s) cache.topk in section 'cache'; allowed: hidden_codec, hidden_layers, id_codec, "
+        "logprob_codec, output_dir, overwrite, sample_n, sample_seed, sequences_per_shard, store_text, top_k"]
     assert not (tmp_path / "c").exists()
 
 
@@ -73,7 +73,7 @@ def test_full_disk_keeps_complete_shards(tmp_path, make_cache_config, llama_teac
 
     def no_space_after_a_while(self, key, value):
         calls["n"] += 1
-        if calls["n"] > 32:  # 8 datasets per batch: the 5th batch fails, inside the 2nd shard
+        if calls["n"] > 44:  # 11 dataset writes per batch: the 5th batch fails, inside the 2nd shard
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_setitem(self, key, value)
 

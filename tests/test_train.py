@@ -223,7 +223,8 @@ def poisoned_cache(src: Path, dst: Path, sequences: list[int] | None) -> Path:
         with h5py.File(dst / shard["file"], "r+") as f:
             for r, seq in enumerate(f["sequence_index"][:]):
                 if sequences is None or int(seq) in sequences:
-                    f["topk_logprobs"][r] = float("nan")
+                    # q8 (the default codec): a NaN anchor and step decode to NaN log-probs
+                    f["topk_logprobs_q8" if "topk_logprobs_q8" in f else "topk_logprobs"][r] = float("nan")
     return dst
 
 
@@ -432,7 +433,7 @@ def test_online_kd_equals_topk_kd_when_k_is_the_vocabulary(tmp_path, corpus_dir,
 
     vocab = AutoConfig.from_pretrained(llama_teacher).vocab_size
     cache = cache_teacher.main(load_config(CacheConfig, None, cache_overrides(
-        llama_teacher, corpus_dir, tmp_path / "c", **{"cache.top_k": vocab, "cache.value_dtype": "fp32"})))
+        llama_teacher, corpus_dir, tmp_path / "c", **{"cache.top_k": vocab, "cache.logprob_codec": "fp32"})))
     runs = {t: train_student.main(make_cfg(cache, tmp_path / t, **{"loss.target": t, "train.max_steps": 3,
                                                                   "loss.alpha_feature": 0, "loss.tail": "renormalize"}))
             for t in ("topk", "online")}

@@ -1,0 +1,157 @@
+"""Compact encodings of the cache's fields (format version 2). Every codec is a pure numpy function pair, exact or
+with a stated error bound, and decodes a whole sequence in a few vectorised operations (no Python loop per token).
+
+    bitpack        integer ids at ceil(log2 V) bits each (16 for the 49,152 SmolLM vocabulary, 18 for Qwen's
+                   151,936), little-endian bit order, one byte string per sequence. Exact.
+    q8             8-bit log-probs/hidden states with one (anchor, step) fp32 pair per vector (per position for
+                   log-probs, per token and layer for hidden states): x ~ anchor - q * step, q in 0..255, anchor
+                   = the vector's maximum, step = (max - min) / 255. The maximum (a position's top-1 log-prob) is
+                   exact; every other value is within step / 2. KD-loss error is measured by bench/bench_targets.py.
+    ragged         sampled targets without padding: per position the number m of distinct ids and the number r
+                   of them drawn more than once (both at count_bits), then all ids at id_bits, then only the
+                   counts of those r ids (a once-drawn id has count 1 implicitly; ids are stored most frequent
+                   first, so the repeated ones come first). One variable-length byte string per sequence.
+Plain codecs ("plain" with a numpy dtype) store the array as is; format version 1 caches are read as all-plain.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+Q8_LEVELS = 255
+
+
+def bits_for(num_values: int) -> int:
+    """Bits that hold every integer in [0, num_values)."""
+    return max(1, math.ceil(math.log2(num_values))) if num_values > 1 else 1
+
+
+# ---- bit packing --------------------------------------------------------------------------------------------
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Non-negative integers (< 2**bits, bits <= 32) -> uint8 bytes, `bits` per value, little-endian bit order."""
+    v = np.ascontiguousarray(values, dtype=np.int64).ravel()
+    if bits > 32 or bits < 1:
+        raise ValueError(f"bits must be in 1..32, got {bits}")
+    if v.size and (v.min() < 0 or v.max() >= (1 << bits)):
+        raise ValueError(f"values outside [0, 2**{bits}) cannot be packed at {bits} bits")
+    as_bytes = v.astype("<u4").view(np.uint8).reshape(-1, 4)  # each value as 4 little-endian bytes
+    bit_matrix = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits]  # [n, bits], low bit first
+    return np.packbits(bit_matrix.ravel(), bitorder="little")
+
+
+def unpack_bits(buf: np.ndarray, bits: int, count: int, bit_offset: int = 0) -> np.ndarray:
+    """Inverse of `pack_bits`: `count` values of `bits` bits starting `bit_offset` bits into `buf`; int64."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    need = bit_offset + count * bits
+    if need > 8 * buf.size:
+        raise ValueError(f"packed buffer holds {8 * buf.size} bits, {need} needed: the data is truncated")
+    flat = np.unpackbits(np.asarray(buf, dtype=np.uint8), count=need, bitorder="little")[bit_offset:]
+    bit_matrix = np.zeros((count, 32), dtype=np.uint8)
+    bit_matrix[:, :bits] = flat.reshape(count, bits)
+    return np.packbits(bit_matrix, axis=1, bitorder="little").view("<u4").ravel().astype(np.int64)
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
+# ---- 8-bit values with a per-vector anchor and step ----------------------------------------------------------
+
+def q8_encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [..., d] float -> (q [..., d] uint8, params [..., 2] fp32 = (anchor, step)); see the module docstring."""
+    x = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("q8 cannot encode non-finite values")
+    hi, lo = x.max(-1, keepdims=True), x.min(-1, keepdims=True)
+    step = (hi - lo) / Q8_LEVELS
+    safe = np.where(step > 0, step, 1.0)  # a constant vector: every q is 0, decoded exactly as the anchor
+    q = np.clip(np.rint((hi - x) / safe), 0, Q8_LEVELS).astype(np.uint8)
+    return q, np.concatenate([hi, step], axis=-1).astype(np.float32)
+
+
+def q8_decode(q: np.ndarray, params: np.ndarray) -> np.ndarray:
+    params = np.asarray(params, dtype=np.float32)
+    return params[..., :1] - q.astype(np.float32) * params[..., 1:2]
+
+
+# ---- sampled targets, ragged ---------------------------------------------------------------------------------
+
+def ragged_encode(ids: np.ndarray, counts: np.ndarray, id_bits: int, count_bits: int) -> np.ndarray:
+    """One sequence's padded sampled targets (ids, counts [T, n]; counts 0 = padding; most frequent first) -> bytes."""
+    counts = np.asarray(counts, dtype=np.int64)
+    present = counts > 0
+    m = present.sum(-1)
+    if (present[:, 1:] & ~present[:, :-1]).any() or (np.diff(counts, axis=-1)[present[:, 1:]] > 0).any():
+        raise ValueError("sampled targets must be sorted most frequent first with padding (count 0) last")
+    repeated = counts > 1
+    r = repeated.sum(-1)
+    return np.concatenate([pack_bits(np.concatenate([m, r]), count_bits),
+                           pack_bits(np.asarray(ids)[present], id_bits) if m.sum() else np.zeros(0, np.uint8),
+                           pack_bits(counts[repeated], count_bits) if r.sum() else np.zeros(0, np.uint8)])
+
+
+def ragged_decode(buf: np.ndarray, seq_len: int, n: int, id_bits: int, count_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `ragged_encode`: (ids [T, n] int64, counts [T, n] int64), padded with id 0 / count 0."""
+    T = seq_len
+    header_bits = 2 * T * count_bits
+    mr = unpack_bits(buf, count_bits, 2 * T)
+    m, r = mr[:T], mr[T:]
+    total_m, total_r = int(m.sum()), int(r.sum())
+    flat_ids = unpack_bits(buf, id_bits, total_m, bit_offset=_byte_aligned(header_bits))
+    id_end = _byte_aligned(header_bits) + _byte_aligned(total_m * id_bits)
+    flat_counts = unpack_bits(buf, count_bits, total_r, bit_offset=id_end)
+    # slot j of position t is present iff j < m[t]; the first r[t] present slots carry stored counts
+    slot = np.arange(n)[None, :]
+    present = slot < m[:, None]
+    ids = np.zeros((T, n), dtype=np.int64)
+    ids[present] = flat_ids
+    counts = np.where(present, 1, 0).astype(np.int64)
+    counts[slot < r[:, None]] = flat_counts
+    return ids, counts
+
+
+def _byte_aligned(bits: int) -> int:
+    """pack_bits pads each packed array to whole bytes, so each section starts at a multiple of 8 bits."""
+    return 8 * ((bits + 7) // 8)
+
+
+# ---- codec specs as recorded in the manifest -----------------------------------------------------------------
+
+def codec_specs(vocab_size: int, id_codec: str, logprob_codec: str, hidden_codec: str, sample_n: int) -> dict:
+    """The manifest's `codecs` record for a new (format version 2) cache."""
+    plain_ids = {"name": "plain", "dtype": "uint16" if vocab_size <= 65536 else "int32"}
+    ids = {"name": "bitpack", "bits": bits_for(vocab_size)} if id_codec == "bitpack" else plain_ids
+
+    def values(name: str) -> dict:
+        return {"name": "q8"} if name == "q8" else {"name": "plain", "dtype": {"fp16": "float16", "fp32": "float32"}[name]}
+
+    specs = {"input_ids": plain_ids, "topk_ids": ids, "topk_logprobs": values(logprob_codec),
+             "hidden_states": values(hidden_codec)}
+    if sample_n:
+        specs["samples"] = ({"name": "ragged", "id_bits": bits_for(vocab_size), "count_bits": bits_for(sample_n + 1)}
+                            if id_codec == "bitpack" else {"name": "plain", "dtype": plain_ids["dtype"]})
+    return specs
+
+
+def v1_codec_specs(manifest: dict) -> dict:
+    """Format version 1 stored everything plain: ids in `id_dtype`, values in `value_dtype`."""
+    value = {"name": "plain", "dtype": {"fp16": "float16", "fp32": "float32"}[manifest["value_dtype"]]}
+    ids = {"name": "plain", "dtype": manifest["id_dtype"]}
+    specs = {"input_ids": ids, "topk_ids": ids, "topk_logprobs": value, "hidden_states": value}
+    if manifest.get("sample_n"):
+        specs["samples"] = ids
+    return specs
+
+
+def describe(spec: dict) -> str:
+    if spec["name"] == "plain":
+        return spec["dtype"]
+    if spec["name"] == "bitpack":
+        return f"bitpack {spec['bits']} bits"
+    if spec["name"] == "ragged":
+        return f"ragged ({spec['id_bits']}-bit ids, {spec['count_bits']}-bit counts)"
+    return spec["name"]

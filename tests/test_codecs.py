@@ -1,0 +1,167 @@
+"""Compact cache codecs: exact id packing, bounded 8-bit values, ragged sampled targets, and format version 1
+caches still read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import cache_teacher
+from kd import codecs
+from kd.cache import MANIFEST, TeacherCache, summary, verify
+from kd.losses import sparse_kd_per_position
+from kd.teacher import sample_targets
+
+V1_CACHE = Path(__file__).parent / "data" / "cache_v1"
+
+
+@pytest.mark.parametrize("vocab,bits", [(2, 1), (255, 8), (256, 8), (257, 9), (49_152, 16), (65_536, 16),
+                                        (65_537, 17), (151_936, 18), (2**32, 32)])
+def test_bitpack_round_trip_is_exact(vocab, bits):
+    assert codecs.bits_for(vocab) == bits
+    rng = np.random.default_rng(vocab % 1000)
+    values = np.concatenate([[0, vocab - 1], rng.integers(0, vocab, size=997)])  # both ends of the range
+    packed = codecs.pack_bits(values, bits)
+    assert packed.dtype == np.uint8 and packed.size == codecs.packed_nbytes(values.size, bits) == -(-999 * bits // 8)
+    np.testing.assert_array_equal(codecs.unpack_bits(packed, bits, values.size), values)
+    # a section that starts part-way into the buffer
+    both = np.concatenate([codecs.pack_bits(values[:5], bits), packed])
+    np.testing.assert_array_equal(codecs.unpack_bits(both, bits, values.size, bit_offset=8 * ((5 * bits + 7) // 8)), values)
+
+
+def test_bitpack_refuses_what_it_cannot_hold():
+    with pytest.raises(ValueError, match="cannot be packed at 9 bits"):
+        codecs.pack_bits(np.array([512]), 9)
+    with pytest.raises(ValueError, match="truncated"):
+        codecs.unpack_bits(codecs.pack_bits(np.arange(10), 9), 9, 11)
+
+
+@pytest.mark.parametrize("k", [1, 2, 256, 300])
+def test_q8_error_is_within_half_a_step_and_the_top_value_is_exact(k):
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(k)) * 4
+    lp = torch.log_softmax(logits, -1).topk(k, dim=-1).values.numpy()  # k = 300 = V: the whole distribution
+    q, params = codecs.q8_encode(lp)
+    assert q.dtype == np.uint8 and params.shape == (64, 2)
+    back = codecs.q8_decode(q, params)
+    step = (lp.max(-1) - lp.min(-1)) / 255
+    assert (np.abs(back - lp) <= step[:, None] / 2 + 1e-5).all()
+    np.testing.assert_array_equal(back[:, 0], lp[:, 0])  # anchor = top-1, exact
+    assert (np.diff(back, axis=-1) <= 0).all()  # order is kept, so sorted top-k stays sorted
+    if k == 1:
+        np.testing.assert_array_equal(back, lp)
+
+
+def test_q8_constant_vector_and_non_finite():
+    q, params = codecs.q8_encode(np.full((3, 5), -2.5, np.float32))
+    np.testing.assert_array_equal(codecs.q8_decode(q, params), np.full((3, 5), -2.5, np.float32))
+    with pytest.raises(ValueError, match="non-finite"):
+        codecs.q8_encode(np.array([[0.0, np.nan]]))
+
+
+def test_q8_kd_loss_error_is_small_on_a_peaked_distribution():
+    """The quantity the 8-bit codec must preserve: KD loss against top-256 within 0.5% of the fp32 one."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(512, 2000, generator=g) * 3
+    student = torch.randn(512, 2000, generator=g) * 2
+    lp, ids = torch.log_softmax(teacher, -1).topk(256, dim=-1)
+    q, params = codecs.q8_encode(lp.numpy())
+    lp_q8 = torch.from_numpy(codecs.q8_decode(q, params))
+    for tail in ("bucket", "renormalize"):
+        exact = sparse_kd_per_position(student, ids, lp, 1.0, tail).sum()
+        approx = sparse_kd_per_position(student, ids, lp_q8, 1.0, tail).sum()
+        assert abs(approx / exact - 1) < 0.005, tail
+
+
+@pytest.mark.parametrize("n,vocab", [(1, 7), (8, 300), (50, 151_936), (255, 40), (64, 64)])
+def test_ragged_round_trip_is_exact(n, vocab):
+    """Includes n = 1 (one id per position), n = 255 (counts at 8 bits) and draws that cover the whole vocabulary."""
+    logits = torch.randn(33, vocab, generator=torch.Generator().manual_seed(n)) * (0.1 if vocab == 64 else 3)
+    ids, counts = (t.numpy() for t in sample_targets(logits, n, torch.Generator().manual_seed(1)))
+    id_bits, count_bits = codecs.bits_for(vocab), codecs.bits_for(n + 1)
+    blob = codecs.ragged_encode(ids, counts, id_bits, count_bits)
+    back_ids, back_counts = codecs.ragged_decode(blob, 33, n, id_bits, count_bits)
+    np.testing.assert_array_equal(back_counts, counts)
+    np.testing.assert_array_equal(np.where(counts > 0, back_ids, 0), np.where(counts > 0, ids, 0))
+    distinct = (counts > 0).sum()
+    # header (m and r per position) + ids + counts of repeated ids only: never more than the padded layout
+    assert blob.size <= (2 * 33 * count_bits + distinct * id_bits + (counts > 1).sum() * count_bits) / 8 + 3
+    assert blob.size < ids.size * (id_bits + count_bits) / 8 or n == 1
+
+
+def test_ragged_refuses_unsorted_counts():
+    with pytest.raises(ValueError, match="most frequent first"):
+        codecs.ragged_encode(np.array([[3, 4]]), np.array([[1, 2]]), 4, 2)
+
+
+def test_kd_against_many_samples_approaches_full_kd():
+    """Counts / N is an unbiased estimate of the teacher: with huge N the sampled KD equals full KD."""
+    g = torch.Generator().manual_seed(3)
+    teacher, student = torch.randn(16, 100, generator=g) * 2, torch.randn(16, 100, generator=g)
+    full = torch.nn.functional.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1),
+                                      log_target=True, reduction="none").sum(-1)
+    n = 200_000
+    ids, counts = sample_targets(teacher, n, torch.Generator().manual_seed(4))
+    sampled = sparse_kd_per_position(student, ids, torch.log(counts.float() / n), 1.0, "renormalize")
+    # KL against the empirical distribution differs from KL against the teacher only by the entropy term's noise
+    torch.testing.assert_close(sampled, full, atol=5e-3, rtol=1e-2)
+    few = sparse_kd_per_position(student, *(lambda i, c: (i, torch.log(c.float() / 5)))(
+        *sample_targets(teacher, 5, torch.Generator().manual_seed(5))), 1.0, "renormalize")
+    assert (few - full).abs().mean() > 10 * (sampled - full).abs().mean()  # the test can tell a poor estimate
+
+
+@pytest.mark.parametrize("k", [1, "V"])
+def test_cache_edge_cases_k1_and_kV_decode_like_plain(tmp_path, make_cache_config, llama_teacher, k):
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(llama_teacher).vocab_size
+    top_k = vocab if k == "V" else 1
+    plain = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "plain", **{
+        "cache.top_k": top_k, "cache.id_codec": "plain", "cache.logprob_codec": "fp32", "cache.hidden_codec": "fp32"}))
+    compact = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "compact", **{
+        "cache.top_k": top_k, "cache.id_codec": "bitpack", "cache.logprob_codec": "q8", "cache.hidden_codec": "q8"}))
+    a, b = TeacherCache(plain).split("train"), TeacherCache(compact).split("train")
+    for i in range(0, len(a), 7):
+        x, y = a[i], b[i]
+        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["topk_ids"], y["topk_ids"])
+        assert torch.equal(x["sample_ids"], y["sample_ids"]) and torch.equal(x["sample_counts"], y["sample_counts"])
+        lp = x["topk_logprobs"]
+        bound = (lp.amax(-1, keepdim=True) - lp.amin(-1, keepdim=True)) / 510 + 1e-5
+        assert ((y["topk_logprobs"] - lp).abs() <= bound).all()
+        h = x["hidden_states"]
+        assert ((y["hidden_states"] - h).abs() <= (h.amax(-1, keepdim=True) - h.amin(-1, keepdim=True)) / 510 + 1e-5).all()
+    assert verify(compact, log=lambda *_: None) == []
+    sizes = [json.loads((d / MANIFEST).read_text())["bytes_per_token"] for d in (plain, compact)]
+    assert sizes[1] < sizes[0]  # file sizes of tiny shards are mostly HDF5 metadata; field sizes: bench/bench_targets.py
+
+
+def test_format_version_1_cache_still_reads(tmp_path):
+    """tests/data/cache_v1 was written by kd's format-version-1 writer (plain uint16 ids, fp16 values, padded
+    samples). The current reader returns exactly the stored arrays, and verify and info accept it."""
+    manifest = json.loads((V1_CACHE / MANIFEST).read_text())
+    assert manifest["format_version"] == 1 and "codecs" not in manifest
+    cache = TeacherCache(V1_CACHE)
+    for split in ("train", "eval"):
+        reader = cache.split(split)
+        assert len(reader) == manifest["splits"][split]["num_sequences"]
+        for shard in manifest["splits"][split]["shards"]:
+            with h5py.File(V1_CACHE / shard["file"], "r") as f:
+                for r in range(shard["num_sequences"]):
+                    item = reader[shard["first_sequence"] + r]
+                    for name in ("input_ids", "topk_ids", "topk_logprobs", "hidden_states", "sample_ids", "sample_counts"):
+                        assert np.array_equal(item[name].numpy(), f[name][r].astype(item[name].numpy().dtype)), name
+                    assert item["topk_logprobs"].dtype == torch.float16
+    assert verify(V1_CACHE, log=lambda *_: None) == []
+    assert "kd-teacher-cache v1" in summary(V1_CACHE) and "float16" in summary(V1_CACHE)
+    # a newer format than this kd knows is refused with a clear message
+    newer = tmp_path / "newer"
+    shutil.copytree(V1_CACHE, newer)
+    (newer / MANIFEST).write_text(json.dumps(dict(manifest, format_version=99)))
+    from kd.errors import KDError
+    with pytest.raises(KDError, match="cache format version 99; this kd reads up to 2: upgrade kd"):
+        TeacherCache(newer)
