@@ -63,6 +63,37 @@ def build_student(cfg: TrainConfig, tokenizer, teacher_vocab: int):
     return lm
 
 
+def cross_tokenizer_splits(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, eval_split, run_dir: Path,
+                           accelerator):
+    """Wrap both splits in the student's tokenization, aligned to the teacher's (built once per cache and student
+    tokenizer), log alignment and mapping coverage, and apply the alignment floor."""
+    from kd import align
+    from kd.teacher import load_tokenizer as load_tok
+
+    teacher_tokenizer = load_tok(cache.manifest["teacher"]["name_or_path"], cache.manifest["teacher"]["revision"])
+    sep = cfg.loss.cross_tokenizer_separator or tokenizer.eos_token
+    arrays = align.load_or_build(cache, tokenizer, sep, run_dir, accelerator.is_main_process,
+                                 accelerator.wait_for_everyone)
+    mapping = align.vocab_map(teacher_tokenizer, tokenizer, cache.manifest["teacher"]["vocab_size"])
+    train = align.AlignedSplit(train_split, arrays["train"], mapping)
+    evals = align.AlignedSplit(eval_split, arrays["eval"], mapping)
+    cov = align.coverage(train)
+    msg = (f"[cross-tokenizer] {cfg.loss.cross_tokenizer}: {cov['aligned_share']:.1%} of student positions aligned to a "
+           f"teacher position; {cov['mapped_mass_share']:.1%} of the teacher's top-{cache.top_k} mass maps to identical "
+           f"student tokens ({int((mapping >= 0).sum())} of {len(mapping)} teacher ids map)")
+    if accelerator.is_main_process:
+        print(msg, flush=True)
+    if cov["aligned_share"] < cfg.loss.min_aligned_share:
+        low = (f"only {cov['aligned_share']:.1%} of student positions align to the teacher (floor "
+               f"loss.min_aligned_share={cfg.loss.min_aligned_share}): check that the cache text and the student "
+               "tokenizer belong together")
+        if cfg.loss.on_low_alignment == "refuse":
+            raise KDError(low + "; or set loss.on_low_alignment=warn")
+        if accelerator.is_main_process:
+            print("WARNING " + "!" * 20 + f"\nWARNING {low}\nWARNING " + "!" * 20, file=sys.stderr, flush=True)
+    return train, evals
+
+
 def check_feature_layers(cfg: TrainConfig, cache: TeacherCache, student_layers: int) -> list[int]:
     """Validate the layer map; return each pair's slot in the cached hidden_states."""
     slots = []
@@ -143,10 +174,15 @@ def main(cfg: TrainConfig) -> Path:
     teacher_tok = cache.manifest["tokenizer"]
     tok_source = cfg.student.tokenizer or cfg.student.pretrained or cache.manifest["teacher"]["name_or_path"]
     tokenizer = load_tokenizer(tok_source)
-    if tokenizer_fingerprint(tokenizer) != teacher_tok["fingerprint"]:
+    cross = cfg.loss.cross_tokenizer is not None
+    if tokenizer_fingerprint(tokenizer) != teacher_tok["fingerprint"] and not cross:
         raise KDError(f"the student's tokenizer ({tok_source}) differs from the one the cache was made with "
                       f"(fingerprint {teacher_tok['fingerprint'][:12]}...): same-tokenizer KD compares token ids, "
-                      "so they must match. Use the teacher's tokenizer for the student, or a cross-tokenizer setup")
+                      "so they must match. Use the teacher's tokenizer for the student, or set "
+                      "loss.cross_tokenizer=hybrid (or mapped, uld) for cross-tokenizer KD")
+    if cross and not cache.manifest.get("store_text"):
+        raise KDError(f"loss.cross_tokenizer needs the cached text and token spans, and cache {tc.cache_dir} was "
+                      "written without them: re-cache with cache.store_text=true")
     resume_state = prepare_run_dir(run_dir, cfg_dict, tc.resume)
     need_hidden = cfg.loss.alpha_feature > 0 or cfg.loss.alpha_contrastive > 0
     if cfg.loss.target == "sampled" and not cache.manifest.get("sample_n"):
@@ -157,6 +193,9 @@ def main(cfg: TrainConfig) -> Path:
     train_split = cache.split("train", ("input_ids",) + target_fields + (("hidden_states",) if need_hidden else ()))
     # eval/kd and top-1 agreement are always measured against the cached top-k, whatever the training target
     eval_split = cache.split("eval", ("input_ids", "topk_ids", "topk_logprobs"))
+    if cross:  # the student's view: its own tokens, the teacher's targets at aligned positions (kd/align.py)
+        train_split, eval_split = cross_tokenizer_splits(cfg, cache, tokenizer, train_split, eval_split, run_dir,
+                                                         accelerator)
     if len(eval_split) == 0 or len(train_split) == 0:
         raise KDError(f"cache {tc.cache_dir} has an empty train or eval split")
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -172,7 +211,8 @@ def main(cfg: TrainConfig) -> Path:
 
     # 2. Student, projectors, optimizer. Weight decay skips biases and norm weights (1-D tensors).
     set_seed(tc.seed)
-    lm = build_student(cfg, tokenizer, cache.manifest["teacher"]["vocab_size"])
+    # across tokenizers teacher ids never index the student logits (they are mapped), so no vocabulary floor
+    lm = build_student(cfg, tokenizer, 0 if cross else cache.manifest["teacher"]["vocab_size"])
     slots = check_feature_layers(cfg, cache, lm.config.num_hidden_layers)
     model = DistillModel(lm, cfg.loss.feature_layers if need_hidden else [], cache.manifest["teacher"]["hidden_size"])
     params = [p for p in model.parameters() if p.requires_grad]

@@ -47,7 +47,8 @@ def payload_sizes(items: list[dict], vocab: int, sample_n: int) -> list[tuple[st
     rows.append(("topk_ids", f"plain {'uint16' if vocab <= 65536 else 'int32'}",
                  per_tok(n_seq * T * k * (2 if vocab <= 65536 else 4))))
     rows.append(("topk_ids", f"bitpack {bits} bits", per_tok(n_seq * codecs.packed_nbytes(T * k, bits))))
-    rows.append(("topk_ids", f"bitpack {QWEN_BITS} bits (151,936 vocab)", per_tok(n_seq * codecs.packed_nbytes(T * k, QWEN_BITS))))
+    if bits != QWEN_BITS:
+        rows.append(("topk_ids", f"bitpack {QWEN_BITS} bits (151,936 vocab)", per_tok(n_seq * codecs.packed_nbytes(T * k, QWEN_BITS))))
     rows.append(("topk_logprobs", "plain fp16", per_tok(n_seq * T * k * 2)))
     rows.append(("topk_logprobs", "q8 (+ 8 B/position anchor, step)", per_tok(n_seq * T * (k + 8))))
     if "hidden_states" in items[0]:
@@ -55,9 +56,12 @@ def payload_sizes(items: list[dict], vocab: int, sample_n: int) -> list[tuple[st
         rows.append(("hidden_states", f"plain fp16 ({L} layers)", per_tok(n_seq * L * T * H * 2)))
         rows.append(("hidden_states", f"q8 ({L} layers)", per_tok(n_seq * L * T * (H + 8))))
     if sample_n:
-        rows.append(("samples", f"plain padded n={sample_n}", per_tok(n_seq * T * sample_n * (2 + 1))))
+        id_bytes = 2 if vocab <= 65536 else 4
+        rows.append(("samples", f"plain padded n={sample_n}", per_tok(n_seq * T * sample_n * (id_bytes + 1))))
         cb = codecs.bits_for(sample_n + 1)
-        for id_bits, label in ((bits, f"ragged {bits}-bit ids"), (QWEN_BITS, f"ragged {QWEN_BITS}-bit ids (151,936 vocab)")):
+        widths = [(bits, f"ragged {bits}-bit ids")] + ([(QWEN_BITS, f"ragged {QWEN_BITS}-bit ids (151,936 vocab)")]
+                                                        if bits != QWEN_BITS else [])
+        for id_bits, label in widths:
             total = sum(codecs.ragged_encode(it["sample_ids"].numpy(), it["sample_counts"].numpy(), id_bits, cb).size
                         for it in items)
             rows.append(("samples", label, per_tok(total)))
@@ -119,6 +123,11 @@ def main() -> None:
     print(f"{'field':<16}{'codec':<46}{'bytes/token':>12}")
     for field, codec, b in payload_sizes(items, vocab, sample_n):
         print(f"{field:<16}{codec:<46}{'' if b != b else f'{b:.1f}':>12}")
+    if cache.manifest.get("store_text"):
+        texts = cache.split("train", ("text",))
+        chars = sum(len(texts[i]["text"].encode("utf-8")) for i in range(len(items)))
+        tokens = sum(int(it["length"]) for it in items)
+        print(f"{'text':<16}{'utf-8 (HDF5 keeps it in the heap)':<46}{chars / tokens:>12.1f}")
     print(f"\nstored in {args.cache} (HDF5 storage per dataset, all splits):")
     for name, b in sorted(bytes_per_field(cache).items(), key=lambda kv: -kv[1]):
         print(f"  {name:<22}{b:>10.1f} B/token")

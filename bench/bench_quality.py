@@ -2,12 +2,15 @@
 trained with the project's own trainer at equal optimizer steps and data.
 
     python bench/bench_quality.py [--steps 80] [--cache caches/shakespeare_smollm2]              # suite "kd"
-    python bench/bench_quality.py --suite targets --cache caches/shakespeare_smollm2_s50        # needs sample_n > 0
+    python bench/bench_quality.py --suite targets --cache caches/shakespeare_smollm2            # needs sample_n > 0
+    python bench/bench_quality.py --suite cross                  # Qwen-vocabulary teacher -> SmolLM2-tokenizer student
 
 Suite kd: CE only vs KD against the cache, with and without the feature loss. Suite targets: CE only vs KD
 (alpha 0.5 KD + 0.5 CE, no feature loss) against each target: cached top-256 with either tail policy, cached
 sampled targets, and the full vocabulary with the teacher online; the last column is the share of the full-KD
-gain over CE only that each target recovers.
+gain over CE only that each target recovers. Suite cross: the Qwen2.5-Coder-0.5B cache (configs/shakespeare_qwen.yaml)
+and a student with the SmolLM2 tokenizer (configs/train_cross_tokenizer.yaml): CE only vs each cross-tokenizer KD
+loss, with the alignment and mapping figures the trainer logs.
 
 Student: the demo's random-init 6-layer 256-wide Llama with the SmolLM tokenizer (configs/train_shakespeare.yaml);
 the cache must exist (scripts/demo.sh or cache_teacher.py). Each variant is one train_student.py process.
@@ -30,8 +33,9 @@ KD = ["loss.alpha_ce=0.5", "loss.alpha_kd=0.5", "loss.alpha_feature=0.0"]
 SUITES = {
     "kd": {
         "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0", "loss.alpha_feature=0.0"],
-        "KD + CE (top-256, tail bucket)": KD,
-        "KD + CE + feature (2 layers)": ["loss.alpha_ce=0.5", "loss.alpha_kd=0.5", "loss.alpha_feature=0.1"],
+        "KD + CE (top-256, tail bucket)": KD + ["loss.target=topk"],
+        "KD + CE + feature (2 layers)": ["loss.alpha_ce=0.5", "loss.alpha_kd=0.5", "loss.alpha_feature=0.1",
+                                         "loss.target=topk"],
     },
     "targets": {
         "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0", "loss.alpha_feature=0.0"],
@@ -40,25 +44,40 @@ SUITES = {
         "sampled (n=50)": KD + ["loss.target=sampled"],
         "full vocabulary, teacher online": KD + ["loss.target=online"],
     },
+    "cross": {
+        # CE only still reads the cache through the alignment (the student's own tokens); KD has weight 0
+        "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0", "loss.cross_tokenizer=mapped"],
+        "mapped KD + CE (tail bucket)": ["loss.cross_tokenizer=mapped"],
+        "ULD + CE": ["loss.cross_tokenizer=uld"],
+        "hybrid (mapped + ULD) + CE": ["loss.cross_tokenizer=hybrid"],
+    },
 }
+CONFIGS = {"kd": "configs/train_shakespeare.yaml", "targets": "configs/train_shakespeare.yaml",
+           "cross": "configs/train_cross_tokenizer.yaml"}
+CACHES = {"kd": "caches/shakespeare_smollm2", "targets": "caches/shakespeare_smollm2", "cross": "caches/shakespeare_qwen"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--cache", default="caches/shakespeare_smollm2")
+    ap.add_argument("--cache", help="default: the suite's cache (see CACHES)")
     ap.add_argument("--suite", choices=sorted(SUITES), default="kd")
     ap.add_argument("--only", help="comma-separated variant numbers (0-based) to run, e.g. 2,3,4")
     args = ap.parse_args()
     variants = list(SUITES[args.suite].items())
+    cache = args.cache or CACHES[args.suite]
     picked = [int(i) for i in args.only.split(",")] if args.only else range(len(variants))
     out = Path(tempfile.mkdtemp(prefix="kd-bench-quality-"))
     rows = []
     for i, (name, overrides) in [(i, variants[i]) for i in picked]:
-        subprocess.run([sys.executable, str(ROOT / "train_student.py"), "--config",
-                        str(ROOT / "configs/train_shakespeare.yaml"), *overrides, f"train.cache_dir={args.cache}",
-                        f"train.output_dir={out}", f"train.run_name=v{i}", f"train.max_steps={args.steps}",
-                        "train.checkpoint_every=0"], check=True, capture_output=True)
+        # the config's own target/tail apply unless a variant overrides them (the suites pin what they compare)
+        result = subprocess.run([sys.executable, str(ROOT / "train_student.py"), "--config",
+                                 str(ROOT / CONFIGS[args.suite]), *overrides, f"train.cache_dir={cache}",
+                                 f"train.output_dir={out}", f"train.run_name=v{i}", f"train.max_steps={args.steps}",
+                                 "train.checkpoint_every=0"], check=True, capture_output=True, text=True)
+        for line in result.stdout.splitlines():
+            if line.startswith("[cross-tokenizer]") and i == picked[0]:
+                print(line)
         final = [r for r in read_metrics(out / f"v{i}") if "eval/ce" in r][-1]
         rows.append((name, final))
     if args.only:  # a partial table: print the raw numbers only

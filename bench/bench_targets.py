@@ -1,6 +1,6 @@
 """How much of the full teacher do cached targets keep? Size per field, and gradient fidelity.
 
-    python bench/bench_targets.py [--cache caches/shakespeare_smollm2_s50] [--batches 4]
+    python bench/bench_targets.py [--cache caches/shakespeare_smollm2] [--batches 4] [--trained runs/<demo run>]
 
 (a) Bytes per token of each field stored in the cache (HDF5 storage size / tokens).
 (b) On the same batches and the same student (the demo's random-init student, and the same student after it was
@@ -57,7 +57,7 @@ def main() -> None:
     from accelerate import Accelerator
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cache", default="caches/shakespeare_smollm2_s50")
+    ap.add_argument("--cache", default="caches/shakespeare_smollm2")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--trained", help="a run directory whose final/ student is measured too")
     args = ap.parse_args()
@@ -66,9 +66,11 @@ def main() -> None:
     fields = bytes_per_field(cache)
     for name, b in sorted(fields.items(), key=lambda kv: -kv[1]):
         print(f"{name:<16}{b:>12.1f}")
-    print(f"{'top-k targets':<16}{fields['topk_ids'] + fields['topk_logprobs']:>12.1f}")
-    if "sample_ids" in fields:
+    print(f"{'top-k targets':<16}{fields['topk_ids'] + fields['topk_logprobs'] + fields.get('topk_logprobs_q8', 0):>12.1f}")
+    if "sample_ids" in fields:  # plain (format version 1 layout)
         print(f"{'sampled targets':<16}{fields['sample_ids'] + fields['sample_counts']:>12.1f}")
+    if "sample_bytes" in fields:  # ragged
+        print(f"{'sampled targets':<16}{fields['sample_bytes'] + fields['sample_offsets']:>12.1f}")
 
     accelerator = Accelerator()
     split = cache.split("train")

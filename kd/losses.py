@@ -63,6 +63,41 @@ def sparse_kd_per_position(student_logits: torch.Tensor, topk_ids: torch.Tensor,
     return kl * (T * T)
 
 
+def cross_kd_per_position(student_logits: torch.Tensor, mapped_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                          kind: str, temperature: float, uld_weight: float) -> torch.Tensor:
+    """Cross-tokenizer KD per position, [N]. mapped_ids [N, k]: the student id of each cached teacher top-k token,
+    -1 where the student has no identical token; topk_logprobs [N, k]: the teacher's full-softmax log-probs.
+
+    mapped: T^2 * KL over the mapped tokens plus one bucket holding all other mass, on both sides: the teacher's
+        unmapped top-k mass and its tail beyond the top-k; the student's mass outside the mapped ids.
+    uld: sum_i |p_t(i) - p_s(i)| over the k largest probabilities of each side, sorted (Boizard et al. 2024,
+        "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss"); ids are not compared.
+    hybrid: mapped + uld_weight * uld.
+    """
+    T = float(temperature)
+    total = torch.zeros(student_logits.shape[0], device=student_logits.device)
+    if kind in ("mapped", "hybrid"):
+        ok = mapped_ids >= 0
+        s_logp = torch.log_softmax(student_logits.float() / T, dim=-1)
+        neg_inf = torch.full_like(topk_logprobs, float("-inf"), dtype=torch.float32)
+        s_top = torch.where(ok, s_logp.gather(-1, mapped_ids.clamp(min=0)), neg_inf)
+        t_lp = torch.where(ok, topk_logprobs.float(), neg_inf)
+        t_tail = _log1mexp(torch.logsumexp(t_lp, dim=-1, keepdim=True))  # unmapped + beyond-top-k mass
+        q_logp = torch.log_softmax(torch.cat([t_lp, t_tail], dim=-1) / T, dim=-1)
+        s_tail = torch.log((-torch.expm1(torch.logsumexp(s_top, dim=-1, keepdim=True))).clamp(min=_MIN_TAIL))
+        s_b = torch.cat([s_top, s_tail], dim=-1)
+        q = q_logp.exp()
+        total = total + torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_b)).sum(-1) * (T * T)
+    if kind in ("uld", "hybrid"):
+        k = topk_logprobs.shape[-1]
+        p_t = topk_logprobs.float().exp()  # cached sorted, most likely first
+        p_s = torch.softmax(student_logits.float(), dim=-1).topk(k, dim=-1, sorted=True).values
+        total = total + (uld_weight if kind == "hybrid" else 1.0) * (p_s - p_t).abs().sum(-1)
+    if kind not in ("mapped", "uld", "hybrid"):
+        raise ValueError(f"unknown cross-tokenizer loss {kind!r}")
+    return total
+
+
 def token_losses(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor,
                  topk_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float,
                  tail: TailPolicy) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kd.cache import CacheSplit
-from kd.losses import chunked_token_losses, feature_per_position, fused_ce_kd, info_nce_sum
+from kd.losses import chunked_token_losses, cross_kd_per_position, feature_per_position, fused_ce_kd, info_nce_sum
 from kd.train_config import LossConfig
 
 COMPONENTS = ("ce", "kd", "feature", "contrastive")
@@ -75,11 +75,34 @@ def contrastive_positions(loss_mask: torch.Tensor, max_positions: int) -> torch.
 
 
 def batch_counts(batch: dict, loss_cfg: LossConfig) -> torch.Tensor:
-    """Positions each component sums over in this micro-batch: [tokens, contrastive positions], float64."""
+    """Positions each component sums over in this micro-batch: [tokens, contrastive positions, KD positions],
+    float64. KD positions are the tokens, except across tokenizers: the aligned tokens only."""
     _, loss_mask, _ = positions(batch)
     n_tok = loss_mask.sum()
     n_con = min(int(n_tok), loss_cfg.contrastive_max_positions) if loss_cfg.alpha_contrastive > 0 else 0
-    return torch.tensor([float(n_tok), float(n_con)], dtype=torch.float64)
+    n_kd = (loss_mask & batch["kd_mask"]).sum() if "kd_mask" in batch else n_tok
+    return torch.tensor([float(n_tok), float(n_con), float(n_kd)], dtype=torch.float64)
+
+
+def cross_tokenizer_sums(logits: torch.Tensor, batch: dict, loss_mask: torch.Tensor, targets: torch.Tensor,
+                         loss_cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """CE over every student token; KD and top-1 agreement over aligned tokens only (kd_mask), in position chunks
+    (the KD needs the student's full softmax per position). Both CE and KD carry gradients."""
+    B, T, V = logits.shape
+    flat, k = logits.reshape(B * T, V), batch["topk_ids"].shape[-1]
+    mask = loss_mask.reshape(-1)
+    kd_mask = mask & batch["kd_mask"].reshape(-1)
+    t_ids, t_lp = batch["topk_ids"].reshape(B * T, k), batch["topk_logprobs"].reshape(B * T, k)
+    ce = torch.nn.functional.cross_entropy(flat.float(), targets.reshape(-1), reduction="none")
+    idx = kd_mask.nonzero().squeeze(-1)
+    kd = torch.zeros((), device=logits.device)
+    agree = torch.zeros((), device=logits.device)
+    for c in range(0, len(idx), loss_cfg.position_chunk):
+        sel = idx[c:c + loss_cfg.position_chunk]
+        kd = kd + cross_kd_per_position(flat[sel], t_ids[sel], t_lp[sel], loss_cfg.cross_tokenizer,
+                                        loss_cfg.temperature, loss_cfg.uld_weight).sum()
+        agree = agree + (flat[sel].detach().argmax(-1) == t_ids[sel, 0]).sum()
+    return {"ce": torch.where(mask, ce, torch.zeros_like(ce)).sum(), "kd": kd, "agree": agree.float()}
 
 
 def kd_targets(batch: dict, loss_cfg: LossConfig, teacher, attention: torch.Tensor):
@@ -111,14 +134,18 @@ def micro_batch_sums(model, batch: dict, loss_cfg: LossConfig, teacher_slots: li
     with_features = loss_cfg.alpha_feature > 0 or loss_cfg.alpha_contrastive > 0
     logits, projected = model(batch["input_ids"], attention, with_features)
     B, T, V = logits.shape
-    t_ids, t_values, tail = kd_targets(batch, loss_cfg, teacher, attention)
-    ce_kd, (ce, kd, agree) = fused_ce_kd(
-        logits.reshape(B * T, V), targets.reshape(-1), None if t_ids is None else t_ids.reshape(B * T, -1),
-        t_values.reshape(B * T, -1), loss_mask.reshape(-1), loss_cfg.alpha_ce, loss_cfg.alpha_kd,
-        loss_cfg.temperature, tail, loss_cfg.position_chunk)
-    sums = {"ce_kd": ce_kd, "ce": ce, "kd": kd, "agree": agree}
+    if loss_cfg.cross_tokenizer is not None:
+        sums = cross_tokenizer_sums(logits, batch, loss_mask, targets, loss_cfg)
+    else:
+        t_ids, t_values, tail = kd_targets(batch, loss_cfg, teacher, attention)
+        ce_kd, (ce, kd, agree) = fused_ce_kd(
+            logits.reshape(B * T, V), targets.reshape(-1), None if t_ids is None else t_ids.reshape(B * T, -1),
+            t_values.reshape(B * T, -1), loss_mask.reshape(-1), loss_cfg.alpha_ce, loss_cfg.alpha_kd,
+            loss_cfg.temperature, tail, loss_cfg.position_chunk)
+        sums = {"ce_kd": ce_kd, "ce": ce, "kd": kd, "agree": agree}
     if with_features:
-        flat_mask = loss_mask.reshape(-1)
+        # across tokenizers, teacher states exist only at aligned positions
+        flat_mask = (loss_mask & batch["kd_mask"] if "kd_mask" in batch else loss_mask).reshape(-1)
         con_idx = contrastive_positions(loss_mask, loss_cfg.contrastive_max_positions)
         feature = torch.zeros((), device=logits.device)
         contrastive = torch.zeros((), device=logits.device)
@@ -155,13 +182,18 @@ def accumulate_window(model, batches: list[dict], loss_cfg: LossConfig, accelera
     """Forward + backward over the micro-batches of one optimizer step; gradients end up in `.grad`."""
     comps = active_components(loss_cfg)
     counts = accelerator.reduce(sum(batch_counts(b, loss_cfg) for b in batches).to(accelerator.device), "sum")
-    n_tok, n_con = float(counts[0]), float(counts[1])
-    denom = {"ce": n_tok, "kd": n_tok, "feature": n_tok, "contrastive": max(n_con, 1.0)}
+    n_tok, n_con, n_kd = float(counts[0]), float(counts[1]), float(counts[2])
+    # KD (and feature, whose teacher states sit at the same positions) average over the KD positions: all tokens,
+    # or across tokenizers the aligned ones.
+    denom = {"ce": n_tok, "kd": n_kd, "feature": n_kd, "contrastive": max(n_con, 1.0)}
     # THE normalisation (see module docstring): sum / global count, times num_processes to undo DDP's mean.
     scale = {c: accelerator.num_processes / max(denom[c], 1.0) for c in comps}
-    # CE and KD share the token count, so their alpha-weighted sum (fused, one gradient buffer) takes one scale.
-    weighted_terms = [("ce_kd", 1.0, scale["ce"])] + [(c, getattr(loss_cfg, f"alpha_{c}"), scale[c])
-                                                      for c in comps if c in ("feature", "contrastive")]
+    if loss_cfg.cross_tokenizer is None:
+        # CE and KD share the token count, so their alpha-weighted sum (fused, one gradient buffer) takes one scale.
+        weighted_terms = [("ce_kd", 1.0, scale["ce"])]
+    else:
+        weighted_terms = [("ce", loss_cfg.alpha_ce, scale["ce"]), ("kd", loss_cfg.alpha_kd, scale["kd"])]
+    weighted_terms += [(c, getattr(loss_cfg, f"alpha_{c}"), scale[c]) for c in comps if c in ("feature", "contrastive")]
     local = torch.zeros(len(comps) + 1, dtype=torch.float64, device=accelerator.device)
     for i, batch in enumerate(batches):
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
@@ -177,7 +209,7 @@ def accumulate_window(model, batches: list[dict], loss_cfg: LossConfig, accelera
     total = accelerator.reduce(local, "sum")
     raw = {c: float(total[j]) / denom[c] for j, c in enumerate(comps)}
     return WindowResult(raw=raw, nonfinite=[c for c in comps if not math.isfinite(raw[c])], tokens=int(n_tok),
-                        agree=float(total[-1]) / max(n_tok, 1.0))
+                        agree=float(total[-1]) / max(n_kd, 1.0))
 
 
 @torch.no_grad()
@@ -185,24 +217,28 @@ def evaluate(model, loader, loss_cfg: LossConfig, accelerator) -> dict[str, floa
     """Held-out metrics of the model as it is now, in eval mode. eval/ppl = exp(eval/ce), uncapped."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    total = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
     for batch in loader:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         attention, loss_mask, targets = positions(batch)
         logits, _ = model(batch["input_ids"], attention, False)
         B, T, V = logits.shape
         k = batch["topk_ids"].shape[-1]
-        ce, kd, agree = chunked_token_losses(
-            logits.reshape(B * T, V), targets.reshape(-1), batch["topk_ids"].reshape(B * T, k),
-            batch["topk_logprobs"].reshape(B * T, k), loss_mask.reshape(-1), loss_cfg.temperature, loss_cfg.tail,
-            loss_cfg.position_chunk)
-        total += torch.stack([ce.double(), kd.double(), agree.double(), loss_mask.sum().double()])
+        if loss_cfg.cross_tokenizer is None:
+            ce, kd, agree = chunked_token_losses(
+                logits.reshape(B * T, V), targets.reshape(-1), batch["topk_ids"].reshape(B * T, k),
+                batch["topk_logprobs"].reshape(B * T, k), loss_mask.reshape(-1), loss_cfg.temperature, loss_cfg.tail,
+                loss_cfg.position_chunk)
+        else:
+            ce, kd, agree = cross_tokenizer_sums(logits, batch, loss_mask, targets, loss_cfg).values()
+        n_kd = (loss_mask & batch["kd_mask"]).sum() if "kd_mask" in batch else loss_mask.sum()
+        total += torch.stack([ce.double(), kd.double(), agree.double(), loss_mask.sum().double(), n_kd.double()])
     total = accelerator.reduce(total, "sum")
     model.train(was_training)
-    n = float(total[3])
+    n, n_kd = float(total[3]), max(float(total[4]), 1.0)
     ce = float(total[0]) / n
-    return {"eval/ce": ce, "eval/ppl": math.exp(ce), "eval/kd": float(total[1]) / n,
-            "eval/top1_agreement": float(total[2]) / n, "eval/tokens": int(n)}
+    return {"eval/ce": ce, "eval/ppl": math.exp(ce), "eval/kd": float(total[1]) / n_kd,
+            "eval/top1_agreement": float(total[2]) / n_kd, "eval/tokens": int(n)}
 
 
 class EMA:

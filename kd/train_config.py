@@ -63,6 +63,15 @@ class LossConfig:
     contrastive_max_positions: positions per micro-batch used as InfoNCE candidates (an M x M matrix).
     position_chunk: positions per chunk of the vocabulary-sized loss computation: bounds peak memory, and small
         chunks stay in CPU cache (128 measured fastest on CPU; GPUs may prefer 1024+).
+    cross_tokenizer: null = the student must share the teacher's tokenizer. Otherwise the student re-tokenizes the
+        cached text and KD runs at aligned positions only (see kd/align.py), with target topk and: mapped (KL on
+        teacher tokens that have an identical student token, all other teacher mass one tail bucket), uld
+        (Universal Logit Distillation: L1 distance between the sorted teacher top-k and student top-k
+        probabilities; needs no mapping), or hybrid (mapped + uld_weight * uld).
+    uld_weight: weight of the ULD term inside hybrid.
+    cross_tokenizer_separator: student token placed between documents (null = the student tokenizer's EOS).
+    min_aligned_share: floor on the share of student positions aligned to a teacher position; below it the run
+        warns loudly, or stops when on_low_alignment is refuse.
     """
 
     alpha_ce: float = 0.5
@@ -77,6 +86,11 @@ class LossConfig:
     contrastive_temperature: float = 0.1
     contrastive_max_positions: int = 256
     position_chunk: int = 128
+    cross_tokenizer: Literal["mapped", "uld", "hybrid"] | None = None
+    uld_weight: float = 1.0
+    cross_tokenizer_separator: str | None = None
+    min_aligned_share: float = 0.5
+    on_low_alignment: Literal["warn", "refuse"] = "warn"
 
     def __post_init__(self):
         alphas = {k: getattr(self, k) for k in ("alpha_ce", "alpha_kd", "alpha_feature", "alpha_contrastive")}
@@ -94,6 +108,12 @@ class LossConfig:
             raise KDError("loss.alpha_feature / alpha_contrastive > 0 need loss.feature_layers (layer pairs to match)")
         if self.position_chunk < 1 or self.contrastive_max_positions < 2:
             raise KDError("loss.position_chunk must be >= 1 and loss.contrastive_max_positions >= 2")
+        if self.cross_tokenizer is not None and self.target != "topk":
+            raise KDError(f"loss.cross_tokenizer works on the cached top-k (loss.target=topk), got loss.target={self.target}")
+        if self.cross_tokenizer is not None and self.alpha_contrastive > 0:
+            raise KDError("loss.alpha_contrastive is not supported with loss.cross_tokenizer; use alpha_feature")
+        if self.uld_weight < 0 or not 0 <= self.min_aligned_share <= 1:
+            raise KDError("loss.uld_weight must be >= 0 and loss.min_aligned_share in [0, 1]")
 
 
 @dataclass

