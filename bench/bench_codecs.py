@@ -79,7 +79,7 @@ def kd_error(cache: TeacherCache, items: list[dict], trained: str | None) -> lis
     lp, ids, _, _ = teacher_targets(teacher, batch, mask, cache.top_k, [])
     valid = mask.bool()
     lp, ids = lp[valid], ids[valid]  # fp32 top-k at every real position
-    variants = {"fp32": lp, "fp16": lp.half().float(), "q8": torch.from_numpy(codecs.q8_decode(*codecs.q8_encode(lp.numpy())))}
+    variants = {"fp32": lp, "fp16": lp.half().float(), "q8": torch.from_numpy(codecs.q8_decode(*codecs.q8_encode(lp.numpy(), "mass")))}
     students = {"random init": None}
     if trained:
         students[f"trained ({Path(trained).name})"] = Path(trained) / "final"

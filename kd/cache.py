@@ -100,7 +100,7 @@ def _encode(name: str, spec: dict, batch: np.ndarray) -> dict[str, np.ndarray]:
         return {name: batch}
     if spec["name"] == "bitpack":
         return {name: np.stack([codecs.pack_bits(b, spec["bits"]) for b in np.asarray(batch)])}
-    q, params = codecs.q8_encode(batch)
+    q, params = codecs.q8_encode(batch, spec.get("rounding", "nearest"))
     return {name: q, name + "_q8": params}
 
 

@@ -5,8 +5,10 @@ with a stated error bound, and decodes a whole sequence in a few vectorised oper
                    151,936), little-endian bit order, one byte string per sequence. Exact.
     q8             8-bit log-probs/hidden states with one (anchor, step) fp32 pair per vector (per position for
                    log-probs, per token and layer for hidden states): x ~ anchor - q * step, q in 0..255, anchor
-                   = the vector's maximum, step = (max - min) / 255. The maximum (a position's top-1 log-prob) is
-                   exact; every other value is within step / 2. KD-loss error is measured by bench/bench_targets.py.
+                   = the vector's maximum, step = (max - min) / 255. Hidden states round to nearest (within step
+                   / 2, the maximum exact). Log-probs use the same rounding with the anchor shifted so the decoded
+                   top-k mass equals the true one (`mass`): the tail mass stays exact and never negative; every
+                   value within one step. KD-loss error is measured by bench/bench_codecs.py.
     ragged         sampled targets without padding: per position the number m of distinct ids and the number r
                    of them drawn more than once (both at count_bits), then all ids at id_bits, then only the
                    counts of those r ids (a once-drawn id has count 1 implicitly; ids are stored most frequent
@@ -61,8 +63,14 @@ def packed_nbytes(count: int, bits: int) -> int:
 
 # ---- 8-bit values with a per-vector anchor and step ----------------------------------------------------------
 
-def q8_encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x [..., d] float -> (q [..., d] uint8, params [..., 2] fp32 = (anchor, step)); see the module docstring."""
+def q8_encode(x: np.ndarray, rounding: str = "nearest") -> tuple[np.ndarray, np.ndarray]:
+    """x [..., d] float -> (q [..., d] uint8, params [..., 2] fp32 = (anchor, step)); see the module docstring.
+
+    rounding "nearest": anchor = max(x), every value within step / 2, the maximum exact. "mass" (for log-probs): the
+    same q, but the anchor is shifted so that sum(exp(decoded)) equals sum(exp(x)): the cached top-k probability
+    mass, and so the tail mass 1 - sum(p), stay exact. Plain rounding can overstate that mass (with a confident
+    teacher, past 1: a negative tail) or, rounding down, understate it by a systematic bias. The shift is a
+    probability-weighted mean of rounding errors, so every value stays within one step."""
     x = np.asarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError("q8 cannot encode non-finite values")
@@ -70,7 +78,16 @@ def q8_encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     step = (hi - lo) / Q8_LEVELS
     safe = np.where(step > 0, step, 1.0)  # a constant vector: every q is 0, decoded exactly as the anchor
     q = np.clip(np.rint((hi - x) / safe), 0, Q8_LEVELS).astype(np.uint8)
-    return q, np.concatenate([hi, step], axis=-1).astype(np.float32)
+    anchor = hi
+    if rounding == "mass":
+        x64, dq = x.astype(np.float64), -q.astype(np.float64) * step.astype(np.float64)
+        anchor = (_logsumexp(x64) - _logsumexp(dq)).astype(np.float32)
+    return q, np.concatenate([anchor, step], axis=-1).astype(np.float32)
+
+
+def _logsumexp(a: np.ndarray) -> np.ndarray:
+    m = a.max(-1, keepdims=True)
+    return m + np.log(np.exp(a - m).sum(-1, keepdims=True))
 
 
 def q8_decode(q: np.ndarray, params: np.ndarray) -> np.ndarray:
@@ -127,10 +144,11 @@ def codec_specs(vocab_size: int, id_codec: str, logprob_codec: str, hidden_codec
     ids = {"name": "bitpack", "bits": bits_for(vocab_size)} if id_codec == "bitpack" else plain_ids
 
     def values(name: str) -> dict:
-        return {"name": "q8"} if name == "q8" else {"name": "plain", "dtype": {"fp16": "float16", "fp32": "float32"}[name]}
+        return {"name": "plain", "dtype": {"fp16": "float16", "fp32": "float32"}[name]}
 
-    specs = {"input_ids": plain_ids, "topk_ids": ids, "topk_logprobs": values(logprob_codec),
-             "hidden_states": values(hidden_codec)}
+    specs = {"input_ids": plain_ids, "topk_ids": ids,
+             "topk_logprobs": {"name": "q8", "rounding": "mass"} if logprob_codec == "q8" else values(logprob_codec),
+             "hidden_states": {"name": "q8", "rounding": "nearest"} if hidden_codec == "q8" else values(hidden_codec)}
     if sample_n:
         specs["samples"] = ({"name": "ragged", "id_bits": bits_for(vocab_size), "count_bits": bits_for(sample_n + 1)}
                             if id_codec == "bitpack" else {"name": "plain", "dtype": plain_ids["dtype"]})
@@ -154,4 +172,6 @@ def describe(spec: dict) -> str:
         return f"bitpack {spec['bits']} bits"
     if spec["name"] == "ragged":
         return f"ragged ({spec['id_bits']}-bit ids, {spec['count_bits']}-bit counts)"
+    if spec["name"] == "q8":
+        return f"q8 (rounding {spec.get('rounding', 'nearest')})"
     return spec["name"]

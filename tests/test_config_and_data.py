@@ -109,7 +109,7 @@ def test_shipped_configs_load_and_validate(path):
         t = cfg.train
         assert (t.mixed_precision, t.micro_batch_size, t.gradient_accumulation_steps) == ("fp16", 2, 16)
         assert t.warmup_fraction > 0 and t.warmup_steps == 0 and t.schedule == "cosine"
-        assert cfg.loss.cross_tokenizer == "hybrid" and cfg.student.pretrained == "HuggingFaceTB/SmolLM-135M"
+        assert cfg.loss.cross_tokenizer == "mapped" and cfg.student.pretrained == "HuggingFaceTB/SmolLM-135M"
     if path.name == "original_pair_cache.yaml":
         assert cfg.teacher.model == "huihui-ai/Huihui-MoE-1B-A0.6B" and cfg.teacher.dtype == "fp16"
         assert cfg.cache.store_text and cfg.data.seq_len == 256

@@ -45,7 +45,10 @@ def test_real_teacher_cache_matches_recomputation(real_cache):
     with torch.no_grad():
         logp = torch.log_softmax(model(item["input_ids"][None]).logits[0].float(), -1)
     ref = logp.topk(256, -1).values
-    torch.testing.assert_close(item["topk_logprobs"].float(), ref, atol=2e-2, rtol=2e-3)
+    # q8 (the default codec): log-probs within one step of each position's range (plus recomputation noise), the
+    # cached top-k mass kept, so never past 1 (verify above checks that too)
+    bound = (ref[:, :1] - ref[:, -1:]) / 255 + 2e-3
+    assert ((item["topk_logprobs"].float() - ref).abs() <= bound).all()
     # a real pretrained teacher is confident on Shakespeare: its top-256 hold most of the mass
     mass = item["topk_logprobs"].float().exp().sum(-1)
     assert float(mass.mean()) > 0.8
@@ -53,12 +56,12 @@ def test_real_teacher_cache_matches_recomputation(real_cache):
 
 def test_real_student_learns_from_the_cache(real_cache, tmp_path):
     cfg = load_config(TrainConfig, ROOT / "configs/train_shakespeare.yaml",
-                      [f"train.cache_dir={real_cache}", f"train.output_dir={tmp_path}", "train.max_steps=12",
-                       "train.eval_every=6", "train.checkpoint_every=0", "train.warmup_steps=1"])
+                      [f"train.cache_dir={real_cache}", f"train.output_dir={tmp_path}", "train.max_steps=20",
+                       "train.eval_every=10", "train.checkpoint_every=0", "train.warmup_steps=1"])
     run = train_student.main(cfg)
     evals = [r for r in read_metrics(run) if "eval/ce" in r]
     steps = [r for r in read_metrics(run) if "loss" in r]
     assert evals[-1]["eval/ce"] < evals[0]["eval/ce"] - 1.5
     assert evals[-1]["eval/ppl"] < 49152 / 10
     assert np.mean([r["loss"] for r in steps[-3:]]) < np.mean([r["loss"] for r in steps[:3]])
-    assert json.loads((run / "final" / "kd_meta.json").read_text())["step"] == 12
+    assert json.loads((run / "final" / "kd_meta.json").read_text())["step"] == 20
