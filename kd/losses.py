@@ -36,6 +36,20 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def _bucket_kl(s_top: torch.Tensor, t_lp: torch.Tensor, T: float) -> torch.Tensor:
+    """KL over the k cached outcomes plus one tail bucket, [N]. s_top: the student's log-probs (at T) at the cached
+    ids; t_lp: the teacher's full-softmax log-probs at T = 1. An entry that is -inf on both sides (an unmapped token
+    across tokenizers) is inert and its mass falls into the buckets."""
+    t_tail = _log1mexp(torch.logsumexp(t_lp, dim=-1, keepdim=True))  # exact tail mass at T = 1
+    q_logp = torch.log_softmax(torch.cat([t_lp, t_tail], dim=-1) / T, dim=-1)  # [N, k+1]
+    s_tail = torch.log((-torch.expm1(torch.logsumexp(s_top, dim=-1, keepdim=True))).clamp(min=_MIN_TAIL))
+    s_b = torch.cat([s_top, s_tail], dim=-1)
+    q = q_logp.exp()
+    # xlogy-style: a bucket the teacher gives exactly 0 contributes 0, whatever the student does. Tested as
+    # `q == 0` (not `q > 0`) so that a NaN teacher stays NaN and is caught, never silently turned into 0.
+    return torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_b)).sum(-1)
+
+
 def sparse_kd_per_position(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                            temperature: float, tail: TailPolicy) -> torch.Tensor:
     """T^2 * KL(teacher || student) per position, [N], from the student's logits [N, V] and the cached teacher
@@ -50,14 +64,7 @@ def sparse_kd_per_position(student_logits: torch.Tensor, topk_ids: torch.Tensor,
         # an entry with teacher probability exactly 0 (a -inf log-prob: padding of sampled targets) contributes 0
         kl = torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_top)).sum(-1)
     elif tail == "bucket":
-        t_tail = _log1mexp(torch.logsumexp(t_lp, dim=-1, keepdim=True))  # exact tail mass at T = 1
-        q_logp = torch.log_softmax(torch.cat([t_lp, t_tail], dim=-1) / T, dim=-1)  # [N, k+1]
-        s_tail = torch.log((-torch.expm1(torch.logsumexp(s_top, dim=-1, keepdim=True))).clamp(min=_MIN_TAIL))
-        s_b = torch.cat([s_top, s_tail], dim=-1)
-        q = q_logp.exp()
-        # xlogy-style: a bucket the teacher gives exactly 0 contributes 0, whatever the student does. Tested as
-        # `q == 0` (not `q > 0`) so that a NaN teacher stays NaN and is caught, never silently turned into 0.
-        kl = torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_b)).sum(-1)
+        kl = _bucket_kl(s_top, t_lp, T)
     else:
         raise ValueError(f"unknown tail policy {tail!r}; expected one of {TAIL_POLICIES}")
     return kl * (T * T)
@@ -81,13 +88,8 @@ def cross_kd_per_position(student_logits: torch.Tensor, mapped_ids: torch.Tensor
         s_logp = torch.log_softmax(student_logits.float() / T, dim=-1)
         neg_inf = torch.full_like(topk_logprobs, float("-inf"), dtype=torch.float32)
         s_top = torch.where(ok, s_logp.gather(-1, mapped_ids.clamp(min=0)), neg_inf)
-        t_lp = torch.where(ok, topk_logprobs.float(), neg_inf)
-        t_tail = _log1mexp(torch.logsumexp(t_lp, dim=-1, keepdim=True))  # unmapped + beyond-top-k mass
-        q_logp = torch.log_softmax(torch.cat([t_lp, t_tail], dim=-1) / T, dim=-1)
-        s_tail = torch.log((-torch.expm1(torch.logsumexp(s_top, dim=-1, keepdim=True))).clamp(min=_MIN_TAIL))
-        s_b = torch.cat([s_top, s_tail], dim=-1)
-        q = q_logp.exp()
-        total = total + torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_b)).sum(-1) * (T * T)
+        t_lp = torch.where(ok, topk_logprobs.float(), neg_inf)  # the bucket then holds unmapped + beyond-top-k mass
+        total = total + _bucket_kl(s_top, t_lp, T) * (T * T)
     if kind in ("uld", "hybrid"):
         k = topk_logprobs.shape[-1]
         p_t = topk_logprobs.float().exp()  # cached sorted, most likely first

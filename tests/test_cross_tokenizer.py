@@ -205,6 +205,6 @@ def test_bad_cross_tokenizer_inputs(qwen_cache, real_tokenizers, tmp_path, tiny_
     slow = type("SlowTokenizer", (), {"is_fast": False})()
     with pytest.raises(KDError, match="not a fast"):
         align.token_bytes(slow)
-    from kd.data import tokenize_with_offsets
+    from kd.data import tokenize
     with pytest.raises(KDError, match="gives no character offsets"):
-        tokenize_with_offsets(slow, ["text"])
+        tokenize(slow, ["text"], offsets=True)
