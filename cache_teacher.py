@@ -1,12 +1,16 @@
-"""Run a teacher ONCE over a text dataset and store its top-k log-probs and hidden states in HDF5 shards.
+"""Run a teacher ONCE over a text corpus and store its top-k log-probs, sampled targets and hidden states in HDF5 shards.
 
     accelerate launch cache_teacher.py --config configs/shakespeare_smollm2.yaml [dotted.key=value ...]
     python cache_teacher.py --config configs/shakespeare_smollm2.yaml          # one process
 
-The cache directory is then read by every train_student.py run, so the teacher never shares memory with the
-student. Format: see kd/cache.py. With N processes each rank writes a deterministic, disjoint set of whole
-shards (shard j goes to rank j % N), so the union is identical to a one-process cache. Re-running the same
-command resumes: complete shards (checked by sha256) are kept, the rest are redone.
+Two stages, both streaming (memory does not grow with the corpus) and both split between processes:
+1. ingest (kd/data/): documents are read unit by unit, split train/eval per document, tokenized in batches and
+   packed into windows, written to DIR/ingest/ (process r takes the r-th unit of each round);
+2. teacher pass: cache shard j (sequences [j*S, (j+1)*S) of its split) is computed by process j % N from those
+   windows, written under a temporary name and renamed when complete (format: kd/cache.py).
+Neither stage's output depends on the number of processes, so an N-process cache equals the one-process cache.
+Re-running the same command resumes: finished units and complete shards (sha256 re-checked) are kept. When the
+manifest is written the cache is complete and the ingest windows are deleted.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,13 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd import __version__, data
+from kd import __version__
 from kd.cache import (CONFIG_FILE, FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, complete_shard_info,
-                      shard_name, sidecar_path, write_json_atomic)
-from kd.codecs import codec_specs
+                      shard_name, sidecar_path)
 from kd.cache_config import NON_CONTENT_KEYS, CacheConfig
+from kd.codecs import codec_specs
 from kd.config import diff_keys, flatten, parse_cli, to_dict
+from kd.data import config_sources
+from kd.data.ingest import INGEST_DIR, IngestSpec, run_ingest, windows_fingerprint
+from kd.dist import agree
 from kd.errors import KDError, run_cli
+from kd.io import LOCK_FILE, DirLock, write_json_atomic
 from kd.teacher import load_causal_lm, load_model_config, load_tokenizer, teacher_targets, tokenizer_fingerprint
 
 
@@ -50,35 +59,47 @@ def check_teacher_fits(cfg: CacheConfig, model_cfg) -> None:
                       f"(0 = embeddings, {layers} = last layer)")
 
 
-def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool, is_main: bool) -> None:
-    """Refuse a directory that holds something else; on the main process, create it and clear stale temp files."""
-    if out.exists() and not out.is_dir():
-        raise KDError(f"cache.output_dir {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        cfg_file = out / CONFIG_FILE
-        if not cfg_file.exists():
-            raise KDError(f"cache.output_dir {out} is not empty and holds no kd cache; refusing to write into it. "
-                          "Choose an empty or new directory")
+def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool) -> str:
+    """On the main process, holding the directory lock: refuse a directory that holds something else, clear what a
+    killed run left, and say where this run starts: 'complete' (nothing to do), 'resume' or 'new'."""
+    cfg_file = out / CONFIG_FILE
+    if cfg_file.exists():
         old = json.loads(cfg_file.read_text())["config"]
         differing = diff_keys(content_config(old), content_config(cfg_dict))
         if differing and not overwrite:
             raise KDError(f"{out} holds a cache made with a different config (differing keys: {', '.join(differing)}). "
                           "Use another cache.output_dir, or cache.overwrite=true to replace it")
-        if differing and is_main:
+        if differing:
             for p in out.iterdir():
                 if p.suffix in (".h5", ".json") or ".tmp-" in p.name:
                     p.unlink()
-    if not is_main:
-        return
+            shutil.rmtree(out / INGEST_DIR, ignore_errors=True)
+        elif (out / MANIFEST).exists():
+            return "complete"
+    elif any(p.name not in (LOCK_FILE, INGEST_DIR) for p in out.iterdir()):
+        # an unfinished ingest (no cache_config.json yet) is kd's own and may be resumed or replaced; anything
+        # else is the user's
+        raise KDError(f"cache.output_dir {out} is not empty and holds no kd cache; refusing to write into it. "
+                      "Choose an empty or new directory")
     try:
-        out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as e:
         raise KDError(f"cannot write to cache.output_dir {out}: {e}") from None
-    for p in out.glob("*.tmp-*"):  # left by a killed run; never counted as shards
+    for p in [*out.glob("*.tmp-*"), *out.glob(f"{INGEST_DIR}/*.tmp-*")]:  # left by a killed run; never counted
         p.unlink()
+    return "resume" if cfg_file.exists() else "new"
+
+
+def open_output_dir(out: Path) -> DirLock:
+    if out.exists() and not out.is_dir():
+        raise KDError(f"cache.output_dir {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KDError(f"cannot write to cache.output_dir {out}: {e}") from None
+    return DirLock(out, "cache_teacher.py run").acquire()
 
 
 def to_numpy(t: torch.Tensor, spec: dict) -> np.ndarray:
@@ -92,49 +113,122 @@ def sequence_generator(seed: int, split: str, index: int, device) -> torch.Gener
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def main(cfg: CacheConfig) -> Path:
-    from accelerate import Accelerator
-
-    t_start = time.time()
-    accelerator = Accelerator()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    out = Path(cfg.cache.output_dir)
-    cfg_dict = to_dict(cfg)
-    config_hash = hashlib.sha256(json.dumps(content_config(cfg_dict), sort_keys=True).encode()).hexdigest()
-
-    # 1. Validate everything cheap before any heavy work: teacher config, tokenizer, output directory, data.
-    model_cfg = load_model_config(cfg.teacher.model, cfg.teacher.revision)
-    check_teacher_fits(cfg, model_cfg)
-    tokenizer = load_tokenizer(cfg.teacher.model, cfg.teacher.revision)
-    prepare_output_dir(out, cfg_dict, cfg.cache.overwrite, accelerator.is_main_process)
-
-    # 2. Documents -> document-level train/eval split -> packed windows. Every rank does this identically.
+def ingest_spec(cfg: CacheConfig, tokenizer, vocab_size: int) -> IngestSpec:
     sep = cfg.data.separator_token or tokenizer.eos_token
     sep_id = tokenizer.get_vocab().get(sep) if sep is not None else None
     if sep_id is None:
         raise KDError(f"separator token {sep!r} is not in the teacher's vocabulary; set data.separator_token")
-    texts = data.load_documents(cfg.data.files, cfg.data.dataset, cfg.data.dataset_config, cfg.data.dataset_split,
-                                cfg.data.text_field)
-    train_docs, eval_docs = data.split_documents(len(texts), cfg.data.eval_documents, cfg.data.eval_fraction,
-                                                 cfg.data.split_seed)
-    packed = {}
-    for split, docs, cap in (("train", train_docs, cfg.data.max_train_sequences), ("eval", eval_docs, cfg.data.max_eval_sequences)):
-        docs_text = [texts[i] for i in docs]
-        tokens, offsets = data.tokenize(tokenizer, docs_text, offsets=cfg.cache.store_text)
-        packed[split] = data.pack(tokens, docs, cfg.data.seq_len, sep_id, sep_id, cap, offsets, docs_text, sep)
-        if len(packed[split].lengths) == 0:
-            raise KDError(f"the {split} split packs into no windows of {cfg.data.seq_len} tokens; add text or lower data.seq_len")
-        if packed[split].input_ids.max() >= model_cfg.vocab_size:
-            raise KDError(f"the tokenizer produced ids >= the teacher's vocab_size ({model_cfg.vocab_size}): "
-                          "tokenizer and model do not belong together")
+    explicit_eval = bool(cfg.data.eval_files or cfg.data.eval_dataset_split)
+    return IngestSpec(seq_len=cfg.data.seq_len, sep_id=sep_id, pad_id=sep_id, sep_text=sep,
+                      store_text=cfg.cache.store_text, text_field=cfg.data.text_field,
+                      decode_errors=cfg.data.decode_errors, eval_fraction=0.0 if explicit_eval else cfg.data.eval_fraction,
+                      split_seed=cfg.data.split_seed,
+                      caps={"train": cfg.data.max_train_sequences, "eval": cfg.data.max_eval_sequences},
+                      vocab_size=vocab_size, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                      unit_bytes=cfg.data.unit_bytes)
 
-    # Only now, with every input checked, does the directory become this config's cache: a run refused above
+
+def main(cfg: CacheConfig) -> Path:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    t_start = time.time()
+    accelerator = Accelerator()
+    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    out = Path(cfg.cache.output_dir)
+    cfg_dict = to_dict(cfg)
+    config_hash = hashlib.sha256(json.dumps(content_config(cfg_dict), sort_keys=True).encode()).hexdigest()
+
+    # 1. Validate everything cheap before any heavy work: teacher config, tokenizer, separator, sources.
+    def validate():
+        model_cfg = load_model_config(cfg.teacher.model, cfg.teacher.revision)
+        check_teacher_fits(cfg, model_cfg)
+        tokenizer = load_tokenizer(cfg.teacher.model, cfg.teacher.revision)
+        if cfg.cache.store_text and not getattr(tokenizer, "is_fast", False):
+            raise KDError(f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast tokenizer): "
+                          "cache.store_text needs a `tokenizers`-backed (fast) tokenizer; use one, or set "
+                          "cache.store_text=false")
+        sources, input_bytes = config_sources(cfg.data)
+        return model_cfg, tokenizer, ingest_spec(cfg, tokenizer, model_cfg.vocab_size), sources, input_bytes
+
+    model_cfg, tokenizer, spec, sources, input_bytes = agree(accelerator, validate)
+
+    # 2. The output directory: locked by the main process for the whole run, so a second run on it is refused.
+    lock = None
+    try:
+        def claim():
+            nonlocal lock
+            if not is_main:
+                return None
+            lock = open_output_dir(out)
+            state = prepare_output_dir(out, cfg_dict, cfg.cache.overwrite)
+            if state != "complete":
+                (out / INGEST_DIR).mkdir(exist_ok=True)
+                ingest_cfg = out / INGEST_DIR / "config.json"
+                if ingest_cfg.exists() and json.loads(ingest_cfg.read_text()).get("hash") != spec.content_hash():
+                    print("[ingest] discarding an unfinished ingest made with another data config", flush=True)
+                    for p in (out / INGEST_DIR).glob("*.h5"):
+                        p.unlink()
+                write_json_atomic(ingest_cfg, {"hash": spec.content_hash(), "spec": spec.__dict__})
+            return state
+
+        agree(accelerator, claim)
+        if (out / MANIFEST).exists() and (out / CONFIG_FILE).exists() and not diff_keys(
+                content_config(json.loads((out / CONFIG_FILE).read_text())["config"]), content_config(cfg_dict)):
+            if is_main:
+                print(f"[cache] {out} is already complete (same config); nothing to do", flush=True)
+            accelerator.wait_for_everyone()
+            return out
+        return _build(cfg, cfg_dict, config_hash, accelerator, tokenizer, model_cfg, spec, sources, input_bytes,
+                      out, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build(cfg, cfg_dict, config_hash, accelerator, tokenizer, model_cfg, spec, sources, input_bytes, out, t_start):
+    from tqdm.auto import tqdm
+
+    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+
+    # 3. Ingest: documents -> windows on disk, unit by unit (kd/data/ingest.py).
+    capped = cfg.data.max_train_sequences is not None or cfg.data.max_eval_sequences is not None
+    bar = tqdm(total=None if capped or input_bytes is None else input_bytes / world, unit="B", unit_scale=True,
+               desc=f"ingest (rank {rank})", disable=not accelerator.is_local_main_process, file=sys.stdout)
+    seen = {"tokens": 0, "t0": time.time()}
+
+    def progress(chars: int, tokens: int) -> None:
+        seen["tokens"] += tokens
+        bar.set_postfix_str(f"{seen['tokens'] / 1e6:.2f}M tokens, "
+                            f"{seen['tokens'] / max(time.time() - seen['t0'], 1e-9) / 1e6:.2f}M tok/s", refresh=False)
+
+    def on_unit(unit) -> None:
+        bar.update(sum(p.end - p.start for p in unit.pieces))
+
+    explicit_eval = bool(cfg.data.eval_files or cfg.data.eval_dataset_split)
+    index, stats = run_ingest(accelerator, sources, spec, tokenizer, out, progress, on_unit, print)
+    bar.close()
+    if is_main:
+        print(f"[ingest] {stats['documents']} documents read ({stats['empty_documents']} empty ones skipped), "
+              f"{stats['tokens']} tokens in {stats['units']} units ({stats['reused']} from an earlier run), "
+              f"{index.num_sequences['train']} train / {index.num_sequences['eval']} eval windows, "
+              f"{stats['seconds']:.1f} s, {stats['tokens'] / max(stats['seconds'], 1e-9):.0f} tokens/s", flush=True)
+    for split in SPLITS:
+        if index.num_sequences[split] == 0:
+            if stats["split_documents"][split] == 0:
+                raise KDError(f"the {split} data holds no non-empty text in field '{cfg.data.text_field}' "
+                              f"({stats['empty_documents']} empty documents read in all)" +
+                              (", and raise data.eval_fraction" if split == "eval" and not explicit_eval else ""))
+            raise KDError(f"the {split} split packs into no windows of {cfg.data.seq_len} tokens; add text, lower "
+                          "data.seq_len" + (", or raise data.eval_fraction" if split == "eval" else ""))
+
+    # Only now, with the input ingested, does the directory become this config's cache: a run refused above
     # leaves nothing that would block the corrected re-run.
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if is_main and not (out / CONFIG_FILE).exists():
         write_json_atomic(out / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg_dict})
 
-    # 3. Metadata every shard and the manifest carry.
+    # 4. Metadata every shard and the manifest carry.
     field_codecs = codec_specs(model_cfg.vocab_size, cfg.cache.id_codec, cfg.cache.logprob_codec,
                                cfg.cache.hidden_codec, cfg.cache.sample_n)
     meta = {
@@ -143,86 +237,103 @@ def main(cfg: CacheConfig) -> Path:
                     "commit_hash": getattr(model_cfg, "_commit_hash", None), "model_type": model_cfg.model_type,
                     "vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.hidden_size,
                     "num_hidden_layers": model_cfg.num_hidden_layers, "dtype": cfg.teacher.dtype},
-        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "class": type(tokenizer).__name__,
-                      "size": len(tokenizer), "separator_id": sep_id, "separator": sep},
+        "tokenizer": {"fingerprint": spec.tokenizer_fingerprint, "class": type(tokenizer).__name__,
+                      "size": len(tokenizer), "separator_id": spec.sep_id, "separator": spec.sep_text},
         "top_k": cfg.cache.top_k, "hidden_layers": cfg.cache.hidden_layers, "seq_len": cfg.data.seq_len,
         "codecs": field_codecs, "position_targets": "next token (t+1)",
         "sample_n": cfg.cache.sample_n, "store_text": cfg.cache.store_text,
-        "dataset": {"files": cfg.data.files, "dataset": cfg.data.dataset, "dataset_config": cfg.data.dataset_config,
-                    "dataset_split": cfg.data.dataset_split, "text_field": cfg.data.text_field,
-                    "num_documents": len(texts),
-                    "fingerprint": hashlib.sha256("".join(packed[s].fingerprint() for s in SPLITS).encode()).hexdigest()},
+        "dataset": {"files": cfg.data.files, "eval_files": cfg.data.eval_files, "dataset": cfg.data.dataset,
+                    "dataset_config": cfg.data.dataset_config, "dataset_split": cfg.data.dataset_split,
+                    "eval_dataset_split": cfg.data.eval_dataset_split, "text_field": cfg.data.text_field,
+                    "split_rule": ("held-out source: every main document is a training document" if explicit_eval else
+                                   f"per document: eval iff blake2b(text, key=split_seed={cfg.data.split_seed}) / 2^64 "
+                                   f"< eval_fraction={cfg.data.eval_fraction}"),
+                    "unit_bytes": cfg.data.unit_bytes},
     }
 
-    # 4. Shard plan: shard boundaries depend only on the config, never on the number of processes.
+    # 5. Shard plan: shard boundaries depend only on the config, never on the number of processes. A complete
+    #    shard is kept only if it was computed from exactly these windows (its input fingerprint).
     S = cfg.cache.sequences_per_shard
-    jobs = [(split, j, start, min(start + S, len(packed[split].lengths)))
-            for split in SPLITS for j, start in enumerate(range(0, len(packed[split].lengths), S))]
+    n_seq = index.num_sequences
+    jobs = [(split, j, start, min(start + S, n_seq[split]))
+            for split in SPLITS for j, start in enumerate(range(0, n_seq[split], S))]
     my_jobs = jobs[rank::world]
-    todo = [job for job in my_jobs if complete_shard_info(out / shard_name(job[0], job[1]), config_hash) is None]
-    todo_tokens = sum(int(packed[s].lengths[a:b].sum()) for s, _, a, b in todo)
-    if accelerator.is_main_process:
+    window_fields = ["input_ids", "lengths", "doc_starts"] + (["text", "token_spans"] if cfg.cache.store_text else [])
+    todo = []
+    for job in my_jobs:
+        info = complete_shard_info(out / shard_name(job[0], job[1]), config_hash)
+        w = index.read(job[0], job[2], job[3], ["input_ids", "lengths"])
+        if info is None or info.get("input_sha256") != windows_fingerprint(w["input_ids"], w["lengths"]):
+            todo.append(job)
+    todo_tokens = sum(int(index.read(s, a, b, ["lengths"])["lengths"].sum()) for s, _, a, b in todo)
+    if is_main:
         print(f"[cache] {len(jobs)} shards on {world} process(es); rank 0 has {len(my_jobs)}, "
               f"{len(my_jobs) - len(todo)} of them already complete", flush=True)
 
-    # 5. The teacher pass. The model is only loaded if this rank has work.
+    # 6. The teacher pass. The model is only loaded if this rank has work.
     tokens_done = 0
     if todo:
-        from tqdm.auto import tqdm
-
         model = load_causal_lm(cfg.teacher.model, cfg.teacher.revision, cfg.teacher.dtype,
                                cfg.teacher.attn_implementation).to(accelerator.device).eval()
-        bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"caching (rank {rank})",
+        bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"teacher (rank {rank})",
                    disable=not accelerator.is_local_main_process, file=sys.stdout)
         for split, j, a, b in todo:
-            p = packed[split]
+            w = index.read(split, a, b, window_fields)
             writer = ShardWriter(out / shard_name(split, j), dict(meta, split=split, shard_index=j, first_sequence=a),
                                  b - a, cfg.data.seq_len, cfg.cache.top_k, len(cfg.cache.hidden_layers),
                                  model_cfg.hidden_size, field_codecs, cfg.cache.sample_n, cfg.cache.store_text)
-            for s in range(a, b, cfg.teacher.batch_size):
-                e = min(s + cfg.teacher.batch_size, b)
-                ids = torch.from_numpy(p.input_ids[s:e]).to(accelerator.device)
-                lengths = torch.from_numpy(p.lengths[s:e])
+            for s in range(0, b - a, cfg.teacher.batch_size):
+                e = min(s + cfg.teacher.batch_size, b - a)
+                ids = torch.from_numpy(w["input_ids"][s:e].astype(np.int64)).to(accelerator.device)
+                lengths = torch.from_numpy(w["lengths"][s:e].astype(np.int64))
                 mask = (torch.arange(cfg.data.seq_len)[None, :] < lengths[:, None]).long().to(accelerator.device)
-                gens = [sequence_generator(cfg.cache.sample_seed, split, i, accelerator.device) for i in range(s, e)]
+                gens = [sequence_generator(cfg.cache.sample_seed, split, i, accelerator.device)
+                        for i in range(a + s, a + e)]
                 lp, top_ids, hidden, samples = teacher_targets(model, ids, mask, cfg.cache.top_k, cfg.cache.hidden_layers,
                                                                sample_n=cfg.cache.sample_n, sample_generators=gens)
                 # values leave the device in fp32 (q8 quantises from fp32) or in their plain storage dtype
-                writer.append(p.input_ids[s:e], p.lengths[s:e], np.arange(s, e), top_ids.cpu().numpy(),
+                writer.append(w["input_ids"][s:e], w["lengths"][s:e], np.arange(a + s, a + e), top_ids.cpu().numpy(),
                               to_numpy(lp, field_codecs["topk_logprobs"]),
                               None if hidden is None else to_numpy(hidden, field_codecs["hidden_states"]),
                               None if samples is None else (samples[0].cpu().numpy(), samples[1].cpu().numpy()),
-                              (p.texts[s:e], p.spans[s:e]) if cfg.cache.store_text else None)
+                              (w["text"][s:e], w["token_spans"][s:e]) if cfg.cache.store_text else None)
                 n_tok = int(lengths.sum())
                 tokens_done += n_tok
                 bar.update(n_tok)
-            writer.commit()
+            writer.commit({"input_sha256": windows_fingerprint(w["input_ids"], w["lengths"]),
+                           "num_documents": int(w["doc_starts"].sum())})
         bar.close()
 
-    # 6. Once every rank is done, rank 0 collects the sidecars into the manifest: the cache exists from here on.
+    # 7. Once every rank is done, rank 0 collects the sidecars into the manifest: the cache exists from here on.
     accelerator.wait_for_everyone()
     tokens_all = int(accelerator.reduce(torch.tensor([tokens_done], device=accelerator.device), "sum").item())
-    if accelerator.is_main_process:
+    if is_main:
         splits = {}
         for split in SPLITS:
             shards = [json.loads(sidecar_path(out / shard_name(split, j)).read_text())
                       for s, j, _, _ in jobs if s == split]
             for info in shards:
                 info.pop("config_hash")
-            splits[split] = {"num_sequences": len(packed[split].lengths), "num_tokens": packed[split].num_tokens,
-                             "documents": packed[split].documents, "fingerprint": packed[split].fingerprint(),
+            splits[split] = {"num_sequences": n_seq[split], "num_tokens": sum(sh["num_tokens"] for sh in shards),
+                             "num_documents": sum(sh["num_documents"] for sh in shards),
+                             # sha256 over the shards' input fingerprints, in order: the windows the teacher saw
+                             "fingerprint": hashlib.sha256("".join(sh["input_sha256"] for sh in shards).encode()).hexdigest(),
                              "shards": shards}
         total_bytes = sum(sh["bytes"] for sp in splits.values() for sh in sp["shards"])
         total_tokens = sum(sp["num_tokens"] for sp in splits.values())
+        meta["dataset"]["fingerprint"] = hashlib.sha256("".join(splits[s]["fingerprint"] for s in SPLITS).encode()).hexdigest()
+        # `ingest` and `created_unix` describe this run, not the content: with more processes, or after a resume,
+        # more input may have been read past a cap
         manifest = dict(meta, config=cfg_dict, splits=splits, bytes=total_bytes, bytes_per_token=total_bytes / total_tokens,
-                        created_unix=time.time())
+                        created_unix=time.time(), ingest={k: stats[k] for k in ("documents", "empty_documents", "units",
+                                                                                "reused", "tokens", "seconds")})
         manifest.pop("config_hash")
         write_json_atomic(out / MANIFEST, manifest)
+        shutil.rmtree(out / INGEST_DIR, ignore_errors=True)  # the windows live on in the shards
         elapsed = time.time() - t_start
-        n_seq = sum(sp["num_sequences"] for sp in splits.values())
-        print(f"[cache] done: {n_seq} sequences, {total_tokens} tokens ({tokens_all} computed now), "
-              f"{total_bytes / total_tokens:.0f} bytes/token, {elapsed:.1f} s, {tokens_all / elapsed:.0f} tokens/s "
-              f"-> {out}", flush=True)
+        print(f"[cache] done: {sum(n_seq.values())} sequences, {total_tokens} tokens ({tokens_all} computed now), "
+              f"{sum(len(sp['shards']) for sp in splits.values())} shards, {total_bytes / total_tokens:.0f} bytes/token, "
+              f"{elapsed:.1f} s, {tokens_all / elapsed:.0f} tokens/s -> {out}", flush=True)
     accelerator.wait_for_everyone()
     return out
 

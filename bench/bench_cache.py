@@ -41,17 +41,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def bare_forward(cfg: CacheConfig) -> tuple[float, int]:
     t0 = time.perf_counter()
     tok = load_tokenizer(cfg.teacher.model)
-    texts = data.load_documents(cfg.data.files, None, None, "train", "text")
-    train_docs, _ = data.split_documents(len(texts), cfg.data.eval_documents, 0.1, cfg.data.split_seed)
+    texts = [Path(f).read_text() for f in data.expand_files(cfg.data.files)]  # the training plays, in order
     sep = tok.get_vocab()[cfg.data.separator_token]
-    packed = data.pack(data.tokenize(tok, [texts[i] for i in train_docs])[0], train_docs, cfg.data.seq_len, sep, sep,
-                       cfg.data.max_train_sequences)
+    packer = data.Packer(cfg.data.seq_len, sep, sep, with_text=False)
+    for ids in data.tokenize(tok, texts)[0]:
+        packer.add(ids)
+    windows = packer.take(final=True)
+    n = cfg.data.max_train_sequences
     model = load_causal_lm(cfg.teacher.model, None, cfg.teacher.dtype, cfg.teacher.attn_implementation).eval()
-    ids = torch.from_numpy(packed.input_ids)
+    ids = torch.from_numpy(windows.input_ids[:n].astype("int64"))
     with torch.inference_mode():
         for s in range(0, len(ids), cfg.teacher.batch_size):
             model(input_ids=ids[s:s + cfg.teacher.batch_size]).logits.sum()
-    return time.perf_counter() - t0, packed.num_tokens
+    return time.perf_counter() - t0, int(windows.lengths[:n].sum())
 
 
 def per_batch_ratio(cfg: CacheConfig, repeats: int = 5) -> tuple[float, float]:
@@ -84,7 +86,7 @@ def main() -> None:
 
     def config(n: int, out: str) -> CacheConfig:
         return load_config(CacheConfig, ROOT / "configs/shakespeare_smollm2.yaml",
-                           ["data.eval_documents=1", f"data.max_train_sequences={n}", "data.max_eval_sequences=1",
+                           [f"data.max_train_sequences={n}", "data.max_eval_sequences=1",
                             f"cache.output_dir={work}/{out}"])
 
     bare_forward(config(8, "warmup"))  # one-time imports and file-cache warm-up, untimed
@@ -107,8 +109,9 @@ def main() -> None:
     print(f"ratio (b)/(a) throughput, end to end:  {cache_tps / bare_tps:.3f}   (goal >= 0.85)")
     print(f"per batch of {cfg.teacher.batch_size}x{cfg.data.seq_len}: plain forward {batch_bare:.2f} s, "
           f"teacher_targets {batch_full:.2f} s, ratio {batch_bare / batch_full:.3f}")
-    print(f"cache bytes per token: {manifest['bytes_per_token']:.0f} (top-{manifest['top_k']} fp16 + ids, "
-          f"{len(manifest['hidden_layers'])} hidden layers x {manifest['teacher']['hidden_size']} fp16)")
+    print(f"cache bytes per token: {manifest['bytes_per_token']:.0f} (top-{manifest['top_k']}, sampled n = "
+          f"{manifest['sample_n']}, {len(manifest['hidden_layers'])} hidden layers x {manifest['teacher']['hidden_size']}; "
+          f"codecs {manifest['codecs']})")
     shutil.rmtree(work)
 
 

@@ -1,7 +1,9 @@
 """The teacher cache: a directory of self-describing HDF5 shards plus `manifest.json`.
 
-Layout of DIR (format version 2; version 1 caches are still read):
-    cache_config.json        resolved config of the run that writes DIR (written first; re-runs are checked against it)
+Layout of DIR (format version 3; versions 1 and 2 are still read):
+    cache_config.json        resolved config of the run that writes DIR (written once the input is ingested; re-runs are
+                             checked against it)
+    ingest/                  only while the cache is being built: the packed windows (kd/data/ingest.py) and .lock
     manifest.json            written last, by rank 0, once every shard is complete: the cache is usable iff it exists;
                              its `codecs` record says how each field is stored (see kd/codecs.py)
     train-00000.h5 ...       shards; shard j holds sequences [j*S, (j+1)*S) of its split (S = sequences_per_shard)
@@ -37,7 +39,6 @@ Commands:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -49,9 +50,10 @@ import numpy as np
 
 from kd import codecs
 from kd.errors import KDError, run_cli
+from kd.io import fsync_file, sha256_file, write_json_atomic  # noqa: F401 (re-exported)
 
 FORMAT = "kd-teacher-cache"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: streaming ingest (per-document split rule and counts, no document list); shards as in 2
 SPLITS = ("train", "eval")
 MANIFEST = "manifest.json"
 CONFIG_FILE = "cache_config.json"
@@ -64,23 +66,6 @@ def shard_name(split: str, index: int) -> str:
 
 def sidecar_path(shard: Path) -> Path:
     return shard.with_suffix(".json")
-
-
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _datasets(name: str, spec: dict, shape: tuple) -> dict[str, tuple[tuple, np.dtype]]:
@@ -215,7 +200,8 @@ class ShardWriter:
         self.cursor += n
         self.num_tokens += int(np.sum(lengths))
 
-    def commit(self) -> dict:
+    def commit(self, extra: dict | None = None) -> dict:
+        """Finish the shard; `extra` goes into its sidecar (and so the manifest's shard record)."""
         if self.cursor != self.num_sequences:
             self.abort()
             raise RuntimeError(f"shard {self.path.name}: {self.cursor} of {self.num_sequences} sequences written")
@@ -223,11 +209,10 @@ class ShardWriter:
         try:
             self.f.attrs[META_ATTR] = json.dumps(meta, sort_keys=True)
             self.f.close()
-            with open(self.tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(self.tmp)
             info = {"file": self.path.name, "sha256": sha256_file(self.tmp), "bytes": self.tmp.stat().st_size,
                     "first_sequence": meta["first_sequence"], "num_sequences": self.num_sequences,
-                    "num_tokens": self.num_tokens, "config_hash": meta["config_hash"]}
+                    "num_tokens": self.num_tokens, "config_hash": meta["config_hash"], **(extra or {})}
             write_json_atomic(sidecar_path(self.path), info)
             os.replace(self.tmp, self.path)
         except OSError as e:
@@ -489,7 +474,7 @@ def summary(path: str | Path) -> str:
              "codecs    " + ", ".join(f"{k}: {codecs.describe(v)}" for k, v in manifest_codecs(m).items())]
     for split, info in m["splits"].items():
         lines.append(f"{split:<9} {info['num_sequences']} sequences, {info['num_tokens']} tokens, "
-                     f"{len(info['shards'])} shards, {len(info['documents'])} documents")
+                     f"{len(info['shards'])} shards, {info.get('num_documents', len(info.get('documents', [])))} documents")
     lines.append(f"size      {m['bytes']} bytes, {m['bytes_per_token']:.0f} bytes/token")
     return "\n".join(lines)
 

@@ -32,48 +32,66 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    """The text to cache.
+    """The text to cache. Read as a stream (kd/data/): memory does not grow with the corpus.
 
-    files: local files or globs (`asset:` paths allowed). .txt = one document per file; .json/.jsonl/.csv/.parquet =
-        one document per record. Used when non-empty; otherwise `dataset` is loaded.
-    dataset: Hugging Face hub dataset name (or a local dataset script/folder) when `files` is empty.
-    dataset_config: the hub dataset's config (subset) name.
-    dataset_split: which split of the hub dataset to read; the train/eval split below is made from it.
-    text_field: column holding the document text.
+    files: local files or globs (`asset:` paths allowed), read in the order given (each glob sorted). .txt = one
+        document per file; .jsonl/.json/.csv/.parquet = one document per record; text formats may be compressed
+        (.gz, .zst). Set either `files` or `dataset`.
+    eval_files: held-out files for the eval split (then every document of `files` is a training document).
+    dataset: a Hugging Face dataset instead of files: hub name, local folder of data files, or `save_to_disk` folder.
+    dataset_config: the dataset's config (subset) name.
+    dataset_split: which split of the dataset to read; the train/eval split below is made from it.
+    eval_dataset_split: a held-out split of the same dataset for eval (then all of `dataset_split` is training data).
+    streaming: read `dataset` as a stream (nothing converted to disk first) or memory-mapped; same cache either way.
+    text_field: field (column) holding the document text.
+    decode_errors: invalid UTF-8 in a file is an error naming the file and line (`strict`), or read as U+FFFD (`replace`).
     seq_len: tokens per packed window.
-    separator_token: token placed between documents; null = the tokenizer's EOS token.
-    eval_documents: number of documents held out for eval (takes precedence over eval_fraction when > 0).
-    eval_fraction: share of documents held out for eval when eval_documents is 0.
-    split_seed: seed of the document permutation that picks the eval documents.
-    max_train_sequences: cap on training windows (null = all): the first windows of the train split are kept.
+    separator_token: token placed after each document; null = the tokenizer's EOS token.
+    eval_fraction: without a held-out source, the share of documents held out for eval, decided per document from
+        a keyed hash of its text (identical documents always land on the same side).
+    split_seed: key of that hash.
+    max_train_sequences: cap on training windows (null = all): the first windows are kept, and reading stops early.
     max_eval_sequences: cap on eval windows (null = all), likewise.
+    unit_bytes: the corpus is tokenized in units of about this many input bytes (the unit of parallel work and of
+        resume; a split's last window in each unit may be partial, so keep it >> seq_len tokens).
     """
 
     files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
     dataset: str | None = None
     dataset_config: str | None = None
     dataset_split: str = "train"
+    eval_dataset_split: str | None = None
+    streaming: bool = True
     text_field: str = "text"
+    decode_errors: Literal["strict", "replace"] = "strict"
     seq_len: int = 256
     separator_token: str | None = None
-    eval_documents: int = 0
     eval_fraction: float = 0.1
     split_seed: int = 0
     max_train_sequences: int | None = None
     max_eval_sequences: int | None = None
+    unit_bytes: int = 64 * 2**20
 
     def __post_init__(self):
         if self.seq_len < 2:
             raise KDError(f"data.seq_len must be >= 2, got {self.seq_len}")
-        if self.eval_documents < 0:
-            raise KDError(f"data.eval_documents must be >= 0, got {self.eval_documents}")
-        if self.eval_documents == 0 and not 0.0 < self.eval_fraction < 1.0:
-            raise KDError(f"data.eval_fraction must be in (0, 1) when data.eval_documents is 0, got {self.eval_fraction}")
+        if not self.eval_files and not self.eval_dataset_split and not 0.0 < self.eval_fraction < 1.0:
+            raise KDError(f"data.eval_fraction must be in (0, 1) without a held-out source (data.eval_files or "
+                          f"data.eval_dataset_split), got {self.eval_fraction}")
         for name in ("max_train_sequences", "max_eval_sequences"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise KDError(f"data.{name} must be >= 1 or null, got {getattr(self, name)}")
+        if self.unit_bytes < 1:
+            raise KDError(f"data.unit_bytes must be >= 1, got {self.unit_bytes}")
         if not self.files and not self.dataset:
-            raise KDError("no data given: set data.files (local files) or data.dataset (a hub dataset name)")
+            raise KDError("no data given: set data.files (local files) or data.dataset (a Hugging Face dataset)")
+        if self.files and self.dataset:
+            raise KDError("both data.files and data.dataset are set: choose one source")
+        if self.eval_files and not self.files:
+            raise KDError("data.eval_files needs data.files (for a dataset, use data.eval_dataset_split)")
+        if self.eval_dataset_split and not self.dataset:
+            raise KDError("data.eval_dataset_split needs data.dataset (for files, use data.eval_files)")
 
 
 @dataclass
@@ -93,7 +111,7 @@ class CacheSection:
     sample_seed: seed of those draws; each sequence has its own stream, so contents never depend on batching.
     store_text: keep each window's text and every teacher token's character span, so students with OTHER tokenizers
         can be aligned to this cache later (cross-tokenizer KD); about 12 bytes per token. Needs a fast tokenizer.
-    sequences_per_shard: sequences per HDF5 shard, the unit of work, resume and checksums.
+    sequences_per_shard: sequences per HDF5 shard, the unit of the teacher pass's work, resume and checksums.
     overwrite: replace a cache in output_dir that was made with a different config (otherwise that is refused).
     """
 
@@ -130,4 +148,4 @@ class CacheConfig:
 
 
 # Keys that do not change what is stored: a re-run may differ in these and still resume the same cache.
-NON_CONTENT_KEYS = ("teacher.batch_size", "cache.output_dir", "cache.overwrite")
+NON_CONTENT_KEYS = ("teacher.batch_size", "cache.output_dir", "cache.overwrite", "data.streaming")

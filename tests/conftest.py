@@ -35,10 +35,12 @@ def make_text(seed: int, n_words: int) -> str:
 
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
-    """Six small 'plays' as .txt files (one document each), ~1.5k tokens each."""
+    """Six small 'plays' as .txt files (one document each), ~1.5k tokens each: five for training, and a held-out
+    one in heldout/ (the caches' eval split)."""
     d = tmp_path_factory.mktemp("corpus")
+    (d / "heldout").mkdir()
     for i in range(6):
-        (d / f"play{i}.txt").write_text(make_text(i, 900))
+        (d / ("heldout" if i == 5 else "") / f"play{i}.txt").write_text(make_text(i, 900))
     return d
 
 
@@ -52,7 +54,7 @@ def tokenizer_dir(tmp_path_factory, corpus_dir) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(p) for p in sorted(corpus_dir.glob("*.txt"))], trainer)
+    tok.train([str(p) for p in sorted(corpus_dir.rglob("*.txt"))], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     d = tmp_path_factory.mktemp("tokenizer")
     fast.save_pretrained(d)
@@ -109,7 +111,7 @@ def cache_overrides(teacher: Path, corpus: Path, out: Path, **extra) -> list[str
     """Dotted overrides for a small, fast cache run on the fixture corpus."""
     base = {
         "teacher.model": str(teacher), "teacher.batch_size": 3,
-        "data.files": f"[{corpus}/*.txt]", "data.seq_len": 32, "data.eval_documents": 1,
+        "data.files": f"[{corpus}/*.txt]", "data.eval_files": f"[{corpus}/heldout/*.txt]", "data.seq_len": 32,
         "data.separator_token": "<|endoftext|>",
         "cache.output_dir": str(out), "cache.top_k": 16, "cache.hidden_layers": "[0, 2]",
         "cache.sequences_per_shard": 8, "data.max_train_sequences": 40, "cache.sample_n": 8,

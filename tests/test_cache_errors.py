@@ -22,23 +22,40 @@ def run_cli(*args):
     ({"data.seq_len": 256}, "longer than the teacher's context (128"),
     ({"cache.top_k": 100000}, "larger than the teacher's vocabulary"),
     ({"cache.hidden_layers": "[0, 3]"}, "cache.hidden_layers [3] out of range"),
-    ({"data.files": "[/nonexistent/*.txt]"}, "data file(s) not found: /nonexistent/*.txt"),
-    ({"data.text_field": "content", "data.files": "[{jsonl}]"}, "text field 'content' is not in"),
-    ({"data.files": "[{empty}]"}, "holds no non-empty text"),
+    ({"data.files": "[/nonexistent/*.txt]"}, "data.files: file(s) not found: /nonexistent/*.txt"),
     ({"data.separator_token": "<nope>"}, "separator token '<nope>' is not in the teacher's vocabulary"),
-    ({"data.eval_documents": 6}, "leaving none for training"),
+    ({"data.eval_files": "[{train_file}]"}, "is in both data.files and data.eval_files"),
 ])
-def test_bad_input_is_refused_before_work(tmp_path, make_cache_config, llama_teacher, override, message):
-    (tmp_path / "docs.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
-    (tmp_path / "empty.txt").write_text("  \n")
-    override = {k: v.format(jsonl=tmp_path / "docs.jsonl", empty=tmp_path / "empty.txt") if isinstance(v, str) else v
-                for k, v in override.items()}
+def test_bad_input_is_refused_before_work(tmp_path, make_cache_config, llama_teacher, corpus_dir, override, message):
+    override = {k: v.format(train_file=corpus_dir / "play0.txt") if isinstance(v, str) else v for k, v in override.items()}
     with pytest.raises(KDError, match=None) as e:
         cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c", **override))
     assert message in str(e.value)
-    assert not list((tmp_path / "c").glob("*")) if (tmp_path / "c").exists() else True
-    # nothing left behind blocks the corrected run
+    assert not (tmp_path / "c").exists()  # refused before the output directory was touched
     cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"data.text_field": "content", "data.files": "[{jsonl}]"}, "text field 'content' is not in the record"),
+    ({"data.files": "[{empty}]"}, "holds no non-empty text"),
+    ({"data.files": "[{bad_utf8}]"}, "bad.jsonl, line 2: invalid UTF-8"),
+    ({"data.eval_files": "[]", "data.eval_fraction": 0.01}, "the eval data holds no non-empty text"),
+])
+def test_bad_data_found_while_reading_never_blocks_the_corrected_run(tmp_path, make_cache_config, llama_teacher,
+                                                                     override, message):
+    """Problems only reading can find (streaming: the data is never loaded up front) stop the run with one error,
+    before the directory becomes a cache, so the corrected run (another data config) proceeds."""
+    (tmp_path / "docs.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "one"}\n{"text": "\xff"}\n')
+    paths = {"jsonl": tmp_path / "docs.jsonl", "empty": tmp_path / "empty.txt", "bad_utf8": tmp_path / "bad.jsonl"}
+    override = {k: v.format(**paths) if isinstance(v, str) else v for k, v in override.items()}
+    with pytest.raises(KDError) as e:
+        cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c", **override))
+    assert message in str(e.value)
+    assert not (tmp_path / "c" / MANIFEST).exists() and not (tmp_path / "c" / "cache_config.json").exists()
+    cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
+    assert (tmp_path / "c" / MANIFEST).exists()
 
 
 def test_cli_error_is_one_line_and_exit_2(tmp_path, corpus_dir, llama_teacher):
@@ -72,6 +89,8 @@ def test_full_disk_keeps_complete_shards(tmp_path, make_cache_config, llama_teac
     calls = {"n": 0}
 
     def no_space_after_a_while(self, key, value):
+        if "ingest" in self.file.filename:  # the teacher pass's shard writes are counted
+            return real_setitem(self, key, value)
         calls["n"] += 1
         if calls["n"] > 44:  # 11 dataset writes per batch: the 5th batch fails, inside the 2nd shard
             raise OSError(errno.ENOSPC, "No space left on device")

@@ -185,5 +185,27 @@ def test_format_version_1_cache_still_reads(tmp_path):
     shutil.copytree(V1_CACHE, newer)
     (newer / MANIFEST).write_text(json.dumps(dict(manifest, format_version=99)))
     from kd.errors import KDError
-    with pytest.raises(KDError, match="cache format version 99; this kd reads up to 2: upgrade kd"):
+    with pytest.raises(KDError, match="cache format version 99; this kd reads up to 3: upgrade kd"):
         TeacherCache(newer)
+
+
+def test_format_version_2_cache_still_reads():
+    """tests/data/cache_v2 was written by kd's format-version-2 writer (bit-packed ids, q8 log-probs and hidden
+    states, ragged samples, text). Version 3 changed only the manifest (streaming ingest): v2 reads unchanged."""
+    v2 = Path(__file__).parent / "data" / "cache_v2"
+    manifest = json.loads((v2 / MANIFEST).read_text())
+    assert manifest["format_version"] == 2 and "documents" in manifest["splits"]["train"]
+    cache = TeacherCache(v2)
+    for split in ("train", "eval"):
+        reader = cache.split(split, ("input_ids", "topk_ids", "topk_logprobs", "hidden_states", "sample_ids",
+                                     "sample_counts", "text", "token_spans"))
+        for shard in manifest["splits"][split]["shards"]:
+            with h5py.File(v2 / shard["file"], "r") as f:
+                for r in range(shard["num_sequences"]):
+                    item = reader[shard["first_sequence"] + r]
+                    assert np.array_equal(item["input_ids"].numpy(), f["input_ids"][r].astype(np.int64))
+                    assert item["text"] == f["text"][r].decode()
+                    assert (item["sample_counts"].sum(-1) == manifest["sample_n"]).all()
+                    assert (item["topk_logprobs"] <= 0).all() and item["hidden_states"].shape[0] == 2
+    assert verify(v2, log=lambda *_: None) == []
+    assert "kd-teacher-cache v2" in summary(v2) and "1 documents" in summary(v2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -59,41 +61,128 @@ def test_overrides_types_and_unknown_keys(tmp_path):
         load_config(CacheConfig, tmp_path / "missing.yaml")
     with pytest.raises(KDError, match="no data given"):
         load_config(CacheConfig, None)
+    with pytest.raises(KDError, match="both data.files and data.dataset"):
+        load_config(CacheConfig, y, ["data.dataset=x"])
+    with pytest.raises(KDError, match="data.eval_files needs data.files"):
+        load_config(CacheConfig, None, ["data.dataset=x", "data.eval_files=[a.txt]"])
 
 
 def test_diff_keys():
     assert diff_keys({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 0}) == ["a.c", "d"]
 
 
-def test_document_split_is_deterministic_and_disjoint():
-    train, ev = data.split_documents(20, 0, 0.2, seed=3)
-    assert (train, ev) == data.split_documents(20, 0, 0.2, seed=3)
-    assert len(ev) == 4 and set(train).isdisjoint(ev) and sorted(train + ev) == list(range(20))
-    assert data.split_documents(20, 0, 0.2, seed=4)[1] != ev
-    assert len(data.split_documents(20, 5, 0.2, seed=3)[1]) == 5  # a count takes precedence over a fraction
-    with pytest.raises(KDError, match="leaving none for training"):
-        data.split_documents(3, 3, 0.1, seed=0)
+def test_document_split_is_per_document_and_keyed():
+    from kd.data.ingest import document_split
+
+    docs = [f"document number {i}" for i in range(4000)]
+    sides = [document_split(d, 3, 0.2) for d in docs]
+    assert sides == [document_split(d, 3, 0.2) for d in docs]  # deterministic, no global view
+    assert 0.17 < sides.count("eval") / len(docs) < 0.23
+    assert [document_split(d, 4, 0.2) for d in docs] != sides  # the seed is a key
+    assert document_split("same text", 3, 0.2) == document_split("same text", 3, 0.2)  # duplicates: one side
 
 
 def test_pack_joins_documents_and_keeps_the_last_partial_window():
-    p = data.pack([[1, 2, 3], [4, 5]], [0, 1], seq_len=4, sep_id=9, pad_id=0)
+    p = data.pack([[1, 2, 3], [4, 5]], seq_len=4, sep_id=9, pad_id=0)
     # stream 1 2 3 9 4 5 9 -> [1 2 3 9] [4 5 9 pad]
     np.testing.assert_array_equal(p.input_ids, [[1, 2, 3, 9], [4, 5, 9, 0]])
     np.testing.assert_array_equal(p.lengths, [4, 3])
-    assert p.num_tokens == 7
+    np.testing.assert_array_equal(p.doc_starts, [1, 1])
     # a trailing single token has no target: dropped
-    p = data.pack([[1, 2, 3, 4]], [0], seq_len=4, sep_id=9, pad_id=0)
+    p = data.pack([[1, 2, 3, 4]], seq_len=4, sep_id=9, pad_id=0)
     np.testing.assert_array_equal(p.lengths, [4])
-    assert len(data.pack([[1, 2, 3, 4, 5, 6, 7]], [0], 4, 9, 0, max_sequences=1).lengths) == 1
 
 
-def test_jsonl_documents(tmp_path):
-    f = tmp_path / "d.jsonl"
-    f.write_text('{"body": "alpha"}\n{"body": ""}\n{"body": "beta"}\n')
-    assert data.load_documents([str(f)], None, None, "train", "body") == ["alpha", "beta"]
-    with pytest.raises(KDError, match="mix formats"):
-        (tmp_path / "x.txt").write_text("t")
-        data.expand_files([str(f), str(tmp_path / "x.txt")])
+def test_streaming_packer_equals_packing_at_once():
+    """Windows taken after every document, after every few, or once at the end are the same windows."""
+    rng = np.random.default_rng(0)
+    docs = [list(rng.integers(1, 50, rng.integers(0, 40))) for _ in range(60)]
+    whole = data.pack(docs, 16, 99, 0)
+    for every in (1, 7):
+        p = data.Packer(16, 99, 0, with_text=False)
+        parts = []
+        for i, d in enumerate(docs):
+            p.add(d)
+            if i % every == 0:
+                parts.append(p.take())
+        parts.append(p.take(final=True))
+        np.testing.assert_array_equal(np.concatenate([w.input_ids for w in parts]), whole.input_ids)
+        np.testing.assert_array_equal(np.concatenate([w.lengths for w in parts]), whole.lengths)
+        assert sum(int(w.doc_starts.sum()) for w in parts) == sum(1 for d in docs if d)
+
+
+def test_file_formats_read_the_same_documents(tmp_path):
+    import csv
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from kd.data.sources import Piece, read_piece
+
+    docs = ["alpha beta", "", "line one\nline two", "ünïcode ✓", "x" * 5000]
+    recs = [{"text": d, "id": i} for i, d in enumerate(docs)]
+    jsonl = "".join(json.dumps(r) + "\n" for r in recs).encode()
+    (tmp_path / "a.jsonl").write_bytes(jsonl)
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(jsonl))
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl))
+    (tmp_path / "a.json").write_text(json.dumps(recs))
+    with open(tmp_path / "a.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["id", "text"])
+        w.writeheader()
+        w.writerows(recs)
+    pq.write_table(pa.table({"text": docs}), tmp_path / "a.parquet", row_group_size=2)
+    for name in ("a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.json", "a.csv", "a.parquet"):
+        path = str(tmp_path / name)
+        got = [t for t, _ in read_piece(Piece(path, 0, os.path.getsize(path)), "text", "strict")]
+        assert got == docs, name
+
+
+def test_units_cut_jsonl_at_line_boundaries(tmp_path):
+    """A .jsonl cut into many byte ranges: every record read exactly once, whatever the unit size; small files
+    share units; non-splittable files belong whole to one unit."""
+    from kd.data.sources import plan_file_units, unit_documents
+
+    docs = [f"record {i} " + "w" * (i % 17) for i in range(300)]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for i in range(5):
+        (tmp_path / f"small{i}.txt").write_text(f"small {i}")
+    files = [str(tmp_path / "big.jsonl")] + [str(tmp_path / f"small{i}.txt") for i in range(5)]
+    for unit_bytes in (1, 7, 64, 1000, 10**9):
+        units = plan_file_units(files, unit_bytes, "main")
+        got = [t for u in units for t, _ in unit_documents(u, "text", "strict")]
+        assert got == docs + [f"small {i}" for i in range(5)], unit_bytes
+    assert len(plan_file_units(files, 10**9, "main")) == 1
+    assert len(plan_file_units(files, 64, "main")) > 50
+
+
+def test_bad_records_name_file_and_line(tmp_path):
+    from kd.data.sources import Piece, plan_file_units, read_piece, unit_documents
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "also fine"}\n{"text": "caf\xe9"}\n')
+    piece = Piece(str(bad), 0, bad.stat().st_size)
+    with pytest.raises(KDError, match=r"bad.jsonl, line 3: invalid UTF-8 \(byte 0xe9\).*decode_errors=replace"):
+        list(read_piece(piece, "text", "strict"))
+    assert [t for t, _ in read_piece(piece, "text", "replace")][2] == "caf\ufffd"
+    # the line number is right when the error lies in a unit that starts mid-file
+    units = plan_file_units([str(bad)], 20, "main")
+    assert len(units) > 1
+    with pytest.raises(KDError, match="line 3: invalid UTF-8"):
+        [t for u in units for t, _ in unit_documents(u, "text", "strict")]
+    (tmp_path / "t.txt").write_bytes(b"ok\nok\n\xff\n")
+    with pytest.raises(KDError, match=r"t.txt, line 3: invalid UTF-8"):
+        list(read_piece(Piece(str(tmp_path / "t.txt"), 0, 8), "text", "strict"))
+    (tmp_path / "j.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(KDError, match="j.jsonl, line 2: not valid JSON"):
+        list(read_piece(Piece(str(tmp_path / "j.jsonl"), 0, 30), "text", "strict"))
+    (tmp_path / "k.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
+    with pytest.raises(KDError, match="k.jsonl, line 2: text field 'text' is not in the record"):
+        list(read_piece(Piece(str(tmp_path / "k.jsonl"), 0, 30), "text", "strict"))
+    (tmp_path / "x.docx").write_text("t")
+    with pytest.raises(KDError, match="unsupported data file"):
+        data.expand_files([str(tmp_path / "x.docx")])
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

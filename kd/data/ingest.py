@@ -1,0 +1,347 @@
+"""The ingest stage: documents -> per-document train/eval split -> tokenized, packed windows on disk, unit by unit.
+
+Every process runs `run_ingest` together. Units (kd/data/sources.py) are taken in order, in ROUNDS of one unit per
+process: in a round, process r tokenizes and packs the r-th unit into `DIR/ingest/<unit>.h5` (written under a
+temporary name, fsynced, renamed), then all processes exchange per-unit window counts (one small all-gather). So:
+- no process reads or tokenizes more than its own units, and memory is one tokenizer batch plus less than one
+  window of pending tokens per split: nothing grows with the corpus;
+- the caps stop reading early: a unit stops tokenizing a split once it alone holds `max_*_sequences` windows of
+  it, and once the units before a round hold the cap, later units skip that split (and a source that feeds only
+  that split is not read at all);
+- the window sequence of a split is the units' windows in unit order, so it never depends on the number of
+  processes, and a resume re-uses every finished unit file (its input's size and mtime re-checked) and
+  re-tokenizes only the rest.
+
+The split is decided per document, from a keyed hash of its text: document -> eval iff
+blake2b(text, key = split_seed) / 2^64 < eval_fraction. No global view (no permutation of all documents) is
+needed, and identical documents always land on the same side. An explicit held-out source (`data.eval_files`,
+`data.eval_dataset_split`) instead makes every main document a training document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from kd.data.pack import Packer, Windows, tokenize
+from kd.data.sources import Unit, unit_documents
+from kd.errors import KDError
+from kd.dist import gather_rows
+from kd.io import fsync_file
+
+SPLITS = ("train", "eval")
+INGEST_DIR = "ingest"
+UNIT_FORMAT = "kd-ingest-unit"
+UNIT_FORMAT_VERSION = 1
+# One tokenizer call per this many documents or characters, whichever comes first: large enough for the Rust
+# tokenizer to spread a batch over cores, small enough to bound memory (a few MB of text and its tokens).
+BATCH_DOCUMENTS = 512
+BATCH_CHARS = 2_000_000
+
+
+@dataclass
+class IngestSpec:
+    """What the windows depend on (its hash names the ingest; any change invalidates finished units)."""
+
+    seq_len: int
+    sep_id: int
+    pad_id: int
+    sep_text: str
+    store_text: bool
+    text_field: str
+    decode_errors: str
+    eval_fraction: float
+    split_seed: int
+    caps: dict  # split -> max windows or None
+    vocab_size: int
+    tokenizer_fingerprint: str
+    unit_bytes: int
+
+    def content_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()
+
+
+def document_split(text: str, seed: int, eval_fraction: float) -> str:
+    """'eval' iff the keyed hash of the document's text falls below eval_fraction (see the module docstring)."""
+    key = seed.to_bytes(8, "little", signed=True)
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=key).digest(), "little")
+    return "eval" if h < eval_fraction * 2.0 ** 64 else "train"
+
+
+def windows_fingerprint(input_ids: np.ndarray, lengths: np.ndarray) -> str:
+    """sha256 of a run of windows (ids as int64, then lengths): what the teacher saw."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(input_ids, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+# ---- one unit's window file --------------------------------------------------------------------------------------
+
+class UnitWriter:
+    """Appends windows per split to DIR/ingest/<unit>.h5.tmp-PID; `commit` adds the metadata, fsyncs and renames."""
+
+    def __init__(self, path: Path, spec: IngestSpec):
+        import h5py
+
+        self.path, self.spec = path, spec
+        self.tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        self.f = h5py.File(self.tmp, "w")
+        T = spec.seq_len
+        for split in SPLITS:
+            g = self.f.create_group(split)
+            g.create_dataset("input_ids", (0, T), np.int32, maxshape=(None, T), chunks=(64, T))
+            g.create_dataset("lengths", (0,), np.int32, maxshape=(None,), chunks=(4096,))
+            g.create_dataset("doc_starts", (0,), np.int32, maxshape=(None,), chunks=(4096,))
+            if spec.store_text:
+                g.create_dataset("text", (0,), h5py.string_dtype("utf-8"), maxshape=(None,), chunks=(256,))
+                g.create_dataset("token_spans", (0, T, 2), np.int32, maxshape=(None, T, 2), chunks=(64, T, 2))
+
+    def append(self, split: str, w: Windows) -> None:
+        if not len(w):
+            return
+        g = self.f[split]
+        n0, n = g["lengths"].shape[0], len(w)
+        fields = {"input_ids": w.input_ids, "lengths": w.lengths, "doc_starts": w.doc_starts}
+        if self.spec.store_text:
+            fields.update(text=np.array(w.texts, dtype=object), token_spans=w.spans)
+        try:
+            for name, arr in fields.items():
+                g[name].resize(n0 + n, axis=0)
+                g[name][n0:n0 + n] = arr
+        except (OSError, RuntimeError) as e:  # h5py reports ENOSPC as either
+            raise KDError(f"writing {self.tmp} failed ({e}); free space or choose another cache.output_dir, then "
+                          "re-run: finished units are kept") from None
+
+    def commit(self, meta: dict) -> dict:
+        try:
+            self.f.attrs["kd_meta"] = json.dumps(meta, sort_keys=True)
+            self.f.close()
+            fsync_file(self.tmp)
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            raise KDError(f"finishing {self.path} failed ({e}); free space or fix permissions, then re-run") from None
+        return meta
+
+    def abort(self) -> None:
+        try:
+            if self.f.id.valid:
+                self.f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def finished_unit(path: Path, config_hash: str, input_state: list | None) -> dict | None:
+    """The metadata of a finished unit file made by this ingest config from unchanged input, else None (redo it)."""
+    import h5py
+
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            meta = json.loads(f.attrs["kd_meta"])
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+    if meta.get("format") != UNIT_FORMAT or meta.get("config_hash") != config_hash:
+        return None
+    if input_state is not None and meta.get("input") != input_state:
+        return None  # the files it was read from changed since: re-read them
+    return meta
+
+
+def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_split: str | None, path: Path,
+                 progress: Callable[[int, int], None]) -> dict:
+    """Tokenize and pack one unit into `path`; returns its metadata (window counts per split, document counts).
+    `skip[split]` is true when earlier units already hold that split's cap: its documents are not tokenized."""
+    packers = {s: Packer(spec.seq_len, spec.sep_id, spec.pad_id, spec.store_text, spec.sep_text) for s in SPLITS}
+    stopped = dict(skip)
+    docs = {s: 0 for s in SPLITS}
+    tokens = {s: 0 for s in SPLITS}
+    empty, chars = 0, 0
+    batch: list[tuple[str, str]] = []
+    writer = UnitWriter(path, spec)
+
+    def flush() -> None:
+        nonlocal batch
+        if not batch:
+            return
+        ids, offs = tokenize(tokenizer, [t for _, t in batch], batch=len(batch), offsets=spec.store_text)
+        added = {s: 0 for s in SPLITS}
+        for i, (split, text) in enumerate(batch):
+            toks = ids[i]
+            if stopped[split] or not toks:
+                continue
+            if max(toks) >= spec.vocab_size:
+                raise KDError(f"the tokenizer produced id {max(toks)} >= the teacher's vocab_size ({spec.vocab_size}): "
+                              "tokenizer and model do not belong together")
+            packers[split].add(toks, offs[i] if offs is not None else None, text if spec.store_text else None)
+            docs[split] += 1
+            tokens[split] += len(toks)
+            added[split] += len(toks)
+        for split in SPLITS:
+            if added[split]:
+                writer.append(split, packers[split].take())
+                cap = spec.caps[split]
+                if cap is not None and packers[split].windows_emitted >= cap:
+                    stopped[split] = True  # this unit alone holds the cap: later windows are never used
+        progress(sum(len(t) for _, t in batch), sum(added.values()))
+        batch = []
+
+    documents = unit_documents(unit, spec.text_field, spec.decode_errors)
+    try:
+        batch_chars = 0
+        for text, _where in documents:
+            if not text.strip():
+                empty += 1
+                continue
+            split = forced_split or document_split(text, spec.split_seed, spec.eval_fraction)
+            if stopped[split]:
+                if all(stopped.values()):
+                    break
+                continue
+            batch.append((split, text))
+            chars += len(text)
+            batch_chars += len(text)
+            if len(batch) >= BATCH_DOCUMENTS or batch_chars >= BATCH_CHARS:
+                flush()
+                batch_chars = 0
+        flush()
+        for split in SPLITS:
+            if not stopped[split]:
+                writer.append(split, packers[split].take(final=True))
+        if unit.documents_fn is not None:  # a shared stream (Hugging Face) must be consumed to the unit's end
+            for _ in documents:
+                pass
+        meta = {"format": UNIT_FORMAT, "format_version": UNIT_FORMAT_VERSION, "config_hash": spec.content_hash(),
+                "unit": unit.name, "input": unit.input_state() if unit.pieces else None,
+                "windows": {s: packers[s].windows_emitted for s in SPLITS}, "documents": docs, "tokens": tokens,
+                "skipped": {s: bool(skip[s]) for s in SPLITS}, "empty_documents": empty, "chars": chars}
+        return writer.commit(meta)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+# ---- the whole stage ---------------------------------------------------------------------------------------------
+
+class WindowIndex:
+    """The windows of each split, in order, across unit files, capped. `read(split, a, b)` returns windows [a, b)."""
+
+    def __init__(self, directory: Path, units: list[tuple[str, dict]], caps: dict):
+        self.dir = directory
+        self.entries = {s: [(name, meta["windows"][s]) for name, meta in units if meta["windows"][s]] for s in SPLITS}
+        self.starts = {s: np.cumsum([0] + [n for _, n in self.entries[s]]) for s in SPLITS}
+        self.num_sequences = {s: int(self.starts[s][-1]) if caps[s] is None else min(int(self.starts[s][-1]), caps[s])
+                              for s in SPLITS}
+
+    def read(self, split: str, a: int, b: int, fields: Iterable[str]) -> dict:
+        import h5py
+
+        if not 0 <= a <= b <= self.num_sequences[split]:
+            raise IndexError(f"windows [{a}, {b}) of {split} ({self.num_sequences[split]})")
+        starts, parts = self.starts[split], {f: [] for f in fields}
+        u = int(np.searchsorted(starts, a, side="right") - 1)
+        pos = a
+        while pos < b:
+            name, n = self.entries[split][u]
+            lo, hi = pos - int(starts[u]), min(b, int(starts[u]) + n) - int(starts[u])
+            with h5py.File(self.dir / f"{name}.h5", "r") as f:
+                for field in fields:
+                    parts[field].append(f[split][field][lo:hi])
+            pos += hi - lo
+            u += 1
+        out = {}
+        for field, arrs in parts.items():
+            if field == "text":
+                out[field] = [t.decode("utf-8") if isinstance(t, bytes) else t for arr in arrs for t in arr]
+            else:
+                out[field] = np.concatenate(arrs)
+        return out
+
+
+def run_ingest(accelerator, sources: list[tuple[Iterable[Unit], str | None]], spec: IngestSpec, tokenizer,
+               out: Path, progress: Callable[[int, int], None], on_unit: Callable[[Unit], None],
+               log: Callable[[str], None]) -> tuple[WindowIndex, dict]:
+    """Ingest every source (units, forced split or None) on all processes; returns the window index and totals.
+    A failure on one process (bad input) stops every process at the end of the round with one error."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    directory = out / INGEST_DIR
+    config_hash = spec.content_hash()
+    totals = {s: 0 for s in SPLITS}
+    finished: list[tuple[str, dict]] = []  # (unit name, metadata) in unit order, every unit of every process
+    stats = {"units": 0, "reused": 0, "documents": 0, "split_documents": {s: 0 for s in SPLITS}, "empty_documents": 0,
+             "tokens": 0, "chars": 0}
+    t0 = time.time()
+    for source_code, (units, forced) in enumerate(sources):
+        it = iter(units)
+        exhausted = False
+        while not exhausted:
+            skip = {s: spec.caps[s] is not None and totals[s] >= spec.caps[s] for s in SPLITS}
+            needed = [forced] if forced else list(SPLITS)
+            if all(skip[s] for s in needed):
+                break  # nothing this source could add is used: do not read the rest of it
+            round_units: list[Unit] = []
+            for _ in range(world):
+                u = next(it, None)
+                if u is None:
+                    exhausted = True
+                    break
+                round_units.append(u)
+            if not round_units:
+                break
+            row = [source_code, -1] + [0] * 8
+            error = None
+            try:
+                for k, unit in enumerate(round_units):
+                    if k != rank:
+                        if unit.documents_fn is not None:  # a shared stream: read past the other processes' units
+                            for _ in unit.documents_fn():
+                                pass
+                        continue
+                    path = directory / f"{unit.name}.h5"
+                    meta = finished_unit(path, config_hash, unit.input_state() if unit.pieces else None)
+                    reused = meta is not None
+                    if reused and unit.documents_fn is not None:
+                        for _ in unit.documents_fn():
+                            pass
+                    if meta is None:
+                        if unit.documents_fn is None and path.exists():
+                            log(f"[ingest] {unit.name}: its input changed or its file is not this config's: re-reading")
+                        meta = process_unit(unit, spec, tokenizer, skip, forced, path, progress)
+                    on_unit(unit)
+                    row = [source_code, unit.index, meta["windows"]["train"], meta["windows"]["eval"],
+                           meta["documents"]["train"], meta["documents"]["eval"], meta["empty_documents"],
+                           sum(meta["tokens"].values()), meta["chars"], 2 if reused else 1]
+            except KDError as e:
+                error = e
+                row[-1] = -1
+            rows = gather_rows(accelerator, row)
+            if (rows[:, -1] < 0).any():
+                if error is not None:
+                    raise error
+                bad = int(np.nonzero(rows[:, -1] < 0)[0][0])
+                raise KDError(f"ingest failed on process {bad} (its error is printed above)")
+            for r in rows[rows[:, 1] >= 0]:
+                name = f"{['main', 'eval'][source_code]}-{int(r[1]):06d}"
+                meta = {"windows": {"train": int(r[2]), "eval": int(r[3])},
+                        "documents": {"train": int(r[4]), "eval": int(r[5])}}
+                finished.append((name, meta))
+                for s in SPLITS:
+                    totals[s] += meta["windows"][s]
+                stats["units"] += 1
+                stats["reused"] += int(r[9] == 2)
+                stats["documents"] += int(r[4] + r[5])
+                for s, n in zip(SPLITS, (r[4], r[5])):
+                    stats["split_documents"][s] += int(n)
+                stats["empty_documents"] += int(r[6])
+                stats["tokens"] += int(r[7])
+                stats["chars"] += int(r[8])
+    stats["seconds"] = time.time() - t0
+    return WindowIndex(directory, finished, spec.caps), stats

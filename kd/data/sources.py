@@ -1,0 +1,371 @@
+"""Documents in: local files of any size and count, or a Hugging Face dataset, read as a stream of UNITS.
+
+A unit is a piece of the corpus that is tokenized and packed on its own, by one process, into one window file: the
+unit of parallel work, of resume and of progress. Unit boundaries depend only on the data and `data.unit_bytes`,
+never on the number of processes, which is what makes an N-process cache equal the one-process cache.
+
+Local files: the files (sorted per pattern, patterns in order) are laid end to end in one virtual byte space, cut
+every `unit_bytes` bytes. An uncompressed JSON-lines file is cut at those points (a record belongs to the unit that
+holds its first byte; a reader seeks to its range and never reads another unit's bytes); any other file (a .txt
+document, compressed files, CSV, JSON arrays, Parquet) belongs whole to the unit that holds its first byte. So
+100,000 small files share a few units, and a 50 GB .jsonl is read by many processes at once, each reading only
+its own byte ranges. Planning needs one `stat` per file, nothing else.
+
+Hugging Face datasets (a hub name, a local data folder, or a `save_to_disk` folder), streamed or memory-mapped:
+units are runs of consecutive documents holding at least `unit_bytes` characters. Such a stream can only be read
+in order, so every process iterates it and tokenizes only its own units (say so to users: use local files to
+spread the reading too). Streaming and non-streaming reads give the same documents, so the same cache.
+
+Each document is (text, where): `where` names the file and line for error messages.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from kd.assets import resolve_path
+from kd.errors import KDError
+
+FORMATS = (".txt", ".json", ".jsonl", ".csv", ".parquet")
+COMPRESSIONS = ("", ".gz", ".zst")
+
+
+def file_format(path: str) -> tuple[str, str]:
+    """(format, compression) of a data file from its name, e.g. 'a.jsonl.zst' -> ('.jsonl', '.zst')."""
+    name = path.lower()
+    comp = next((c for c in COMPRESSIONS[1:] if name.endswith(c)), "")
+    base = name[: len(name) - len(comp)] if comp else name
+    fmt = os.path.splitext(base)[1]
+    if fmt not in FORMATS or (fmt == ".parquet" and comp):
+        raise KDError(f"unsupported data file {path}: use {', '.join(FORMATS)} (text formats optionally compressed "
+                      "as .gz or .zst)")
+    return fmt, comp
+
+
+def expand_files(patterns: list[str], what: str = "data.files") -> list[str]:
+    """Every pattern's matches, sorted per pattern, in pattern order; each file once."""
+    files: list[str] = []
+    for pattern in patterns:
+        path = resolve_path(pattern)
+        matches = sorted(glob.glob(path)) if glob.has_magic(path) else ([path] if os.path.exists(path) else [])
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise KDError(f"{what}: file(s) not found: {pattern}" + (f" (resolved to {path})" if path != pattern else ""))
+        files.extend(m for m in matches if m not in files)
+    for f in files:
+        file_format(f)
+    return files
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes [start, end) of one file (a whole non-splittable file has start 0, end = its size)."""
+
+    path: str
+    start: int
+    end: int
+
+
+@dataclass
+class Unit:
+    """One unit of ingest work. `source` is 'main' or 'eval' (an explicit held-out source); `index` is its position
+    in its source's unit sequence (units of a source may be numbered with gaps: empty byte ranges have none)."""
+
+    source: str
+    index: int
+    pieces: list[Piece] = field(default_factory=list)  # local files
+    documents_fn: Callable[[], Iterator[tuple[str, str]]] | None = None  # Hugging Face streams
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}-{self.index:06d}"
+
+    def input_state(self) -> list:
+        """What the unit was read from, to tell on resume whether a finished unit's input changed since."""
+        out = []
+        for p in self.pieces:
+            st = os.stat(p.path)
+            out.append([p.path, p.start, p.end, st.st_size, st.st_mtime_ns])
+        return out
+
+
+def plan_file_units(files: list[str], unit_bytes: int, source: str) -> list[Unit]:
+    """Cut the files' virtual byte space every `unit_bytes` bytes (see the module docstring)."""
+    units: dict[int, Unit] = {}
+    offset = 0
+    for path in files:
+        size = os.path.getsize(path)
+        if size == 0:
+            continue
+        splittable = file_format(path) == (".jsonl", "")
+        if splittable:
+            for u in range(offset // unit_bytes, (offset + size - 1) // unit_bytes + 1):
+                a, b = max(u * unit_bytes - offset, 0), min((u + 1) * unit_bytes - offset, size)
+                units.setdefault(u, Unit(source, u)).pieces.append(Piece(path, a, b))
+        else:
+            u = offset // unit_bytes
+            units.setdefault(u, Unit(source, u)).pieces.append(Piece(path, 0, size))
+        offset += size
+    return [units[u] for u in sorted(units)]
+
+
+# ---- reading one piece --------------------------------------------------------------------------------------
+
+def _decode(raw: bytes, errors: str, path: str, line_of: Callable[[int], int]) -> str:
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise KDError(f"{path}, line {line_of(e.start)}: invalid UTF-8 (byte 0x{raw[e.start]:02x}); fix or re-encode "
+                      "the file (e.g. `iconv -f latin1 -t utf-8`), or set data.decode_errors=replace to read invalid "
+                      "bytes as U+FFFD") from None
+
+
+def _line_number(path: str, byte_offset: int) -> int:
+    """1-based line number of a byte offset: counted only when an error needs it."""
+    with _open_binary(path) as f:
+        n, left = 1, byte_offset
+        while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+            n += chunk.count(b"\n")
+            left -= len(chunk)
+    return n
+
+
+def _open_binary(path: str):
+    comp = file_format(path)[1]
+    if comp == ".gz":
+        return gzip.open(path, "rb")
+    if comp == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise KDError(f"reading {path} needs the zstandard package: pip install zstandard "
+                          "(or pip install -e '.[zstd]')") from None
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return open(path, "rb")
+
+
+def _text_of(record, text_field: str, path: str, line: int):
+    if not isinstance(record, dict):
+        raise KDError(f"{path}, line {line}: a record must be a JSON object with field '{text_field}', got "
+                      f"{type(record).__name__}")
+    if text_field not in record:
+        raise KDError(f"{path}, line {line}: text field '{text_field}' is not in the record (its fields: "
+                      f"{sorted(record)[:10]}); set data.text_field")
+    value = record[text_field]
+    if value is not None and not isinstance(value, str):
+        raise KDError(f"{path}, line {line}: field '{text_field}' holds {type(value).__name__}, not text")
+    return value or ""
+
+
+def _json_lines(f, path: str, text_field: str, errors: str, first_byte: int, end: int | None, first_line: int | None):
+    """Records of a JSON-lines stream from `first_byte` until a record would start at or after `end`. Line numbers
+    are counted when the stream starts at line `first_line`; a unit that starts mid-file counts them only for an
+    error message."""
+    pos, line_no = first_byte, first_line
+    while end is None or pos < end:
+        raw = f.readline()
+        if not raw:
+            break
+        start, pos = pos, pos + len(raw)
+        if raw.strip():
+            def line_of(_offset: int = 0, start=start) -> int:
+                return line_no if line_no is not None else _line_number(path, start)
+
+            text = _decode(raw, errors, path, line_of)
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise KDError(f"{path}, line {line_of()}: not valid JSON ({e.msg}); fix the record") from None
+            if not isinstance(record, dict) or text_field not in record or not isinstance(record[text_field], (str, type(None))):
+                _text_of(record, text_field, path, line_of())  # raises with the line number
+            yield record[text_field] or "", path
+        if line_no is not None:
+            line_no += 1
+
+
+def read_piece(piece: Piece, text_field: str, errors: str) -> Iterator[tuple[str, str]]:
+    """The documents of one piece, in file order, as (text, path). Empty texts are yielded too (the caller counts
+    and skips them), so every record is accounted for."""
+    path = piece.path
+    fmt, comp = file_format(path)
+    if fmt == ".jsonl" and not comp:
+        with open(path, "rb") as f:
+            first, first_line = piece.start, (1 if piece.start == 0 else None)
+            if piece.start > 0:
+                f.seek(piece.start - 1)
+                if f.read(1) != b"\n":  # mid-record: that record belongs to the previous unit
+                    first += len(f.readline())
+            f.seek(first)
+            yield from _json_lines(f, path, text_field, errors, first, piece.end, first_line)
+        return
+    if fmt == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for unreadable files
+            raise KDError(f"{path}: not a readable Parquet file ({e})") from None
+        if text_field not in pf.schema_arrow.names:
+            raise KDError(f"{path}: text field '{text_field}' is not a column (columns: {pf.schema_arrow.names}); "
+                          "set data.text_field")
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                yield text or "", path
+        return
+    with _open_binary(path) as f:
+        if fmt == ".txt":  # one document per file
+            raw = f.read()
+            yield _decode(raw, errors, path, lambda o: raw[:o].count(b"\n") + 1), path
+        elif fmt == ".jsonl" or fmt == ".json":
+            head = f.read(1 << 16)
+            if fmt == ".json" and head.lstrip()[:1] == b"[":  # one JSON array: read whole (use .jsonl for big data)
+                raw = head + f.read()
+                try:
+                    records = json.loads(_decode(raw, errors, path, lambda o: raw[:o].count(b"\n") + 1))
+                except json.JSONDecodeError as e:
+                    raise KDError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+                for i, record in enumerate(records):
+                    yield _text_of(record, text_field, path, i + 1), path
+            else:
+                yield from _json_lines(io.BufferedReader(_Prefixed(head, f)), path, text_field, errors, 0, None, 1)
+        elif fmt == ".csv":
+            text = io.TextIOWrapper(f, encoding="utf-8", errors=errors, newline="")
+            reader = csv.DictReader(text)
+            try:
+                for row in reader:
+                    if text_field not in row:
+                        raise KDError(f"{path}: text field '{text_field}' is not a CSV column (columns: "
+                                      f"{reader.fieldnames}); set data.text_field")
+                    yield row[text_field] or "", path
+            except UnicodeDecodeError:
+                raise KDError(f"{path}, near line {reader.line_num + 1}: invalid UTF-8; fix or re-encode the file, or "
+                              "set data.decode_errors=replace") from None
+            except csv.Error as e:
+                raise KDError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
+
+
+class _Prefixed(io.RawIOBase):
+    """A binary stream that first returns `head` (bytes already read to sniff the format), then the rest."""
+
+    def __init__(self, head: bytes, rest):
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.head:
+            n = min(len(b), len(self.head))
+            b[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.rest.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def unit_documents(unit: Unit, text_field: str, errors: str) -> Iterator[tuple[str, str]]:
+    if unit.documents_fn is not None:
+        return unit.documents_fn()
+    return (doc for piece in unit.pieces for doc in read_piece(piece, text_field, errors))
+
+
+# ---- Hugging Face datasets -----------------------------------------------------------------------------------
+
+def open_hf_dataset(name: str, config: str | None, split: str, streaming: bool, text_field: str):
+    """A hub dataset, a local folder of data files, or a `save_to_disk` folder; streamed or memory-mapped."""
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    where = f"dataset '{name}' (config {config}, split {split})"
+    try:
+        local = resolve_path(name)
+        if os.path.isdir(local) and (os.path.exists(os.path.join(local, "state.json")) or
+                                     os.path.exists(os.path.join(local, "dataset_dict.json"))):
+            ds = datasets.load_from_disk(local)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+            if streaming:
+                ds = ds.to_iterable_dataset()
+        else:
+            ds = datasets.load_dataset(local if os.path.isdir(local) else name, config, split=split, streaming=streaming)
+    except KDError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable or unknown datasets
+        raise KDError(f"could not load {where}: {e}") from None
+    columns = ds.column_names
+    if columns is not None and text_field not in columns:
+        raise KDError(f"text field '{text_field}' is not in {where}; its columns are {columns}. Set data.text_field")
+    return ds, where
+
+
+def plan_hf_units(ds, where: str, text_field: str, unit_bytes: int, source: str) -> Iterator[Unit]:
+    """Lazy units of consecutive documents holding >= unit_bytes characters. The stream is shared: a unit's
+    documents must be consumed (processed or drained) before the next unit is asked for."""
+    it = iter(ds)
+    state = {"done": False, "pending": None}
+
+    def next_record():
+        if state["pending"] is not None:
+            rec, state["pending"] = state["pending"], None
+            return rec
+        try:
+            return next(it)
+        except StopIteration:
+            state["done"] = True
+            return None
+
+    index = 0
+    while True:
+        first = next_record()
+        if first is None:
+            return
+        state["pending"] = first
+
+        def documents(limit=unit_bytes):
+            chars = 0
+            while chars < limit:
+                rec = next_record()
+                if rec is None:
+                    return
+                value = rec.get(text_field)
+                if value is not None and not isinstance(value, str):
+                    raise KDError(f"{where}: field '{text_field}' holds {type(value).__name__}, not text")
+                chars += len(value or "")
+                yield value or "", where
+
+        yield Unit(source, index, documents_fn=documents)
+        index += 1
+
+
+def config_sources(data) -> tuple[list[tuple[Iterable[Unit], str | None]], int | None]:
+    """The sources a `DataConfig` names, each as (its units, the split all its documents go to or None for the
+    per-document hash split), and the total input bytes when known (local files). Cheap: nothing is read yet."""
+    if data.files:
+        main_files = expand_files(data.files)
+        total = sum(os.path.getsize(f) for f in main_files)
+        if not data.eval_files:
+            return [(plan_file_units(main_files, data.unit_bytes, "main"), None)], total
+        eval_files = expand_files(data.eval_files, "data.eval_files")
+        both = sorted(set(main_files) & set(eval_files))
+        if both:
+            raise KDError(f"{both[0]} is in both data.files and data.eval_files: a held-out file must not be trained on")
+        total += sum(os.path.getsize(f) for f in eval_files)
+        return [(plan_file_units(main_files, data.unit_bytes, "main"), "train"),
+                (plan_file_units(eval_files, data.unit_bytes, "eval"), "eval")], total
+    ds, where = open_hf_dataset(data.dataset, data.dataset_config, data.dataset_split, data.streaming, data.text_field)
+    sources = [(plan_hf_units(ds, where, data.text_field, data.unit_bytes, "main"),
+                "train" if data.eval_dataset_split else None)]
+    if data.eval_dataset_split:
+        ev, ev_where = open_hf_dataset(data.dataset, data.dataset_config, data.eval_dataset_split, data.streaming,
+                                       data.text_field)
+        sources.append((plan_hf_units(ev, ev_where, data.text_field, data.unit_bytes, "eval"), "eval"))
+    return sources, None

@@ -1,0 +1,231 @@
+"""The streaming ingest: sources, units, caps, resume after SIGKILL, many documents, huge documents, the lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cache_teacher
+from conftest import ROOT, cache_overrides, make_text
+from kd.cache import MANIFEST, verify
+from kd.cache_config import CacheConfig
+from kd.config import load_config
+from kd.errors import KDError
+from test_cache import read_all, read_raw
+
+
+class OneProcess:
+    """What run_ingest needs of an Accelerator, for tests of the ingest stage alone."""
+
+    process_index, num_processes, device = 0, 1, "cpu"
+
+    @staticmethod
+    def gather(t):
+        return t
+
+
+def ingest(cfg: CacheConfig, out: Path):
+    from kd.data import config_sources
+    from kd.data.ingest import run_ingest
+    from kd.teacher import load_tokenizer
+
+    tok = load_tokenizer(cfg.teacher.model)
+    spec = cache_teacher.ingest_spec(cfg, tok, len(tok))
+    (out / "ingest").mkdir(parents=True, exist_ok=True)
+    sources, _ = config_sources(cfg.data)
+    return run_ingest(OneProcess(), sources, spec, tok, out, lambda *a: None, lambda u: None, lambda m: None), tok
+
+
+@pytest.fixture(scope="session")
+def jsonl_corpus(tmp_path_factory) -> Path:
+    """~120 paragraph documents in two .jsonl files (~40 KB): many units at a small data.unit_bytes."""
+    d = tmp_path_factory.mktemp("jsonl")
+    for f in range(2):
+        docs = [make_text(100 * f + i, 40 + 7 * (i % 9)) for i in range(60)]
+        (d / f"part{f}.jsonl").write_text("".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(docs)))
+    return d
+
+
+def jsonl_overrides(teacher, corpus_dir, jsonl_corpus, out, **extra):
+    base = {"data.files": f"[{jsonl_corpus}/*.jsonl]", "data.eval_files": "[]", "data.eval_fraction": 0.2,
+            "data.max_train_sequences": "null", "data.max_eval_sequences": 6, "cache.sequences_per_shard": 4}
+    base.update(extra)
+    return cache_overrides(teacher, corpus_dir, out, **base)
+
+
+def test_streaming_and_non_streaming_datasets_equal_files(tmp_path, corpus_dir, jsonl_corpus, llama_teacher):
+    """A local data folder read as a streaming or a memory-mapped Hugging Face dataset gives the same cache, and
+    (in one unit) the same cache as reading the files directly."""
+    caches = {}
+    for name, extra in {"files": {}, "stream": {"data.files": "[]", "data.dataset": str(jsonl_corpus)},
+                        "arrow": {"data.files": "[]", "data.dataset": str(jsonl_corpus), "data.streaming": "false"},
+                        "stream-units": {"data.files": "[]", "data.dataset": str(jsonl_corpus), "data.unit_bytes": 6000,
+                                         "data.max_train_sequences": 100},
+                        "arrow-units": {"data.files": "[]", "data.dataset": str(jsonl_corpus), "data.streaming": "false",
+                                        "data.unit_bytes": 6000, "data.max_train_sequences": 100}}.items():
+        cfg = load_config(CacheConfig, None, jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, tmp_path / name,
+                                                             **{"data.max_train_sequences": 30, **extra}))
+        caches[name] = read_all(cache_teacher.main(cfg))
+    for a, b in (("files", "stream"), ("stream", "arrow"), ("stream-units", "arrow-units")):
+        for split in ("train", "eval"):
+            for field in caches[a][split]:
+                np.testing.assert_array_equal(caches[a][split][field], caches[b][split][field], err_msg=f"{a}/{b} {field}")
+    assert (caches["stream-units"]["train"]["lengths"][:-1] < 32).any()  # several units, each ends with a partial window
+
+
+def test_units_caps_and_empty_documents(tmp_path, corpus_dir, jsonl_corpus, llama_teacher):
+    """Windows do not depend on the unit size except at unit ends; a cap stops reading early; empty and
+    whitespace-only documents are skipped (no separator for them) and counted."""
+    cfg = load_config(CacheConfig, None, jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, tmp_path / "a",
+                                                         **{"data.max_eval_sequences": "null"}))
+    (index, stats), tok = ingest(cfg, tmp_path / "a")
+    assert stats["documents"] == 120 and stats["empty_documents"] == 0 and stats["units"] == 1
+    whole = index.read("train", 0, index.num_sequences["train"], ["input_ids", "lengths", "doc_starts"])
+    # the same documents with empty ones between them
+    lines = [json.loads(x) for f in sorted(jsonl_corpus.glob("*.jsonl")) for x in f.read_text().splitlines()]
+    padded = tmp_path / "padded.jsonl"
+    padded.write_text("".join(json.dumps(r) + "\n" + json.dumps({"text": ["", "  \n\t "][i % 2]}) + "\n"
+                              for i, r in enumerate(lines)))
+    cfg2 = load_config(CacheConfig, None, jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, tmp_path / "b",
+                                                          **{"data.files": f"[{padded}]", "data.max_eval_sequences": "null"}))
+    (index2, stats2), _ = ingest(cfg2, tmp_path / "b")
+    assert stats2["empty_documents"] == 120
+    np.testing.assert_array_equal(index2.read("train", 0, index2.num_sequences["train"], ["input_ids"])["input_ids"],
+                                  whole["input_ids"])
+    assert int(whole["doc_starts"].sum()) == stats["split_documents"]["train"]
+    # many units: every window of the one-unit ingest except near unit ends; each unit ends with its partial window
+    cfg3 = load_config(CacheConfig, None, jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, tmp_path / "c",
+                                                          **{"data.unit_bytes": 4000, "data.max_eval_sequences": "null"}))
+    (index3, stats3), _ = ingest(cfg3, tmp_path / "c")
+    assert stats3["units"] >= 10 and stats3["documents"] == 120
+    lengths3 = index3.read("train", 0, index3.num_sequences["train"], ["lengths"])["lengths"]
+    assert (lengths3 < 32).sum() <= stats3["units"] and int(lengths3.sum()) == int(whole["lengths"].sum())
+    # a cap: reading stops after the units that hold it
+    cfg4 = load_config(CacheConfig, None, jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, tmp_path / "d",
+                                                          **{"data.unit_bytes": 4000, "data.max_train_sequences": 10,
+                                                             "data.max_eval_sequences": 2}))
+    (index4, stats4), _ = ingest(cfg4, tmp_path / "d")
+    assert index4.num_sequences == {"train": 10, "eval": 2}
+    assert stats4["units"] < stats3["units"] / 2 and stats4["documents"] < 60
+    np.testing.assert_array_equal(index4.read("train", 0, 10, ["input_ids"])["input_ids"],
+                                  index3.read("train", 0, 10, ["input_ids"])["input_ids"])
+
+
+def test_a_corpus_of_100000_tiny_documents(tmp_path, corpus_dir, llama_teacher):
+    words = "the king queen lord lady sword crown night day love".split()
+    rng = np.random.default_rng(0)
+    f = tmp_path / "tiny.jsonl"
+    f.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 1 + i % 3))}) + "\n" for i in range(100_000)))
+    cfg = load_config(CacheConfig, None, cache_overrides(llama_teacher, corpus_dir, tmp_path / "c", **{
+        "data.files": f"[{f}]", "data.eval_files": "[]", "data.eval_fraction": 0.01, "data.max_train_sequences": "null",
+        "data.unit_bytes": 500_000}))
+    t0 = time.time()
+    (index, stats), tok = ingest(cfg, tmp_path / "c")
+    assert stats["documents"] == 100_000 and stats["units"] >= 5
+    n_tokens = sum(int(index.read(s, 0, index.num_sequences[s], ["lengths"])["lengths"].sum()) for s in ("train", "eval"))
+    # every document's tokens plus one separator each, nothing lost at unit ends (1-token rests are dropped)
+    assert stats["tokens"] + stats["documents"] - 2 * stats["units"] <= n_tokens <= stats["tokens"] + stats["documents"]
+    assert 0.005 < stats["split_documents"]["eval"] / 100_000 < 0.015
+    assert time.time() - t0 < 60
+
+
+def test_a_document_larger_than_a_shard(tmp_path, make_cache_config, llama_teacher):
+    """One document of ~6,000 tokens spans many windows and shards; its tokens and text come back exactly."""
+    from transformers import AutoTokenizer
+
+    big = make_text(7, 1200)
+    (tmp_path / "big.txt").write_text(big)
+    out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c", **{
+        "data.files": f"[{tmp_path / 'big.txt'}]", "data.max_train_sequences": "null", "cache.hidden_layers": "[]"}))
+    c = read_all(out)["train"]
+    tok = AutoTokenizer.from_pretrained(llama_teacher)
+    expected = tok(big, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    got = np.concatenate([ids[:n] for ids, n in zip(c["input_ids"], c["lengths"])])
+    assert len(expected) > 8 * 32 * 3  # more than three shards of 8 windows of 32 tokens
+    dropped = len(expected) % 32 == 1  # a 1-token rest has no target
+    np.testing.assert_array_equal(got, expected[:-1] if dropped else expected)
+    assert "".join(t for t in c["text"]) == big + ("" if dropped else "<|endoftext|>")
+    assert json.loads((out / MANIFEST).read_text())["splits"]["train"]["num_documents"] == 1
+
+
+KILL_AT = {
+    # (what to patch, on which call to SIGKILL the process): a real kill at a precise point of a real run
+    "mid-ingest": ("kd.data.ingest", "UnitWriter", "append", 5),  # in the second unit
+    "mid-teacher-pass": ("kd.cache", "ShardWriter", "append", 7),
+    "before-manifest": ("kd.io", None, "write_json_atomic", "manifest.json"),
+}
+
+
+def _killing_runner(module: str, cls: str | None, name: str, when) -> str:
+    return textwrap.dedent(f"""
+        import importlib, os, runpy, signal, sys
+        sys.argv = sys.argv[1:]
+        sys.path[0] = {str(ROOT)!r}
+        mod = importlib.import_module({module!r})
+        owner = getattr(mod, {cls!r}) if {cls!r} else mod
+        real, calls = getattr(owner, {name!r}), [0]
+        def patched(*args, **kwargs):
+            calls[0] += 1
+            when = {when!r}
+            if (isinstance(when, int) and calls[0] == when) or (isinstance(when, str) and when in str(args[0])):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        setattr(owner, {name!r}, patched)  # cache_teacher.py, run below, imports the patched names
+        runpy.run_path({str(ROOT / "cache_teacher.py")!r}, run_name="__main__")
+    """)
+
+
+@pytest.mark.parametrize("point", sorted(KILL_AT))
+def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, corpus_dir, jsonl_corpus, llama_teacher, point):
+    extra = {"data.unit_bytes": 4000, "cache.sequences_per_shard": 2, "data.max_train_sequences": 150}
+    args = jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, tmp_path / "ref", **extra)
+    reference = cache_teacher.main(load_config(CacheConfig, None, args))
+    out = tmp_path / "c"
+    args = jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, out, **extra)
+    runner = tmp_path / "runner.py"
+    runner.write_text(_killing_runner(*KILL_AT[point]))
+    killed = subprocess.run([sys.executable, str(runner), "cache_teacher.py", *args], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / MANIFEST).exists()
+    resumed = subprocess.run([sys.executable, str(ROOT / "cache_teacher.py"), *args], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    if point != "mid-ingest":  # every unit was finished before the kill: none is tokenized again
+        units = int(resumed.stdout.split(" units (")[0].rsplit(" ", 1)[1])
+        assert f"{units} units ({units} from an earlier run)" in resumed.stdout
+    else:
+        assert " from an earlier run)" in resumed.stdout and "(0 from an earlier run)" not in resumed.stdout
+    if point == "before-manifest":
+        assert "0 of them already complete" not in resumed.stdout
+    a, b = read_all(reference), read_all(out)
+    for split in a:
+        for field in a[split]:
+            np.testing.assert_array_equal(a[split][field], b[split][field], err_msg=f"{point}: {split}/{field}")
+    assert verify(out, log=lambda *_: None) == []
+    ma, mb = (json.loads((d / MANIFEST).read_text()) for d in (reference, out))
+    assert ma["splits"]["train"]["fingerprint"] == mb["splits"]["train"]["fingerprint"]
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path, corpus_dir, jsonl_corpus, llama_teacher):
+    out = tmp_path / "c"
+    overrides = jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, out, **{
+        "teacher.batch_size": 1, "cache.sequences_per_shard": 1, "data.max_eval_sequences": "null"})
+    first = subprocess.Popen([sys.executable, str(ROOT / "cache_teacher.py"), *overrides],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*.h5")):  # the first run is in its teacher pass
+        time.sleep(0.05)
+    with pytest.raises(KDError, match=f"another cache_teacher.py run is writing {out} \\(pid {first.pid} on"):
+        cache_teacher.main(load_config(CacheConfig, None, overrides))
+    assert first.poll() is None  # it was really running while the second was refused
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    assert verify(out, log=lambda *_: None) == [] and not (out / ".lock").exists()
