@@ -206,8 +206,10 @@ def _build(cfg, cfg_dict, config_hash, accelerator, tokenizer, model_cfg, spec, 
         bar.update(sum(p.end - p.start for p in unit.pieces))
 
     explicit_eval = bool(cfg.data.eval_files or cfg.data.eval_dataset_split)
-    index, stats = run_ingest(accelerator, sources, spec, tokenizer, out, progress, on_unit, print)
-    bar.close()
+    try:
+        index, stats = run_ingest(accelerator, sources, spec, tokenizer, out, progress, on_unit, print)
+    finally:
+        bar.close()
     if is_main:
         print(f"[ingest] {stats['documents']} documents read ({stats['empty_documents']} empty ones skipped), "
               f"{stats['tokens']} tokens in {stats['units']} units ({stats['reused']} from an earlier run), "

@@ -7,5 +7,5 @@
 cache_teacher.py runs the ingest, then the teacher pass over the windows it wrote.
 """
 
-from kd.data.pack import MIN_WINDOW_TOKENS, Packer, Windows, pack, tokenize, window_text  # noqa: F401
+from kd.data.pack import MIN_WINDOW_TOKENS, Packer, Windows, pack, tokenize, window_texts  # noqa: F401
 from kd.data.sources import config_sources, expand_files  # noqa: F401

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -165,37 +166,39 @@ def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_spl
     docs = {s: 0 for s in SPLITS}
     tokens = {s: 0 for s in SPLITS}
     empty, chars = 0, 0
-    batch: list[tuple[str, str]] = []
     writer = UnitWriter(path, spec)
 
-    def flush() -> None:
-        nonlocal batch
-        if not batch:
-            return
-        ids, offs = tokenize(tokenizer, [t for _, t in batch], batch=len(batch), offsets=spec.store_text)
+    def pack_batch(batch: list[tuple[str, str]], tokenized) -> None:
+        ids, offs = tokenized.result()
         added = {s: 0 for s in SPLITS}
         for i, (split, text) in enumerate(batch):
             toks = ids[i]
-            if stopped[split] or not toks:
+            if stopped[split] or not toks:  # a split may have reached its cap since the batch was read
                 continue
-            if max(toks) >= spec.vocab_size:
-                raise KDError(f"the tokenizer produced id {max(toks)} >= the teacher's vocab_size ({spec.vocab_size}): "
-                              "tokenizer and model do not belong together")
             packers[split].add(toks, offs[i] if offs is not None else None, text if spec.store_text else None)
             docs[split] += 1
             tokens[split] += len(toks)
             added[split] += len(toks)
         for split in SPLITS:
             if added[split]:
-                writer.append(split, packers[split].take())
+                windows = packers[split].take()
+                if len(windows) and int(windows.input_ids.max()) >= spec.vocab_size:
+                    raise KDError(f"the tokenizer produced id {int(windows.input_ids.max())} >= the teacher's vocab_size "
+                                  f"({spec.vocab_size}): tokenizer and model do not belong together")
+                writer.append(split, windows)
                 cap = spec.caps[split]
                 if cap is not None and packers[split].windows_emitted >= cap:
                     stopped[split] = True  # this unit alone holds the cap: later windows are never used
         progress(sum(len(t) for _, t in batch), sum(added.values()))
-        batch = []
 
+    # A two-stage pipeline: the tokenizer (Rust, GIL released, on all cores) works on batch k+1 in a background
+    # thread while this thread packs and writes batch k and reads the next documents. Packing order, and so
+    # the windows, are those of the sequential loop.
     documents = unit_documents(unit, spec.text_field, spec.decode_errors)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-tokenize")
     try:
+        pending = None
+        batch: list[tuple[str, str]] = []
         batch_chars = 0
         for text, _where in documents:
             if not text.strip():
@@ -210,9 +213,17 @@ def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_spl
             chars += len(text)
             batch_chars += len(text)
             if len(batch) >= BATCH_DOCUMENTS or batch_chars >= BATCH_CHARS:
-                flush()
-                batch_chars = 0
-        flush()
+                submitted = (batch, pool.submit(tokenize, tokenizer, [t for _, t in batch], len(batch), spec.store_text))
+                if pending is not None:
+                    pack_batch(*pending)
+                pending, batch, batch_chars = submitted, [], 0
+        if batch:
+            submitted = (batch, pool.submit(tokenize, tokenizer, [t for _, t in batch], len(batch), spec.store_text))
+            if pending is not None:
+                pack_batch(*pending)
+            pending = submitted
+        if pending is not None:
+            pack_batch(*pending)
         for split in SPLITS:
             if not stopped[split]:
                 writer.append(split, packers[split].take(final=True))
@@ -227,6 +238,8 @@ def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_spl
     except BaseException:
         writer.abort()
         raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---- the whole stage ---------------------------------------------------------------------------------------------

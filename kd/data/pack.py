@@ -8,6 +8,7 @@ and its valid length recorded, so no text is silently dropped.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,16 +26,29 @@ def tokenize(tokenizer, texts: list[str], batch: int = 256,
     if offsets and not getattr(tokenizer, "is_fast", False):
         raise KDError(f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast tokenizer): "
                       "character spans need a `tokenizers`-backed (fast) tokenizer; use one, or set cache.store_text=false")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
     ids: list[list[int]] = []
     spans: list[np.ndarray] = []
     for i in range(0, len(texts), batch):
         # No BOS/EOS from the tokenizer: documents are joined explicitly by the packer.
+        if backend is not None:
+            # the `tokenizers` object itself, as transformers' fast tokenizers call it (same ids), without the
+            # per-token conversion into Python dicts that costs ~10% of the ingest
+            encs = backend.encode_batch(texts[i:i + batch], add_special_tokens=False)
+            ids.extend(e.ids for e in encs)
+            if offsets:
+                spans.extend(_offsets_array(e.offsets) for e in encs)
+            continue
         enc = tokenizer(texts[i:i + batch], add_special_tokens=False, return_offsets_mapping=offsets,
                         return_attention_mask=False)
         ids.extend(enc["input_ids"])
         if offsets:
-            spans.extend(np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in enc["offset_mapping"])
+            spans.extend(_offsets_array(o) for o in enc["offset_mapping"])
     return ids, spans if offsets else None
+
+
+def _offsets_array(pairs) -> np.ndarray:
+    return np.fromiter(itertools.chain.from_iterable(pairs), dtype=np.int64, count=2 * len(pairs)).reshape(-1, 2)
 
 
 @dataclass
@@ -109,12 +123,7 @@ class Packer:
                   else np.zeros(0, np.int32))
         texts, spans = None, None
         if self.with_text:
-            texts, spans = [], np.zeros((n, self.T, 2), np.int32)
-            for i in range(n):
-                a, b = i * self.T, i * self.T + int(lengths[i])
-                text, spans[i, : b - a] = window_text(self._doc[a:b], self._offs[a:b], self._texts, self.sep_text)
-                spans[i, b - a:] = len(text)
-                texts.append(text)
+            texts, spans = window_texts(self._doc[:used], self._offs[:used], self.T, self._texts, self.sep_text)
         if final:
             used = len(self._ids)  # a 1-token rest has no target: dropped
         self._ids, self._doc, self._offs, self._first = (a[used:] for a in (self._ids, self._doc, self._offs, self._first))
@@ -125,27 +134,47 @@ class Packer:
         return Windows(ids, lengths, starts, texts, spans)
 
 
-def window_text(doc_of: np.ndarray, offs: np.ndarray, doc_texts, sep_text: str) -> tuple[str, np.ndarray]:
-    """The text of one window (runs of tokens from one document, their source text; separators as `sep_text`)
-    and each token's [start, end) span in it. A window may start mid-document: its text starts at the first token."""
-    pieces, spans, pos = [], np.zeros((len(doc_of), 2), dtype=np.int64), 0
-    j = 0
-    while j < len(doc_of):
-        if doc_of[j] < 0:
-            spans[j] = (pos, pos + len(sep_text))
-            pieces.append(sep_text)
-            pos += len(sep_text)
-            j += 1
-            continue
-        e = j
-        while e < len(doc_of) and doc_of[e] == doc_of[j]:
-            e += 1
-        seg_start, seg_end = int(offs[j, 0]), int(offs[j:e, 1].max())
-        spans[j:e] = offs[j:e] - seg_start + pos
-        pieces.append(doc_texts[int(doc_of[j])][seg_start:seg_end])
-        pos += seg_end - seg_start
-        j = e
-    return "".join(pieces), spans
+def window_texts(doc_of: np.ndarray, offs: np.ndarray, T: int, doc_texts, sep_text: str) -> tuple[list[str], np.ndarray]:
+    """The text of each window of a token stream cut every T tokens, and each token's [start, end) span in its
+    window's text (padding: the empty span at the end). A window's text is its runs of tokens from one document
+    (that document's text from the run's first token to its last token's end) and its separators (`sep_text`), so
+    a window that starts mid-document starts at its first token. Vectorised over runs and tokens; Python touches
+    each run once (a window holds a few), never each token.
+
+    doc_of [N]: each token's document (-1 = separator); offs [N, 2]: character offsets in that document."""
+    N = len(doc_of)
+    n = -(-N // T)
+    spans = np.zeros((n, T, 2), np.int32)
+    if N == 0:
+        return [], spans
+    window = np.arange(N) // T
+    change = np.ones(N, bool)
+    change[1:] = (doc_of[1:] != doc_of[:-1]) | (doc_of[1:] < 0) | (window[1:] != window[:-1])
+    run_start = np.flatnonzero(change)
+    run_doc, run_window = doc_of[run_start], window[run_start]
+    is_sep = run_doc < 0
+    seg_start = np.where(is_sep, 0, offs[run_start, 0])
+    seg_end = np.where(is_sep, len(sep_text), np.maximum.reduceat(offs[:, 1], run_start))
+    seg_len = seg_end - seg_start
+    before = np.cumsum(seg_len) - seg_len  # characters of all earlier runs
+    first_run = np.searchsorted(run_window, np.arange(n))
+    pos = before - before[first_run][run_window]  # where each run starts in its window's text
+    run_of = np.cumsum(change) - 1
+    tok_spans = np.where(is_sep[run_of, None], np.stack([pos[run_of], pos[run_of] + len(sep_text)], 1),
+                         offs - seg_start[run_of, None] + pos[run_of, None])
+    spans.reshape(-1, 2)[:N] = tok_spans
+    ends = np.append(first_run[1:], len(run_start))
+    texts = []
+    for w in range(n):
+        pieces = [sep_text if d < 0 else doc_texts[d][a:b] for d, a, b in
+                  zip(run_doc[first_run[w]:ends[w]].tolist(), seg_start[first_run[w]:ends[w]].tolist(),
+                      seg_end[first_run[w]:ends[w]].tolist())]
+        texts.append("".join(pieces))
+    valid = np.minimum(T, N - np.arange(n) * T)
+    lengths = np.array([len(t) for t in texts], np.int32)
+    pad = np.arange(T)[None, :] >= valid[:, None]
+    spans[pad] = np.repeat(lengths, T - valid)[:, None]
+    return texts, spans
 
 
 def pack(token_lists: list[list[int]], seq_len: int, sep_id: int, pad_id: int) -> Windows:
