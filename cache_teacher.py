@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,8 @@ from kd.cache_config import NON_CONTENT_KEYS, CacheConfig
 from kd.codecs import codec_specs
 from kd.config import diff_keys, flatten, parse_cli, to_dict
 from kd.data import config_sources
-from kd.data.ingest import INGEST_DIR, IngestSpec, run_ingest, windows_fingerprint
-from kd.dist import agree
+from kd.data.ingest import INGEST_DIR, IngestSpec, WindowIndex, run_ingest, windows_fingerprint
+from kd.dist import agree, gather_rows
 from kd.errors import KDError, run_cli
 from kd.io import LOCK_FILE, DirLock, write_json_atomic
 from kd.teacher import load_causal_lm, load_model_config, load_tokenizer, teacher_targets, tokenizer_fingerprint
@@ -75,6 +76,7 @@ def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool) -> str:
                     p.unlink()
             shutil.rmtree(out / INGEST_DIR, ignore_errors=True)
         elif (out / MANIFEST).exists():
+            shutil.rmtree(out / INGEST_DIR, ignore_errors=True)  # a run killed between manifest and clean-up
             return "complete"
     elif any(p.name not in (LOCK_FILE, INGEST_DIR) for p in out.iterdir()):
         # an unfinished ingest (no cache_config.json yet) is kd's own and may be resumed or replaced; anything
@@ -128,93 +130,78 @@ def ingest_spec(cfg: CacheConfig, tokenizer, vocab_size: int) -> IngestSpec:
                       unit_bytes=cfg.data.unit_bytes)
 
 
-def main(cfg: CacheConfig) -> Path:
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+def validate(cfg: CacheConfig):
+    """Everything cheap, before any heavy work: teacher config, tokenizer, separator, sources (not yet read)."""
+    model_cfg = load_model_config(cfg.teacher.model, cfg.teacher.revision)
+    check_teacher_fits(cfg, model_cfg)
+    tokenizer = load_tokenizer(cfg.teacher.model, cfg.teacher.revision)
+    if cfg.cache.store_text and not getattr(tokenizer, "is_fast", False):
+        raise KDError(f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast tokenizer): "
+                      "cache.store_text needs a `tokenizers`-backed (fast) tokenizer; use one, or set "
+                      "cache.store_text=false")
+    sources, input_bytes = config_sources(cfg.data)
+    return model_cfg, tokenizer, ingest_spec(cfg, tokenizer, model_cfg.vocab_size), sources, input_bytes
 
-    t_start = time.time()
-    accelerator = Accelerator()
-    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    out = Path(cfg.cache.output_dir)
-    cfg_dict = to_dict(cfg)
-    config_hash = hashlib.sha256(json.dumps(content_config(cfg_dict), sort_keys=True).encode()).hexdigest()
 
-    # 1. Validate everything cheap before any heavy work: teacher config, tokenizer, separator, sources.
-    def validate():
-        model_cfg = load_model_config(cfg.teacher.model, cfg.teacher.revision)
-        check_teacher_fits(cfg, model_cfg)
-        tokenizer = load_tokenizer(cfg.teacher.model, cfg.teacher.revision)
-        if cfg.cache.store_text and not getattr(tokenizer, "is_fast", False):
-            raise KDError(f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast tokenizer): "
-                          "cache.store_text needs a `tokenizers`-backed (fast) tokenizer; use one, or set "
-                          "cache.store_text=false")
-        sources, input_bytes = config_sources(cfg.data)
-        return model_cfg, tokenizer, ingest_spec(cfg, tokenizer, model_cfg.vocab_size), sources, input_bytes
-
-    model_cfg, tokenizer, spec, sources, input_bytes = agree(accelerator, validate)
-
-    # 2. The output directory: locked by the main process for the whole run, so a second run on it is refused.
+@contextmanager
+def claimed_output_dir(accelerator, out: Path, cfg_dict: dict, overwrite: bool, spec: IngestSpec):
+    """Lock the output directory (main process) for the whole run and prepare it; yields True on every process if
+    it already holds this exact cache (nothing to do)."""
     lock = None
-    try:
-        def claim():
-            nonlocal lock
-            if not is_main:
-                return None
-            lock = open_output_dir(out)
-            state = prepare_output_dir(out, cfg_dict, cfg.cache.overwrite)
-            if state != "complete":
-                (out / INGEST_DIR).mkdir(exist_ok=True)
-                ingest_cfg = out / INGEST_DIR / "config.json"
-                if ingest_cfg.exists() and json.loads(ingest_cfg.read_text()).get("hash") != spec.content_hash():
-                    print("[ingest] discarding an unfinished ingest made with another data config", flush=True)
-                    for p in (out / INGEST_DIR).glob("*.h5"):
-                        p.unlink()
-                write_json_atomic(ingest_cfg, {"hash": spec.content_hash(), "spec": spec.__dict__})
-            return state
 
-        agree(accelerator, claim)
-        if (out / MANIFEST).exists() and (out / CONFIG_FILE).exists() and not diff_keys(
-                content_config(json.loads((out / CONFIG_FILE).read_text())["config"]), content_config(cfg_dict)):
-            if is_main:
-                print(f"[cache] {out} is already complete (same config); nothing to do", flush=True)
-            accelerator.wait_for_everyone()
-            return out
-        return _build(cfg, cfg_dict, config_hash, accelerator, tokenizer, model_cfg, spec, sources, input_bytes,
-                      out, t_start)
+    def claim() -> int:
+        nonlocal lock
+        if not accelerator.is_main_process:
+            return 0
+        lock = open_output_dir(out)
+        state = prepare_output_dir(out, cfg_dict, overwrite)
+        if state != "complete":
+            (out / INGEST_DIR).mkdir(exist_ok=True)
+            ingest_cfg = out / INGEST_DIR / "config.json"
+            if ingest_cfg.exists() and json.loads(ingest_cfg.read_text()).get("hash") != spec.content_hash():
+                print("[ingest] discarding an unfinished ingest made with another data config", flush=True)
+                for p in (out / INGEST_DIR).glob("*.h5"):
+                    p.unlink()
+            write_json_atomic(ingest_cfg, {"hash": spec.content_hash(), "spec": spec.__dict__})
+        return int(state == "complete")
+
+    try:
+        state = agree(accelerator, claim)
+        yield bool(gather_rows(accelerator, [state])[0, 0])  # the main process's finding, on every process
     finally:
         if lock is not None:
             lock.release()
 
 
-def _build(cfg, cfg_dict, config_hash, accelerator, tokenizer, model_cfg, spec, sources, input_bytes, out, t_start):
+def ingest(cfg: CacheConfig, accelerator, spec: IngestSpec, tokenizer, sources, input_bytes: int | None, out: Path):
+    """Documents -> windows on disk, unit by unit (kd/data/ingest.py), with a progress bar and a summary line."""
     from tqdm.auto import tqdm
 
-    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-
-    # 3. Ingest: documents -> windows on disk, unit by unit (kd/data/ingest.py).
     capped = cfg.data.max_train_sequences is not None or cfg.data.max_eval_sequences is not None
-    bar = tqdm(total=None if capped or input_bytes is None else input_bytes / world, unit="B", unit_scale=True,
-               desc=f"ingest (rank {rank})", disable=not accelerator.is_local_main_process, file=sys.stdout)
-    seen = {"tokens": 0, "t0": time.time()}
+    bar = tqdm(total=None if capped or input_bytes is None else input_bytes / accelerator.num_processes, unit="B",
+               unit_scale=True, desc=f"ingest (rank {accelerator.process_index})",
+               disable=not accelerator.is_local_main_process, file=sys.stdout)
+    seen = {"documents": 0, "tokens": 0, "t0": time.time()}
 
-    def progress(chars: int, tokens: int) -> None:
+    def progress(documents: int, tokens: int) -> None:
+        seen["documents"] += documents
         seen["tokens"] += tokens
-        bar.set_postfix_str(f"{seen['tokens'] / 1e6:.2f}M tokens, "
+        bar.set_postfix_str(f"{seen['documents']:,} documents, {seen['tokens'] / 1e6:.2f}M tokens, "
                             f"{seen['tokens'] / max(time.time() - seen['t0'], 1e-9) / 1e6:.2f}M tok/s", refresh=False)
 
-    def on_unit(unit) -> None:
+    def on_unit(unit) -> None:  # the bar counts input bytes: its ETA holds for local files without a cap
         bar.update(sum(p.end - p.start for p in unit.pieces))
 
-    explicit_eval = bool(cfg.data.eval_files or cfg.data.eval_dataset_split)
     try:
         index, stats = run_ingest(accelerator, sources, spec, tokenizer, out, progress, on_unit, print)
     finally:
         bar.close()
-    if is_main:
+    if accelerator.is_main_process:
         print(f"[ingest] {stats['documents']} documents read ({stats['empty_documents']} empty ones skipped), "
               f"{stats['tokens']} tokens in {stats['units']} units ({stats['reused']} from an earlier run), "
               f"{index.num_sequences['train']} train / {index.num_sequences['eval']} eval windows, "
               f"{stats['seconds']:.1f} s, {stats['tokens'] / max(stats['seconds'], 1e-9):.0f} tokens/s", flush=True)
+    explicit_eval = bool(cfg.data.eval_files or cfg.data.eval_dataset_split)
     for split in SPLITS:
         if index.num_sequences[split] == 0:
             if stats["split_documents"][split] == 0:
@@ -223,17 +210,13 @@ def _build(cfg, cfg_dict, config_hash, accelerator, tokenizer, model_cfg, spec, 
                               (", and raise data.eval_fraction" if split == "eval" and not explicit_eval else ""))
             raise KDError(f"the {split} split packs into no windows of {cfg.data.seq_len} tokens; add text, lower "
                           "data.seq_len" + (", or raise data.eval_fraction" if split == "eval" else ""))
+    return index, stats
 
-    # Only now, with the input ingested, does the directory become this config's cache: a run refused above
-    # leaves nothing that would block the corrected re-run.
-    accelerator.wait_for_everyone()
-    if is_main and not (out / CONFIG_FILE).exists():
-        write_json_atomic(out / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg_dict})
 
-    # 4. Metadata every shard and the manifest carry.
-    field_codecs = codec_specs(model_cfg.vocab_size, cfg.cache.id_codec, cfg.cache.logprob_codec,
-                               cfg.cache.hidden_codec, cfg.cache.sample_n)
-    meta = {
+def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spec: IngestSpec) -> dict:
+    """What every shard's kd_meta and the manifest carry: the content's description, nothing about this run."""
+    explicit_eval = bool(cfg.data.eval_files or cfg.data.eval_dataset_split)
+    return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kd_version": __version__, "config_hash": config_hash,
         "teacher": {"name_or_path": cfg.teacher.model, "revision": cfg.teacher.revision,
                     "commit_hash": getattr(model_cfg, "_commit_hash", None), "model_type": model_cfg.model_type,
@@ -242,8 +225,9 @@ def _build(cfg, cfg_dict, config_hash, accelerator, tokenizer, model_cfg, spec, 
         "tokenizer": {"fingerprint": spec.tokenizer_fingerprint, "class": type(tokenizer).__name__,
                       "size": len(tokenizer), "separator_id": spec.sep_id, "separator": spec.sep_text},
         "top_k": cfg.cache.top_k, "hidden_layers": cfg.cache.hidden_layers, "seq_len": cfg.data.seq_len,
-        "codecs": field_codecs, "position_targets": "next token (t+1)",
-        "sample_n": cfg.cache.sample_n, "store_text": cfg.cache.store_text,
+        "codecs": codec_specs(model_cfg.vocab_size, cfg.cache.id_codec, cfg.cache.logprob_codec,
+                              cfg.cache.hidden_codec, cfg.cache.sample_n),
+        "position_targets": "next token (t+1)", "sample_n": cfg.cache.sample_n, "store_text": cfg.cache.store_text,
         "dataset": {"files": cfg.data.files, "eval_files": cfg.data.eval_files, "dataset": cfg.data.dataset,
                     "dataset_config": cfg.data.dataset_config, "dataset_split": cfg.data.dataset_split,
                     "eval_dataset_split": cfg.data.eval_dataset_split, "text_field": cfg.data.text_field,
@@ -253,90 +237,133 @@ def _build(cfg, cfg_dict, config_hash, accelerator, tokenizer, model_cfg, spec, 
                     "unit_bytes": cfg.data.unit_bytes},
     }
 
-    # 5. Shard plan: shard boundaries depend only on the config, never on the number of processes. A complete
-    #    shard is kept only if it was computed from exactly these windows (its input fingerprint).
-    S = cfg.cache.sequences_per_shard
-    n_seq = index.num_sequences
-    jobs = [(split, j, start, min(start + S, n_seq[split]))
-            for split in SPLITS for j, start in enumerate(range(0, n_seq[split], S))]
+
+def teacher_pass(cfg: CacheConfig, accelerator, index: WindowIndex, meta: dict, model_cfg, out: Path):
+    """Shard j of each split (sequences [j*S, (j+1)*S)) on process j % N; returns (all shard jobs, tokens computed).
+    A complete shard is kept only if it was computed from exactly these windows (its input fingerprint)."""
+    from tqdm.auto import tqdm
+
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    S, T, codecs = cfg.cache.sequences_per_shard, cfg.data.seq_len, meta["codecs"]
+    jobs = [(split, j, start, min(start + S, index.num_sequences[split]))
+            for split in SPLITS for j, start in enumerate(range(0, index.num_sequences[split], S))]
     my_jobs = jobs[rank::world]
-    window_fields = ["input_ids", "lengths", "doc_starts"] + (["text", "token_spans"] if cfg.cache.store_text else [])
     todo = []
     for job in my_jobs:
-        info = complete_shard_info(out / shard_name(job[0], job[1]), config_hash)
+        info = complete_shard_info(out / shard_name(job[0], job[1]), meta["config_hash"])
         w = index.read(job[0], job[2], job[3], ["input_ids", "lengths"])
         if info is None or info.get("input_sha256") != windows_fingerprint(w["input_ids"], w["lengths"]):
             todo.append(job)
-    todo_tokens = sum(int(index.read(s, a, b, ["lengths"])["lengths"].sum()) for s, _, a, b in todo)
-    if is_main:
+    if accelerator.is_main_process:
         print(f"[cache] {len(jobs)} shards on {world} process(es); rank 0 has {len(my_jobs)}, "
               f"{len(my_jobs) - len(todo)} of them already complete", flush=True)
-
-    # 6. The teacher pass. The model is only loaded if this rank has work.
+    if not todo:  # the model is only loaded if this rank has work
+        return jobs, 0
+    window_fields = ["input_ids", "lengths", "doc_starts"] + (["text", "token_spans"] if cfg.cache.store_text else [])
+    model = load_causal_lm(cfg.teacher.model, cfg.teacher.revision, cfg.teacher.dtype,
+                           cfg.teacher.attn_implementation).to(device).eval()
+    bar = tqdm(total=sum(int(index.read(s, a, b, ["lengths"])["lengths"].sum()) for s, _, a, b in todo), unit="tok",
+               unit_scale=True, desc=f"teacher (rank {rank})", disable=not accelerator.is_local_main_process,
+               file=sys.stdout)
     tokens_done = 0
-    if todo:
-        model = load_causal_lm(cfg.teacher.model, cfg.teacher.revision, cfg.teacher.dtype,
-                               cfg.teacher.attn_implementation).to(accelerator.device).eval()
-        bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"teacher (rank {rank})",
-                   disable=not accelerator.is_local_main_process, file=sys.stdout)
-        for split, j, a, b in todo:
-            w = index.read(split, a, b, window_fields)
-            writer = ShardWriter(out / shard_name(split, j), dict(meta, split=split, shard_index=j, first_sequence=a),
-                                 b - a, cfg.data.seq_len, cfg.cache.top_k, len(cfg.cache.hidden_layers),
-                                 model_cfg.hidden_size, field_codecs, cfg.cache.sample_n, cfg.cache.store_text)
-            for s in range(0, b - a, cfg.teacher.batch_size):
-                e = min(s + cfg.teacher.batch_size, b - a)
-                ids = torch.from_numpy(w["input_ids"][s:e].astype(np.int64)).to(accelerator.device)
-                lengths = torch.from_numpy(w["lengths"][s:e].astype(np.int64))
-                mask = (torch.arange(cfg.data.seq_len)[None, :] < lengths[:, None]).long().to(accelerator.device)
-                gens = [sequence_generator(cfg.cache.sample_seed, split, i, accelerator.device)
-                        for i in range(a + s, a + e)]
-                lp, top_ids, hidden, samples = teacher_targets(model, ids, mask, cfg.cache.top_k, cfg.cache.hidden_layers,
-                                                               sample_n=cfg.cache.sample_n, sample_generators=gens)
-                # values leave the device in fp32 (q8 quantises from fp32) or in their plain storage dtype
-                writer.append(w["input_ids"][s:e], w["lengths"][s:e], np.arange(a + s, a + e), top_ids.cpu().numpy(),
-                              to_numpy(lp, field_codecs["topk_logprobs"]),
-                              None if hidden is None else to_numpy(hidden, field_codecs["hidden_states"]),
-                              None if samples is None else (samples[0].cpu().numpy(), samples[1].cpu().numpy()),
-                              (w["text"][s:e], w["token_spans"][s:e]) if cfg.cache.store_text else None)
-                n_tok = int(lengths.sum())
-                tokens_done += n_tok
-                bar.update(n_tok)
-            writer.commit({"input_sha256": windows_fingerprint(w["input_ids"], w["lengths"]),
-                           "num_documents": int(w["doc_starts"].sum())})
-        bar.close()
+    for split, j, a, b in todo:
+        w = index.read(split, a, b, window_fields)
+        writer = ShardWriter(out / shard_name(split, j), dict(meta, split=split, shard_index=j, first_sequence=a),
+                             b - a, T, cfg.cache.top_k, len(cfg.cache.hidden_layers), model_cfg.hidden_size, codecs,
+                             cfg.cache.sample_n, cfg.cache.store_text)
+        for s in range(0, b - a, cfg.teacher.batch_size):
+            e = min(s + cfg.teacher.batch_size, b - a)
+            ids = torch.from_numpy(w["input_ids"][s:e].astype(np.int64)).to(device)
+            lengths = torch.from_numpy(w["lengths"][s:e].astype(np.int64))
+            mask = (torch.arange(T)[None, :] < lengths[:, None]).long().to(device)
+            gens = [sequence_generator(cfg.cache.sample_seed, split, i, device) for i in range(a + s, a + e)]
+            lp, top_ids, hidden, samples = teacher_targets(model, ids, mask, cfg.cache.top_k, cfg.cache.hidden_layers,
+                                                           sample_n=cfg.cache.sample_n, sample_generators=gens)
+            # values leave the device in fp32 (q8 quantises from fp32) or in their plain storage dtype
+            writer.append(w["input_ids"][s:e], w["lengths"][s:e], np.arange(a + s, a + e), top_ids.cpu().numpy(),
+                          to_numpy(lp, codecs["topk_logprobs"]),
+                          None if hidden is None else to_numpy(hidden, codecs["hidden_states"]),
+                          None if samples is None else (samples[0].cpu().numpy(), samples[1].cpu().numpy()),
+                          (w["text"][s:e], w["token_spans"][s:e]) if cfg.cache.store_text else None)
+            tokens_done += int(lengths.sum())
+            bar.update(int(lengths.sum()))
+        writer.commit({"input_sha256": windows_fingerprint(w["input_ids"], w["lengths"]),
+                       "num_documents": int(w["doc_starts"].sum())})
+    bar.close()
+    return jobs, tokens_done
 
-    # 7. Once every rank is done, rank 0 collects the sidecars into the manifest: the cache exists from here on.
-    accelerator.wait_for_everyone()
-    tokens_all = int(accelerator.reduce(torch.tensor([tokens_done], device=accelerator.device), "sum").item())
-    if is_main:
-        splits = {}
-        for split in SPLITS:
-            shards = [json.loads(sidecar_path(out / shard_name(split, j)).read_text())
-                      for s, j, _, _ in jobs if s == split]
-            for info in shards:
-                info.pop("config_hash")
-            splits[split] = {"num_sequences": n_seq[split], "num_tokens": sum(sh["num_tokens"] for sh in shards),
-                             "num_documents": sum(sh["num_documents"] for sh in shards),
-                             # sha256 over the shards' input fingerprints, in order: the windows the teacher saw
-                             "fingerprint": hashlib.sha256("".join(sh["input_sha256"] for sh in shards).encode()).hexdigest(),
-                             "shards": shards}
-        total_bytes = sum(sh["bytes"] for sp in splits.values() for sh in sp["shards"])
-        total_tokens = sum(sp["num_tokens"] for sp in splits.values())
-        meta["dataset"]["fingerprint"] = hashlib.sha256("".join(splits[s]["fingerprint"] for s in SPLITS).encode()).hexdigest()
-        # `ingest` and `created_unix` describe this run, not the content: with more processes, or after a resume,
-        # more input may have been read past a cap
-        manifest = dict(meta, config=cfg_dict, splits=splits, bytes=total_bytes, bytes_per_token=total_bytes / total_tokens,
-                        created_unix=time.time(), ingest={k: stats[k] for k in ("documents", "empty_documents", "units",
-                                                                                "reused", "tokens", "seconds")})
-        manifest.pop("config_hash")
-        write_json_atomic(out / MANIFEST, manifest)
-        shutil.rmtree(out / INGEST_DIR, ignore_errors=True)  # the windows live on in the shards
-        elapsed = time.time() - t_start
-        print(f"[cache] done: {sum(n_seq.values())} sequences, {total_tokens} tokens ({tokens_all} computed now), "
-              f"{sum(len(sp['shards']) for sp in splits.values())} shards, {total_bytes / total_tokens:.0f} bytes/token, "
-              f"{elapsed:.1f} s, {tokens_all / elapsed:.0f} tokens/s -> {out}", flush=True)
-    accelerator.wait_for_everyone()
+
+def write_manifest(out: Path, jobs: list, meta: dict, cfg_dict: dict, index: WindowIndex, stats: dict) -> dict:
+    """Collect the sidecars into manifest.json (main process): the cache exists from here on."""
+    splits = {}
+    for split in SPLITS:
+        shards = [json.loads(sidecar_path(out / shard_name(split, j)).read_text()) for s, j, _, _ in jobs if s == split]
+        for info in shards:
+            info.pop("config_hash")
+        splits[split] = {"num_sequences": index.num_sequences[split],
+                         "num_tokens": sum(sh["num_tokens"] for sh in shards),
+                         "num_documents": sum(sh["num_documents"] for sh in shards),
+                         # sha256 over the shards' input fingerprints, in order: the windows the teacher saw
+                         "fingerprint": hashlib.sha256("".join(sh["input_sha256"] for sh in shards).encode()).hexdigest(),
+                         "shards": shards}
+    total_bytes = sum(sh["bytes"] for sp in splits.values() for sh in sp["shards"])
+    total_tokens = sum(sp["num_tokens"] for sp in splits.values())
+    meta = dict(meta, dataset=dict(meta["dataset"], fingerprint=hashlib.sha256(
+        "".join(splits[s]["fingerprint"] for s in SPLITS).encode()).hexdigest()))
+    # `ingest` and `created_unix` describe this run, not the content: with more processes, or after a resume,
+    # more input may have been read past a cap
+    manifest = dict(meta, config=cfg_dict, splits=splits, bytes=total_bytes, bytes_per_token=total_bytes / total_tokens,
+                    created_unix=time.time(), ingest={k: stats[k] for k in ("documents", "empty_documents", "units",
+                                                                            "reused", "tokens", "seconds")})
+    manifest.pop("config_hash")
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def main(cfg: CacheConfig) -> Path:
+    from accelerate import Accelerator
+
+    t_start = time.time()
+    accelerator = Accelerator()
+    out = Path(cfg.cache.output_dir)
+    cfg_dict = to_dict(cfg)
+    config_hash = hashlib.sha256(json.dumps(content_config(cfg_dict), sort_keys=True).encode()).hexdigest()
+
+    # 1. Validate everything cheap before any heavy work (an error on any process stops every process).
+    model_cfg, tokenizer, spec, sources, input_bytes = agree(accelerator, lambda: validate(cfg))
+
+    # 2. The output directory, locked by the main process for the whole run: a second run on it is refused.
+    with claimed_output_dir(accelerator, out, cfg_dict, cfg.cache.overwrite, spec) as complete:
+        if complete:
+            if accelerator.is_main_process:
+                print(f"[cache] {out} is already complete (same config); nothing to do", flush=True)
+            return out
+
+        # 3. Ingest: documents -> per-document split -> packed windows in DIR/ingest/.
+        index, stats = ingest(cfg, accelerator, spec, tokenizer, sources, input_bytes, out)
+        # Only now, with the input ingested, does the directory become this config's cache: a run refused above
+        # leaves nothing that would block the corrected re-run.
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process and not (out / CONFIG_FILE).exists():
+            write_json_atomic(out / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg_dict})
+
+        # 4. The teacher pass over the windows, shard by shard.
+        meta = cache_metadata(cfg, config_hash, model_cfg, tokenizer, spec)
+        jobs, tokens_done = teacher_pass(cfg, accelerator, index, meta, model_cfg, out)
+
+        # 5. Once every process is done, the main one writes the manifest; the windows live on in the shards.
+        accelerator.wait_for_everyone()
+        tokens_all = int(accelerator.reduce(torch.tensor([tokens_done], device=accelerator.device), "sum").item())
+        if accelerator.is_main_process:
+            m = write_manifest(out, jobs, meta, cfg_dict, index, stats)
+            shutil.rmtree(out / INGEST_DIR, ignore_errors=True)
+            elapsed = time.time() - t_start
+            n_tokens = sum(sp["num_tokens"] for sp in m["splits"].values())
+            print(f"[cache] done: {sum(sp['num_sequences'] for sp in m['splits'].values())} sequences, {n_tokens} "
+                  f"tokens ({tokens_all} computed now), {sum(len(sp['shards']) for sp in m['splits'].values())} shards, "
+                  f"{m['bytes_per_token']:.0f} bytes/token, {elapsed:.1f} s, {tokens_all / elapsed:.0f} tokens/s -> {out}",
+                  flush=True)
+        accelerator.wait_for_everyone()
     return out
 
 

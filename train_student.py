@@ -273,7 +273,9 @@ def main(cfg: TrainConfig) -> Path:
     # 3. The loop: one iteration = one optimizer step.
     while step < total_steps and stop_reason == "max_steps":
         epoch, done_in_epoch = divmod(step, epoch_steps)
-        order = epoch_order(len(train_split), epoch, tc.seed, rank, world, per_step)[done_in_epoch * per_step:]
+        order = epoch_order(len(train_split), epoch, tc.seed, rank, world, per_step,
+                            train_split.starts if tc.shuffle == "shards" else None,
+                            tc.shuffle_buffer_shards)[done_in_epoch * per_step:]
         batches_iter = iter(make_loader(train_split, order, tc.micro_batch_size, tc.num_workers, pin))
         for _ in range(min(epoch_steps - done_in_epoch, total_steps - step)):
             lr = lr_at(step + 1, schedule=tc.schedule, lr=tc.lr, min_lr=tc.min_lr, warmup_steps=warmup,

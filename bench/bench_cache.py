@@ -1,6 +1,6 @@
 """Caching overhead: the real SmolLM2-135M teacher on real Shakespeare, bare forward vs cache_teacher.py.
 
-    python bench/bench_cache.py [--sequences 64] [--repeats 2]
+    python bench/bench_cache.py [--sequences 64] [--repeats 2] [--set cache.sample_n=0 ...]
 
 (a) bare: load the model and run a plain forward (no hidden states, no top-k) over the same packed windows,
     same batch size. (b) cache: `cache_teacher.main` end to end on those windows (config, tokenizer, data,
@@ -80,6 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sequences", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--set", nargs="*", default=[], help="extra dotted overrides, e.g. cache.sample_n=0")
     args = ap.parse_args()
     fetch(["smollm2-135m-instruct", "shakespeare"])
     work = Path(tempfile.mkdtemp(prefix="kd-bench-cache-"))
@@ -87,7 +88,7 @@ def main() -> None:
     def config(n: int, out: str) -> CacheConfig:
         return load_config(CacheConfig, ROOT / "configs/shakespeare_smollm2.yaml",
                            [f"data.max_train_sequences={n}", "data.max_eval_sequences=1",
-                            f"cache.output_dir={work}/{out}"])
+                            f"cache.output_dir={work}/{out}", *args.set])
 
     bare_forward(config(8, "warmup"))  # one-time imports and file-cache warm-up, untimed
     bare_t, cache_t = [], []

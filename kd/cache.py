@@ -34,6 +34,7 @@ metadata plus the shard's own split, index and counts.
 Commands:
     python -m kd.cache info DIR      summary of a cache
     python -m kd.cache verify DIR    re-check checksums, shapes and log-prob sanity; exit 1 at the first bad shard
+    python -m kd.cache export DIR OUT   the splits as a Hugging Face datasets folder of Parquet files (kd/export.py)
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable
 
@@ -58,6 +59,9 @@ SPLITS = ("train", "eval")
 MANIFEST = "manifest.json"
 CONFIG_FILE = "cache_config.json"
 META_ATTR = "kd_meta"
+# Open shard files per reading process (each DataLoader worker): far below common `ulimit -n` values (1024, 256),
+# and enough that a sequential or shard-buffered read reopens nothing.
+MAX_OPEN_FILES = 32
 
 
 def shard_name(split: str, index: int) -> str:
@@ -294,17 +298,24 @@ class CacheSplit:
         self.length = int(manifest["splits"][split]["num_sequences"])
         self.codecs, self.shapes = manifest_codecs(manifest), field_shapes(manifest)
         self.seq_len, self.sample_n = manifest["seq_len"], manifest.get("sample_n", 0)
-        self._files: dict[int, dict[int, object]] = {}
+        self._files: dict[int, OrderedDict] = {}  # per process id: shard index -> open h5py file, LRU order
+        self.max_open_files = MAX_OPEN_FILES
 
     def __len__(self) -> int:
         return self.length
 
     def _file(self, j: int):
+        """Shard j's open handle. At most MAX_OPEN_FILES per process: the least recently used is closed when
+        another is needed, so a shuffled read over 100,000 shards never runs out of file descriptors."""
         import h5py
 
-        files = self._files.setdefault(os.getpid(), {})
-        if j not in files:
-            files[j] = h5py.File(self.root / self.shards[j]["file"], "r")
+        files = self._files.setdefault(os.getpid(), OrderedDict())
+        if j in files:
+            files.move_to_end(j)
+            return files[j]
+        while len(files) >= self.max_open_files:
+            files.popitem(last=False)[1].close()
+        files[j] = h5py.File(self.root / self.shards[j]["file"], "r")
         return files[j]
 
     def __getitem__(self, i: int) -> dict:
@@ -480,13 +491,23 @@ def summary(path: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kd.cache", description="Inspect or verify a teacher cache.")
+    parser = argparse.ArgumentParser(prog="python -m kd.cache", description="Inspect, verify or export a teacher cache.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     for cmd in ("info", "verify"):
         sub.add_parser(cmd).add_argument("dir")
+    ex = sub.add_parser("export", help="write splits as a Hugging Face datasets folder of Parquet files (kd/export.py)")
+    ex.add_argument("dir")
+    ex.add_argument("out")
+    ex.add_argument("--splits", nargs="+", default=None)
+    ex.add_argument("--rows-per-file", type=int, default=4096)
     args = parser.parse_args(argv)
     if args.cmd == "info":
         print(summary(args.dir))
+        return
+    if args.cmd == "export":
+        from kd.export import export
+
+        export(args.dir, args.out, args.splits, args.rows_per_file)
         return
     problems = verify(args.dir)
     if problems:

@@ -89,7 +89,14 @@ def teacher_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     values as top-k of log_softmax without materialising a second [positions, V] fp32 tensor. Positions are
     processed in chunks so the fp32 upcast of the logits stays small for large vocabularies.
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(hidden_layers))
+    # Packed windows are right-padded: under causal attention no valid position can see the padding after it, so
+    # the mask changes nothing there and is dropped, which lets SDPA take its causal fast path (measured: ~10% of
+    # the forward on CPU). Any other mask (left padding, holes) is passed on.
+    lengths = attention_mask.sum(-1, keepdim=True)
+    right_padded = bool((attention_mask == (torch.arange(attention_mask.shape[1], device=attention_mask.device)
+                                            < lengths)).all())
+    out = model(input_ids=input_ids, attention_mask=None if right_padded else attention_mask,
+                output_hidden_states=bool(hidden_layers))
     logits = out.logits  # [B, T, V] in model dtype
     B, T, V = logits.shape
     flat = logits.reshape(B * T, V)

@@ -146,6 +146,10 @@ class TrainSection:
     ema_decay: keep an exponential moving average of the student weights with this decay; null = off.
     early_stopping_patience: stop when eval/ce has not improved for this many evaluations; null = off.
     num_workers: DataLoader worker processes reading the cache.
+    shuffle: training order per epoch: `shards` (shard order shuffled, then sequences shuffled within each run of
+        `shuffle_buffer_shards` shards: mostly sequential reads) or `exact` (a uniform permutation: a random read
+        per sequence). Both are permutations per epoch, disjoint across processes, and resume exactly.
+    shuffle_buffer_shards: shards whose sequences are shuffled together with `shuffle: shards`.
     seed: seed of student init, data order and dropout.
     """
 
@@ -173,6 +177,8 @@ class TrainSection:
     ema_decay: float | None = None
     early_stopping_patience: int | None = None
     num_workers: int = 1
+    shuffle: Literal["shards", "exact"] = "exact"
+    shuffle_buffer_shards: int = 8
     seed: int = 0
 
     def __post_init__(self):
@@ -199,6 +205,8 @@ class TrainSection:
             raise KDError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise KDError("train.early_stopping_patience must be >= 1 or null")
+        if self.shuffle_buffer_shards < 1:
+            raise KDError(f"train.shuffle_buffer_shards must be >= 1, got {self.shuffle_buffer_shards}")
         if self.checkpoint_every < 0 or self.num_workers < 0:
             raise KDError("train.checkpoint_every and train.num_workers must be >= 0")
         if "/" in self.run_name or not self.run_name:

@@ -209,3 +209,39 @@ def test_format_version_2_cache_still_reads():
                     assert (item["topk_logprobs"] <= 0).all() and item["hidden_states"].shape[0] == 2
     assert verify(v2, log=lambda *_: None) == []
     assert "kd-teacher-cache v2" in summary(v2) and "1 documents" in summary(v2)
+
+
+def test_export_round_trip_equals_the_reader(tmp_path):
+    """`python -m kd.cache export` writes a datasets folder whose plain columns equal the reader's decoded values."""
+    import subprocess
+    import sys
+
+    import datasets
+
+    v2 = Path(__file__).parent / "data" / "cache_v2"
+    out = tmp_path / "exported"
+    r = subprocess.run([sys.executable, "-m", "kd.cache", "export", str(v2), str(out), "--rows-per-file", "4"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ds = datasets.load_dataset(str(out))
+    assert set(ds) == {"train", "eval"}
+    cache = TeacherCache(v2)
+    for split in ("train", "eval"):
+        reader = cache.split(split, ("input_ids", "topk_ids", "topk_logprobs", "sample_ids", "sample_counts", "text",
+                                     "token_spans"))
+        assert len(ds[split]) == len(reader)
+        for row in ds[split]:
+            item = reader[row["sequence_index"]]
+            n = int(item["length"])
+            assert row["input_ids"] == item["input_ids"][:n].tolist()
+            assert row["target_token_ids"] == item["topk_ids"][:n].tolist()
+            np.testing.assert_array_equal(np.array(row["target_logprobs"], np.float32), item["topk_logprobs"][:n].numpy())
+            assert np.array(row["target_mask"]).all()
+            counts = item["sample_counts"][:n].numpy()
+            for t in range(n):
+                assert row["sample_ids"][t] == item["sample_ids"][t][counts[t] > 0].tolist()
+                assert row["sample_counts"][t] == counts[t][counts[t] > 0].tolist()
+            assert row["text"] == item["text"] and row["token_spans"] == item["token_spans"][:n].tolist()
+    r = subprocess.run([sys.executable, "-m", "kd.cache", "export", str(v2), str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and "not empty" in r.stderr  # never writes into a non-empty directory
+

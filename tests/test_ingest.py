@@ -229,3 +229,24 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, corpus_dir, jso
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-2000:]
     assert verify(out, log=lambda *_: None) == [] and not (out / ".lock").exists()
+
+
+def test_resume_rereads_only_units_whose_input_changed(tmp_path, corpus_dir, llama_teacher):
+    d = tmp_path / "data"
+    d.mkdir()
+    for i in range(4):
+        (d / f"p{i}.txt").write_text(make_text(40 + i, 300))
+    cfg = load_config(CacheConfig, None, cache_overrides(llama_teacher, corpus_dir, tmp_path / "c", **{
+        "data.files": f"[{d}/*.txt]", "data.unit_bytes": 1500, "data.max_train_sequences": "null"}))
+    (index, stats), _ = ingest(cfg, tmp_path / "c")
+    assert stats["units"] == 5 and stats["reused"] == 0  # 4 plays + the held-out play
+    (index, stats), _ = ingest(cfg, tmp_path / "c")
+    assert stats["reused"] == 5
+    before = index.read("train", 0, index.num_sequences["train"], ["input_ids"])["input_ids"]
+    p3 = d / "p3.txt"
+    p3.write_text(p3.read_text().replace("king", "KING"))  # same size, new content and mtime
+    os.utime(p3, ns=(time.time_ns(), time.time_ns() + 10**9))
+    (index, stats), _ = ingest(cfg, tmp_path / "c")
+    assert stats["reused"] == 4  # only the changed file's unit is read again
+    after = index.read("train", 0, index.num_sequences["train"], ["input_ids"])["input_ids"]
+    assert not np.array_equal(before, after)

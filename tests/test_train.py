@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -266,9 +267,32 @@ def test_weights_unchanged_by_a_skipped_step(tiny_cache, tmp_path):
 
 # ---- 10: checkpoints and exact resume ----
 
-def test_resume_continues_exactly(tiny_cache, tmp_path, monkeypatch):
+def test_shard_aware_order_is_a_permutation_that_reads_few_shards_at_a_time():
+    from kd.train import epoch_order
+
+    starts = np.arange(0, 1000, 10)  # 100 shards of 10 sequences
+    shard_of = np.repeat(np.arange(100), 10)
+    for B in (1, 4):
+        epochs = []
+        for epoch in range(3):
+            ranks = [epoch_order(1000, epoch, 7, r, 2, 5, starts, B) for r in range(2)]
+            both = np.concatenate(ranks)
+            assert len(both) == 1000 and len(np.unique(both)) == 1000  # a permutation, disjoint across ranks
+            for order in ranks:  # each process reads from at most B shards in any run of B * 10 / 2 reads
+                run = B * 10 // 2
+                assert max(len(set(shard_of[order[i:i + run]])) for i in range(0, len(order) - run, run)) <= 2 * B
+            epochs.append(ranks[0])
+            assert np.array_equal(epoch_order(1000, epoch, 7, 0, 2, 5, starts, B), ranks[0])  # pure: resumable
+        assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    exact = epoch_order(1000, 0, 7, 0, 1, 5)
+    assert len(set(shard_of[exact[:20]])) > 10  # the exact shuffle jumps between shards
+
+
+@pytest.mark.parametrize("shuffle", ["exact", "shards"])
+def test_resume_continues_exactly(tiny_cache, tmp_path, monkeypatch, shuffle):
     full = train_student.main(make_cfg(tiny_cache, tmp_path / "a", **{"train.max_steps": 20, "train.checkpoint_every": 10,
-                                                                      "train.eval_every": 10, "train.num_workers": 1}))
+                                                                      "train.eval_every": 10, "train.num_workers": 1,
+                                                                      "train.shuffle": shuffle}))
     # the same run, interrupted after step 12 (its step-10 checkpoint saved), then resumed
     real_write = train_student.MetricsLog.write
 
@@ -279,7 +303,7 @@ def test_resume_continues_exactly(tiny_cache, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_student.MetricsLog, "write", interrupt_after_12)
     cfg = make_cfg(tiny_cache, tmp_path / "b", **{"train.max_steps": 20, "train.checkpoint_every": 10,
-                                                  "train.eval_every": 10, "train.num_workers": 1})
+                                                  "train.eval_every": 10, "train.num_workers": 1, "train.shuffle": shuffle})
     with pytest.raises(KeyboardInterrupt):
         train_student.main(cfg)
     monkeypatch.setattr(train_student.MetricsLog, "write", real_write)

@@ -139,7 +139,7 @@ class UnitWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def finished_unit(path: Path, config_hash: str, input_state: list | None) -> dict | None:
+def finished_unit(path: Path, config_hash: str, input_state: str | None) -> dict | None:
     """The metadata of a finished unit file made by this ingest config from unchanged input, else None (redo it)."""
     import h5py
 
@@ -170,7 +170,7 @@ def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_spl
 
     def pack_batch(batch: list[tuple[str, str]], tokenized) -> None:
         ids, offs = tokenized.result()
-        added = {s: 0 for s in SPLITS}
+        added, added_docs = {s: 0 for s in SPLITS}, 0
         for i, (split, text) in enumerate(batch):
             toks = ids[i]
             if stopped[split] or not toks:  # a split may have reached its cap since the batch was read
@@ -179,6 +179,7 @@ def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_spl
             docs[split] += 1
             tokens[split] += len(toks)
             added[split] += len(toks)
+            added_docs += 1
         for split in SPLITS:
             if added[split]:
                 windows = packers[split].take()
@@ -189,7 +190,7 @@ def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_spl
                 cap = spec.caps[split]
                 if cap is not None and packers[split].windows_emitted >= cap:
                     stopped[split] = True  # this unit alone holds the cap: later windows are never used
-        progress(sum(len(t) for _, t in batch), sum(added.values()))
+        progress(added_docs, sum(added.values()))
 
     # A two-stage pipeline: the tokenizer (Rust, GIL released, on all cores) works on batch k+1 in a background
     # thread while this thread packs and writes batch k and reads the next documents. Packing order, and so

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import glob
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -88,13 +89,14 @@ class Unit:
     def name(self) -> str:
         return f"{self.source}-{self.index:06d}"
 
-    def input_state(self) -> list:
-        """What the unit was read from, to tell on resume whether a finished unit's input changed since."""
-        out = []
+    def input_state(self) -> str:
+        """A digest of what the unit was read from (path, byte range, size, mtime of each piece), to tell on resume
+        whether a finished unit's input changed since. A digest, not the list: a unit may hold 100,000 small files."""
+        h = hashlib.sha256()
         for p in self.pieces:
             st = os.stat(p.path)
-            out.append([p.path, p.start, p.end, st.st_size, st.st_mtime_ns])
-        return out
+            h.update(json.dumps([p.path, p.start, p.end, st.st_size, st.st_mtime_ns]).encode())
+        return h.hexdigest()
 
 
 def plan_file_units(files: list[str], unit_bytes: int, source: str) -> list[Unit]:

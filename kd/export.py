@@ -1,0 +1,107 @@
+"""Export a teacher cache as a Hugging Face `datasets` folder of Parquet files with plain columns.
+
+    python -m kd.cache export DIR OUT [--splits train eval] [--rows-per-file 4096]
+
+OUT/<split>/data-NNNNN.parquet plus OUT/README.md whose YAML header maps each folder to its split, so that
+`datasets.load_dataset(OUT)` returns the splits by name (and pandas/pyarrow read the files directly). One row per
+cached sequence, every column decoded (no kd codec is needed to read it), padding removed (T = `length`):
+
+    sequence_index   int64                  the sequence's index in its split
+    input_ids        list<int32>   [T]      teacher token ids
+    target_token_ids list<list<int32>> [T][k]  the teacher's top-k ids at each position, most probable first
+    target_logprobs  list<list<float32>> [T][k] their log-probs under the full softmax at temperature 1
+    target_mask      list<list<int8>> [T][k]  1 for every stored entry (all of them; kept for trainers that expect it)
+    sample_ids       list<list<int32>> [T][m_t]  (caches with sampled targets) distinct drawn ids, most frequent first
+    sample_counts    list<list<int32>> [T][m_t]  their counts, summing to sample_n at every position
+    text, token_spans                        (caches with text) the window's text and each token's [start, end)
+
+Position t describes the teacher's prediction of token t+1, as HF logits do. The column names and shapes of the
+top-k targets are those of axolotl's KD plugin datasets (`target_token_ids`, `target_logprobs`, `target_mask`,
+per position). Hidden states are not exported (hundreds of bytes per token; read them with kd.cache.TeacherCache).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from kd.errors import KDError
+
+EXPORT_FORMAT = "kd-teacher-cache-export"
+
+
+def _rows(item: dict, with_samples: bool, with_text: bool) -> dict:
+    n = int(item["length"])
+    row = {"sequence_index": int(item["sequence_index"]), "input_ids": item["input_ids"][:n].numpy().astype(np.int32),
+           "target_token_ids": item["topk_ids"][:n].numpy().astype(np.int32),
+           "target_logprobs": item["topk_logprobs"][:n].float().numpy()}
+    row["target_mask"] = np.ones_like(row["target_token_ids"], dtype=np.int8)
+    if with_samples:
+        ids, counts = item["sample_ids"][:n].numpy(), item["sample_counts"][:n].numpy()
+        present = counts > 0
+        row["sample_ids"] = [ids[t][present[t]].astype(np.int32) for t in range(n)]
+        row["sample_counts"] = [counts[t][present[t]].astype(np.int32) for t in range(n)]
+    if with_text:
+        row["text"] = item["text"]
+        row["token_spans"] = item["token_spans"][:n].numpy().astype(np.int32)
+    return row
+
+
+def _table(rows: list[dict]):
+    import pyarrow as pa
+
+    columns = {}
+    for name in rows[0]:
+        values = [r[name] for r in rows]
+        if name in ("sequence_index", "text"):
+            columns[name] = pa.array(values)
+        elif name == "input_ids":
+            columns[name] = pa.array([v.tolist() for v in values], pa.list_(pa.int32()))
+        else:  # per position: a list of lists
+            inner = {"target_logprobs": pa.float32(), "target_mask": pa.int8()}.get(name, pa.int32())
+            columns[name] = pa.array([[list(p) for p in v] for v in values], pa.list_(pa.list_(inner)))
+    return pa.table(columns)
+
+
+def export(cache_dir: str | Path, out: str | Path, splits: list[str] | None = None, rows_per_file: int = 4096,
+           log=print) -> Path:
+    import pyarrow.parquet as pq
+
+    from kd.cache import TeacherCache
+
+    cache = TeacherCache(cache_dir)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise KDError(f"{out} is not empty; export into a new directory")
+    m = cache.manifest
+    splits = splits or list(m["splits"])
+    unknown = sorted(set(splits) - set(m["splits"]))
+    if unknown:
+        raise KDError(f"cache {cache_dir} has no split(s) {unknown} (it has {sorted(m['splits'])})")
+    with_samples, with_text = bool(m.get("sample_n")), bool(m.get("store_text"))
+    fields = ["input_ids", "topk_ids", "topk_logprobs"] + (["sample_ids", "sample_counts"] if with_samples else []) \
+        + (["text", "token_spans"] if with_text else [])
+    for split in splits:
+        reader = cache.split(split, fields)
+        (out / split).mkdir(parents=True)
+        n_files = max(1, -(-len(reader) // rows_per_file))
+        for f in range(n_files):
+            rows = [_rows(reader[i], with_samples, with_text)
+                    for i in range(f * rows_per_file, min((f + 1) * rows_per_file, len(reader)))]
+            pq.write_table(_table(rows), out / split / f"data-{f:05d}-of-{n_files:05d}.parquet")
+        log(f"[export] {split}: {len(reader)} sequences in {n_files} Parquet file(s)")
+    header = {"configs": [{"config_name": "default",
+                           "data_files": [{"split": s, "path": f"{s}/*.parquet"} for s in splits]}]}
+    import yaml
+
+    (out / "README.md").write_text(
+        "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n"
+        f"Teacher cache exported by kd ({EXPORT_FORMAT}): teacher `{m['teacher']['name_or_path']}` "
+        f"(vocabulary {m['teacher']['vocab_size']}), top-{m['top_k']} log-probs"
+        + (f", {m['sample_n']} sampled targets per position" if with_samples else "") +
+        f", windows of {m['seq_len']} tokens. Columns: see kd/export.py.\n\nManifest of the source cache:\n\n```json\n"
+        + json.dumps({k: m[k] for k in ("format_version", "teacher", "tokenizer", "top_k", "sample_n", "seq_len")},
+                     indent=1) + "\n```\n")
+    return out
