@@ -3,7 +3,8 @@
 Layout of DIR (format version 3; versions 1 and 2 are still read):
     cache_config.json        resolved config of the run that writes DIR (written once the input is ingested; re-runs are
                              checked against it)
-    ingest/                  only while the cache is being built: the packed windows (kd/data/ingest.py) and .lock
+    ingest/, .lock           only while the cache is being built: the packed windows (kd/data/ingest.py), and the
+                             writing run's flock (kd/io.py)
     manifest.json            written last, by rank 0, once every shard is complete: the cache is usable iff it exists;
                              its `codecs` record says how each field is stored (see kd/codecs.py)
     train-00000.h5 ...       shards; shard j holds sequences [j*S, (j+1)*S) of its split (S = sequences_per_shard)
