@@ -97,23 +97,17 @@ class Packer:
             self._texts[d] = text
         self._parts.append((np.asarray(list(ids) + [self.sep_id], np.int64), doc, offs, first))
 
-    def pending_tokens(self) -> int:
-        return len(self._ids) + sum(len(p[0]) for p in self._parts)
-
     def _gather(self) -> None:
         if self._parts:
             parts = [(self._ids, self._doc, self._offs, self._first)] + self._parts
             self._ids, self._doc, self._offs, self._first = (np.concatenate([p[i] for p in parts]) for i in range(4))
             self._parts = []
 
-    def take(self, final: bool = False, limit: int | None = None) -> Windows:
-        """Every full window pending (at most `limit`); with `final`, also the partial rest (>= 2 tokens)."""
+    def take(self, final: bool = False) -> Windows:
+        """Every full window pending; with `final`, also the partial rest (if it has >= 2 tokens)."""
         self._gather()
         n_full, rest = divmod(len(self._ids), self.T)
-        if limit is not None:
-            n_full = min(n_full, limit)
-        n = n_full + (1 if final and n_full * self.T < len(self._ids) and rest >= MIN_WINDOW_TOKENS
-                      and (limit is None or n_full < limit) else 0)
+        n = n_full + (1 if final and rest >= MIN_WINDOW_TOKENS else 0)
         used = min(n * self.T, len(self._ids))
         ids = np.full((n, self.T), self.pad_id, np.int32)
         flat = self._ids[:used]
