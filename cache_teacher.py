@@ -60,9 +60,9 @@ def check_teacher_fits(cfg: CacheConfig, model_cfg) -> None:
                       f"(0 = embeddings, {layers} = last layer)")
 
 
-def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool) -> str:
+def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool) -> bool:
     """On the main process, holding the directory lock: refuse a directory that holds something else, clear what a
-    killed run left, and say where this run starts: 'complete' (nothing to do), 'resume' or 'new'."""
+    killed run left; True if it already holds this exact cache (nothing to do)."""
     cfg_file = out / CONFIG_FILE
     if cfg_file.exists():
         old = json.loads(cfg_file.read_text())["config"]
@@ -77,7 +77,7 @@ def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool) -> str:
             shutil.rmtree(out / INGEST_DIR, ignore_errors=True)
         elif (out / MANIFEST).exists():
             shutil.rmtree(out / INGEST_DIR, ignore_errors=True)  # a run killed between manifest and clean-up
-            return "complete"
+            return True
     elif any(p.name not in (LOCK_FILE, INGEST_DIR) for p in out.iterdir()):
         # an unfinished ingest (no cache_config.json yet) is kd's own and may be resumed or replaced; anything
         # else is the user's
@@ -91,7 +91,7 @@ def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool) -> str:
         raise KDError(f"cannot write to cache.output_dir {out}: {e}") from None
     for p in [*out.glob("*.tmp-*"), *out.glob(f"{INGEST_DIR}/*.tmp-*")]:  # left by a killed run; never counted
         p.unlink()
-    return "resume" if cfg_file.exists() else "new"
+    return False
 
 
 def open_output_dir(out: Path) -> DirLock:
@@ -120,10 +120,10 @@ def ingest_spec(cfg: CacheConfig, tokenizer, vocab_size: int) -> IngestSpec:
     sep_id = tokenizer.get_vocab().get(sep) if sep is not None else None
     if sep_id is None:
         raise KDError(f"separator token {sep!r} is not in the teacher's vocabulary; set data.separator_token")
-    explicit_eval = bool(cfg.data.eval_files or cfg.data.eval_dataset_split)
     return IngestSpec(seq_len=cfg.data.seq_len, sep_id=sep_id, pad_id=sep_id, sep_text=sep,
                       store_text=cfg.cache.store_text, text_field=cfg.data.text_field,
-                      decode_errors=cfg.data.decode_errors, eval_fraction=0.0 if explicit_eval else cfg.data.eval_fraction,
+                      decode_errors=cfg.data.decode_errors,
+                      eval_fraction=0.0 if cfg.data.has_eval_source else cfg.data.eval_fraction,
                       split_seed=cfg.data.split_seed,
                       caps={"train": cfg.data.max_train_sequences, "eval": cfg.data.max_eval_sequences},
                       vocab_size=vocab_size, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
@@ -154,8 +154,8 @@ def claimed_output_dir(accelerator, out: Path, cfg_dict: dict, overwrite: bool, 
         if not accelerator.is_main_process:
             return 0
         lock = open_output_dir(out)
-        state = prepare_output_dir(out, cfg_dict, overwrite)
-        if state != "complete":
+        complete = prepare_output_dir(out, cfg_dict, overwrite)
+        if not complete:
             (out / INGEST_DIR).mkdir(exist_ok=True)
             ingest_cfg = out / INGEST_DIR / "config.json"
             if ingest_cfg.exists() and json.loads(ingest_cfg.read_text()).get("hash") != spec.content_hash():
@@ -163,7 +163,7 @@ def claimed_output_dir(accelerator, out: Path, cfg_dict: dict, overwrite: bool, 
                 for p in (out / INGEST_DIR).glob("*.h5"):
                     p.unlink()
             write_json_atomic(ingest_cfg, {"hash": spec.content_hash(), "spec": spec.__dict__})
-        return int(state == "complete")
+        return int(complete)
 
     try:
         state = agree(accelerator, claim)
@@ -201,13 +201,13 @@ def ingest(cfg: CacheConfig, accelerator, spec: IngestSpec, tokenizer, sources, 
               f"{stats['tokens']} tokens in {stats['units']} units ({stats['reused']} from an earlier run), "
               f"{index.num_sequences['train']} train / {index.num_sequences['eval']} eval windows, "
               f"{stats['seconds']:.1f} s, {stats['tokens'] / max(stats['seconds'], 1e-9):.0f} tokens/s", flush=True)
-    explicit_eval = bool(cfg.data.eval_files or cfg.data.eval_dataset_split)
     for split in SPLITS:
         if index.num_sequences[split] == 0:
             if stats["split_documents"][split] == 0:
                 raise KDError(f"the {split} data holds no non-empty text in field '{cfg.data.text_field}' "
                               f"({stats['empty_documents']} empty documents read in all)" +
-                              (", and raise data.eval_fraction" if split == "eval" and not explicit_eval else ""))
+                              (", and raise data.eval_fraction" if split == "eval" and not cfg.data.has_eval_source
+                               else ""))
             raise KDError(f"the {split} split packs into no windows of {cfg.data.seq_len} tokens; add text, lower "
                           "data.seq_len" + (", or raise data.eval_fraction" if split == "eval" else ""))
     return index, stats
@@ -215,7 +215,6 @@ def ingest(cfg: CacheConfig, accelerator, spec: IngestSpec, tokenizer, sources, 
 
 def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spec: IngestSpec) -> dict:
     """What every shard's kd_meta and the manifest carry: the content's description, nothing about this run."""
-    explicit_eval = bool(cfg.data.eval_files or cfg.data.eval_dataset_split)
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kd_version": __version__, "config_hash": config_hash,
         "teacher": {"name_or_path": cfg.teacher.model, "revision": cfg.teacher.revision,
@@ -231,7 +230,8 @@ def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spe
         "dataset": {"files": cfg.data.files, "eval_files": cfg.data.eval_files, "dataset": cfg.data.dataset,
                     "dataset_config": cfg.data.dataset_config, "dataset_split": cfg.data.dataset_split,
                     "eval_dataset_split": cfg.data.eval_dataset_split, "text_field": cfg.data.text_field,
-                    "split_rule": ("held-out source: every main document is a training document" if explicit_eval else
+                    "split_rule": ("held-out source: every main document is a training document"
+                                   if cfg.data.has_eval_source else
                                    f"per document: eval iff blake2b(text, key=split_seed={cfg.data.split_seed}) / 2^64 "
                                    f"< eval_fraction={cfg.data.eval_fraction}"),
                     "unit_bytes": cfg.data.unit_bytes},
@@ -249,11 +249,13 @@ def teacher_pass(cfg: CacheConfig, accelerator, index: WindowIndex, meta: dict, 
             for split in SPLITS for j, start in enumerate(range(0, index.num_sequences[split], S))]
     my_jobs = jobs[rank::world]
     todo = []
-    for job in my_jobs:
-        info = complete_shard_info(out / shard_name(job[0], job[1]), meta["config_hash"])
-        w = index.read(job[0], job[2], job[3], ["input_ids", "lengths"])
-        if info is None or info.get("input_sha256") != windows_fingerprint(w["input_ids"], w["lengths"]):
-            todo.append(job)
+    for split, j, a, b in my_jobs:
+        info = complete_shard_info(out / shard_name(split, j), meta["config_hash"])
+        if info is not None:  # windows are read back only to check a shard that could be kept
+            w = index.read(split, a, b, ["input_ids", "lengths"])
+            if info.get("input_sha256") == windows_fingerprint(w["input_ids"], w["lengths"]):
+                continue
+        todo.append((split, j, a, b))
     if accelerator.is_main_process:
         print(f"[cache] {len(jobs)} shards on {world} process(es); rank 0 has {len(my_jobs)}, "
               f"{len(my_jobs) - len(todo)} of them already complete", flush=True)

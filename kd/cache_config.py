@@ -73,10 +73,15 @@ class DataConfig:
     max_eval_sequences: int | None = None
     unit_bytes: int = 64 * 2**20
 
+    @property
+    def has_eval_source(self) -> bool:
+        """An explicit held-out source: then no document of the main source goes to eval."""
+        return bool(self.eval_files or self.eval_dataset_split)
+
     def __post_init__(self):
         if self.seq_len < 2:
             raise KDError(f"data.seq_len must be >= 2, got {self.seq_len}")
-        if not self.eval_files and not self.eval_dataset_split and not 0.0 < self.eval_fraction < 1.0:
+        if not self.has_eval_source and not 0.0 < self.eval_fraction < 1.0:
             raise KDError(f"data.eval_fraction must be in (0, 1) without a held-out source (data.eval_files or "
                           f"data.eval_dataset_split), got {self.eval_fraction}")
         for name in ("max_train_sequences", "max_eval_sequences"):

@@ -32,7 +32,7 @@ from kd.errors import KDError
 EXPORT_FORMAT = "kd-teacher-cache-export"
 
 
-def _rows(item: dict, with_samples: bool, with_text: bool) -> dict:
+def _row(item: dict, with_samples: bool, with_text: bool) -> dict:
     n = int(item["length"])
     row = {"sequence_index": int(item["sequence_index"]), "input_ids": item["input_ids"][:n].numpy().astype(np.int32),
            "target_token_ids": item["topk_ids"][:n].numpy().astype(np.int32),
@@ -88,7 +88,7 @@ def export(cache_dir: str | Path, out: str | Path, splits: list[str] | None = No
         (out / split).mkdir(parents=True)
         n_files = max(1, -(-len(reader) // rows_per_file))
         for f in range(n_files):
-            rows = [_rows(reader[i], with_samples, with_text)
+            rows = [_row(reader[i], with_samples, with_text)
                     for i in range(f * rows_per_file, min((f + 1) * rows_per_file, len(reader)))]
             pq.write_table(_table(rows), out / split / f"data-{f:05d}-of-{n_files:05d}.parquet")
         log(f"[export] {split}: {len(reader)} sequences in {n_files} Parquet file(s)")

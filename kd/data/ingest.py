@@ -31,13 +31,13 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from kd.cache import SPLITS
 from kd.data.pack import Packer, Windows, tokenize
 from kd.data.sources import Unit, unit_documents
 from kd.errors import KDError
 from kd.dist import gather_rows
 from kd.io import fsync_file
 
-SPLITS = ("train", "eval")
 INGEST_DIR = "ingest"
 UNIT_FORMAT = "kd-ingest-unit"
 UNIT_FORMAT_VERSION = 1
@@ -197,8 +197,17 @@ def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_spl
     # the windows, are those of the sequential loop.
     documents = unit_documents(unit, spec.text_field, spec.decode_errors)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-tokenize")
+    pending = None
+
+    def submit(batch: list[tuple[str, str]]) -> None:
+        """Start tokenizing `batch`, then pack the batch before it while that runs."""
+        nonlocal pending
+        submitted = (batch, pool.submit(tokenize, tokenizer, [t for _, t in batch], len(batch), spec.store_text))
+        if pending is not None:
+            pack_batch(*pending)
+        pending = submitted
+
     try:
-        pending = None
         batch: list[tuple[str, str]] = []
         batch_chars = 0
         for text, _where in documents:
@@ -214,15 +223,10 @@ def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_spl
             chars += len(text)
             batch_chars += len(text)
             if len(batch) >= BATCH_DOCUMENTS or batch_chars >= BATCH_CHARS:
-                submitted = (batch, pool.submit(tokenize, tokenizer, [t for _, t in batch], len(batch), spec.store_text))
-                if pending is not None:
-                    pack_batch(*pending)
-                pending, batch, batch_chars = submitted, [], 0
+                submit(batch)
+                batch, batch_chars = [], 0
         if batch:
-            submitted = (batch, pool.submit(tokenize, tokenizer, [t for _, t in batch], len(batch), spec.store_text))
-            if pending is not None:
-                pack_batch(*pending)
-            pending = submitted
+            submit(batch)
         if pending is not None:
             pack_batch(*pending)
         for split in SPLITS:
@@ -232,7 +236,7 @@ def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_spl
             for _ in documents:
                 pass
         meta = {"format": UNIT_FORMAT, "format_version": UNIT_FORMAT_VERSION, "config_hash": spec.content_hash(),
-                "unit": unit.name, "input": unit.input_state() if unit.pieces else None,
+                "unit": unit.name, "input": unit.input_state(),
                 "windows": {s: packers[s].windows_emitted for s in SPLITS}, "documents": docs, "tokens": tokens,
                 "skipped": {s: bool(skip[s]) for s in SPLITS}, "empty_documents": empty, "chars": chars}
         return writer.commit(meta)
@@ -315,17 +319,14 @@ def run_ingest(accelerator, sources: list[tuple[Iterable[Unit], str | None]], sp
             try:
                 for k, unit in enumerate(round_units):
                     if k != rank:
-                        if unit.documents_fn is not None:  # a shared stream: read past the other processes' units
-                            for _ in unit.documents_fn():
-                                pass
+                        unit.skip_stream()  # another process's unit
                         continue
                     path = directory / f"{unit.name}.h5"
-                    meta = finished_unit(path, config_hash, unit.input_state() if unit.pieces else None)
+                    meta = finished_unit(path, config_hash, unit.input_state())
                     reused = meta is not None
-                    if reused and unit.documents_fn is not None:
-                        for _ in unit.documents_fn():
-                            pass
-                    if meta is None:
+                    if reused:
+                        unit.skip_stream()
+                    else:
                         if unit.documents_fn is None and path.exists():
                             log(f"[ingest] {unit.name}: its input changed or its file is not this config's: re-reading")
                         meta = process_unit(unit, spec, tokenizer, skip, forced, path, progress)

@@ -89,14 +89,24 @@ class Unit:
     def name(self) -> str:
         return f"{self.source}-{self.index:06d}"
 
-    def input_state(self) -> str:
+    def input_state(self) -> str | None:
         """A digest of what the unit was read from (path, byte range, size, mtime of each piece), to tell on resume
-        whether a finished unit's input changed since. A digest, not the list: a unit may hold 100,000 small files."""
+        whether a finished unit's input changed since. A digest, not the list: a unit may hold 100,000 small files.
+        None for a dataset stream (nothing to stat)."""
+        if not self.pieces:
+            return None
         h = hashlib.sha256()
         for p in self.pieces:
             st = os.stat(p.path)
             h.update(json.dumps([p.path, p.start, p.end, st.st_size, st.st_mtime_ns]).encode())
         return h.hexdigest()
+
+    def skip_stream(self) -> None:
+        """Read past this unit's documents without using them: a dataset stream is shared by the units in order, so
+        a process that does not tokenize a unit must still consume it. Local file units need nothing."""
+        if self.documents_fn is not None:
+            for _ in self.documents_fn():
+                pass
 
 
 def plan_file_units(files: list[str], unit_bytes: int, source: str) -> list[Unit]:
@@ -154,16 +164,18 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
-def _text_of(record, text_field: str, path: str, line: int):
+def _text_of(record, text_field: str, path: str, line_of: Callable[[], int]) -> str:
+    """The record's text ('' for null). `line_of` is called only for an error message: counting lines is costly
+    in a unit that starts mid-file."""
     if not isinstance(record, dict):
-        raise KDError(f"{path}, line {line}: a record must be a JSON object with field '{text_field}', got "
+        raise KDError(f"{path}, line {line_of()}: a record must be a JSON object with field '{text_field}', got "
                       f"{type(record).__name__}")
     if text_field not in record:
-        raise KDError(f"{path}, line {line}: text field '{text_field}' is not in the record (its fields: "
+        raise KDError(f"{path}, line {line_of()}: text field '{text_field}' is not in the record (its fields: "
                       f"{sorted(record)[:10]}); set data.text_field")
     value = record[text_field]
     if value is not None and not isinstance(value, str):
-        raise KDError(f"{path}, line {line}: field '{text_field}' holds {type(value).__name__}, not text")
+        raise KDError(f"{path}, line {line_of()}: field '{text_field}' holds {type(value).__name__}, not text")
     return value or ""
 
 
@@ -186,9 +198,7 @@ def _json_lines(f, path: str, text_field: str, errors: str, first_byte: int, end
                 record = json.loads(text)
             except json.JSONDecodeError as e:
                 raise KDError(f"{path}, line {line_of()}: not valid JSON ({e.msg}); fix the record") from None
-            if not isinstance(record, dict) or text_field not in record or not isinstance(record[text_field], (str, type(None))):
-                _text_of(record, text_field, path, line_of())  # raises with the line number
-            yield record[text_field] or "", path
+            yield _text_of(record, text_field, path, line_of), path
         if line_no is not None:
             line_no += 1
 
@@ -235,7 +245,7 @@ def read_piece(piece: Piece, text_field: str, errors: str) -> Iterator[tuple[str
                 except json.JSONDecodeError as e:
                     raise KDError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
                 for i, record in enumerate(records):
-                    yield _text_of(record, text_field, path, i + 1), path
+                    yield _text_of(record, text_field, path, lambda i=i: i + 1), path
             else:
                 yield from _json_lines(io.BufferedReader(_Prefixed(head, f)), path, text_field, errors, 0, None, 1)
         elif fmt == ".csv":
@@ -313,17 +323,13 @@ def plan_hf_units(ds, where: str, text_field: str, unit_bytes: int, source: str)
     """Lazy units of consecutive documents holding >= unit_bytes characters. The stream is shared: a unit's
     documents must be consumed (processed or drained) before the next unit is asked for."""
     it = iter(ds)
-    state = {"done": False, "pending": None}
+    state = {"pending": None}  # a record read to learn that another unit exists, not yet handed out
 
     def next_record():
         if state["pending"] is not None:
             rec, state["pending"] = state["pending"], None
             return rec
-        try:
-            return next(it)
-        except StopIteration:
-            state["done"] = True
-            return None
+        return next(it, None)
 
     index = 0
     while True:
@@ -332,9 +338,9 @@ def plan_hf_units(ds, where: str, text_field: str, unit_bytes: int, source: str)
             return
         state["pending"] = first
 
-        def documents(limit=unit_bytes):
+        def documents():
             chars = 0
-            while chars < limit:
+            while chars < unit_bytes:
                 rec = next_record()
                 if rec is None:
                     return
