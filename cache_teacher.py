@@ -38,7 +38,8 @@ from kd.data.ingest import INGEST_DIR, IngestSpec, WindowIndex, run_ingest, wind
 from kd.dist import agree, gather_rows
 from kd.errors import KDError, run_cli
 from kd.io import LOCK_FILE, DirLock, write_json_atomic
-from kd.teacher import load_causal_lm, load_model_config, load_tokenizer, teacher_targets, tokenizer_fingerprint
+from kd.teacher import (SAMPLER, load_causal_lm, load_model_config, load_tokenizer, teacher_targets,
+                        tokenizer_fingerprint)
 
 
 def content_config(cfg_dict: dict) -> dict:
@@ -226,7 +227,8 @@ def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spe
         "top_k": cfg.cache.top_k, "hidden_layers": cfg.cache.hidden_layers, "seq_len": cfg.data.seq_len,
         "codecs": codec_specs(model_cfg.vocab_size, cfg.cache.id_codec, cfg.cache.logprob_codec,
                               cfg.cache.hidden_codec, cfg.cache.sample_n),
-        "position_targets": "next token (t+1)", "sample_n": cfg.cache.sample_n, "store_text": cfg.cache.store_text,
+        "position_targets": "next token (t+1)", "sample_n": cfg.cache.sample_n,
+        "sampler": SAMPLER if cfg.cache.sample_n else None, "store_text": cfg.cache.store_text,
         "dataset": {"files": cfg.data.files, "eval_files": cfg.data.eval_files, "dataset": cfg.data.dataset,
                     "dataset_config": cfg.data.dataset_config, "dataset_split": cfg.data.dataset_split,
                     "eval_dataset_split": cfg.data.eval_dataset_split, "text_field": cfg.data.text_field,
@@ -329,7 +331,10 @@ def main(cfg: CacheConfig) -> Path:
     accelerator = Accelerator()
     out = Path(cfg.cache.output_dir)
     cfg_dict = to_dict(cfg)
-    config_hash = hashlib.sha256(json.dumps(content_config(cfg_dict), sort_keys=True).encode()).hexdigest()
+    content = content_config(cfg_dict)
+    if cfg.cache.sample_n:  # shards drawn by another sampling scheme are redone, never mixed in on resume
+        content["sampler"] = SAMPLER
+    config_hash = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     # 1. Validate everything cheap before any heavy work (an error on any process stops every process).
     model_cfg, tokenizer, spec, sources, input_bytes = agree(accelerator, lambda: validate(cfg))

@@ -9,8 +9,8 @@ An untimed warm-up run comes first (one-time imports), then a and b alternate `-
 `--sequences` windows and the fastest of each is kept (the machine is shared and noisy). Printed:
   - end-to-end throughput ratio (b)/(a), start-up included (Accelerator, tokenizer, datasets, model load);
   - per-batch ratio: in one process, the same batch through a plain forward and through `teacher_targets`
-    (forward with hidden states + fp32 top-k log-probs), alternating, fastest of each: the steady-state compute
-    overhead of caching, without I/O and start-up.
+    (forward with hidden states + fp32 top-k log-probs + sampled targets), alternating, fastest of each: the
+    steady-state compute overhead of caching, without I/O and start-up.
 Goal: >= 0.85. Also prints cache bytes per token.
 """
 
@@ -71,7 +71,9 @@ def per_batch_ratio(cfg: CacheConfig, repeats: int = 5) -> tuple[float, float]:
             model(input_ids=ids, attention_mask=mask).logits.sum()
             bare.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            teacher_targets(model, ids, mask, cfg.cache.top_k, cfg.cache.hidden_layers)
+            gens = [torch.Generator().manual_seed(i) for i in range(len(ids))]
+            teacher_targets(model, ids, mask, cfg.cache.top_k, cfg.cache.hidden_layers, sample_n=cfg.cache.sample_n,
+                            sample_generators=gens)
             full.append(time.perf_counter() - t0)
     return min(bare), min(full)
 

@@ -152,6 +152,83 @@ def test_sampled_targets_are_unbiased():
         assert len(set(real.tolist())) == len(real)
 
 
+class _FixedLogits(torch.nn.Module):
+    """A stand-in teacher whose forward returns fixed logits (rows picked by the input ids' first token)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits[input_ids[:, 0]].to(self.logits.dtype), hidden_states=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_teacher_targets_draw_what_sample_targets_draws(dtype):
+    """The fused sampler in teacher_targets' chunk loop draws, for each sequence, exactly what sample_targets draws
+    with that sequence's generator, whatever the position chunk and whatever else is in the batch; top-k values are
+    the full-softmax log-probs; padded vocabulary entries (-inf) are never drawn."""
+    from kd.teacher import sample_targets, teacher_targets
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 10, 37, generator=g) * 3).to(dtype)
+    logits[..., 33:] = float("-inf")  # a padded vocabulary
+    model, n = _FixedLogits(logits), 9
+    ids = torch.arange(3)[:, None].expand(3, 10).contiguous()
+    mask = torch.ones_like(ids)
+    gens = lambda seqs: [torch.Generator().manual_seed(100 + i) for i in seqs]  # noqa: E731
+    expect = [sample_targets(logits[i], n, gens([i])[0]) for i in range(3)]
+    for chunk in (1, 7, 64):
+        lp, top, _, (s_ids, s_counts) = teacher_targets(model, ids, mask, 5, [], position_chunk=chunk, sample_n=n,
+                                                        sample_generators=gens(range(3)))
+        ref = torch.log_softmax(logits.float(), -1).topk(5, -1)
+        torch.testing.assert_close(lp, ref.values, rtol=0, atol=2e-6)
+        assert torch.equal(top, ref.indices)
+        for i in range(3):
+            assert torch.equal(s_ids[i], expect[i][0]) and torch.equal(s_counts[i], expect[i][1]), (chunk, i)
+        assert (s_ids[s_counts > 0] < 33).all() and (s_counts.sum(-1) == n).all()
+    # the same sequence alone in its batch
+    _, _, _, (alone, alone_counts) = teacher_targets(model, ids[2:], mask[2:], 5, [], sample_n=n,
+                                                     sample_generators=gens([2]))
+    assert torch.equal(alone[0], expect[2][0]) and torch.equal(alone_counts[0], expect[2][1])
+
+
+def test_sampler_keeps_the_mass_of_a_152k_vocabulary_tail():
+    """3e-3 of the mass spread over 151,935 tokens (2e-8 each, below half an fp32 ulp of the running sum once it
+    passes the top token's 1.0): the tail is drawn at its rate. The CDF is kept in fp64 for this; an fp32 running
+    sum, as on CUDA, would round each step away (torch's CPU cumsum happens to accumulate in double)."""
+    from kd.teacher import sample_targets
+
+    V, tail = 151_936, 3e-3
+    logits = torch.full((100, V), float(torch.log(torch.tensor(tail / (V - 1) / (1 - tail)))))
+    logits[:, 0] = 0.0
+    ids, counts = sample_targets(logits, 255, torch.Generator().manual_seed(0))
+    drawn_tail = int(counts[ids != 0].sum())
+    assert 40 < drawn_tail < 115, drawn_tail  # expected 100 * 255 * 3e-3 = 76.5, sd 8.7
+
+
+def test_inverse_cdf_draws_across_blocks_and_at_the_edges():
+    """Over a vocabulary of several CDF blocks (and not a multiple of the block size) the draws follow the
+    probabilities; uniforms at 0 and just below 1 never land on an entry of probability 0."""
+    from kd.teacher import _draw
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.rand(2, 1000, generator=g) ** 4
+    e[:, 990:] = 0.0  # padded vocabulary at the end
+    e[:, 100:300] = 0.0  # a whole empty block and then some
+    u = torch.rand(2, 200_000, generator=g, dtype=torch.float64)
+    ids = _draw(e, u)
+    freq = torch.zeros(2, 1000, dtype=torch.float64).scatter_add_(1, ids, torch.ones_like(u)) / u.shape[1]
+    assert (freq - e.double() / e.double().sum(-1, keepdim=True)).abs().max() < 0.003
+    edge = torch.tensor([[0.0, torch.nextafter(torch.tensor(1.0, dtype=torch.float64),
+                                               torch.tensor(0.0, dtype=torch.float64)).item()]] * 2,
+                        dtype=torch.float64)
+    drawn = _draw(e, edge)
+    assert (e.gather(1, drawn) > 0).all(), drawn
+
+
 def test_manifest_describes_the_cache(tmp_path, make_cache_config, llama_teacher):
     out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
     m = json.loads((out / MANIFEST).read_text())
@@ -205,22 +282,28 @@ def test_reader_random_access_and_workers(tmp_path, make_cache_config, llama_tea
     assert torch.equal(ids, torch.from_numpy(raw["input_ids"].astype(np.int64)))
 
 
-def test_interrupted_run_resumes_to_identical_cache(tmp_path, make_cache_config, llama_teacher, monkeypatch):
-    reference = read_all(cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "ref")))
-    out = tmp_path / "c"
+def crash_part_way(monkeypatch, cfg) -> None:
+    """Run cache_teacher.main(cfg) and stop it on its fifth batch, part-way through a shard, as a kill would (no
+    cleanup runs)."""
     calls = {"n": 0}
     real_append = cache_teacher.ShardWriter.append
 
     def crash_on_fifth_batch(self, *args):
         calls["n"] += 1
-        if calls["n"] == 5:  # part-way through a shard, as a kill would be: no cleanup runs
+        if calls["n"] == 5:
             raise KeyboardInterrupt
         return real_append(self, *args)
 
     monkeypatch.setattr(cache_teacher.ShardWriter, "append", crash_on_fifth_batch)
     with pytest.raises(KeyboardInterrupt):
-        cache_teacher.main(make_cache_config(llama_teacher, out))
+        cache_teacher.main(cfg)
     monkeypatch.setattr(cache_teacher.ShardWriter, "append", real_append)
+
+
+def test_interrupted_run_resumes_to_identical_cache(tmp_path, make_cache_config, llama_teacher, monkeypatch):
+    reference = read_all(cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "ref")))
+    out = tmp_path / "c"
+    crash_part_way(monkeypatch, make_cache_config(llama_teacher, out))
     assert not (out / MANIFEST).exists()  # an unfinished cache is never usable
     finished = sorted(p.name for p in out.glob("*.h5"))
     assert finished == ["train-00000.h5"]  # batches of 3, shards of 8: 1 shard done when batch 5 starts
@@ -239,6 +322,19 @@ def test_interrupted_run_resumes_to_identical_cache(tmp_path, make_cache_config,
             # batch size changes fp32 rounding in the teacher, which can move a q8 value by one step (< 0.02 here)
             np.testing.assert_allclose(resumed[split][name].astype(np.float32),
                                        reference[split][name].astype(np.float32), atol=2e-2, err_msg=f"{split}/{name}")
+
+
+def test_a_cache_begun_with_another_sampling_scheme_is_finished_from_scratch(tmp_path, make_cache_config,
+                                                                            llama_teacher, monkeypatch):
+    """Shards whose sampled targets were drawn by another scheme (kd.teacher.SAMPLER) are never kept on resume:
+    the scheme is part of the config hash, so the finished shard is recomputed and the manifest names the scheme."""
+    out = tmp_path / "c"
+    crash_part_way(monkeypatch, make_cache_config(llama_teacher, out, **{"cache.sample_n": 8}))
+    mtime = (out / "train-00000.h5").stat().st_mtime_ns
+    monkeypatch.setattr(cache_teacher, "SAMPLER", "another scheme/1")
+    cache_teacher.main(make_cache_config(llama_teacher, out, **{"cache.sample_n": 8}))
+    assert (out / "train-00000.h5").stat().st_mtime_ns != mtime
+    assert json.loads((out / MANIFEST).read_text())["sampler"] == "another scheme/1"
 
 
 def test_killed_process_never_leaves_a_complete_looking_shard(tmp_path, corpus_dir, llama_teacher):
