@@ -28,8 +28,17 @@ import numpy as np
 import torch
 
 from kd import __version__
-from kd.cache import (CONFIG_FILE, FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, complete_shard_info,
-                      shard_name, sidecar_path)
+from kd.cache import (
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    ShardWriter,
+    complete_shard_info,
+    shard_name,
+    sidecar_path,
+)
 from kd.cache_config import NON_CONTENT_KEYS, CacheConfig
 from kd.codecs import codec_specs
 from kd.config import diff_keys, flatten, parse_cli, to_dict
@@ -38,8 +47,14 @@ from kd.data.ingest import INGEST_DIR, IngestSpec, WindowIndex, run_ingest, wind
 from kd.dist import agree, gather_rows
 from kd.errors import KDError, run_cli
 from kd.io import LOCK_FILE, DirLock, write_json_atomic
-from kd.teacher import (SAMPLER, load_causal_lm, load_model_config, load_tokenizer, teacher_targets,
-                        tokenizer_fingerprint)
+from kd.teacher import (
+    SAMPLER,
+    load_causal_lm,
+    load_model_config,
+    load_tokenizer,
+    teacher_targets,
+    tokenizer_fingerprint,
+)
 
 
 def content_config(cfg_dict: dict) -> dict:

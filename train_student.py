@@ -7,16 +7,15 @@ Writes runs/<run_name>/: config.json, metrics.jsonl (one line per optimizer step
 (resumable Accelerate state), final/ (save_pretrained model + tokenizer + projectors) and final_ema/ when EMA
 is on. `python -m kd.report runs/<run_name>` draws the curves.
 
-The loop, per optimizer step: set the LR from the pure schedule, forward/backward the micro-batches of the
-window (losses normalised once, in kd.train.accumulate_window), skip the step if anything was non-finite,
-clip, step, log; evaluate and checkpoint at optimizer-step boundaries.
+Set-up (inputs checked before anything is written, then the student, optimizer and the loss plan), the loop (per
+optimizer step: the LR from the pure schedule, then kd.train.optimizer_step: forward/backward the window's
+micro-batches with the losses normalised once, skip the step if anything was non-finite, clip, step; log; evaluate
+and checkpoint at optimizer-step boundaries), finish (final eval, checkpoint, save_pretrained).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,13 +24,26 @@ import torch
 
 from kd import __version__
 from kd.cache import TeacherCache, write_json_atomic
-from kd.config import diff_keys, parse_cli, to_dict
+from kd.config import parse_cli, to_dict
 from kd.errors import KDError, run_cli
 from kd.schedule import lr_at
 from kd.teacher import load_tokenizer, tokenizer_fingerprint
-from kd.train import (EMA, RUN_FORMAT_VERSION, DistillModel, MetricsLog, accumulate_window, epoch_order, evaluate,
-                      make_loader, peak_memory_mb, steps_per_epoch)
-from kd.train_config import RESUME_FREE_KEYS, TrainConfig
+from kd.train import (
+    EMA,
+    RUN_FORMAT_VERSION,
+    DistillModel,
+    LossPlan,
+    MetricsLog,
+    TrainState,
+    epoch_order,
+    eval_record,
+    make_loader,
+    optimizer_step,
+    peak_memory_mb,
+    steps_per_epoch,
+)
+from kd.train.checkpoint import prepare_run_dir, save_checkpoint, save_final
+from kd.train_config import TrainConfig
 
 
 def build_student(cfg: TrainConfig, tokenizer, teacher_vocab: int):
@@ -106,56 +118,6 @@ def check_feature_layers(cfg: TrainConfig, cache: TeacherCache, student_layers: 
     return slots
 
 
-def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool) -> dict | None:
-    """Refuse to overwrite a run; on resume, check the config and return the latest checkpoint's state."""
-    if not resume:
-        if run_dir.exists():
-            raise KDError(f"run directory {run_dir} already exists; pick another train.run_name, or continue it "
-                          "with train.resume=true")
-        return None
-    if not (run_dir / "config.json").exists():
-        raise KDError(f"train.resume=true but {run_dir} holds no run to resume")
-    saved = json.loads((run_dir / "config.json").read_text())["config"]
-    differing = [k for k in diff_keys(saved, cfg_dict) if k not in RESUME_FREE_KEYS]
-    if differing:
-        raise KDError(f"cannot resume {run_dir}: config differs in {', '.join(differing)}; an exact continuation "
-                      "needs the same config (start a new run instead)")
-    latest = run_dir / "checkpoints" / "latest.json"
-    return json.loads(latest.read_text()) if latest.exists() else None
-
-
-def save_checkpoint(accelerator, run_dir: Path, state: dict) -> Path:
-    """Accelerate state (model, projectors, optimizer, scaler, RNG, EMA) + trainer state; keeps the newest only,
-    since each holds the optimizer's two moments (3x the model) and resume needs just the last."""
-    ckpt_root = run_dir / "checkpoints"
-    ckpt = ckpt_root / f"step_{state['step']:08d}"
-    accelerator.save_state(str(ckpt))
-    if accelerator.is_main_process:
-        write_json_atomic(ckpt / "trainer_state.json", state)
-        previous = json.loads((ckpt_root / "latest.json").read_text()) if (ckpt_root / "latest.json").exists() else None
-        write_json_atomic(ckpt_root / "latest.json", dict(state, path=ckpt.name))
-        if previous and previous["path"] != ckpt.name:
-            shutil.rmtree(ckpt_root / previous["path"], ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return ckpt
-
-
-def save_final(accelerator, model, tokenizer, out: Path, meta: dict) -> None:
-    """save_pretrained folder (+ tokenizer, projectors, kd_meta.json). The full state dict is gathered through
-    Accelerate on every process (a collective under FSDP / DeepSpeed ZeRO-3), then written by the main one."""
-    unwrapped = accelerator.unwrap_model(model)
-    state = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        unwrapped.lm.save_pretrained(out, state_dict={k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")})
-        tokenizer.save_pretrained(out)
-        if len(unwrapped.projectors):
-            torch.save({"feature_pairs": unwrapped.feature_pairs,
-                        "state_dict": {k[len("projectors."):]: v for k, v in state.items() if k.startswith("projectors.")}},
-                       out / "projectors.pt")
-        write_json_atomic(out / "kd_meta.json", meta)
-    accelerator.wait_for_everyone()
-
-
 def main(cfg: TrainConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -183,7 +145,8 @@ def main(cfg: TrainConfig) -> Path:
         raise KDError(f"loss.cross_tokenizer needs the cached text and token spans, and cache {tc.cache_dir} was "
                       "written without them: re-cache with cache.store_text=true")
     resume_state = prepare_run_dir(run_dir, cfg_dict, tc.resume)
-    need_hidden = cfg.loss.alpha_feature > 0 or cfg.loss.alpha_contrastive > 0
+    terms = cfg.loss.loss_terms()
+    need_hidden = any(t.kind in ("feature", "contrastive") for t in terms)
     if cfg.loss.target == "sampled" and not cache.manifest.get("sample_n"):
         raise KDError(f"loss.target=sampled but cache {tc.cache_dir} holds no sampled targets; re-cache with "
                       "cache.sample_n=50 (or another count), or use loss.target=topk")
@@ -225,17 +188,16 @@ def main(cfg: TrainConfig) -> Path:
 
         t = cache.manifest["teacher"]
         teacher = load_causal_lm(t["name_or_path"], t["revision"], t["dtype"], "sdpa").to(accelerator.device).eval()
+    # the one choice of teacher signal and terms, for training and for eval
+    plan, eval_plan = LossPlan.build(cfg.loss, slots, teacher), LossPlan.for_eval(cfg.loss)
     ema = EMA(accelerator.unwrap_model(model), tc.ema_decay) if tc.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    step, tokens_seen, skipped_steps, consecutive_skips = 0, 0, 0, 0
-    best_eval, evals_without_improvement = math.inf, 0
+    state = TrainState()
     if resume_state is not None:
         accelerator.load_state(str(run_dir / "checkpoints" / resume_state["path"]))
-        step, tokens_seen = resume_state["step"], resume_state["tokens_seen"]
-        skipped_steps, consecutive_skips = resume_state["skipped_steps"], resume_state["consecutive_skips"]
-        best_eval, evals_without_improvement = resume_state["best_eval"], resume_state["evals_without_improvement"]
+        state = TrainState.from_dict(resume_state)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", {
@@ -244,107 +206,78 @@ def main(cfg: TrainConfig) -> Path:
                       "tokenizer_fingerprint": teacher_tok["fingerprint"]},
             "total_steps": total_steps, "warmup_steps": warmup, "steps_per_epoch": epoch_steps, "num_processes": world})
     # on resume, records the interrupted run wrote after its checkpoint are dropped (all of them if it had none)
-    keep = None if not tc.resume else (step if resume_state is not None else -1)
+    keep = None if not tc.resume else (state.step if resume_state is not None else -1)
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until_step=keep)
     pin = accelerator.device.type == "cuda"
     eval_indices = list(range(len(eval_split)))[: tc.eval_max_sequences][rank::world]
     eval_loader = make_loader(eval_split, eval_indices, tc.micro_batch_size, tc.num_workers, pin)
 
-    def trainer_state() -> dict:
-        return {"step": step, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps,
-                "consecutive_skips": consecutive_skips, "best_eval": best_eval,
-                "evals_without_improvement": evals_without_improvement, "format_version": RUN_FORMAT_VERSION}
-
     def run_eval() -> dict:
-        record = {"step": step, "tokens_seen": tokens_seen, **evaluate(model, eval_loader, cfg.loss, accelerator)}
-        if ema is not None:  # the EMA weights, reported separately and labelled as such
-            with ema.applied(accelerator.unwrap_model(model)):
-                record.update({f"ema_{k}": v for k, v in evaluate(model, eval_loader, cfg.loss, accelerator).items()})
+        record = eval_record(model, eval_loader, eval_plan, accelerator, ema, state)
         log.write(record)
         return record
 
-    last_eval = run_eval() if step == 0 else None  # the untrained student: the baseline every curve starts from
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process,
+    last_eval = run_eval() if state.step == 0 else None  # the untrained student: the baseline every curve starts from
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process,
                file=sys.stdout, dynamic_ncols=True)
     model.train()
     stop_reason = "max_steps"
     t_last = time.time()
 
     # 3. The loop: one iteration = one optimizer step.
-    while step < total_steps and stop_reason == "max_steps":
-        epoch, done_in_epoch = divmod(step, epoch_steps)
+    while state.step < total_steps and stop_reason == "max_steps":
+        epoch, done_in_epoch = divmod(state.step, epoch_steps)
         order = epoch_order(len(train_split), epoch, tc.seed, rank, world, per_step,
                             train_split.starts if tc.shuffle == "shards" else None,
                             tc.shuffle_buffer_shards)[done_in_epoch * per_step:]
         batches_iter = iter(make_loader(train_split, order, tc.micro_batch_size, tc.num_workers, pin))
-        for _ in range(min(epoch_steps - done_in_epoch, total_steps - step)):
-            lr = lr_at(step + 1, schedule=tc.schedule, lr=tc.lr, min_lr=tc.min_lr, warmup_steps=warmup,
+        for _ in range(min(epoch_steps - done_in_epoch, total_steps - state.step)):
+            lr = lr_at(state.step + 1, schedule=tc.schedule, lr=tc.lr, min_lr=tc.min_lr, warmup_steps=warmup,
                        total_steps=total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             window = [next(batches_iter) for _ in range(tc.gradient_accumulation_steps)]
-            result = accumulate_window(model, window, cfg.loss, accelerator, slots, teacher)
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm or math.inf))
-            nonfinite = result.nonfinite + ([] if math.isfinite(grad_norm) else ["grad_norm"])
-            if nonfinite:
-                # Never applied, never clamped: the weights stay as they were. Under fp16 the scaler still
-                # records the overflow (halving its scale), as its own step would.
-                optimizer.zero_grad(set_to_none=True)
-                if accelerator.scaler is not None:
-                    accelerator.scaler.update()
-                skipped_steps += 1
-                consecutive_skips += 1
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                consecutive_skips = 0
-                if ema is not None:
-                    ema.update(accelerator.unwrap_model(model))
-            step += 1
-            tokens_seen += result.tokens
+            result, grad_norm, nonfinite = optimizer_step(model, optimizer, window, plan, accelerator, state, lr,
+                                                          tc.max_grad_norm, ema)
             now = time.time()
-            weighted = {f"w_{c}": getattr(cfg.loss, f"alpha_{c}") * v for c, v in result.raw.items()}
-            record = {"step": step, "epoch": epoch, "lr": lr, "loss": sum(weighted.values()), **result.raw,
-                      **weighted, "top1_agreement": result.agree, "grad_norm": grad_norm, "tokens_seen": tokens_seen,
-                      "skipped_steps": skipped_steps, "skipped": bool(nonfinite), "nonfinite": nonfinite,
-                      "tokens_per_s": result.tokens / max(now - t_last, 1e-9), "peak_mem_mb": peak_memory_mb(accelerator.device),
-                      "elapsed_s": now - t_start}
+            weighted = {f"w_{t.name}": t.weight * result.raw[t.name] for t in plan.terms}
+            record = {"step": state.step, "epoch": epoch, "lr": lr, "loss": sum(weighted.values()), **result.raw,
+                      **weighted, "top1_agreement": result.agree, "grad_norm": grad_norm,
+                      "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps, "skipped": bool(nonfinite),
+                      "nonfinite": nonfinite, "tokens_per_s": result.tokens / max(now - t_last, 1e-9),
+                      "peak_mem_mb": peak_memory_mb(accelerator.device), "elapsed_s": now - t_start}
             t_last = now
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
 
-            if consecutive_skips >= tc.max_consecutive_skips:
-                ckpt = save_checkpoint(accelerator, run_dir, trainer_state())
-                raise KDError(f"{consecutive_skips} optimizer steps in a row had non-finite {', '.join(nonfinite)} "
-                              f"(last at step {step}); stopped. The last good weights are saved in {ckpt}. Check the "
-                              f"cache (python -m kd.cache verify {tc.cache_dir}), lower train.lr, or use bf16/fp32")
-            if step % tc.eval_every == 0 and step < total_steps:
-                last_eval = ev = run_eval()
-                if ev["eval/ce"] < best_eval:
-                    best_eval, evals_without_improvement = ev["eval/ce"], 0
-                else:
-                    evals_without_improvement += 1
-                if tc.early_stopping_patience and evals_without_improvement >= tc.early_stopping_patience:
+            if state.consecutive_skips >= tc.max_consecutive_skips:
+                ckpt = save_checkpoint(accelerator, run_dir, state)
+                raise KDError(f"{state.consecutive_skips} optimizer steps in a row had non-finite "
+                              f"{', '.join(nonfinite)} (last at step {state.step}); stopped. The last good weights are "
+                              f"saved in {ckpt}. Check the cache (python -m kd.cache verify {tc.cache_dir}), lower "
+                              "train.lr, or use bf16/fp32")
+            if state.step % tc.eval_every == 0 and state.step < total_steps:
+                last_eval = run_eval()
+                if state.record_eval(last_eval["eval/ce"]) >= (tc.early_stopping_patience or math.inf):
                     stop_reason = "early_stopping"
-                    log.write({"step": step, "event": "early_stopping", "best_eval/ce": best_eval,
+                    log.write({"step": state.step, "event": "early_stopping", "best_eval/ce": state.best_eval,
                                "patience": tc.early_stopping_patience})
                     break
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(accelerator, run_dir, trainer_state())
+            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < total_steps:
+                save_checkpoint(accelerator, run_dir, state)
     bar.close()
 
     # 4. Final eval (unless this step was just evaluated, as when early stopping), checkpoint and models.
-    final = last_eval if last_eval is not None and last_eval["step"] == step else run_eval()
-    save_checkpoint(accelerator, run_dir, trainer_state())
+    final = last_eval if last_eval is not None and last_eval["step"] == state.step else run_eval()
+    save_checkpoint(accelerator, run_dir, state)
     meta = {"format": "kd-student", "format_version": RUN_FORMAT_VERSION, "kd_version": __version__,
-            "config": cfg_dict, "step": step, "stop_reason": stop_reason, "final_eval": final, "weights": "trained"}
+            "config": cfg_dict, "step": state.step, "stop_reason": stop_reason, "final_eval": final,
+            "weights": "trained"}
     save_final(accelerator, model, tokenizer, run_dir / "final", meta)
     if ema is not None:
         with ema.applied(accelerator.unwrap_model(model)):
             save_final(accelerator, model, tokenizer, run_dir / "final_ema", dict(meta, weights=f"ema (decay {tc.ema_decay})"))
     if accelerator.is_main_process:
-        print(f"[train] {stop_reason}: {step} steps, {tokens_seen} tokens, {skipped_steps} skipped, "
+        print(f"[train] {stop_reason}: {state.step} steps, {state.tokens_seen} tokens, {state.skipped_steps} skipped, "
               f"eval/ce {final['eval/ce']:.4f}, eval/ppl {final['eval/ppl']:.2f}, "
               f"top-1 agreement {final['eval/top1_agreement']:.3f}, {time.time() - t_start:.0f} s -> {run_dir}",
               flush=True)

@@ -4,13 +4,17 @@ trained with the project's own trainer at equal optimizer steps and data.
     python bench/bench_quality.py [--steps 80] [--cache caches/shakespeare_smollm2]              # suite "kd"
     python bench/bench_quality.py --suite targets --cache caches/shakespeare_smollm2            # needs sample_n > 0
     python bench/bench_quality.py --suite cross                  # Qwen-vocabulary teacher -> SmolLM2-tokenizer student
+    python bench/bench_quality.py --suite kinds --seeds 0,1      # every divergence kind, two data-order seeds
 
 Suite kd: CE only vs KD against the cache, with and without the feature loss. Suite targets: CE only vs KD
 (alpha 0.5 KD + 0.5 CE, no feature loss) against each target: cached top-256 with either tail policy, cached
 sampled targets, and the full vocabulary with the teacher online; the last column is the share of the full-KD
 gain over CE only that each target recovers. Suite cross: the Qwen2.5-Coder-0.5B cache (configs/shakespeare_qwen.yaml)
 and a student with the SmolLM2 tokenizer (configs/train_cross_tokenizer.yaml): CE only vs each cross-tokenizer KD
-loss, with the alignment and mapping figures the trainer logs.
+loss, with the alignment and mapping figures the trainer logs. Suite kinds: CE only vs 0.5 CE + 0.5 of each
+divergence kind (kd/losses/divergences.py) against the cached top-256 with the tail bucket, T = 1, no feature loss.
+`--seeds` runs every variant once per `train.seed` (student init and data order) and prints each seed's CE and the
+mean, so that differences can be read against the seed-to-seed spread.
 
 Student: the demo's random-init 6-layer 256-wide Llama with the SmolLM tokenizer (configs/train_shakespeare.yaml);
 the cache must exist (scripts/demo.sh or cache_teacher.py). Each variant is one train_student.py process.
@@ -30,6 +34,8 @@ sys.path.insert(0, str(ROOT))
 from kd.train import read_metrics  # noqa: E402
 
 KD = ["loss.alpha_ce=0.5", "loss.alpha_kd=0.5", "loss.alpha_feature=0.0"]
+# a term list replaces the config's alpha_* fields, which must then be unset
+TERMS = ["loss.alpha_ce=null", "loss.alpha_kd=null", "loss.alpha_feature=null"]
 SUITES = {
     "kd": {
         "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0", "loss.alpha_feature=0.0"],
@@ -44,6 +50,18 @@ SUITES = {
         "sampled (n=50)": KD + ["loss.target=sampled"],
         "full vocabulary, teacher online": KD + ["loss.target=online"],
     },
+    "kinds": {
+        "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0", "loss.alpha_feature=0.0"],
+        **{name: TERMS + [f"loss.terms=[{{kind: ce, weight: 0.5}}, {kd}]", "loss.target=topk", "loss.tail=bucket"]
+           for name, kd in [("forward_kl", "{kind: forward_kl, weight: 0.5}"),
+                            ("reverse_kl", "{kind: reverse_kl, weight: 0.5}"),
+                            ("jsd beta=0.5", "{kind: jsd, beta: 0.5, weight: 0.5}"),
+                            ("tvd", "{kind: tvd, weight: 0.5}"),
+                            ("skew_kl alpha=0.1", "{kind: skew_kl, alpha: 0.1, weight: 0.5}"),
+                            ("skew_reverse_kl alpha=0.1", "{kind: skew_reverse_kl, alpha: 0.1, weight: 0.5}"),
+                            ("symmetric (fwd + rev KL)", "{kind: forward_kl, weight: 0.25}, "
+                                                         "{kind: reverse_kl, weight: 0.25}")]},
+    },
     "cross": {
         # CE only still reads the cache through the alignment (the student's own tokens); KD has weight 0
         "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0", "loss.cross_tokenizer=mapped"],
@@ -53,8 +71,10 @@ SUITES = {
     },
 }
 CONFIGS = {"kd": "configs/train_shakespeare.yaml", "targets": "configs/train_shakespeare.yaml",
+           "kinds": "configs/train_shakespeare.yaml",
            "cross": "configs/train_cross_tokenizer.yaml"}
-CACHES = {"kd": "caches/shakespeare_smollm2", "targets": "caches/shakespeare_smollm2", "cross": "caches/shakespeare_qwen"}
+CACHES = {"kd": "caches/shakespeare_smollm2", "targets": "caches/shakespeare_smollm2",
+          "kinds": "caches/shakespeare_smollm2", "cross": "caches/shakespeare_qwen"}
 
 
 def main() -> None:
@@ -63,36 +83,49 @@ def main() -> None:
     ap.add_argument("--cache", help="default: the suite's cache (see CACHES)")
     ap.add_argument("--suite", choices=sorted(SUITES), default="kd")
     ap.add_argument("--only", help="comma-separated variant numbers (0-based) to run, e.g. 2,3,4")
+    ap.add_argument("--seeds", default="0", help="comma-separated train.seed values; each variant runs once per seed")
     args = ap.parse_args()
     variants = list(SUITES[args.suite].items())
     cache = args.cache or CACHES[args.suite]
     picked = [int(i) for i in args.only.split(",")] if args.only else range(len(variants))
+    seeds = [int(x) for x in args.seeds.split(",")]
     out = Path(tempfile.mkdtemp(prefix="kd-bench-quality-"))
     rows = []
     for i, (name, overrides) in [(i, variants[i]) for i in picked]:
-        # the config's own target/tail apply unless a variant overrides them (the suites pin what they compare)
-        result = subprocess.run([sys.executable, str(ROOT / "train_student.py"), "--config",
-                                 str(ROOT / CONFIGS[args.suite]), *overrides, f"train.cache_dir={cache}",
-                                 f"train.output_dir={out}", f"train.run_name=v{i}", f"train.max_steps={args.steps}",
-                                 "train.checkpoint_every=0"], check=True, capture_output=True, text=True)
-        for line in result.stdout.splitlines():
-            if line.startswith("[cross-tokenizer]") and i == picked[0]:
-                print(line)
-        final = [r for r in read_metrics(out / f"v{i}") if "eval/ce" in r][-1]
-        rows.append((name, final))
+        finals = []
+        for seed in seeds:
+            # the config's own target/tail apply unless a variant overrides them (the suites pin what they compare)
+            run = f"v{i}-s{seed}"
+            result = subprocess.run([sys.executable, str(ROOT / "train_student.py"), "--config",
+                                     str(ROOT / CONFIGS[args.suite]), *overrides, f"train.cache_dir={cache}",
+                                     f"train.output_dir={out}", f"train.run_name={run}", f"train.max_steps={args.steps}",
+                                     f"train.seed={seed}", f"train.eval_every={args.steps}", "train.checkpoint_every=0"],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"variant {name!r} (seed {seed}) failed:\n{result.stderr[-3000:]}")
+            for line in result.stdout.splitlines():
+                if line.startswith("[cross-tokenizer]") and i == picked[0] and seed == seeds[0]:
+                    print(line)
+            finals.append([r for r in read_metrics(out / run) if "eval/ce" in r][-1])
+        mean = {k: sum(f[k] for f in finals) / len(finals) for k in ("eval/ce", "eval/ppl", "eval/top1_agreement")}
+        rows.append((name, mean, [f["eval/ce"] for f in finals]))
+    per_seed = f"{'per seed':>{8 * len(seeds) + 2}}" if len(seeds) > 1 else ""
     if args.only:  # a partial table: print the raw numbers only
-        for name, r in rows:
-            print(f"{name:34}{r['eval/ce']:>13.3f}{r['eval/ppl']:>9.1f}{r['eval/top1_agreement']:>13.3f}")
+        for name, r, ces in rows:
+            print(f"{name:34}{r['eval/ce']:>13.3f}{r['eval/ppl']:>9.1f}{r['eval/top1_agreement']:>13.3f}"
+                  + ("  " + " ".join(f"{c:7.3f}" for c in ces) if len(seeds) > 1 else ""))
         return
     base = rows[0][1]["eval/ce"]
     full = rows[-1][1]["eval/ce"] if args.suite == "targets" else None
     print(f"\n{'target':34}{'held-out CE':>13}{'ppl':>9}{'top-1 agree':>13}{'vs CE only':>12}"
-          + (f"{'share of full-KD gain':>24}" if full is not None else ""))
-    for name, r in rows:
+          + (f"{'share of full-KD gain':>24}" if full is not None else "") + per_seed)
+    for name, r, ces in rows:
         share = f"{100 * (base - r['eval/ce']) / (base - full):>23.0f}%" if full is not None else ""
         print(f"{name:34}{r['eval/ce']:>13.3f}{r['eval/ppl']:>9.1f}{r['eval/top1_agreement']:>13.3f}"
-              f"{r['eval/ce'] - base:>+12.3f}{share}")
-    print(f"({args.steps} optimizer steps of 4 x 2 x 256 tokens each, same data order; run dirs under {out})")
+              f"{r['eval/ce'] - base:>+12.3f}{share}" + ("  " + " ".join(f"{c:7.3f}" for c in ces) if len(seeds) > 1
+                                                          else ""))
+    print(f"({args.steps} optimizer steps of 4 x 2 x 256 tokens each; seeds {seeds} (mean shown); "
+          f"run dirs under {out})")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def reader_rate(cache_dir: str, batches: int = 40) -> dict:
 def run_variant(variant: str, cache_dir: str, steps: int) -> dict:
     import torch
     import torch.nn.functional as F
+    from accelerate import Accelerator
 
     from kd.cache import TeacherCache
     from kd.config import load_config
@@ -52,7 +53,6 @@ def run_variant(variant: str, cache_dir: str, steps: int) -> dict:
     from kd.train import DistillModel, accumulate_window, peak_memory_mb, positions
     from kd.train_config import TrainConfig
     from train_student import build_student
-    from accelerate import Accelerator
 
     torch.manual_seed(0)
     cfg = load_config(TrainConfig, ROOT / "configs/train_shakespeare.yaml", [f"train.cache_dir={cache_dir}"])

@@ -120,7 +120,7 @@ def align_window(text: str, spans: np.ndarray, teacher_ids: np.ndarray, length: 
     segments = [p[0] for p in pieces if p[2] is None]
     enc = student_tok(segments, add_special_tokens=False, return_offsets_mapping=True) if segments else None
     k = 0
-    for seg, base, sep in pieces:
+    for _seg, base, sep in pieces:
         if sep is not None:
             ids.append(sep[0])
             ends.append(sep[1])

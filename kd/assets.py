@@ -146,9 +146,9 @@ def fetch_shakespeare(root: Path) -> Path:
 def _qwen_tokenizer(tmp: Path):
     """The Qwen tokenizer (151,643 BPE ranks + the chat specials) from the dashscope wheel's qwen.tiktoken."""
     try:
+        import tiktoken  # noqa: F401
         from transformers import PreTrainedTokenizerFast
         from transformers.convert_slow_tokenizer import TikTokenConverter
-        import tiktoken  # noqa: F401
     except ImportError as e:
         raise KDError(f"building the Qwen tokenizer needs the `tiktoken` package: pip install -e '.[assets]' ({e})") from None
     (tmp / "dl-tok").mkdir()

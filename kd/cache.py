@@ -45,8 +45,8 @@ import json
 import os
 import sys
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 

@@ -48,7 +48,7 @@ class DirLock:
     def __init__(self, directory: Path, what: str):
         self.path, self.what, self.fd = Path(directory) / LOCK_FILE, what, None
 
-    def acquire(self) -> "DirLock":
+    def acquire(self) -> DirLock:
         import fcntl
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

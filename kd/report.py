@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from kd.errors import KDError, run_cli
-from kd.train import COMPONENTS, read_metrics
+from kd.train import read_metrics
 
 
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -31,7 +31,8 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise KDError(f"{run_dir}/metrics.jsonl has no training steps yet")
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     x = [r["step"] for r in steps]
-    for name in ("loss",) + COMPONENTS:
+    # the loss terms are the names with a weighted twin `w_<name>` in the step records
+    for name in ["loss"] + [k[2:] for k in steps[0] if k.startswith("w_")]:
         if name in steps[0]:
             ax[0, 0].plot(x, [r[name] for r in steps], label=name, lw=2 if name == "loss" else 1)
     ax[0, 0].set(title="training loss (total = weighted sum; raw components)", xlabel="optimizer step")

@@ -40,21 +40,34 @@ class StudentConfig:
 
 @dataclass
 class LossConfig:
-    """total = alpha_ce * CE + alpha_kd * KD + alpha_feature * FEATURE + alpha_contrastive * CONTRASTIVE.
+    """The loss: a weighted list of terms (`terms`), or the equivalent older alpha_* fields.
 
-    Each term is a token mean over the whole accumulation window on all processes (see kd/losses.py).
-    alpha_ce: weight of the next-token cross-entropy on the data.
-    alpha_kd: weight of KL(teacher || student) on the cached top-k teacher distribution (times T^2).
-    alpha_feature: weight of the hidden-state loss at the mapped layers (needs hidden states in the cache).
-    alpha_contrastive: weight of InfoNCE between projected student and teacher token states of a micro-batch.
-    target: what KD compares the student with. topk: the cached top-k log-probs, with `tail` policy. sampled: the
-        cached sampled targets (empirical distribution counts / n; needs a cache made with cache.sample_n > 0).
-        online: the cache's teacher runs in the training process on every batch and gives its full-vocabulary
-        distribution: the exact reference the cached targets are measured against (slow; the teacher is in memory).
-        Eval always reports eval/kd and top-1 agreement against the cached top-k, so runs stay comparable.
-    temperature: KD temperature T.
+    terms: list of {kind, weight, name?, ...options} (kd/losses/terms.py). Kinds: ce; the divergences forward_kl,
+        reverse_kl, jsd (beta), tvd, skew_kl (alpha), skew_reverse_kl (alpha) (definitions in kd/losses/divergences.py
+        and the README); uld (cross-tokenizer only); feature (distance: cosine | normalized_mse); contrastive
+        (temperature, max_positions). Each term is a token mean over the accumulation window, the loss is
+        sum weight * term, and a term of weight 0 is computed and logged only. Example (torchtune's symmetric KL):
+        [{kind: ce, weight: 0.5}, {kind: forward_kl, weight: 0.25}, {kind: reverse_kl, weight: 0.25}].
+        Empty = built from the alpha_* fields below, which must then be left unset when terms is given.
+    alpha_ce: weight of the next-token cross-entropy on the data (default 0.5) = {kind: ce, name: ce}.
+    alpha_kd: weight of KL(teacher || student) on the teacher signal, times T^2 (default 0.5) = {kind: forward_kl,
+        name: kd} (across tokenizers: mapped -> forward_kl, uld -> uld, hybrid -> forward_kl + a term `uld` of
+        weight alpha_kd * uld_weight).
+    alpha_feature: weight of the hidden-state loss at the mapped layers (needs hidden states in the cache) =
+        {kind: feature, distance: feature_kind}.
+    alpha_contrastive: weight of InfoNCE between projected student and teacher token states of a micro-batch =
+        {kind: contrastive, temperature: contrastive_temperature, max_positions: contrastive_max_positions}.
+    target: the teacher signal every divergence compares the student with (kd/signals.py). topk: the cached top-k
+        log-probs, with `tail` policy. sampled: the cached sampled targets (empirical distribution counts / n;
+        needs a cache made with cache.sample_n > 0; only divergences linear in the teacher distribution stay
+        unbiased there, so only forward_kl is accepted). online: the cache's teacher runs in the training process
+        on every batch and gives its full-vocabulary distribution: the exact reference the cached targets are
+        measured against (slow; the teacher is in memory).
+        Eval always reports eval/kd (forward KL) and top-1 agreement against the cached top-k (across tokenizers:
+        the mapped top-k), whatever the training terms, so runs stay comparable.
+    temperature: KD temperature T, for every divergence term (each is multiplied by T^2).
     tail: policy for the teacher mass outside the cached top-k when target is topk: renormalize or bucket
-        (see kd/losses.py).
+        (see kd/signals.py).
     feature_layers: [student_layer, teacher_layer] pairs. Student layers index the student's hidden_states
         (0 = embeddings, num_hidden_layers = last); teacher layers must be among the cache's hidden_layers.
         Each pair gets its own learned linear projector student hidden -> teacher hidden.
@@ -64,20 +77,22 @@ class LossConfig:
     position_chunk: positions per chunk of the vocabulary-sized loss computation: bounds peak memory, and small
         chunks stay in CPU cache (128 measured fastest on CPU; GPUs may prefer 1024+).
     cross_tokenizer: null = the student must share the teacher's tokenizer. Otherwise the student re-tokenizes the
-        cached text and KD runs at aligned positions only (see kd/align.py), with target topk and: mapped (KL on
-        teacher tokens that have an identical student token, all other teacher mass one tail bucket), uld
-        (Universal Logit Distillation: L1 distance between the sorted teacher top-k and student top-k
-        probabilities; needs no mapping), or hybrid (mapped + uld_weight * uld).
+        cached text and KD runs at aligned positions only (see kd/align.py) on the mapped top-k targets. Without
+        `terms` the value picks the KD term: mapped (forward KL on teacher tokens that have an identical student
+        token, all other teacher mass one tail bucket), uld (Universal Logit Distillation: L1 distance between the
+        sorted teacher top-k and student top-k probabilities; needs no mapping), or hybrid (mapped + uld_weight *
+        uld); with `terms` any of the three turns cross-tokenizer mode on and the terms say what is computed.
     uld_weight: weight of the ULD term inside hybrid.
     cross_tokenizer_separator: student token placed between documents (null = the student tokenizer's EOS).
     min_aligned_share: floor on the share of student positions aligned to a teacher position; below it the run
         warns loudly, or stops when on_low_alignment is refuse.
     """
 
-    alpha_ce: float = 0.5
-    alpha_kd: float = 0.5
-    alpha_feature: float = 0.0
-    alpha_contrastive: float = 0.0
+    terms: list[dict[str, Any]] = field(default_factory=list)
+    alpha_ce: float | None = None
+    alpha_kd: float | None = None
+    alpha_feature: float | None = None
+    alpha_contrastive: float | None = None
     target: Literal["topk", "sampled", "online"] = "topk"
     temperature: float = 1.0
     tail: str = "bucket"
@@ -93,27 +108,68 @@ class LossConfig:
     on_low_alignment: Literal["warn", "refuse"] = "warn"
 
     def __post_init__(self):
-        alphas = {k: getattr(self, k) for k in ("alpha_ce", "alpha_kd", "alpha_feature", "alpha_contrastive")}
-        if any(a < 0 for a in alphas.values()):
-            raise KDError(f"loss weights must be >= 0, got {alphas}")
-        if all(a == 0 for a in alphas.values()):
-            raise KDError("all loss weights (loss.alpha_*) are zero: nothing would be trained")
+        alpha_names = ("alpha_ce", "alpha_kd", "alpha_feature", "alpha_contrastive")
+        if self.terms:
+            set_alphas = [k for k in alpha_names if getattr(self, k) is not None]
+            if set_alphas:
+                raise KDError(f"loss.terms replaces loss.alpha_*: remove {', '.join('loss.' + k for k in set_alphas)} "
+                              "and give each weight as a term, e.g. {kind: ce, weight: 0.5}, {kind: forward_kl, "
+                              "weight: 0.5}")
+        else:
+            for k, default in zip(alpha_names, (0.5, 0.5, 0.0, 0.0)):
+                if getattr(self, k) is None:
+                    setattr(self, k, default)
+            alphas = {k: getattr(self, k) for k in alpha_names}
+            if any(not isinstance(a, (int, float)) or a < 0 for a in alphas.values()):
+                raise KDError(f"loss weights must be numbers >= 0, got {alphas}")
+            if all(a == 0 for a in alphas.values()):
+                raise KDError("all loss weights (loss.alpha_*) are zero: nothing would be trained")
         if self.tail not in TAIL_POLICIES:
             raise KDError(f"unknown KD tail policy loss.tail={self.tail!r}; choose one of {list(TAIL_POLICIES)}")
         if self.temperature <= 0 or self.contrastive_temperature <= 0:
             raise KDError("loss.temperature and loss.contrastive_temperature must be > 0")
         if any(len(p) != 2 for p in self.feature_layers):
             raise KDError(f"loss.feature_layers must be [student_layer, teacher_layer] pairs, got {self.feature_layers}")
-        if (self.alpha_feature > 0 or self.alpha_contrastive > 0) and not self.feature_layers:
-            raise KDError("loss.alpha_feature / alpha_contrastive > 0 need loss.feature_layers (layer pairs to match)")
         if self.position_chunk < 1 or self.contrastive_max_positions < 2:
             raise KDError("loss.position_chunk must be >= 1 and loss.contrastive_max_positions >= 2")
         if self.cross_tokenizer is not None and self.target != "topk":
             raise KDError(f"loss.cross_tokenizer works on the cached top-k (loss.target=topk), got loss.target={self.target}")
-        if self.cross_tokenizer is not None and self.alpha_contrastive > 0:
-            raise KDError("loss.alpha_contrastive is not supported with loss.cross_tokenizer; use alpha_feature")
         if self.uld_weight < 0 or not 0 <= self.min_aligned_share <= 1:
             raise KDError("loss.uld_weight must be >= 0 and loss.min_aligned_share in [0, 1]")
+        terms = self.loss_terms()  # validates the list
+        kinds = {t.kind for t in terms}
+        if kinds & {"feature", "contrastive"} and not self.feature_layers:
+            raise KDError("feature / contrastive loss terms need loss.feature_layers (layer pairs to match)")
+        if self.cross_tokenizer is not None and "contrastive" in kinds:
+            raise KDError("the contrastive term is not supported with loss.cross_tokenizer; use a feature term")
+        if "uld" in kinds and self.cross_tokenizer is None:
+            raise KDError("the uld term compares across tokenizers: it needs loss.cross_tokenizer (mapped, uld or hybrid)")
+        if self.target == "sampled":
+            from kd.losses.divergences import REGISTRY
+
+            biased = sorted(k for k in kinds if k in REGISTRY and not REGISTRY[k].unbiased_on_samples)
+            if biased:
+                raise KDError(f"loss.target=sampled: {', '.join(biased)} is not linear in the teacher distribution, so "
+                              "training it against sampled targets (counts / n) would be biased; use forward_kl "
+                              "there, or loss.target=topk / online for these kinds")
+
+    def loss_terms(self) -> list:
+        """The loss as kd.losses.terms.Term objects: `terms` parsed, or the alpha_* fields mapped onto it."""
+        from kd.losses.terms import Term, parse_terms
+
+        if self.terms:
+            return parse_terms(self.terms)
+        kd_kind = {None: "forward_kl", "mapped": "forward_kl", "hybrid": "forward_kl", "uld": "uld"}[self.cross_tokenizer]
+        terms = [Term("ce", "ce", float(self.alpha_ce)), Term("kd", kd_kind, float(self.alpha_kd))]
+        if self.cross_tokenizer == "hybrid":
+            terms.append(Term("uld", "uld", float(self.alpha_kd) * self.uld_weight))
+        if self.alpha_feature > 0:
+            terms.append(Term("feature", "feature", float(self.alpha_feature), {"distance": self.feature_kind}))
+        if self.alpha_contrastive > 0:
+            terms.append(Term("contrastive", "contrastive", float(self.alpha_contrastive),
+                              {"temperature": self.contrastive_temperature,
+                               "max_positions": self.contrastive_max_positions}))
+        return terms
 
 
 @dataclass

@@ -12,10 +12,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, cache_overrides
 
 import cache_teacher
-from conftest import ROOT, cache_overrides
-from kd.cache import CONFIG_FILE, MANIFEST, TeacherCache, verify
+from kd.cache import MANIFEST, TeacherCache, verify
 from kd.codecs import unpack_bits
 
 
@@ -409,7 +409,7 @@ def test_verify_names_the_bad_sequence(tmp_path, make_cache_config, llama_teache
             s["sha256"] = sha256_file(shard)
     (out / MANIFEST).write_text(json.dumps(m))
     problems = verify(out, log=lambda *_: None)
-    assert problems == [f"shard train-00001.h5, sequence 11 of split train: log-probs are positive"]
+    assert problems == ["shard train-00001.h5, sequence 11 of split train: log-probs are positive"]
 
 
 def test_reader_keeps_few_files_open(tmp_path, make_cache_config, llama_teacher):

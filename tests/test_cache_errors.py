@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, cache_overrides
 
 import cache_teacher
-from conftest import ROOT, cache_overrides
 from kd.cache import MANIFEST
 from kd.errors import KDError
 

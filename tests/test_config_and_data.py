@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
-import yaml
 import pytest
-
+import yaml
 from conftest import ROOT
+
 from kd import data
 from kd.cache_config import CacheConfig
 from kd.config import diff_keys, load_config, to_dict

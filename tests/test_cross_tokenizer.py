@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, _save_model
+from test_train import evals_of, make_cfg, steps_of, tiny_cache  # noqa: F401 (tiny_cache: a fixture)
 
 import cache_teacher
 import train_student
-from conftest import TINY, _save_model
 from kd import align
 from kd.errors import KDError
 from kd.losses import cross_kd_per_position, sparse_kd_per_position
-from test_train import evals_of, make_cfg, steps_of, tiny_cache  # noqa: F401 (tiny_cache: a fixture)
 
 PARAGRAPH = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that "
              "lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with victorious "
@@ -48,6 +48,7 @@ def qwen_teacher(tmp_path_factory, real_tokenizers) -> Path:
 @pytest.fixture(scope="session")
 def qwen_cache(tmp_path_factory, corpus_dir, qwen_teacher) -> Path:
     from conftest import cache_overrides
+
     from kd.cache_config import CacheConfig
     from kd.config import load_config
 

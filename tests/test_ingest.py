@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, cache_overrides, make_text
+from test_cache import read_all
 
 import cache_teacher
-from conftest import ROOT, cache_overrides, make_text
 from kd.cache import MANIFEST, verify
 from kd.cache_config import CacheConfig
 from kd.config import load_config
 from kd.errors import KDError
-from test_cache import read_all, read_raw
 
 
 class OneProcess:

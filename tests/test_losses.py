@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.losses import (chunked_token_losses, feature_per_position, info_nce_sum, sparse_kd_per_position,
-                       token_losses)
+from kd.losses import feature_per_position, info_nce_sum, logit_term_sums, sparse_kd_per_position, token_losses
+from kd.losses.terms import Term
 from kd.schedule import lr_at
+from kd.signals import TopK
 
 
 def teacher_topk(logits: torch.Tensor, k: int):
@@ -82,10 +83,15 @@ def test_chunked_equals_unchunked_values_and_gradients(tail):
     s1 = (torch.randn(N, V, generator=g) * 2).requires_grad_()
     s2 = s1.detach().clone().requires_grad_()
     full = token_losses(s1, targets, ids, lp.half(), mask, 1.5, tail)
-    chunked = chunked_token_losses(s2, targets, ids, lp.half(), mask, 1.5, tail, chunk=10)
-    torch.testing.assert_close(chunked, full)
+    # the chunked pass training (autograd path) and eval (no gradient) use, 10 positions at a time
+    terms = [Term("ce", "ce", 1.0), Term("kd", "forward_kl", 1.0)]
+    signal = TopK(ids, lp.half(), tail)
+    total, chunked = logit_term_sums(s2, targets, mask, mask, signal, terms, [1.0, 1.0], 1.5, 10, fused=False)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-4)
+    _, no_grad = logit_term_sums(s2.detach(), targets, mask, mask, signal, terms, [1.0, 1.0], 1.5, 10, with_grad=False)
+    torch.testing.assert_close(no_grad, full.detach(), rtol=1e-5, atol=1e-4)
     (full[0] + full[1]).backward()
-    (chunked[0] + chunked[1]).backward()
+    total.backward()
     torch.testing.assert_close(s2.grad, s1.grad)
 
 

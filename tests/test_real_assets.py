@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 import cache_teacher
 import train_student
-from conftest import ROOT
 from kd.assets import fetch
 from kd.cache import TeacherCache, verify
 from kd.cache_config import CacheConfig

@@ -14,10 +14,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 import cache_teacher
 import train_student
-from conftest import ROOT
 from kd.cache import MANIFEST, TeacherCache
 from kd.config import load_config
 from kd.errors import KDError
@@ -31,8 +31,9 @@ STUDENT = ("{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidd
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, corpus_dir, llama_teacher) -> Path:
-    from kd.cache_config import CacheConfig
     from conftest import cache_overrides
+
+    from kd.cache_config import CacheConfig
 
     out = tmp_path_factory.mktemp("train_cache") / "cache"
     cfg = load_config(CacheConfig, None, cache_overrides(llama_teacher, corpus_dir, out,
@@ -105,10 +106,12 @@ def test_two_processes_match_one_process(tiny_cache, tmp_path):
     one = train_student.main(make_cfg(tiny_cache, tmp_path / "one", **common, **{"train.gradient_accumulation_steps": 8}))
     a, b = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b]
+    keys = ("lr", "loss", "ce", "kd", "feature", "grad_norm", "tokens_seen", "eval/ce", "eval/top1_agreement")
+    assert all(any(key in r for r in a) for key in keys)  # every compared key is really there
     for ra, rb in zip(a, b):
-        for key in ("lr", "loss", "ce", "kd", "feature", "grad_norm", "tokens_seen", "eval/ce", "eval/top1_agreement"):
-            if key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=2e-4), (ra["step"], key)
+        assert ra.keys() == rb.keys()
+        for key in set(keys) & ra.keys():
+            assert rb[key] == pytest.approx(ra[key], rel=2e-4), (ra["step"], key)
 
 
 def test_scripts_run_through_accelerate_launch(tmp_path, corpus_dir, llama_teacher):
@@ -259,6 +262,8 @@ def test_weights_unchanged_by_a_skipped_step(tiny_cache, tmp_path):
     set_seed(0)
     fresh = train_student.build_student(cfg, train_student.load_tokenizer(
         TeacherCache(cache).manifest["teacher"]["name_or_path"]), 0)
+    # every weight was saved (a tied LM head is stored once, as the embedding)
+    assert {n for n in fresh.state_dict() if f"lm.{n}" not in saved} <= {"lm_head.weight"}
     for name, p in fresh.state_dict().items():
         if f"lm.{name}" in saved:
             assert torch.equal(saved[f"lm.{name}"], p), name  # the last good state = the initial weights
@@ -313,10 +318,12 @@ def test_resume_continues_exactly(tiny_cache, tmp_path, monkeypatch, shuffle):
     resumed = train_student.main(cfg)
     a, b = read_metrics(full), read_metrics(resumed)
     assert [r["step"] for r in a] == [r["step"] for r in b]
+    keys = ("loss", "ce", "kd", "feature", "lr", "grad_norm", "eval/ce", "tokens_seen")
+    assert all(any(key in r for r in a) for key in keys)  # every compared key is really there
     for ra, rb in zip(a, b):
-        for key in ("loss", "ce", "kd", "feature", "lr", "grad_norm", "eval/ce", "tokens_seen"):
-            if key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+        assert ra.keys() == rb.keys()
+        for key in set(keys) & ra.keys():
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["step"], key)
 
 
 def test_final_model_loads_with_from_pretrained(tiny_cache, tmp_path):
@@ -449,21 +456,33 @@ def test_other_kd_targets_train(tiny_cache, tmp_path, target):
 
 
 def test_online_kd_equals_topk_kd_when_k_is_the_vocabulary(tmp_path, corpus_dir, llama_teacher):
-    """With top_k = V cached, cached KD (renormalize: exact at k = V) and online KD are the same loss. (The bucket
-    policy differs here by a rounding-level tail of ~1e-7 probability, against a student tail clamped at 1e-30.)"""
+    """With top_k = V cached, cached KD and online KD are the same loss, for both tail policies and at T != 1 (the
+    bucket's rounding-level teacher tail counts as 0; before issue 12's fix it did not at T != 1), and so is a
+    divergence other than forward KL."""
     from conftest import cache_overrides
-    from kd.cache_config import CacheConfig
     from transformers import AutoConfig
+
+    from kd.cache_config import CacheConfig
 
     vocab = AutoConfig.from_pretrained(llama_teacher).vocab_size
     cache = cache_teacher.main(load_config(CacheConfig, None, cache_overrides(
         llama_teacher, corpus_dir, tmp_path / "c", **{"cache.top_k": vocab, "cache.logprob_codec": "fp32"})))
-    runs = {t: train_student.main(make_cfg(cache, tmp_path / t, **{"loss.target": t, "train.max_steps": 3,
-                                                                  "loss.alpha_feature": 0, "loss.tail": "renormalize"}))
-            for t in ("topk", "online")}
-    for a, b in zip(steps_of(runs["topk"]), steps_of(runs["online"])):
-        for key in ("loss", "ce", "kd", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    common = {"train.max_steps": 3, "loss.alpha_feature": 0, "loss.temperature": 2.0}
+    online = steps_of(train_student.main(make_cfg(cache, tmp_path / "online", **common, **{"loss.target": "online"})))
+    for tail in ("renormalize", "bucket"):
+        topk = steps_of(train_student.main(make_cfg(cache, tmp_path / tail, **common,
+                                                    **{"loss.target": "topk", "loss.tail": tail})))
+        assert len(topk) == len(online) == 3
+        for a, b in zip(topk, online):
+            for key in ("loss", "ce", "kd", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (tail, key)
+    rkl = {**common, "loss.alpha_feature": "null",
+           "loss.terms": "[{kind: ce, weight: 0.5}, {kind: reverse_kl, weight: 0.5}]"}
+    runs = [steps_of(train_student.main(make_cfg(cache, tmp_path / f"rkl-{t}", **rkl, **{"loss.target": t})))
+            for t in ("topk", "online")]
+    for a, b in zip(*runs):
+        for key in ("loss", "reverse_kl", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), ("reverse_kl", key)
 
 
 def test_sampled_target_needs_sampled_cache(tiny_cache, tmp_path):
@@ -474,3 +493,54 @@ def test_sampled_target_needs_sampled_cache(tiny_cache, tmp_path):
     (cache / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(KDError, match="holds no sampled targets; re-cache with cache.sample_n"):
         train_student.main(make_cfg(cache, tmp_path, **{"loss.target": "sampled"}))
+
+
+# ---- the loss as a list of terms (issue 12) ----
+
+TERMS_EQUAL_TO_ALPHAS = ("[{kind: ce, weight: 0.5}, {kind: forward_kl, weight: 0.5, name: kd}, "
+                         "{kind: feature, weight: 0.1, distance: cosine}]")
+
+
+def test_a_term_list_equal_to_the_alphas_trains_identically(tiny_cache, tmp_path):
+    legacy = train_student.main(make_cfg(tiny_cache, tmp_path / "a", **{"train.max_steps": 3}))
+    listed = train_student.main(make_cfg(tiny_cache, tmp_path / "b", **{
+        "train.max_steps": 3, "loss.alpha_feature": "null", "loss.terms": TERMS_EQUAL_TO_ALPHAS}))
+    a, b = read_metrics(legacy), read_metrics(listed)
+    assert len(a) == len(b) and any("w_feature" in r for r in a)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key in set(ra) - {"tokens_per_s", "peak_mem_mb", "elapsed_s"}:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6), key
+
+
+def test_new_divergence_terms_train_and_are_logged(tiny_cache, tmp_path):
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{
+        "train.max_steps": 6, "loss.alpha_feature": "null", "loss.temperature": 2.0, "loss.target": "topk",
+        "loss.terms": "[{kind: ce, weight: 0.5}, {kind: reverse_kl, weight: 0.2}, {kind: jsd, beta: 0.3, weight: 0.2}, "
+                      "{kind: skew_kl, weight: 0.1, name: skl}, {kind: tvd, weight: 0}]"}))
+    steps, evals = steps_of(run), evals_of(run)
+    for r in steps:
+        for name in ("ce", "reverse_kl", "jsd", "skl", "tvd"):
+            assert math.isfinite(r[name]) and r[name] >= 0 and f"w_{name}" in r
+        assert r["w_tvd"] == 0  # weight 0: computed and logged, not trained on
+        assert r["loss"] == pytest.approx(r["w_ce"] + r["w_reverse_kl"] + r["w_jsd"] + r["w_skl"], rel=1e-9)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert "eval/kd" in evals[-1] and evals[-1]["eval/ce"] < evals[0]["eval/ce"]
+
+
+def test_loss_config_refuses_mixed_or_impossible_term_lists(tiny_cache, tmp_path):
+    def cfg(**extra):
+        return make_cfg(tiny_cache, tmp_path, **{"loss.alpha_feature": "null", **extra})
+
+    with pytest.raises(KDError, match=r"loss.terms replaces loss.alpha_\*: remove loss.alpha_kd"):
+        cfg(**{"loss.alpha_kd": 0.5, "loss.terms": "[{kind: ce}]"})
+    with pytest.raises(KDError, match="reverse_kl is not linear in the teacher distribution"):
+        cfg(**{"loss.target": "sampled", "loss.terms": "[{kind: ce}, {kind: reverse_kl}]"})
+    with pytest.raises(KDError, match="the uld term compares across tokenizers"):
+        cfg(**{"loss.terms": "[{kind: ce}, {kind: uld}]"})
+    with pytest.raises(KDError, match="need loss.feature_layers"):
+        cfg(**{"loss.feature_layers": "[]", "loss.terms": "[{kind: ce}, {kind: feature}]"})
+    with pytest.raises(KDError, match=r"loss.terms\[1\]: unknown loss kind 'kl'"):
+        cfg(**{"loss.terms": "[{kind: ce}, {kind: kl}]"})
+    assert [t.kind for t in cfg(**{"loss.target": "sampled", "loss.terms": "[{kind: forward_kl}]"}).loss.loss_terms()] \
+        == ["forward_kl"]

@@ -24,18 +24,18 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
 from kd.cache import SPLITS
 from kd.data.pack import Packer, Windows, tokenize
 from kd.data.sources import Unit, unit_documents
-from kd.errors import KDError
 from kd.dist import gather_rows
+from kd.errors import KDError
 from kd.io import fsync_file
 
 INGEST_DIR = "ingest"

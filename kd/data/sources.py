@@ -28,9 +28,8 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from kd.assets import resolve_path
 from kd.errors import KDError
@@ -190,7 +189,7 @@ def _json_lines(f, path: str, text_field: str, errors: str, first_byte: int, end
             break
         start, pos = pos, pos + len(raw)
         if raw.strip():
-            def line_of(_offset: int = 0, start=start) -> int:
+            def line_of(_offset: int = 0, start=start, line_no=line_no) -> int:
                 return line_no if line_no is not None else _line_number(path, start)
 
             text = _decode(raw, errors, path, line_of)

@@ -1,4 +1,6 @@
-"""Distillation losses as pure functions: fp32 inside, each returns a SUM over positions (the caller divides
+"""Forward KL against a sparse teacher: the reference functions and the fused analytic-gradient path.
+
+Distillation losses as pure functions: fp32 inside, each returns a SUM over positions (the caller divides
 once by the global count of the accumulation window; see kd/train.py).
 
 Shapes: N positions (flattened batch x time), V student vocabulary, k cached teacher entries, H hidden size.
@@ -11,7 +13,9 @@ KD against a sparse (top-k) teacher needs a policy for the probability mass outs
                  exact at T = 1 because the cache stores log-probs under the full softmax. Student: its top-k
                  log-probs at the same ids and log(1 - their total). At T != 1 the teacher's k+1 log-probs are
                  divided by T and renormalised (the tail is treated as one token, since its inner shape is not
-                 cached); the student's distribution is its exact full softmax at T, then bucketed.
+                 cached); the student's distribution is its exact full softmax at T, then bucketed. A teacher
+                 tail below TAIL_FLOOR (2^-20) is fp32 rounding, not mass, and counts as 0, so with k = V both
+                 policies equal the exact T^2 KL at every T.
 KD is multiplied by T^2 (Hinton et al. 2015), so its gradient scale does not shrink as T grows and alpha_kd
 means the same thing at every temperature.
 """
@@ -28,6 +32,12 @@ TAIL_POLICIES = ("renormalize", "bucket")
 # Smallest probability a student tail bucket is clamped to, so log(p_tail) stays finite when the student puts
 # (numerically) all of its mass on the teacher's top-k.
 _MIN_TAIL = 1e-30
+# A teacher tail (1 - the cached top-k mass) below this is taken as exactly 0: it cannot be told from the rounding
+# of k fp32 log-probs that hold all the mass (~1e-7 each) or of the q8 codec (total mass kept to ~1e-6). Left in,
+# tempering would inflate it (1e-7 ** (1 / 4) = 0.018 at T = 4) and charge it against a student tail clamped to
+# 1e-30 (the bug of issue 12: up to 8 nats at k = V). A real tail this small changes KD by < 2^-20 * 69 nats at T = 1.
+TAIL_FLOOR = 2.0 ** -20
+_LOG_TAIL_FLOOR = -20 * 0.6931471805599453
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -36,13 +46,30 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def teacher_bucket(t_lp: torch.Tensor, T: float) -> torch.Tensor:
+    """The teacher's k + 1 log-probs at temperature T, [N, k+1]: the cached top-k full-softmax log-probs (at T = 1)
+    and their tail log(1 - sum), divided by T and renormalised (the tail as one outcome: its inner shape is not
+    cached). A tail below TAIL_FLOOR is exactly 0 (-inf), at every T."""
+    # in fp64: a tail of 1e-6 is 1 - (the top-k sum), and fp32 would lose it to cancellation ([N, k], cheap)
+    t64 = t_lp.double()
+    t_tail = _log1mexp(torch.logsumexp(t64, dim=-1, keepdim=True))  # exact tail mass at T = 1
+    t_tail = torch.where(t_tail < _LOG_TAIL_FLOOR, torch.full_like(t_tail, float("-inf")), t_tail)
+    return torch.log_softmax(torch.cat([t64, t_tail], dim=-1) / T, dim=-1).to(t_lp.dtype)
+
+
+def student_tail(s_top: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum exp(s_top)) per row [N, 1], floored at _MIN_TAIL: the student's mass outside the cached ids.
+    The sum is taken in fp64 (1 - S cancels when S is near 1); -inf entries (unmapped ids) carry no mass."""
+    mass = -torch.expm1(torch.logsumexp(s_top.double(), dim=-1, keepdim=True))
+    return torch.log(mass.clamp(min=_MIN_TAIL)).to(s_top.dtype)
+
+
 def _bucket_kl(s_top: torch.Tensor, t_lp: torch.Tensor, T: float) -> torch.Tensor:
     """KL over the k cached outcomes plus one tail bucket, [N]. s_top: the student's log-probs (at T) at the cached
     ids; t_lp: the teacher's full-softmax log-probs at T = 1. An entry that is -inf on both sides (an unmapped token
     across tokenizers) is inert and its mass falls into the buckets."""
-    t_tail = _log1mexp(torch.logsumexp(t_lp, dim=-1, keepdim=True))  # exact tail mass at T = 1
-    q_logp = torch.log_softmax(torch.cat([t_lp, t_tail], dim=-1) / T, dim=-1)  # [N, k+1]
-    s_tail = torch.log((-torch.expm1(torch.logsumexp(s_top, dim=-1, keepdim=True))).clamp(min=_MIN_TAIL))
+    q_logp = teacher_bucket(t_lp, T)  # [N, k+1]
+    s_tail = student_tail(s_top)
     s_b = torch.cat([s_top, s_tail], dim=-1)
     q = q_logp.exp()
     # xlogy-style: a bucket the teacher gives exactly 0 contributes 0, whatever the student does. Tested as
@@ -70,36 +97,6 @@ def sparse_kd_per_position(student_logits: torch.Tensor, topk_ids: torch.Tensor,
     return kl * (T * T)
 
 
-def cross_kd_per_position(student_logits: torch.Tensor, mapped_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                          kind: str, temperature: float, uld_weight: float) -> torch.Tensor:
-    """Cross-tokenizer KD per position, [N]. mapped_ids [N, k]: the student id of each cached teacher top-k token,
-    -1 where the student has no identical token; topk_logprobs [N, k]: the teacher's full-softmax log-probs.
-
-    mapped: T^2 * KL over the mapped tokens plus one bucket holding all other mass, on both sides: the teacher's
-        unmapped top-k mass and its tail beyond the top-k; the student's mass outside the mapped ids.
-    uld: sum_i |p_t(i) - p_s(i)| over the k largest probabilities of each side, sorted (Boizard et al. 2024,
-        "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss"); ids are not compared.
-    hybrid: mapped + uld_weight * uld.
-    """
-    T = float(temperature)
-    total = torch.zeros(student_logits.shape[0], device=student_logits.device)
-    if kind in ("mapped", "hybrid"):
-        ok = mapped_ids >= 0
-        s_logp = torch.log_softmax(student_logits.float() / T, dim=-1)
-        neg_inf = torch.full_like(topk_logprobs, float("-inf"), dtype=torch.float32)
-        s_top = torch.where(ok, s_logp.gather(-1, mapped_ids.clamp(min=0)), neg_inf)
-        t_lp = torch.where(ok, topk_logprobs.float(), neg_inf)  # the bucket then holds unmapped + beyond-top-k mass
-        total = total + _bucket_kl(s_top, t_lp, T) * (T * T)
-    if kind in ("uld", "hybrid"):
-        k = topk_logprobs.shape[-1]
-        p_t = topk_logprobs.float().exp()  # cached sorted, most likely first
-        p_s = torch.softmax(student_logits.float(), dim=-1).topk(k, dim=-1, sorted=True).values
-        total = total + (uld_weight if kind == "hybrid" else 1.0) * (p_s - p_t).abs().sum(-1)
-    if kind not in ("mapped", "uld", "hybrid"):
-        raise ValueError(f"unknown cross-tokenizer loss {kind!r}")
-    return total
-
-
 def token_losses(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor,
                  topk_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float,
                  tail: TailPolicy) -> torch.Tensor:
@@ -116,18 +113,6 @@ def token_losses(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: 
     zero = torch.zeros_like(ce)
     return torch.stack([torch.where(mask, ce, zero).sum(), torch.where(mask, kd, zero).sum(),
                         torch.where(mask, agree, zero).sum()])
-
-
-def chunked_token_losses(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor,
-                         topk_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float, tail: TailPolicy,
-                         chunk: int) -> torch.Tensor:
-    """`token_losses` summed over chunks of `chunk` positions, so only one chunk's fp32 [chunk, V] intermediates
-    exist at a time. Used for evaluation (no gradient); training uses `fused_ce_kd`, which gives the same sums."""
-    total = torch.zeros(3, dtype=torch.float32, device=student_logits.device)
-    for s in range(0, student_logits.shape[0], chunk):
-        total = total + token_losses(student_logits[s:s + chunk], targets[s:s + chunk], topk_ids[s:s + chunk],
-                                     topk_logprobs[s:s + chunk], mask[s:s + chunk], temperature, tail)
-    return total
 
 
 def _dense_chunk(z, teacher_logits, tgt, m, alpha_ce: float, alpha_kd: float, T: float):
@@ -198,12 +183,12 @@ class _FusedCEKD(torch.autograd.Function):
                 coef_kd = torch.full_like(kd, T)
                 top_corr = -T * q_top
             elif tail == "bucket":
-                t_tail = _log1mexp(torch.logsumexp(t_lp, dim=-1, keepdim=True))
-                q_logp = torch.log_softmax(torch.cat([t_lp, t_tail], dim=-1) / T, dim=-1)
+                q_logp = teacher_bucket(t_lp, T)
                 q = q_logp.exp()
                 p_top = s_top.exp()
-                S = p_top.sum(-1, keepdim=True)
-                p_tail_raw = 1.0 - S
+                S = p_top.sum(-1, keepdim=True, dtype=torch.float64)
+                p_tail_raw = (1.0 - S).float()  # fp64 difference: 1 - S cancels when S is near 1
+                S = S.float()
                 p_tail = p_tail_raw.clamp(min=_MIN_TAIL)
                 s_b = torch.cat([s_top, p_tail.log()], dim=-1)
                 kd = torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_b)).sum(-1) * (T * T)
@@ -225,6 +210,8 @@ class _FusedCEKD(torch.autograd.Function):
                 g.add_(p_t.mul_((alpha_kd * coef_kd)[:, None]))
             g.scatter_add_(-1, ids, (alpha_kd * top_corr).to(g.dtype))
             g.scatter_add_(-1, tgt[:, None], (-alpha_ce * keep)[:, None].to(g.dtype))
+            if not bool(m.all()):  # a non-finite logit at an ignored position would leave 0 * NaN = NaN there
+                g[~m] = 0
             zero = torch.zeros_like(ce)
             sums += torch.stack([torch.where(m, ce, zero).sum(), torch.where(m, kd, zero).sum(),
                                  torch.where(m, agree, zero).sum()])
@@ -248,28 +235,3 @@ def fused_ce_kd(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: t
     and KD is the exact full-vocabulary KL."""
     return _FusedCEKD.apply(student_logits, targets, topk_ids, topk_logprobs, mask, float(alpha_ce), float(alpha_kd),
                             float(temperature), tail, int(chunk))
-
-
-def feature_per_position(student: torch.Tensor, teacher: torch.Tensor,
-                         kind: Literal["cosine", "normalized_mse"]) -> torch.Tensor:
-    """Scale-free distance per position between projected student states [N, H] and teacher states [N, H].
-
-    cosine: 1 - cos(student, teacher), in [0, 2]. normalized_mse: mean squared difference after normalising
-    each token's vector to zero mean and unit variance (layer norm without affine), so it cannot explode with
-    the teacher's activation scale (late layers of LLMs have outlier dimensions in the hundreds).
-    """
-    s, t = student.float(), teacher.float()
-    if kind == "cosine":
-        return 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-6)
-    if kind == "normalized_mse":
-        return (F.layer_norm(s, s.shape[-1:]) - F.layer_norm(t, t.shape[-1:])).pow(2).mean(-1)
-    raise ValueError(f"unknown feature loss {kind!r}")
-
-
-def info_nce_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Contrastive (InfoNCE) loss summed over M positions: each projected student state [M, H] must pick its own
-    teacher state among the M teacher states of the same batch. Cosine similarities divided by `temperature`."""
-    s = F.normalize(student.float(), dim=-1)
-    t = F.normalize(teacher.float(), dim=-1)
-    logits = s @ t.T / temperature
-    return F.cross_entropy(logits, torch.arange(len(s), device=s.device), reduction="sum")

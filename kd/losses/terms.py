@@ -1,0 +1,228 @@
+"""The loss as a weighted list of terms, and the chunked pass that computes the logit-level ones together.
+
+A term is `{kind, weight, name?, ...options}`:
+  ce                        next-token cross-entropy on the data (every loss position)
+  forward_kl, reverse_kl, jsd (beta), tvd, skew_kl (alpha), skew_reverse_kl (alpha)
+                            a divergence (kd/losses/divergences.py) between the student and the teacher signal
+                            (kd/signals.py), at loss.temperature, times T^2, at the KD positions
+  uld                       Universal Logit Distillation across tokenizers (cross-tokenizer runs only)
+  feature (distance)        hidden-state distance at loss.feature_layers
+  contrastive (temperature, max_positions)
+                            InfoNCE between projected student and teacher states of a micro-batch
+Each term is a token mean over the whole accumulation window on all processes (kd/train.py normalises once); the
+loss is sum_i weight_i * term_i. A term of weight 0 is still computed and logged (a monitor). `name` (default: the
+kind) is the term's metrics key; it must be unique.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kd.errors import KDError
+from kd.losses import divergences
+from kd.losses.forward import fused_ce_kd
+
+DIVERGENCE_KINDS = tuple(divergences.REGISTRY)
+LOGIT_KINDS = ("ce", "uld") + DIVERGENCE_KINDS
+HIDDEN_KINDS = ("feature", "contrastive")
+_HIDDEN_OPTIONS = {"feature": {"distance": "cosine"}, "contrastive": {"temperature": 0.1, "max_positions": 256}}
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    kind: str
+    weight: float
+    options: dict = field(default_factory=dict)
+
+    @property
+    def positions(self) -> str:
+        """Which positions the term averages over: every token, the KD positions (aligned ones across tokenizers;
+        feature terms too, since teacher states sit there), or the contrastive candidates."""
+        return {"ce": "tokens", "contrastive": "contrastive"}.get(self.kind, "kd")
+
+    def value(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return divergences.REGISTRY[self.kind].fn(s, t, **self.options)
+
+
+def parse_terms(specs: list, where: str = "loss.terms") -> list[Term]:
+    """Validate a config list of term mappings into Terms; every mistake is one KDError naming the entry."""
+    if not isinstance(specs, list) or not specs:
+        raise KDError(f"{where} must be a non-empty list of {{kind, weight, ...options}} mappings")
+    terms = []
+    for i, spec in enumerate(specs):
+        at = f"{where}[{i}]"
+        if not isinstance(spec, dict) or "kind" not in spec:
+            raise KDError(f"{at} must be a mapping with a `kind` (one of {list(LOGIT_KINDS + HIDDEN_KINDS)}), "
+                          f"got {spec!r}")
+        spec = dict(spec)
+        kind, name = spec.pop("kind"), spec.pop("name", None)
+        weight = spec.pop("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
+            raise KDError(f"{at}: weight must be a number >= 0, got {weight!r}")
+        if kind in DIVERGENCE_KINDS:
+            try:
+                _, options = divergences.resolve(kind, spec)
+            except KDError as e:
+                raise KDError(f"{at}: {e}") from None
+        elif kind in _HIDDEN_OPTIONS:
+            unknown = sorted(set(spec) - set(_HIDDEN_OPTIONS[kind]))
+            if unknown:
+                raise KDError(f"{at}: {kind} has no option(s) {unknown}; its options: {sorted(_HIDDEN_OPTIONS[kind])}")
+            options = {**_HIDDEN_OPTIONS[kind], **spec}
+            _check_hidden(at, kind, options)
+        elif kind in ("ce", "uld"):
+            if spec:
+                raise KDError(f"{at}: {kind} takes no options, got {sorted(spec)}")
+            options = {}
+        else:
+            raise KDError(f"{at}: unknown loss kind {kind!r}; choose one of {list(LOGIT_KINDS + HIDDEN_KINDS)}")
+        terms.append(Term(name or kind, kind, float(weight), options))
+    names = [t.name for t in terms]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise KDError(f"{where}: term names {dup} appear more than once; give each a distinct `name`")
+    if all(t.weight == 0 for t in terms):
+        raise KDError(f"{where}: every weight is 0: nothing would be trained")
+    if sum(t.kind == "feature" for t in terms) > 1 or sum(t.kind == "contrastive" for t in terms) > 1:
+        raise KDError(f"{where}: at most one feature and one contrastive term")
+    return terms
+
+
+def _check_hidden(at: str, kind: str, options: dict) -> None:
+    if kind == "feature" and options["distance"] not in ("cosine", "normalized_mse"):
+        raise KDError(f"{at}: feature distance must be cosine or normalized_mse, got {options['distance']!r}")
+    if kind == "contrastive":
+        if not isinstance(options["temperature"], (int, float)) or options["temperature"] <= 0:
+            raise KDError(f"{at}: contrastive temperature must be > 0, got {options['temperature']!r}")
+        if not isinstance(options["max_positions"], int) or options["max_positions"] < 2:
+            raise KDError(f"{at}: contrastive max_positions must be an integer >= 2, got {options['max_positions']!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The logit-level terms of one micro-batch, chunk by chunk of positions
+
+
+def _uld(z: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """sum_i |p_t(i) - p_s(i)| over the k largest probabilities of each side, sorted (Boizard et al. 2024); T = 1,
+    ids are not compared."""
+    p_s = torch.softmax(z, dim=-1).topk(teacher_probs.shape[-1], dim=-1, sorted=True).values
+    return (p_s - teacher_probs).abs().sum(-1)
+
+
+def _chunk_sums(z, rows, targets, mask, kd_mask, signal, terms, T):
+    """Masked sums of every term over one chunk of rows (fp32 scalars, in `terms` order) and the top-1 count."""
+    out = []
+    pair = None
+    logp = torch.log_softmax(z, dim=-1) if any(t.kind == "ce" for t in terms) else None
+    for term in terms:
+        if term.kind == "ce":
+            v, m = -logp.gather(-1, targets[rows].clamp(min=0)[:, None]).squeeze(-1), mask[rows]
+        elif term.kind == "uld":
+            v, m = _uld(z, signal.sorted_teacher_probs(rows)), kd_mask[rows]
+        else:
+            if pair is None:
+                pair = signal.pair(torch.log_softmax(z / T, dim=-1) if T != 1.0 or logp is None else logp, rows, T)
+            v, m = term.value(*pair) * (T * T), kd_mask[rows]
+        out.append(torch.where(m, v, torch.zeros_like(v)).sum())
+    agree = ((z.detach().argmax(-1) == signal.top1(rows)) & kd_mask[rows]).sum().float()
+    return out, agree
+
+
+class _ChunkedTerms(torch.autograd.Function):
+    """sum_i w_i * term_i summed over positions, the gradient w.r.t. the logits taken per chunk by autograd through
+    the pure functions and written into ONE logits-sized buffer; backward is then a multiply. Only one chunk's
+    [chunk, V] fp32 temporaries (and their autograd graph) exist at a time, for any mix of divergences."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, mask, kd_mask, signal, terms, weights, T, chunk):
+        N = logits.shape[0]
+        grad = torch.empty_like(logits)
+        sums = torch.zeros(len(terms) + 1, dtype=torch.float32, device=logits.device)
+        keep = mask | kd_mask
+        for s in range(0, N, chunk):
+            rows = slice(s, min(s + chunk, N))
+            with torch.enable_grad():
+                z = logits[rows].detach().float().requires_grad_(True)
+                values, agree = _chunk_sums(z, rows, targets, mask, kd_mask, signal, terms, T)
+                total = sum(w * v for w, v in zip(weights, values))
+                (g,) = torch.autograd.grad(total, z) if total.requires_grad else (torch.zeros_like(z),)
+            # rows no term counts get exactly zero gradient, even where their logits are not finite
+            g = torch.where(keep[rows, None], g, torch.zeros_like(g))
+            grad[rows] = g.to(grad.dtype)
+            sums += torch.stack([v.detach() for v in values] + [agree])
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(sums)
+        return (sums[:-1] * torch.tensor(weights, dtype=sums.dtype, device=sums.device)).sum(), sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_sums):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total.to(grad.dtype),) + (None,) * 8
+
+
+def fused_eligible(terms: list[Term], signal) -> bool:
+    """The analytic forward-KL path covers CE + forward KL on a same-tokenizer signal (top-k, sampled, online)."""
+    kinds = [t.kind for t in terms]
+    return (signal.name in ("topk", "sampled", "online") and set(kinds) <= {"ce", "forward_kl"}
+            and kinds.count("ce") <= 1 and kinds.count("forward_kl") <= 1)
+
+
+def logit_term_sums(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, kd_mask: torch.Tensor,
+                    signal, terms: list[Term], weights: list[float], temperature: float, chunk: int,
+                    with_grad: bool = True, fused: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(sum_i weights[i] * term_i with gradient, or None without; [len(terms) + 1] sums: each term's masked sum
+    over positions, then the top-1 agreement count) for the logit-level `terms`, logits [N, V].
+
+    CE counts at `mask`, every other term at `kd_mask` (= mask, or the aligned positions across tokenizers).
+    `weights` are the effective multipliers (the caller folds its normalisation in). CE + forward KL on a
+    same-tokenizer signal take the fused analytic-gradient path (kd.losses.forward) unless fused=False; everything
+    else the chunked autograd path. Without gradient, only chunk-sized temporaries exist either way."""
+    T = float(temperature)
+    if not with_grad:
+        sums = torch.zeros(len(terms) + 1, dtype=torch.float32, device=logits.device)
+        with torch.no_grad():
+            for s in range(0, logits.shape[0], chunk):
+                rows = slice(s, min(s + chunk, logits.shape[0]))
+                values, agree = _chunk_sums(logits[rows].float(), rows, targets, mask, kd_mask, signal, terms, T)
+                sums += torch.stack(values + [agree])
+        return None, sums
+    if fused and fused_eligible(terms, signal) and torch.equal(mask, kd_mask):
+        w = {t.kind: wt for t, wt in zip(terms, weights)}
+        if signal.name == "online":
+            ids, values, tail = None, signal.logits, "bucket"
+        else:
+            ids, values, tail = signal.ids, signal.logprobs, signal.tail
+        total, (ce, kd, agree) = fused_ce_kd(logits, targets, ids, values, mask, w.get("ce", 0.0),
+                                             w.get("forward_kl", 0.0), T, tail, chunk)
+        by_kind = {"ce": ce, "forward_kl": kd}
+        return total, torch.stack([by_kind[t.kind] for t in terms] + [agree])
+    return _ChunkedTerms.apply(logits, targets, mask, kd_mask, signal, terms, [float(w) for w in weights], T,
+                               int(chunk))
+
+
+
+def cross_kd_per_position(student_logits: torch.Tensor, mapped_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                          kind: str, temperature: float, uld_weight: float) -> torch.Tensor:
+    """The older cross-tokenizer KD kinds per position, [N], on the same signal and functions training uses.
+    mapped_ids [N, k]: the student id of each cached teacher top-k token, -1 where the student has none.
+
+    mapped: T^2 * forward KL on the Mapped signal (the mapped ids plus one bucket holding all other mass).
+    uld: sum_i |p_t(i) - p_s(i)| over the k largest probabilities of each side, sorted (T = 1, ids not compared).
+    hybrid: mapped + uld_weight * uld.
+    """
+    from kd.signals import Mapped
+
+    if kind not in ("mapped", "uld", "hybrid"):
+        raise ValueError(f"unknown cross-tokenizer loss {kind!r}")
+    T = float(temperature)
+    z = student_logits.float()
+    signal, rows = Mapped(mapped_ids, topk_logprobs), slice(None)
+    total = torch.zeros(z.shape[0], device=z.device)
+    if kind in ("mapped", "hybrid"):
+        total = total + divergences.forward_kl(*signal.pair(torch.log_softmax(z / T, dim=-1), rows, T)) * (T * T)
+    if kind in ("uld", "hybrid"):
+        total = total + (uld_weight if kind == "hybrid" else 1.0) * _uld(z, signal.sorted_teacher_probs(rows))
+    return total

@@ -1,0 +1,157 @@
+"""What the student is compared with: one class per teacher signal, behind one interface.
+
+A signal holds its teacher tensors for N flattened positions and, for a chunk of rows, turns the student's tempered
+log-probabilities log_softmax(z / T) [c, V] into a pair of log-probability tensors over the same outcomes, the input
+of every divergence in kd/losses/divergences.py:
+
+  TopK      cached top-k log-probs. Outcomes: the k ids + one tail bucket. Teacher tail = 1 - its top-k mass
+            (`bucket`) or 0 (`renormalize`: the teacher renormalised on its top-k); student tail = 1 - its mass on the
+            k ids (floored at 1e-30). With `bucket` every divergence is a divergence between two distributions on
+            k + 1 outcomes, exact at T = 1; with `renormalize` student mass outside the top-k meets a teacher 0.
+  Sampled   cached draws: q = counts / n (tempered as log(counts / n) / T, renormalised), outcomes as TopK with
+            `renormalize`. Only divergences whose gradient stays unbiased under q -> counts / n are allowed.
+  Online    the teacher's full logits, computed in the training process: outcomes = the vocabulary, exact.
+  Mapped    cross-tokenizer targets: cached teacher top-k with each id mapped to an identical student token (-1 =
+            none). Outcomes: the mapped ids + one bucket holding all other mass on both sides (the teacher's unmapped
+            top-k mass and its tail; the student's mass elsewhere). Unmapped entries are -inf on both sides.
+
+A teacher tail below kd.losses.forward.TAIL_FLOOR (2^-20) is rounding, not mass, and is exactly 0; where the
+student's tail is below it too, so is the student's. So k = V gives the exact divergence at every temperature.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kd.errors import KDError
+from kd.losses.divergences import REGISTRY
+from kd.losses.forward import _LOG_TAIL_FLOOR, student_tail, teacher_bucket
+
+_NEG_INF = float("-inf")
+
+
+def _with_buckets(s_top: torch.Tensor, t_kp1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append the student's tail to s_top (the teacher's [c, k+1] already has its own). Where the teacher's tail
+    is 0 and the student's is below TAIL_FLOOR too, both are rounding (k = V): the student's is then 0 as well, so
+    that reverse-direction kinds do not charge ~1e-7 of fp32 noise against the teacher's floor."""
+    s_tail = student_tail(s_top)
+    noise = (t_kp1[:, -1:] == float("-inf")) & (s_tail < _LOG_TAIL_FLOOR)
+    s_tail = torch.where(noise, torch.full_like(s_tail, float("-inf")), s_tail)
+    return torch.cat([s_top, s_tail], dim=-1), t_kp1
+
+
+class Signal:
+    """Base: `pair(s_logp, rows, T)` -> (student, teacher) log-probs over this signal's outcomes for `rows`;
+    `top1(rows)` the teacher's most likely student token id per row (-1 = none), for top-1 agreement."""
+
+    name = "signal"
+
+    def pair(self, s_logp: torch.Tensor, rows: slice | torch.Tensor, T: float):
+        raise NotImplementedError
+
+    def top1(self, rows) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_kind(self, kind: str) -> None:
+        """Refuse a divergence this signal cannot give a meaningful value for."""
+
+
+class TopK(Signal):
+    name = "topk"
+
+    def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, tail: str):
+        if tail not in ("bucket", "renormalize"):
+            raise KDError(f"unknown tail policy {tail!r}; expected bucket or renormalize")
+        self.ids, self.logprobs, self.tail = ids, logprobs, tail
+
+    def _teacher(self, t_lp: torch.Tensor, T: float) -> torch.Tensor:
+        if self.tail == "bucket":
+            return teacher_bucket(t_lp, T)
+        q = torch.log_softmax(t_lp / T, dim=-1)
+        return torch.cat([q, torch.full_like(q[:, :1], _NEG_INF)], dim=-1)
+
+    def pair(self, s_logp, rows, T):
+        s_top = s_logp.gather(-1, self.ids[rows])
+        return _with_buckets(s_top, self._teacher(self.logprobs[rows].float(), T))
+
+    def top1(self, rows):
+        return self.ids[rows, 0]
+
+
+class Sampled(TopK):
+    """counts / n as log-probabilities (-inf for padding, probability 0), renormalised after tempering."""
+
+    name = "sampled"
+
+    def __init__(self, ids: torch.Tensor, counts: torch.Tensor):
+        c = counts.float()
+        super().__init__(ids, torch.log(c / c.sum(-1, keepdim=True)), "renormalize")
+
+    def check_kind(self, kind):
+        if kind in REGISTRY and not REGISTRY[kind].unbiased_on_samples:
+            ok = sorted(k for k, d in REGISTRY.items() if d.unbiased_on_samples)
+            raise KDError(f"divergence {kind} is not linear in the teacher distribution, so training it against "
+                          f"sampled targets (counts / n) would be biased; use {ok} with loss.target=sampled, or "
+                          "loss.target=topk / online for this kind")
+
+
+class Online(Signal):
+    """The teacher's full logits [N, V] (V = the student's vocabulary)."""
+
+    name = "online"
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    def pair(self, s_logp, rows, T):
+        return s_logp, torch.log_softmax(self.logits[rows].float() / T, dim=-1)
+
+    def top1(self, rows):
+        return self.logits[rows].argmax(-1)
+
+
+class Mapped(Signal):
+    name = "mapped"
+
+    def __init__(self, mapped_ids: torch.Tensor, logprobs: torch.Tensor):
+        self.ids, self.logprobs = mapped_ids, logprobs
+
+    def pair(self, s_logp, rows, T):
+        ids = self.ids[rows]
+        ok = ids >= 0
+        s_top = torch.where(ok, s_logp.gather(-1, ids.clamp(min=0)), torch.full_like(s_logp[:, :1], _NEG_INF))
+        t_lp = torch.where(ok, self.logprobs[rows].float(), torch.full_like(s_top, _NEG_INF))
+        return _with_buckets(s_top, teacher_bucket(t_lp, T))
+
+    def top1(self, rows):
+        return self.ids[rows, 0]
+
+    def sorted_teacher_probs(self, rows) -> torch.Tensor:
+        """The teacher's cached top-k probabilities, most likely first (ULD compares these, not ids)."""
+        return self.logprobs[rows].float().exp()
+
+
+
+def batch_signal(target: str, tail: str, cross_tokenizer: bool, teacher=None):
+    """The one choice of teacher signal, made at set-up: a function (batch, attention) -> Signal over the batch's
+    flattened [B * T] positions. target: topk | sampled | online (kd.train_config.LossConfig.target); across
+    tokenizers the batch's top-k ids are already mapped to student ids (kd/align.py)."""
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1])
+
+    if cross_tokenizer:
+        return lambda b, attention: Mapped(flat(b["topk_ids"]), flat(b["topk_logprobs"]))
+    if target == "topk":
+        return lambda b, attention: TopK(flat(b["topk_ids"]), flat(b["topk_logprobs"]), tail)
+    if target == "sampled":
+        return lambda b, attention: Sampled(flat(b["sample_ids"]), flat(b["sample_counts"]))
+    if target == "online":
+        if teacher is None:
+            raise KDError("loss.target=online needs the teacher model in the training process")
+
+        def online(b, attention):
+            with torch.inference_mode():
+                logits = teacher(input_ids=b["input_ids"], attention_mask=attention).logits
+            return Online(flat(logits.clone()))  # clone: an inference tensor cannot take part in autograd
+        return online
+    raise KDError(f"unknown loss.target {target!r}; choose topk, sampled or online")

@@ -1,0 +1,66 @@
+"""The run directory: refusing to overwrite, resumable checkpoints (newest only), the final save_pretrained folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from kd.config import diff_keys
+from kd.errors import KDError
+from kd.io import write_json_atomic
+from kd.train.state import TrainState
+from kd.train_config import RESUME_FREE_KEYS
+
+
+def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool) -> dict | None:
+    """Refuse to overwrite a run; on resume, check the config and return the latest checkpoint's state."""
+    if not resume:
+        if run_dir.exists():
+            raise KDError(f"run directory {run_dir} already exists; pick another train.run_name, or continue it "
+                          "with train.resume=true")
+        return None
+    if not (run_dir / "config.json").exists():
+        raise KDError(f"train.resume=true but {run_dir} holds no run to resume")
+    saved = json.loads((run_dir / "config.json").read_text())["config"]
+    differing = [k for k in diff_keys(saved, cfg_dict) if k not in RESUME_FREE_KEYS]
+    if differing:
+        raise KDError(f"cannot resume {run_dir}: config differs in {', '.join(differing)}; an exact continuation "
+                      "needs the same config (start a new run instead)")
+    latest = run_dir / "checkpoints" / "latest.json"
+    return json.loads(latest.read_text()) if latest.exists() else None
+
+
+def save_checkpoint(accelerator, run_dir: Path, train_state: TrainState) -> Path:
+    """Accelerate state (model, projectors, optimizer, scaler, RNG, EMA) + trainer state; keeps the newest only,
+    since each holds the optimizer's two moments (3x the model) and resume needs just the last."""
+    state = train_state.to_dict()
+    ckpt_root = run_dir / "checkpoints"
+    ckpt = ckpt_root / f"step_{state['step']:08d}"
+    accelerator.save_state(str(ckpt))
+    if accelerator.is_main_process:
+        write_json_atomic(ckpt / "trainer_state.json", state)
+        previous = json.loads((ckpt_root / "latest.json").read_text()) if (ckpt_root / "latest.json").exists() else None
+        write_json_atomic(ckpt_root / "latest.json", dict(state, path=ckpt.name))
+        if previous and previous["path"] != ckpt.name:
+            shutil.rmtree(ckpt_root / previous["path"], ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return ckpt
+
+
+def save_final(accelerator, model, tokenizer, out: Path, meta: dict) -> None:
+    """save_pretrained folder (+ tokenizer, projectors, kd_meta.json). The full state dict is gathered through
+    Accelerate on every process (a collective under FSDP / DeepSpeed ZeRO-3), then written by the main one."""
+    unwrapped = accelerator.unwrap_model(model)
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped.lm.save_pretrained(out, state_dict={k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")})
+        tokenizer.save_pretrained(out)
+        if len(unwrapped.projectors):
+            torch.save({"feature_pairs": unwrapped.feature_pairs,
+                        "state_dict": {k[len("projectors."):]: v for k, v in state.items() if k.startswith("projectors.")}},
+                       out / "projectors.pt")
+        write_json_atomic(out / "kd_meta.json", meta)
+    accelerator.wait_for_everyone()

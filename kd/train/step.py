@@ -1,0 +1,234 @@
+"""One optimizer window: the loss plan chosen at set-up, the micro-batch sums, the single normalisation.
+
+Normalisation, in ONE place (`accumulate_window`): every loss term is a sum over the positions of the whole
+accumulation window on all processes, divided once by the global count of those positions. Accelerate is
+created with gradient_accumulation_steps=1, so `accelerator.backward` divides by nothing; DDP averages
+gradients over processes, which the factor `num_processes` undoes. Hence GA=4 x micro-batch 2 gives the same
+gradient as GA=1 x micro-batch 8, on any number of processes, whatever the sequence lengths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kd.losses import feature_per_position, info_nce_sum
+from kd.losses.terms import Term, logit_term_sums
+from kd.signals import Signal, batch_signal
+from kd.train_config import LossConfig
+
+
+@dataclass
+class LossPlan:
+    """What the loss computes, decided once at set-up: the terms, the teacher signal of a batch, and the settings
+    they share. `signal(batch, attention)` -> a Signal over the batch's flattened positions."""
+
+    terms: list[Term]
+    signal: Callable[[dict, torch.Tensor], Signal]
+    temperature: float
+    chunk: int
+    teacher_slots: list[int] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, loss_cfg: LossConfig, teacher_slots: list[int] | None = None, teacher=None) -> LossPlan:
+        return cls(loss_cfg.loss_terms(), batch_signal(loss_cfg.target, loss_cfg.tail,
+                                                       loss_cfg.cross_tokenizer is not None, teacher),
+                   loss_cfg.temperature, loss_cfg.position_chunk, list(teacher_slots or []))
+
+    @classmethod
+    def for_eval(cls, loss_cfg: LossConfig) -> LossPlan:
+        """Held-out metrics: CE and forward KL against the cached top-k (the mapped top-k across tokenizers),
+        whatever the training terms, so that runs with different terms stay comparable."""
+        return cls([Term("ce", "ce", 1.0), Term("kd", "forward_kl", 1.0)],
+                   batch_signal("topk", loss_cfg.tail, loss_cfg.cross_tokenizer is not None),
+                   loss_cfg.temperature, loss_cfg.position_chunk)
+
+    @property
+    def logit_terms(self) -> list[Term]:
+        return [t for t in self.terms if t.kind not in ("feature", "contrastive")]
+
+    def hidden_term(self, kind: str) -> Term | None:
+        return next((t for t in self.terms if t.kind == kind), None)
+
+    @property
+    def needs_hidden(self) -> bool:
+        return any(t.kind in ("feature", "contrastive") for t in self.terms)
+
+
+def positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(attention_mask [B, T] long, loss_mask [B, T] bool, targets [B, T]) of a cache batch.
+
+    A position t counts for the losses when t+1 is still a valid token of the window: its target is
+    input_ids[t+1], and the cached teacher distribution at t is the teacher's prediction of that token.
+    """
+    ids, lengths = batch["input_ids"], batch["length"]
+    t = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    attention = (t < lengths[:, None]).long()
+    loss_mask = t < (lengths[:, None] - 1)
+    targets = torch.roll(ids, shifts=-1, dims=1)
+    return attention, loss_mask, targets
+
+
+def contrastive_positions(loss_mask: torch.Tensor, max_positions: int) -> torch.Tensor:
+    """Flat indices of at most `max_positions` valid positions, evenly spread (deterministic)."""
+    idx = loss_mask.reshape(-1).nonzero().squeeze(-1)
+    if len(idx) > max_positions:
+        idx = idx[torch.linspace(0, len(idx) - 1, max_positions, device=idx.device).round().long()]
+    return idx
+
+
+def batch_counts(batch: dict, plan: LossPlan) -> torch.Tensor:
+    """Positions each kind of term sums over in this micro-batch: [tokens, contrastive positions, KD positions],
+    float64. KD positions are the tokens, except across tokenizers: the aligned tokens only."""
+    _, loss_mask, _ = positions(batch)
+    n_tok = loss_mask.sum()
+    con = plan.hidden_term("contrastive")
+    n_con = min(int(n_tok), con.options["max_positions"]) if con is not None and con.weight > 0 else 0
+    n_kd = (loss_mask & batch["kd_mask"]).sum() if "kd_mask" in batch else n_tok
+    return torch.tensor([float(n_tok), float(n_con), float(n_kd)], dtype=torch.float64)
+
+
+def micro_batch_sums(model, batch: dict, plan: LossPlan, weights: dict[str, float],
+                     with_grad: bool = True) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """(sum over terms of weights[name] * the term's sum over this micro-batch's positions, with gradient;
+    {term name: its sum without gradient, "agree": top-1 agreement count}).
+
+    The logit-level terms are computed together chunk by chunk (kd.losses.terms.logit_term_sums); feature and
+    contrastive terms use the projected student states at plan.teacher_slots (layer pair j's teacher layer sits
+    at batch["hidden_states"][:, teacher_slots[j]]).
+    """
+    attention, loss_mask, targets = positions(batch)
+    logits, projected = model(batch["input_ids"], attention, plan.needs_hidden)
+    B, T, V = logits.shape
+    mask = loss_mask.reshape(-1)
+    # across tokenizers the teacher (and its hidden states) exists only at aligned positions
+    kd_mask = (loss_mask & batch["kd_mask"]).reshape(-1) if "kd_mask" in batch else mask
+    lt = plan.logit_terms
+    loss, sums = logit_term_sums(logits.reshape(B * T, V), targets.reshape(-1), mask, kd_mask,
+                                 plan.signal(batch, attention), lt, [weights.get(t.name, 0.0) for t in lt], plan.temperature,
+                                 plan.chunk, with_grad=with_grad)
+    out = {t.name: sums[i] for i, t in enumerate(lt)}
+    out["agree"] = sums[-1]
+    feature, contrastive = plan.hidden_term("feature"), plan.hidden_term("contrastive")
+    if plan.needs_hidden:
+        con_idx = contrastive_positions(loss_mask, contrastive.options["max_positions"]) if contrastive else None
+        f_sum = torch.zeros((), device=logits.device)
+        c_sum = torch.zeros((), device=logits.device)
+        for proj, slot in zip(projected, plan.teacher_slots):
+            student_h = proj.reshape(B * T, -1)
+            teacher_h = batch["hidden_states"][:, slot].reshape(B * T, -1)
+            if feature is not None:
+                per_pos = feature_per_position(student_h, teacher_h, feature.options["distance"])
+                f_sum = f_sum + torch.where(kd_mask, per_pos, torch.zeros_like(per_pos)).sum()
+            if contrastive is not None:
+                c_sum = c_sum + info_nce_sum(student_h[con_idx], teacher_h[con_idx], contrastive.options["temperature"])
+        # mean over the mapped layer pairs, so adding a pair does not change the term's scale
+        for term, value in ((feature, f_sum), (contrastive, c_sum)):
+            if term is not None:
+                value = value / len(plan.teacher_slots)
+                out[term.name] = value.detach()
+                if with_grad:
+                    loss = loss + weights[term.name] * value
+    return loss, out
+
+
+@dataclass
+class WindowResult:
+    raw: dict[str, float]               # term name -> global token mean over the window
+    nonfinite: list[str]                # terms that were NaN/inf on any process
+    tokens: int                         # loss positions in the window, all processes
+    agree: float = field(default=0.0)   # top-1 agreement with the teacher over the window
+
+
+def accumulate_window(model, batches: list[dict], loss: LossPlan | LossConfig, accelerator,
+                      teacher_slots: list[int] | None = None, teacher=None) -> WindowResult:
+    """Forward + backward over the micro-batches of one optimizer step; gradients end up in `.grad`.
+    `loss` is the run's LossPlan (or a LossConfig, planned here with teacher_slots and teacher)."""
+    plan = loss if isinstance(loss, LossPlan) else LossPlan.build(loss, teacher_slots, teacher)
+    counts = accelerator.reduce(sum(batch_counts(b, plan) for b in batches).to(accelerator.device), "sum")
+    n_tok, n_con, n_kd = float(counts[0]), float(counts[1]), float(counts[2])
+    # KD (and feature, whose teacher states sit at the same positions) average over the KD positions: all tokens,
+    # or across tokenizers the aligned ones.
+    denom = {"tokens": n_tok, "kd": n_kd, "contrastive": max(n_con, 1.0)}
+    # THE normalisation (see module docstring): sum / global count, times num_processes to undo DDP's mean.
+    weights = {t.name: t.weight * accelerator.num_processes / max(denom[t.positions], 1.0) for t in plan.terms}
+    names = [t.name for t in plan.terms]
+    local = torch.zeros(len(names) + 1, dtype=torch.float64, device=accelerator.device)
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        # gradients are all-reduced once per window, on its last micro-batch
+        sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            total, sums = micro_batch_sums(model, batch, plan, weights)
+            # Always backward, even when non-finite: skipping it on one process would deadlock DDP's all-reduce.
+            # A non-finite window is detected below and its step skipped on every process.
+            accelerator.backward(total)
+        local += torch.stack([sums[n].double() for n in names] + [sums["agree"].double()])
+    total = accelerator.reduce(local, "sum")
+    raw = {t.name: float(total[j]) / denom[t.positions] for j, t in enumerate(plan.terms)}
+    return WindowResult(raw=raw, nonfinite=[n for n in names if not math.isfinite(raw[n])], tokens=int(n_tok),
+                        agree=float(total[-1]) / max(n_kd, 1.0))
+
+
+@torch.no_grad()
+def evaluate(model, loader, loss: LossPlan | LossConfig, accelerator) -> dict[str, float]:
+    """Held-out metrics of the model as it is now, in eval mode (LossPlan.for_eval). eval/ppl = exp(eval/ce),
+    uncapped."""
+    plan = loss if isinstance(loss, LossPlan) else LossPlan.for_eval(loss)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
+    for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        _, sums = micro_batch_sums(model, batch, plan, {}, with_grad=False)
+        _, loss_mask, _ = positions(batch)
+        n_kd = (loss_mask & batch["kd_mask"]).sum() if "kd_mask" in batch else loss_mask.sum()
+        total += torch.stack([sums["ce"].double(), sums["kd"].double(), sums["agree"].double(),
+                              loss_mask.sum().double(), n_kd.double()])
+    total = accelerator.reduce(total, "sum")
+    model.train(was_training)
+    n, n_kd = float(total[3]), max(float(total[4]), 1.0)
+    ce = float(total[0]) / n
+    return {"eval/ce": ce, "eval/ppl": math.exp(ce), "eval/kd": float(total[1]) / n_kd,
+            "eval/top1_agreement": float(total[2]) / n_kd, "eval/tokens": int(n)}
+
+
+def optimizer_step(model, optimizer, window: list[dict], plan: LossPlan, accelerator, state, lr: float,
+                   max_grad_norm: float | None, ema=None) -> tuple[WindowResult, float, list[str]]:
+    """One optimizer step over `window` (the micro-batches of this process): set the LR, accumulate, clip, then
+    step, or, if any loss term or the gradient norm is non-finite, skip: the weights, the optimizer state and the
+    EMA stay as they were (never clamped), and under fp16 the scaler still records the overflow, as its own step
+    would. Updates `state` (a TrainState); returns (the window's result, the gradient norm, the non-finite names)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    result = accumulate_window(model, window, plan, accelerator)
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf))
+    nonfinite = result.nonfinite + ([] if math.isfinite(grad_norm) else ["grad_norm"])
+    if nonfinite:
+        optimizer.zero_grad(set_to_none=True)
+        if accelerator.scaler is not None:
+            accelerator.scaler.update()
+        state.skipped_steps += 1
+        state.consecutive_skips += 1
+    else:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.consecutive_skips = 0
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model))
+    state.step += 1
+    state.tokens_seen += result.tokens
+    return result, grad_norm, nonfinite
+
+
+def eval_record(model, loader, plan: LossPlan, accelerator, ema, state) -> dict:
+    """The eval metrics record at `state`'s step; the EMA weights, when on, reported separately as ema_eval/*."""
+    record = {"step": state.step, "tokens_seen": state.tokens_seen, **evaluate(model, loader, plan, accelerator)}
+    if ema is not None:
+        with ema.applied(accelerator.unwrap_model(model)):
+            record.update({f"ema_{k}": v for k, v in evaluate(model, loader, plan, accelerator).items()})
+    return record
