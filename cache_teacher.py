@@ -54,6 +54,7 @@ from kd.teacher import (
     load_tokenizer,
     teacher_targets,
     tokenizer_fingerprint,
+    weights_fingerprint,
 )
 
 
@@ -76,13 +77,37 @@ def check_teacher_fits(cfg: CacheConfig, model_cfg) -> None:
                       f"(0 = embeddings, {layers} = last layer)")
 
 
-def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool) -> bool:
+def weights_change(old: dict | None, new: dict) -> str | None:
+    """How the teacher's weights differ between a cache's record and now (None if they do not)."""
+    if old is None or old.get("digest") == new["digest"]:
+        return None
+    if old.get("kind") == new.get("kind") == "local files":
+        before, after = ({f["name"]: f for f in r["files"]} for r in (old, new))
+        changed = [n for n in sorted(set(before) | set(after)) if before.get(n) != after.get(n)]
+        return "weight files changed: " + ", ".join(
+            f"{n} ({'sha256 ' + before[n]['sha256'][:12] if n in before else 'absent'} -> "
+            f"{'sha256 ' + after[n]['sha256'][:12] if n in after else 'absent'})" for n in changed[:3])
+    return f"teacher weights {old} -> {new}"
+
+
+def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool, weights: dict | None = None) -> bool:
     """On the main process, holding the directory lock: refuse a directory that holds something else, clear what a
-    killed run left; True if it already holds this exact cache (nothing to do)."""
+    killed run left; True if it already holds this exact cache (nothing to do). `weights`: the teacher's
+    weights_fingerprint now, compared with the one the cache was started with."""
     cfg_file = out / CONFIG_FILE
     if cfg_file.exists():
-        old = json.loads(cfg_file.read_text())["config"]
-        differing = diff_keys(content_config(old), content_config(cfg_dict))
+        try:
+            recorded = json.loads(cfg_file.read_text())
+            old = recorded["config"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise KDError(f"{cfg_file} is damaged (not the JSON cache_teacher.py writes); remove it, or use "
+                          "cache.overwrite=true to start this cache again") from None
+        changed = weights_change(recorded.get("teacher_weights"), weights) if weights is not None else None
+        if changed and not overwrite:
+            raise KDError(f"{out} was started with other teacher weights at {cfg_dict['teacher']['model']} "
+                          f"({changed}); restore those weights, or use cache.overwrite=true (or another "
+                          "cache.output_dir) to cache this teacher")
+        differing = diff_keys(content_config(old), content_config(cfg_dict)) + (["teacher weights"] if changed else [])
         if differing and not overwrite:
             raise KDError(f"{out} holds a cache made with a different config (differing keys: {', '.join(differing)}). "
                           "Use another cache.output_dir, or cache.overwrite=true to replace it")
@@ -160,7 +185,7 @@ def validate(cfg: CacheConfig):
 
 
 @contextmanager
-def claimed_output_dir(accelerator, out: Path, cfg_dict: dict, overwrite: bool, spec: IngestSpec):
+def claimed_output_dir(accelerator, out: Path, cfg_dict: dict, overwrite: bool, spec: IngestSpec, weights: dict):
     """Lock the output directory (main process) for the whole run and prepare it; yields True on every process if
     it already holds this exact cache (nothing to do)."""
     lock = None
@@ -170,7 +195,7 @@ def claimed_output_dir(accelerator, out: Path, cfg_dict: dict, overwrite: bool, 
         if not accelerator.is_main_process:
             return 0
         lock = open_output_dir(out)
-        complete = prepare_output_dir(out, cfg_dict, overwrite)
+        complete = prepare_output_dir(out, cfg_dict, overwrite, weights)
         if not complete:
             (out / INGEST_DIR).mkdir(exist_ok=True)
             ingest_cfg = out / INGEST_DIR / "config.json"
@@ -229,14 +254,14 @@ def ingest(cfg: CacheConfig, accelerator, spec: IngestSpec, tokenizer, sources, 
     return index, stats
 
 
-def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spec: IngestSpec) -> dict:
+def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spec: IngestSpec, weights: dict) -> dict:
     """What every shard's kd_meta and the manifest carry: the content's description, nothing about this run."""
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kd_version": __version__, "config_hash": config_hash,
         "teacher": {"name_or_path": cfg.teacher.model, "revision": cfg.teacher.revision,
                     "commit_hash": getattr(model_cfg, "_commit_hash", None), "model_type": model_cfg.model_type,
                     "vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.hidden_size,
-                    "num_hidden_layers": model_cfg.num_hidden_layers, "dtype": cfg.teacher.dtype},
+                    "num_hidden_layers": model_cfg.num_hidden_layers, "dtype": cfg.teacher.dtype, "weights": weights},
         "tokenizer": {"fingerprint": spec.tokenizer_fingerprint, "class": type(tokenizer).__name__,
                       "size": len(tokenizer), "separator_id": spec.sep_id, "separator": spec.sep_text},
         "top_k": cfg.cache.top_k, "hidden_layers": cfg.cache.hidden_layers, "seq_len": cfg.data.seq_len,
@@ -334,7 +359,7 @@ def write_manifest(out: Path, jobs: list, meta: dict, cfg_dict: dict, index: Win
     manifest = dict(meta, config=cfg_dict, splits=splits, bytes=total_bytes, bytes_per_token=total_bytes / total_tokens,
                     created_unix=time.time(), ingest={k: stats[k] for k in ("documents", "empty_documents", "units",
                                                                             "reused", "tokens", "seconds")})
-    manifest.pop("config_hash")
+    # config_hash stays: the cache's identity, which every shard's kd_meta repeats and the reader checks
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
@@ -346,16 +371,24 @@ def main(cfg: CacheConfig) -> Path:
     accelerator = Accelerator()
     out = Path(cfg.cache.output_dir)
     cfg_dict = to_dict(cfg)
-    content = content_config(cfg_dict)
+
+    # 1. Validate everything cheap before any heavy work (an error on any process stops every process).
+    model_cfg, tokenizer, spec, sources, input_bytes = agree(accelerator, lambda: validate(cfg))
+    # The teacher is identified by its weights, not its path: hashed once (main process), shared with all.
+    weights = [weights_fingerprint(cfg.teacher.model, cfg.teacher.revision, getattr(model_cfg, "_commit_hash", None))
+               if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(weights)
+    weights = weights[0]
+    content = dict(content_config(cfg_dict), teacher_weights=weights["digest"])
     if cfg.cache.sample_n:  # shards drawn by another sampling scheme are redone, never mixed in on resume
         content["sampler"] = SAMPLER
     config_hash = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
-    # 1. Validate everything cheap before any heavy work (an error on any process stops every process).
-    model_cfg, tokenizer, spec, sources, input_bytes = agree(accelerator, lambda: validate(cfg))
-
     # 2. The output directory, locked by the main process for the whole run: a second run on it is refused.
-    with claimed_output_dir(accelerator, out, cfg_dict, cfg.cache.overwrite, spec) as complete:
+    with claimed_output_dir(accelerator, out, cfg_dict, cfg.cache.overwrite, spec, weights) as complete:
         if complete:
             if accelerator.is_main_process:
                 print(f"[cache] {out} is already complete (same config); nothing to do", flush=True)
@@ -367,10 +400,11 @@ def main(cfg: CacheConfig) -> Path:
         # leaves nothing that would block the corrected re-run.
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and not (out / CONFIG_FILE).exists():
-            write_json_atomic(out / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg_dict})
+            write_json_atomic(out / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg_dict,
+                                                  "teacher_weights": weights})
 
         # 4. The teacher pass over the windows, shard by shard.
-        meta = cache_metadata(cfg, config_hash, model_cfg, tokenizer, spec)
+        meta = cache_metadata(cfg, config_hash, model_cfg, tokenizer, spec, weights)
         jobs, tokens_done = teacher_pass(cfg, accelerator, index, meta, model_cfg, out)
 
         # 5. Once every process is done, the main one writes the manifest; the windows live on in the shards.

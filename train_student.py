@@ -144,7 +144,7 @@ def main(cfg: TrainConfig) -> Path:
     if cross and not cache.manifest.get("store_text"):
         raise KDError(f"loss.cross_tokenizer needs the cached text and token spans, and cache {tc.cache_dir} was "
                       "written without them: re-cache with cache.store_text=true")
-    resume_state = prepare_run_dir(run_dir, cfg_dict, tc.resume)
+    resume_state = prepare_run_dir(run_dir, cfg_dict, tc.resume, cache.manifest.get("config_hash"))
     terms = cfg.loss.loss_terms()
     need_hidden = any(t.kind in ("feature", "contrastive") for t in terms)
     if cfg.loss.target == "sampled" and not cache.manifest.get("sample_n"):
@@ -203,7 +203,8 @@ def main(cfg: TrainConfig) -> Path:
         write_json_atomic(run_dir / "config.json", {
             "format": "kd-run", "format_version": RUN_FORMAT_VERSION, "kd_version": __version__, "config": cfg_dict,
             "cache": {"dir": tc.cache_dir, "teacher": cache.manifest["teacher"], "top_k": cache.top_k,
-                      "tokenizer_fingerprint": teacher_tok["fingerprint"]},
+                      "tokenizer_fingerprint": teacher_tok["fingerprint"],
+                      "config_hash": cache.manifest.get("config_hash")},  # the cache's identity, checked on resume
             "total_steps": total_steps, "warmup_steps": warmup, "steps_per_epoch": epoch_steps, "num_processes": world})
     # on resume, records the interrupted run wrote after its checkpoint are dropped (all of them if it had none)
     keep = None if not tc.resume else (state.step if resume_state is not None else -1)

@@ -55,7 +55,8 @@ from kd.errors import KDError, run_cli
 from kd.io import fsync_file, sha256_file, write_json_atomic  # noqa: F401 (re-exported)
 
 FORMAT = "kd-teacher-cache"
-FORMAT_VERSION = 3  # 3: streaming ingest (per-document split rule and counts, no document list); shards as in 2
+FORMAT_VERSION = 4  # 4: a fletcher32 checksum per HDF5 chunk, checked on every read; manifest keeps config_hash
+# 3: streaming ingest (per-document split rule and counts, no document list); shards as in 2
 SPLITS = ("train", "eval")
 MANIFEST = "manifest.json"
 CONFIG_FILE = "cache_config.json"
@@ -142,25 +143,28 @@ class ShardWriter:
         try:
             self.f = h5py.File(self.tmp, "w")
             N, T, k = num_sequences, seq_len, top_k
-            self.f.create_dataset("lengths", (N,), np.int32)
-            self.f.create_dataset("sequence_index", (N,), np.int64)
+            # Every dataset is chunked with a fletcher32 checksum per chunk, which HDF5 checks on every read: a flipped
+            # byte fails the read of its chunk (one sequence's worth) instead of reaching the student.
+            ck = {"fletcher32": True}
+            self.f.create_dataset("lengths", (N,), np.int32, chunks=(N,), **ck)
+            self.f.create_dataset("sequence_index", (N,), np.int64, chunks=(N,), **ck)
             for name, shape in (("input_ids", (T,)), ("topk_ids", (T, k)), ("topk_logprobs", (T, k)),
                                 ("hidden_states", (num_layers, T, hidden_size))):
                 if name != "hidden_states" or num_layers:
                     for ds, (ds_shape, dtype) in _datasets(name, codecs[name], shape).items():
-                        self.f.create_dataset(ds, (N,) + ds_shape, dtype, chunks=(1,) + ds_shape)
+                        self.f.create_dataset(ds, (N,) + ds_shape, dtype, chunks=(1,) + ds_shape, **ck)
             if store_text:
                 self.f.create_dataset("text", (N,), h5py.string_dtype("utf-8"))
-                self.f.create_dataset("token_spans", (N, T, 2), np.int32, chunks=(1, T, 2))
+                self.f.create_dataset("token_spans", (N, T, 2), np.int32, chunks=(1, T, 2), **ck)
             if sample_n and codecs["samples"]["name"] == "ragged":
                 # variable length per sequence: one growing byte array plus each sequence's [start, end) offsets.
                 # Small chunks: HDF5 allocates the last chunk whole, and a sequence (~15 KB at T = 256) spans a few.
-                self.f.create_dataset("sample_bytes", (0,), np.uint8, maxshape=(None,), chunks=(1 << 13,))
-                self.f.create_dataset("sample_offsets", (N + 1,), np.int64)
+                self.f.create_dataset("sample_bytes", (0,), np.uint8, maxshape=(None,), chunks=(1 << 13,), **ck)
+                self.f.create_dataset("sample_offsets", (N + 1,), np.int64, chunks=(N + 1,), **ck)
             elif sample_n:
                 dtype = np.dtype(codecs["samples"]["dtype"])
-                self.f.create_dataset("sample_ids", (N, T, sample_n), dtype, chunks=(1, T, sample_n))
-                self.f.create_dataset("sample_counts", (N, T, sample_n), np.uint8, chunks=(1, T, sample_n))
+                self.f.create_dataset("sample_ids", (N, T, sample_n), dtype, chunks=(1, T, sample_n), **ck)
+                self.f.create_dataset("sample_counts", (N, T, sample_n), np.uint8, chunks=(1, T, sample_n), **ck)
         except OSError as e:
             self.abort()
             raise KDError(f"cannot create shard {self.tmp}: {e}") from None
@@ -299,6 +303,17 @@ class CacheSplit:
         self.length = int(manifest["splits"][split]["num_sequences"])
         self.codecs, self.shapes = manifest_codecs(manifest), field_shapes(manifest)
         self.seq_len, self.sample_n = manifest["seq_len"], manifest.get("sample_n", 0)
+        self.manifest = manifest
+        expected = 0
+        for sh in self.shards:  # the shard records must tile the split: a removed or edited record is caught here
+            if sh["first_sequence"] != expected:
+                raise KDError(f"cache {root}: the manifest's {split} shards do not cover sequences {expected}.."
+                              f"{sh['first_sequence'] - 1} (a shard record is missing or edited); the cache is damaged: "
+                              "run python -m kd.cache verify, or re-cache")
+            expected += sh["num_sequences"]
+        if expected != self.length:
+            raise KDError(f"cache {root}: the manifest's {split} split says {self.length} sequences but its shards hold "
+                          f"{expected}; the cache is damaged: run python -m kd.cache verify, or re-cache")
         self._files: dict[int, OrderedDict] = {}  # per process id: shard index -> open h5py file, LRU order
         self.max_open_files = MAX_OPEN_FILES
 
@@ -316,8 +331,49 @@ class CacheSplit:
             return files[j]
         while len(files) >= self.max_open_files:
             files.popitem(last=False)[1].close()
-        files[j] = h5py.File(self.root / self.shards[j]["file"], "r")
-        return files[j]
+        path = self.root / self.shards[j]["file"]
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise KDError(f"cannot open shard {path} of cache {self.root} ({e}): it is missing or damaged; run "
+                          f"python -m kd.cache verify {self.root}, or re-cache") from None
+        problem = self._disagreement(f, j)
+        if problem:
+            f.close()
+            raise KDError(f"shard {path.name} of cache {self.root} does not match the manifest: {problem}. The cache "
+                          f"was changed or damaged since this reader opened it; run python -m kd.cache verify "
+                          f"{self.root}, or re-cache")
+        files[j] = f
+        return f
+
+    def _disagreement(self, f, j: int) -> str | None:
+        """What differs between an open shard, its manifest record and the manifest (None if all agree): the
+        cache's identity (config hash, format 4 on), the content description, the number of sequences and every
+        dataset's per-sequence shape. Cheap (attributes and shapes only), so it is done on every open."""
+        try:
+            meta = json.loads(f.attrs[META_ATTR])
+        except (KeyError, ValueError, OSError):
+            return "it carries no readable kd_meta"
+        m, record = self.manifest, self.shards[j]
+        if "config_hash" in m and meta.get("config_hash") != m["config_hash"]:
+            return (f"it belongs to another cache (config hash {str(meta.get('config_hash'))[:12]}..., the manifest's "
+                    f"{m['config_hash'][:12]}...): the cache was overwritten under this reader")
+        for key in ("top_k", "seq_len", "hidden_layers", "sample_n", "codecs"):
+            if meta.get(key) != m.get(key):
+                return f"{key} is {meta.get(key)!r} in the shard and {m.get(key)!r} in the manifest"
+        for key in ("vocab_size", "hidden_size"):
+            if meta["teacher"].get(key) != m["teacher"].get(key):
+                return f"teacher.{key} is {meta['teacher'].get(key)} in the shard and {m['teacher'].get(key)} in the manifest"
+        if meta.get("first_sequence") != record["first_sequence"] or f["lengths"].shape[0] != record["num_sequences"]:
+            return (f"it holds {f['lengths'].shape[0]} sequences from {meta.get('first_sequence')}, the manifest says "
+                    f"{record['num_sequences']} from {record['first_sequence']}")
+        for name in ("input_ids", "topk_ids", "topk_logprobs", "hidden_states"):
+            if name == "hidden_states" and not self.shapes[name][0]:
+                continue
+            for ds, (shape, _) in _datasets(name, self.codecs[name], self.shapes[name]).items():
+                if ds not in f or f[ds].shape[1:] != shape:
+                    return f"dataset {ds} has shape {f[ds].shape[1:] if ds in f else None}, the manifest implies {shape}"
+        return None
 
     def __getitem__(self, i: int) -> dict:
         import torch
@@ -326,6 +382,16 @@ class CacheSplit:
             raise IndexError(i)
         j = int(np.searchsorted(self.starts, i, side="right") - 1)
         f, r = self._file(j), i - int(self.starts[j])
+        try:
+            return self._read(f, r, i)
+        except (OSError, ValueError) as e:  # a chunk failing its checksum, a truncated file, a damaged encoding
+            raise KDError(f"shard {self.shards[j]['file']} of cache {self.root}, sequence {i} of split {self.split}: "
+                          f"cannot be read ({str(e).splitlines()[0]}); the cache is damaged: run python -m kd.cache "
+                          f"verify {self.root}, or re-cache") from None
+
+    def _read(self, f, r: int, i: int) -> dict:
+        import torch
+
         item = {"length": torch.tensor(int(f["lengths"][r])), "sequence_index": torch.tensor(i)}
         # ids widen to int64 (uint16 has no torch counterpart for indexing); plain values keep their stored dtype
         # (fp16 halves host->device traffic; losses upcast to fp32), q8 values decode to fp32.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,26 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "special": sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()),
     }
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def weights_fingerprint(name_or_path: str, revision: str | None, commit_hash: str | None = None) -> dict:
+    """What identifies the teacher's weights, not just their path: for a local folder every weight file's name, size
+    and sha256 (streamed; ~1 GB/s, so a 70B checkpoint costs a minute once per caching run), for a hub id the
+    resolved commit. `digest` summarises it for the config hash."""
+    from kd.io import sha256_file
+
+    path = Path(resolve_path(name_or_path))
+    if path.is_dir():
+        files = [{"name": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                 for f in sorted(path.iterdir()) if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
+        record = {"kind": "local files", "files": files}
+    else:
+        record = {"kind": "hub", "name": name_or_path, "revision": revision, "commit": commit_hash}
+    record["digest"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return record
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None):

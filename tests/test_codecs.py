@@ -14,7 +14,7 @@ import torch
 
 import cache_teacher
 from kd import codecs
-from kd.cache import MANIFEST, TeacherCache, summary, verify
+from kd.cache import FORMAT_VERSION, MANIFEST, TeacherCache, summary, verify
 from kd.losses import sparse_kd_per_position
 from kd.teacher import sample_targets
 
@@ -185,7 +185,7 @@ def test_format_version_1_cache_still_reads(tmp_path):
     shutil.copytree(V1_CACHE, newer)
     (newer / MANIFEST).write_text(json.dumps(dict(manifest, format_version=99)))
     from kd.errors import KDError
-    with pytest.raises(KDError, match="cache format version 99; this kd reads up to 3: upgrade kd"):
+    with pytest.raises(KDError, match=f"cache format version 99; this kd reads up to {FORMAT_VERSION}: upgrade kd"):
         TeacherCache(newer)
 
 

@@ -15,8 +15,9 @@ from kd.train.state import TrainState
 from kd.train_config import RESUME_FREE_KEYS
 
 
-def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool) -> dict | None:
-    """Refuse to overwrite a run; on resume, check the config and return the latest checkpoint's state."""
+def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool, cache_id: str | None = None) -> dict | None:
+    """Refuse to overwrite a run; on resume, check the config and the cache's identity (its config hash: a cache
+    overwritten since the run started is refused, never mixed) and return the latest checkpoint's state."""
     if not resume:
         if run_dir.exists():
             raise KDError(f"run directory {run_dir} already exists; pick another train.run_name, or continue it "
@@ -24,7 +25,13 @@ def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool) -> dict | None:
         return None
     if not (run_dir / "config.json").exists():
         raise KDError(f"train.resume=true but {run_dir} holds no run to resume")
-    saved = json.loads((run_dir / "config.json").read_text())["config"]
+    run_record = json.loads((run_dir / "config.json").read_text())
+    saved = run_record["config"]
+    started_on = run_record.get("cache", {}).get("config_hash")
+    if started_on is not None and cache_id is not None and started_on != cache_id:
+        raise KDError(f"cannot resume {run_dir}: the cache at {cfg_dict['train']['cache_dir']} changed since this run "
+                      f"started (cache identity {started_on[:12]}... then, {cache_id[:12]}... now); resume against the "
+                      "cache it started with, or start a new run")
     differing = [k for k in diff_keys(saved, cfg_dict) if k not in RESUME_FREE_KEYS]
     if differing:
         raise KDError(f"cannot resume {run_dir}: config differs in {', '.join(differing)}; an exact continuation "

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from kd.cache import CacheSplit
+from kd.errors import KDError
 
 
 def steps_per_epoch(num_sequences: int, world: int, micro_batch_size: int, accumulation: int) -> int:
@@ -40,6 +41,26 @@ def epoch_order(num_sequences: int, epoch: int, seed: int, rank: int, world: int
 
 
 def make_loader(split: CacheSplit, indices, batch_size: int, num_workers: int, pin_memory: bool):
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(split, list(map(int, indices))), batch_size=batch_size,
-                                       shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                                       persistent_workers=False)
+    return _CleanErrors(torch.utils.data.DataLoader(torch.utils.data.Subset(split, list(map(int, indices))),
+                                                    batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                                    pin_memory=pin_memory, persistent_workers=False))
+
+
+class _CleanErrors:
+    """A DataLoader whose KDErrors (a damaged shard, a cache changed under the reader) keep their one-line message:
+    raised in a worker process, the DataLoader re-raises them with the worker's traceback folded into the text."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        try:
+            yield from self.loader
+        except KDError as e:
+            msg = str(e)
+            if "Original Traceback" in msg:
+                msg = msg.rstrip().rsplit("KDError: ", 1)[-1]
+            raise KDError(msg) from None

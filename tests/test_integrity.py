@@ -1,0 +1,149 @@
+"""Nothing corrupt is trained on, nothing mixed is cached (issue 11, first part): per-chunk checksums checked on
+every read, shards checked against the manifest on open, the cache's identity, the teacher's weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+import cache_teacher
+from kd.cache import MANIFEST, TeacherCache
+from kd.errors import KDError
+from test_cache import crash_part_way
+from test_train import overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def clean_cache(tmp_path_factory, make_cache_config_module, llama_teacher) -> Path:
+    out = tmp_path_factory.mktemp("integrity") / "cache"
+    return cache_teacher.main(make_cache_config_module(llama_teacher, out, **{"cache.top_k": 16}))
+
+
+@pytest.fixture(scope="module")
+def make_cache_config_module(corpus_dir):
+    from conftest import cache_overrides
+
+    from kd.cache_config import CacheConfig
+    from kd.config import load_config
+
+    return lambda teacher, out, **extra: load_config(CacheConfig, None, cache_overrides(teacher, corpus_dir, out,
+                                                                                          **extra))
+
+
+def flip_byte_in(path: Path, dataset: str, chunk: int = 1, at: int = 3) -> None:
+    """Flip one byte inside chunk `chunk` (= one sequence's data) of `dataset`, on disk, behind HDF5's back."""
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(chunk)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + min(at, info.size - 1))
+        b = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([b[0] ^ 0x5A]))
+
+
+@pytest.mark.parametrize("dataset", ["topk_logprobs", "topk_logprobs_q8", "topk_ids", "hidden_states", "input_ids",
+                                     "sample_bytes"])
+def test_a_flipped_byte_in_any_field_stops_the_read_naming_shard_and_sequence(clean_cache, tmp_path, dataset):
+    cache = tmp_path / "c"
+    shutil.copytree(clean_cache, cache)
+    # per-sequence fields: chunk 1 is the shard's sequence 1 (global 9); sampled targets: one byte array in 8 KB
+    # chunks, here all in chunk 0, which the shard's first sequence (global 8) already reads
+    flip_byte_in(cache / "train-00001.h5", dataset, chunk=0 if dataset == "sample_bytes" else 1)
+    split = TeacherCache(cache).split("train")
+    for i in range(8):  # shard 0 is untouched
+        split[i]
+    first_bad = 9 if dataset != "sample_bytes" else 8
+    with pytest.raises(KDError, match=rf"shard train-00001.h5 of cache .*, sequence {first_bad} of split train: "
+                                      r"cannot be read .* the cache is damaged: run python -m kd.cache verify"):
+        for i in range(8, 16):
+            split[i]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.update(top_k=8), "top_k is 16 in the shard and 8 in the manifest"),
+    (lambda m: m.update(seq_len=64), "seq_len is 32 in the shard and 64 in the manifest"),
+    (lambda m: m.update(sample_n=4), "sample_n is 8 in the shard and 4 in the manifest"),
+    (lambda m: m["teacher"].update(vocab_size=100), "teacher.vocab_size is .* in the shard and 100 in the manifest"),
+    (lambda m: m["teacher"].update(hidden_size=64), "teacher.hidden_size is .* in the shard and 64 in the manifest"),
+    (lambda m: m.update(config_hash="0" * 64), "it belongs to another cache"),
+    (lambda m: m["splits"]["train"].update(num_sequences=41), "says 41 sequences but its shards hold 40"),
+    (lambda m: m["splits"]["train"]["shards"].pop(2), "do not cover sequences 16..23"),
+])
+def test_manifest_edits_are_caught_with_one_clear_message(clean_cache, tmp_path, edit, match):
+    cache = tmp_path / "c"
+    shutil.copytree(clean_cache, cache)
+    m = json.loads((cache / MANIFEST).read_text())
+    edit(m)
+    (cache / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(KDError, match=match):
+        split = TeacherCache(cache).split("train")
+        split[0]
+
+
+def test_a_cache_overwritten_under_a_reader_is_never_mixed(tmp_path, make_cache_config, llama_teacher):
+    out = tmp_path / "c"
+    cache_teacher.main(make_cache_config(llama_teacher, out))
+    split = TeacherCache(out).split("train")
+    split[0]  # shard 0 open: this reader pinned the manifest it started with
+    cache_teacher.main(make_cache_config(llama_teacher, out, **{"cache.top_k": 8, "cache.overwrite": "true"}))
+    with pytest.raises(KDError, match="belongs to another cache .*: the cache was overwritten under this reader"):
+        split[9]
+
+
+def test_training_on_a_damaged_shard_exits_2_with_one_line(clean_cache, tmp_path):
+    """Through a DataLoader worker: the worker's traceback is not the message; nothing is trained on."""
+    cache = tmp_path / "c"
+    shutil.copytree(clean_cache, cache)
+    flip_byte_in(cache / "train-00002.h5", "topk_ids", chunk=0)
+    args = [sys.executable, str(ROOT / "train_student.py"),
+            *overrides(cache, tmp_path / "runs", **{"train.num_workers": 1, "train.max_steps": 20})]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "shard train-00002.h5" in errors[0] and "Traceback" not in result.stderr
+    assert "sequence 16 of split train" in errors[0]
+
+
+def test_teacher_weights_changed_at_the_same_path_are_refused_on_resume(tmp_path, make_cache_config, llama_teacher,
+                                                                        monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(llama_teacher, teacher)
+    out = tmp_path / "c"
+    crash_part_way(monkeypatch, make_cache_config(teacher, out))
+    finished = (out / "train-00000.h5").stat().st_mtime_ns
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    with __import__("torch").no_grad():
+        next(model.parameters()).add_(0.01)  # other weights, same path, same config
+    model.save_pretrained(teacher)
+    with pytest.raises(KDError, match=r"was started with other teacher weights at .*teacher \(weight files changed: "
+                                      r"model.safetensors \(sha256 \w{12} -> sha256 \w{12}\)\); restore those weights"):
+        cache_teacher.main(make_cache_config(teacher, out))
+    assert (out / "train-00000.h5").stat().st_mtime_ns == finished  # nothing it finished was touched
+    done = cache_teacher.main(make_cache_config(teacher, out, **{"cache.overwrite": "true"}))
+    m = json.loads((done / MANIFEST).read_text())
+    assert m["teacher"]["weights"]["files"][0]["name"] == "model.safetensors"
+    assert (out / "train-00000.h5").stat().st_mtime_ns != finished  # recomputed with the new weights
+
+
+def test_resuming_a_run_whose_cache_was_overwritten_is_refused(tmp_path, make_cache_config, llama_teacher):
+    import train_student
+    from test_train import make_cfg
+
+    out = tmp_path / "c"
+    cache_teacher.main(make_cache_config(llama_teacher, out))
+    cfg = make_cfg(out, tmp_path / "runs", **{"train.max_steps": 4, "train.checkpoint_every": 2})
+    train_student.main(cfg)
+    cache_teacher.main(make_cache_config(llama_teacher, out, **{"cache.top_k": 8, "cache.overwrite": "true"}))
+    cfg.train.resume = True
+    with pytest.raises(KDError, match=r"cannot resume .*: the cache at .* changed since this run started"):
+        train_student.main(cfg)
