@@ -73,8 +73,10 @@ def check_teacher_fits(cfg: CacheConfig, model_cfg) -> None:
         raise KDError(f"cache.top_k={cfg.cache.top_k} is larger than the teacher's vocabulary ({vocab} tokens)")
     bad = [i for i in cfg.cache.hidden_layers if not 0 <= i <= layers]
     if bad:
-        raise KDError(f"cache.hidden_layers {bad} out of range: this teacher has hidden states 0..{layers} "
-                      f"(0 = embeddings, {layers} = last layer)")
+        raise KDError(
+            f"cache.hidden_layers {bad} out of range: this teacher has hidden states 0..{layers} "
+            f"(0 = embeddings, {layers} = last layer)"
+        )
 
 
 def weights_change(old: dict | None, new: dict) -> str | None:
@@ -86,7 +88,9 @@ def weights_change(old: dict | None, new: dict) -> str | None:
         changed = [n for n in sorted(set(before) | set(after)) if before.get(n) != after.get(n)]
         return "weight files changed: " + ", ".join(
             f"{n} ({'sha256 ' + before[n]['sha256'][:12] if n in before else 'absent'} -> "
-            f"{'sha256 ' + after[n]['sha256'][:12] if n in after else 'absent'})" for n in changed[:3])
+            f"{'sha256 ' + after[n]['sha256'][:12] if n in after else 'absent'})"
+            for n in changed[:3]
+        )
     return f"teacher weights {old} -> {new}"
 
 
@@ -100,17 +104,23 @@ def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool, weights: dict
             recorded = json.loads(cfg_file.read_text())
             old = recorded["config"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise KDError(f"{cfg_file} is damaged (not the JSON cache_teacher.py writes); remove it, or use "
-                          "cache.overwrite=true to start this cache again") from None
+            raise KDError(
+                f"{cfg_file} is damaged (not the JSON cache_teacher.py writes); remove it, or use "
+                "cache.overwrite=true to start this cache again"
+            ) from None
         changed = weights_change(recorded.get("teacher_weights"), weights) if weights is not None else None
         if changed and not overwrite:
-            raise KDError(f"{out} was started with other teacher weights at {cfg_dict['teacher']['model']} "
-                          f"({changed}); restore those weights, or use cache.overwrite=true (or another "
-                          "cache.output_dir) to cache this teacher")
+            raise KDError(
+                f"{out} was started with other teacher weights at {cfg_dict['teacher']['model']} "
+                f"({changed}); restore those weights, or use cache.overwrite=true (or another "
+                "cache.output_dir) to cache this teacher"
+            )
         differing = diff_keys(content_config(old), content_config(cfg_dict)) + (["teacher weights"] if changed else [])
         if differing and not overwrite:
-            raise KDError(f"{out} holds a cache made with a different config (differing keys: {', '.join(differing)}). "
-                          "Use another cache.output_dir, or cache.overwrite=true to replace it")
+            raise KDError(
+                f"{out} holds a cache made with a different config (differing keys: {', '.join(differing)}). "
+                "Use another cache.output_dir, or cache.overwrite=true to replace it"
+            )
         if differing:
             for p in out.iterdir():
                 if p.suffix in (".h5", ".json") or ".tmp-" in p.name:
@@ -122,8 +132,10 @@ def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool, weights: dict
     elif any(p.name not in (LOCK_FILE, INGEST_DIR) for p in out.iterdir()):
         # an unfinished ingest (no cache_config.json yet) is kd's own and may be resumed or replaced; anything
         # else is the user's
-        raise KDError(f"cache.output_dir {out} is not empty and holds no kd cache; refusing to write into it. "
-                      "Choose an empty or new directory")
+        raise KDError(
+            f"cache.output_dir {out} is not empty and holds no kd cache; refusing to write into it. "
+            "Choose an empty or new directory"
+        )
     try:
         probe = out / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"0" * 4096)
@@ -161,14 +173,21 @@ def ingest_spec(cfg: CacheConfig, tokenizer, vocab_size: int) -> IngestSpec:
     sep_id = tokenizer.get_vocab().get(sep) if sep is not None else None
     if sep_id is None:
         raise KDError(f"separator token {sep!r} is not in the teacher's vocabulary; set data.separator_token")
-    return IngestSpec(seq_len=cfg.data.seq_len, sep_id=sep_id, pad_id=sep_id, sep_text=sep,
-                      store_text=cfg.cache.store_text, text_field=cfg.data.text_field,
-                      decode_errors=cfg.data.decode_errors,
-                      eval_fraction=0.0 if cfg.data.has_eval_source else cfg.data.eval_fraction,
-                      split_seed=cfg.data.split_seed,
-                      caps={"train": cfg.data.max_train_sequences, "eval": cfg.data.max_eval_sequences},
-                      vocab_size=vocab_size, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                      unit_bytes=cfg.data.unit_bytes)
+    return IngestSpec(
+        seq_len=cfg.data.seq_len,
+        sep_id=sep_id,
+        pad_id=sep_id,
+        sep_text=sep,
+        store_text=cfg.cache.store_text,
+        text_field=cfg.data.text_field,
+        decode_errors=cfg.data.decode_errors,
+        eval_fraction=0.0 if cfg.data.has_eval_source else cfg.data.eval_fraction,
+        split_seed=cfg.data.split_seed,
+        caps={"train": cfg.data.max_train_sequences, "eval": cfg.data.max_eval_sequences},
+        vocab_size=vocab_size,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        unit_bytes=cfg.data.unit_bytes,
+    )
 
 
 def validate(cfg: CacheConfig):
@@ -177,9 +196,11 @@ def validate(cfg: CacheConfig):
     check_teacher_fits(cfg, model_cfg)
     tokenizer = load_tokenizer(cfg.teacher.model, cfg.teacher.revision)
     if cfg.cache.store_text and not getattr(tokenizer, "is_fast", False):
-        raise KDError(f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast tokenizer): "
-                      "cache.store_text needs a `tokenizers`-backed (fast) tokenizer; use one, or set "
-                      "cache.store_text=false")
+        raise KDError(
+            f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast tokenizer): "
+            "cache.store_text needs a `tokenizers`-backed (fast) tokenizer; use one, or set "
+            "cache.store_text=false"
+        )
     sources, input_bytes = config_sources(cfg.data)
     return model_cfg, tokenizer, ingest_spec(cfg, tokenizer, model_cfg.vocab_size), sources, input_bytes
 
@@ -219,16 +240,24 @@ def ingest(cfg: CacheConfig, accelerator, spec: IngestSpec, tokenizer, sources, 
     from tqdm.auto import tqdm
 
     capped = cfg.data.max_train_sequences is not None or cfg.data.max_eval_sequences is not None
-    bar = tqdm(total=None if capped or input_bytes is None else input_bytes / accelerator.num_processes, unit="B",
-               unit_scale=True, desc=f"ingest (rank {accelerator.process_index})",
-               disable=not accelerator.is_local_main_process, file=sys.stdout)
+    bar = tqdm(
+        total=None if capped or input_bytes is None else input_bytes / accelerator.num_processes,
+        unit="B",
+        unit_scale=True,
+        desc=f"ingest (rank {accelerator.process_index})",
+        disable=not accelerator.is_local_main_process,
+        file=sys.stdout,
+    )
     seen = {"documents": 0, "tokens": 0, "t0": time.time()}
 
     def progress(documents: int, tokens: int) -> None:
         seen["documents"] += documents
         seen["tokens"] += tokens
-        bar.set_postfix_str(f"{seen['documents']:,} documents, {seen['tokens'] / 1e6:.2f}M tokens, "
-                            f"{seen['tokens'] / max(time.time() - seen['t0'], 1e-9) / 1e6:.2f}M tok/s", refresh=False)
+        bar.set_postfix_str(
+            f"{seen['documents']:,} documents, {seen['tokens'] / 1e6:.2f}M tokens, "
+            f"{seen['tokens'] / max(time.time() - seen['t0'], 1e-9) / 1e6:.2f}M tok/s",
+            refresh=False,
+        )
 
     def on_unit(unit) -> None:  # the bar counts input bytes: its ETA holds for local files without a cap
         bar.update(sum(p.end - p.start for p in unit.pieces))
@@ -238,45 +267,83 @@ def ingest(cfg: CacheConfig, accelerator, spec: IngestSpec, tokenizer, sources, 
     finally:
         bar.close()
     if accelerator.is_main_process:
-        print(f"[ingest] {stats['documents']} documents read ({stats['empty_documents']} empty ones skipped), "
-              f"{stats['tokens']} tokens in {stats['units']} units ({stats['reused']} from an earlier run), "
-              f"{index.num_sequences['train']} train / {index.num_sequences['eval']} eval windows, "
-              f"{stats['seconds']:.1f} s, {stats['tokens'] / max(stats['seconds'], 1e-9):.0f} tokens/s", flush=True)
+        print(
+            f"[ingest] {stats['documents']} documents read ({stats['empty_documents']} empty ones skipped), "
+            f"{stats['tokens']} tokens in {stats['units']} units ({stats['reused']} from an earlier run), "
+            f"{index.num_sequences['train']} train / {index.num_sequences['eval']} eval windows, "
+            f"{stats['seconds']:.1f} s, {stats['tokens'] / max(stats['seconds'], 1e-9):.0f} tokens/s",
+            flush=True,
+        )
     for split in SPLITS:
         if index.num_sequences[split] == 0:
             if stats["split_documents"][split] == 0:
-                raise KDError(f"the {split} data holds no non-empty text in field '{cfg.data.text_field}' "
-                              f"({stats['empty_documents']} empty documents read in all)" +
-                              (", and raise data.eval_fraction" if split == "eval" and not cfg.data.has_eval_source
-                               else ""))
-            raise KDError(f"the {split} split packs into no windows of {cfg.data.seq_len} tokens; add text, lower "
-                          "data.seq_len" + (", or raise data.eval_fraction" if split == "eval" else ""))
+                raise KDError(
+                    f"the {split} data holds no non-empty text in field '{cfg.data.text_field}' "
+                    f"({stats['empty_documents']} empty documents read in all)"
+                    + (", and raise data.eval_fraction" if split == "eval" and not cfg.data.has_eval_source else "")
+                )
+            raise KDError(
+                f"the {split} split packs into no windows of {cfg.data.seq_len} tokens; add text, lower "
+                "data.seq_len" + (", or raise data.eval_fraction" if split == "eval" else "")
+            )
     return index, stats
 
 
 def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spec: IngestSpec, weights: dict) -> dict:
     """What every shard's kd_meta and the manifest carry: the content's description, nothing about this run."""
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "kd_version": __version__, "config_hash": config_hash,
-        "teacher": {"name_or_path": cfg.teacher.model, "revision": cfg.teacher.revision,
-                    "commit_hash": getattr(model_cfg, "_commit_hash", None), "model_type": model_cfg.model_type,
-                    "vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.hidden_size,
-                    "num_hidden_layers": model_cfg.num_hidden_layers, "dtype": cfg.teacher.dtype, "weights": weights},
-        "tokenizer": {"fingerprint": spec.tokenizer_fingerprint, "class": type(tokenizer).__name__,
-                      "size": len(tokenizer), "separator_id": spec.sep_id, "separator": spec.sep_text},
-        "top_k": cfg.cache.top_k, "hidden_layers": cfg.cache.hidden_layers, "seq_len": cfg.data.seq_len,
-        "codecs": codec_specs(model_cfg.vocab_size, cfg.cache.id_codec, cfg.cache.logprob_codec,
-                              cfg.cache.hidden_codec, cfg.cache.sample_n),
-        "position_targets": "next token (t+1)", "sample_n": cfg.cache.sample_n,
-        "sampler": SAMPLER if cfg.cache.sample_n else None, "store_text": cfg.cache.store_text,
-        "dataset": {"files": cfg.data.files, "eval_files": cfg.data.eval_files, "dataset": cfg.data.dataset,
-                    "dataset_config": cfg.data.dataset_config, "dataset_split": cfg.data.dataset_split,
-                    "eval_dataset_split": cfg.data.eval_dataset_split, "text_field": cfg.data.text_field,
-                    "split_rule": ("held-out source: every main document is a training document"
-                                   if cfg.data.has_eval_source else
-                                   f"per document: eval iff blake2b(text, key=split_seed={cfg.data.split_seed}) / 2^64 "
-                                   f"< eval_fraction={cfg.data.eval_fraction}"),
-                    "unit_bytes": cfg.data.unit_bytes},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kd_version": __version__,
+        "config_hash": config_hash,
+        "teacher": {
+            "name_or_path": cfg.teacher.model,
+            "revision": cfg.teacher.revision,
+            "commit_hash": getattr(model_cfg, "_commit_hash", None),
+            "model_type": model_cfg.model_type,
+            "vocab_size": model_cfg.vocab_size,
+            "hidden_size": model_cfg.hidden_size,
+            "num_hidden_layers": model_cfg.num_hidden_layers,
+            "dtype": cfg.teacher.dtype,
+            "weights": weights,
+        },
+        "tokenizer": {
+            "fingerprint": spec.tokenizer_fingerprint,
+            "class": type(tokenizer).__name__,
+            "size": len(tokenizer),
+            "separator_id": spec.sep_id,
+            "separator": spec.sep_text,
+        },
+        "top_k": cfg.cache.top_k,
+        "hidden_layers": cfg.cache.hidden_layers,
+        "seq_len": cfg.data.seq_len,
+        "codecs": codec_specs(
+            model_cfg.vocab_size,
+            cfg.cache.id_codec,
+            cfg.cache.logprob_codec,
+            cfg.cache.hidden_codec,
+            cfg.cache.sample_n,
+        ),
+        "position_targets": "next token (t+1)",
+        "sample_n": cfg.cache.sample_n,
+        "sampler": SAMPLER if cfg.cache.sample_n else None,
+        "store_text": cfg.cache.store_text,
+        "dataset": {
+            "files": cfg.data.files,
+            "eval_files": cfg.data.eval_files,
+            "dataset": cfg.data.dataset,
+            "dataset_config": cfg.data.dataset_config,
+            "dataset_split": cfg.data.dataset_split,
+            "eval_dataset_split": cfg.data.eval_dataset_split,
+            "text_field": cfg.data.text_field,
+            "split_rule": (
+                "held-out source: every main document is a training document"
+                if cfg.data.has_eval_source
+                else f"per document: eval iff blake2b(text, key=split_seed={cfg.data.split_seed}) / 2^64 "
+                f"< eval_fraction={cfg.data.eval_fraction}"
+            ),
+            "unit_bytes": cfg.data.unit_bytes,
+        },
     }
 
 
@@ -287,8 +354,11 @@ def teacher_pass(cfg: CacheConfig, accelerator, index: WindowIndex, meta: dict, 
 
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     S, T, codecs = cfg.cache.sequences_per_shard, cfg.data.seq_len, meta["codecs"]
-    jobs = [(split, j, start, min(start + S, index.num_sequences[split]))
-            for split in SPLITS for j, start in enumerate(range(0, index.num_sequences[split], S))]
+    jobs = [
+        (split, j, start, min(start + S, index.num_sequences[split]))
+        for split in SPLITS
+        for j, start in enumerate(range(0, index.num_sequences[split], S))
+    ]
     my_jobs = jobs[rank::world]
     todo = []
     for split, j, a, b in my_jobs:
@@ -299,40 +369,76 @@ def teacher_pass(cfg: CacheConfig, accelerator, index: WindowIndex, meta: dict, 
                 continue
         todo.append((split, j, a, b))
     if accelerator.is_main_process:
-        print(f"[cache] {len(jobs)} shards on {world} process(es); rank 0 has {len(my_jobs)}, "
-              f"{len(my_jobs) - len(todo)} of them already complete", flush=True)
+        print(
+            f"[cache] {len(jobs)} shards on {world} process(es); rank 0 has {len(my_jobs)}, "
+            f"{len(my_jobs) - len(todo)} of them already complete",
+            flush=True,
+        )
     if not todo:  # the model is only loaded if this rank has work
         return jobs, 0
     window_fields = ["input_ids", "lengths", "doc_starts"] + (["text", "token_spans"] if cfg.cache.store_text else [])
-    model = load_causal_lm(cfg.teacher.model, cfg.teacher.revision, cfg.teacher.dtype,
-                           cfg.teacher.attn_implementation).to(device).eval()
-    bar = tqdm(total=sum(int(index.read(s, a, b, ["lengths"])["lengths"].sum()) for s, _, a, b in todo), unit="tok",
-               unit_scale=True, desc=f"teacher (rank {rank})", disable=not accelerator.is_local_main_process,
-               file=sys.stdout)
+    model = (
+        load_causal_lm(cfg.teacher.model, cfg.teacher.revision, cfg.teacher.dtype, cfg.teacher.attn_implementation)
+        .to(device)
+        .eval()
+    )
+    bar = tqdm(
+        total=sum(int(index.read(s, a, b, ["lengths"])["lengths"].sum()) for s, _, a, b in todo),
+        unit="tok",
+        unit_scale=True,
+        desc=f"teacher (rank {rank})",
+        disable=not accelerator.is_local_main_process,
+        file=sys.stdout,
+    )
     tokens_done = 0
     for split, j, a, b in todo:
         w = index.read(split, a, b, window_fields)
-        writer = ShardWriter(out / shard_name(split, j), dict(meta, split=split, shard_index=j, first_sequence=a),
-                             b - a, T, cfg.cache.top_k, len(cfg.cache.hidden_layers), model_cfg.hidden_size, codecs,
-                             cfg.cache.sample_n, cfg.cache.store_text)
+        writer = ShardWriter(
+            out / shard_name(split, j),
+            dict(meta, split=split, shard_index=j, first_sequence=a),
+            b - a,
+            T,
+            cfg.cache.top_k,
+            len(cfg.cache.hidden_layers),
+            model_cfg.hidden_size,
+            codecs,
+            cfg.cache.sample_n,
+            cfg.cache.store_text,
+        )
         for s in range(0, b - a, cfg.teacher.batch_size):
             e = min(s + cfg.teacher.batch_size, b - a)
             ids = torch.from_numpy(w["input_ids"][s:e].astype(np.int64)).to(device)
             lengths = torch.from_numpy(w["lengths"][s:e].astype(np.int64))
             mask = (torch.arange(T)[None, :] < lengths[:, None]).long().to(device)
             gens = [sequence_generator(cfg.cache.sample_seed, split, i, device) for i in range(a + s, a + e)]
-            lp, top_ids, hidden, samples = teacher_targets(model, ids, mask, cfg.cache.top_k, cfg.cache.hidden_layers,
-                                                           sample_n=cfg.cache.sample_n, sample_generators=gens)
+            lp, top_ids, hidden, samples = teacher_targets(
+                model,
+                ids,
+                mask,
+                cfg.cache.top_k,
+                cfg.cache.hidden_layers,
+                sample_n=cfg.cache.sample_n,
+                sample_generators=gens,
+            )
             # values leave the device in fp32 (q8 quantises from fp32) or in their plain storage dtype
-            writer.append(w["input_ids"][s:e], w["lengths"][s:e], np.arange(a + s, a + e), top_ids.cpu().numpy(),
-                          to_numpy(lp, codecs["topk_logprobs"]),
-                          None if hidden is None else to_numpy(hidden, codecs["hidden_states"]),
-                          None if samples is None else (samples[0].cpu().numpy(), samples[1].cpu().numpy()),
-                          (w["text"][s:e], w["token_spans"][s:e]) if cfg.cache.store_text else None)
+            writer.append(
+                w["input_ids"][s:e],
+                w["lengths"][s:e],
+                np.arange(a + s, a + e),
+                top_ids.cpu().numpy(),
+                to_numpy(lp, codecs["topk_logprobs"]),
+                None if hidden is None else to_numpy(hidden, codecs["hidden_states"]),
+                None if samples is None else (samples[0].cpu().numpy(), samples[1].cpu().numpy()),
+                (w["text"][s:e], w["token_spans"][s:e]) if cfg.cache.store_text else None,
+            )
             tokens_done += int(lengths.sum())
             bar.update(int(lengths.sum()))
-        writer.commit({"input_sha256": windows_fingerprint(w["input_ids"], w["lengths"]),
-                       "num_documents": int(w["doc_starts"].sum())})
+        writer.commit(
+            {
+                "input_sha256": windows_fingerprint(w["input_ids"], w["lengths"]),
+                "num_documents": int(w["doc_starts"].sum()),
+            }
+        )
     bar.close()
     return jobs, tokens_done
 
@@ -344,21 +450,34 @@ def write_manifest(out: Path, jobs: list, meta: dict, cfg_dict: dict, index: Win
         shards = [json.loads(sidecar_path(out / shard_name(split, j)).read_text()) for s, j, _, _ in jobs if s == split]
         for info in shards:
             info.pop("config_hash")
-        splits[split] = {"num_sequences": index.num_sequences[split],
-                         "num_tokens": sum(sh["num_tokens"] for sh in shards),
-                         "num_documents": sum(sh["num_documents"] for sh in shards),
-                         # sha256 over the shards' input fingerprints, in order: the windows the teacher saw
-                         "fingerprint": hashlib.sha256("".join(sh["input_sha256"] for sh in shards).encode()).hexdigest(),
-                         "shards": shards}
+        splits[split] = {
+            "num_sequences": index.num_sequences[split],
+            "num_tokens": sum(sh["num_tokens"] for sh in shards),
+            "num_documents": sum(sh["num_documents"] for sh in shards),
+            # sha256 over the shards' input fingerprints, in order: the windows the teacher saw
+            "fingerprint": hashlib.sha256("".join(sh["input_sha256"] for sh in shards).encode()).hexdigest(),
+            "shards": shards,
+        }
     total_bytes = sum(sh["bytes"] for sp in splits.values() for sh in sp["shards"])
     total_tokens = sum(sp["num_tokens"] for sp in splits.values())
-    meta = dict(meta, dataset=dict(meta["dataset"], fingerprint=hashlib.sha256(
-        "".join(splits[s]["fingerprint"] for s in SPLITS).encode()).hexdigest()))
+    meta = dict(
+        meta,
+        dataset=dict(
+            meta["dataset"],
+            fingerprint=hashlib.sha256("".join(splits[s]["fingerprint"] for s in SPLITS).encode()).hexdigest(),
+        ),
+    )
     # `ingest` and `created_unix` describe this run, not the content: with more processes, or after a resume,
     # more input may have been read past a cap
-    manifest = dict(meta, config=cfg_dict, splits=splits, bytes=total_bytes, bytes_per_token=total_bytes / total_tokens,
-                    created_unix=time.time(), ingest={k: stats[k] for k in ("documents", "empty_documents", "units",
-                                                                            "reused", "tokens", "seconds")})
+    manifest = dict(
+        meta,
+        config=cfg_dict,
+        splits=splits,
+        bytes=total_bytes,
+        bytes_per_token=total_bytes / total_tokens,
+        created_unix=time.time(),
+        ingest={k: stats[k] for k in ("documents", "empty_documents", "units", "reused", "tokens", "seconds")},
+    )
     # config_hash stays: the cache's identity, which every shard's kd_meta repeats and the reader checks
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
@@ -375,8 +494,11 @@ def main(cfg: CacheConfig) -> Path:
     # 1. Validate everything cheap before any heavy work (an error on any process stops every process).
     model_cfg, tokenizer, spec, sources, input_bytes = agree(accelerator, lambda: validate(cfg))
     # The teacher is identified by its weights, not its path: hashed once (main process), shared with all.
-    weights = [weights_fingerprint(cfg.teacher.model, cfg.teacher.revision, getattr(model_cfg, "_commit_hash", None))
-               if accelerator.is_main_process else None]
+    weights = [
+        weights_fingerprint(cfg.teacher.model, cfg.teacher.revision, getattr(model_cfg, "_commit_hash", None))
+        if accelerator.is_main_process
+        else None
+    ]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -400,8 +522,10 @@ def main(cfg: CacheConfig) -> Path:
         # leaves nothing that would block the corrected re-run.
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and not (out / CONFIG_FILE).exists():
-            write_json_atomic(out / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg_dict,
-                                                  "teacher_weights": weights})
+            write_json_atomic(
+                out / CONFIG_FILE,
+                {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg_dict, "teacher_weights": weights},
+            )
 
         # 4. The teacher pass over the windows, shard by shard.
         meta = cache_metadata(cfg, config_hash, model_cfg, tokenizer, spec, weights)
@@ -415,10 +539,12 @@ def main(cfg: CacheConfig) -> Path:
             shutil.rmtree(out / INGEST_DIR, ignore_errors=True)
             elapsed = time.time() - t_start
             n_tokens = sum(sp["num_tokens"] for sp in m["splits"].values())
-            print(f"[cache] done: {sum(sp['num_sequences'] for sp in m['splits'].values())} sequences, {n_tokens} "
-                  f"tokens ({tokens_all} computed now), {sum(len(sp['shards']) for sp in m['splits'].values())} shards, "
-                  f"{m['bytes_per_token']:.0f} bytes/token, {elapsed:.1f} s, {tokens_all / elapsed:.0f} tokens/s -> {out}",
-                  flush=True)
+            print(
+                f"[cache] done: {sum(sp['num_sequences'] for sp in m['splits'].values())} sequences, {n_tokens} "
+                f"tokens ({tokens_all} computed now), {sum(len(sp['shards']) for sp in m['splits'].values())} shards, "
+                f"{m['bytes_per_token']:.0f} bytes/token, {elapsed:.1f} s, {tokens_all / elapsed:.0f} tokens/s -> {out}",
+                flush=True,
+            )
         accelerator.wait_for_everyone()
     return out
 

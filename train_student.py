@@ -54,8 +54,12 @@ def build_student(cfg: TrainConfig, tokenizer, teacher_vocab: int):
     s = cfg.student
     if s.pretrained is not None:
         try:
-            lm = AutoModelForCausalLM.from_pretrained(resolve_path(s.pretrained), revision=s.revision,
-                                                      attn_implementation=s.attn_implementation, dtype=torch.float32)
+            lm = AutoModelForCausalLM.from_pretrained(
+                resolve_path(s.pretrained),
+                revision=s.revision,
+                attn_implementation=s.attn_implementation,
+                dtype=torch.float32,
+            )
         except (OSError, ValueError) as e:
             raise KDError(f"cannot load student '{s.pretrained}': {e}") from None
     else:
@@ -67,37 +71,45 @@ def build_student(cfg: TrainConfig, tokenizer, teacher_vocab: int):
             raise KDError(f"student.config is not a valid model config: {e}") from None
         lm = AutoModelForCausalLM.from_config(model_cfg, attn_implementation=s.attn_implementation)
     if lm.config.vocab_size < teacher_vocab:
-        raise KDError(f"the student's vocab_size ({lm.config.vocab_size}) is smaller than the teacher's "
-                      f"({teacher_vocab}): cached teacher token ids would fall outside the student's logits")
+        raise KDError(
+            f"the student's vocab_size ({lm.config.vocab_size}) is smaller than the teacher's "
+            f"({teacher_vocab}): cached teacher token ids would fall outside the student's logits"
+        )
     if s.gradient_checkpointing:
         # renamed to activation_checkpointing_enable in recent transformers 5.x releases (the old name warns)
         (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
     return lm
 
 
-def cross_tokenizer_splits(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, eval_split, run_dir: Path,
-                           accelerator):
+def cross_tokenizer_splits(
+    cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, eval_split, run_dir: Path, accelerator
+):
     """Wrap both splits in the student's tokenization, aligned to the teacher's (built once per cache and student
     tokenizer), log alignment and mapping coverage, and apply the alignment floor."""
     from kd import align
 
     teacher_tokenizer = load_tokenizer(cache.manifest["teacher"]["name_or_path"], cache.manifest["teacher"]["revision"])
     sep = cfg.loss.cross_tokenizer_separator or tokenizer.eos_token
-    arrays = align.load_or_build(cache, tokenizer, sep, run_dir, accelerator.is_main_process,
-                                 accelerator.wait_for_everyone)
+    arrays = align.load_or_build(
+        cache, tokenizer, sep, run_dir, accelerator.is_main_process, accelerator.wait_for_everyone
+    )
     mapping = align.vocab_map(teacher_tokenizer, tokenizer, cache.manifest["teacher"]["vocab_size"])
     train = align.AlignedSplit(train_split, arrays["train"], mapping)
     evals = align.AlignedSplit(eval_split, arrays["eval"], mapping)
     cov = align.coverage(train)
-    msg = (f"[cross-tokenizer] {cfg.loss.cross_tokenizer}: {cov['aligned_share']:.1%} of student positions aligned to a "
-           f"teacher position; {cov['mapped_mass_share']:.1%} of the teacher's top-{cache.top_k} mass maps to identical "
-           f"student tokens ({int((mapping >= 0).sum())} of {len(mapping)} teacher ids map)")
+    msg = (
+        f"[cross-tokenizer] {cfg.loss.cross_tokenizer}: {cov['aligned_share']:.1%} of student positions aligned to a "
+        f"teacher position; {cov['mapped_mass_share']:.1%} of the teacher's top-{cache.top_k} mass maps to identical "
+        f"student tokens ({int((mapping >= 0).sum())} of {len(mapping)} teacher ids map)"
+    )
     if accelerator.is_main_process:
         print(msg, flush=True)
     if cov["aligned_share"] < cfg.loss.min_aligned_share:
-        low = (f"only {cov['aligned_share']:.1%} of student positions align to the teacher (floor "
-               f"loss.min_aligned_share={cfg.loss.min_aligned_share}): check that the cache text and the student "
-               "tokenizer belong together")
+        low = (
+            f"only {cov['aligned_share']:.1%} of student positions align to the teacher (floor "
+            f"loss.min_aligned_share={cfg.loss.min_aligned_share}): check that the cache text and the student "
+            "tokenizer belong together"
+        )
         if cfg.loss.on_low_alignment == "refuse":
             raise KDError(low + "; or set loss.on_low_alignment=warn")
         if accelerator.is_main_process:
@@ -112,8 +124,10 @@ def check_feature_layers(cfg: TrainConfig, cache: TeacherCache, student_layers: 
         if not 0 <= s_layer <= student_layers:
             raise KDError(f"loss.feature_layers: student layer {s_layer} out of range 0..{student_layers}")
         if t_layer not in cache.hidden_layers:
-            raise KDError(f"loss.feature_layers: teacher layer {t_layer} is not in the cache (it stores "
-                          f"{cache.hidden_layers}); re-cache with cache.hidden_layers including it")
+            raise KDError(
+                f"loss.feature_layers: teacher layer {t_layer} is not in the cache (it stores "
+                f"{cache.hidden_layers}); re-cache with cache.hidden_layers including it"
+            )
         slots.append(cache.hidden_layers.index(t_layer))
     return slots
 
@@ -137,35 +151,45 @@ def main(cfg: TrainConfig) -> Path:
     tokenizer = load_tokenizer(tok_source)
     cross = cfg.loss.cross_tokenizer is not None
     if tokenizer_fingerprint(tokenizer) != teacher_tok["fingerprint"] and not cross:
-        raise KDError(f"the student's tokenizer ({tok_source}) differs from the one the cache was made with "
-                      f"(fingerprint {teacher_tok['fingerprint'][:12]}...): same-tokenizer KD compares token ids, "
-                      "so they must match. Use the teacher's tokenizer for the student, or set "
-                      "loss.cross_tokenizer=hybrid (or mapped, uld) for cross-tokenizer KD")
+        raise KDError(
+            f"the student's tokenizer ({tok_source}) differs from the one the cache was made with "
+            f"(fingerprint {teacher_tok['fingerprint'][:12]}...): same-tokenizer KD compares token ids, "
+            "so they must match. Use the teacher's tokenizer for the student, or set "
+            "loss.cross_tokenizer=hybrid (or mapped, uld) for cross-tokenizer KD"
+        )
     if cross and not cache.manifest.get("store_text"):
-        raise KDError(f"loss.cross_tokenizer needs the cached text and token spans, and cache {tc.cache_dir} was "
-                      "written without them: re-cache with cache.store_text=true")
+        raise KDError(
+            f"loss.cross_tokenizer needs the cached text and token spans, and cache {tc.cache_dir} was "
+            "written without them: re-cache with cache.store_text=true"
+        )
     resume_state = prepare_run_dir(run_dir, cfg_dict, tc.resume, cache.manifest.get("config_hash"))
     terms = cfg.loss.loss_terms()
     need_hidden = any(t.kind in ("feature", "contrastive") for t in terms)
     if cfg.loss.target == "sampled" and not cache.manifest.get("sample_n"):
-        raise KDError(f"loss.target=sampled but cache {tc.cache_dir} holds no sampled targets; re-cache with "
-                      "cache.sample_n=50 (or another count), or use loss.target=topk")
-    target_fields = {"topk": ("topk_ids", "topk_logprobs"), "sampled": ("sample_ids", "sample_counts"),
-                     "online": ()}[cfg.loss.target]
+        raise KDError(
+            f"loss.target=sampled but cache {tc.cache_dir} holds no sampled targets; re-cache with "
+            "cache.sample_n=50 (or another count), or use loss.target=topk"
+        )
+    target_fields = {"topk": ("topk_ids", "topk_logprobs"), "sampled": ("sample_ids", "sample_counts"), "online": ()}[
+        cfg.loss.target
+    ]
     train_split = cache.split("train", ("input_ids",) + target_fields + (("hidden_states",) if need_hidden else ()))
     # eval/kd and top-1 agreement are always measured against the cached top-k, whatever the training target
     eval_split = cache.split("eval", ("input_ids", "topk_ids", "topk_logprobs"))
     if cross:  # the student's view: its own tokens, the teacher's targets at aligned positions (kd/align.py)
-        train_split, eval_split = cross_tokenizer_splits(cfg, cache, tokenizer, train_split, eval_split, run_dir,
-                                                         accelerator)
+        train_split, eval_split = cross_tokenizer_splits(
+            cfg, cache, tokenizer, train_split, eval_split, run_dir, accelerator
+        )
     if len(eval_split) == 0 or len(train_split) == 0:
         raise KDError(f"cache {tc.cache_dir} has an empty train or eval split")
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = tc.micro_batch_size * tc.gradient_accumulation_steps
     epoch_steps = steps_per_epoch(len(train_split), world, tc.micro_batch_size, tc.gradient_accumulation_steps)
     if epoch_steps == 0:
-        raise KDError(f"the train split ({len(train_split)} sequences) is smaller than one optimizer step "
-                      f"({tc.micro_batch_size} x {tc.gradient_accumulation_steps} x {world} processes)")
+        raise KDError(
+            f"the train split ({len(train_split)} sequences) is smaller than one optimizer step "
+            f"({tc.micro_batch_size} x {tc.gradient_accumulation_steps} x {world} processes)"
+        )
     total_steps = tc.max_steps or math.ceil(tc.epochs * epoch_steps)
     warmup = tc.warmup_steps or int(tc.warmup_fraction * total_steps)
     if warmup >= total_steps:
@@ -178,9 +202,14 @@ def main(cfg: TrainConfig) -> Path:
     slots = check_feature_layers(cfg, cache, lm.config.num_hidden_layers)
     model = DistillModel(lm, cfg.loss.feature_layers if need_hidden else [], cache.manifest["teacher"]["hidden_size"])
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
-                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                                  lr=tc.lr, betas=tuple(tc.betas))
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=tc.lr,
+        betas=tuple(tc.betas),
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = None
     if cfg.loss.target == "online":  # the reference mode: the teacher in memory, as the cache exists to avoid
@@ -200,12 +229,26 @@ def main(cfg: TrainConfig) -> Path:
         state = TrainState.from_dict(resume_state)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", {
-            "format": "kd-run", "format_version": RUN_FORMAT_VERSION, "kd_version": __version__, "config": cfg_dict,
-            "cache": {"dir": tc.cache_dir, "teacher": cache.manifest["teacher"], "top_k": cache.top_k,
-                      "tokenizer_fingerprint": teacher_tok["fingerprint"],
-                      "config_hash": cache.manifest.get("config_hash")},  # the cache's identity, checked on resume
-            "total_steps": total_steps, "warmup_steps": warmup, "steps_per_epoch": epoch_steps, "num_processes": world})
+        write_json_atomic(
+            run_dir / "config.json",
+            {
+                "format": "kd-run",
+                "format_version": RUN_FORMAT_VERSION,
+                "kd_version": __version__,
+                "config": cfg_dict,
+                "cache": {
+                    "dir": tc.cache_dir,
+                    "teacher": cache.manifest["teacher"],
+                    "top_k": cache.top_k,
+                    "tokenizer_fingerprint": teacher_tok["fingerprint"],
+                    "config_hash": cache.manifest.get("config_hash"),
+                },  # the cache's identity, checked on resume
+                "total_steps": total_steps,
+                "warmup_steps": warmup,
+                "steps_per_epoch": epoch_steps,
+                "num_processes": world,
+            },
+        )
     # on resume, records the interrupted run wrote after its checkpoint are dropped (all of them if it had none)
     keep = None if not tc.resume else (state.step if resume_state is not None else -1)
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until_step=keep)
@@ -219,8 +262,14 @@ def main(cfg: TrainConfig) -> Path:
         return record
 
     last_eval = run_eval() if state.step == 0 else None  # the untrained student: the baseline every curve starts from
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process,
-               file=sys.stdout, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        desc="train",
+        disable=not accelerator.is_local_main_process,
+        file=sys.stdout,
+        dynamic_ncols=True,
+    )
     model.train()
     stop_reason = "max_steps"
     t_last = time.time()
@@ -228,23 +277,49 @@ def main(cfg: TrainConfig) -> Path:
     # 3. The loop: one iteration = one optimizer step.
     while state.step < total_steps and stop_reason == "max_steps":
         epoch, done_in_epoch = divmod(state.step, epoch_steps)
-        order = epoch_order(len(train_split), epoch, tc.seed, rank, world, per_step,
-                            train_split.starts if tc.shuffle == "shards" else None,
-                            tc.shuffle_buffer_shards)[done_in_epoch * per_step:]
+        order = epoch_order(
+            len(train_split),
+            epoch,
+            tc.seed,
+            rank,
+            world,
+            per_step,
+            train_split.starts if tc.shuffle == "shards" else None,
+            tc.shuffle_buffer_shards,
+        )[done_in_epoch * per_step :]
         batches_iter = iter(make_loader(train_split, order, tc.micro_batch_size, tc.num_workers, pin))
         for _ in range(min(epoch_steps - done_in_epoch, total_steps - state.step)):
-            lr = lr_at(state.step + 1, schedule=tc.schedule, lr=tc.lr, min_lr=tc.min_lr, warmup_steps=warmup,
-                       total_steps=total_steps)
+            lr = lr_at(
+                state.step + 1,
+                schedule=tc.schedule,
+                lr=tc.lr,
+                min_lr=tc.min_lr,
+                warmup_steps=warmup,
+                total_steps=total_steps,
+            )
             window = [next(batches_iter) for _ in range(tc.gradient_accumulation_steps)]
-            result, grad_norm, nonfinite = optimizer_step(model, optimizer, window, plan, accelerator, state, lr,
-                                                          tc.max_grad_norm, ema)
+            result, grad_norm, nonfinite = optimizer_step(
+                model, optimizer, window, plan, accelerator, state, lr, tc.max_grad_norm, ema
+            )
             now = time.time()
             weighted = {f"w_{t.name}": t.weight * result.raw[t.name] for t in plan.terms}
-            record = {"step": state.step, "epoch": epoch, "lr": lr, "loss": sum(weighted.values()), **result.raw,
-                      **weighted, "top1_agreement": result.agree, "grad_norm": grad_norm,
-                      "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps, "skipped": bool(nonfinite),
-                      "nonfinite": nonfinite, "tokens_per_s": result.tokens / max(now - t_last, 1e-9),
-                      "peak_mem_mb": peak_memory_mb(accelerator.device), "elapsed_s": now - t_start}
+            record = {
+                "step": state.step,
+                "epoch": epoch,
+                "lr": lr,
+                "loss": sum(weighted.values()),
+                **result.raw,
+                **weighted,
+                "top1_agreement": result.agree,
+                "grad_norm": grad_norm,
+                "tokens_seen": state.tokens_seen,
+                "skipped_steps": state.skipped_steps,
+                "skipped": bool(nonfinite),
+                "nonfinite": nonfinite,
+                "tokens_per_s": result.tokens / max(now - t_last, 1e-9),
+                "peak_mem_mb": peak_memory_mb(accelerator.device),
+                "elapsed_s": now - t_start,
+            }
             t_last = now
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -252,16 +327,24 @@ def main(cfg: TrainConfig) -> Path:
 
             if state.consecutive_skips >= tc.max_consecutive_skips:
                 ckpt = save_checkpoint(accelerator, run_dir, state)
-                raise KDError(f"{state.consecutive_skips} optimizer steps in a row had non-finite "
-                              f"{', '.join(nonfinite)} (last at step {state.step}); stopped. The last good weights are "
-                              f"saved in {ckpt}. Check the cache (python -m kd.cache verify {tc.cache_dir}), lower "
-                              "train.lr, or use bf16/fp32")
+                raise KDError(
+                    f"{state.consecutive_skips} optimizer steps in a row had non-finite "
+                    f"{', '.join(nonfinite)} (last at step {state.step}); stopped. The last good weights are "
+                    f"saved in {ckpt}. Check the cache (python -m kd.cache verify {tc.cache_dir}), lower "
+                    "train.lr, or use bf16/fp32"
+                )
             if state.step % tc.eval_every == 0 and state.step < total_steps:
                 last_eval = run_eval()
                 if state.record_eval(last_eval["eval/ce"]) >= (tc.early_stopping_patience or math.inf):
                     stop_reason = "early_stopping"
-                    log.write({"step": state.step, "event": "early_stopping", "best_eval/ce": state.best_eval,
-                               "patience": tc.early_stopping_patience})
+                    log.write(
+                        {
+                            "step": state.step,
+                            "event": "early_stopping",
+                            "best_eval/ce": state.best_eval,
+                            "patience": tc.early_stopping_patience,
+                        }
+                    )
                     break
             if tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < total_steps:
                 save_checkpoint(accelerator, run_dir, state)
@@ -270,18 +353,29 @@ def main(cfg: TrainConfig) -> Path:
     # 4. Final eval (unless this step was just evaluated, as when early stopping), checkpoint and models.
     final = last_eval if last_eval is not None and last_eval["step"] == state.step else run_eval()
     save_checkpoint(accelerator, run_dir, state)
-    meta = {"format": "kd-student", "format_version": RUN_FORMAT_VERSION, "kd_version": __version__,
-            "config": cfg_dict, "step": state.step, "stop_reason": stop_reason, "final_eval": final,
-            "weights": "trained"}
+    meta = {
+        "format": "kd-student",
+        "format_version": RUN_FORMAT_VERSION,
+        "kd_version": __version__,
+        "config": cfg_dict,
+        "step": state.step,
+        "stop_reason": stop_reason,
+        "final_eval": final,
+        "weights": "trained",
+    }
     save_final(accelerator, model, tokenizer, run_dir / "final", meta)
     if ema is not None:
         with ema.applied(accelerator.unwrap_model(model)):
-            save_final(accelerator, model, tokenizer, run_dir / "final_ema", dict(meta, weights=f"ema (decay {tc.ema_decay})"))
+            save_final(
+                accelerator, model, tokenizer, run_dir / "final_ema", dict(meta, weights=f"ema (decay {tc.ema_decay})")
+            )
     if accelerator.is_main_process:
-        print(f"[train] {stop_reason}: {state.step} steps, {state.tokens_seen} tokens, {state.skipped_steps} skipped, "
-              f"eval/ce {final['eval/ce']:.4f}, eval/ppl {final['eval/ppl']:.2f}, "
-              f"top-1 agreement {final['eval/top1_agreement']:.3f}, {time.time() - t_start:.0f} s -> {run_dir}",
-              flush=True)
+        print(
+            f"[train] {stop_reason}: {state.step} steps, {state.tokens_seen} tokens, {state.skipped_steps} skipped, "
+            f"eval/ce {final['eval/ce']:.4f}, eval/ppl {final['eval/ppl']:.2f}, "
+            f"top-1 agreement {final['eval/top1_agreement']:.3f}, {time.time() - t_start:.0f} s -> {run_dir}",
+            flush=True,
+        )
     return run_dir
 
 

@@ -52,7 +52,7 @@ def bare_forward(cfg: CacheConfig) -> tuple[float, int]:
     ids = torch.from_numpy(windows.input_ids[:n].astype("int64"))
     with torch.inference_mode():
         for s in range(0, len(ids), cfg.teacher.batch_size):
-            model(input_ids=ids[s:s + cfg.teacher.batch_size]).logits.sum()
+            model(input_ids=ids[s : s + cfg.teacher.batch_size]).logits.sum()
     return time.perf_counter() - t0, int(windows.lengths[:n].sum())
 
 
@@ -60,8 +60,12 @@ def per_batch_ratio(cfg: CacheConfig, repeats: int = 5) -> tuple[float, float]:
     from kd.teacher import teacher_targets
 
     model = load_causal_lm(cfg.teacher.model, None, cfg.teacher.dtype, cfg.teacher.attn_implementation).eval()
-    ids = torch.randint(0, model.config.vocab_size, (cfg.teacher.batch_size, cfg.data.seq_len),
-                        generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0,
+        model.config.vocab_size,
+        (cfg.teacher.batch_size, cfg.data.seq_len),
+        generator=torch.Generator().manual_seed(0),
+    )
     mask = torch.ones_like(ids)
     bare, full = [], []
     with torch.inference_mode():
@@ -72,8 +76,15 @@ def per_batch_ratio(cfg: CacheConfig, repeats: int = 5) -> tuple[float, float]:
             bare.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             gens = [torch.Generator().manual_seed(i) for i in range(len(ids))]
-            teacher_targets(model, ids, mask, cfg.cache.top_k, cfg.cache.hidden_layers, sample_n=cfg.cache.sample_n,
-                            sample_generators=gens)
+            teacher_targets(
+                model,
+                ids,
+                mask,
+                cfg.cache.top_k,
+                cfg.cache.hidden_layers,
+                sample_n=cfg.cache.sample_n,
+                sample_generators=gens,
+            )
             full.append(time.perf_counter() - t0)
     return min(bare), min(full)
 
@@ -88,9 +99,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kd-bench-cache-"))
 
     def config(n: int, out: str) -> CacheConfig:
-        return load_config(CacheConfig, ROOT / "configs/shakespeare_smollm2.yaml",
-                           [f"data.max_train_sequences={n}", "data.max_eval_sequences=1",
-                            f"cache.output_dir={work}/{out}", *args.set])
+        return load_config(
+            CacheConfig,
+            ROOT / "configs/shakespeare_smollm2.yaml",
+            [f"data.max_train_sequences={n}", "data.max_eval_sequences=1", f"cache.output_dir={work}/{out}", *args.set],
+        )
 
     bare_forward(config(8, "warmup"))  # one-time imports and file-cache warm-up, untimed
     bare_t, cache_t = [], []
@@ -110,11 +123,15 @@ def main() -> None:
     print(f"{'(a) bare teacher forward':34}{n_tokens:>8}{min(bare_t):>9.1f}{bare_tps:>10.0f}")
     print(f"{'(b) cache_teacher.py end to end':34}{cache_tokens:>8}{min(cache_t):>9.1f}{cache_tps:>10.0f}")
     print(f"ratio (b)/(a) throughput, end to end:  {cache_tps / bare_tps:.3f}   (goal >= 0.85)")
-    print(f"per batch of {cfg.teacher.batch_size}x{cfg.data.seq_len}: plain forward {batch_bare:.2f} s, "
-          f"teacher_targets {batch_full:.2f} s, ratio {batch_bare / batch_full:.3f}")
-    print(f"cache bytes per token: {manifest['bytes_per_token']:.0f} (top-{manifest['top_k']}, sampled n = "
-          f"{manifest['sample_n']}, {len(manifest['hidden_layers'])} hidden layers x {manifest['teacher']['hidden_size']}; "
-          f"codecs {manifest['codecs']})")
+    print(
+        f"per batch of {cfg.teacher.batch_size}x{cfg.data.seq_len}: plain forward {batch_bare:.2f} s, "
+        f"teacher_targets {batch_full:.2f} s, ratio {batch_bare / batch_full:.3f}"
+    )
+    print(
+        f"cache bytes per token: {manifest['bytes_per_token']:.0f} (top-{manifest['top_k']}, sampled n = "
+        f"{manifest['sample_n']}, {len(manifest['hidden_layers'])} hidden layers x {manifest['teacher']['hidden_size']}; "
+        f"codecs {manifest['codecs']})"
+    )
     shutil.rmtree(work)
 
 

@@ -44,11 +44,22 @@ def payload_sizes(items: list[dict], vocab: int, sample_n: int) -> list[tuple[st
     n_seq, bits = len(items), codecs.bits_for(vocab)
     rows = []
     k = items[0]["topk_ids"].shape[-1]
-    rows.append(("topk_ids", f"plain {'uint16' if vocab <= 65536 else 'int32'}",
-                 per_tok(n_seq * T * k * (2 if vocab <= 65536 else 4))))
+    rows.append(
+        (
+            "topk_ids",
+            f"plain {'uint16' if vocab <= 65536 else 'int32'}",
+            per_tok(n_seq * T * k * (2 if vocab <= 65536 else 4)),
+        )
+    )
     rows.append(("topk_ids", f"bitpack {bits} bits", per_tok(n_seq * codecs.packed_nbytes(T * k, bits))))
     if bits != QWEN_BITS:
-        rows.append(("topk_ids", f"bitpack {QWEN_BITS} bits (151,936 vocab)", per_tok(n_seq * codecs.packed_nbytes(T * k, QWEN_BITS))))
+        rows.append(
+            (
+                "topk_ids",
+                f"bitpack {QWEN_BITS} bits (151,936 vocab)",
+                per_tok(n_seq * codecs.packed_nbytes(T * k, QWEN_BITS)),
+            )
+        )
     rows.append(("topk_logprobs", "plain fp16", per_tok(n_seq * T * k * 2)))
     rows.append(("topk_logprobs", "q8 (+ 8 B/position anchor, step)", per_tok(n_seq * T * (k + 8))))
     if "hidden_states" in items[0]:
@@ -59,11 +70,14 @@ def payload_sizes(items: list[dict], vocab: int, sample_n: int) -> list[tuple[st
         id_bytes = 2 if vocab <= 65536 else 4
         rows.append(("samples", f"plain padded n={sample_n}", per_tok(n_seq * T * sample_n * (id_bytes + 1))))
         cb = codecs.bits_for(sample_n + 1)
-        widths = [(bits, f"ragged {bits}-bit ids")] + ([(QWEN_BITS, f"ragged {QWEN_BITS}-bit ids (151,936 vocab)")]
-                                                        if bits != QWEN_BITS else [])
+        widths = [(bits, f"ragged {bits}-bit ids")] + (
+            [(QWEN_BITS, f"ragged {QWEN_BITS}-bit ids (151,936 vocab)")] if bits != QWEN_BITS else []
+        )
         for id_bits, label in widths:
-            total = sum(codecs.ragged_encode(it["sample_ids"].numpy(), it["sample_counts"].numpy(), id_bits, cb).size
-                        for it in items)
+            total = sum(
+                codecs.ragged_encode(it["sample_ids"].numpy(), it["sample_counts"].numpy(), id_bits, cb).size
+                for it in items
+            )
             rows.append(("samples", label, per_tok(total)))
         distinct = np.mean([float((it["sample_counts"] > 0).sum(-1).float().mean()) for it in items])
         rows.append(("samples", f"(mean distinct ids per position: {distinct:.1f})", float("nan")))
@@ -79,13 +93,19 @@ def kd_error(cache: TeacherCache, items: list[dict], trained: str | None) -> lis
     lp, ids, _, _ = teacher_targets(teacher, batch, mask, cache.top_k, [])
     valid = mask.bool()
     lp, ids = lp[valid], ids[valid]  # fp32 top-k at every real position
-    variants = {"fp32": lp, "fp16": lp.half().float(), "q8": torch.from_numpy(codecs.q8_decode(*codecs.q8_encode(lp.numpy(), "mass")))}
+    variants = {
+        "fp32": lp,
+        "fp16": lp.half().float(),
+        "q8": torch.from_numpy(codecs.q8_decode(*codecs.q8_encode(lp.numpy(), "mass"))),
+    }
     students = {"random init": None}
     if trained:
         students[f"trained ({Path(trained).name})"] = Path(trained) / "final"
     rows = []
     for label, path in students.items():
-        over = [f"train.cache_dir={cache.root}"] + ([f"student.pretrained={path}", "student.config=null"] if path else [])
+        over = [f"train.cache_dir={cache.root}"] + (
+            [f"student.pretrained={path}", "student.config=null"] if path else []
+        )
         cfg = load_config(TrainConfig, ROOT / "configs/train_shakespeare.yaml", over)
         torch.manual_seed(0)
         lm = build_student(cfg, load_tokenizer(t["name_or_path"]), t["vocab_size"]).eval()
@@ -119,7 +139,9 @@ def main() -> None:
     items = [split[i] for i in range(min(args.sequences, len(split)))]
     vocab, sample_n = cache.manifest["teacher"]["vocab_size"], cache.manifest.get("sample_n", 0)
 
-    print(f"(a) payload bytes per token, {len(items)} sequences of {cache.seq_len} tokens, top-{cache.top_k}, vocab {vocab}")
+    print(
+        f"(a) payload bytes per token, {len(items)} sequences of {cache.seq_len} tokens, top-{cache.top_k}, vocab {vocab}"
+    )
     print(f"{'field':<16}{'codec':<46}{'bytes/token':>12}")
     for field, codec, b in payload_sizes(items, vocab, sample_n):
         print(f"{field:<16}{codec:<46}{'' if b != b else f'{b:.1f}':>12}")
@@ -132,15 +154,19 @@ def main() -> None:
     for name, b in sorted(bytes_per_field(cache).items(), key=lambda kv: -kv[1]):
         print(f"  {name:<22}{b:>10.1f} B/token")
 
-    print(f"\n(b) KD loss against fp32 top-{cache.top_k} (4 x {cache.seq_len} tokens, real teacher re-run), relative error")
+    print(
+        f"\n(b) KD loss against fp32 top-{cache.top_k} (4 x {cache.seq_len} tokens, real teacher re-run), relative error"
+    )
     print(f"{'student':<34}{'tail / codec':<24}{'KD per token':>14}{'rel. error':>12}")
     for student, variant, ref, err in kd_error(cache, items, args.trained):
         print(f"{student:<34}{variant:<24}{ref:>14.4f}{err * 100:>11.4f}%")
 
     print("\n(c) reader decode speed, sequences/s (one process)")
-    for label, fields in (("top-k ids + log-probs", ("input_ids", "topk_ids", "topk_logprobs")),
-                          ("sampled targets", ("input_ids", "sample_ids", "sample_counts")),
-                          ("hidden states", ("hidden_states",))):
+    for label, fields in (
+        ("top-k ids + log-probs", ("input_ids", "topk_ids", "topk_logprobs")),
+        ("sampled targets", ("input_ids", "sample_ids", "sample_counts")),
+        ("hidden states", ("hidden_states",)),
+    ):
         if fields[-1] in split.fields or (fields[-1] == "sample_counts" and sample_n):
             print(f"  {label:<24}{decode_speed(cache, fields, 200):>10.0f}")
     print({k: codecs.describe(v) for k, v in cache.manifest.get("codecs", {}).items()})

@@ -77,8 +77,17 @@ def tiny_teacher(work: Path) -> Path:
     fetch(["smollm2-135m-instruct"])
     tok = AutoTokenizer.from_pretrained(resolve_path("asset:smollm2-135m-instruct"))
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        )
+    )
     out = work / "tiny_teacher"
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -86,15 +95,25 @@ def tiny_teacher(work: Path) -> Path:
 
 
 def overrides(teacher: Path, corpus: Path, out: Path, **extra) -> list[str]:
-    base = {"teacher.model": str(teacher), "teacher.batch_size": 32, "data.files": f"[{corpus}/docs.jsonl]",
-            "data.seq_len": 256, "data.separator_token": "<|endoftext|>", "data.eval_fraction": 0.05,
-            "cache.output_dir": str(out), "cache.top_k": 8, "cache.hidden_layers": "[]", "cache.sample_n": 0,
-            "cache.sequences_per_shard": 1024}
+    base = {
+        "teacher.model": str(teacher),
+        "teacher.batch_size": 32,
+        "data.files": f"[{corpus}/docs.jsonl]",
+        "data.seq_len": 256,
+        "data.separator_token": "<|endoftext|>",
+        "data.eval_fraction": 0.05,
+        "cache.output_dir": str(out),
+        "cache.top_k": 8,
+        "cache.hidden_layers": "[]",
+        "cache.sample_n": 0,
+        "cache.sequences_per_shard": 1024,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
 # ---- children: one measurement per process ------------------------------------------------------------------
+
 
 def child_cache(args: list[str]) -> dict:
     import cache_teacher
@@ -104,8 +123,11 @@ def child_cache(args: list[str]) -> dict:
     t0 = time.time()
     out = cache_teacher.main(load_config(CacheConfig, None, args))
     m = json.loads((out / "manifest.json").read_text())
-    return {"seconds": time.time() - t0, "tokens": sum(s["num_tokens"] for s in m["splits"].values()),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "seconds": time.time() - t0,
+        "tokens": sum(s["num_tokens"] for s in m["splits"].values()),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def child_ingest(args: list[str]) -> dict:
@@ -132,8 +154,12 @@ def child_ingest(args: list[str]) -> dict:
     t0 = time.time()
     _, stats = run_ingest(acc, sources, spec, tok, out, lambda *a: None, lambda u: None, lambda m: None)
     acc.wait_for_everyone()
-    return {"seconds": time.time() - t0, "tokens": stats["tokens"], "rank": acc.process_index,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "seconds": time.time() - t0,
+        "tokens": stats["tokens"],
+        "rank": acc.process_index,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def child_bare(args: list[str]) -> dict:
@@ -149,7 +175,7 @@ def child_bare(args: list[str]) -> dict:
     t0 = time.time()
     n = 0
     for i in range(0, len(texts), 512):
-        encs = backend.encode_batch(texts[i:i + 512], add_special_tokens=False)
+        encs = backend.encode_batch(texts[i : i + 512], add_special_tokens=False)
         n += sum(len(e.ids) for e in encs)
         if cfg.cache.store_text:
             _ = [e.offsets for e in encs]
@@ -158,12 +184,15 @@ def child_bare(args: list[str]) -> dict:
 
 def run_child(kind: str, args: list[str], procs: int = 1, env: dict | None = None) -> list[dict]:
     env = dict(os.environ, **(env or {}), ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1")
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "29533"]
-              if procs > 1 else [sys.executable])
+    launch = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "29533"]
+        if procs > 1
+        else [sys.executable]
+    )
     r = subprocess.run([*launch, __file__, "--child", kind, *args], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"child {kind} failed:\n{r.stderr[-3000:]}")
-    return [json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    return [json.loads(line[len("RESULT ") :]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
 
 
 def main() -> None:
@@ -195,10 +224,20 @@ def main() -> None:
     if not args.skip_memory:
         small = build_corpus(work, args.scales, fraction=32, name="small")
         parts = (
-                ("1a. peak RSS of the ingest stage alone (SmolLM2 tokenizer, text and spans stored)", "ingest", corpora, {}),
-                ("1a'. the same in units of 4 MiB (3, 13 and 26 units)", "ingest", corpora, {"data.unit_bytes": 4 * 2**20}),
-                ("1b. peak RSS of cache_teacher.py end to end (tiny teacher, SmolLM2 tokenizer, top-8, text stored)",
-                 "cache", small, {"teacher.batch_size": 8, "cache.sequences_per_shard": 128, "data.unit_bytes": 2**18}))
+            (
+                "1a. peak RSS of the ingest stage alone (SmolLM2 tokenizer, text and spans stored)",
+                "ingest",
+                corpora,
+                {},
+            ),
+            ("1a'. the same in units of 4 MiB (3, 13 and 26 units)", "ingest", corpora, {"data.unit_bytes": 4 * 2**20}),
+            (
+                "1b. peak RSS of cache_teacher.py end to end (tiny teacher, SmolLM2 tokenizer, top-8, text stored)",
+                "cache",
+                small,
+                {"teacher.batch_size": 8, "cache.sequences_per_shard": 128, "data.unit_bytes": 2**18},
+            ),
+        )
         for title, kind, corp, extra in (p for p in parts if p[0].split(".")[0] in args.memory):
             print(f"\n{title}")
             print(f"{'corpus':>8}{'MB':>8}{'tokens':>12}{'s':>8}{'tokens/s':>10}{'peak RSS MB':>13}")
@@ -207,14 +246,19 @@ def main() -> None:
                 r = run_child(kind, overrides(teacher, corp[s], fresh(), **extra))[0]
                 rss[s] = r
                 mb = (corp[s] / "docs.jsonl").stat().st_size / 1e6
-                print(f"{s:>7}x{mb:>8.1f}{r['tokens']:>12,}{r['seconds']:>8.0f}{r['tokens'] / r['seconds']:>10,.0f}"
-                      f"{r['peak_rss_mb']:>13,.0f}", flush=True)
+                print(
+                    f"{s:>7}x{mb:>8.1f}{r['tokens']:>12,}{r['seconds']:>8.0f}{r['tokens'] / r['seconds']:>10,.0f}"
+                    f"{r['peak_rss_mb']:>13,.0f}",
+                    flush=True,
+                )
             lo, hi = min(rss), max(rss)
             slope = (rss[hi]["peak_rss_mb"] - rss[lo]["peak_rss_mb"]) * 2**20 / (rss[hi]["tokens"] - rss[lo]["tokens"])
-            print(f"peak RSS {hi}x / {lo}x = {rss[hi]['peak_rss_mb'] / rss[lo]['peak_rss_mb']:.3f} (goal <= 1.10); "
-                  f"slope {slope:.4f} bytes of RAM per corpus token -> projected at 1B tokens: "
-                  f"{(rss[lo]['peak_rss_mb'] * 2**20 + max(slope, 0) * (1e9 - rss[lo]['tokens'])) / 2**30:.2f} GiB",
-                  flush=True)
+            print(
+                f"peak RSS {hi}x / {lo}x = {rss[hi]['peak_rss_mb'] / rss[lo]['peak_rss_mb']:.3f} (goal <= 1.10); "
+                f"slope {slope:.4f} bytes of RAM per corpus token -> projected at 1B tokens: "
+                f"{(rss[lo]['peak_rss_mb'] * 2**20 + max(slope, 0) * (1e9 - rss[lo]['tokens'])) / 2**30:.2f} GiB",
+                flush=True,
+            )
 
     if not args.skip_rate:
         print("\n2. ingest rate vs the bare batched fast tokenizer, 1 process, 1x corpus, best of", args.repeats)
@@ -223,27 +267,39 @@ def main() -> None:
             bare, ing = [], []
             for _ in range(args.repeats):
                 bare.append(run_child("bare", ov)[0])
-                ing.append(run_child("ingest", overrides(teacher, corpora[1], fresh(), **{"cache.store_text": store_text}))[0])
+                ing.append(
+                    run_child("ingest", overrides(teacher, corpora[1], fresh(), **{"cache.store_text": store_text}))[0]
+                )
             b = max(r["tokens"] / r["seconds"] for r in bare)
             i = max(r["tokens"] / r["seconds"] for r in ing)
-            print(f"  offsets {'on ' if store_text == 'true' else 'off'} (cache.store_text={store_text}): bare tokenizer "
-                  f"{b:,.0f} tokens/s, ingest {i:,.0f} tokens/s, ratio {i / b:.3f} (goal >= 0.8)")
+            print(
+                f"  offsets {'on ' if store_text == 'true' else 'off'} (cache.store_text={store_text}): bare tokenizer "
+                f"{b:,.0f} tokens/s, ingest {i:,.0f} tokens/s, ratio {i / b:.3f} (goal >= 0.8)"
+            )
 
     if not args.skip_processes:
         print("\n3. ingest stage on the 4x corpus, 1 vs 2 processes (tokens/s over the whole corpus)")
         one_core = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "KD_BENCH_PIN": "1"}
         res = {}
-        for name, procs, env in (("1 process, all cores", 1, {}),
-                                 ("1 process on 1 core", 1, one_core),
-                                 ("2 processes, 1 core each", 2, one_core)):
-            rows = run_child("ingest", overrides(teacher, corpora[4], fresh(), **{"data.unit_bytes": 4 * 2**20}), procs, env)
+        for name, procs, env in (
+            ("1 process, all cores", 1, {}),
+            ("1 process on 1 core", 1, one_core),
+            ("2 processes, 1 core each", 2, one_core),
+        ):
+            rows = run_child(
+                "ingest", overrides(teacher, corpora[4], fresh(), **{"data.unit_bytes": 4 * 2**20}), procs, env
+            )
             secs = max(r["seconds"] for r in rows)
             res[name] = rows[0]["tokens"] / secs  # every process reports the global token count
-            print(f"  {name:<40} {res[name]:>12,.0f} tokens/s  ({secs:.1f} s, peak RSS "
-                  f"{max(r['peak_rss_mb'] for r in rows):,.0f} MB per process)")
+            print(
+                f"  {name:<40} {res[name]:>12,.0f} tokens/s  ({secs:.1f} s, peak RSS "
+                f"{max(r['peak_rss_mb'] for r in rows):,.0f} MB per process)"
+            )
         names = list(res)
-        print(f"  2 processes / 1 process, one core each: {res[names[2]] / res[names[1]]:.2f}x (goal >= 1.6); "
-              f"2 processes / 1 process on all {os.cpu_count()} cores: {res[names[2]] / res[names[0]]:.2f}x")
+        print(
+            f"  2 processes / 1 process, one core each: {res[names[2]] / res[names[1]]:.2f}x (goal >= 1.6); "
+            f"2 processes / 1 process on all {os.cpu_count()} cores: {res[names[2]] / res[names[0]]:.2f}x"
+        )
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)

@@ -40,8 +40,13 @@ def copy_cache(src: Path, dst: Path, shards: int, checksum: bool) -> dict:
             for name, ds in fi.items():
                 chunks = ds.chunks or (ds.shape if ds.shape else None)
                 kw = {"chunks": chunks, "maxshape": ds.maxshape} if chunks else {}
-                fo.create_dataset(name, data=ds[()], dtype=ds.dtype, fletcher32=checksum and bool(chunks)
-                                  and ds.dtype.kind != "O", **kw)
+                fo.create_dataset(
+                    name,
+                    data=ds[()],
+                    dtype=ds.dtype,
+                    fletcher32=checksum and bool(chunks) and ds.dtype.kind != "O",
+                    **kw,
+                )
     (dst / MANIFEST).write_text(json.dumps(m))
     return m
 

@@ -26,10 +26,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-KINDS = [("forward_kl (fused)", {"kind": "forward_kl"}, True), ("forward_kl (chunked)", {"kind": "forward_kl"}, False),
-         ("reverse_kl", {"kind": "reverse_kl"}, False), ("jsd beta=0.5", {"kind": "jsd", "beta": 0.5}, False),
-         ("tvd", {"kind": "tvd"}, False), ("skew_kl alpha=0.1", {"kind": "skew_kl", "alpha": 0.1}, False),
-         ("skew_reverse_kl alpha=0.1", {"kind": "skew_reverse_kl", "alpha": 0.1}, False)]
+KINDS = [
+    ("forward_kl (fused)", {"kind": "forward_kl"}, True),
+    ("forward_kl (chunked)", {"kind": "forward_kl"}, False),
+    ("reverse_kl", {"kind": "reverse_kl"}, False),
+    ("jsd beta=0.5", {"kind": "jsd", "beta": 0.5}, False),
+    ("tvd", {"kind": "tvd"}, False),
+    ("skew_kl alpha=0.1", {"kind": "skew_kl", "alpha": 0.1}, False),
+    ("skew_reverse_kl alpha=0.1", {"kind": "skew_reverse_kl", "alpha": 0.1}, False),
+]
 
 
 def step_times(cache_dir: str, steps: int, rounds: int) -> dict[str, float]:
@@ -50,9 +55,20 @@ def step_times(cache_dir: str, steps: int, rounds: int) -> dict[str, float]:
     split = cache.split("train", ("input_ids", "topk_ids", "topk_logprobs"))
     batches = [torch.utils.data.default_collate([split[i * 4 + j] for j in range(4)]) for i in range(steps + 1)]
     accelerator = Accelerator()
-    plans = {label: (LossPlan.build(LossConfig(terms=[{"kind": "ce", "weight": 0.5}, dict(spec, weight=0.5)],
-                                               target="topk", temperature=2.0, tail="bucket")), fused)
-             for label, spec, fused in KINDS}
+    plans = {
+        label: (
+            LossPlan.build(
+                LossConfig(
+                    terms=[{"kind": "ce", "weight": 0.5}, dict(spec, weight=0.5)],
+                    target="topk",
+                    temperature=2.0,
+                    tail="bucket",
+                )
+            ),
+            fused,
+        )
+        for label, spec, fused in KINDS
+    }
     cfg = load_config(TrainConfig, ROOT / "configs/train_shakespeare.yaml", [f"train.cache_dir={cache_dir}"])
     lm = build_student(cfg, tok, cache.manifest["teacher"]["vocab_size"])
     model = DistillModel(lm, [], cache.manifest["teacher"]["hidden_size"])
@@ -91,8 +107,9 @@ def memory_child(kind: str, n: int) -> None:
     mask = torch.ones(n, dtype=torch.bool)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     terms = [Term("ce", "ce", 0.5), Term("kd", kind, 0.5)]
-    total, _ = logit_term_sums(z, torch.zeros(n, dtype=torch.long), mask, mask, sig, terms, [0.5, 0.5], 2.0, 128,
-                               fused=kind == "forward_kl")
+    total, _ = logit_term_sums(
+        z, torch.zeros(n, dtype=torch.long), mask, mask, sig, terms, [0.5, 0.5], 2.0, 128, fused=kind == "forward_kl"
+    )
     total.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"extra_mb": (peak - before - 2 * n * V * 4) / 2**20}))
@@ -111,8 +128,10 @@ def main() -> None:
         return
     best = step_times(args.cache, args.steps, args.rounds)
     ref = best["forward_kl (fused)"]
-    print(f"\nstep = forward + CE + KD + backward, micro-batch 4 x 256, V = 49,152, T = 2, top-256 bucket "
-          f"(median of {args.steps}, best of {args.rounds} rounds)")
+    print(
+        f"\nstep = forward + CE + KD + backward, micro-batch 4 x 256, V = 49,152, T = 2, top-256 bucket "
+        f"(median of {args.steps}, best of {args.rounds} rounds)"
+    )
     print(f"{'kind':28}{'s/step':>9}{'ratio to fused forward_kl':>28}")
     for label, t in best.items():
         print(f"{label:28}{t:>9.3f}{t / ref:>28.3f}")
@@ -122,8 +141,9 @@ def main() -> None:
         for kind in ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"):
             row = []
             for n in (1024, 4096):
-                out = subprocess.run([sys.executable, __file__, "--child", kind, str(n)], capture_output=True,
-                                     text=True, check=True).stdout
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", kind, str(n)], capture_output=True, text=True, check=True
+                ).stdout
                 row.append(json.loads(out.strip().splitlines()[-1])["extra_mb"])
             print(f"{kind:28}{row[0]:>12.0f}{row[1]:>12.0f}")
 

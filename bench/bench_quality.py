@@ -40,8 +40,12 @@ SUITES = {
     "kd": {
         "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0", "loss.alpha_feature=0.0"],
         "KD + CE (top-256, tail bucket)": KD + ["loss.target=topk"],
-        "KD + CE + feature (2 layers)": ["loss.alpha_ce=0.5", "loss.alpha_kd=0.5", "loss.alpha_feature=0.1",
-                                         "loss.target=topk"],
+        "KD + CE + feature (2 layers)": [
+            "loss.alpha_ce=0.5",
+            "loss.alpha_kd=0.5",
+            "loss.alpha_feature=0.1",
+            "loss.target=topk",
+        ],
     },
     "targets": {
         "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0", "loss.alpha_feature=0.0"],
@@ -52,15 +56,18 @@ SUITES = {
     },
     "kinds": {
         "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0", "loss.alpha_feature=0.0"],
-        **{name: TERMS + [f"loss.terms=[{{kind: ce, weight: 0.5}}, {kd}]", "loss.target=topk", "loss.tail=bucket"]
-           for name, kd in [("forward_kl", "{kind: forward_kl, weight: 0.5}"),
-                            ("reverse_kl", "{kind: reverse_kl, weight: 0.5}"),
-                            ("jsd beta=0.5", "{kind: jsd, beta: 0.5, weight: 0.5}"),
-                            ("tvd", "{kind: tvd, weight: 0.5}"),
-                            ("skew_kl alpha=0.1", "{kind: skew_kl, alpha: 0.1, weight: 0.5}"),
-                            ("skew_reverse_kl alpha=0.1", "{kind: skew_reverse_kl, alpha: 0.1, weight: 0.5}"),
-                            ("symmetric (fwd + rev KL)", "{kind: forward_kl, weight: 0.25}, "
-                                                         "{kind: reverse_kl, weight: 0.25}")]},
+        **{
+            name: TERMS + [f"loss.terms=[{{kind: ce, weight: 0.5}}, {kd}]", "loss.target=topk", "loss.tail=bucket"]
+            for name, kd in [
+                ("forward_kl", "{kind: forward_kl, weight: 0.5}"),
+                ("reverse_kl", "{kind: reverse_kl, weight: 0.5}"),
+                ("jsd beta=0.5", "{kind: jsd, beta: 0.5, weight: 0.5}"),
+                ("tvd", "{kind: tvd, weight: 0.5}"),
+                ("skew_kl alpha=0.1", "{kind: skew_kl, alpha: 0.1, weight: 0.5}"),
+                ("skew_reverse_kl alpha=0.1", "{kind: skew_reverse_kl, alpha: 0.1, weight: 0.5}"),
+                ("symmetric (fwd + rev KL)", "{kind: forward_kl, weight: 0.25}, {kind: reverse_kl, weight: 0.25}"),
+            ]
+        },
     },
     "cross": {
         # CE only still reads the cache through the alignment (the student's own tokens); KD has weight 0
@@ -70,11 +77,18 @@ SUITES = {
         "hybrid (mapped + ULD) + CE": ["loss.cross_tokenizer=hybrid"],
     },
 }
-CONFIGS = {"kd": "configs/train_shakespeare.yaml", "targets": "configs/train_shakespeare.yaml",
-           "kinds": "configs/train_shakespeare.yaml",
-           "cross": "configs/train_cross_tokenizer.yaml"}
-CACHES = {"kd": "caches/shakespeare_smollm2", "targets": "caches/shakespeare_smollm2",
-          "kinds": "caches/shakespeare_smollm2", "cross": "caches/shakespeare_qwen"}
+CONFIGS = {
+    "kd": "configs/train_shakespeare.yaml",
+    "targets": "configs/train_shakespeare.yaml",
+    "kinds": "configs/train_shakespeare.yaml",
+    "cross": "configs/train_cross_tokenizer.yaml",
+}
+CACHES = {
+    "kd": "caches/shakespeare_smollm2",
+    "targets": "caches/shakespeare_smollm2",
+    "kinds": "caches/shakespeare_smollm2",
+    "cross": "caches/shakespeare_qwen",
+}
 
 
 def main() -> None:
@@ -96,11 +110,24 @@ def main() -> None:
         for seed in seeds:
             # the config's own target/tail apply unless a variant overrides them (the suites pin what they compare)
             run = f"v{i}-s{seed}"
-            result = subprocess.run([sys.executable, str(ROOT / "train_student.py"), "--config",
-                                     str(ROOT / CONFIGS[args.suite]), *overrides, f"train.cache_dir={cache}",
-                                     f"train.output_dir={out}", f"train.run_name={run}", f"train.max_steps={args.steps}",
-                                     f"train.seed={seed}", f"train.eval_every={args.steps}", "train.checkpoint_every=0"],
-                                    capture_output=True, text=True)
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "train_student.py"),
+                    "--config",
+                    str(ROOT / CONFIGS[args.suite]),
+                    *overrides,
+                    f"train.cache_dir={cache}",
+                    f"train.output_dir={out}",
+                    f"train.run_name={run}",
+                    f"train.max_steps={args.steps}",
+                    f"train.seed={seed}",
+                    f"train.eval_every={args.steps}",
+                    "train.checkpoint_every=0",
+                ],
+                capture_output=True,
+                text=True,
+            )
             if result.returncode != 0:
                 raise SystemExit(f"variant {name!r} (seed {seed}) failed:\n{result.stderr[-3000:]}")
             for line in result.stdout.splitlines():
@@ -112,20 +139,28 @@ def main() -> None:
     per_seed = f"{'per seed':>{8 * len(seeds) + 2}}" if len(seeds) > 1 else ""
     if args.only:  # a partial table: print the raw numbers only
         for name, r, ces in rows:
-            print(f"{name:34}{r['eval/ce']:>13.3f}{r['eval/ppl']:>9.1f}{r['eval/top1_agreement']:>13.3f}"
-                  + ("  " + " ".join(f"{c:7.3f}" for c in ces) if len(seeds) > 1 else ""))
+            print(
+                f"{name:34}{r['eval/ce']:>13.3f}{r['eval/ppl']:>9.1f}{r['eval/top1_agreement']:>13.3f}"
+                + ("  " + " ".join(f"{c:7.3f}" for c in ces) if len(seeds) > 1 else "")
+            )
         return
     base = rows[0][1]["eval/ce"]
     full = rows[-1][1]["eval/ce"] if args.suite == "targets" else None
-    print(f"\n{'target':34}{'held-out CE':>13}{'ppl':>9}{'top-1 agree':>13}{'vs CE only':>12}"
-          + (f"{'share of full-KD gain':>24}" if full is not None else "") + per_seed)
+    print(
+        f"\n{'target':34}{'held-out CE':>13}{'ppl':>9}{'top-1 agree':>13}{'vs CE only':>12}"
+        + (f"{'share of full-KD gain':>24}" if full is not None else "")
+        + per_seed
+    )
     for name, r, ces in rows:
         share = f"{100 * (base - r['eval/ce']) / (base - full):>23.0f}%" if full is not None else ""
-        print(f"{name:34}{r['eval/ce']:>13.3f}{r['eval/ppl']:>9.1f}{r['eval/top1_agreement']:>13.3f}"
-              f"{r['eval/ce'] - base:>+12.3f}{share}" + ("  " + " ".join(f"{c:7.3f}" for c in ces) if len(seeds) > 1
-                                                          else ""))
-    print(f"({args.steps} optimizer steps of 4 x 2 x 256 tokens each; seeds {seeds} (mean shown); "
-          f"run dirs under {out})")
+        print(
+            f"{name:34}{r['eval/ce']:>13.3f}{r['eval/ppl']:>9.1f}{r['eval/top1_agreement']:>13.3f}"
+            f"{r['eval/ce'] - base:>+12.3f}{share}"
+            + ("  " + " ".join(f"{c:7.3f}" for c in ces) if len(seeds) > 1 else "")
+        )
+    print(
+        f"({args.steps} optimizer steps of 4 x 2 x 256 tokens each; seeds {seeds} (mean shown); run dirs under {out})"
+    )
 
 
 if __name__ == "__main__":

@@ -51,9 +51,22 @@ def main() -> None:
     for _ in range(args.rounds):
         for shuffle in ("exact", "shards"):
             for workers in (1, 2):
-                out = subprocess.run([sys.executable, __file__, "--cache", args.cache, "--sequences",
-                                      str(args.sequences), "--child", shuffle, str(workers)],
-                                     capture_output=True, text=True, check=True).stdout
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--cache",
+                        args.cache,
+                        "--sequences",
+                        str(args.sequences),
+                        "--child",
+                        shuffle,
+                        str(workers),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
                 rate = json.loads(out.split("RESULT ", 1)[1])["sequences_per_s"]
                 best[(shuffle, workers)] = max(best.get((shuffle, workers), 0.0), rate)
     consumed = 8 / args.step_seconds

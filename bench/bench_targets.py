@@ -30,8 +30,12 @@ from kd.train import DistillModel, accumulate_window  # noqa: E402
 from kd.train_config import TrainConfig  # noqa: E402
 from train_student import build_student  # noqa: E402
 
-TARGETS = {"top-256, tail bucket": ("topk", "bucket"), "top-256, renormalized": ("topk", "renormalize"),
-           "sampled (n=50)": ("sampled", "bucket"), "full vocabulary (online)": ("online", "bucket")}
+TARGETS = {
+    "top-256, tail bucket": ("topk", "bucket"),
+    "top-256, renormalized": ("topk", "renormalize"),
+    "sampled (n=50)": ("sampled", "bucket"),
+    "full vocabulary (online)": ("online", "bucket"),
+}
 
 
 def bytes_per_field(cache: TeacherCache) -> dict[str, float]:
@@ -66,7 +70,9 @@ def main() -> None:
     fields = bytes_per_field(cache)
     for name, b in sorted(fields.items(), key=lambda kv: -kv[1]):
         print(f"{name:<16}{b:>12.1f}")
-    print(f"{'top-k targets':<16}{fields['topk_ids'] + fields['topk_logprobs'] + fields.get('topk_logprobs_q8', 0):>12.1f}")
+    print(
+        f"{'top-k targets':<16}{fields['topk_ids'] + fields['topk_logprobs'] + fields.get('topk_logprobs_q8', 0):>12.1f}"
+    )
     if "sample_ids" in fields:  # plain (format version 1 layout)
         print(f"{'sampled targets':<16}{fields['sample_ids'] + fields['sample_counts']:>12.1f}")
     if "sample_bytes" in fields:  # ragged
@@ -91,15 +97,20 @@ def main() -> None:
         model = DistillModel(lm, [], t["hidden_size"])
         grads = {}
         for name, (target, tail) in TARGETS.items():
-            cfg = load_config(TrainConfig, ROOT / "configs/train_shakespeare.yaml",
-                              base + [f"loss.target={target}", f"loss.tail={tail}"])
+            cfg = load_config(
+                TrainConfig,
+                ROOT / "configs/train_shakespeare.yaml",
+                base + [f"loss.target={target}", f"loss.tail={tail}"],
+            )
             grads[name] = kd_gradient(model, batches, cfg, accelerator, teacher)
         ref = grads["full vocabulary (online)"]
         print(f"\nstudent: {label}; KD gradient vs full-vocabulary KD, {args.batches} batches of 4 x 256 tokens")
         print(f"{'target':<28}{'angle (deg)':>12}{'norm ratio':>12}")
         for name, g in grads.items():
             cos = float(torch.dot(g, ref) / (g.norm() * ref.norm()))
-            print(f"{name:<28}{math.degrees(math.acos(max(-1.0, min(1.0, cos)))):>12.3f}{float(g.norm() / ref.norm()):>12.3f}")
+            print(
+                f"{name:<28}{math.degrees(math.acos(max(-1.0, min(1.0, cos)))):>12.3f}{float(g.norm() / ref.norm()):>12.3f}"
+            )
     print(json.dumps({"cache": args.cache, "sample_n": cache.manifest.get("sample_n")}))
 
 

@@ -64,8 +64,9 @@ def run_variant(variant: str, cache_dir: str, steps: int) -> dict:
     mb = 4
     batches = [torch.utils.data.default_collate([split[i * mb + j] for j in range(mb)]) for i in range(steps + 2)]
     lm = build_student(cfg, tok, cache.manifest["teacher"]["vocab_size"]).to(dev)
-    model = DistillModel(lm, cfg.loss.feature_layers if variant == "cached" else [],
-                         cache.manifest["teacher"]["hidden_size"]).to(dev)
+    model = DistillModel(
+        lm, cfg.loss.feature_layers if variant == "cached" else [], cache.manifest["teacher"]["hidden_size"]
+    ).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     teacher = None
     if variant == "online":
@@ -87,8 +88,12 @@ def run_variant(variant: str, cache_dir: str, steps: int) -> dict:
             with torch.inference_mode():
                 t_logits = teacher(input_ids=batch["input_ids"], attention_mask=attention).logits[loss_mask].float()
             logits = model.lm(input_ids=batch["input_ids"], attention_mask=attention).logits[loss_mask].float()
-            kd = F.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(t_logits.clone(), -1), log_target=True,
-                          reduction="batchmean")
+            kd = F.kl_div(
+                torch.log_softmax(logits, -1),
+                torch.log_softmax(t_logits.clone(), -1),
+                log_target=True,
+                reduction="batchmean",
+            )
             loss = cfg.loss.alpha_ce * F.cross_entropy(logits, targets[loss_mask]) + cfg.loss.alpha_kd * kd
             loss.backward()
         opt.step()
@@ -97,8 +102,11 @@ def run_variant(variant: str, cache_dir: str, steps: int) -> dict:
             torch.cuda.synchronize()
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "peak_mem_mb": peak_memory_mb(dev),
-            "tokens_per_step": int(sum(int(b["length"].sum()) for b in batches[:1]))}
+    return {
+        "step_s": statistics.median(times),
+        "peak_mem_mb": peak_memory_mb(dev),
+        "tokens_per_step": int(sum(int(b["length"].sum()) for b in batches[:1])),
+    }
 
 
 def main() -> None:
@@ -109,28 +117,44 @@ def main() -> None:
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
-        result = reader_rate(args.cache) if args.variant == "reader" else run_variant(args.variant, args.cache, args.steps)
+        result = (
+            reader_rate(args.cache) if args.variant == "reader" else run_variant(args.variant, args.cache, args.steps)
+        )
         print("RESULT " + json.dumps(result))
         return
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
         for variant in ("plain", "cached", "online"):
-            out = subprocess.run([sys.executable, __file__, "--variant", variant, "--cache", args.cache,
-                                  "--steps", str(args.steps)], capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--variant", variant, "--cache", args.cache, "--steps", str(args.steps)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             r = json.loads(out.split("RESULT ", 1)[1])
             if variant not in best or r["step_s"] < best[variant]["step_s"]:
                 best[variant] = r
-    labels = {"plain": "(a) plain CE step", "cached": "(b) KD+CE+feature vs cache", "online": "(c) KD+CE, teacher online"}
+    labels = {
+        "plain": "(a) plain CE step",
+        "cached": "(b) KD+CE+feature vs cache",
+        "online": "(c) KD+CE, teacher online",
+    }
     print(f"\n{'':30}{'s/step':>9}{'tokens/s':>10}{'peak MB':>10}")
     for v, r in best.items():
         print(f"{labels[v]:30}{r['step_s']:>9.3f}{r['tokens_per_step'] / r['step_s']:>10.0f}{r['peak_mem_mb']:>10.0f}")
     print(f"b/a = {best['cached']['step_s'] / best['plain']['step_s']:.3f}   (goal <= 1.10)")
     print(f"c/b = {best['online']['step_s'] / best['cached']['step_s']:.3f}   (goal >= 2)")
-    out = subprocess.run([sys.executable, __file__, "--variant", "reader", "--cache", args.cache],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--variant", "reader", "--cache", args.cache],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rate = json.loads(out.split("RESULT ", 1)[1])["batches_per_s"]
-    print(f"cache reader, 1 DataLoader worker: {rate:.1f} batches/s of 4 x 256 tokens = "
-          f"{rate * best['cached']['step_s']:.0f}x what the cached step consumes")
+    print(
+        f"cache reader, 1 DataLoader worker: {rate:.1f} batches/s of 4 x 256 tokens = "
+        f"{rate * best['cached']['step_s']:.0f}x what the cached step consumes"
+    )
 
 
 if __name__ == "__main__":

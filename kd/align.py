@@ -32,6 +32,7 @@ ALIGN_FORMAT_VERSION = 1
 
 # ---- vocabularies -------------------------------------------------------------------------------------------
 
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (the alphabet of every byte-level BPE vocabulary)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -58,8 +59,10 @@ def _kind(tokenizer) -> str:
 def token_bytes(tokenizer) -> tuple[list[bytes | None], dict[str, int]]:
     """(bytes of each regular token id, or None; {special token text: id}). Needs a fast tokenizer."""
     if not getattr(tokenizer, "is_fast", False):
-        raise KDError(f"the student tokenizer {type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer: "
-                      "cross-tokenizer alignment needs character offsets; load it with use_fast=True")
+        raise KDError(
+            f"the student tokenizer {type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer: "
+            "cross-tokenizer alignment needs character offsets; load it with use_fast=True"
+        )
     kind = _kind(tokenizer)
     decoder = {c: b for b, c in _bytes_to_unicode().items()}
     specials = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
@@ -103,15 +106,23 @@ def vocab_map(teacher_tok, student_tok, teacher_vocab_size: int) -> np.ndarray:
 
 # ---- alignment ----------------------------------------------------------------------------------------------
 
-def align_window(text: str, spans: np.ndarray, teacher_ids: np.ndarray, length: int, teacher_sep_id: int,
-                 student_tok, student_sep_id: int) -> tuple[list[int], np.ndarray]:
+
+def align_window(
+    text: str,
+    spans: np.ndarray,
+    teacher_ids: np.ndarray,
+    length: int,
+    teacher_sep_id: int,
+    student_tok,
+    student_sep_id: int,
+) -> tuple[list[int], np.ndarray]:
     """Re-tokenize one cached window with the student tokenizer: (student ids, teacher position per student
     position, -1 where none)."""
     spans = np.asarray(spans[:length])
     seps = [t for t in range(length) if int(teacher_ids[t]) == teacher_sep_id]
     pieces, cursor = [], 0
     for t in seps:
-        pieces.append((text[cursor:int(spans[t, 0])], cursor, None))
+        pieces.append((text[cursor : int(spans[t, 0])], cursor, None))
         pieces.append(("", 0, (student_sep_id, int(spans[t, 1]))))
         cursor = int(spans[t, 1])
     pieces.append((text[cursor:], cursor, None))
@@ -145,14 +156,23 @@ def build_alignment(cache, split: str, student_tok, student_sep_id: int, pad_id:
     rows = []
     for i in range(len(reader)):
         it = reader[i]
-        rows.append(align_window(it["text"], it["token_spans"].numpy(), it["input_ids"].numpy(), int(it["length"]),
-                                 m["tokenizer"]["separator_id"], student_tok, student_sep_id))
+        rows.append(
+            align_window(
+                it["text"],
+                it["token_spans"].numpy(),
+                it["input_ids"].numpy(),
+                int(it["length"]),
+                m["tokenizer"]["separator_id"],
+                student_tok,
+                student_sep_id,
+            )
+        )
     Ts = max(len(r[0]) for r in rows)
     ids = np.full((len(rows), Ts), pad_id, dtype=np.int64)
     pos = np.full((len(rows), Ts), -1, dtype=np.int64)
     lengths = np.zeros(len(rows), dtype=np.int64)
     for i, (r_ids, r_pos) in enumerate(rows):
-        ids[i, :len(r_ids)], pos[i, :len(r_pos)], lengths[i] = r_ids, r_pos, len(r_ids)
+        ids[i, : len(r_ids)], pos[i, : len(r_pos)], lengths[i] = r_ids, r_pos, len(r_ids)
     return {"input_ids": ids, "lengths": lengths, "teacher_pos": pos}
 
 
@@ -160,20 +180,34 @@ def load_or_build(cache, student_tok, student_sep: str, fallback_dir: Path, is_m
     """{split: arrays} for every split, from <cache>/alignments/<student fingerprint>.npz (built by the main
     process if missing; `wait` is a barrier). Falls back to `fallback_dir` when the cache directory is read-only."""
     fp = tokenizer_fingerprint(student_tok)
-    key = hashlib.sha256(json.dumps([fp, student_sep, cache.manifest["splits"]["train"]["fingerprint"],
-                                     cache.manifest["splits"]["eval"]["fingerprint"]]).encode()).hexdigest()[:20]
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                fp,
+                student_sep,
+                cache.manifest["splits"]["train"]["fingerprint"],
+                cache.manifest["splits"]["eval"]["fingerprint"],
+            ]
+        ).encode()
+    ).hexdigest()[:20]
     sep_id = student_tok.convert_tokens_to_ids(student_sep)
     if sep_id is None or sep_id == student_tok.unk_token_id:
-        raise KDError(f"the student tokenizer has no token {student_sep!r} to put between documents; "
-                      "set loss.cross_tokenizer_separator to one of its special tokens")
+        raise KDError(
+            f"the student tokenizer has no token {student_sep!r} to put between documents; "
+            "set loss.cross_tokenizer_separator to one of its special tokens"
+        )
     candidates = [cache.root / "alignments" / f"{key}.npz", Path(fallback_dir) / f"alignment-{key}.npz"]
     if is_main and not any(p.exists() for p in candidates):
         arrays = {}
         for split in cache.manifest["splits"]:
             for name, a in build_alignment(cache, split, student_tok, sep_id, sep_id).items():
                 arrays[f"{split}/{name}"] = a
-        arrays["meta"] = np.frombuffer(json.dumps({"format_version": ALIGN_FORMAT_VERSION, "student_fingerprint": fp,
-                                                    "separator": student_sep}).encode(), dtype=np.uint8)
+        arrays["meta"] = np.frombuffer(
+            json.dumps(
+                {"format_version": ALIGN_FORMAT_VERSION, "student_fingerprint": fp, "separator": student_sep}
+            ).encode(),
+            dtype=np.uint8,
+        )
         for path in candidates:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,8 +222,10 @@ def load_or_build(cache, student_tok, student_sep: str, fallback_dir: Path, is_m
     wait()
     path = next(p for p in candidates if p.exists())
     with np.load(path) as z:
-        return {split: {name: z[f"{split}/{name}"] for name in ("input_ids", "lengths", "teacher_pos")}
-                for split in cache.manifest["splits"]}
+        return {
+            split: {name: z[f"{split}/{name}"] for name in ("input_ids", "lengths", "teacher_pos")}
+            for split in cache.manifest["splits"]
+        }
 
 
 class AlignedSplit(torch.utils.data.Dataset):
@@ -207,9 +243,12 @@ class AlignedSplit(torch.utils.data.Dataset):
         item = self.base[i]
         pos = torch.from_numpy(self.arrays["teacher_pos"][i])
         g = pos.clamp(min=0)
-        out = {"input_ids": torch.from_numpy(self.arrays["input_ids"][i]),
-               "length": torch.tensor(int(self.arrays["lengths"][i])), "sequence_index": item["sequence_index"],
-               "kd_mask": pos >= 0}
+        out = {
+            "input_ids": torch.from_numpy(self.arrays["input_ids"][i]),
+            "length": torch.tensor(int(self.arrays["lengths"][i])),
+            "sequence_index": item["sequence_index"],
+            "kd_mask": pos >= 0,
+        }
         if "topk_ids" in item:
             out["topk_ids"] = self.mapping[item["topk_ids"][g]]
             out["topk_logprobs"] = item["topk_logprobs"][g].float()

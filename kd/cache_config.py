@@ -82,8 +82,10 @@ class DataConfig:
         if self.seq_len < 2:
             raise KDError(f"data.seq_len must be >= 2, got {self.seq_len}")
         if not self.has_eval_source and not 0.0 < self.eval_fraction < 1.0:
-            raise KDError(f"data.eval_fraction must be in (0, 1) without a held-out source (data.eval_files or "
-                          f"data.eval_dataset_split), got {self.eval_fraction}")
+            raise KDError(
+                f"data.eval_fraction must be in (0, 1) without a held-out source (data.eval_files or "
+                f"data.eval_dataset_split), got {self.eval_fraction}"
+            )
         for name in ("max_train_sequences", "max_eval_sequences"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise KDError(f"data.{name} must be >= 1 or null, got {getattr(self, name)}")

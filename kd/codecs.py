@@ -32,6 +32,7 @@ def bits_for(num_values: int) -> int:
 
 # ---- bit packing --------------------------------------------------------------------------------------------
 
+
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     """Non-negative integers (< 2**bits, bits <= 32) -> uint8 bytes, `bits` per value, little-endian bit order."""
     v = np.ascontiguousarray(values, dtype=np.int64).ravel()
@@ -62,6 +63,7 @@ def packed_nbytes(count: int, bits: int) -> int:
 
 
 # ---- 8-bit values with a per-vector anchor and step ----------------------------------------------------------
+
 
 def q8_encode(x: np.ndarray, rounding: str = "nearest") -> tuple[np.ndarray, np.ndarray]:
     """x [..., d] float -> (q [..., d] uint8, params [..., 2] fp32 = (anchor, step)); see the module docstring.
@@ -97,6 +99,7 @@ def q8_decode(q: np.ndarray, params: np.ndarray) -> np.ndarray:
 
 # ---- sampled targets, ragged ---------------------------------------------------------------------------------
 
+
 def ragged_encode(ids: np.ndarray, counts: np.ndarray, id_bits: int, count_bits: int) -> np.ndarray:
     """One sequence's padded sampled targets (ids, counts [T, n]; counts 0 = padding; most frequent first) -> bytes."""
     counts = np.asarray(counts, dtype=np.int64)
@@ -106,12 +109,18 @@ def ragged_encode(ids: np.ndarray, counts: np.ndarray, id_bits: int, count_bits:
         raise ValueError("sampled targets must be sorted most frequent first with padding (count 0) last")
     repeated = counts > 1
     r = repeated.sum(-1)
-    return np.concatenate([pack_bits(np.concatenate([m, r]), count_bits),
-                           pack_bits(np.asarray(ids)[present], id_bits) if m.sum() else np.zeros(0, np.uint8),
-                           pack_bits(counts[repeated], count_bits) if r.sum() else np.zeros(0, np.uint8)])
+    return np.concatenate(
+        [
+            pack_bits(np.concatenate([m, r]), count_bits),
+            pack_bits(np.asarray(ids)[present], id_bits) if m.sum() else np.zeros(0, np.uint8),
+            pack_bits(counts[repeated], count_bits) if r.sum() else np.zeros(0, np.uint8),
+        ]
+    )
 
 
-def ragged_decode(buf: np.ndarray, seq_len: int, n: int, id_bits: int, count_bits: int) -> tuple[np.ndarray, np.ndarray]:
+def ragged_decode(
+    buf: np.ndarray, seq_len: int, n: int, id_bits: int, count_bits: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of `ragged_encode`: (ids [T, n] int64, counts [T, n] int64), padded with id 0 / count 0."""
     T = seq_len
     header_bits = 2 * T * count_bits
@@ -138,6 +147,7 @@ def _byte_aligned(bits: int) -> int:
 
 # ---- codec specs as recorded in the manifest -----------------------------------------------------------------
 
+
 def codec_specs(vocab_size: int, id_codec: str, logprob_codec: str, hidden_codec: str, sample_n: int) -> dict:
     """The manifest's `codecs` record for a new (format version 2) cache."""
     plain_ids = {"name": "plain", "dtype": "uint16" if vocab_size <= 65536 else "int32"}
@@ -146,12 +156,18 @@ def codec_specs(vocab_size: int, id_codec: str, logprob_codec: str, hidden_codec
     def values(name: str) -> dict:
         return {"name": "plain", "dtype": {"fp16": "float16", "fp32": "float32"}[name]}
 
-    specs = {"input_ids": plain_ids, "topk_ids": ids,
-             "topk_logprobs": {"name": "q8", "rounding": "mass"} if logprob_codec == "q8" else values(logprob_codec),
-             "hidden_states": {"name": "q8", "rounding": "nearest"} if hidden_codec == "q8" else values(hidden_codec)}
+    specs = {
+        "input_ids": plain_ids,
+        "topk_ids": ids,
+        "topk_logprobs": {"name": "q8", "rounding": "mass"} if logprob_codec == "q8" else values(logprob_codec),
+        "hidden_states": {"name": "q8", "rounding": "nearest"} if hidden_codec == "q8" else values(hidden_codec),
+    }
     if sample_n:
-        specs["samples"] = ({"name": "ragged", "id_bits": bits_for(vocab_size), "count_bits": bits_for(sample_n + 1)}
-                            if id_codec == "bitpack" else {"name": "plain", "dtype": plain_ids["dtype"]})
+        specs["samples"] = (
+            {"name": "ragged", "id_bits": bits_for(vocab_size), "count_bits": bits_for(sample_n + 1)}
+            if id_codec == "bitpack"
+            else {"name": "plain", "dtype": plain_ids["dtype"]}
+        )
     return specs
 
 

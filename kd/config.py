@@ -44,13 +44,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except KDError as e:
                 errors.append(str(e))
-        raise KDError(errors[0] if len(errors) == 1 else f"config key '{key}' has the wrong type: {value!r} is none of {_type_name(tp)}")
+        raise KDError(
+            errors[0]
+            if len(errors) == 1
+            else f"config key '{key}' has the wrong type: {value!r} is none of {_type_name(tp)}"
+        )
     if origin is Literal:
         choices = get_args(tp)
         if isinstance(value, bool):
             # YAML 1.1 reads no/yes/off/on as booleans: map back to the spelling this field accepts
-            spelled = [c for c in choices if isinstance(c, str) and c.lower() in
-                       (("yes", "on", "true") if value else ("no", "off", "false"))]
+            spelled = [
+                c
+                for c in choices
+                if isinstance(c, str) and c.lower() in (("yes", "on", "true") if value else ("no", "off", "false"))
+            ]
             value = spelled[0] if len(spelled) == 1 else value
         if value not in choices:
             raise KDError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")

@@ -34,9 +34,12 @@ EXPORT_FORMAT = "kd-teacher-cache-export"
 
 def _row(item: dict, with_samples: bool, with_text: bool) -> dict:
     n = int(item["length"])
-    row = {"sequence_index": int(item["sequence_index"]), "input_ids": item["input_ids"][:n].numpy().astype(np.int32),
-           "target_token_ids": item["topk_ids"][:n].numpy().astype(np.int32),
-           "target_logprobs": item["topk_logprobs"][:n].float().numpy()}
+    row = {
+        "sequence_index": int(item["sequence_index"]),
+        "input_ids": item["input_ids"][:n].numpy().astype(np.int32),
+        "target_token_ids": item["topk_ids"][:n].numpy().astype(np.int32),
+        "target_logprobs": item["topk_logprobs"][:n].float().numpy(),
+    }
     row["target_mask"] = np.ones_like(row["target_token_ids"], dtype=np.int8)
     if with_samples:
         ids, counts = item["sample_ids"][:n].numpy(), item["sample_counts"][:n].numpy()
@@ -65,8 +68,9 @@ def _table(rows: list[dict]):
     return pa.table(columns)
 
 
-def export(cache_dir: str | Path, out: str | Path, splits: list[str] | None = None, rows_per_file: int = 4096,
-           log=print) -> Path:
+def export(
+    cache_dir: str | Path, out: str | Path, splits: list[str] | None = None, rows_per_file: int = 4096, log=print
+) -> Path:
     import pyarrow.parquet as pq
 
     from kd.cache import TeacherCache
@@ -81,27 +85,36 @@ def export(cache_dir: str | Path, out: str | Path, splits: list[str] | None = No
     if unknown:
         raise KDError(f"cache {cache_dir} has no split(s) {unknown} (it has {sorted(m['splits'])})")
     with_samples, with_text = bool(m.get("sample_n")), bool(m.get("store_text"))
-    fields = ["input_ids", "topk_ids", "topk_logprobs"] + (["sample_ids", "sample_counts"] if with_samples else []) \
+    fields = (
+        ["input_ids", "topk_ids", "topk_logprobs"]
+        + (["sample_ids", "sample_counts"] if with_samples else [])
         + (["text", "token_spans"] if with_text else [])
+    )
     for split in splits:
         reader = cache.split(split, fields)
         (out / split).mkdir(parents=True)
         n_files = max(1, -(-len(reader) // rows_per_file))
         for f in range(n_files):
-            rows = [_row(reader[i], with_samples, with_text)
-                    for i in range(f * rows_per_file, min((f + 1) * rows_per_file, len(reader)))]
+            rows = [
+                _row(reader[i], with_samples, with_text)
+                for i in range(f * rows_per_file, min((f + 1) * rows_per_file, len(reader)))
+            ]
             pq.write_table(_table(rows), out / split / f"data-{f:05d}-of-{n_files:05d}.parquet")
         log(f"[export] {split}: {len(reader)} sequences in {n_files} Parquet file(s)")
-    header = {"configs": [{"config_name": "default",
-                           "data_files": [{"split": s, "path": f"{s}/*.parquet"} for s in splits]}]}
+    header = {
+        "configs": [{"config_name": "default", "data_files": [{"split": s, "path": f"{s}/*.parquet"} for s in splits]}]
+    }
     import yaml
 
     (out / "README.md").write_text(
         "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n"
         f"Teacher cache exported by kd ({EXPORT_FORMAT}): teacher `{m['teacher']['name_or_path']}` "
         f"(vocabulary {m['teacher']['vocab_size']}), top-{m['top_k']} log-probs"
-        + (f", {m['sample_n']} sampled targets per position" if with_samples else "") +
-        f", windows of {m['seq_len']} tokens. Columns: see kd/export.py.\n\nManifest of the source cache:\n\n```json\n"
-        + json.dumps({k: m[k] for k in ("format_version", "teacher", "tokenizer", "top_k", "sample_n", "seq_len")},
-                     indent=1) + "\n```\n")
+        + (f", {m['sample_n']} sampled targets per position" if with_samples else "")
+        + f", windows of {m['seq_len']} tokens. Columns: see kd/export.py.\n\nManifest of the source cache:\n\n```json\n"
+        + json.dumps(
+            {k: m[k] for k in ("format_version", "teacher", "tokenizer", "top_k", "sample_n", "seq_len")}, indent=1
+        )
+        + "\n```\n"
+    )
     return out

@@ -60,10 +60,18 @@ class DirLock:
                 holder = json.loads(self.path.read_text() or "{}")
             except (OSError, json.JSONDecodeError):
                 holder = {}
-            who = (f"pid {holder.get('pid')} on {holder.get('host')}, started "
-                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))}") if holder else "unknown"
-            raise KDError(f"another {self.what} is writing {self.path.parent} ({who}); wait for it to finish or stop "
-                          "it, or choose another output directory") from None
+            who = (
+                (
+                    f"pid {holder.get('pid')} on {holder.get('host')}, started "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))}"
+                )
+                if holder
+                else "unknown"
+            )
+            raise KDError(
+                f"another {self.what} is writing {self.path.parent} ({who}); wait for it to finish or stop "
+                "it, or choose another output directory"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode())
         os.fsync(fd)

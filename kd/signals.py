@@ -90,9 +90,11 @@ class Sampled(TopK):
     def check_kind(self, kind):
         if kind in REGISTRY and not REGISTRY[kind].unbiased_on_samples:
             ok = sorted(k for k, d in REGISTRY.items() if d.unbiased_on_samples)
-            raise KDError(f"divergence {kind} is not linear in the teacher distribution, so training it against "
-                          f"sampled targets (counts / n) would be biased; use {ok} with loss.target=sampled, or "
-                          "loss.target=topk / online for this kind")
+            raise KDError(
+                f"divergence {kind} is not linear in the teacher distribution, so training it against "
+                f"sampled targets (counts / n) would be biased; use {ok} with loss.target=sampled, or "
+                "loss.target=topk / online for this kind"
+            )
 
 
 class Online(Signal):
@@ -131,11 +133,11 @@ class Mapped(Signal):
         return self.logprobs[rows].float().exp()
 
 
-
 def batch_signal(target: str, tail: str, cross_tokenizer: bool, teacher=None):
     """The one choice of teacher signal, made at set-up: a function (batch, attention) -> Signal over the batch's
     flattened [B * T] positions. target: topk | sampled | online (kd.train_config.LossConfig.target); across
     tokenizers the batch's top-k ids are already mapped to student ids (kd/align.py)."""
+
     def flat(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])
 
@@ -153,5 +155,6 @@ def batch_signal(target: str, tail: str, cross_tokenizer: bool, teacher=None):
             with torch.inference_mode():
                 logits = teacher(input_ids=b["input_ids"], attention_mask=attention).logits
             return Online(flat(logits.clone()))  # clone: an inference tensor cannot take part in autograd
+
         return online
     raise KDError(f"unknown loss.target {target!r}; choose topk, sampled or online")

@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"[sweep] run {i + 1}/{len(grid)}: {' '.join(combo) or '(base config)'} -> {name}", flush=True)
         result = subprocess.run(cmd)
         run_dir = Path(base.train.output_dir) / name
-        row = {"run": name, "overrides": " ".join(combo), "status": "ok" if result.returncode == 0 else f"exit {result.returncode}"}
+        row = {
+            "run": name,
+            "overrides": " ".join(combo),
+            "status": "ok" if result.returncode == 0 else f"exit {result.returncode}",
+        }
         if result.returncode == 0:
             final = [r for r in read_metrics(run_dir) if "eval/ce" in r][-1]
             row.update({m: final[m] for m in METRICS})

@@ -38,8 +38,11 @@ def weights_fingerprint(name_or_path: str, revision: str | None, commit_hash: st
 
     path = Path(resolve_path(name_or_path))
     if path.is_dir():
-        files = [{"name": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
-                 for f in sorted(path.iterdir()) if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
+        files = [
+            {"name": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in sorted(path.iterdir())
+            if f.is_file() and f.suffix in WEIGHT_SUFFIXES
+        ]
         record = {"kind": "local files", "files": files}
     else:
         record = {"kind": "hub", "name": name_or_path, "revision": revision, "commit": commit_hash}
@@ -80,8 +83,10 @@ def load_causal_lm(name_or_path: str, revision: str | None, dtype: str, attn_imp
 
 # The sampled-target scheme, part of a cache's identity: shards drawn by another scheme are never mixed into a
 # resumed cache (cache_teacher.py hashes it into the config hash).
-SAMPLER = ("inverse-cdf/2: u ~ U[0,1) fp64, T x n per sequence from its own generator; id = first i with cdf_i > u * cdf_V;"
-           " block of 256 by fp64 CDF of block masses, entry by fp64 CDF inside the block")
+SAMPLER = (
+    "inverse-cdf/2: u ~ U[0,1) fp64, T x n per sequence from its own generator; id = first i with cdf_i > u * cdf_V;"
+    " block of 256 by fp64 CDF of block masses, entry by fp64 CDF inside the block"
+)
 
 
 _BLOCK = 256  # vocabulary entries per block of the two-level CDF
@@ -103,9 +108,9 @@ def _draw(e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if nb * _BLOCK != V:
         e = torch.nn.functional.pad(e, (0, nb * _BLOCK - V))
     blocks = e.view(R, nb, _BLOCK)
-    mass = blocks.sum(-1).double()                          # [R, nb]
-    prefix = mass.cumsum(-1)                                # [R, nb] fp64
-    x = u * prefix[:, -1:]                                  # [R, n] targets in [0, total)
+    mass = blocks.sum(-1).double()  # [R, nb]
+    prefix = mass.cumsum(-1)  # [R, nb] fp64
+    x = u * prefix[:, -1:]  # [R, n] targets in [0, total)
     b = torch.searchsorted(prefix, x, right=True).clamp_(max=nb - 1)
     frac = (x - (prefix.gather(1, b) - mass.gather(1, b))) / mass.gather(1, b)  # where in block b, in [0, 1)
     loc = blocks[torch.arange(R, device=e.device)[:, None], b].cumsum(-1, dtype=torch.float64)  # [R, n, B]
@@ -149,9 +154,16 @@ def sample_targets(logits: torch.Tensor, n: int, generator: torch.Generator) -> 
 
 
 @torch.inference_mode()
-def teacher_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int,
-                    hidden_layers: list[int], position_chunk: int = 64, sample_n: int = 0,
-                    sample_generators: list[torch.Generator] | None = None):
+def teacher_targets(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    top_k: int,
+    hidden_layers: list[int],
+    position_chunk: int = 64,
+    sample_n: int = 0,
+    sample_generators: list[torch.Generator] | None = None,
+):
     """One teacher forward -> (topk_logprobs [B,T,k] fp32, topk_ids [B,T,k] int64, hidden [B,L,T,H] model dtype,
     samples): samples is None, or (ids [B,T,n], counts [B,T,n]), what `sample_targets` draws with one generator per
     sequence, so what is drawn for a sequence never depends on the batch it was computed in.
@@ -168,10 +180,14 @@ def teacher_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     # the mask changes nothing there and is dropped, which lets SDPA take its causal path (values at valid
     # positions checked identical). Any other mask (left padding, holes) is passed on.
     lengths = attention_mask.sum(-1, keepdim=True)
-    right_padded = bool((attention_mask == (torch.arange(attention_mask.shape[1], device=attention_mask.device)
-                                            < lengths)).all())
-    out = model(input_ids=input_ids, attention_mask=None if right_padded else attention_mask,
-                output_hidden_states=bool(hidden_layers))
+    right_padded = bool(
+        (attention_mask == (torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths)).all()
+    )
+    out = model(
+        input_ids=input_ids,
+        attention_mask=None if right_padded else attention_mask,
+        output_hidden_states=bool(hidden_layers),
+    )
     logits = out.logits  # [B, T, V] in model dtype
     B, T, V = logits.shape
     flat = logits.reshape(B * T, V)
@@ -181,14 +197,14 @@ def teacher_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         u = torch.cat([sample_uniforms(T, sample_n, g) for g in sample_generators])  # [B*T, n]
         drawn = torch.empty(B * T, sample_n, dtype=torch.int64, device=logits.device)
     for s in range(0, B * T, position_chunk):
-        z = flat[s:s + position_chunk].float()
+        z = flat[s : s + position_chunk].float()
         top_z, top_i = z.topk(top_k, dim=-1, sorted=True)
         # one exp pass serves both the log-normaliser and the sampler's CDF: log p_i = z_i - max - log sum exp(z - max)
         e = (z - top_z[:, :1]).exp_()
-        values[s:s + position_chunk] = top_z - top_z[:, :1] - e.sum(-1, keepdim=True).log()
-        ids[s:s + position_chunk] = top_i
+        values[s : s + position_chunk] = top_z - top_z[:, :1] - e.sum(-1, keepdim=True).log()
+        ids[s : s + position_chunk] = top_i
         if sample_n:
-            drawn[s:s + position_chunk] = _draw(e, u[s:s + position_chunk])
+            drawn[s : s + position_chunk] = _draw(e, u[s : s + position_chunk])
     hidden = None
     if hidden_layers:
         hidden = torch.stack([out.hidden_states[i] for i in hidden_layers], dim=1)

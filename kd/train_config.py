@@ -32,8 +32,10 @@ class StudentConfig:
 
     def __post_init__(self):
         if (self.pretrained is None) == (self.config is None):
-            raise KDError("set exactly one of student.pretrained (a model to start from) and student.config "
-                          "(a config mapping with model_type, for random init)")
+            raise KDError(
+                "set exactly one of student.pretrained (a model to start from) and student.config "
+                "(a config mapping with model_type, for random init)"
+            )
         if self.config is not None and "model_type" not in self.config:
             raise KDError("student.config needs a model_type (for example llama)")
 
@@ -112,9 +114,11 @@ class LossConfig:
         if self.terms:
             set_alphas = [k for k in alpha_names if getattr(self, k) is not None]
             if set_alphas:
-                raise KDError(f"loss.terms replaces loss.alpha_*: remove {', '.join('loss.' + k for k in set_alphas)} "
-                              "and give each weight as a term, e.g. {kind: ce, weight: 0.5}, {kind: forward_kl, "
-                              "weight: 0.5}")
+                raise KDError(
+                    f"loss.terms replaces loss.alpha_*: remove {', '.join('loss.' + k for k in set_alphas)} "
+                    "and give each weight as a term, e.g. {kind: ce, weight: 0.5}, {kind: forward_kl, "
+                    "weight: 0.5}"
+                )
         else:
             for k, default in zip(alpha_names, (0.5, 0.5, 0.0, 0.0)):
                 if getattr(self, k) is None:
@@ -129,11 +133,15 @@ class LossConfig:
         if self.temperature <= 0 or self.contrastive_temperature <= 0:
             raise KDError("loss.temperature and loss.contrastive_temperature must be > 0")
         if any(len(p) != 2 for p in self.feature_layers):
-            raise KDError(f"loss.feature_layers must be [student_layer, teacher_layer] pairs, got {self.feature_layers}")
+            raise KDError(
+                f"loss.feature_layers must be [student_layer, teacher_layer] pairs, got {self.feature_layers}"
+            )
         if self.position_chunk < 1 or self.contrastive_max_positions < 2:
             raise KDError("loss.position_chunk must be >= 1 and loss.contrastive_max_positions >= 2")
         if self.cross_tokenizer is not None and self.target != "topk":
-            raise KDError(f"loss.cross_tokenizer works on the cached top-k (loss.target=topk), got loss.target={self.target}")
+            raise KDError(
+                f"loss.cross_tokenizer works on the cached top-k (loss.target=topk), got loss.target={self.target}"
+            )
         if self.uld_weight < 0 or not 0 <= self.min_aligned_share <= 1:
             raise KDError("loss.uld_weight must be >= 0 and loss.min_aligned_share in [0, 1]")
         terms = self.loss_terms()  # validates the list
@@ -143,15 +151,19 @@ class LossConfig:
         if self.cross_tokenizer is not None and "contrastive" in kinds:
             raise KDError("the contrastive term is not supported with loss.cross_tokenizer; use a feature term")
         if "uld" in kinds and self.cross_tokenizer is None:
-            raise KDError("the uld term compares across tokenizers: it needs loss.cross_tokenizer (mapped, uld or hybrid)")
+            raise KDError(
+                "the uld term compares across tokenizers: it needs loss.cross_tokenizer (mapped, uld or hybrid)"
+            )
         if self.target == "sampled":
             from kd.losses.divergences import REGISTRY
 
             biased = sorted(k for k in kinds if k in REGISTRY and not REGISTRY[k].unbiased_on_samples)
             if biased:
-                raise KDError(f"loss.target=sampled: {', '.join(biased)} is not linear in the teacher distribution, so "
-                              "training it against sampled targets (counts / n) would be biased; use forward_kl "
-                              "there, or loss.target=topk / online for these kinds")
+                raise KDError(
+                    f"loss.target=sampled: {', '.join(biased)} is not linear in the teacher distribution, so "
+                    "training it against sampled targets (counts / n) would be biased; use forward_kl "
+                    "there, or loss.target=topk / online for these kinds"
+                )
 
     def loss_terms(self) -> list:
         """The loss as kd.losses.terms.Term objects: `terms` parsed, or the alpha_* fields mapped onto it."""
@@ -159,16 +171,23 @@ class LossConfig:
 
         if self.terms:
             return parse_terms(self.terms)
-        kd_kind = {None: "forward_kl", "mapped": "forward_kl", "hybrid": "forward_kl", "uld": "uld"}[self.cross_tokenizer]
+        kd_kind = {None: "forward_kl", "mapped": "forward_kl", "hybrid": "forward_kl", "uld": "uld"}[
+            self.cross_tokenizer
+        ]
         terms = [Term("ce", "ce", float(self.alpha_ce)), Term("kd", kd_kind, float(self.alpha_kd))]
         if self.cross_tokenizer == "hybrid":
             terms.append(Term("uld", "uld", float(self.alpha_kd) * self.uld_weight))
         if self.alpha_feature > 0:
             terms.append(Term("feature", "feature", float(self.alpha_feature), {"distance": self.feature_kind}))
         if self.alpha_contrastive > 0:
-            terms.append(Term("contrastive", "contrastive", float(self.alpha_contrastive),
-                              {"temperature": self.contrastive_temperature,
-                               "max_positions": self.contrastive_max_positions}))
+            terms.append(
+                Term(
+                    "contrastive",
+                    "contrastive",
+                    float(self.alpha_contrastive),
+                    {"temperature": self.contrastive_temperature, "max_positions": self.contrastive_max_positions},
+                )
+            )
         return terms
 
 
@@ -246,13 +265,16 @@ class TrainSection:
             if getattr(self, name) < 1:
                 raise KDError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.min_lr <= self.lr:
-            raise KDError(f"need 0 < train.min_lr <= train.lr (got min_lr={self.min_lr}, lr={self.lr}): "
-                          "a step at LR 0 would be wasted")
+            raise KDError(
+                f"need 0 < train.min_lr <= train.lr (got min_lr={self.min_lr}, lr={self.lr}): "
+                "a step at LR 0 would be wasted"
+            )
         if self.warmup_steps < 0 or not 0 <= self.warmup_fraction < 1:
             raise KDError("train.warmup_steps must be >= 0 and train.warmup_fraction in [0, 1)")
         if self.max_steps and self.warmup_steps >= self.max_steps:
-            raise KDError(f"train.warmup_steps={self.warmup_steps} is not shorter than the run "
-                          f"(train.max_steps={self.max_steps})")
+            raise KDError(
+                f"train.warmup_steps={self.warmup_steps} is not shorter than the run (train.max_steps={self.max_steps})"
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise KDError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

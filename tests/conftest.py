@@ -18,9 +18,11 @@ sys.path.insert(0, str(ROOT))  # the scripts (cache_teacher.py, train_student.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = ("the king queen lord lady sword crown night day love death blood fair foul heaven earth sea storm "
-         "speak hear see know think go come stay fly sleep dream wake ghost witch father mother son daughter "
-         "friend enemy war peace gold silver true false sweet bitter old young").split()
+WORDS = (
+    "the king queen lord lady sword crown night day love death blood fair foul heaven earth sea storm "
+    "speak hear see know think go come stay fly sleep dream wake ghost witch father mother son daughter "
+    "friend enemy war peace gold silver true false sweet bitter old young"
+).split()
 
 
 def make_text(seed: int, n_words: int) -> str:
@@ -52,8 +54,9 @@ def tokenizer_dir(tmp_path_factory, corpus_dir) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train([str(p) for p in sorted(corpus_dir.rglob("*.txt"))], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     d = tmp_path_factory.mktemp("tokenizer")
@@ -83,8 +86,14 @@ def _save_model(model_cls, config, tokenizer_dir: Path, out: Path, seed: int) ->
     return out
 
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=128)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 @pytest.fixture(scope="session")
@@ -102,19 +111,27 @@ def moe_teacher(tmp_path_factory, tokenizer_dir) -> Path:
     from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
-    cfg = Qwen3MoeConfig(vocab_size=vocab, head_dim=8, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                         **TINY)
+    cfg = Qwen3MoeConfig(
+        vocab_size=vocab, head_dim=8, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, **TINY
+    )
     return _save_model(Qwen3MoeForCausalLM, cfg, tokenizer_dir, tmp_path_factory.mktemp("moe_teacher"), 101)
 
 
 def cache_overrides(teacher: Path, corpus: Path, out: Path, **extra) -> list[str]:
     """Dotted overrides for a small, fast cache run on the fixture corpus."""
     base = {
-        "teacher.model": str(teacher), "teacher.batch_size": 3,
-        "data.files": f"[{corpus}/*.txt]", "data.eval_files": f"[{corpus}/heldout/*.txt]", "data.seq_len": 32,
+        "teacher.model": str(teacher),
+        "teacher.batch_size": 3,
+        "data.files": f"[{corpus}/*.txt]",
+        "data.eval_files": f"[{corpus}/heldout/*.txt]",
+        "data.seq_len": 32,
         "data.separator_token": "<|endoftext|>",
-        "cache.output_dir": str(out), "cache.top_k": 16, "cache.hidden_layers": "[0, 2]",
-        "cache.sequences_per_shard": 8, "data.max_train_sequences": 40, "cache.sample_n": 8,
+        "cache.output_dir": str(out),
+        "cache.top_k": 16,
+        "cache.hidden_layers": "[0, 2]",
+        "cache.sequences_per_shard": 8,
+        "data.max_train_sequences": 40,
+        "cache.sample_n": 8,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

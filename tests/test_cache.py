@@ -42,8 +42,9 @@ def read_all(out: Path) -> dict[str, dict[str, np.ndarray]]:
     for split in cache.manifest["splits"]:
         reader = cache.split(split, cache.split(split).ALL_FIELDS)
         items = [reader[i] for i in range(len(reader))]
-        result[split] = {k: np.stack([it[k].numpy() for it in items]) for k in items[0]
-                         if k not in ("sequence_index", "text")}
+        result[split] = {
+            k: np.stack([it[k].numpy() for it in items]) for k in items[0] if k not in ("sequence_index", "text")
+        }
         result[split]["text"] = np.array([it["text"] for it in items], dtype=object)
         result[split]["lengths"] = result[split].pop("length")
     return result
@@ -59,8 +60,11 @@ PLAIN = {"cache.id_codec": "plain", "cache.logprob_codec": "fp16", "cache.hidden
 COMPACT = {"cache.id_codec": "bitpack", "cache.logprob_codec": "q8", "cache.hidden_codec": "q8"}
 
 
-@pytest.mark.parametrize("teacher_fixture,codecs", [("llama_teacher", COMPACT), ("moe_teacher", PLAIN),
-                                                    ("llama_teacher", PLAIN)], ids=["llama-compact", "moe-plain", "llama-plain"])
+@pytest.mark.parametrize(
+    "teacher_fixture,codecs",
+    [("llama_teacher", COMPACT), ("moe_teacher", PLAIN), ("llama_teacher", PLAIN)],
+    ids=["llama-compact", "moe-plain", "llama-plain"],
+)
 def test_stored_values_equal_recomputation(request, tmp_path, make_cache_config, teacher_fixture, codecs):
     from transformers import AutoModelForCausalLM
 
@@ -89,8 +93,9 @@ def test_stored_values_equal_recomputation(request, tmp_path, make_cache_config,
         if compact:
             # log-probs: within one step, and the top-k probability mass (so the tail mass) is kept
             assert ((stored_vals - ref_vals).abs() <= q8_bound(ref_vals, 1.0))[valid].all()
-            torch.testing.assert_close(stored_vals.double().exp().sum(-1)[valid],
-                                       ref_vals.double().exp().sum(-1)[valid], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                stored_vals.double().exp().sum(-1)[valid], ref_vals.double().exp().sum(-1)[valid], rtol=1e-4, atol=1e-5
+            )
         else:
             torch.testing.assert_close(stored_vals[valid], ref_vals[valid], atol=2e-3, rtol=1e-3)
         torch.testing.assert_close(torch.gather(logp, -1, stored_ids)[valid], ref_vals[valid], atol=2e-3, rtol=1e-3)
@@ -101,8 +106,9 @@ def test_stored_values_equal_recomputation(request, tmp_path, make_cache_config,
         if compact:  # valid positions (padding's values are never used, and depend on whether a mask was passed)
             assert ((stored_hidden - ref_hidden).abs() <= q8_bound(ref_hidden)).permute(0, 2, 1, 3)[valid].all()
         else:
-            torch.testing.assert_close(stored_hidden.permute(0, 2, 1, 3)[valid], ref_hidden.permute(0, 2, 1, 3)[valid],
-                                       atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(
+                stored_hidden.permute(0, 2, 1, 3)[valid], ref_hidden.permute(0, 2, 1, 3)[valid], atol=2e-3, rtol=2e-3
+            )
         # sampled targets: counts sum to n, every drawn id is a real teacher token, most frequent first
         counts = c["sample_counts"].astype(np.int64)
         assert (counts.sum(-1) == 8).all() and (np.diff(counts, axis=-1) <= 0).all()
@@ -125,7 +131,7 @@ def test_window_text_and_spans_give_back_every_token(tmp_path, make_cache_config
         for text, ids, spans, length in zip(c["text"], c["input_ids"], c["token_spans"], c["lengths"]):
             assert spans[0, 0] == 0 and spans[length - 1, 1] == len(text)  # the text is exactly the window
             for t in range(length):
-                piece = text[spans[t, 0]:spans[t, 1]]
+                piece = text[spans[t, 0] : spans[t, 1]]
                 if ids[t] == tok.eos_token_id:
                     assert piece == "<|endoftext|>"
                     n_sep += 1
@@ -181,8 +187,9 @@ def test_teacher_targets_draw_what_sample_targets_draws(dtype):
     gens = lambda seqs: [torch.Generator().manual_seed(100 + i) for i in seqs]  # noqa: E731
     expect = [sample_targets(logits[i], n, gens([i])[0]) for i in range(3)]
     for chunk in (1, 7, 64):
-        lp, top, _, (s_ids, s_counts) = teacher_targets(model, ids, mask, 5, [], position_chunk=chunk, sample_n=n,
-                                                        sample_generators=gens(range(3)))
+        lp, top, _, (s_ids, s_counts) = teacher_targets(
+            model, ids, mask, 5, [], position_chunk=chunk, sample_n=n, sample_generators=gens(range(3))
+        )
         ref = torch.log_softmax(logits.float(), -1).topk(5, -1)
         torch.testing.assert_close(lp, ref.values, rtol=0, atol=2e-6)
         assert torch.equal(top, ref.indices)
@@ -190,8 +197,9 @@ def test_teacher_targets_draw_what_sample_targets_draws(dtype):
             assert torch.equal(s_ids[i], expect[i][0]) and torch.equal(s_counts[i], expect[i][1]), (chunk, i)
         assert (s_ids[s_counts > 0] < 33).all() and (s_counts.sum(-1) == n).all()
     # the same sequence alone in its batch
-    _, _, _, (alone, alone_counts) = teacher_targets(model, ids[2:], mask[2:], 5, [], sample_n=n,
-                                                     sample_generators=gens([2]))
+    _, _, _, (alone, alone_counts) = teacher_targets(
+        model, ids[2:], mask[2:], 5, [], sample_n=n, sample_generators=gens([2])
+    )
     assert torch.equal(alone[0], expect[2][0]) and torch.equal(alone_counts[0], expect[2][1])
 
 
@@ -222,9 +230,11 @@ def test_inverse_cdf_draws_across_blocks_and_at_the_edges():
     ids = _draw(e, u)
     freq = torch.zeros(2, 1000, dtype=torch.float64).scatter_add_(1, ids, torch.ones_like(u)) / u.shape[1]
     assert (freq - e.double() / e.double().sum(-1, keepdim=True)).abs().max() < 0.003
-    edge = torch.tensor([[0.0, torch.nextafter(torch.tensor(1.0, dtype=torch.float64),
-                                               torch.tensor(0.0, dtype=torch.float64)).item()]] * 2,
-                        dtype=torch.float64)
+    edge = torch.tensor(
+        [[0.0, torch.nextafter(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)).item()]]
+        * 2,
+        dtype=torch.float64,
+    )
     drawn = _draw(e, edge)
     assert (e.gather(1, drawn) > 0).all(), drawn
 
@@ -232,8 +242,19 @@ def test_inverse_cdf_draws_across_blocks_and_at_the_edges():
 def test_manifest_describes_the_cache(tmp_path, make_cache_config, llama_teacher):
     out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
     m = json.loads((out / MANIFEST).read_text())
-    for key in ("format", "format_version", "teacher", "tokenizer", "top_k", "hidden_layers", "codecs",
-                "seq_len", "dataset", "splits", "config"):
+    for key in (
+        "format",
+        "format_version",
+        "teacher",
+        "tokenizer",
+        "top_k",
+        "hidden_layers",
+        "codecs",
+        "seq_len",
+        "dataset",
+        "splits",
+        "config",
+    ):
         assert key in m, key
     assert m["teacher"]["vocab_size"] > 0 and m["teacher"]["hidden_size"] == 32
     assert len(m["tokenizer"]["fingerprint"]) == 64
@@ -269,7 +290,9 @@ def test_reader_random_access_and_workers(tmp_path, make_cache_config, llama_tea
     for i in (0, 7, 8, 39):  # both sides of a shard boundary
         item = split[i]
         assert torch.equal(item["input_ids"], torch.from_numpy(raw["input_ids"][i].astype(np.int64)))
-        assert torch.equal(item["topk_ids"], torch.from_numpy(unpack_bits(raw["topk_ids"][i], 9, 32 * 16).reshape(32, 16)))
+        assert torch.equal(
+            item["topk_ids"], torch.from_numpy(unpack_bits(raw["topk_ids"][i], 9, 32 * 16).reshape(32, 16))
+        )
         assert torch.equal(item["topk_logprobs"], torch.from_numpy(content["topk_logprobs"][i]))
         assert item["sample_ids"].shape == item["sample_counts"].shape == (32, 8)
         assert item["hidden_states"].shape == (2, 32, 32)
@@ -320,12 +343,17 @@ def test_interrupted_run_resumes_to_identical_cache(tmp_path, make_cache_config,
                 assert list(resumed[split][name]) == list(reference[split][name])
                 continue
             # batch size changes fp32 rounding in the teacher, which can move a q8 value by one step (< 0.02 here)
-            np.testing.assert_allclose(resumed[split][name].astype(np.float32),
-                                       reference[split][name].astype(np.float32), atol=2e-2, err_msg=f"{split}/{name}")
+            np.testing.assert_allclose(
+                resumed[split][name].astype(np.float32),
+                reference[split][name].astype(np.float32),
+                atol=2e-2,
+                err_msg=f"{split}/{name}",
+            )
 
 
-def test_a_cache_begun_with_another_sampling_scheme_is_finished_from_scratch(tmp_path, make_cache_config,
-                                                                            llama_teacher, monkeypatch):
+def test_a_cache_begun_with_another_sampling_scheme_is_finished_from_scratch(
+    tmp_path, make_cache_config, llama_teacher, monkeypatch
+):
     """Shards whose sampled targets were drawn by another scheme (kd.teacher.SAMPLER) are never kept on resume:
     the scheme is part of the config hash, so the finished shard is recomputed and the manifest names the scheme."""
     out = tmp_path / "c"
@@ -343,8 +371,11 @@ def test_killed_process_never_leaves_a_complete_looking_shard(tmp_path, corpus_d
     import time
 
     out = tmp_path / "c"
-    args = [sys.executable, str(ROOT / "cache_teacher.py"),
-            *cache_overrides(llama_teacher, corpus_dir, out, **{"cache.sequences_per_shard": 2, "teacher.batch_size": 1})]
+    args = [
+        sys.executable,
+        str(ROOT / "cache_teacher.py"),
+        *cache_overrides(llama_teacher, corpus_dir, out, **{"cache.sequences_per_shard": 2, "teacher.batch_size": 1}),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.h5"))) < 3 and proc.poll() is None:
@@ -354,6 +385,7 @@ def test_killed_process_never_leaves_a_complete_looking_shard(tmp_path, corpus_d
     for shard in out.glob("*.h5"):
         info = json.loads(shard.with_suffix(".json").read_text())
         from kd.cache import sha256_file
+
         assert sha256_file(shard) == info["sha256"], shard.name
     subprocess.run(args, check=True, capture_output=True)
     assert verify(out, log=lambda *_: None) == []
@@ -366,12 +398,28 @@ def test_two_processes_equal_one(tmp_path, corpus_dir, llama_teacher):
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     # one unit per play (data.unit_bytes below a play's size): both processes ingest, in rounds, up to the cap
     extra = {"data.unit_bytes": 2000}
-    subprocess.run([sys.executable, str(ROOT / "cache_teacher.py"),
-                    *cache_overrides(llama_teacher, corpus_dir, one, **extra)], check=True, capture_output=True, env=env)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29512", str(ROOT / "cache_teacher.py"),
-                             *cache_overrides(llama_teacher, corpus_dir, two, **extra)], capture_output=True, text=True,
-                            env=env)
+    subprocess.run(
+        [sys.executable, str(ROOT / "cache_teacher.py"), *cache_overrides(llama_teacher, corpus_dir, one, **extra)],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29512",
+            str(ROOT / "cache_teacher.py"),
+            *cache_overrides(llama_teacher, corpus_dir, two, **extra),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stdout and "in 3 units" in result.stdout  # 2 train units hold the cap
     for read in (read_raw, read_all):  # bytes on disk, and decoded (covers the ragged sampled targets)
@@ -380,7 +428,9 @@ def test_two_processes_equal_one(tmp_path, corpus_dir, llama_teacher):
             for name in a[split]:
                 np.testing.assert_array_equal(a[split][name], b[split][name], err_msg=f"{split}/{name}")
     ma, mb = (json.loads((d / MANIFEST).read_text()) for d in (one, two))
-    assert [s["sha256"] for s in ma["splits"]["train"]["shards"]] == [s["sha256"] for s in mb["splits"]["train"]["shards"]]
+    assert [s["sha256"] for s in ma["splits"]["train"]["shards"]] == [
+        s["sha256"] for s in mb["splits"]["train"]["shards"]
+    ]
 
 
 def test_verify_catches_a_flipped_byte(tmp_path, make_cache_config, llama_teacher):
@@ -415,9 +465,20 @@ def test_verify_names_the_bad_sequence(tmp_path, make_cache_config, llama_teache
 def test_reader_keeps_few_files_open(tmp_path, make_cache_config, llama_teacher):
     """More shards than the process may open files (ulimit -n 64), read in a random order, twice: no error, and
     the values equal a fresh reader's."""
-    out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c", **{
-        "cache.sequences_per_shard": 1, "data.max_train_sequences": 120, "data.max_eval_sequences": 1,
-        "cache.hidden_layers": "[]", "cache.sample_n": 0, "cache.store_text": "false"}))
+    out = cache_teacher.main(
+        make_cache_config(
+            llama_teacher,
+            tmp_path / "c",
+            **{
+                "cache.sequences_per_shard": 1,
+                "data.max_train_sequences": 120,
+                "data.max_eval_sequences": 1,
+                "cache.hidden_layers": "[]",
+                "cache.sample_n": 0,
+                "cache.store_text": "false",
+            },
+        )
+    )
     assert len(list(out.glob("train-*.h5"))) == 120
     script = f"""
 import resource, sys, numpy as np

@@ -18,16 +18,21 @@ def run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "cache_teacher.py"), *args], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"data.seq_len": 256}, "longer than the teacher's context (128"),
-    ({"cache.top_k": 100000}, "larger than the teacher's vocabulary"),
-    ({"cache.hidden_layers": "[0, 3]"}, "cache.hidden_layers [3] out of range"),
-    ({"data.files": "[/nonexistent/*.txt]"}, "data.files: file(s) not found: /nonexistent/*.txt"),
-    ({"data.separator_token": "<nope>"}, "separator token '<nope>' is not in the teacher's vocabulary"),
-    ({"data.eval_files": "[{train_file}]"}, "is in both data.files and data.eval_files"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"data.seq_len": 256}, "longer than the teacher's context (128"),
+        ({"cache.top_k": 100000}, "larger than the teacher's vocabulary"),
+        ({"cache.hidden_layers": "[0, 3]"}, "cache.hidden_layers [3] out of range"),
+        ({"data.files": "[/nonexistent/*.txt]"}, "data.files: file(s) not found: /nonexistent/*.txt"),
+        ({"data.separator_token": "<nope>"}, "separator token '<nope>' is not in the teacher's vocabulary"),
+        ({"data.eval_files": "[{train_file}]"}, "is in both data.files and data.eval_files"),
+    ],
+)
 def test_bad_input_is_refused_before_work(tmp_path, make_cache_config, llama_teacher, corpus_dir, override, message):
-    override = {k: v.format(train_file=corpus_dir / "play0.txt") if isinstance(v, str) else v for k, v in override.items()}
+    override = {
+        k: v.format(train_file=corpus_dir / "play0.txt") if isinstance(v, str) else v for k, v in override.items()
+    }
     with pytest.raises(KDError, match=None) as e:
         cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c", **override))
     assert message in str(e.value)
@@ -35,14 +40,18 @@ def test_bad_input_is_refused_before_work(tmp_path, make_cache_config, llama_tea
     cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"data.text_field": "content", "data.files": "[{jsonl}]"}, "text field 'content' is not in the record"),
-    ({"data.files": "[{empty}]"}, "holds no non-empty text"),
-    ({"data.files": "[{bad_utf8}]"}, "bad.jsonl, line 2: invalid UTF-8"),
-    ({"data.eval_files": "[]", "data.eval_fraction": 0.01}, "the eval data holds no non-empty text"),
-])
-def test_bad_data_found_while_reading_never_blocks_the_corrected_run(tmp_path, make_cache_config, llama_teacher,
-                                                                     override, message):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"data.text_field": "content", "data.files": "[{jsonl}]"}, "text field 'content' is not in the record"),
+        ({"data.files": "[{empty}]"}, "holds no non-empty text"),
+        ({"data.files": "[{bad_utf8}]"}, "bad.jsonl, line 2: invalid UTF-8"),
+        ({"data.eval_files": "[]", "data.eval_fraction": 0.01}, "the eval data holds no non-empty text"),
+    ],
+)
+def test_bad_data_found_while_reading_never_blocks_the_corrected_run(
+    tmp_path, make_cache_config, llama_teacher, override, message
+):
     """Problems only reading can find (streaming: the data is never loaded up front) stop the run with one error,
     before the directory becomes a cache, so the corrected run (another data config) proceeds."""
     (tmp_path / "docs.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
@@ -63,7 +72,8 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path, corpus_dir, llama_teacher):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown config key(s) cache.topk in section 'cache'; allowed: hidden_codec, hidden_layers, id_codec, "
-        "logprob_codec, output_dir, overwrite, sample_n, sample_seed, sequences_per_shard, store_text, top_k"]
+        "logprob_codec, output_dir, overwrite, sample_n, sample_seed, sequences_per_shard, store_text, top_k"
+    ]
     assert not (tmp_path / "c").exists()
 
 

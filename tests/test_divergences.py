@@ -14,11 +14,20 @@ from kd.losses import divergences, fused_ce_kd, sparse_kd_per_position
 from kd.losses.terms import Term, logit_term_sums, parse_terms
 from kd.signals import Mapped, Online, Sampled, TopK
 
-KINDS = [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.1}),
-         ("jsd", {"beta": 0.9}), ("tvd", {}), ("skew_kl", {"alpha": 0.1}), ("skew_reverse_kl", {"alpha": 0.3})]
+KINDS = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("jsd", {"beta": 0.5}),
+    ("jsd", {"beta": 0.1}),
+    ("jsd", {"beta": 0.9}),
+    ("tvd", {}),
+    ("skew_kl", {"alpha": 0.1}),
+    ("skew_reverse_kl", {"alpha": 0.3}),
+]
 
 
 # ---- the float64 reference: textbook formulas on explicit probability vectors ---------------------------------
+
 
 def ref_divergence(kind: str, lp: torch.Tensor, lq: torch.Tensor, **o) -> torch.Tensor:
     """lp student, lq teacher: [N, M] float64 log-probabilities (log space, so 1e4-sized logits do not underflow);
@@ -63,13 +72,19 @@ def ref_distributions(z, teacher_logits, signal: str, k: int, T: float, tail: st
     if cached is not None:
         ids, top_lp = cached[0], cached[1].double()
     t_mass = 1 - top_lp.exp().sum(-1, keepdim=True)
-    t_tail = torch.where((t_mass < 2 ** -20) | torch.tensor(tail == "renormalize"), torch.full_like(t_mass, -math.inf),
-                         torch.log(t_mass.clamp(min=1e-300)))
+    t_tail = torch.where(
+        (t_mass < 2**-20) | torch.tensor(tail == "renormalize"),
+        torch.full_like(t_mass, -math.inf),
+        torch.log(t_mass.clamp(min=1e-300)),
+    )
     lq = torch.log_softmax(torch.cat([top_lp, t_tail], -1) / T, -1)
     lp_top = lp_full.gather(-1, ids)
     s_mass = 1 - lp_top.exp().sum(-1, keepdim=True)
-    s_tail = torch.where((t_tail == -math.inf) & (s_mass < 2 ** -20), torch.full_like(s_mass, -math.inf),
-                         torch.log(s_mass.clamp(min=1e-30)))
+    s_tail = torch.where(
+        (t_tail == -math.inf) & (s_mass < 2**-20),
+        torch.full_like(s_mass, -math.inf),
+        torch.log(s_mass.clamp(min=1e-30)),
+    )
     return torch.cat([lp_top, s_tail], -1), lq
 
 
@@ -77,8 +92,8 @@ def make_case(seed: int, N: int = 12, V: int = 40, pad: int = 3, scale: float = 
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(N, V, generator=g, dtype=torch.float64) * scale
     t = torch.randn(N, V, generator=g, dtype=torch.float64) * scale
-    z[:, V - pad:] = float("-inf")  # a padded vocabulary: both sides give those ids probability 0
-    t[:, V - pad:] = float("-inf")
+    z[:, V - pad :] = float("-inf")  # a padded vocabulary: both sides give those ids probability 0
+    t[:, V - pad :] = float("-inf")
     mask = torch.rand(N, generator=g) > 0.25
     mask[0] = True
     return z, t, mask
@@ -101,8 +116,9 @@ def chunked(z, signal, terms, mask, T, chunk=5, fused=False):
 
 
 @pytest.mark.parametrize("kind,opts", KINDS)
-@pytest.mark.parametrize("signal,k,tail", [("online", None, None), ("topk", 8, "bucket"), ("topk", 37, "bucket"),
-                                           ("topk", 8, "renormalize")])
+@pytest.mark.parametrize(
+    "signal,k,tail", [("online", None, None), ("topk", 8, "bucket"), ("topk", 37, "bucket"), ("topk", 8, "renormalize")]
+)
 @pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 4.0])
 def test_kind_matches_float64_reference(kind, opts, signal, k, tail, T):
     """Value and gradient of every kind equal the float64 definition: dense, top-k with the tail bucket (k = V - pad
@@ -112,8 +128,9 @@ def test_kind_matches_float64_reference(kind, opts, signal, k, tail, T):
     sums, grad = chunked(z, sig, [Term(kind, kind, 1.0, opts)], mask, T)
 
     z_ref = z.clone().requires_grad_(True)
-    p, q = ref_distributions(z_ref, t, signal, k or 0, T, tail or "bucket",
-                             None if signal == "online" else (sig.ids, sig.logprobs))
+    p, q = ref_distributions(
+        z_ref, t, signal, k or 0, T, tail or "bucket", None if signal == "online" else (sig.ids, sig.logprobs)
+    )
     per = ref_divergence(kind, p, q, **opts) * T * T
     ref = per[mask].sum()
     ref.backward()
@@ -132,8 +149,9 @@ def test_kind_on_logits_of_magnitude_1e4_in_half_precision(kind, opts, dtype):
     t = (t * 1e4).to(dtype)
     sig = signal_for("topk", t.double(), 8)
     zz = z.clone().requires_grad_(True)
-    total, sums = logit_term_sums(zz, torch.zeros(len(z), dtype=torch.long), mask, mask, sig,
-                                  [Term(kind, kind, 1.0, opts)], [1.0], 1.0, 4)
+    total, sums = logit_term_sums(
+        zz, torch.zeros(len(z), dtype=torch.long), mask, mask, sig, [Term(kind, kind, 1.0, opts)], [1.0], 1.0, 4
+    )
     total.backward()
     assert torch.isfinite(sums).all() and torch.isfinite(zz.grad.float()).all()
     z_ref = z.double().clone().requires_grad_(True)
@@ -155,15 +173,18 @@ def test_identical_distributions_give_zero_and_random_ones_are_positive(kind, op
             assert grad.abs().max() < 1e-4
     z2, t2, mask2 = make_case(4)
     for sig in (Online(t2.float()), signal_for("topk", t2, 8)):
-        per_row = [chunked(z2[i:i + 1], _rows(sig, i), [Term(kind, kind, 1.0, opts)], mask2[i:i + 1], T)[0][0]
-                   for i in range(len(z2)) if mask2[i]]
+        per_row = [
+            chunked(z2[i : i + 1], _rows(sig, i), [Term(kind, kind, 1.0, opts)], mask2[i : i + 1], T)[0][0]
+            for i in range(len(z2))
+            if mask2[i]
+        ]
         assert min(per_row) > 0
 
 
 def _rows(sig, i):
     if isinstance(sig, Online):
-        return Online(sig.logits[i:i + 1])
-    return TopK(sig.ids[i:i + 1], sig.logprobs[i:i + 1], sig.tail)
+        return Online(sig.logits[i : i + 1])
+    return TopK(sig.ids[i : i + 1], sig.logprobs[i : i + 1], sig.tail)
 
 
 def test_jsd_limits_are_forward_and_reverse_kl_and_half_is_symmetric():
@@ -187,8 +208,10 @@ def test_chunked_equals_unchunked_and_micro_batches_add_up(kind, opts):
     torch.testing.assert_close(small, whole, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_small, g_whole, rtol=1e-5, atol=1e-7)
     # two micro-batches: their sums over the global count equal the whole batch's mean
-    halves = [chunked(z[a:b], TopK(sig.ids[a:b], sig.logprobs[a:b], "bucket"), term, mask[a:b], 2.0)[0]
-              for a, b in ((0, 7), (7, 20))]
+    halves = [
+        chunked(z[a:b], TopK(sig.ids[a:b], sig.logprobs[a:b], "bucket"), term, mask[a:b], 2.0)[0]
+        for a, b in ((0, 7), (7, 20))
+    ]
     n = int(mask.sum())
     torch.testing.assert_close((halves[0] + halves[1])[0] / n, whole[0] / n, rtol=1e-5, atol=1e-7)
 
@@ -220,8 +243,16 @@ def test_k_equal_v_is_the_exact_kl_for_both_tail_policies(tail, T):
     teacher = torch.randn(64, 4, generator=g) * 3
     lp, ids = torch.log_softmax(teacher, -1).topk(4, -1)
     for student in (teacher.clone(), torch.randn(64, 4, generator=g) * 3):
-        exact = torch.nn.functional.kl_div(torch.log_softmax(student / T, -1), torch.log_softmax(teacher / T, -1),
-                                           log_target=True, reduction="none").sum(-1) * T * T
+        exact = (
+            torch.nn.functional.kl_div(
+                torch.log_softmax(student / T, -1),
+                torch.log_softmax(teacher / T, -1),
+                log_target=True,
+                reduction="none",
+            ).sum(-1)
+            * T
+            * T
+        )
         got = sparse_kd_per_position(student, ids, lp, T, tail)
         torch.testing.assert_close(got, exact, rtol=1e-4, atol=2e-5)
         mask = torch.ones(64, dtype=torch.bool)
@@ -239,8 +270,18 @@ def test_a_non_finite_logit_at_an_ignored_position_leaves_the_gradient_finite():
     for fused in (True, False):
         for terms in ([Term("ce", "ce", 0.5), Term("kd", "forward_kl", 0.5)], [Term("r", "reverse_kl", 1.0)]):
             zz = z.clone().requires_grad_(True)
-            total, sums = logit_term_sums(zz, torch.zeros(len(z), dtype=torch.long), mask, mask, sig, terms,
-                                          [t_.weight for t_ in terms], 2.0, 4, fused=fused)
+            total, sums = logit_term_sums(
+                zz,
+                torch.zeros(len(z), dtype=torch.long),
+                mask,
+                mask,
+                sig,
+                terms,
+                [t_.weight for t_ in terms],
+                2.0,
+                4,
+                fused=fused,
+            )
             total.backward()
             assert torch.isfinite(total) and torch.isfinite(zz.grad).all(), (fused, terms)
             assert (zz.grad[mask_ignored] == 0).all()
@@ -279,6 +320,12 @@ def test_registry_and_term_list_reject_bad_input_clearly():
         parse_terms([{"kind": "ce", "weight": 0}])
     with pytest.raises(KDError, match="non-empty list"):
         parse_terms([])
-    terms = parse_terms([{"kind": "ce", "weight": 0.5}, {"kind": "forward_kl", "weight": 0.25},
-                         {"kind": "reverse_kl", "weight": 0.25, "name": "rkl"}, {"kind": "jsd"}])
+    terms = parse_terms(
+        [
+            {"kind": "ce", "weight": 0.5},
+            {"kind": "forward_kl", "weight": 0.25},
+            {"kind": "reverse_kl", "weight": 0.25, "name": "rkl"},
+            {"kind": "jsd"},
+        ]
+    )
     assert [t.name for t in terms] == ["ce", "forward_kl", "rkl", "jsd"] and terms[3].options == {"beta": 0.5}

@@ -56,8 +56,14 @@ def jsonl_corpus(tmp_path_factory) -> Path:
 
 
 def jsonl_overrides(teacher, corpus_dir, jsonl_corpus, out, **extra):
-    base = {"data.files": f"[{jsonl_corpus}/*.jsonl]", "data.eval_files": "[]", "data.eval_fraction": 0.2,
-            "data.max_train_sequences": "null", "data.max_eval_sequences": 6, "cache.sequences_per_shard": 4}
+    base = {
+        "data.files": f"[{jsonl_corpus}/*.jsonl]",
+        "data.eval_files": "[]",
+        "data.eval_fraction": 0.2,
+        "data.max_train_sequences": "null",
+        "data.max_eval_sequences": 6,
+        "cache.sequences_per_shard": 4,
+    }
     base.update(extra)
     return cache_overrides(teacher, corpus_dir, out, **base)
 
@@ -66,58 +72,111 @@ def test_streaming_and_non_streaming_datasets_equal_files(tmp_path, corpus_dir, 
     """A local data folder read as a streaming or a memory-mapped Hugging Face dataset gives the same cache, and
     (in one unit) the same cache as reading the files directly."""
     caches = {}
-    for name, extra in {"files": {}, "stream": {"data.files": "[]", "data.dataset": str(jsonl_corpus)},
-                        "arrow": {"data.files": "[]", "data.dataset": str(jsonl_corpus), "data.streaming": "false"},
-                        "stream-units": {"data.files": "[]", "data.dataset": str(jsonl_corpus), "data.unit_bytes": 6000,
-                                         "data.max_train_sequences": 100},
-                        "arrow-units": {"data.files": "[]", "data.dataset": str(jsonl_corpus), "data.streaming": "false",
-                                        "data.unit_bytes": 6000, "data.max_train_sequences": 100}}.items():
-        cfg = load_config(CacheConfig, None, jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, tmp_path / name,
-                                                             **{"data.max_train_sequences": 30, **extra}))
+    for name, extra in {
+        "files": {},
+        "stream": {"data.files": "[]", "data.dataset": str(jsonl_corpus)},
+        "arrow": {"data.files": "[]", "data.dataset": str(jsonl_corpus), "data.streaming": "false"},
+        "stream-units": {
+            "data.files": "[]",
+            "data.dataset": str(jsonl_corpus),
+            "data.unit_bytes": 6000,
+            "data.max_train_sequences": 100,
+        },
+        "arrow-units": {
+            "data.files": "[]",
+            "data.dataset": str(jsonl_corpus),
+            "data.streaming": "false",
+            "data.unit_bytes": 6000,
+            "data.max_train_sequences": 100,
+        },
+    }.items():
+        cfg = load_config(
+            CacheConfig,
+            None,
+            jsonl_overrides(
+                llama_teacher, corpus_dir, jsonl_corpus, tmp_path / name, **{"data.max_train_sequences": 30, **extra}
+            ),
+        )
         caches[name] = read_all(cache_teacher.main(cfg))
     for a, b in (("files", "stream"), ("stream", "arrow"), ("stream-units", "arrow-units")):
         for split in ("train", "eval"):
             for field in caches[a][split]:
-                np.testing.assert_array_equal(caches[a][split][field], caches[b][split][field], err_msg=f"{a}/{b} {field}")
-    assert (caches["stream-units"]["train"]["lengths"][:-1] < 32).any()  # several units, each ends with a partial window
+                np.testing.assert_array_equal(
+                    caches[a][split][field], caches[b][split][field], err_msg=f"{a}/{b} {field}"
+                )
+    assert (
+        caches["stream-units"]["train"]["lengths"][:-1] < 32
+    ).any()  # several units, each ends with a partial window
 
 
 def test_units_caps_and_empty_documents(tmp_path, corpus_dir, jsonl_corpus, llama_teacher):
     """Windows do not depend on the unit size except at unit ends; a cap stops reading early; empty and
     whitespace-only documents are skipped (no separator for them) and counted."""
-    cfg = load_config(CacheConfig, None, jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, tmp_path / "a",
-                                                         **{"data.max_eval_sequences": "null"}))
+    cfg = load_config(
+        CacheConfig,
+        None,
+        jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, tmp_path / "a", **{"data.max_eval_sequences": "null"}),
+    )
     (index, stats), tok = ingest(cfg, tmp_path / "a")
     assert stats["documents"] == 120 and stats["empty_documents"] == 0 and stats["units"] == 1
     whole = index.read("train", 0, index.num_sequences["train"], ["input_ids", "lengths", "doc_starts"])
     # the same documents with empty ones between them
     lines = [json.loads(x) for f in sorted(jsonl_corpus.glob("*.jsonl")) for x in f.read_text().splitlines()]
     padded = tmp_path / "padded.jsonl"
-    padded.write_text("".join(json.dumps(r) + "\n" + json.dumps({"text": ["", "  \n\t "][i % 2]}) + "\n"
-                              for i, r in enumerate(lines)))
-    cfg2 = load_config(CacheConfig, None, jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, tmp_path / "b",
-                                                          **{"data.files": f"[{padded}]", "data.max_eval_sequences": "null"}))
+    padded.write_text(
+        "".join(json.dumps(r) + "\n" + json.dumps({"text": ["", "  \n\t "][i % 2]}) + "\n" for i, r in enumerate(lines))
+    )
+    cfg2 = load_config(
+        CacheConfig,
+        None,
+        jsonl_overrides(
+            llama_teacher,
+            corpus_dir,
+            jsonl_corpus,
+            tmp_path / "b",
+            **{"data.files": f"[{padded}]", "data.max_eval_sequences": "null"},
+        ),
+    )
     (index2, stats2), _ = ingest(cfg2, tmp_path / "b")
     assert stats2["empty_documents"] == 120
-    np.testing.assert_array_equal(index2.read("train", 0, index2.num_sequences["train"], ["input_ids"])["input_ids"],
-                                  whole["input_ids"])
+    np.testing.assert_array_equal(
+        index2.read("train", 0, index2.num_sequences["train"], ["input_ids"])["input_ids"], whole["input_ids"]
+    )
     assert int(whole["doc_starts"].sum()) == stats["split_documents"]["train"]
     # many units: every window of the one-unit ingest except near unit ends; each unit ends with its partial window
-    cfg3 = load_config(CacheConfig, None, jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, tmp_path / "c",
-                                                          **{"data.unit_bytes": 4000, "data.max_eval_sequences": "null"}))
+    cfg3 = load_config(
+        CacheConfig,
+        None,
+        jsonl_overrides(
+            llama_teacher,
+            corpus_dir,
+            jsonl_corpus,
+            tmp_path / "c",
+            **{"data.unit_bytes": 4000, "data.max_eval_sequences": "null"},
+        ),
+    )
     (index3, stats3), _ = ingest(cfg3, tmp_path / "c")
     assert stats3["units"] >= 10 and stats3["documents"] == 120
     lengths3 = index3.read("train", 0, index3.num_sequences["train"], ["lengths"])["lengths"]
     assert (lengths3 < 32).sum() <= stats3["units"] and int(lengths3.sum()) == int(whole["lengths"].sum())
     # a cap: reading stops after the units that hold it
-    cfg4 = load_config(CacheConfig, None, jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, tmp_path / "d",
-                                                          **{"data.unit_bytes": 4000, "data.max_train_sequences": 10,
-                                                             "data.max_eval_sequences": 2}))
+    cfg4 = load_config(
+        CacheConfig,
+        None,
+        jsonl_overrides(
+            llama_teacher,
+            corpus_dir,
+            jsonl_corpus,
+            tmp_path / "d",
+            **{"data.unit_bytes": 4000, "data.max_train_sequences": 10, "data.max_eval_sequences": 2},
+        ),
+    )
     (index4, stats4), _ = ingest(cfg4, tmp_path / "d")
     assert index4.num_sequences == {"train": 10, "eval": 2}
     assert stats4["units"] < stats3["units"] / 2 and stats4["documents"] < 60
-    np.testing.assert_array_equal(index4.read("train", 0, 10, ["input_ids"])["input_ids"],
-                                  index3.read("train", 0, 10, ["input_ids"])["input_ids"])
+    np.testing.assert_array_equal(
+        index4.read("train", 0, 10, ["input_ids"])["input_ids"], index3.read("train", 0, 10, ["input_ids"])["input_ids"]
+    )
 
 
 def test_a_corpus_of_100000_tiny_documents(tmp_path, corpus_dir, llama_teacher):
@@ -125,13 +184,28 @@ def test_a_corpus_of_100000_tiny_documents(tmp_path, corpus_dir, llama_teacher):
     rng = np.random.default_rng(0)
     f = tmp_path / "tiny.jsonl"
     f.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 1 + i % 3))}) + "\n" for i in range(100_000)))
-    cfg = load_config(CacheConfig, None, cache_overrides(llama_teacher, corpus_dir, tmp_path / "c", **{
-        "data.files": f"[{f}]", "data.eval_files": "[]", "data.eval_fraction": 0.01, "data.max_train_sequences": "null",
-        "data.unit_bytes": 500_000}))
+    cfg = load_config(
+        CacheConfig,
+        None,
+        cache_overrides(
+            llama_teacher,
+            corpus_dir,
+            tmp_path / "c",
+            **{
+                "data.files": f"[{f}]",
+                "data.eval_files": "[]",
+                "data.eval_fraction": 0.01,
+                "data.max_train_sequences": "null",
+                "data.unit_bytes": 500_000,
+            },
+        ),
+    )
     t0 = time.time()
     (index, stats), tok = ingest(cfg, tmp_path / "c")
     assert stats["documents"] == 100_000 and stats["units"] >= 5
-    n_tokens = sum(int(index.read(s, 0, index.num_sequences[s], ["lengths"])["lengths"].sum()) for s in ("train", "eval"))
+    n_tokens = sum(
+        int(index.read(s, 0, index.num_sequences[s], ["lengths"])["lengths"].sum()) for s in ("train", "eval")
+    )
     # every document's tokens plus one separator each, nothing lost at unit ends (1-token rests are dropped)
     assert stats["tokens"] + stats["documents"] - 2 * stats["units"] <= n_tokens <= stats["tokens"] + stats["documents"]
     assert 0.005 < stats["split_documents"]["eval"] / 100_000 < 0.015
@@ -144,8 +218,17 @@ def test_a_document_larger_than_a_shard(tmp_path, make_cache_config, llama_teach
 
     big = make_text(7, 1200)
     (tmp_path / "big.txt").write_text(big)
-    out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c", **{
-        "data.files": f"[{tmp_path / 'big.txt'}]", "data.max_train_sequences": "null", "cache.hidden_layers": "[]"}))
+    out = cache_teacher.main(
+        make_cache_config(
+            llama_teacher,
+            tmp_path / "c",
+            **{
+                "data.files": f"[{tmp_path / 'big.txt'}]",
+                "data.max_train_sequences": "null",
+                "cache.hidden_layers": "[]",
+            },
+        )
+    )
     c = read_all(out)["train"]
     tok = AutoTokenizer.from_pretrained(llama_teacher)
     expected = tok(big, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -216,10 +299,19 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, corpus_dir, js
 
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path, corpus_dir, jsonl_corpus, llama_teacher):
     out = tmp_path / "c"
-    overrides = jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, out, **{
-        "teacher.batch_size": 1, "cache.sequences_per_shard": 1, "data.max_eval_sequences": "null"})
-    first = subprocess.Popen([sys.executable, str(ROOT / "cache_teacher.py"), *overrides],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    overrides = jsonl_overrides(
+        llama_teacher,
+        corpus_dir,
+        jsonl_corpus,
+        out,
+        **{"teacher.batch_size": 1, "cache.sequences_per_shard": 1, "data.max_eval_sequences": "null"},
+    )
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "cache_teacher.py"), *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*.h5")):  # the first run is in its teacher pass
         time.sleep(0.05)
@@ -236,8 +328,16 @@ def test_resume_rereads_only_units_whose_input_changed(tmp_path, corpus_dir, lla
     d.mkdir()
     for i in range(4):
         (d / f"p{i}.txt").write_text(make_text(40 + i, 300))
-    cfg = load_config(CacheConfig, None, cache_overrides(llama_teacher, corpus_dir, tmp_path / "c", **{
-        "data.files": f"[{d}/*.txt]", "data.unit_bytes": 1500, "data.max_train_sequences": "null"}))
+    cfg = load_config(
+        CacheConfig,
+        None,
+        cache_overrides(
+            llama_teacher,
+            corpus_dir,
+            tmp_path / "c",
+            **{"data.files": f"[{d}/*.txt]", "data.unit_bytes": 1500, "data.max_train_sequences": "null"},
+        ),
+    )
     (index, stats), _ = ingest(cfg, tmp_path / "c")
     assert stats["units"] == 5 and stats["reused"] == 0  # 4 plays + the held-out play
     (index, stats), _ = ingest(cfg, tmp_path / "c")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import h5py
 import pytest
+from test_cache import crash_part_way
+from test_train import overrides
 
 import cache_teacher
 from kd.cache import MANIFEST, TeacherCache
 from kd.errors import KDError
-from test_cache import crash_part_way
-from test_train import overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,9 @@ def make_cache_config_module(corpus_dir):
     from kd.cache_config import CacheConfig
     from kd.config import load_config
 
-    return lambda teacher, out, **extra: load_config(CacheConfig, None, cache_overrides(teacher, corpus_dir, out,
-                                                                                          **extra))
+    return lambda teacher, out, **extra: load_config(
+        CacheConfig, None, cache_overrides(teacher, corpus_dir, out, **extra)
+    )
 
 
 def flip_byte_in(path: Path, dataset: str, chunk: int = 1, at: int = 3) -> None:
@@ -49,8 +50,9 @@ def flip_byte_in(path: Path, dataset: str, chunk: int = 1, at: int = 3) -> None:
         fh.write(bytes([b[0] ^ 0x5A]))
 
 
-@pytest.mark.parametrize("dataset", ["topk_logprobs", "topk_logprobs_q8", "topk_ids", "hidden_states", "input_ids",
-                                     "sample_bytes"])
+@pytest.mark.parametrize(
+    "dataset", ["topk_logprobs", "topk_logprobs_q8", "topk_ids", "hidden_states", "input_ids", "sample_bytes"]
+)
 def test_a_flipped_byte_in_any_field_stops_the_read_naming_shard_and_sequence(clean_cache, tmp_path, dataset):
     cache = tmp_path / "c"
     shutil.copytree(clean_cache, cache)
@@ -61,22 +63,34 @@ def test_a_flipped_byte_in_any_field_stops_the_read_naming_shard_and_sequence(cl
     for i in range(8):  # shard 0 is untouched
         split[i]
     first_bad = 9 if dataset != "sample_bytes" else 8
-    with pytest.raises(KDError, match=rf"shard train-00001.h5 of cache .*, sequence {first_bad} of split train: "
-                                      r"cannot be read .* the cache is damaged: run python -m kd.cache verify"):
+    with pytest.raises(
+        KDError,
+        match=rf"shard train-00001.h5 of cache .*, sequence {first_bad} of split train: "
+        r"cannot be read .* the cache is damaged: run python -m kd.cache verify",
+    ):
         for i in range(8, 16):
             split[i]
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda m: m.update(top_k=8), "top_k is 16 in the shard and 8 in the manifest"),
-    (lambda m: m.update(seq_len=64), "seq_len is 32 in the shard and 64 in the manifest"),
-    (lambda m: m.update(sample_n=4), "sample_n is 8 in the shard and 4 in the manifest"),
-    (lambda m: m["teacher"].update(vocab_size=100), "teacher.vocab_size is .* in the shard and 100 in the manifest"),
-    (lambda m: m["teacher"].update(hidden_size=64), "teacher.hidden_size is .* in the shard and 64 in the manifest"),
-    (lambda m: m.update(config_hash="0" * 64), "it belongs to another cache"),
-    (lambda m: m["splits"]["train"].update(num_sequences=41), "says 41 sequences but its shards hold 40"),
-    (lambda m: m["splits"]["train"]["shards"].pop(2), "do not cover sequences 16..23"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.update(top_k=8), "top_k is 16 in the shard and 8 in the manifest"),
+        (lambda m: m.update(seq_len=64), "seq_len is 32 in the shard and 64 in the manifest"),
+        (lambda m: m.update(sample_n=4), "sample_n is 8 in the shard and 4 in the manifest"),
+        (
+            lambda m: m["teacher"].update(vocab_size=100),
+            "teacher.vocab_size is .* in the shard and 100 in the manifest",
+        ),
+        (
+            lambda m: m["teacher"].update(hidden_size=64),
+            "teacher.hidden_size is .* in the shard and 64 in the manifest",
+        ),
+        (lambda m: m.update(config_hash="0" * 64), "it belongs to another cache"),
+        (lambda m: m["splits"]["train"].update(num_sequences=41), "says 41 sequences but its shards hold 40"),
+        (lambda m: m["splits"]["train"]["shards"].pop(2), "do not cover sequences 16..23"),
+    ],
+)
 def test_manifest_edits_are_caught_with_one_clear_message(clean_cache, tmp_path, edit, match):
     cache = tmp_path / "c"
     shutil.copytree(clean_cache, cache)
@@ -103,8 +117,11 @@ def test_training_on_a_damaged_shard_exits_2_with_one_line(clean_cache, tmp_path
     cache = tmp_path / "c"
     shutil.copytree(clean_cache, cache)
     flip_byte_in(cache / "train-00002.h5", "topk_ids", chunk=0)
-    args = [sys.executable, str(ROOT / "train_student.py"),
-            *overrides(cache, tmp_path / "runs", **{"train.num_workers": 1, "train.max_steps": 20})]
+    args = [
+        sys.executable,
+        str(ROOT / "train_student.py"),
+        *overrides(cache, tmp_path / "runs", **{"train.num_workers": 1, "train.max_steps": 20}),
+    ]
     result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
@@ -112,8 +129,9 @@ def test_training_on_a_damaged_shard_exits_2_with_one_line(clean_cache, tmp_path
     assert "sequence 16 of split train" in errors[0]
 
 
-def test_teacher_weights_changed_at_the_same_path_are_refused_on_resume(tmp_path, make_cache_config, llama_teacher,
-                                                                        monkeypatch):
+def test_teacher_weights_changed_at_the_same_path_are_refused_on_resume(
+    tmp_path, make_cache_config, llama_teacher, monkeypatch
+):
     from transformers import AutoModelForCausalLM
 
     teacher = tmp_path / "teacher"
@@ -125,8 +143,11 @@ def test_teacher_weights_changed_at_the_same_path_are_refused_on_resume(tmp_path
     with __import__("torch").no_grad():
         next(model.parameters()).add_(0.01)  # other weights, same path, same config
     model.save_pretrained(teacher)
-    with pytest.raises(KDError, match=r"was started with other teacher weights at .*teacher \(weight files changed: "
-                                      r"model.safetensors \(sha256 \w{12} -> sha256 \w{12}\)\); restore those weights"):
+    with pytest.raises(
+        KDError,
+        match=r"was started with other teacher weights at .*teacher \(weight files changed: "
+        r"model.safetensors \(sha256 \w{12} -> sha256 \w{12}\)\); restore those weights",
+    ):
         cache_teacher.main(make_cache_config(teacher, out))
     assert (out / "train-00000.h5").stat().st_mtime_ns == finished  # nothing it finished was touched
     done = cache_teacher.main(make_cache_config(teacher, out, **{"cache.overwrite": "true"}))
@@ -136,8 +157,9 @@ def test_teacher_weights_changed_at_the_same_path_are_refused_on_resume(tmp_path
 
 
 def test_resuming_a_run_whose_cache_was_overwritten_is_refused(tmp_path, make_cache_config, llama_teacher):
-    import train_student
     from test_train import make_cfg
+
+    import train_student
 
     out = tmp_path / "c"
     cache_teacher.main(make_cache_config(llama_teacher, out))

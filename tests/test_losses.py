@@ -38,8 +38,11 @@ def test_kd_is_zero_for_identical_distributions(logits, tail):
 def test_kd_with_k_equal_v_equals_dense_kl_div(logits, tail, T):
     s, t = logits
     ids, lp = teacher_topk(t, 50)
-    dense = F.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1), log_target=True,
-                     reduction="none").sum(-1) * T * T
+    dense = (
+        F.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1), log_target=True, reduction="none").sum(-1)
+        * T
+        * T
+    )
     torch.testing.assert_close(sparse_kd_per_position(s, ids, lp, T, tail), dense, atol=1e-4, rtol=1e-4)
 
 
@@ -60,7 +63,9 @@ def test_renormalize_equals_kl_to_renormalised_teacher_with_full_student(logits)
     ids, lp = teacher_topk(t, k)
     q = torch.softmax(lp.double(), -1)
     ref = (q * (q.log() - torch.log_softmax(s.double(), -1).gather(-1, ids))).sum(-1)
-    torch.testing.assert_close(sparse_kd_per_position(s, ids, lp, 1.0, "renormalize").double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sparse_kd_per_position(s, ids, lp, 1.0, "renormalize").double(), ref, atol=1e-5, rtol=1e-5
+    )
     assert (ref >= 0).all()
 
 
@@ -124,8 +129,9 @@ def test_feature_losses_are_scale_free():
     a, b = torch.randn(20, 16, generator=g), torch.randn(20, 16, generator=g)
     for kind in ("cosine", "normalized_mse"):
         assert feature_per_position(a, a, kind).abs().max() < 1e-5
-        torch.testing.assert_close(feature_per_position(a, 100 * b, kind), feature_per_position(a, b, kind),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            feature_per_position(a, 100 * b, kind), feature_per_position(a, b, kind), atol=1e-4, rtol=1e-4
+        )
     assert (feature_per_position(a, b, "cosine") <= 2).all()
 
 
@@ -138,6 +144,7 @@ def test_info_nce_prefers_matching_pairs():
 
 
 # ---- LR schedule: closed forms, in optimizer steps ----
+
 
 def test_cosine_closed_form():
     kw = dict(schedule="cosine", lr=1e-3, min_lr=1e-4, warmup_steps=4, total_steps=20)
@@ -186,8 +193,9 @@ def test_fused_loss_keeps_nan_visible():
     s = torch.randn(4, 20, requires_grad=True)
     ids, lp = teacher_topk(torch.randn(4, 20), 3)
     lp[1] = float("nan")
-    total, sums = fused_ce_kd(s, torch.zeros(4, dtype=torch.long), ids, lp, torch.ones(4, dtype=torch.bool),
-                              0.5, 0.5, 1.0, "bucket", 2)
+    total, sums = fused_ce_kd(
+        s, torch.zeros(4, dtype=torch.long), ids, lp, torch.ones(4, dtype=torch.bool), 0.5, 0.5, 1.0, "bucket", 2
+    )
     assert torch.isnan(total) and torch.isnan(sums[1]) and torch.isfinite(sums[0])
 
 
@@ -202,8 +210,13 @@ def test_fused_dense_teacher_equals_kl_div(T):
     mask = torch.rand(N, generator=g) > 0.25
     s1 = (torch.randn(N, V, generator=g) * 2).requires_grad_()
     s2 = s1.detach().clone().requires_grad_()
-    kl = F.kl_div(torch.log_softmax(s1[mask] / T, -1), torch.log_softmax(t[mask] / T, -1), log_target=True,
-                  reduction="sum") * T * T
+    kl = (
+        F.kl_div(
+            torch.log_softmax(s1[mask] / T, -1), torch.log_softmax(t[mask] / T, -1), log_target=True, reduction="sum"
+        )
+        * T
+        * T
+    )
     ce = F.cross_entropy(s1[mask], targets[mask], reduction="sum")
     (0.4 * ce + 0.6 * kl).backward()
     total, sums = fused_ce_kd(s2, targets, None, t, mask, 0.4, 0.6, T, "bucket", chunk=8)
@@ -225,8 +238,18 @@ def test_sampled_targets_as_renormalized_counts():
     q = torch.zeros(3, 10).scatter_add_(1, ids, counts / 5)
     ref = (torch.where(q > 0, q * (q.log() - torch.log_softmax(s1, -1)), torch.zeros_like(q))).sum()
     ref.backward()
-    total, sums = fused_ce_kd(s2, torch.zeros(3, dtype=torch.long), ids, lp, torch.ones(3, dtype=torch.bool),
-                              0.0, 1.0, 1.0, "renormalize", chunk=2)
+    total, sums = fused_ce_kd(
+        s2,
+        torch.zeros(3, dtype=torch.long),
+        ids,
+        lp,
+        torch.ones(3, dtype=torch.bool),
+        0.0,
+        1.0,
+        1.0,
+        "renormalize",
+        chunk=2,
+    )
     total.backward()
     torch.testing.assert_close(sums[1], ref.detach())
     torch.testing.assert_close(s2.grad, s1.grad)

@@ -28,8 +28,11 @@ pytestmark = pytest.mark.slow
 def real_cache(tmp_path_factory):
     fetch(["smollm2-135m-instruct", "shakespeare"])
     out = tmp_path_factory.mktemp("real") / "cache"
-    cfg = load_config(CacheConfig, ROOT / "configs/shakespeare_smollm2.yaml",
-                      ["data.max_train_sequences=48", "data.max_eval_sequences=8", f"cache.output_dir={out}"])
+    cfg = load_config(
+        CacheConfig,
+        ROOT / "configs/shakespeare_smollm2.yaml",
+        ["data.max_train_sequences=48", "data.max_eval_sequences=8", f"cache.output_dir={out}"],
+    )
     return cache_teacher.main(cfg)
 
 
@@ -41,7 +44,9 @@ def test_real_teacher_cache_matches_recomputation(real_cache):
     assert verify(real_cache, log=lambda *_: None) == []
     cache = TeacherCache(real_cache)
     item = cache.split("eval")[0]
-    model = AutoModelForCausalLM.from_pretrained(resolve_path("asset:smollm2-135m-instruct"), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_path("asset:smollm2-135m-instruct"), dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         logp = torch.log_softmax(model(item["input_ids"][None]).logits[0].float(), -1)
     ref = logp.topk(256, -1).values
@@ -55,9 +60,18 @@ def test_real_teacher_cache_matches_recomputation(real_cache):
 
 
 def test_real_student_learns_from_the_cache(real_cache, tmp_path):
-    cfg = load_config(TrainConfig, ROOT / "configs/train_shakespeare.yaml",
-                      [f"train.cache_dir={real_cache}", f"train.output_dir={tmp_path}", "train.max_steps=20",
-                       "train.eval_every=10", "train.checkpoint_every=0", "train.warmup_steps=1"])
+    cfg = load_config(
+        TrainConfig,
+        ROOT / "configs/train_shakespeare.yaml",
+        [
+            f"train.cache_dir={real_cache}",
+            f"train.output_dir={tmp_path}",
+            "train.max_steps=20",
+            "train.eval_every=10",
+            "train.checkpoint_every=0",
+            "train.warmup_steps=1",
+        ],
+    )
     run = train_student.main(cfg)
     evals = [r for r in read_metrics(run) if "eval/ce" in r]
     steps = [r for r in read_metrics(run) if "loss" in r]

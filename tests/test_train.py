@@ -25,8 +25,10 @@ from kd.schedule import lr_at
 from kd.train import read_metrics
 from kd.train_config import TrainConfig
 
-STUDENT = ("{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
-           "num_key_value_heads: 2, max_position_embeddings: 128}")
+STUDENT = (
+    "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
+    "num_key_value_heads: 2, max_position_embeddings: 128}"
+)
 
 
 @pytest.fixture(scope="session")
@@ -36,16 +38,33 @@ def tiny_cache(tmp_path_factory, corpus_dir, llama_teacher) -> Path:
     from kd.cache_config import CacheConfig
 
     out = tmp_path_factory.mktemp("train_cache") / "cache"
-    cfg = load_config(CacheConfig, None, cache_overrides(llama_teacher, corpus_dir, out,
-                                                         **{"data.max_train_sequences": 64, "data.max_eval_sequences": 12}))
+    cfg = load_config(
+        CacheConfig,
+        None,
+        cache_overrides(
+            llama_teacher, corpus_dir, out, **{"data.max_train_sequences": 64, "data.max_eval_sequences": 12}
+        ),
+    )
     return cache_teacher.main(cfg)
 
 
 def overrides(cache: Path, out: Path, **extra) -> list[str]:
-    base = {"student.config": STUDENT, "train.cache_dir": cache, "train.output_dir": out, "train.run_name": "r",
-            "train.max_steps": 10, "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2,
-            "train.lr": 3e-3, "train.min_lr": 3e-4, "train.warmup_steps": 2, "train.eval_every": 5,
-            "train.num_workers": 0, "loss.alpha_feature": 0.1, "loss.feature_layers": "[[1, 0], [2, 2]]"}
+    base = {
+        "student.config": STUDENT,
+        "train.cache_dir": cache,
+        "train.output_dir": out,
+        "train.run_name": "r",
+        "train.max_steps": 10,
+        "train.micro_batch_size": 2,
+        "train.gradient_accumulation_steps": 2,
+        "train.lr": 3e-3,
+        "train.min_lr": 3e-4,
+        "train.warmup_steps": 2,
+        "train.eval_every": 5,
+        "train.num_workers": 0,
+        "loss.alpha_feature": 0.1,
+        "loss.feature_layers": "[[1, 0], [2, 2]]",
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -64,28 +83,32 @@ def evals_of(run_dir: Path) -> list[dict]:
 
 # ---- 1, 2: the LR schedule, in optimizer steps, whatever GA and the number of processes ----
 
+
 def check_lr_log(run_dir: Path, total: int, warmup: int, schedule="cosine", lr=3e-3, min_lr=3e-4):
     steps = steps_of(run_dir)
     assert [r["step"] for r in steps] == list(range(1, total + 1))
     for r in steps:
-        assert r["lr"] == pytest.approx(lr_at(r["step"], schedule=schedule, lr=lr, min_lr=min_lr, warmup_steps=warmup,
-                                              total_steps=total), rel=1e-12)
+        assert r["lr"] == pytest.approx(
+            lr_at(r["step"], schedule=schedule, lr=lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total), rel=1e-12
+        )
         assert r["lr"] > 0
     if schedule != "constant":
         assert steps[-1]["lr"] == pytest.approx(min_lr) and min(r["lr"] for r in steps[:-1]) > min_lr
 
 
 def test_lr_follows_closed_form_with_accumulation(tiny_cache, tmp_path):
-    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.gradient_accumulation_steps": 4,
-                                                               "train.max_steps": 6}))
+    run = train_student.main(
+        make_cfg(tiny_cache, tmp_path, **{"train.gradient_accumulation_steps": 4, "train.max_steps": 6})
+    )
     check_lr_log(run, 6, 2)
     assert steps_of(run)[0]["tokens_seen"] == 2 * 4 * 31  # 8 full windows of 32 tokens, 31 targets each
 
 
 @pytest.mark.parametrize("schedule", ["linear", "constant"])
 def test_other_schedules_are_honoured(tiny_cache, tmp_path, schedule):
-    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.schedule": schedule, "train.max_steps": 5,
-                                                               "loss.alpha_feature": 0}))
+    run = train_student.main(
+        make_cfg(tiny_cache, tmp_path, **{"train.schedule": schedule, "train.max_steps": 5, "loss.alpha_feature": 0})
+    )
     check_lr_log(run, 5, 2, schedule=schedule)
 
 
@@ -94,16 +117,30 @@ def test_two_processes_match_one_process(tiny_cache, tmp_path):
     is dealt round-robin to ranks), so LR, losses, gradient norms and evals must agree."""
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     common = {"train.max_steps": 4, "train.eval_every": 2}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29513", str(ROOT / "train_student.py"),
-                             *overrides(tiny_cache, tmp_path / "two", **common, **{"train.gradient_accumulation_steps": 4})],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29513",
+            str(ROOT / "train_student.py"),
+            *overrides(tiny_cache, tmp_path / "two", **common, **{"train.gradient_accumulation_steps": 4}),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     two = tmp_path / "two" / "r"
     check_lr_log(two, 4, 2)
     assert json.loads((two / "config.json").read_text())["num_processes"] == 2
     assert steps_of(two)[0]["tokens_seen"] == 2 * 2 * 4 * 31  # both processes' windows are counted
-    one = train_student.main(make_cfg(tiny_cache, tmp_path / "one", **common, **{"train.gradient_accumulation_steps": 8}))
+    one = train_student.main(
+        make_cfg(tiny_cache, tmp_path / "one", **common, **{"train.gradient_accumulation_steps": 8})
+    )
     a, b = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     keys = ("lr", "loss", "ce", "kd", "feature", "grad_norm", "tokens_seen", "eval/ce", "eval/top1_agreement")
@@ -119,15 +156,35 @@ def test_scripts_run_through_accelerate_launch(tmp_path, corpus_dir, llama_teach
     from conftest import cache_overrides
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     cache = tmp_path / "cache"
-    r = subprocess.run([*launch, str(ROOT / "cache_teacher.py"), *cache_overrides(llama_teacher, corpus_dir, cache)],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [*launch, str(ROOT / "cache_teacher.py"), *cache_overrides(llama_teacher, corpus_dir, cache)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[cache] done: " in r.stdout and "bytes/token" in r.stdout and (cache / MANIFEST).exists()
-    r = subprocess.run([*launch, str(ROOT / "train_student.py"), *overrides(cache, tmp_path, **{"train.max_steps": 4})],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [*launch, str(ROOT / "train_student.py"), *overrides(cache, tmp_path, **{"train.max_steps": 4})],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[train] max_steps: 4 steps" in r.stdout
     assert [x["step"] for x in steps_of(tmp_path / "r")] == [1, 2, 3, 4]
@@ -136,12 +193,17 @@ def test_scripts_run_through_accelerate_launch(tmp_path, corpus_dir, llama_teach
 
 # ---- 4: losses balanced and visible; GA-invariant normalisation ----
 
+
 def test_logged_total_is_the_sum_of_weighted_terms(tiny_cache, tmp_path):
     run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"loss.alpha_contrastive": 0.05, "train.max_steps": 3}))
     for r in steps_of(run):
         for c in ("ce", "kd", "feature", "contrastive"):
-            assert r[f"w_{c}"] == pytest.approx(load_config(TrainConfig, None, overrides(
-                tiny_cache, tmp_path, **{"loss.alpha_contrastive": 0.05})).loss.__dict__[f"alpha_{c}"] * r[c])
+            assert r[f"w_{c}"] == pytest.approx(
+                load_config(
+                    TrainConfig, None, overrides(tiny_cache, tmp_path, **{"loss.alpha_contrastive": 0.05})
+                ).loss.__dict__[f"alpha_{c}"]
+                * r[c]
+            )
         assert r["loss"] == pytest.approx(r["w_ce"] + r["w_kd"] + r["w_feature"] + r["w_contrastive"], rel=1e-12)
         assert r["grad_norm"] > 0 and r["peak_mem_mb"] > 0
 
@@ -157,7 +219,7 @@ def _grads_after_window(cache: Path, micro_batch: int, accumulation: int, extra:
     items = [split[i] for i in range(8)]
     for j, it in enumerate(items):  # ragged: every sequence gets its own valid length
         it["length"] = torch.tensor(32 - 3 * j)
-    batches = [torch.utils.data.default_collate(items[i:i + micro_batch]) for i in range(0, 8, micro_batch)]
+    batches = [torch.utils.data.default_collate(items[i : i + micro_batch]) for i in range(0, 8, micro_batch)]
     assert len(batches) == accumulation
     torch.manual_seed(0)
     lm = train_student.build_student(cfg, train_student.load_tokenizer(c.manifest["teacher"]["name_or_path"]), 0)
@@ -177,6 +239,7 @@ def test_accumulation_gives_the_same_gradient_as_one_big_batch(tiny_cache):
 
 
 # ---- 3, 6: evaluation of the current student; honest perplexity ----
+
 
 def test_eval_reflects_the_current_student_and_ppl_is_exp_ce(tiny_cache, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -208,8 +271,13 @@ def test_eval_reflects_the_current_student_and_ppl_is_exp_ce(tiny_cache, tmp_pat
 
 
 def test_training_loss_and_eval_ce_fall(tiny_cache, tmp_path):
-    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 30, "train.eval_every": 10,
-                                                               "train.lr": 1e-2, "train.min_lr": 1e-3}))
+    run = train_student.main(
+        make_cfg(
+            tiny_cache,
+            tmp_path,
+            **{"train.max_steps": 30, "train.eval_every": 10, "train.lr": 1e-2, "train.min_lr": 1e-3},
+        )
+    )
     steps, evals = steps_of(run), evals_of(run)
     first = sum(r["loss"] for r in steps[:3]) / 3
     last = sum(r["loss"] for r in steps[-3:]) / 3
@@ -218,6 +286,7 @@ def test_training_loss_and_eval_ce_fall(tiny_cache, tmp_path):
 
 
 # ---- 5: no silent NaN ----
+
 
 def poisoned_cache(src: Path, dst: Path, sequences: list[int] | None) -> Path:
     """A copy of the cache whose teacher log-probs are NaN for the given train sequences (None = all)."""
@@ -259,9 +328,11 @@ def test_weights_unchanged_by_a_skipped_step(tiny_cache, tmp_path):
     torch.manual_seed(0)
     cfg = make_cfg(cache, tmp_path)
     from accelerate.utils import set_seed
+
     set_seed(0)
-    fresh = train_student.build_student(cfg, train_student.load_tokenizer(
-        TeacherCache(cache).manifest["teacher"]["name_or_path"]), 0)
+    fresh = train_student.build_student(
+        cfg, train_student.load_tokenizer(TeacherCache(cache).manifest["teacher"]["name_or_path"]), 0
+    )
     # every weight was saved (a tied LM head is stored once, as the embedding)
     assert {n for n in fresh.state_dict() if f"lm.{n}" not in saved} <= {"lm_head.weight"}
     for name, p in fresh.state_dict().items():
@@ -271,6 +342,7 @@ def test_weights_unchanged_by_a_skipped_step(tiny_cache, tmp_path):
 
 
 # ---- 10: checkpoints and exact resume ----
+
 
 def test_shard_aware_order_is_a_permutation_that_reads_few_shards_at_a_time():
     from kd.train import epoch_order
@@ -285,7 +357,7 @@ def test_shard_aware_order_is_a_permutation_that_reads_few_shards_at_a_time():
             assert len(both) == 1000 and len(np.unique(both)) == 1000  # a permutation, disjoint across ranks
             for order in ranks:  # each process reads from at most B shards in any run of B * 10 / 2 reads
                 run = B * 10 // 2
-                assert max(len(set(shard_of[order[i:i + run]])) for i in range(0, len(order) - run, run)) <= 2 * B
+                assert max(len(set(shard_of[order[i : i + run]])) for i in range(0, len(order) - run, run)) <= 2 * B
             epochs.append(ranks[0])
             assert np.array_equal(epoch_order(1000, epoch, 7, 0, 2, 5, starts, B), ranks[0])  # pure: resumable
         assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
@@ -295,9 +367,19 @@ def test_shard_aware_order_is_a_permutation_that_reads_few_shards_at_a_time():
 
 @pytest.mark.parametrize("shuffle", ["exact", "shards"])
 def test_resume_continues_exactly(tiny_cache, tmp_path, monkeypatch, shuffle):
-    full = train_student.main(make_cfg(tiny_cache, tmp_path / "a", **{"train.max_steps": 20, "train.checkpoint_every": 10,
-                                                                      "train.eval_every": 10, "train.num_workers": 1,
-                                                                      "train.shuffle": shuffle}))
+    full = train_student.main(
+        make_cfg(
+            tiny_cache,
+            tmp_path / "a",
+            **{
+                "train.max_steps": 20,
+                "train.checkpoint_every": 10,
+                "train.eval_every": 10,
+                "train.num_workers": 1,
+                "train.shuffle": shuffle,
+            },
+        )
+    )
     # the same run, interrupted after step 12 (its step-10 checkpoint saved), then resumed
     real_write = train_student.MetricsLog.write
 
@@ -307,8 +389,17 @@ def test_resume_continues_exactly(tiny_cache, tmp_path, monkeypatch, shuffle):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_student.MetricsLog, "write", interrupt_after_12)
-    cfg = make_cfg(tiny_cache, tmp_path / "b", **{"train.max_steps": 20, "train.checkpoint_every": 10,
-                                                  "train.eval_every": 10, "train.num_workers": 1, "train.shuffle": shuffle})
+    cfg = make_cfg(
+        tiny_cache,
+        tmp_path / "b",
+        **{
+            "train.max_steps": 20,
+            "train.checkpoint_every": 10,
+            "train.eval_every": 10,
+            "train.num_workers": 1,
+            "train.shuffle": shuffle,
+        },
+    )
     with pytest.raises(KeyboardInterrupt):
         train_student.main(cfg)
     monkeypatch.setattr(train_student.MetricsLog, "write", real_write)
@@ -341,12 +432,23 @@ def test_final_model_loads_with_from_pretrained(tiny_cache, tmp_path):
 
 # ---- early stopping ----
 
+
 def test_early_stopping(tiny_cache, tmp_path):
     # an absurd LR makes eval CE worse at every eval: stop after `patience` evals without improvement
-    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 40, "train.eval_every": 2,
-                                                               "train.lr": 5.0, "train.min_lr": 1.0,
-                                                               "train.early_stopping_patience": 2,
-                                                               "train.max_grad_norm": "null"}))
+    run = train_student.main(
+        make_cfg(
+            tiny_cache,
+            tmp_path,
+            **{
+                "train.max_steps": 40,
+                "train.eval_every": 2,
+                "train.lr": 5.0,
+                "train.min_lr": 1.0,
+                "train.early_stopping_patience": 2,
+                "train.max_grad_norm": "null",
+            },
+        )
+    )
     records = read_metrics(run)
     stop = [r for r in records if r.get("event") == "early_stopping"]
     assert stop and stop[0]["step"] < 40
@@ -357,26 +459,33 @@ def test_early_stopping(tiny_cache, tmp_path):
 
 # ---- bad input ----
 
-@pytest.mark.parametrize("extra, message", [
-    ({"train.warmup_steps": 10}, "is not shorter than the run"),
-    ({"loss.alpha_ce": 0, "loss.alpha_kd": 0, "loss.alpha_feature": 0}, "all loss weights"),
-    ({"train.schedule": "cosine_restarts"}, "unknown LR schedule"),
-    ({"loss.tail": "ignore"}, "unknown KD tail policy"),
-    ({"train.min_lr": 0.0}, "0 < train.min_lr"),
-    ({"train.bogus": 1}, "unknown config key(s) train.bogus"),
-])
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"train.warmup_steps": 10}, "is not shorter than the run"),
+        ({"loss.alpha_ce": 0, "loss.alpha_kd": 0, "loss.alpha_feature": 0}, "all loss weights"),
+        ({"train.schedule": "cosine_restarts"}, "unknown LR schedule"),
+        ({"loss.tail": "ignore"}, "unknown KD tail policy"),
+        ({"train.min_lr": 0.0}, "0 < train.min_lr"),
+        ({"train.bogus": 1}, "unknown config key(s) train.bogus"),
+    ],
+)
 def test_config_errors(tiny_cache, tmp_path, extra, message):
     with pytest.raises(KDError) as e:
         make_cfg(tiny_cache, tmp_path, **extra)
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"loss.feature_layers": "[[5, 0]]"}, "student layer 5 out of range 0..2"),
-    ({"loss.feature_layers": "[[1, 1]]"}, "teacher layer 1 is not in the cache"),
-    ({"train.cache_dir": "/nonexistent"}, "no teacher cache at /nonexistent"),
-    ({"train.micro_batch_size": 64, "train.gradient_accumulation_steps": 2}, "smaller than one optimizer step"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"loss.feature_layers": "[[5, 0]]"}, "student layer 5 out of range 0..2"),
+        ({"loss.feature_layers": "[[1, 1]]"}, "teacher layer 1 is not in the cache"),
+        ({"train.cache_dir": "/nonexistent"}, "no teacher cache at /nonexistent"),
+        ({"train.micro_batch_size": 64, "train.gradient_accumulation_steps": 2}, "smaller than one optimizer step"),
+    ],
+)
 def test_input_errors(tiny_cache, tmp_path, extra, message):
     with pytest.raises(KDError) as e:
         train_student.main(make_cfg(tiny_cache, tmp_path, **extra))
@@ -405,14 +514,23 @@ def test_empty_split_is_refused(tiny_cache, tmp_path):
 
 
 def test_cli_error_exit_code(tiny_cache, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "train_student.py"),
-                             *overrides(tiny_cache, tmp_path, **{"train.schedule": "step"})], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train_student.py"),
+            *overrides(tiny_cache, tmp_path, **{"train.schedule": "step"}),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown LR schedule train.schedule='step'; choose one of ['cosine', 'linear', 'constant']"]
+        "error: unknown LR schedule train.schedule='step'; choose one of ['cosine', 'linear', 'constant']"
+    ]
 
 
 # ---- report and sweep ----
+
 
 def test_report_draws_a_png(tiny_cache, tmp_path):
     from kd.report import plot
@@ -425,20 +543,31 @@ def test_report_draws_a_png(tiny_cache, tmp_path):
 def test_sweep_runs_the_grid_and_prints_a_table(tiny_cache, tmp_path):
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(f"student:\n  config: {STUDENT}\n")
-    args = [sys.executable, "-m", "kd.sweep", "--config", str(cfg_file),
-            *[o for o in overrides(tiny_cache, tmp_path, **{"train.max_steps": 3, "loss.alpha_feature": 0})
-              if not o.startswith("student.")], "train.lr=1e-3,3e-3"]
+    args = [
+        sys.executable,
+        "-m",
+        "kd.sweep",
+        "--config",
+        str(cfg_file),
+        *[
+            o
+            for o in overrides(tiny_cache, tmp_path, **{"train.max_steps": 3, "loss.alpha_feature": 0})
+            if not o.startswith("student.")
+        ],
+        "train.lr=1e-3,3e-3",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    table = result.stdout[result.stdout.index("eval/ce"):]
+    table = result.stdout[result.stdout.index("eval/ce") :]
     assert "r-0" in table and "r-1" in table and "train.lr=1e-3" in table and "train.lr=3e-3" in table
     assert (tmp_path / "r-0" / "final").exists() and (tmp_path / "r-1" / "final").exists()
 
 
 def test_gradient_checkpointing_changes_memory_not_results(tiny_cache, tmp_path):
     a = train_student.main(make_cfg(tiny_cache, tmp_path / "a", **{"train.max_steps": 3}))
-    b = train_student.main(make_cfg(tiny_cache, tmp_path / "b", **{"train.max_steps": 3,
-                                                                   "student.gradient_checkpointing": "true"}))
+    b = train_student.main(
+        make_cfg(tiny_cache, tmp_path / "b", **{"train.max_steps": 3, "student.gradient_checkpointing": "true"})
+    )
     for ra, rb in zip(steps_of(a), steps_of(b)):
         for key in ("loss", "ce", "kd", "feature", "grad_norm"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
@@ -446,10 +575,12 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_cache, tmp_path)
 
 # ---- KD targets: cached top-k, cached samples, the online teacher ----
 
+
 @pytest.mark.parametrize("target", ["sampled", "online"])
 def test_other_kd_targets_train(tiny_cache, tmp_path, target):
-    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"loss.target": target, "train.max_steps": 6,
-                                                               "loss.alpha_feature": 0}))
+    run = train_student.main(
+        make_cfg(tiny_cache, tmp_path, **{"loss.target": target, "train.max_steps": 6, "loss.alpha_feature": 0})
+    )
     steps, evals = steps_of(run), evals_of(run)
     assert all(math.isfinite(r["kd"]) and r["kd"] >= 0 for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"] and evals[-1]["eval/ce"] < evals[0]["eval/ce"]
@@ -465,21 +596,34 @@ def test_online_kd_equals_topk_kd_when_k_is_the_vocabulary(tmp_path, corpus_dir,
     from kd.cache_config import CacheConfig
 
     vocab = AutoConfig.from_pretrained(llama_teacher).vocab_size
-    cache = cache_teacher.main(load_config(CacheConfig, None, cache_overrides(
-        llama_teacher, corpus_dir, tmp_path / "c", **{"cache.top_k": vocab, "cache.logprob_codec": "fp32"})))
+    cache = cache_teacher.main(
+        load_config(
+            CacheConfig,
+            None,
+            cache_overrides(
+                llama_teacher, corpus_dir, tmp_path / "c", **{"cache.top_k": vocab, "cache.logprob_codec": "fp32"}
+            ),
+        )
+    )
     common = {"train.max_steps": 3, "loss.alpha_feature": 0, "loss.temperature": 2.0}
     online = steps_of(train_student.main(make_cfg(cache, tmp_path / "online", **common, **{"loss.target": "online"})))
     for tail in ("renormalize", "bucket"):
-        topk = steps_of(train_student.main(make_cfg(cache, tmp_path / tail, **common,
-                                                    **{"loss.target": "topk", "loss.tail": tail})))
+        topk = steps_of(
+            train_student.main(make_cfg(cache, tmp_path / tail, **common, **{"loss.target": "topk", "loss.tail": tail}))
+        )
         assert len(topk) == len(online) == 3
         for a, b in zip(topk, online):
             for key in ("loss", "ce", "kd", "grad_norm"):
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (tail, key)
-    rkl = {**common, "loss.alpha_feature": "null",
-           "loss.terms": "[{kind: ce, weight: 0.5}, {kind: reverse_kl, weight: 0.5}]"}
-    runs = [steps_of(train_student.main(make_cfg(cache, tmp_path / f"rkl-{t}", **rkl, **{"loss.target": t})))
-            for t in ("topk", "online")]
+    rkl = {
+        **common,
+        "loss.alpha_feature": "null",
+        "loss.terms": "[{kind: ce, weight: 0.5}, {kind: reverse_kl, weight: 0.5}]",
+    }
+    runs = [
+        steps_of(train_student.main(make_cfg(cache, tmp_path / f"rkl-{t}", **rkl, **{"loss.target": t})))
+        for t in ("topk", "online")
+    ]
     for a, b in zip(*runs):
         for key in ("loss", "reverse_kl", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), ("reverse_kl", key)
@@ -497,14 +641,21 @@ def test_sampled_target_needs_sampled_cache(tiny_cache, tmp_path):
 
 # ---- the loss as a list of terms (issue 12) ----
 
-TERMS_EQUAL_TO_ALPHAS = ("[{kind: ce, weight: 0.5}, {kind: forward_kl, weight: 0.5, name: kd}, "
-                         "{kind: feature, weight: 0.1, distance: cosine}]")
+TERMS_EQUAL_TO_ALPHAS = (
+    "[{kind: ce, weight: 0.5}, {kind: forward_kl, weight: 0.5, name: kd}, "
+    "{kind: feature, weight: 0.1, distance: cosine}]"
+)
 
 
 def test_a_term_list_equal_to_the_alphas_trains_identically(tiny_cache, tmp_path):
     legacy = train_student.main(make_cfg(tiny_cache, tmp_path / "a", **{"train.max_steps": 3}))
-    listed = train_student.main(make_cfg(tiny_cache, tmp_path / "b", **{
-        "train.max_steps": 3, "loss.alpha_feature": "null", "loss.terms": TERMS_EQUAL_TO_ALPHAS}))
+    listed = train_student.main(
+        make_cfg(
+            tiny_cache,
+            tmp_path / "b",
+            **{"train.max_steps": 3, "loss.alpha_feature": "null", "loss.terms": TERMS_EQUAL_TO_ALPHAS},
+        )
+    )
     a, b = read_metrics(legacy), read_metrics(listed)
     assert len(a) == len(b) and any("w_feature" in r for r in a)
     for ra, rb in zip(a, b):
@@ -514,10 +665,20 @@ def test_a_term_list_equal_to_the_alphas_trains_identically(tiny_cache, tmp_path
 
 
 def test_new_divergence_terms_train_and_are_logged(tiny_cache, tmp_path):
-    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{
-        "train.max_steps": 6, "loss.alpha_feature": "null", "loss.temperature": 2.0, "loss.target": "topk",
-        "loss.terms": "[{kind: ce, weight: 0.5}, {kind: reverse_kl, weight: 0.2}, {kind: jsd, beta: 0.3, weight: 0.2}, "
-                      "{kind: skew_kl, weight: 0.1, name: skl}, {kind: tvd, weight: 0}]"}))
+    run = train_student.main(
+        make_cfg(
+            tiny_cache,
+            tmp_path,
+            **{
+                "train.max_steps": 6,
+                "loss.alpha_feature": "null",
+                "loss.temperature": 2.0,
+                "loss.target": "topk",
+                "loss.terms": "[{kind: ce, weight: 0.5}, {kind: reverse_kl, weight: 0.2}, {kind: jsd, beta: 0.3, weight: 0.2}, "
+                "{kind: skew_kl, weight: 0.1, name: skl}, {kind: tvd, weight: 0}]",
+            },
+        )
+    )
     steps, evals = steps_of(run), evals_of(run)
     for r in steps:
         for name in ("ce", "reverse_kl", "jsd", "skl", "tvd"):
@@ -542,5 +703,6 @@ def test_loss_config_refuses_mixed_or_impossible_term_lists(tiny_cache, tmp_path
         cfg(**{"loss.feature_layers": "[]", "loss.terms": "[{kind: ce}, {kind: feature}]"})
     with pytest.raises(KDError, match=r"loss.terms\[1\]: unknown loss kind 'kl'"):
         cfg(**{"loss.terms": "[{kind: ce}, {kind: kl}]"})
-    assert [t.kind for t in cfg(**{"loss.target": "sampled", "loss.terms": "[{kind: forward_kl}]"}).loss.loss_terms()] \
-        == ["forward_kl"]
+    assert [
+        t.kind for t in cfg(**{"loss.target": "sampled", "loss.terms": "[{kind: forward_kl}]"}).loss.loss_terms()
+    ] == ["forward_kl"]

@@ -72,8 +72,10 @@ class IngestSpec:
 def document_split(text: str, seed: int, eval_fraction: float) -> str:
     """'eval' iff the keyed hash of the document's text falls below eval_fraction (see the module docstring)."""
     key = seed.to_bytes(8, "little", signed=True)
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=key).digest(), "little")
-    return "eval" if h < eval_fraction * 2.0 ** 64 else "train"
+    h = int.from_bytes(
+        hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=key).digest(), "little"
+    )
+    return "eval" if h < eval_fraction * 2.0**64 else "train"
 
 
 def windows_fingerprint(input_ids: np.ndarray, lengths: np.ndarray) -> str:
@@ -85,6 +87,7 @@ def windows_fingerprint(input_ids: np.ndarray, lengths: np.ndarray) -> str:
 
 
 # ---- one unit's window file --------------------------------------------------------------------------------------
+
 
 class UnitWriter:
     """Appends windows per split to DIR/ingest/<unit>.h5.tmp-PID; `commit` adds the metadata, fsyncs and renames."""
@@ -116,10 +119,12 @@ class UnitWriter:
         try:
             for name, arr in fields.items():
                 g[name].resize(n0 + n, axis=0)
-                g[name][n0:n0 + n] = arr
+                g[name][n0 : n0 + n] = arr
         except (OSError, RuntimeError) as e:  # h5py reports ENOSPC as either
-            raise KDError(f"writing {self.tmp} failed ({e}); free space or choose another cache.output_dir, then "
-                          "re-run: finished units are kept") from None
+            raise KDError(
+                f"writing {self.tmp} failed ({e}); free space or choose another cache.output_dir, then "
+                "re-run: finished units are kept"
+            ) from None
 
     def commit(self, meta: dict) -> dict:
         try:
@@ -157,8 +162,15 @@ def finished_unit(path: Path, config_hash: str, input_state: str | None) -> dict
     return meta
 
 
-def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_split: str | None, path: Path,
-                 progress: Callable[[int, int], None]) -> dict:
+def process_unit(
+    unit: Unit,
+    spec: IngestSpec,
+    tokenizer,
+    skip: dict,
+    forced_split: str | None,
+    path: Path,
+    progress: Callable[[int, int], None],
+) -> dict:
     """Tokenize and pack one unit into `path`; returns its metadata (window counts per split, document counts).
     `skip[split]` is true when earlier units already hold that split's cap: its documents are not tokenized."""
     packers = {s: Packer(spec.seq_len, spec.sep_id, spec.pad_id, spec.store_text, spec.sep_text) for s in SPLITS}
@@ -184,8 +196,10 @@ def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_spl
             if added[split]:
                 windows = packers[split].take()
                 if len(windows) and int(windows.input_ids.max()) >= spec.vocab_size:
-                    raise KDError(f"the tokenizer produced id {int(windows.input_ids.max())} >= the teacher's vocab_size "
-                                  f"({spec.vocab_size}): tokenizer and model do not belong together")
+                    raise KDError(
+                        f"the tokenizer produced id {int(windows.input_ids.max())} >= the teacher's vocab_size "
+                        f"({spec.vocab_size}): tokenizer and model do not belong together"
+                    )
                 writer.append(split, windows)
                 cap = spec.caps[split]
                 if cap is not None and packers[split].windows_emitted >= cap:
@@ -235,10 +249,19 @@ def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_spl
         if unit.documents_fn is not None:  # a shared stream (Hugging Face) must be consumed to the unit's end
             for _ in documents:
                 pass
-        meta = {"format": UNIT_FORMAT, "format_version": UNIT_FORMAT_VERSION, "config_hash": spec.content_hash(),
-                "unit": unit.name, "input": unit.input_state(),
-                "windows": {s: packers[s].windows_emitted for s in SPLITS}, "documents": docs, "tokens": tokens,
-                "skipped": {s: bool(skip[s]) for s in SPLITS}, "empty_documents": empty, "chars": chars}
+        meta = {
+            "format": UNIT_FORMAT,
+            "format_version": UNIT_FORMAT_VERSION,
+            "config_hash": spec.content_hash(),
+            "unit": unit.name,
+            "input": unit.input_state(),
+            "windows": {s: packers[s].windows_emitted for s in SPLITS},
+            "documents": docs,
+            "tokens": tokens,
+            "skipped": {s: bool(skip[s]) for s in SPLITS},
+            "empty_documents": empty,
+            "chars": chars,
+        }
         return writer.commit(meta)
     except BaseException:
         writer.abort()
@@ -249,6 +272,7 @@ def process_unit(unit: Unit, spec: IngestSpec, tokenizer, skip: dict, forced_spl
 
 # ---- the whole stage ---------------------------------------------------------------------------------------------
 
+
 class WindowIndex:
     """The windows of each split, in order, across unit files, capped. `read(split, a, b)` returns windows [a, b)."""
 
@@ -256,8 +280,9 @@ class WindowIndex:
         self.dir = directory
         self.entries = {s: [(name, meta["windows"][s]) for name, meta in units if meta["windows"][s]] for s in SPLITS}
         self.starts = {s: np.cumsum([0] + [n for _, n in self.entries[s]]) for s in SPLITS}
-        self.num_sequences = {s: int(self.starts[s][-1]) if caps[s] is None else min(int(self.starts[s][-1]), caps[s])
-                              for s in SPLITS}
+        self.num_sequences = {
+            s: int(self.starts[s][-1]) if caps[s] is None else min(int(self.starts[s][-1]), caps[s]) for s in SPLITS
+        }
 
     def read(self, split: str, a: int, b: int, fields: Iterable[str]) -> dict:
         import h5py
@@ -284,9 +309,16 @@ class WindowIndex:
         return out
 
 
-def run_ingest(accelerator, sources: list[tuple[Iterable[Unit], str | None]], spec: IngestSpec, tokenizer,
-               out: Path, progress: Callable[[int, int], None], on_unit: Callable[[Unit], None],
-               log: Callable[[str], None]) -> tuple[WindowIndex, dict]:
+def run_ingest(
+    accelerator,
+    sources: list[tuple[Iterable[Unit], str | None]],
+    spec: IngestSpec,
+    tokenizer,
+    out: Path,
+    progress: Callable[[int, int], None],
+    on_unit: Callable[[Unit], None],
+    log: Callable[[str], None],
+) -> tuple[WindowIndex, dict]:
     """Ingest every source (units, forced split or None) on all processes; returns the window index and totals.
     A failure on one process (bad input) stops every process at the end of the round with one error."""
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -294,8 +326,15 @@ def run_ingest(accelerator, sources: list[tuple[Iterable[Unit], str | None]], sp
     config_hash = spec.content_hash()
     totals = {s: 0 for s in SPLITS}
     finished: list[tuple[str, dict]] = []  # (unit name, metadata) in unit order, every unit of every process
-    stats = {"units": 0, "reused": 0, "documents": 0, "split_documents": {s: 0 for s in SPLITS}, "empty_documents": 0,
-             "tokens": 0, "chars": 0}
+    stats = {
+        "units": 0,
+        "reused": 0,
+        "documents": 0,
+        "split_documents": {s: 0 for s in SPLITS},
+        "empty_documents": 0,
+        "tokens": 0,
+        "chars": 0,
+    }
     t0 = time.time()
     for source_code, (units, forced) in enumerate(sources):
         it = iter(units)
@@ -331,9 +370,18 @@ def run_ingest(accelerator, sources: list[tuple[Iterable[Unit], str | None]], sp
                             log(f"[ingest] {unit.name}: its input changed or its file is not this config's: re-reading")
                         meta = process_unit(unit, spec, tokenizer, skip, forced, path, progress)
                     on_unit(unit)
-                    row = [source_code, unit.index, meta["windows"]["train"], meta["windows"]["eval"],
-                           meta["documents"]["train"], meta["documents"]["eval"], meta["empty_documents"],
-                           sum(meta["tokens"].values()), meta["chars"], 2 if reused else 1]
+                    row = [
+                        source_code,
+                        unit.index,
+                        meta["windows"]["train"],
+                        meta["windows"]["eval"],
+                        meta["documents"]["train"],
+                        meta["documents"]["eval"],
+                        meta["empty_documents"],
+                        sum(meta["tokens"].values()),
+                        meta["chars"],
+                        2 if reused else 1,
+                    ]
             except KDError as e:
                 error = e
                 row[-1] = -1
@@ -345,8 +393,10 @@ def run_ingest(accelerator, sources: list[tuple[Iterable[Unit], str | None]], sp
                 raise KDError(f"ingest failed on process {bad} (its error is printed above)")
             for r in rows[rows[:, 1] >= 0]:
                 name = f"{['main', 'eval'][source_code]}-{int(r[1]):06d}"
-                meta = {"windows": {"train": int(r[2]), "eval": int(r[3])},
-                        "documents": {"train": int(r[4]), "eval": int(r[5])}}
+                meta = {
+                    "windows": {"train": int(r[2]), "eval": int(r[3])},
+                    "documents": {"train": int(r[4]), "eval": int(r[5])},
+                }
                 finished.append((name, meta))
                 for s in SPLITS:
                     totals[s] += meta["windows"][s]

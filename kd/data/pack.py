@@ -18,14 +18,17 @@ from kd.errors import KDError
 MIN_WINDOW_TOKENS = 2  # a window needs one input and one target token
 
 
-def tokenize(tokenizer, texts: list[str], batch: int = 256,
-             offsets: bool = False) -> tuple[list[list[int]], list[np.ndarray] | None]:
+def tokenize(
+    tokenizer, texts: list[str], batch: int = 256, offsets: bool = False
+) -> tuple[list[list[int]], list[np.ndarray] | None]:
     """Token ids per text and, with `offsets`, their [n, 2] character offsets (else None). One batched call of the
     fast tokenizer per `batch` texts (its Rust core parallelises a batch over cores). Offsets need a fast
     (`tokenizers`-backed) tokenizer; a slow one is refused."""
     if offsets and not getattr(tokenizer, "is_fast", False):
-        raise KDError(f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast tokenizer): "
-                      "character spans need a `tokenizers`-backed (fast) tokenizer; use one, or set cache.store_text=false")
+        raise KDError(
+            f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast tokenizer): "
+            "character spans need a `tokenizers`-backed (fast) tokenizer; use one, or set cache.store_text=false"
+        )
     backend = getattr(tokenizer, "backend_tokenizer", None)
     ids: list[list[int]] = []
     spans: list[np.ndarray] = []
@@ -34,13 +37,14 @@ def tokenize(tokenizer, texts: list[str], batch: int = 256,
         if backend is not None:
             # the `tokenizers` object itself, as transformers' fast tokenizers call it (same ids), without the
             # per-token conversion into Python dicts that costs ~10% of the ingest
-            encs = backend.encode_batch(texts[i:i + batch], add_special_tokens=False)
+            encs = backend.encode_batch(texts[i : i + batch], add_special_tokens=False)
             ids.extend(e.ids for e in encs)
             if offsets:
                 spans.extend(_offsets_array(e.offsets) for e in encs)
             continue
-        enc = tokenizer(texts[i:i + batch], add_special_tokens=False, return_offsets_mapping=offsets,
-                        return_attention_mask=False)
+        enc = tokenizer(
+            texts[i : i + batch], add_special_tokens=False, return_offsets_mapping=offsets, return_attention_mask=False
+        )
         ids.extend(enc["input_ids"])
         if offsets:
             spans.extend(_offsets_array(o) for o in enc["offset_mapping"])
@@ -113,14 +117,19 @@ class Packer:
         flat = self._ids[:used]
         ids.reshape(-1)[:used] = flat
         lengths = np.minimum(self.T, used - np.arange(n) * self.T).astype(np.int32)
-        starts = (np.add.reduceat(self._first[:used].astype(np.int32), np.arange(n) * self.T).astype(np.int32) if n
-                  else np.zeros(0, np.int32))
+        starts = (
+            np.add.reduceat(self._first[:used].astype(np.int32), np.arange(n) * self.T).astype(np.int32)
+            if n
+            else np.zeros(0, np.int32)
+        )
         texts, spans = None, None
         if self.with_text:
             texts, spans = window_texts(self._doc[:used], self._offs[:used], self.T, self._texts, self.sep_text)
         if final:
             used = len(self._ids)  # a 1-token rest has no target: dropped
-        self._ids, self._doc, self._offs, self._first = (a[used:] for a in (self._ids, self._doc, self._offs, self._first))
+        self._ids, self._doc, self._offs, self._first = (
+            a[used:] for a in (self._ids, self._doc, self._offs, self._first)
+        )
         if self.with_text:
             live = set(np.unique(self._doc[self._doc >= 0]).tolist())
             self._texts = {d: t for d, t in self._texts.items() if d in live}
@@ -128,7 +137,9 @@ class Packer:
         return Windows(ids, lengths, starts, texts, spans)
 
 
-def window_texts(doc_of: np.ndarray, offs: np.ndarray, T: int, doc_texts, sep_text: str) -> tuple[list[str], np.ndarray]:
+def window_texts(
+    doc_of: np.ndarray, offs: np.ndarray, T: int, doc_texts, sep_text: str
+) -> tuple[list[str], np.ndarray]:
     """The text of each window of a token stream cut every T tokens, and each token's [start, end) span in its
     window's text (padding: the empty span at the end). A window's text is its runs of tokens from one document
     (that document's text from the run's first token to its last token's end) and its separators (`sep_text`), so
@@ -154,15 +165,23 @@ def window_texts(doc_of: np.ndarray, offs: np.ndarray, T: int, doc_texts, sep_te
     first_run = np.searchsorted(run_window, np.arange(n))
     pos = before - before[first_run][run_window]  # where each run starts in its window's text
     run_of = np.cumsum(change) - 1
-    tok_spans = np.where(is_sep[run_of, None], np.stack([pos[run_of], pos[run_of] + len(sep_text)], 1),
-                         offs - seg_start[run_of, None] + pos[run_of, None])
+    tok_spans = np.where(
+        is_sep[run_of, None],
+        np.stack([pos[run_of], pos[run_of] + len(sep_text)], 1),
+        offs - seg_start[run_of, None] + pos[run_of, None],
+    )
     spans.reshape(-1, 2)[:N] = tok_spans
     ends = np.append(first_run[1:], len(run_start))
     texts = []
     for w in range(n):
-        pieces = [sep_text if d < 0 else doc_texts[d][a:b] for d, a, b in
-                  zip(run_doc[first_run[w]:ends[w]].tolist(), seg_start[first_run[w]:ends[w]].tolist(),
-                      seg_end[first_run[w]:ends[w]].tolist())]
+        pieces = [
+            sep_text if d < 0 else doc_texts[d][a:b]
+            for d, a, b in zip(
+                run_doc[first_run[w] : ends[w]].tolist(),
+                seg_start[first_run[w] : ends[w]].tolist(),
+                seg_end[first_run[w] : ends[w]].tolist(),
+            )
+        ]
         texts.append("".join(pieces))
     valid = np.minimum(T, N - np.arange(n) * T)
     lengths = np.array([len(t) for t in texts], np.int32)

@@ -45,8 +45,10 @@ def file_format(path: str) -> tuple[str, str]:
     base = name[: len(name) - len(comp)] if comp else name
     fmt = os.path.splitext(base)[1]
     if fmt not in FORMATS or (fmt == ".parquet" and comp):
-        raise KDError(f"unsupported data file {path}: use {', '.join(FORMATS)} (text formats optionally compressed "
-                      "as .gz or .zst)")
+        raise KDError(
+            f"unsupported data file {path}: use {', '.join(FORMATS)} (text formats optionally compressed "
+            "as .gz or .zst)"
+        )
     return fmt, comp
 
 
@@ -58,7 +60,9 @@ def expand_files(patterns: list[str], what: str = "data.files") -> list[str]:
         matches = sorted(glob.glob(path)) if glob.has_magic(path) else ([path] if os.path.exists(path) else [])
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
-            raise KDError(f"{what}: file(s) not found: {pattern}" + (f" (resolved to {path})" if path != pattern else ""))
+            raise KDError(
+                f"{what}: file(s) not found: {pattern}" + (f" (resolved to {path})" if path != pattern else "")
+            )
         files.extend(m for m in matches if m not in files)
     for f in files:
         file_format(f)
@@ -130,13 +134,16 @@ def plan_file_units(files: list[str], unit_bytes: int, source: str) -> list[Unit
 
 # ---- reading one piece --------------------------------------------------------------------------------------
 
+
 def _decode(raw: bytes, errors: str, path: str, line_of: Callable[[int], int]) -> str:
     try:
         return raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        raise KDError(f"{path}, line {line_of(e.start)}: invalid UTF-8 (byte 0x{raw[e.start]:02x}); fix or re-encode "
-                      "the file (e.g. `iconv -f latin1 -t utf-8`), or set data.decode_errors=replace to read invalid "
-                      "bytes as U+FFFD") from None
+        raise KDError(
+            f"{path}, line {line_of(e.start)}: invalid UTF-8 (byte 0x{raw[e.start]:02x}); fix or re-encode "
+            "the file (e.g. `iconv -f latin1 -t utf-8`), or set data.decode_errors=replace to read invalid "
+            "bytes as U+FFFD"
+        ) from None
 
 
 def _line_number(path: str, byte_offset: int) -> int:
@@ -157,8 +164,9 @@ def _open_binary(path: str):
         try:
             import zstandard
         except ImportError:
-            raise KDError(f"reading {path} needs the zstandard package: pip install zstandard "
-                          "(or pip install -e '.[zstd]')") from None
+            raise KDError(
+                f"reading {path} needs the zstandard package: pip install zstandard (or pip install -e '.[zstd]')"
+            ) from None
         return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
     return open(path, "rb")
 
@@ -167,11 +175,15 @@ def _text_of(record, text_field: str, path: str, line_of: Callable[[], int]) -> 
     """The record's text ('' for null). `line_of` is called only for an error message: counting lines is costly
     in a unit that starts mid-file."""
     if not isinstance(record, dict):
-        raise KDError(f"{path}, line {line_of()}: a record must be a JSON object with field '{text_field}', got "
-                      f"{type(record).__name__}")
+        raise KDError(
+            f"{path}, line {line_of()}: a record must be a JSON object with field '{text_field}', got "
+            f"{type(record).__name__}"
+        )
     if text_field not in record:
-        raise KDError(f"{path}, line {line_of()}: text field '{text_field}' is not in the record (its fields: "
-                      f"{sorted(record)[:10]}); set data.text_field")
+        raise KDError(
+            f"{path}, line {line_of()}: text field '{text_field}' is not in the record (its fields: "
+            f"{sorted(record)[:10]}); set data.text_field"
+        )
     value = record[text_field]
     if value is not None and not isinstance(value, str):
         raise KDError(f"{path}, line {line_of()}: field '{text_field}' holds {type(value).__name__}, not text")
@@ -189,6 +201,7 @@ def _json_lines(f, path: str, text_field: str, errors: str, first_byte: int, end
             break
         start, pos = pos, pos + len(raw)
         if raw.strip():
+
             def line_of(_offset: int = 0, start=start, line_no=line_no) -> int:
                 return line_no if line_no is not None else _line_number(path, start)
 
@@ -225,8 +238,10 @@ def read_piece(piece: Piece, text_field: str, errors: str) -> Iterator[tuple[str
         except Exception as e:  # pyarrow raises several types for unreadable files
             raise KDError(f"{path}: not a readable Parquet file ({e})") from None
         if text_field not in pf.schema_arrow.names:
-            raise KDError(f"{path}: text field '{text_field}' is not a column (columns: {pf.schema_arrow.names}); "
-                          "set data.text_field")
+            raise KDError(
+                f"{path}: text field '{text_field}' is not a column (columns: {pf.schema_arrow.names}); "
+                "set data.text_field"
+            )
         for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
             for text in batch.column(0).to_pylist():
                 yield text or "", path
@@ -253,12 +268,16 @@ def read_piece(piece: Piece, text_field: str, errors: str) -> Iterator[tuple[str
             try:
                 for row in reader:
                     if text_field not in row:
-                        raise KDError(f"{path}: text field '{text_field}' is not a CSV column (columns: "
-                                      f"{reader.fieldnames}); set data.text_field")
+                        raise KDError(
+                            f"{path}: text field '{text_field}' is not a CSV column (columns: "
+                            f"{reader.fieldnames}); set data.text_field"
+                        )
                     yield row[text_field] or "", path
             except UnicodeDecodeError:
-                raise KDError(f"{path}, near line {reader.line_num + 1}: invalid UTF-8; fix or re-encode the file, or "
-                              "set data.decode_errors=replace") from None
+                raise KDError(
+                    f"{path}, near line {reader.line_num + 1}: invalid UTF-8; fix or re-encode the file, or "
+                    "set data.decode_errors=replace"
+                ) from None
             except csv.Error as e:
                 raise KDError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
 
@@ -290,6 +309,7 @@ def unit_documents(unit: Unit, text_field: str, errors: str) -> Iterator[tuple[s
 
 # ---- Hugging Face datasets -----------------------------------------------------------------------------------
 
+
 def open_hf_dataset(name: str, config: str | None, split: str, streaming: bool, text_field: str):
     """A hub dataset, a local folder of data files, or a `save_to_disk` folder; streamed or memory-mapped."""
     import datasets
@@ -299,15 +319,19 @@ def open_hf_dataset(name: str, config: str | None, split: str, streaming: bool, 
     where = f"dataset '{name}' (config {config}, split {split})"
     try:
         local = resolve_path(name)
-        if os.path.isdir(local) and (os.path.exists(os.path.join(local, "state.json")) or
-                                     os.path.exists(os.path.join(local, "dataset_dict.json"))):
+        if os.path.isdir(local) and (
+            os.path.exists(os.path.join(local, "state.json"))
+            or os.path.exists(os.path.join(local, "dataset_dict.json"))
+        ):
             ds = datasets.load_from_disk(local)
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split]
             if streaming:
                 ds = ds.to_iterable_dataset()
         else:
-            ds = datasets.load_dataset(local if os.path.isdir(local) else name, config, split=split, streaming=streaming)
+            ds = datasets.load_dataset(
+                local if os.path.isdir(local) else name, config, split=split, streaming=streaming
+            )
     except KDError:
         raise
     except Exception as e:  # datasets raises many types for unreadable or unknown datasets
@@ -364,15 +388,24 @@ def config_sources(data) -> tuple[list[tuple[Iterable[Unit], str | None]], int |
         eval_files = expand_files(data.eval_files, "data.eval_files")
         both = sorted(set(main_files) & set(eval_files))
         if both:
-            raise KDError(f"{both[0]} is in both data.files and data.eval_files: a held-out file must not be trained on")
+            raise KDError(
+                f"{both[0]} is in both data.files and data.eval_files: a held-out file must not be trained on"
+            )
         total += sum(os.path.getsize(f) for f in eval_files)
-        return [(plan_file_units(main_files, data.unit_bytes, "main"), "train"),
-                (plan_file_units(eval_files, data.unit_bytes, "eval"), "eval")], total
+        return [
+            (plan_file_units(main_files, data.unit_bytes, "main"), "train"),
+            (plan_file_units(eval_files, data.unit_bytes, "eval"), "eval"),
+        ], total
     ds, where = open_hf_dataset(data.dataset, data.dataset_config, data.dataset_split, data.streaming, data.text_field)
-    sources = [(plan_hf_units(ds, where, data.text_field, data.unit_bytes, "main"),
-                "train" if data.eval_dataset_split else None)]
+    sources = [
+        (
+            plan_hf_units(ds, where, data.text_field, data.unit_bytes, "main"),
+            "train" if data.eval_dataset_split else None,
+        )
+    ]
     if data.eval_dataset_split:
-        ev, ev_where = open_hf_dataset(data.dataset, data.dataset_config, data.eval_dataset_split, data.streaming,
-                                       data.text_field)
+        ev, ev_where = open_hf_dataset(
+            data.dataset, data.dataset_config, data.eval_dataset_split, data.streaming, data.text_field
+        )
         sources.append((plan_hf_units(ev, ev_where, data.text_field, data.unit_bytes, "eval"), "eval"))
     return sources, None

@@ -98,11 +98,15 @@ def skew_reverse_kl(s: torch.Tensor, t: torch.Tensor, alpha: float = 0.1) -> tor
 
 def _unit_interval(name: str, lo_open: bool = False, hi_open: bool = False):
     def check(v):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (
-                (0 < v if lo_open else 0 <= v) and (v < 1 if hi_open else v <= 1)):
+        if (
+            not isinstance(v, (int, float))
+            or isinstance(v, bool)
+            or not ((0 < v if lo_open else 0 <= v) and (v < 1 if hi_open else v <= 1))
+        ):
             lo, hi = "(" if lo_open else "[", ")" if hi_open else "]"
             raise KDError(f"option {name} must be a number in {lo}0, 1{hi}, got {v!r}")
         return float(v)
+
     return check
 
 

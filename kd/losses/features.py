@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
-def feature_per_position(student: torch.Tensor, teacher: torch.Tensor,
-                         kind: Literal["cosine", "normalized_mse"]) -> torch.Tensor:
+def feature_per_position(
+    student: torch.Tensor, teacher: torch.Tensor, kind: Literal["cosine", "normalized_mse"]
+) -> torch.Tensor:
     """Scale-free distance per position between projected student states [N, H] and teacher states [N, H].
 
     cosine: 1 - cos(student, teacher), in [0, 2]. normalized_mse: mean squared difference after normalising

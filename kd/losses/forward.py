@@ -36,7 +36,7 @@ _MIN_TAIL = 1e-30
 # of k fp32 log-probs that hold all the mass (~1e-7 each) or of the q8 codec (total mass kept to ~1e-6). Left in,
 # tempering would inflate it (1e-7 ** (1 / 4) = 0.018 at T = 4) and charge it against a student tail clamped to
 # 1e-30 (the bug of issue 12: up to 8 nats at k = V). A real tail this small changes KD by < 2^-20 * 69 nats at T = 1.
-TAIL_FLOOR = 2.0 ** -20
+TAIL_FLOOR = 2.0**-20
 _LOG_TAIL_FLOOR = -20 * 0.6931471805599453
 
 
@@ -77,8 +77,13 @@ def _bucket_kl(s_top: torch.Tensor, t_lp: torch.Tensor, T: float) -> torch.Tenso
     return torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_b)).sum(-1)
 
 
-def sparse_kd_per_position(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                           temperature: float, tail: TailPolicy) -> torch.Tensor:
+def sparse_kd_per_position(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    temperature: float,
+    tail: TailPolicy,
+) -> torch.Tensor:
     """T^2 * KL(teacher || student) per position, [N], from the student's logits [N, V] and the cached teacher
     top-k ids [N, k] (int64) and log-probs [N, k] (any float dtype; full-softmax log-probs at T = 1)."""
     T = float(temperature)
@@ -97,9 +102,15 @@ def sparse_kd_per_position(student_logits: torch.Tensor, topk_ids: torch.Tensor,
     return kl * (T * T)
 
 
-def token_losses(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float,
-                 tail: TailPolicy) -> torch.Tensor:
+def token_losses(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    tail: TailPolicy,
+) -> torch.Tensor:
     """Sums over masked positions of [CE, KD, top-1 agreement with the teacher], as a [3] fp32 tensor.
 
     student_logits [N, V]; targets [N] next-token ids; topk_ids/topk_logprobs [N, k]; mask [N] bool.
@@ -111,8 +122,9 @@ def token_losses(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: 
     kd = sparse_kd_per_position(logits, topk_ids, topk_logprobs, temperature, tail)
     agree = (logits.argmax(-1) == topk_ids[:, 0]).float()
     zero = torch.zeros_like(ce)
-    return torch.stack([torch.where(mask, ce, zero).sum(), torch.where(mask, kd, zero).sum(),
-                        torch.where(mask, agree, zero).sum()])
+    return torch.stack(
+        [torch.where(mask, ce, zero).sum(), torch.where(mask, kd, zero).sum(), torch.where(mask, agree, zero).sum()]
+    )
 
 
 def _dense_chunk(z, teacher_logits, tgt, m, alpha_ce: float, alpha_kd: float, T: float):
@@ -144,8 +156,19 @@ class _FusedCEKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, topk_ids, topk_logprobs, mask, alpha_ce: float, alpha_kd: float,
-                temperature: float, tail: str, chunk: int):
+    def forward(
+        ctx,
+        logits,
+        targets,
+        topk_ids,
+        topk_logprobs,
+        mask,
+        alpha_ce: float,
+        alpha_kd: float,
+        temperature: float,
+        tail: str,
+        chunk: int,
+    ):
         # Few passes over each [chunk, V] block (they dominate the cost): one log-softmax, an in-place exp, one
         # multiply written straight into the gradient buffer with per-row coefficients (masking folded in), and
         # [chunk, k]-sized corrections scattered onto the top-k ids and the target.
@@ -154,18 +177,19 @@ class _FusedCEKD(torch.autograd.Function):
         grad = torch.empty_like(logits)
         sums = torch.zeros(3, dtype=torch.float32, device=logits.device)
         for s in range(0, N, chunk):
-            z = logits[s:s + chunk].float()
-            m = mask[s:s + chunk]
-            tgt = targets[s:s + chunk].clamp(min=0)
+            z = logits[s : s + chunk].float()
+            m = mask[s : s + chunk]
+            tgt = targets[s : s + chunk].clamp(min=0)
             if topk_ids is None:
-                g, ce, kd, agree = _dense_chunk(z, topk_logprobs[s:s + chunk].float(), tgt, m, alpha_ce, alpha_kd, T)
-                grad[s:s + chunk] = g.to(grad.dtype)
+                g, ce, kd, agree = _dense_chunk(z, topk_logprobs[s : s + chunk].float(), tgt, m, alpha_ce, alpha_kd, T)
+                grad[s : s + chunk] = g.to(grad.dtype)
                 zero = torch.zeros_like(ce)
-                sums += torch.stack([torch.where(m, ce, zero).sum(), torch.where(m, kd, zero).sum(),
-                                     torch.where(m, agree, zero).sum()])
+                sums += torch.stack(
+                    [torch.where(m, ce, zero).sum(), torch.where(m, kd, zero).sum(), torch.where(m, agree, zero).sum()]
+                )
                 continue
-            ids = topk_ids[s:s + chunk]
-            t_lp = topk_logprobs[s:s + chunk].float()
+            ids = topk_ids[s : s + chunk]
+            t_lp = topk_logprobs[s : s + chunk].float()
             logp = torch.log_softmax(z, dim=-1)
             ce = -logp.gather(-1, tgt[:, None]).squeeze(-1)
             agree = (logp.argmax(-1) == ids[:, 0]).float()
@@ -202,7 +226,7 @@ class _FusedCEKD(torch.autograd.Function):
             # masked rows get exactly zero gradient, even where their teacher values are NaN
             coef_kd = torch.where(m, coef_kd, torch.zeros_like(coef_kd))
             top_corr = torch.where(m[:, None], top_corr, torch.zeros_like(top_corr))
-            g = grad[s:s + chunk]
+            g = grad[s : s + chunk]
             if p_t is None:
                 torch.mul(p1, (alpha_ce * keep + alpha_kd * coef_kd)[:, None], out=g)
             else:
@@ -213,8 +237,9 @@ class _FusedCEKD(torch.autograd.Function):
             if not bool(m.all()):  # a non-finite logit at an ignored position would leave 0 * NaN = NaN there
                 g[~m] = 0
             zero = torch.zeros_like(ce)
-            sums += torch.stack([torch.where(m, ce, zero).sum(), torch.where(m, kd, zero).sum(),
-                                 torch.where(m, agree, zero).sum()])
+            sums += torch.stack(
+                [torch.where(m, ce, zero).sum(), torch.where(m, kd, zero).sum(), torch.where(m, agree, zero).sum()]
+            )
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(sums)
         return alpha_ce * sums[0] + alpha_kd * sums[1], sums
@@ -225,13 +250,32 @@ class _FusedCEKD(torch.autograd.Function):
         return (grad * grad_total.to(grad.dtype),) + (None,) * 9
 
 
-def fused_ce_kd(student_logits: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor,
-                topk_logprobs: torch.Tensor, mask: torch.Tensor, alpha_ce: float, alpha_kd: float, temperature: float,
-                tail: TailPolicy, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_ce_kd(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    alpha_ce: float,
+    alpha_kd: float,
+    temperature: float,
+    tail: TailPolicy,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Training form of `token_losses`: (alpha_ce * CE_sum + alpha_kd * KD_sum with gradient, [CE, KD, top-1]
     sums without). Same shapes and values as `token_losses`; see `_FusedCEKD` for the gradient.
 
     topk_ids=None means a dense teacher: topk_logprobs then holds the teacher's full logits [N, V] (online KD),
     and KD is the exact full-vocabulary KL."""
-    return _FusedCEKD.apply(student_logits, targets, topk_ids, topk_logprobs, mask, float(alpha_ce), float(alpha_kd),
-                            float(temperature), tail, int(chunk))
+    return _FusedCEKD.apply(
+        student_logits,
+        targets,
+        topk_ids,
+        topk_logprobs,
+        mask,
+        float(alpha_ce),
+        float(alpha_kd),
+        float(temperature),
+        tail,
+        int(chunk),
+    )

@@ -55,8 +55,9 @@ def parse_terms(specs: list, where: str = "loss.terms") -> list[Term]:
     for i, spec in enumerate(specs):
         at = f"{where}[{i}]"
         if not isinstance(spec, dict) or "kind" not in spec:
-            raise KDError(f"{at} must be a mapping with a `kind` (one of {list(LOGIT_KINDS + HIDDEN_KINDS)}), "
-                          f"got {spec!r}")
+            raise KDError(
+                f"{at} must be a mapping with a `kind` (one of {list(LOGIT_KINDS + HIDDEN_KINDS)}), got {spec!r}"
+            )
         spec = dict(spec)
         kind, name = spec.pop("kind"), spec.pop("name", None)
         weight = spec.pop("weight", 1.0)
@@ -166,13 +167,27 @@ class _ChunkedTerms(torch.autograd.Function):
 def fused_eligible(terms: list[Term], signal) -> bool:
     """The analytic forward-KL path covers CE + forward KL on a same-tokenizer signal (top-k, sampled, online)."""
     kinds = [t.kind for t in terms]
-    return (signal.name in ("topk", "sampled", "online") and set(kinds) <= {"ce", "forward_kl"}
-            and kinds.count("ce") <= 1 and kinds.count("forward_kl") <= 1)
+    return (
+        signal.name in ("topk", "sampled", "online")
+        and set(kinds) <= {"ce", "forward_kl"}
+        and kinds.count("ce") <= 1
+        and kinds.count("forward_kl") <= 1
+    )
 
 
-def logit_term_sums(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, kd_mask: torch.Tensor,
-                    signal, terms: list[Term], weights: list[float], temperature: float, chunk: int,
-                    with_grad: bool = True, fused: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+def logit_term_sums(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    kd_mask: torch.Tensor,
+    signal,
+    terms: list[Term],
+    weights: list[float],
+    temperature: float,
+    chunk: int,
+    with_grad: bool = True,
+    fused: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(sum_i weights[i] * term_i with gradient, or None without; [len(terms) + 1] sums: each term's masked sum
     over positions, then the top-1 agreement count) for the logit-level `terms`, logits [N, V].
 
@@ -195,17 +210,24 @@ def logit_term_sums(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
             ids, values, tail = None, signal.logits, "bucket"
         else:
             ids, values, tail = signal.ids, signal.logprobs, signal.tail
-        total, (ce, kd, agree) = fused_ce_kd(logits, targets, ids, values, mask, w.get("ce", 0.0),
-                                             w.get("forward_kl", 0.0), T, tail, chunk)
+        total, (ce, kd, agree) = fused_ce_kd(
+            logits, targets, ids, values, mask, w.get("ce", 0.0), w.get("forward_kl", 0.0), T, tail, chunk
+        )
         by_kind = {"ce": ce, "forward_kl": kd}
         return total, torch.stack([by_kind[t.kind] for t in terms] + [agree])
-    return _ChunkedTerms.apply(logits, targets, mask, kd_mask, signal, terms, [float(w) for w in weights], T,
-                               int(chunk))
+    return _ChunkedTerms.apply(
+        logits, targets, mask, kd_mask, signal, terms, [float(w) for w in weights], T, int(chunk)
+    )
 
 
-
-def cross_kd_per_position(student_logits: torch.Tensor, mapped_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                          kind: str, temperature: float, uld_weight: float) -> torch.Tensor:
+def cross_kd_per_position(
+    student_logits: torch.Tensor,
+    mapped_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    kind: str,
+    temperature: float,
+    uld_weight: float,
+) -> torch.Tensor:
     """The older cross-tokenizer KD kinds per position, [N], on the same signal and functions training uses.
     mapped_ids [N, k]: the student id of each cached teacher top-k token, -1 where the student has none.
 

@@ -20,8 +20,10 @@ def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool, cache_id: str |
     overwritten since the run started is refused, never mixed) and return the latest checkpoint's state."""
     if not resume:
         if run_dir.exists():
-            raise KDError(f"run directory {run_dir} already exists; pick another train.run_name, or continue it "
-                          "with train.resume=true")
+            raise KDError(
+                f"run directory {run_dir} already exists; pick another train.run_name, or continue it "
+                "with train.resume=true"
+            )
         return None
     if not (run_dir / "config.json").exists():
         raise KDError(f"train.resume=true but {run_dir} holds no run to resume")
@@ -29,13 +31,17 @@ def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool, cache_id: str |
     saved = run_record["config"]
     started_on = run_record.get("cache", {}).get("config_hash")
     if started_on is not None and cache_id is not None and started_on != cache_id:
-        raise KDError(f"cannot resume {run_dir}: the cache at {cfg_dict['train']['cache_dir']} changed since this run "
-                      f"started (cache identity {started_on[:12]}... then, {cache_id[:12]}... now); resume against the "
-                      "cache it started with, or start a new run")
+        raise KDError(
+            f"cannot resume {run_dir}: the cache at {cfg_dict['train']['cache_dir']} changed since this run "
+            f"started (cache identity {started_on[:12]}... then, {cache_id[:12]}... now); resume against the "
+            "cache it started with, or start a new run"
+        )
     differing = [k for k in diff_keys(saved, cfg_dict) if k not in RESUME_FREE_KEYS]
     if differing:
-        raise KDError(f"cannot resume {run_dir}: config differs in {', '.join(differing)}; an exact continuation "
-                      "needs the same config (start a new run instead)")
+        raise KDError(
+            f"cannot resume {run_dir}: config differs in {', '.join(differing)}; an exact continuation "
+            "needs the same config (start a new run instead)"
+        )
     latest = run_dir / "checkpoints" / "latest.json"
     return json.loads(latest.read_text()) if latest.exists() else None
 
@@ -63,11 +69,17 @@ def save_final(accelerator, model, tokenizer, out: Path, meta: dict) -> None:
     unwrapped = accelerator.unwrap_model(model)
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        unwrapped.lm.save_pretrained(out, state_dict={k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")})
+        unwrapped.lm.save_pretrained(
+            out, state_dict={k[len("lm.") :]: v for k, v in state.items() if k.startswith("lm.")}
+        )
         tokenizer.save_pretrained(out)
         if len(unwrapped.projectors):
-            torch.save({"feature_pairs": unwrapped.feature_pairs,
-                        "state_dict": {k[len("projectors."):]: v for k, v in state.items() if k.startswith("projectors.")}},
-                       out / "projectors.pt")
+            torch.save(
+                {
+                    "feature_pairs": unwrapped.feature_pairs,
+                    "state_dict": {k[len("projectors.") :]: v for k, v in state.items() if k.startswith("projectors.")},
+                },
+                out / "projectors.pt",
+            )
         write_json_atomic(out / "kd_meta.json", meta)
     accelerator.wait_for_everyone()

@@ -14,8 +14,16 @@ def steps_per_epoch(num_sequences: int, world: int, micro_batch_size: int, accum
     return (num_sequences // world) // (micro_batch_size * accumulation)
 
 
-def epoch_order(num_sequences: int, epoch: int, seed: int, rank: int, world: int, per_step: int,
-                shard_starts: np.ndarray | None = None, buffer_shards: int = 0) -> np.ndarray:
+def epoch_order(
+    num_sequences: int,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world: int,
+    per_step: int,
+    shard_starts: np.ndarray | None = None,
+    buffer_shards: int = 0,
+) -> np.ndarray:
     """This process's sequence indices for `epoch`, in order: a seeded order of all sequences dealt round-robin to
     ranks (so ranks never share a sequence), cut to whole optimizer windows. A pure function of (epoch, seed), so a
     resumed run sees the same data.
@@ -33,17 +41,27 @@ def epoch_order(num_sequences: int, epoch: int, seed: int, rank: int, world: int
         bounds = np.append(np.asarray(shard_starts, dtype=np.int64), num_sequences)
         shard_order = rng.permutation(len(bounds) - 1)
         B = max(1, buffer_shards)
-        perm = np.concatenate([rng.permutation(np.concatenate([np.arange(bounds[j], bounds[j + 1])
-                                                                for j in shard_order[g:g + B]]))
-                               for g in range(0, len(shard_order), B)])
+        perm = np.concatenate(
+            [
+                rng.permutation(np.concatenate([np.arange(bounds[j], bounds[j + 1]) for j in shard_order[g : g + B]]))
+                for g in range(0, len(shard_order), B)
+            ]
+        )
     mine = perm[rank::world][: num_sequences // world]
     return mine[: (len(mine) // per_step) * per_step]
 
 
 def make_loader(split: CacheSplit, indices, batch_size: int, num_workers: int, pin_memory: bool):
-    return _CleanErrors(torch.utils.data.DataLoader(torch.utils.data.Subset(split, list(map(int, indices))),
-                                                    batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                                    pin_memory=pin_memory, persistent_workers=False))
+    return _CleanErrors(
+        torch.utils.data.DataLoader(
+            torch.utils.data.Subset(split, list(map(int, indices))),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=False,
+        )
+    )
 
 
 class _CleanErrors:

@@ -20,11 +20,11 @@ RUN_FORMAT_VERSION = 1
 class TrainState:
     """Where a run is: what a checkpoint's trainer_state.json holds besides the Accelerate state."""
 
-    step: int = 0                       # optimizer steps done (skipped ones included)
+    step: int = 0  # optimizer steps done (skipped ones included)
     tokens_seen: int = 0
     skipped_steps: int = 0
     consecutive_skips: int = 0
-    best_eval: float = math.inf         # best eval/ce so far
+    best_eval: float = math.inf  # best eval/ce so far
     evals_without_improvement: int = 0
 
     def to_dict(self) -> dict:

@@ -35,17 +35,24 @@ class LossPlan:
 
     @classmethod
     def build(cls, loss_cfg: LossConfig, teacher_slots: list[int] | None = None, teacher=None) -> LossPlan:
-        return cls(loss_cfg.loss_terms(), batch_signal(loss_cfg.target, loss_cfg.tail,
-                                                       loss_cfg.cross_tokenizer is not None, teacher),
-                   loss_cfg.temperature, loss_cfg.position_chunk, list(teacher_slots or []))
+        return cls(
+            loss_cfg.loss_terms(),
+            batch_signal(loss_cfg.target, loss_cfg.tail, loss_cfg.cross_tokenizer is not None, teacher),
+            loss_cfg.temperature,
+            loss_cfg.position_chunk,
+            list(teacher_slots or []),
+        )
 
     @classmethod
     def for_eval(cls, loss_cfg: LossConfig) -> LossPlan:
         """Held-out metrics: CE and forward KL against the cached top-k (the mapped top-k across tokenizers),
         whatever the training terms, so that runs with different terms stay comparable."""
-        return cls([Term("ce", "ce", 1.0), Term("kd", "forward_kl", 1.0)],
-                   batch_signal("topk", loss_cfg.tail, loss_cfg.cross_tokenizer is not None),
-                   loss_cfg.temperature, loss_cfg.position_chunk)
+        return cls(
+            [Term("ce", "ce", 1.0), Term("kd", "forward_kl", 1.0)],
+            batch_signal("topk", loss_cfg.tail, loss_cfg.cross_tokenizer is not None),
+            loss_cfg.temperature,
+            loss_cfg.position_chunk,
+        )
 
     @property
     def logit_terms(self) -> list[Term]:
@@ -92,8 +99,9 @@ def batch_counts(batch: dict, plan: LossPlan) -> torch.Tensor:
     return torch.tensor([float(n_tok), float(n_con), float(n_kd)], dtype=torch.float64)
 
 
-def micro_batch_sums(model, batch: dict, plan: LossPlan, weights: dict[str, float],
-                     with_grad: bool = True) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+def micro_batch_sums(
+    model, batch: dict, plan: LossPlan, weights: dict[str, float], with_grad: bool = True
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """(sum over terms of weights[name] * the term's sum over this micro-batch's positions, with gradient;
     {term name: its sum without gradient, "agree": top-1 agreement count}).
 
@@ -108,9 +116,18 @@ def micro_batch_sums(model, batch: dict, plan: LossPlan, weights: dict[str, floa
     # across tokenizers the teacher (and its hidden states) exists only at aligned positions
     kd_mask = (loss_mask & batch["kd_mask"]).reshape(-1) if "kd_mask" in batch else mask
     lt = plan.logit_terms
-    loss, sums = logit_term_sums(logits.reshape(B * T, V), targets.reshape(-1), mask, kd_mask,
-                                 plan.signal(batch, attention), lt, [weights.get(t.name, 0.0) for t in lt], plan.temperature,
-                                 plan.chunk, with_grad=with_grad)
+    loss, sums = logit_term_sums(
+        logits.reshape(B * T, V),
+        targets.reshape(-1),
+        mask,
+        kd_mask,
+        plan.signal(batch, attention),
+        lt,
+        [weights.get(t.name, 0.0) for t in lt],
+        plan.temperature,
+        plan.chunk,
+        with_grad=with_grad,
+    )
     out = {t.name: sums[i] for i, t in enumerate(lt)}
     out["agree"] = sums[-1]
     feature, contrastive = plan.hidden_term("feature"), plan.hidden_term("contrastive")
@@ -138,14 +155,20 @@ def micro_batch_sums(model, batch: dict, plan: LossPlan, weights: dict[str, floa
 
 @dataclass
 class WindowResult:
-    raw: dict[str, float]               # term name -> global token mean over the window
-    nonfinite: list[str]                # terms that were NaN/inf on any process
-    tokens: int                         # loss positions in the window, all processes
-    agree: float = field(default=0.0)   # top-1 agreement with the teacher over the window
+    raw: dict[str, float]  # term name -> global token mean over the window
+    nonfinite: list[str]  # terms that were NaN/inf on any process
+    tokens: int  # loss positions in the window, all processes
+    agree: float = field(default=0.0)  # top-1 agreement with the teacher over the window
 
 
-def accumulate_window(model, batches: list[dict], loss: LossPlan | LossConfig, accelerator,
-                      teacher_slots: list[int] | None = None, teacher=None) -> WindowResult:
+def accumulate_window(
+    model,
+    batches: list[dict],
+    loss: LossPlan | LossConfig,
+    accelerator,
+    teacher_slots: list[int] | None = None,
+    teacher=None,
+) -> WindowResult:
     """Forward + backward over the micro-batches of one optimizer step; gradients end up in `.grad`.
     `loss` is the run's LossPlan (or a LossConfig, planned here with teacher_slots and teacher)."""
     plan = loss if isinstance(loss, LossPlan) else LossPlan.build(loss, teacher_slots, teacher)
@@ -170,8 +193,12 @@ def accumulate_window(model, batches: list[dict], loss: LossPlan | LossConfig, a
         local += torch.stack([sums[n].double() for n in names] + [sums["agree"].double()])
     total = accelerator.reduce(local, "sum")
     raw = {t.name: float(total[j]) / denom[t.positions] for j, t in enumerate(plan.terms)}
-    return WindowResult(raw=raw, nonfinite=[n for n in names if not math.isfinite(raw[n])], tokens=int(n_tok),
-                        agree=float(total[-1]) / max(n_kd, 1.0))
+    return WindowResult(
+        raw=raw,
+        nonfinite=[n for n in names if not math.isfinite(raw[n])],
+        tokens=int(n_tok),
+        agree=float(total[-1]) / max(n_kd, 1.0),
+    )
 
 
 @torch.no_grad()
@@ -187,18 +214,33 @@ def evaluate(model, loader, loss: LossPlan | LossConfig, accelerator) -> dict[st
         _, sums = micro_batch_sums(model, batch, plan, {}, with_grad=False)
         _, loss_mask, _ = positions(batch)
         n_kd = (loss_mask & batch["kd_mask"]).sum() if "kd_mask" in batch else loss_mask.sum()
-        total += torch.stack([sums["ce"].double(), sums["kd"].double(), sums["agree"].double(),
-                              loss_mask.sum().double(), n_kd.double()])
+        total += torch.stack(
+            [sums["ce"].double(), sums["kd"].double(), sums["agree"].double(), loss_mask.sum().double(), n_kd.double()]
+        )
     total = accelerator.reduce(total, "sum")
     model.train(was_training)
     n, n_kd = float(total[3]), max(float(total[4]), 1.0)
     ce = float(total[0]) / n
-    return {"eval/ce": ce, "eval/ppl": math.exp(ce), "eval/kd": float(total[1]) / n_kd,
-            "eval/top1_agreement": float(total[2]) / n_kd, "eval/tokens": int(n)}
+    return {
+        "eval/ce": ce,
+        "eval/ppl": math.exp(ce),
+        "eval/kd": float(total[1]) / n_kd,
+        "eval/top1_agreement": float(total[2]) / n_kd,
+        "eval/tokens": int(n),
+    }
 
 
-def optimizer_step(model, optimizer, window: list[dict], plan: LossPlan, accelerator, state, lr: float,
-                   max_grad_norm: float | None, ema=None) -> tuple[WindowResult, float, list[str]]:
+def optimizer_step(
+    model,
+    optimizer,
+    window: list[dict],
+    plan: LossPlan,
+    accelerator,
+    state,
+    lr: float,
+    max_grad_norm: float | None,
+    ema=None,
+) -> tuple[WindowResult, float, list[str]]:
     """One optimizer step over `window` (the micro-batches of this process): set the LR, accumulate, clip, then
     step, or, if any loss term or the gradient norm is non-finite, skip: the weights, the optimizer state and the
     EMA stay as they were (never clamped), and under fp16 the scaler still records the overflow, as its own step
