@@ -6,8 +6,10 @@ its fused analytic-gradient path, side by side in one run; and the loss's peak m
 Step: the demo's student (6-layer 256-wide Llama, SmolLM tokenizer, V = 49,152), micro-batch 4 x 256 from the demo
 cache (which must exist: run the README's first command or cache_teacher.py first), the cached top-256 with the
 tail bucket at T = 2, `kd.train.accumulate_window` (forward + loss + backward; the optimizer step is the same for
-every kind and left out). Variants alternate within each round, the median of `--steps` timed steps (after one
-warm-up) is kept per round, the best round wins; printed as ratios to the fused forward-KL step.
+every kind and left out); chunks of 128 positions, and for two kinds also the plain autograd reference (one chunk =
+the whole micro-batch, so every [positions, V] temporary of the pure function exists at once). Variants alternate
+within each round, the median of `--steps` timed steps (after one warm-up) is kept per round, the best round wins;
+printed as ratios to the fused forward-KL step.
 Memory (`--memory`): each kind's loss alone (kd.losses.terms.logit_term_sums + backward) on random logits
 [N, 49,152] in a fresh process per (kind, N), N = 1,024 and 4,096: the peak RSS growth beyond the two logits-sized
 buffers every path holds (the gradient buffer and its scaled copy), which should not grow with N.
@@ -34,7 +36,11 @@ KINDS = [
     ("tvd", {"kind": "tvd"}, False),
     ("skew_kl alpha=0.1", {"kind": "skew_kl", "alpha": 0.1}, False),
     ("skew_reverse_kl alpha=0.1", {"kind": "skew_reverse_kl", "alpha": 0.1}, False),
+    # the plain autograd references: the same pure functions over the whole micro-batch in one chunk
+    ("reverse_kl (unchunked ref)", {"kind": "reverse_kl"}, False),
+    ("jsd beta=0.5 (unchunked ref)", {"kind": "jsd", "beta": 0.5}, False),
 ]
+UNCHUNKED = 4 * 256  # every position of the micro-batch
 
 
 def step_times(cache_dir: str, steps: int, rounds: int) -> dict[str, float]:
@@ -63,6 +69,7 @@ def step_times(cache_dir: str, steps: int, rounds: int) -> dict[str, float]:
                     target="topk",
                     temperature=2.0,
                     tail="bucket",
+                    position_chunk=UNCHUNKED if "unchunked" in label else 128,
                 )
             ),
             fused,
