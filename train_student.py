@@ -199,6 +199,15 @@ def main(cfg: TrainConfig) -> Path:
     set_seed(tc.seed)
     # across tokenizers teacher ids never index the student logits (they are mapped), so no vocabulary floor
     lm = build_student(cfg, tokenizer, 0 if cross else cache.manifest["teacher"]["vocab_size"])
+    # the student must see a whole window: a shorter context trains silently wrong (Llama) or fails mid-run (GPT-2)
+    window = train_split.arrays["input_ids"].shape[1] if cross else cache.seq_len
+    context = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
+    if context is not None and context < window:
+        raise KDError(
+            f"the student's context ({context} positions) is shorter than the training windows ({window} tokens): "
+            f"give the student a context of at least {window} (student.config max_position_embeddings), or "
+            "re-cache with a smaller data.seq_len"
+        )
     slots = check_feature_layers(cfg, cache, lm.config.num_hidden_layers)
     model = DistillModel(lm, cfg.loss.feature_layers if need_hidden else [], cache.manifest["teacher"]["hidden_size"])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -262,6 +271,8 @@ def main(cfg: TrainConfig) -> Path:
         return record
 
     last_eval = run_eval() if state.step == 0 else None  # the untrained student: the baseline every curve starts from
+    # resuming a run that had finished: its final eval is already logged (it precedes the final checkpoint)
+    finished_before = resume_state is not None and state.step >= total_steps
     bar = tqdm(
         total=total_steps,
         initial=state.step,
@@ -351,7 +362,12 @@ def main(cfg: TrainConfig) -> Path:
     bar.close()
 
     # 4. Final eval (unless this step was just evaluated, as when early stopping), checkpoint and models.
-    final = last_eval if last_eval is not None and last_eval["step"] == state.step else run_eval()
+    if last_eval is not None and last_eval["step"] == state.step:
+        final = last_eval
+    elif finished_before:  # recomputed for the saved meta (every process takes part), not logged a second time
+        final = eval_record(model, eval_loader, eval_plan, accelerator, ema, state)
+    else:
+        final = run_eval()
     save_checkpoint(accelerator, run_dir, state)
     meta = {
         "format": "kd-student",

@@ -706,3 +706,26 @@ def test_loss_config_refuses_mixed_or_impossible_term_lists(tiny_cache, tmp_path
     assert [
         t.kind for t in cfg(**{"loss.target": "sampled", "loss.terms": "[{kind: forward_kl}]"}).loss.loss_terms()
     ] == ["forward_kl"]
+
+
+def test_a_student_context_shorter_than_the_windows_is_refused(tiny_cache, tmp_path):
+    short = STUDENT.replace("max_position_embeddings: 128", "max_position_embeddings: 16")
+    with pytest.raises(
+        KDError,
+        match=r"the student's context \(16 positions\) is shorter than the training windows "
+        r"\(32 tokens\)",
+    ):
+        train_student.main(make_cfg(tiny_cache, tmp_path, **{"student.config": short}))
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_resuming_a_finished_run_adds_no_records(tiny_cache, tmp_path):
+    cfg = make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 4, "loss.alpha_feature": 0})
+    run = train_student.main(cfg)
+    before = (run / "metrics.jsonl").read_text()
+    cfg.train.resume = True
+    assert train_student.main(cfg) == run
+    assert (run / "metrics.jsonl").read_text() == before
+    assert json.loads((run / "final" / "kd_meta.json").read_text())["final_eval"]["eval/ce"] == pytest.approx(
+        [r for r in read_metrics(run) if "eval/ce" in r][-1]["eval/ce"], rel=1e-6
+    )
