@@ -69,7 +69,10 @@ def build_student(cfg: TrainConfig, tokenizer, teacher_vocab: int):
             model_cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
         except (ValueError, TypeError) as e:
             raise KDError(f"student.config is not a valid model config: {e}") from None
-        lm = AutoModelForCausalLM.from_config(model_cfg, attn_implementation=s.attn_implementation)
+        try:
+            lm = AutoModelForCausalLM.from_config(model_cfg, attn_implementation=s.attn_implementation)
+        except (ValueError, TypeError, RuntimeError) as e:  # e.g. a negative size: "negative dimension -64"
+            raise KDError(f"student.config cannot build a model ({str(e).splitlines()[0]}); fix that field") from None
     if lm.config.vocab_size < teacher_vocab:
         raise KDError(
             f"the student's vocab_size ({lm.config.vocab_size}) is smaller than the teacher's "

@@ -729,3 +729,9 @@ def test_resuming_a_finished_run_adds_no_records(tiny_cache, tmp_path):
     assert json.loads((run / "final" / "kd_meta.json").read_text())["final_eval"]["eval/ce"] == pytest.approx(
         [r for r in read_metrics(run) if "eval/ce" in r][-1]["eval/ce"], rel=1e-6
     )
+
+
+def test_an_invalid_student_config_is_one_clear_error(tiny_cache, tmp_path):
+    bad = STUDENT.replace("hidden_size: 32", "hidden_size: -64")
+    with pytest.raises(KDError, match=r"student.config cannot build a model \(.*negative dimension -64.*\); fix"):
+        train_student.main(make_cfg(tiny_cache, tmp_path, **{"student.config": bad}))
