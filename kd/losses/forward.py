@@ -1,7 +1,8 @@
-"""Forward KL against a sparse teacher: the reference functions and the fused analytic-gradient path.
+"""Forward KL: the tail rules of a sparse (top-k) teacher and the fused analytic-gradient path. The per-position
+references (sparse_kd_per_position, token_losses) live in kd/losses/terms.py, on the same signals training uses.
 
 Distillation losses as pure functions: fp32 inside, each returns a SUM over positions (the caller divides
-once by the global count of the accumulation window; see kd/train.py).
+once by the global count of the accumulation window; see kd/train/step.py).
 
 Shapes: N positions (flattened batch x time), V student vocabulary, k cached teacher entries, H hidden size.
 `mask` [N] bool selects the positions that count (those with a next token inside the window).
@@ -25,7 +26,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 TailPolicy = Literal["renormalize", "bucket"]
 TAIL_POLICIES = ("renormalize", "bucket")
@@ -62,69 +62,6 @@ def student_tail(s_top: torch.Tensor) -> torch.Tensor:
     The sum is taken in fp64 (1 - S cancels when S is near 1); -inf entries (unmapped ids) carry no mass."""
     mass = -torch.expm1(torch.logsumexp(s_top.double(), dim=-1, keepdim=True))
     return torch.log(mass.clamp(min=_MIN_TAIL)).to(s_top.dtype)
-
-
-def _bucket_kl(s_top: torch.Tensor, t_lp: torch.Tensor, T: float) -> torch.Tensor:
-    """KL over the k cached outcomes plus one tail bucket, [N]. s_top: the student's log-probs (at T) at the cached
-    ids; t_lp: the teacher's full-softmax log-probs at T = 1. An entry that is -inf on both sides (an unmapped token
-    across tokenizers) is inert and its mass falls into the buckets."""
-    q_logp = teacher_bucket(t_lp, T)  # [N, k+1]
-    s_tail = student_tail(s_top)
-    s_b = torch.cat([s_top, s_tail], dim=-1)
-    q = q_logp.exp()
-    # xlogy-style: a bucket the teacher gives exactly 0 contributes 0, whatever the student does. Tested as
-    # `q == 0` (not `q > 0`) so that a NaN teacher stays NaN and is caught, never silently turned into 0.
-    return torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_b)).sum(-1)
-
-
-def sparse_kd_per_position(
-    student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-    temperature: float,
-    tail: TailPolicy,
-) -> torch.Tensor:
-    """T^2 * KL(teacher || student) per position, [N], from the student's logits [N, V] and the cached teacher
-    top-k ids [N, k] (int64) and log-probs [N, k] (any float dtype; full-softmax log-probs at T = 1)."""
-    T = float(temperature)
-    s_logp = torch.log_softmax(student_logits.float() / T, dim=-1)
-    s_top = s_logp.gather(-1, topk_ids)  # [N, k]
-    t_lp = topk_logprobs.float()
-    if tail == "renormalize":
-        q_logp = torch.log_softmax(t_lp / T, dim=-1)
-        q = q_logp.exp()
-        # an entry with teacher probability exactly 0 (a -inf log-prob: padding of sampled targets) contributes 0
-        kl = torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_top)).sum(-1)
-    elif tail == "bucket":
-        kl = _bucket_kl(s_top, t_lp, T)
-    else:
-        raise ValueError(f"unknown tail policy {tail!r}; expected one of {TAIL_POLICIES}")
-    return kl * (T * T)
-
-
-def token_losses(
-    student_logits: torch.Tensor,
-    targets: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    temperature: float,
-    tail: TailPolicy,
-) -> torch.Tensor:
-    """Sums over masked positions of [CE, KD, top-1 agreement with the teacher], as a [3] fp32 tensor.
-
-    student_logits [N, V]; targets [N] next-token ids; topk_ids/topk_logprobs [N, k]; mask [N] bool.
-    Top-1 agreement counts positions where the student's argmax equals the teacher's most likely token; it has
-    no gradient.
-    """
-    logits = student_logits.float()
-    ce = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
-    kd = sparse_kd_per_position(logits, topk_ids, topk_logprobs, temperature, tail)
-    agree = (logits.argmax(-1) == topk_ids[:, 0]).float()
-    zero = torch.zeros_like(ce)
-    return torch.stack(
-        [torch.where(mask, ce, zero).sum(), torch.where(mask, kd, zero).sum(), torch.where(mask, agree, zero).sum()]
-    )
 
 
 def _dense_chunk(z, teacher_logits, tgt, m, alpha_ce: float, alpha_kd: float, T: float):

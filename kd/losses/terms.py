@@ -19,10 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from kd.errors import KDError
 from kd.losses import divergences
-from kd.losses.forward import fused_ce_kd
+from kd.losses.forward import TailPolicy, fused_ce_kd
 
 DIVERGENCE_KINDS = tuple(divergences.REGISTRY)
 LOGIT_KINDS = ("ce", "uld") + DIVERGENCE_KINDS
@@ -248,3 +249,46 @@ def cross_kd_per_position(
     if kind in ("uld", "hybrid"):
         total = total + (uld_weight if kind == "hybrid" else 1.0) * _uld(z, signal.sorted_teacher_probs(rows))
     return total
+
+
+def sparse_kd_per_position(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    temperature: float,
+    tail: TailPolicy,
+) -> torch.Tensor:
+    """T^2 * KL(teacher || student) per position, [N], from the student's logits [N, V] and the cached teacher
+    top-k ids [N, k] (int64) and log-probs [N, k] (any float dtype; full-softmax log-probs at T = 1): forward KL on
+    the TopK signal with `tail` (bucket or renormalize), the same functions training uses."""
+    from kd.signals import TopK
+
+    T = float(temperature)
+    signal = TopK(topk_ids, topk_logprobs, tail)
+    s_logp = torch.log_softmax(student_logits.float() / T, dim=-1)
+    return divergences.forward_kl(*signal.pair(s_logp, slice(None), T)) * (T * T)
+
+
+def token_losses(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    tail: TailPolicy,
+) -> torch.Tensor:
+    """Sums over masked positions of [CE, KD, top-1 agreement with the teacher], as a [3] fp32 tensor.
+
+    student_logits [N, V]; targets [N] next-token ids; topk_ids/topk_logprobs [N, k]; mask [N] bool.
+    Top-1 agreement counts positions where the student's argmax equals the teacher's most likely token; it has
+    no gradient.
+    """
+    logits = student_logits.float()
+    ce = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    kd = sparse_kd_per_position(logits, topk_ids, topk_logprobs, temperature, tail)
+    agree = (logits.argmax(-1) == topk_ids[:, 0]).float()
+    zero = torch.zeros_like(ce)
+    return torch.stack(
+        [torch.where(mask, ce, zero).sum(), torch.where(mask, kd, zero).sum(), torch.where(mask, agree, zero).sum()]
+    )
