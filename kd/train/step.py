@@ -212,11 +212,8 @@ def evaluate(model, loader, loss: LossPlan | LossConfig, accelerator) -> dict[st
     for batch in loader:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         _, sums = micro_batch_sums(model, batch, plan, {}, with_grad=False)
-        _, loss_mask, _ = positions(batch)
-        n_kd = (loss_mask & batch["kd_mask"]).sum() if "kd_mask" in batch else loss_mask.sum()
-        total += torch.stack(
-            [sums["ce"].double(), sums["kd"].double(), sums["agree"].double(), loss_mask.sum().double(), n_kd.double()]
-        )
+        n_tok, _, n_kd = batch_counts(batch, plan).to(accelerator.device)  # the positions CE and KD count at
+        total += torch.stack([sums["ce"].double(), sums["kd"].double(), sums["agree"].double(), n_tok, n_kd])
     total = accelerator.reduce(total, "sum")
     model.train(was_training)
     n, n_kd = float(total[3]), max(float(total[4]), 1.0)
