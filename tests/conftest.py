@@ -137,7 +137,7 @@ def cache_overrides(teacher: Path, corpus: Path, out: Path, **extra) -> list[str
     return [f"{k}={v}" for k, v in base.items()]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # a pure factory over the session's corpus: usable from any fixture scope
 def make_cache_config(corpus_dir):
     from kd.cache_config import CacheConfig
     from kd.config import load_config

@@ -22,21 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def clean_cache(tmp_path_factory, make_cache_config_module, llama_teacher) -> Path:
+def clean_cache(tmp_path_factory, make_cache_config, llama_teacher) -> Path:
     out = tmp_path_factory.mktemp("integrity") / "cache"
-    return cache_teacher.main(make_cache_config_module(llama_teacher, out, **{"cache.top_k": 16}))
-
-
-@pytest.fixture(scope="module")
-def make_cache_config_module(corpus_dir):
-    from conftest import cache_overrides
-
-    from kd.cache_config import CacheConfig
-    from kd.config import load_config
-
-    return lambda teacher, out, **extra: load_config(
-        CacheConfig, None, cache_overrides(teacher, corpus_dir, out, **extra)
-    )
+    return cache_teacher.main(make_cache_config(llama_teacher, out, **{"cache.top_k": 16}))
 
 
 def flip_byte_in(path: Path, dataset: str, chunk: int = 1, at: int = 3) -> None:
