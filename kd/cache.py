@@ -125,6 +125,26 @@ def field_shapes(manifest: dict) -> dict[str, tuple]:
     }
 
 
+def dataset_mismatch(f, manifest: dict, n: int) -> str | None:
+    """The first dataset of an open shard of n sequences whose presence, shape or dtype differs from what the
+    manifest implies (None if all match). Shared by `verify` and the reader's check on open."""
+    T, L, n_samples = manifest["seq_len"], len(manifest["hidden_layers"]), manifest.get("sample_n", 0)
+    specs, shapes = manifest_codecs(manifest), field_shapes(manifest)
+    expected = {"lengths": ((n,), None), "sequence_index": ((n,), None)}
+    for name, shape in shapes.items():
+        if name != "hidden_states" or L:
+            expected.update({ds: ((n,) + sh, dt) for ds, (sh, dt) in _datasets(name, specs[name], shape).items()})
+    if n_samples and specs["samples"]["name"] == "ragged":
+        expected["sample_offsets"] = ((n + 1,), None)
+    elif n_samples:
+        expected["sample_ids"] = expected["sample_counts"] = ((n, T, n_samples), None)
+    for name, (shape, dtype) in expected.items():
+        if name not in f or f[name].shape != shape or (dtype is not None and f[name].dtype != dtype):
+            got = f"{f[name].dtype} {f[name].shape}" if name in f else "missing"
+            return f"dataset {name} is {got}, expected {dtype or ''} {shape}"
+    return None
+
+
 def manifest_codecs(manifest: dict) -> dict:
     return manifest["codecs"] if manifest["format_version"] >= 2 else codecs.v1_codec_specs(manifest)
 
@@ -425,15 +445,7 @@ class CacheSplit:
                 f"it holds {f['lengths'].shape[0]} sequences from {meta.get('first_sequence')}, the manifest says "
                 f"{record['num_sequences']} from {record['first_sequence']}"
             )
-        for name in ("input_ids", "topk_ids", "topk_logprobs", "hidden_states"):
-            if name == "hidden_states" and not self.shapes[name][0]:
-                continue
-            for ds, (shape, _) in _datasets(name, self.codecs[name], self.shapes[name]).items():
-                if ds not in f or f[ds].shape[1:] != shape:
-                    return (
-                        f"dataset {ds} has shape {f[ds].shape[1:] if ds in f else None}, the manifest implies {shape}"
-                    )
-        return None
+        return dataset_mismatch(f, m, record["num_sequences"])
 
     def __getitem__(self, i: int) -> dict:
 
@@ -554,7 +566,7 @@ def verify(path: str | Path, log=print) -> list[str]:
 
     root = Path(path)
     manifest = read_manifest(root)
-    T, vocab, L = manifest["seq_len"], manifest["teacher"]["vocab_size"], len(manifest["hidden_layers"])
+    T, vocab = manifest["seq_len"], manifest["teacher"]["vocab_size"]
     n_samples = manifest.get("sample_n", 0)
     specs, shapes = manifest_codecs(manifest), field_shapes(manifest)
     for split, info in manifest["splits"].items():
@@ -572,20 +584,9 @@ def verify(path: str | Path, log=print) -> list[str]:
                 return [f"{where}: not a readable HDF5 file ({e})"]
             with f:
                 n = shard["num_sequences"]
-                expected = {"lengths": ((n,), None), "sequence_index": ((n,), None)}
-                for name, shape in shapes.items():
-                    if name != "hidden_states" or L:
-                        expected.update(
-                            {ds: ((n,) + sh, dt) for ds, (sh, dt) in _datasets(name, specs[name], shape).items()}
-                        )
-                if n_samples and specs["samples"]["name"] == "ragged":
-                    expected["sample_offsets"] = ((n + 1,), None)
-                elif n_samples:
-                    expected["sample_ids"] = expected["sample_counts"] = ((n, T, n_samples), None)
-                for name, (shape, dtype) in expected.items():
-                    if name not in f or f[name].shape != shape or (dtype is not None and f[name].dtype != dtype):
-                        got = f"{f[name].dtype} {f[name].shape}" if name in f else "missing"
-                        return [f"{where}: dataset {name} is {got}, expected {dtype or ''} {shape}"]
+                problem = dataset_mismatch(f, manifest, n)
+                if problem:
+                    return [f"{where}: {problem}"]
                 meta = json.loads(f.attrs[META_ATTR])
                 if meta.get("format_version") != manifest["format_version"] or meta.get("split") != split:
                     return [f"{where}: its metadata does not match the manifest"]
