@@ -504,7 +504,8 @@ def main(cfg: CacheConfig) -> Path:
 
         broadcast_object_list(weights)
     weights = weights[0]
-    content = dict(content_config(cfg_dict), teacher_weights=weights["digest"])
+    # The shard format is part of the identity: a resume by a kd that writes another format redoes the shards.
+    content = dict(content_config(cfg_dict), teacher_weights=weights["digest"], shard_format=FORMAT_VERSION)
     if cfg.cache.sample_n:  # shards drawn by another sampling scheme are redone, never mixed in on resume
         content["sampler"] = SAMPLER
     config_hash = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()

@@ -148,7 +148,7 @@ def main(cfg: TrainConfig) -> Path:
     run_dir = Path(tc.output_dir) / tc.run_name
 
     # 1. Inputs, checked before anything is written: cache, tokenizer match, run directory, layer map.
-    cache = TeacherCache(tc.cache_dir)
+    cache = TeacherCache(tc.cache_dir, check=not tc.trust_cache)
     teacher_tok = cache.manifest["tokenizer"]
     tok_source = cfg.student.tokenizer or cfg.student.pretrained or cache.manifest["teacher"]["name_or_path"]
     tokenizer = load_tokenizer(tok_source)

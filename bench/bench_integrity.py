@@ -1,12 +1,17 @@
-"""Cost of integrity checking on read: the same shards with and without HDF5's per-chunk fletcher32 checksums.
+"""Cost of integrity checking on read: the same shards read with and without their per-sequence checksums, and the
+format-4 scheme (HDF5 fletcher32 per chunk) beside them.
 
     python bench/bench_integrity.py [--cache caches/shakespeare_smollm2] [--shards 4] [--rounds 3]
 
-Copies `--shards` train shards of an existing cache twice, dataset by dataset with the same chunking: once with a
-fletcher32 checksum per chunk (what cache_teacher.py writes from format version 4 on; HDF5 checks it on every
-read) and once without. Then reads every sequence of the copies through kd.cache.CacheSplit (all fields the
-demo's training step reads, plus the shard-vs-manifest check on open), in a shuffled order, warm page cache,
-alternating the two copies for `--rounds` rounds; the best round of each is kept. Prints sequences/s and the ratio.
+Rewrites `--shards` train shards of an existing cache (any format) with kd.cache.ShardWriter, i.e. exactly as
+cache_teacher.py writes them now (format 5: a checksum per sequence and dataset), and a second copy in format 4's
+layout (no checksum table, a fletcher32 checksum per HDF5 chunk). Then reads every sequence through
+kd.cache.CacheSplit (every field the demo's training step reads, plus the shard-vs-manifest check on open), in a
+shuffled order, warm page cache, alternating three readers for `--rounds` rounds: format 5 checked, format 5 with
+`check=False` (what `train.trust_cache=true` does), format 4. Twice: one sequence at a time (`split[i]`), and in
+batches of 8 through the training loop's loader (kd.train.data.make_loader in-process, so the collate's copy into
+a batch is included: what a training step actually waits for). The best round of each is kept. Prints
+sequences/s and the ratios.
 """
 
 from __future__ import annotations
@@ -25,37 +30,71 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.cache import MANIFEST, CacheSplit  # noqa: E402
+from kd.cache import FORMAT_VERSION, MANIFEST, META_ATTR, CacheSplit, ShardWriter, TeacherCache  # noqa: E402
+
+FIELDS = ("input_ids", "sample_ids", "sample_counts", "hidden_states")
 
 
-def copy_cache(src: Path, dst: Path, shards: int, checksum: bool) -> dict:
+def rewrite(src: Path, dst: Path, shards: int) -> dict:
+    """The first `shards` train shards of src, decoded and written again by ShardWriter (current format)."""
     dst.mkdir(parents=True)
-    m = json.loads((src / MANIFEST).read_text())
-    m["splits"]["train"]["shards"] = m["splits"]["train"]["shards"][:shards]
+    cache = TeacherCache(src)
+    m = json.loads(json.dumps(cache.manifest))
+    m["splits"] = {"train": dict(m["splits"]["train"], shards=m["splits"]["train"]["shards"][:shards])}
     m["splits"]["train"]["num_sequences"] = sum(s["num_sequences"] for s in m["splits"]["train"]["shards"])
+    m["format_version"], m["store_text"] = FORMAT_VERSION, False  # text: not read by the training step
+    reader = cache.split("train", CacheSplit.TENSOR_FIELDS)
+    L, H = len(m["hidden_layers"]), m["teacher"]["hidden_size"]
     for rec in m["splits"]["train"]["shards"]:
-        with h5py.File(src / rec["file"], "r") as fi, h5py.File(dst / rec["file"], "w") as fo:
-            for k, v in fi.attrs.items():
-                fo.attrs[k] = v
-            for name, ds in fi.items():
-                chunks = ds.chunks or (ds.shape if ds.shape else None)
-                kw = {"chunks": chunks, "maxshape": ds.maxshape} if chunks else {}
-                fo.create_dataset(
-                    name,
-                    data=ds[()],
-                    dtype=ds.dtype,
-                    fletcher32=checksum and bool(chunks) and ds.dtype.kind != "O",
-                    **kw,
-                )
+        with h5py.File(src / rec["file"], "r") as f:
+            meta = dict(json.loads(f.attrs[META_ATTR]), format_version=FORMAT_VERSION)
+        a, n = rec["first_sequence"], rec["num_sequences"]
+        w = ShardWriter(dst / rec["file"], meta, n, m["seq_len"], m["top_k"], L, H, m["codecs"], m.get("sample_n", 0))
+        for i in range(a, a + n):
+            it = {k: v.numpy()[None] for k, v in reader[i].items()}
+            samples = (it["sample_ids"], it["sample_counts"]) if "sample_ids" in it else None
+            w.append(
+                it["input_ids"],
+                it["length"],
+                it["sequence_index"],
+                it["topk_ids"],
+                it["topk_logprobs"],
+                it.get("hidden_states"),
+                samples,
+            )
+        rec.update(w.commit())
     (dst / MANIFEST).write_text(json.dumps(m))
     return m
 
 
-def read_all(root: Path, manifest: dict, order: np.ndarray) -> float:
-    split = CacheSplit(root, manifest, "train", ("input_ids", "sample_ids", "sample_counts", "hidden_states"))
+def as_format_4(src: Path, dst: Path, manifest: dict) -> dict:
+    """The same shards in format 4's layout: every chunked dataset with HDF5's fletcher32, no checksum table."""
+    dst.mkdir(parents=True)
+    for rec in manifest["splits"]["train"]["shards"]:
+        with h5py.File(src / rec["file"], "r") as fi, h5py.File(dst / rec["file"], "w") as fo:
+            fo.attrs[META_ATTR] = json.dumps(dict(json.loads(fi.attrs[META_ATTR]), format_version=4))
+            for name, ds in fi.items():
+                if name != "checksums":
+                    kw = {"chunks": ds.chunks, "maxshape": ds.maxshape, "fletcher32": True} if ds.chunks else {}
+                    fo.create_dataset(name, data=ds[()], dtype=ds.dtype, **kw)
+    m = dict(manifest, format_version=4)
+    (dst / MANIFEST).write_text(json.dumps(m))
+    return m
+
+
+def read_all(root: Path, manifest: dict, order: np.ndarray, check: bool, batch: int) -> float:
+    """Sequences/s: split[i] one by one (batch 0), or batches of `batch` as the training loop gets them
+    (kd.train.data.make_loader, in-process: the collate's copy into one batch tensor included)."""
+    from kd.train.data import make_loader
+
+    split = CacheSplit(root, manifest, "train", FIELDS, check)
     t0 = time.perf_counter()
-    for i in order:
-        split[int(i)]
+    if batch:
+        for _ in make_loader(split, order, batch, 0, False):
+            pass
+    else:
+        for i in order:
+            split[int(i)]
     return len(order) / (time.perf_counter() - t0)
 
 
@@ -66,22 +105,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kd-bench-integrity-"))
-    src = Path(args.cache)
-    with_ck = copy_cache(src, work / "with", args.shards, True)
-    without = copy_cache(src, work / "without", args.shards, False)
-    n = with_ck["splits"]["train"]["num_sequences"]
+    v5 = rewrite(Path(args.cache), work / "v5", args.shards)
+    v4 = as_format_4(work / "v5", work / "v4", v5)
+    n = v5["splits"]["train"]["num_sequences"]
     order = np.random.default_rng(0).permutation(n)
-    for root, m in ((work / "with", with_ck), (work / "without", without)):
-        read_all(root, m, order[:8])  # warm the page cache and imports
-    best = {"with": 0.0, "without": 0.0}
-    for _ in range(args.rounds):
-        for name, m in (("without", without), ("with", with_ck)):
-            best[name] = max(best[name], read_all(work / name, m, order))
-    size = {k: sum(p.stat().st_size for p in (work / k).glob("*.h5")) for k in best}
+    readers = {  # name -> (root, manifest, check)
+        "format 5, unchecked (trust)": (work / "v5", v5, False),
+        "format 5, checked": (work / "v5", v5, True),
+        "format 4, fletcher32": (work / "v4", v4, True),
+    }
     print(f"{n} sequences in {args.shards} shards, all read in a shuffled order, best of {args.rounds} rounds")
-    print(f"  without checksums: {best['without']:8.1f} sequences/s  ({size['without'] / 2**20:.1f} MiB)")
-    print(f"  with fletcher32:   {best['with']:8.1f} sequences/s  ({size['with'] / 2**20:.1f} MiB)")
-    print(f"  ratio with / without: {best['with'] / best['without']:.3f}  (goal >= 0.95)")
+    for batch, what in ((0, "one sequence at a time (split[i])"), (8, "batches of 8 through the training loader")):
+        for root, m, check in readers.values():
+            read_all(root, m, order[:16], check, batch)  # warm the page cache and imports
+        best = dict.fromkeys(readers, 0.0)
+        for _ in range(args.rounds):
+            for name, (root, m, check) in readers.items():
+                best[name] = max(best[name], read_all(root, m, order, check, batch))
+        base = best["format 5, unchecked (trust)"]
+        print(f" {what}:")
+        for name, value in best.items():
+            print(f"  {name:<28} {value:8.1f} sequences/s   ratio to unchecked {value / base:.3f}")
+    print("  goal: checked / unchecked >= 0.95")
     shutil.rmtree(work)
 
 

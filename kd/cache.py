@@ -1,6 +1,6 @@
 """The teacher cache: a directory of self-describing HDF5 shards plus `manifest.json`.
 
-Layout of DIR (format version 3; versions 1 and 2 are still read):
+Layout of DIR (format version 5; versions 1 to 4 are still read):
     cache_config.json        resolved config of the run that writes DIR (written once the input is ingested; re-runs are
                              checked against it)
     ingest/, .lock           only while the cache is being built: the packed windows (kd/data/ingest.py), and the
@@ -29,7 +29,9 @@ Fields of each sequence, as the reader returns them (T = seq_len, k = top_k, L =
                                  plain [N, T, n] arrays, or `ragged`: one byte string per sequence in `sample_bytes`
                                  with [start, end) in `sample_offsets` [N + 1]
 Position t's targets describe the token at t+1. Every fixed-size dataset is chunked one sequence per chunk, so
-reading sequence i touches one chunk per dataset. Each shard's attribute `kd_meta` (JSON) repeats the cache-wide
+reading sequence i touches one chunk per dataset. `checksums` [N, D] uint64 holds kd.cache.checksum of each
+sequence's row of each of the D datasets its attribute `rows` names, and its attribute `whole` the checksums of the
+whole-shard datasets (lengths, sequence_index, sample_offsets); the reader checks both (ShardRows). Each shard's attribute `kd_meta` (JSON) repeats the cache-wide
 metadata plus the shard's own split, index and counts.
 
 Commands:
@@ -44,6 +46,7 @@ import argparse
 import json
 import os
 import sys
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -55,7 +58,8 @@ from kd.errors import KDError, run_cli
 from kd.io import fsync_file, sha256_file, write_json_atomic  # noqa: F401 (re-exported)
 
 FORMAT = "kd-teacher-cache"
-FORMAT_VERSION = 4  # 4: a fletcher32 checksum per HDF5 chunk, checked on every read; manifest keeps config_hash
+FORMAT_VERSION = 5  # 5: a checksum per sequence and dataset (`checksums`), checked on every read, instead of 4's
+# HDF5 fletcher32 per chunk (4 is still read, its fletcher32 checked by HDF5); 4: manifest keeps config_hash
 # 3: streaming ingest (per-document split rule and counts, no document list); shards as in 2
 SPLITS = ("train", "eval")
 MANIFEST = "manifest.json"
@@ -72,6 +76,41 @@ def shard_name(split: str, index: int) -> str:
 
 def sidecar_path(shard: Path) -> Path:
     return shard.with_suffix(".json")
+
+
+def checksum(a) -> int:
+    """An error-detecting checksum of an array's (or bytes') raw bytes, written at cache time per sequence and
+    dataset and checked on every read. Not cryptographic (`verify` checks each shard's sha256): it catches flipped
+    bits, zeroed or stale pages and misplaced data. Up to 64 KiB: zlib's crc32 (about a microsecond per KiB). Above:
+    the sums (modulo 2^64) of the little-endian uint64 words of each 8 KiB block, combined with odd weights
+    1, 3, 5, ... (an odd weight is invertible modulo 2^64, so a change to any one word, a single flipped bit
+    included, changes the result; so does moving a block), plus the crc32 of the bytes after the last whole block.
+    The block sums run at memory speed, 7x crc32, which matters because a sequence's hidden states (~600 KB) are
+    checked on every read (bench/bench_integrity.py)."""
+    b = np.frombuffer(a, np.uint8) if isinstance(a, bytes) else np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    if b.size <= 1 << 16:
+        return zlib.crc32(b)
+    n = b.size >> 13 << 13
+    sums = b[:n].view("<u8").reshape(-1, 1024).sum(axis=1, dtype=np.uint64)
+    weights = np.arange(1, 2 * sums.size, 2, dtype=np.uint64)
+    total = int((sums * weights).sum(dtype=np.uint64))
+    return (total ^ b.size ^ (zlib.crc32(b[n:]) << 32)) & 0xFFFFFFFFFFFFFFFF
+
+
+def row_datasets(codecs: dict, num_layers: int, sample_n: int, store_text: bool) -> list[str]:
+    """The datasets with one row per sequence (the ragged `sample_bytes`: one [start, end) slice per sequence), in
+    the column order of a shard's `checksums` table."""
+    names = []
+    for name in ("input_ids", "topk_ids", "topk_logprobs", "hidden_states"):
+        if name != "hidden_states" or num_layers:
+            names += list(_datasets(name, codecs[name], (1, 1, 1)))
+    if sample_n:
+        names += ["sample_bytes"] if codecs["samples"]["name"] == "ragged" else ["sample_ids", "sample_counts"]
+    return names + (["text", "token_spans"] if store_text else [])
+
+
+# Datasets a shard holds whole (one value per sequence, or the ragged offsets): checksummed whole, checked on open.
+SHARD_DATASETS = ("lengths", "sequence_index", "sample_offsets")
 
 
 def _datasets(name: str, spec: dict, shape: tuple) -> dict[str, tuple[tuple, np.dtype]]:
@@ -95,23 +134,63 @@ def _encode(name: str, spec: dict, batch: np.ndarray) -> dict[str, np.ndarray]:
     return {name: q, name + "_q8": params}
 
 
-def _decode(f, r: int, name: str, spec: dict, shape: tuple) -> np.ndarray:
-    """Sequence r of field `name`, decoded: ids as int64, values as stored (plain) or fp32 (q8)."""
+def _decode(row, name: str, spec: dict, shape: tuple) -> np.ndarray:
+    """One sequence of field `name`, decoded (ids as int64, values as stored (plain) or fp32 (q8)); `row(ds)` returns
+    that sequence's row of dataset ds as stored (ShardRows.get)."""
     if spec["name"] == "plain":
-        a = f[name][r]
+        a = row(name)
         return a.astype(np.int64) if a.dtype.kind in "ui" else a
     if spec["name"] == "bitpack":
-        return codecs.unpack_bits(f[name][r], spec["bits"], int(np.prod(shape))).reshape(shape)
+        return codecs.unpack_bits(row(name), spec["bits"], int(np.prod(shape))).reshape(shape)
     if spec["name"] == "q8":
-        return codecs.q8_decode(f[name][r], f[name + "_q8"][r])
+        return codecs.q8_decode(row(name), row(name + "_q8"))
     raise KDError(f"unknown codec {spec['name']!r} for {name}: this kd cannot read the cache, upgrade kd")
 
 
-def _decode_samples(f, r: int, spec: dict, seq_len: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _decode_samples(row, spec: dict, seq_len: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     if spec["name"] == "ragged":
-        a, b = f["sample_offsets"][r : r + 2]
-        return codecs.ragged_decode(f["sample_bytes"][a:b], seq_len, n, spec["id_bits"], spec["count_bits"])
-    return f["sample_ids"][r].astype(np.int64), f["sample_counts"][r].astype(np.int64)
+        return codecs.ragged_decode(row("sample_bytes"), seq_len, n, spec["id_bits"], spec["count_bits"])
+    return row("sample_ids").astype(np.int64), row("sample_counts").astype(np.int64)
+
+
+class ShardRows:
+    """An open shard's rows, each checked against the shard's per-sequence checksums when it is read (format 5 on;
+    `check=False` trusts the data). Opening reads the small whole-shard datasets (lengths, ragged offsets) once and
+    checks them too; a mismatch raises ValueError naming the dataset."""
+
+    def __init__(self, f, check: bool = True):
+        self.f, self.datasets = f, {}  # h5py's name lookup costs ~50 us: each dataset is looked up once
+        self.lengths = f["lengths"][:]
+        self.offsets = f["sample_offsets"][:] if "sample_offsets" in f else None
+        self.sums, self.col = None, {}
+        if check and "checksums" in f:
+            table = f["checksums"]
+            self.sums = table[:]
+            self.col = {ds: j for j, ds in enumerate(json.loads(table.attrs["rows"]))}
+            for ds, value in json.loads(table.attrs["whole"]).items():
+                if checksum(f[ds][:]) != value:
+                    raise ValueError(f"dataset {ds} fails its checksum")
+
+    def get(self, ds: str, r: int):
+        d = self.datasets.get(ds)
+        if d is None:
+            d = self.datasets[ds] = self.f[ds]
+        if ds == "sample_bytes":
+            a, b = self.offsets[r : r + 2]
+            if not 0 <= a <= b <= d.shape[0]:
+                raise ValueError(f"sampled-target offsets [{a}, {b}) are outside the stored bytes")
+            value = d[a:b]
+        else:
+            value = d[r]
+        if self.sums is not None and checksum(value) != int(self.sums[r, self.col[ds]]):
+            raise ValueError(f"dataset {ds} fails its checksum")
+        return value
+
+    def row(self, r: int):
+        return lambda ds: self.get(ds, r)
+
+    def close(self) -> None:
+        self.f.close()
 
 
 def field_shapes(manifest: dict) -> dict[str, tuple]:
@@ -138,6 +217,9 @@ def dataset_mismatch(f, manifest: dict, n: int) -> str | None:
         expected["sample_offsets"] = ((n + 1,), None)
     elif n_samples:
         expected["sample_ids"] = expected["sample_counts"] = ((n, T, n_samples), None)
+    if manifest["format_version"] >= 5:
+        cols = row_datasets(specs, L, n_samples, bool(manifest.get("store_text")))
+        expected["checksums"] = ((n, len(cols)), np.dtype(np.uint64))
     for name, (shape, dtype) in expected.items():
         if name not in f or f[name].shape != shape or (dtype is not None and f[name].dtype != dtype):
             got = f"{f[name].dtype} {f[name].shape}" if name in f else "missing"
@@ -178,11 +260,13 @@ class ShardWriter:
         try:
             self.f = h5py.File(self.tmp, "w")
             N, T, k = num_sequences, seq_len, top_k
-            # Every dataset is chunked with a fletcher32 checksum per chunk, which HDF5 checks on every read: a flipped
-            # byte fails the read of its chunk (one sequence's worth) instead of reaching the student.
-            ck = {"fletcher32": True}
-            self.f.create_dataset("lengths", (N,), np.int32, chunks=(N,), **ck)
-            self.f.create_dataset("sequence_index", (N,), np.int64, chunks=(N,), **ck)
+            # Integrity: every row's checksum goes into `checksums` [N, len(rows)] at commit, and the reader checks
+            # each row it reads against it (a flipped byte fails that sequence's read instead of reaching the
+            # student). HDF5's fletcher32 (format 4) did the same per chunk at 3x the read cost.
+            self.rows = row_datasets(codecs, num_layers, sample_n, store_text)
+            self.sums = np.zeros((N, len(self.rows)), np.uint64)
+            self.f.create_dataset("lengths", (N,), np.int32, chunks=(N,))
+            self.f.create_dataset("sequence_index", (N,), np.int64, chunks=(N,))
             for name, shape in (
                 ("input_ids", (T,)),
                 ("topk_ids", (T, k)),
@@ -191,19 +275,19 @@ class ShardWriter:
             ):
                 if name != "hidden_states" or num_layers:
                     for ds, (ds_shape, dtype) in _datasets(name, codecs[name], shape).items():
-                        self.f.create_dataset(ds, (N,) + ds_shape, dtype, chunks=(1,) + ds_shape, **ck)
+                        self.f.create_dataset(ds, (N,) + ds_shape, dtype, chunks=(1,) + ds_shape)
             if store_text:
                 self.f.create_dataset("text", (N,), h5py.string_dtype("utf-8"))
-                self.f.create_dataset("token_spans", (N, T, 2), np.int32, chunks=(1, T, 2), **ck)
+                self.f.create_dataset("token_spans", (N, T, 2), np.int32, chunks=(1, T, 2))
             if sample_n and codecs["samples"]["name"] == "ragged":
                 # variable length per sequence: one growing byte array plus each sequence's [start, end) offsets.
                 # Small chunks: HDF5 allocates the last chunk whole, and a sequence (~15 KB at T = 256) spans a few.
-                self.f.create_dataset("sample_bytes", (0,), np.uint8, maxshape=(None,), chunks=(1 << 13,), **ck)
-                self.f.create_dataset("sample_offsets", (N + 1,), np.int64, chunks=(N + 1,), **ck)
+                self.f.create_dataset("sample_bytes", (0,), np.uint8, maxshape=(None,), chunks=(1 << 13,))
+                self.f.create_dataset("sample_offsets", (N + 1,), np.int64, chunks=(N + 1,))
             elif sample_n:
                 dtype = np.dtype(codecs["samples"]["dtype"])
-                self.f.create_dataset("sample_ids", (N, T, sample_n), dtype, chunks=(1, T, sample_n), **ck)
-                self.f.create_dataset("sample_counts", (N, T, sample_n), np.uint8, chunks=(1, T, sample_n), **ck)
+                self.f.create_dataset("sample_ids", (N, T, sample_n), dtype, chunks=(1, T, sample_n))
+                self.f.create_dataset("sample_counts", (N, T, sample_n), np.uint8, chunks=(1, T, sample_n))
         except OSError as e:
             self.abort()
             raise KDError(f"cannot create shard {self.tmp}: {e}") from None
@@ -225,6 +309,23 @@ class ShardWriter:
             ):
                 if arr is not None:
                     encoded.update(_encode(name, self.codecs[name], arr))
+            blobs = None
+            if samples is not None and self.codecs["samples"]["name"] == "ragged":
+                spec = self.codecs["samples"]
+                blobs = [codecs.ragged_encode(i, c, spec["id_bits"], spec["count_bits"]) for i, c in zip(*samples)]
+            elif samples is not None:
+                encoded["sample_ids"] = np.asarray(samples[0], self.codecs["samples"]["dtype"])
+                encoded["sample_counts"] = np.asarray(samples[1], np.uint8)
+            if text is not None:
+                encoded["token_spans"] = np.asarray(text[1], np.int32)
+            # the checksums of the bytes as stored: the arrays in the datasets' own dtypes
+            rows = {ds: np.asarray(arr, self.f[ds].dtype) for ds, arr in encoded.items()}
+            if blobs is not None:
+                rows["sample_bytes"] = blobs
+            if text is not None:
+                rows["text"] = [t.encode("utf-8") for t in text[0]]
+            for col, ds in enumerate(self.rows):
+                self.sums[sl, col] = [checksum(row) for row in rows[ds]]
         except ValueError as e:
             self.abort()
             raise KDError(
@@ -234,20 +335,17 @@ class ShardWriter:
         try:
             self.f["lengths"][sl] = lengths
             self.f["sequence_index"][sl] = sequence_index
-            for ds, arr in encoded.items():
-                self.f[ds][sl] = arr
-            if samples is not None and self.codecs["samples"]["name"] == "ragged":
-                spec = self.codecs["samples"]
-                blobs = [codecs.ragged_encode(i, c, spec["id_bits"], spec["count_bits"]) for i, c in zip(*samples)]
+            for ds, arr in rows.items():
+                if ds not in ("sample_bytes", "text"):
+                    self.f[ds][sl] = arr
+            if blobs is not None:
                 ends = self.sample_bytes + np.cumsum([b.size for b in blobs])
                 self.f["sample_bytes"].resize((int(ends[-1]),))
                 self.f["sample_bytes"][self.sample_bytes : int(ends[-1])] = np.concatenate(blobs)
                 self.f["sample_offsets"][self.cursor + 1 : self.cursor + n + 1] = ends
                 self.sample_bytes = int(ends[-1])
-            elif samples is not None:
-                self.f["sample_ids"][sl], self.f["sample_counts"][sl] = samples
             if text is not None:
-                self.f["text"][sl], self.f["token_spans"][sl] = list(text[0]), text[1]
+                self.f["text"][sl] = list(text[0])
         except (OSError, RuntimeError) as e:  # h5py reports ENOSPC as either
             self.abort()
             raise KDError(
@@ -264,6 +362,9 @@ class ShardWriter:
             raise RuntimeError(f"shard {self.path.name}: {self.cursor} of {self.num_sequences} sequences written")
         meta = dict(self.meta, num_tokens=self.num_tokens)
         try:
+            ds = self.f.create_dataset("checksums", data=self.sums)
+            ds.attrs["rows"] = json.dumps(self.rows)
+            ds.attrs["whole"] = json.dumps({n: checksum(self.f[n][:]) for n in SHARD_DATASETS if n in self.f})
             self.f.attrs[META_ATTR] = json.dumps(meta, sort_keys=True)
             self.f.close()
             fsync_file(self.tmp)
@@ -343,16 +444,20 @@ class CacheSplit:
 
     h5py handles cannot cross a fork, so files are opened lazily and the handle table is keyed by process id:
     each DataLoader worker opens its own. Files are opened read-only, so many runs can share one cache.
-    `fields` limits what is read (skip hidden states when no feature loss needs them).
+    `fields` limits what is read (skip hidden states when no feature loss needs them). `check=False` skips the
+    per-sequence checksums (format 5 on) for a cache already checked with `python -m kd.cache verify`; the
+    agreement of each shard with the manifest is checked on open either way.
     """
 
     TENSOR_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "hidden_states", "sample_ids", "sample_counts")
     ALL_FIELDS = TENSOR_FIELDS + ("text", "token_spans")  # text is a str: ask for it explicitly (kd/align.py does)
 
-    def __init__(self, root: Path, manifest: dict, split: str, fields: Iterable[str] = TENSOR_FIELDS):
+    def __init__(
+        self, root: Path, manifest: dict, split: str, fields: Iterable[str] = TENSOR_FIELDS, check: bool = True
+    ):
         if split not in manifest["splits"]:
             raise KDError(f"cache {root} has no '{split}' split (it has {sorted(manifest['splits'])})")
-        self.root, self.split = root, split
+        self.root, self.split, self.check = root, split, check
         unknown = set(fields) - set(self.ALL_FIELDS)
         if unknown:
             raise ValueError(f"unknown cache fields {sorted(unknown)}")
@@ -384,14 +489,14 @@ class CacheSplit:
                 f"cache {root}: the manifest's {split} split says {self.length} sequences but its shards hold "
                 f"{expected}; the cache is damaged: run python -m kd.cache verify, or re-cache"
             )
-        self._files: dict[int, OrderedDict] = {}  # per process id: shard index -> open h5py file, LRU order
+        self._files: dict[int, OrderedDict] = {}  # per process id: shard index -> open ShardRows, LRU order
         self.max_open_files = MAX_OPEN_FILES
 
     def __len__(self) -> int:
         return self.length
 
-    def _file(self, j: int):
-        """Shard j's open handle. At most MAX_OPEN_FILES per process: the least recently used is closed when
+    def _file(self, j: int) -> ShardRows:
+        """Shard j, open. At most MAX_OPEN_FILES per process: the least recently used is closed when
         another is needed, so a shuffled read over 100,000 shards never runs out of file descriptors."""
         import h5py
 
@@ -410,6 +515,15 @@ class CacheSplit:
                 f"python -m kd.cache verify {self.root}, or re-cache"
             ) from None
         problem = self._disagreement(f, j)
+        if problem is None:
+            try:
+                rows = ShardRows(f, self.check)
+            except (OSError, ValueError) as e:
+                f.close()
+                raise KDError(
+                    f"shard {path.name} of cache {self.root} cannot be read ({str(e).splitlines()[0]}); the cache "
+                    f"is damaged: run python -m kd.cache verify {self.root}, or re-cache"
+                ) from None
         if problem:
             f.close()
             raise KDError(
@@ -417,8 +531,8 @@ class CacheSplit:
                 f"was changed or damaged since this reader opened it; run python -m kd.cache verify "
                 f"{self.root}, or re-cache"
             )
-        files[j] = f
-        return f
+        files[j] = rows
+        return rows
 
     def _disagreement(self, f, j: int) -> str | None:
         """What differs between an open shard, its manifest record and the manifest (None if all agree): the
@@ -452,9 +566,9 @@ class CacheSplit:
         if not 0 <= i < self.length:
             raise IndexError(i)
         j = int(np.searchsorted(self.starts, i, side="right") - 1)
-        f, r = self._file(j), i - int(self.starts[j])
+        shard, r = self._file(j), i - int(self.starts[j])
         try:
-            return self._read(f, r, i)
+            return self._read(shard, r, i)
         except (OSError, ValueError) as e:  # a chunk failing its checksum, a truncated file, a damaged encoding
             raise KDError(
                 f"shard {self.shards[j]['file']} of cache {self.root}, sequence {i} of split {self.split}: "
@@ -462,25 +576,26 @@ class CacheSplit:
                 f"verify {self.root}, or re-cache"
             ) from None
 
-    def _read(self, f, r: int, i: int) -> dict:
+    def _read(self, shard: ShardRows, r: int, i: int) -> dict:
         import torch
 
-        item = {"length": torch.tensor(int(f["lengths"][r])), "sequence_index": torch.tensor(i)}
+        row = shard.row(r)
+        item = {"length": torch.tensor(int(shard.lengths[r])), "sequence_index": torch.tensor(i)}
         # ids widen to int64 (uint16 has no torch counterpart for indexing); plain values keep their stored dtype
         # (fp16 halves host->device traffic; losses upcast to fp32), q8 values decode to fp32.
         for name in self.fields:
             if name in ("sample_ids", "sample_counts"):
                 continue  # decoded together, below
             if name == "text":  # a str, for alignment to another tokenizer (kd/align.py); never sent to a device
-                item["text"] = f["text"][r].decode("utf-8")
+                item["text"] = row("text").decode("utf-8")
                 continue
             if name == "token_spans":
-                item["token_spans"] = torch.from_numpy(f["token_spans"][r].astype(np.int64))
+                item["token_spans"] = torch.from_numpy(row("token_spans").astype(np.int64))
                 continue
-            item[name] = torch.from_numpy(_decode(f, r, name, self.codecs[name], self.shapes[name]))
+            item[name] = torch.from_numpy(_decode(row, name, self.codecs[name], self.shapes[name]))
         wanted = [n for n in ("sample_ids", "sample_counts") if n in self.fields]
         if wanted:
-            decoded = _decode_samples(f, r, self.codecs["samples"], self.seq_len, self.sample_n)
+            decoded = _decode_samples(row, self.codecs["samples"], self.seq_len, self.sample_n)
             item.update(
                 {n: torch.from_numpy(a) for n, a in zip(("sample_ids", "sample_counts"), decoded) if n in wanted}
             )
@@ -495,12 +610,12 @@ class CacheSplit:
 class TeacherCache:
     """A finished cache directory: `manifest` plus `split(name)` readers."""
 
-    def __init__(self, path: str | Path):
-        self.root = Path(path)
+    def __init__(self, path: str | Path, check: bool = True):
+        self.root, self.check = Path(path), check
         self.manifest = read_manifest(self.root)
 
     def split(self, name: str, fields: Iterable[str] = CacheSplit.TENSOR_FIELDS) -> CacheSplit:
-        return CacheSplit(self.root, self.manifest, name, fields)
+        return CacheSplit(self.root, self.manifest, name, fields, self.check)
 
     @property
     def top_k(self) -> int:
@@ -538,23 +653,23 @@ def _check_block(lp: np.ndarray, ids: np.ndarray, vocab: int) -> str | None:
     return None
 
 
-def _check_sequence(f, i: int, specs: dict, shapes: dict, vocab: int, n_samples: int, T: int) -> str | None:
-    """Decode sequence i of an open shard and check it; returns a description of the first problem."""
+def _check_sequence(row, specs: dict, shapes: dict, vocab: int, n_samples: int, T: int) -> str | None:
+    """Decode one sequence of an open shard (`row`: ShardRows.row) and check it; returns the first problem."""
     problem = _check_block(
-        _decode(f, i, "topk_logprobs", specs["topk_logprobs"], shapes["topk_logprobs"]),
-        _decode(f, i, "topk_ids", specs["topk_ids"], shapes["topk_ids"]),
+        _decode(row, "topk_logprobs", specs["topk_logprobs"], shapes["topk_logprobs"]),
+        _decode(row, "topk_ids", specs["topk_ids"], shapes["topk_ids"]),
         vocab,
     )
     if (
         problem is None
         and shapes["hidden_states"][0]
         and not np.isfinite(
-            _decode(f, i, "hidden_states", specs["hidden_states"], shapes["hidden_states"]).astype(np.float32)
+            _decode(row, "hidden_states", specs["hidden_states"], shapes["hidden_states"]).astype(np.float32)
         ).all()
     ):
         problem = "hidden states are not finite"
     if problem is None and n_samples:
-        ids, counts = _decode_samples(f, i, specs["samples"], T, n_samples)
+        ids, counts = _decode_samples(row, specs["samples"], T, n_samples)
         if (counts.sum(-1) != n_samples).any() or (ids >= vocab).any():
             problem = f"sampled counts do not sum to {n_samples} or sampled ids are out of range"
     return problem
@@ -602,9 +717,16 @@ def verify(path: str | Path, log=print) -> list[str]:
                     offsets = f["sample_offsets"][:]
                     if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != f["sample_bytes"].shape[0]:
                         return [f"{where}: sampled-target offsets are inconsistent with the stored bytes"]
+                try:
+                    rows = ShardRows(f)
+                except ValueError as e:
+                    return [f"{where}: {e}"]
                 for i in range(n):
                     try:
-                        problem = _check_sequence(f, i, specs, shapes, vocab, n_samples, T)
+                        problem = _check_sequence(rows.row(i), specs, shapes, vocab, n_samples, T)
+                        for ds in ("text", "token_spans"):  # not decoded above, but checksummed like the rest
+                            if ds in rows.col:
+                                rows.get(ds, i)
                     except (ValueError, IndexError) as e:  # a truncated or garbled packed field
                         problem = f"cannot decode: {e}"
                     if problem:

@@ -196,6 +196,8 @@ class TrainSection:
     """The optimisation and the run.
 
     cache_dir: teacher cache written by cache_teacher.py.
+    trust_cache: skip the per-sequence checksums on read (the shards' agreement with the manifest is checked
+        either way); only for a cache checked with `python -m kd.cache verify` since it was last written.
     output_dir: parent of run directories.
     run_name: this run's directory name under output_dir.
     resume: continue the run in output_dir/run_name from its latest checkpoint (otherwise an existing run
@@ -229,6 +231,7 @@ class TrainSection:
     """
 
     cache_dir: str = "caches/default"
+    trust_cache: bool = False
     output_dir: str = "runs"
     run_name: str = "default"
     resume: bool = False
@@ -301,4 +304,4 @@ class TrainConfig:
 
 
 # Keys a resumed run may change without changing what it computes.
-RESUME_FREE_KEYS = ("train.resume", "train.num_workers")
+RESUME_FREE_KEYS = ("train.resume", "train.num_workers", "train.trust_cache")

@@ -447,12 +447,14 @@ def test_verify_catches_a_flipped_byte(tmp_path, make_cache_config, llama_teache
 
 def test_verify_names_the_bad_sequence(tmp_path, make_cache_config, llama_teacher):
     """A value that is wrong but checksummed (a buggy writer) is caught by the content checks."""
-    from kd.cache import sha256_file
+    from kd.cache import checksum, sha256_file
 
     out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
     shard = out / "train-00001.h5"
     with h5py.File(shard, "r+") as f:
         f["topk_logprobs_q8"][3, 5, 0] = 0.5  # the anchor (top-1 log-prob) of a position made positive
+        col = json.loads(f["checksums"].attrs["rows"]).index("topk_logprobs_q8")
+        f["checksums"][3, col] = checksum(f["topk_logprobs_q8"][3])  # the writer's checksum of its wrong value
     m = json.loads((out / MANIFEST).read_text())
     for s in m["splits"]["train"]["shards"]:
         if s["file"] == shard.name:

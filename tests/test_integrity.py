@@ -1,4 +1,4 @@
-"""Nothing corrupt is trained on, nothing mixed is cached (issue 11, first part): per-chunk checksums checked on
+"""Nothing corrupt is trained on, nothing mixed is cached (issue 11, first part): per-sequence checksums checked on
 every read, shards checked against the manifest on open, the cache's identity, the teacher's weights."""
 
 from __future__ import annotations
@@ -28,18 +28,24 @@ def clean_cache(tmp_path_factory, make_cache_config, llama_teacher) -> Path:
 
 
 def flip_byte_in(path: Path, dataset: str, chunk: int = 1, at: int = 3) -> None:
-    """Flip one byte inside chunk `chunk` (= one sequence's data) of `dataset`, on disk, behind HDF5's back."""
+    """Flip one byte inside chunk `chunk` (= one sequence's data) of `dataset` (or at byte `at` of a contiguous
+    dataset), on disk, behind HDF5's back."""
     with h5py.File(path, "r") as f:
-        info = f[dataset].id.get_chunk_info(chunk)
+        ds = f[dataset]
+        offset = ds.id.get_offset() + at if ds.chunks is None else None
+        if offset is None:
+            info = ds.id.get_chunk_info(chunk)
+            offset = info.byte_offset + min(at, info.size - 1)
     with open(path, "r+b") as fh:
-        fh.seek(info.byte_offset + min(at, info.size - 1))
+        fh.seek(offset)
         b = fh.read(1)
         fh.seek(-1, 1)
         fh.write(bytes([b[0] ^ 0x5A]))
 
 
 @pytest.mark.parametrize(
-    "dataset", ["topk_logprobs", "topk_logprobs_q8", "topk_ids", "hidden_states", "input_ids", "sample_bytes"]
+    "dataset",
+    ["topk_logprobs", "topk_logprobs_q8", "topk_ids", "hidden_states", "input_ids", "sample_bytes", "checksums"],
 )
 def test_a_flipped_byte_in_any_field_stops_the_read_naming_shard_and_sequence(clean_cache, tmp_path, dataset):
     cache = tmp_path / "c"
@@ -50,7 +56,7 @@ def test_a_flipped_byte_in_any_field_stops_the_read_naming_shard_and_sequence(cl
     split = TeacherCache(cache).split("train")
     for i in range(8):  # shard 0 is untouched
         split[i]
-    first_bad = 9 if dataset != "sample_bytes" else 8
+    first_bad = 8 if dataset in ("sample_bytes", "checksums") else 9  # the table: contiguous, byte 3 is row 0's
     with pytest.raises(
         KDError,
         match=rf"shard train-00001.h5 of cache .*, sequence {first_bad} of split train: "
@@ -58,6 +64,56 @@ def test_a_flipped_byte_in_any_field_stops_the_read_naming_shard_and_sequence(cl
     ):
         for i in range(8, 16):
             split[i]
+
+
+@pytest.mark.parametrize("dataset", ["lengths", "sample_offsets"])
+def test_a_flipped_byte_in_a_whole_shard_dataset_stops_the_open(clean_cache, tmp_path, dataset):
+    cache = tmp_path / "c"
+    shutil.copytree(clean_cache, cache)
+    flip_byte_in(cache / "train-00001.h5", dataset, chunk=0, at=9)
+    split = TeacherCache(cache).split("train")
+    split[7]
+    with pytest.raises(KDError, match=rf"shard train-00001.h5 of cache .* cannot be read \(dataset {dataset} fails"):
+        split[8]
+
+
+def test_trust_skips_the_checksums_but_not_the_manifest_checks(clean_cache, tmp_path):
+    cache = tmp_path / "c"
+    shutil.copytree(clean_cache, cache)
+    flip_byte_in(cache / "train-00001.h5", "hidden_states", chunk=1)
+    trusted = TeacherCache(cache, check=False).split("train")
+    trusted[9]  # read without a check: what `train.trust_cache=true` promises the user has verified
+    with pytest.raises(KDError, match="fails its checksum"):
+        TeacherCache(cache).split("train")[9]
+    m = json.loads((cache / MANIFEST).read_text())
+    (cache / MANIFEST).write_text(json.dumps(dict(m, top_k=8)))
+    with pytest.raises(KDError, match="top_k is 16 in the shard and 8 in the manifest"):
+        TeacherCache(cache, check=False).split("train")[0]
+
+
+def test_format_4_caches_are_read_and_their_fletcher32_checked(clean_cache, tmp_path):
+    """Format 4 (a fletcher32 checksum per HDF5 chunk, no `checksums` table) is still read, its checksums checked
+    by HDF5: the same shards rewritten that way read the same values, and a flipped byte stops the read."""
+    cache = tmp_path / "v4"
+    cache.mkdir()
+    m = json.loads((clean_cache / MANIFEST).read_text())
+    for rec in [s for split in m["splits"].values() for s in split["shards"]]:
+        with h5py.File(clean_cache / rec["file"], "r") as fi, h5py.File(cache / rec["file"], "w") as fo:
+            meta = json.loads(fi.attrs["kd_meta"])
+            fo.attrs["kd_meta"] = json.dumps(dict(meta, format_version=4))
+            for name, ds in fi.items():
+                if name != "checksums":
+                    kw = {"chunks": ds.chunks, "maxshape": ds.maxshape, "fletcher32": True} if ds.chunks else {}
+                    fo.create_dataset(name, data=ds[()], dtype=ds.dtype, **kw)
+    (cache / MANIFEST).write_text(json.dumps(dict(m, format_version=4)))
+    old, new = TeacherCache(cache).split("train"), TeacherCache(clean_cache).split("train")
+    for i in (0, 9, 39):
+        for k, v in new[i].items():
+            assert (old[i][k] == v).all(), k
+    # a sequence not read above: HDF5 shares a file still open in this process, chunk cache included
+    flip_byte_in(cache / "train-00001.h5", "hidden_states", chunk=2)
+    with pytest.raises(KDError, match="sequence 10 of split train: cannot be read"):
+        TeacherCache(cache).split("train")[10]
 
 
 @pytest.mark.parametrize(
@@ -115,6 +171,20 @@ def test_training_on_a_damaged_shard_exits_2_with_one_line(clean_cache, tmp_path
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "shard train-00002.h5" in errors[0] and "Traceback" not in result.stderr
     assert "sequence 16 of split train" in errors[0]
+
+
+def test_train_trust_cache_skips_the_checksums(clean_cache, tmp_path):
+    """The switch reaches the reader: a flipped log-prob code (decodable, so only a checksum can see it) stops a
+    normal run and is read, unchecked, by a run that trusts the cache."""
+    cache = tmp_path / "c"
+    shutil.copytree(clean_cache, cache)
+    flip_byte_in(cache / "train-00000.h5", "topk_logprobs", chunk=0)
+    codes = {}
+    for trust in (False, True):
+        args = overrides(cache, tmp_path / f"runs-{trust}", **{"train.trust_cache": trust})  # 10 steps: all 40
+        result = subprocess.run([sys.executable, str(ROOT / "train_student.py"), *args], capture_output=True, cwd=ROOT)
+        codes[trust] = result.returncode
+    assert codes == {False: 2, True: 0}
 
 
 def test_teacher_weights_changed_at_the_same_path_are_refused_on_resume(
