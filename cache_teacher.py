@@ -46,7 +46,7 @@ from kd.data import config_sources
 from kd.data.ingest import INGEST_DIR, IngestSpec, WindowIndex, run_ingest, windows_fingerprint
 from kd.dist import agree, gather_rows
 from kd.errors import KDError, run_cli
-from kd.io import LOCK_FILE, DirLock, write_json_atomic
+from kd.io import LOCK_FILE, DirLock, disk_error, write_json_atomic
 from kd.teacher import (
     SAMPLER,
     load_causal_lm,
@@ -136,12 +136,13 @@ def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool, weights: dict
             f"cache.output_dir {out} is not empty and holds no kd cache; refusing to write into it. "
             "Choose an empty or new directory"
         )
+    probe = out / f".write-probe-{os.getpid()}"
     try:
-        probe = out / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"0" * 4096)
-        probe.unlink()
     except OSError as e:
-        raise KDError(f"cannot write to cache.output_dir {out}: {e}") from None
+        raise KDError(f"cannot write to cache.output_dir {out}: {disk_error(e)}") from None
+    finally:
+        probe.unlink(missing_ok=True)
     for p in [*out.glob("*.tmp-*"), *out.glob(f"{INGEST_DIR}/*.tmp-*")]:  # left by a killed run; never counted
         p.unlink()
     return False

@@ -43,6 +43,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -55,7 +56,7 @@ import numpy as np
 
 from kd import codecs
 from kd.errors import KDError, run_cli
-from kd.io import fsync_file, sha256_file, write_json_atomic  # noqa: F401 (re-exported)
+from kd.io import disk_error, h5_image, h5_in_memory, sha256_file, write_bytes_durable, write_json_atomic  # noqa: F401
 
 FORMAT = "kd-teacher-cache"
 FORMAT_VERSION = 5  # 5: a checksum per sequence and dataset (`checksums`), checked on every read, instead of 4's
@@ -232,7 +233,9 @@ def manifest_codecs(manifest: dict) -> dict:
 
 
 class ShardWriter:
-    """Writes one shard under a temporary name; `commit()` flushes, checksums, writes the sidecar and renames.
+    """Builds one shard in memory; `commit()` writes it under a temporary name, fsyncs, writes the sidecar and
+    renames. Built in memory (kd.io.h5_in_memory) so that a full disk or a file-size limit fails one plain write,
+    which removes the partial file and raises one KDError, instead of HDF5's late errors and segfaults.
 
     Until `commit()` returns, no file with the shard's final name exists, so a killed run can never leave a
     shard that looks complete. The sidecar is written before the rename: a final-named shard always has one.
@@ -258,7 +261,7 @@ class ShardWriter:
         self.tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         self.num_sequences, self.num_tokens, self.cursor, self.sample_bytes = num_sequences, 0, 0, 0
         try:
-            self.f = h5py.File(self.tmp, "w")
+            self.f = h5_in_memory(str(self.tmp))
             N, T, k = num_sequences, seq_len, top_k
             # Integrity: every row's checksum goes into `checksums` [N, len(rows)] at commit, and the reader checks
             # each row it reads against it (a flipped byte fails that sequence's read instead of reaching the
@@ -346,12 +349,9 @@ class ShardWriter:
                 self.sample_bytes = int(ends[-1])
             if text is not None:
                 self.f["text"][sl] = list(text[0])
-        except (OSError, RuntimeError) as e:  # h5py reports ENOSPC as either
+        except (OSError, RuntimeError) as e:  # in memory: out of memory, or a bug
             self.abort()
-            raise KDError(
-                f"writing shard {self.tmp} failed ({e}); free space or choose another cache.output_dir, "
-                "then re-run: complete shards are kept"
-            ) from None
+            raise KDError(f"building shard {self.path.name} failed ({e})") from None
         self.cursor += n
         self.num_tokens += int(np.sum(lengths))
 
@@ -366,12 +366,12 @@ class ShardWriter:
             ds.attrs["rows"] = json.dumps(self.rows)
             ds.attrs["whole"] = json.dumps({n: checksum(self.f[n][:]) for n in SHARD_DATASETS if n in self.f})
             self.f.attrs[META_ATTR] = json.dumps(meta, sort_keys=True)
-            self.f.close()
-            fsync_file(self.tmp)
+            image = h5_image(self.f)
+            write_bytes_durable(self.tmp, image)
             info = {
                 "file": self.path.name,
-                "sha256": sha256_file(self.tmp),
-                "bytes": self.tmp.stat().st_size,
+                "sha256": hashlib.sha256(image).hexdigest(),
+                "bytes": len(image),
                 "first_sequence": meta["first_sequence"],
                 "num_sequences": self.num_sequences,
                 "num_tokens": self.num_tokens,
@@ -380,19 +380,22 @@ class ShardWriter:
             }
             write_json_atomic(sidecar_path(self.path), info)
             os.replace(self.tmp, self.path)
+        except KDError as e:
+            self.abort()
+            raise KDError(f"{e} (complete shards are kept)") from None
         except OSError as e:
             self.abort()
-            raise KDError(
-                f"finishing shard {self.path} failed ({e}); free space or fix permissions, then re-run"
-            ) from None
+            raise KDError(f"finishing shard {self.path} failed: {disk_error(e)} (complete shards are kept)") from None
         return info
 
     def abort(self) -> None:
+        """Drop the shard: nothing of it stays on disk (a sidecar is only ever written for a whole file)."""
         try:
             if getattr(self, "f", None) is not None and self.f.id.valid:
                 self.f.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        except (OSError, RuntimeError):
+            pass  # an in-memory file: nothing to flush
+        self.tmp.unlink(missing_ok=True)
 
 
 def complete_shard_info(path: Path, config_hash: str) -> dict | None:

@@ -25,6 +25,17 @@ WORDS = (
 ).split()
 
 
+def reseal_row(f, dataset: str, row: int) -> None:
+    """Rewrite the stored checksum of one edited row of an open shard (h5py, r+): the shard a writer with a bug
+    would write, whose wrong values carry valid checksums, for tests of the checks beyond checksums."""
+    import json
+
+    from kd.cache import checksum
+
+    col = json.loads(f["checksums"].attrs["rows"]).index(dataset)
+    f["checksums"][row, col] = checksum(f[dataset][row])
+
+
 def make_text(seed: int, n_words: int) -> str:
     rng = random.Random(seed)
     lines = []
@@ -146,3 +157,17 @@ def make_cache_config(corpus_dir):
         return load_config(CacheConfig, None, cache_overrides(teacher, corpus_dir, out, **extra))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, corpus_dir, llama_teacher) -> Path:
+    """The training tests' cache: 64 train and 12 eval sequences of 32 tokens."""
+    import cache_teacher
+    from kd.cache_config import CacheConfig
+    from kd.config import load_config
+
+    out = tmp_path_factory.mktemp("train_cache") / "cache"
+    overrides = cache_overrides(
+        llama_teacher, corpus_dir, out, **{"data.max_train_sequences": 64, "data.max_eval_sequences": 12}
+    )
+    return cache_teacher.main(load_config(CacheConfig, None, overrides))

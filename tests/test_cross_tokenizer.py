@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, _save_model
-from test_train import evals_of, make_cfg, steps_of, tiny_cache  # noqa: F401 (tiny_cache: a fixture)
+from test_train import evals_of, make_cfg, steps_of
 
 import cache_teacher
 import train_student

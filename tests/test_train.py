@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, reseal_row
 
 import cache_teacher
 import train_student
@@ -29,23 +29,6 @@ STUDENT = (
     "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
     "num_key_value_heads: 2, max_position_embeddings: 128}"
 )
-
-
-@pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory, corpus_dir, llama_teacher) -> Path:
-    from conftest import cache_overrides
-
-    from kd.cache_config import CacheConfig
-
-    out = tmp_path_factory.mktemp("train_cache") / "cache"
-    cfg = load_config(
-        CacheConfig,
-        None,
-        cache_overrides(
-            llama_teacher, corpus_dir, out, **{"data.max_train_sequences": 64, "data.max_eval_sequences": 12}
-        ),
-    )
-    return cache_teacher.main(cfg)
 
 
 def overrides(cache: Path, out: Path, **extra) -> list[str]:
@@ -297,7 +280,9 @@ def poisoned_cache(src: Path, dst: Path, sequences: list[int] | None) -> Path:
             for r, seq in enumerate(f["sequence_index"][:]):
                 if sequences is None or int(seq) in sequences:
                     # q8 (the default codec): a NaN anchor and step decode to NaN log-probs
-                    f["topk_logprobs_q8" if "topk_logprobs_q8" in f else "topk_logprobs"][r] = float("nan")
+                    ds = "topk_logprobs_q8" if "topk_logprobs_q8" in f else "topk_logprobs"
+                    f[ds][r] = float("nan")
+                    reseal_row(f, ds, r)  # as a teacher's NaNs would be stored: checksummed
     return dst
 
 
@@ -407,7 +392,12 @@ def test_resume_continues_exactly(tiny_cache, tmp_path, monkeypatch, shuffle):
         train_student.main(cfg)
     cfg.train.resume = True
     resumed = train_student.main(cfg)
-    a, b = read_metrics(full), read_metrics(resumed)
+    assert_same_metrics(full, resumed)
+
+
+def assert_same_metrics(run_a: Path, run_b: Path) -> None:
+    """Two runs logged the same steps and evals with the same values (timings aside)."""
+    a, b = read_metrics(run_a), read_metrics(run_b)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     keys = ("loss", "ce", "kd", "feature", "lr", "grad_norm", "eval/ce", "tokens_seen")
     assert all(any(key in r for r in a) for key in keys)  # every compared key is really there

@@ -36,7 +36,7 @@ from kd.data.pack import Packer, Windows, tokenize
 from kd.data.sources import Unit, unit_documents
 from kd.dist import gather_rows
 from kd.errors import KDError
-from kd.io import fsync_file
+from kd.io import disk_error, h5_image, h5_in_memory, write_bytes_durable
 
 INGEST_DIR = "ingest"
 UNIT_FORMAT = "kd-ingest-unit"
@@ -90,14 +90,15 @@ def windows_fingerprint(input_ids: np.ndarray, lengths: np.ndarray) -> str:
 
 
 class UnitWriter:
-    """Appends windows per split to DIR/ingest/<unit>.h5.tmp-PID; `commit` adds the metadata, fsyncs and renames."""
+    """Collects windows per split in an in-memory HDF5 file (kd.io.h5_in_memory: a full disk then fails one plain
+    write, cleanly); `commit` adds the metadata and writes DIR/ingest/<unit>.h5.tmp-PID, fsyncs and renames."""
 
     def __init__(self, path: Path, spec: IngestSpec):
         import h5py
 
         self.path, self.spec = path, spec
         self.tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        self.f = h5py.File(self.tmp, "w")
+        self.f = h5_in_memory(str(self.tmp))
         T = spec.seq_len
         for split in SPLITS:
             g = self.f.create_group(split)
@@ -120,28 +121,28 @@ class UnitWriter:
             for name, arr in fields.items():
                 g[name].resize(n0 + n, axis=0)
                 g[name][n0 : n0 + n] = arr
-        except (OSError, RuntimeError) as e:  # h5py reports ENOSPC as either
-            raise KDError(
-                f"writing {self.tmp} failed ({e}); free space or choose another cache.output_dir, then "
-                "re-run: finished units are kept"
-            ) from None
+        except (OSError, RuntimeError) as e:  # in memory: out of memory, or a bug
+            raise KDError(f"building ingest unit {self.path.name} failed ({e})") from None
 
     def commit(self, meta: dict) -> dict:
         try:
             self.f.attrs["kd_meta"] = json.dumps(meta, sort_keys=True)
-            self.f.close()
-            fsync_file(self.tmp)
+            write_bytes_durable(self.tmp, h5_image(self.f))
             os.replace(self.tmp, self.path)
+        except KDError as e:
+            raise KDError(f"{e} (finished units are kept)") from None
         except OSError as e:
-            raise KDError(f"finishing {self.path} failed ({e}); free space or fix permissions, then re-run") from None
+            self.tmp.unlink(missing_ok=True)
+            raise KDError(f"finishing {self.path} failed: {disk_error(e)} (finished units are kept)") from None
         return meta
 
     def abort(self) -> None:
         try:
             if self.f.id.valid:
                 self.f.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        except (OSError, RuntimeError):
+            pass  # an in-memory file: nothing to flush
+        self.tmp.unlink(missing_ok=True)
 
 
 def finished_unit(path: Path, config_hash: str, input_state: str | None) -> dict | None:

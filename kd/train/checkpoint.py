@@ -10,7 +10,7 @@ import torch
 
 from kd.config import diff_keys
 from kd.errors import KDError
-from kd.io import write_json_atomic
+from kd.io import staged_dir, write_json_atomic
 from kd.train.state import TrainState
 from kd.train_config import RESUME_FREE_KEYS
 
@@ -42,44 +42,62 @@ def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool, cache_id: str |
             f"cannot resume {run_dir}: config differs in {', '.join(differing)}; an exact continuation "
             "needs the same config (start a new run instead)"
         )
-    latest = run_dir / "checkpoints" / "latest.json"
-    return json.loads(latest.read_text()) if latest.exists() else None
+    return read_latest(run_dir)
 
 
 def save_checkpoint(accelerator, run_dir: Path, train_state: TrainState) -> Path:
     """Accelerate state (model, projectors, optimizer, scaler, RNG, EMA) + trainer state; keeps the newest only,
-    since each holds the optimizer's two moments (3x the model) and resume needs just the last."""
+    since each holds the optimizer's two moments (3x the model) and resume needs just the last.
+
+    Written as `step_N.partial` and renamed when whole (kd.io.staged_dir), then `latest.json` moves to it, then the
+    previous one is removed: a full disk or a kill at any point leaves the previous checkpoint whole and current."""
     state = train_state.to_dict()
     ckpt_root = run_dir / "checkpoints"
     ckpt = ckpt_root / f"step_{state['step']:08d}"
-    accelerator.save_state(str(ckpt))
+    previous = read_latest(run_dir)
+    with staged_dir(ckpt, accelerator.is_main_process, accelerator.wait_for_everyone) as tmp:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / "trainer_state.json", state)
     if accelerator.is_main_process:
-        write_json_atomic(ckpt / "trainer_state.json", state)
-        previous = json.loads((ckpt_root / "latest.json").read_text()) if (ckpt_root / "latest.json").exists() else None
-        write_json_atomic(ckpt_root / "latest.json", dict(state, path=ckpt.name))
+        try:
+            write_json_atomic(ckpt_root / "latest.json", dict(state, path=ckpt.name))
+        except KDError:
+            if not previous or previous["path"] != ckpt.name:
+                shutil.rmtree(ckpt, ignore_errors=True)  # latest.json still names the previous one, whole
+            raise
         if previous and previous["path"] != ckpt.name:
             shutil.rmtree(ckpt_root / previous["path"], ignore_errors=True)
     accelerator.wait_for_everyone()
     return ckpt
 
 
+def read_latest(run_dir: Path) -> dict | None:
+    latest = run_dir / "checkpoints" / "latest.json"
+    return json.loads(latest.read_text()) if latest.exists() else None
+
+
 def save_final(accelerator, model, tokenizer, out: Path, meta: dict) -> None:
-    """save_pretrained folder (+ tokenizer, projectors, kd_meta.json). The full state dict is gathered through
-    Accelerate on every process (a collective under FSDP / DeepSpeed ZeRO-3), then written by the main one."""
+    """save_pretrained folder (+ tokenizer, projectors, kd_meta.json), written as `<out>.partial` and renamed
+    when whole. The full state dict is gathered through Accelerate on every process (a collective under FSDP /
+    DeepSpeed ZeRO-3), then written by the main one."""
     unwrapped = accelerator.unwrap_model(model)
     state = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        unwrapped.lm.save_pretrained(
-            out, state_dict={k[len("lm.") :]: v for k, v in state.items() if k.startswith("lm.")}
-        )
-        tokenizer.save_pretrained(out)
-        if len(unwrapped.projectors):
-            torch.save(
-                {
-                    "feature_pairs": unwrapped.feature_pairs,
-                    "state_dict": {k[len("projectors.") :]: v for k, v in state.items() if k.startswith("projectors.")},
-                },
-                out / "projectors.pt",
+    with staged_dir(out, accelerator.is_main_process, accelerator.wait_for_everyone) as tmp:
+        if accelerator.is_main_process:
+            unwrapped.lm.save_pretrained(
+                tmp, state_dict={k[len("lm.") :]: v for k, v in state.items() if k.startswith("lm.")}
             )
-        write_json_atomic(out / "kd_meta.json", meta)
+            tokenizer.save_pretrained(tmp)
+            if len(unwrapped.projectors):
+                torch.save(
+                    {
+                        "feature_pairs": unwrapped.feature_pairs,
+                        "state_dict": {
+                            k[len("projectors.") :]: v for k, v in state.items() if k.startswith("projectors.")
+                        },
+                    },
+                    tmp / "projectors.pt",
+                )
+            write_json_atomic(tmp / "kd_meta.json", meta)
     accelerator.wait_for_everyone()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import resource
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from kd.io import append_line
 
 RUN_FORMAT_VERSION = 1
 
@@ -101,10 +102,7 @@ class MetricsLog:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, json.dumps(clean))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
