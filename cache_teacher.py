@@ -36,6 +36,7 @@ from kd.cache import (
     SPLITS,
     ShardWriter,
     complete_shard_info,
+    sequence_bytes,
     shard_name,
     sidecar_path,
 )
@@ -115,7 +116,9 @@ def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool, weights: dict
                 f"({changed}); restore those weights, or use cache.overwrite=true (or another "
                 "cache.output_dir) to cache this teacher"
             )
-        differing = diff_keys(content_config(old), content_config(cfg_dict)) + (["teacher weights"] if changed else [])
+        differing = diff_keys(content_config(old), content_config(cfg_dict), CacheConfig) + (
+            ["teacher weights"] if changed else []
+        )
         if differing and not overwrite:
             raise KDError(
                 f"{out} holds a cache made with a different config (differing keys: {', '.join(differing)}). "
@@ -182,6 +185,7 @@ def ingest_spec(cfg: CacheConfig, tokenizer, vocab_size: int) -> IngestSpec:
         store_text=cfg.cache.store_text,
         text_field=cfg.data.text_field,
         decode_errors=cfg.data.decode_errors,
+        bad_records=cfg.data.bad_records,
         eval_fraction=0.0 if cfg.data.has_eval_source else cfg.data.eval_fraction,
         split_seed=cfg.data.split_seed,
         caps={"train": cfg.data.max_train_sequences, "eval": cfg.data.max_eval_sequences},
@@ -269,7 +273,9 @@ def ingest(cfg: CacheConfig, accelerator, spec: IngestSpec, tokenizer, sources, 
         bar.close()
     if accelerator.is_main_process:
         print(
-            f"[ingest] {stats['documents']} documents read ({stats['empty_documents']} empty ones skipped), "
+            f"[ingest] {stats['documents']} documents read ({stats['empty_documents']} empty ones skipped"
+            + (f", {stats['bad_records']} records without usable text skipped" if stats["bad_records"] else "")
+            + "), "
             f"{stats['tokens']} tokens in {stats['units']} units ({stats['reused']} from an earlier run), "
             f"{index.num_sequences['train']} train / {index.num_sequences['eval']} eval windows, "
             f"{stats['seconds']:.1f} s, {stats['tokens'] / max(stats['seconds'], 1e-9):.0f} tokens/s",
@@ -280,7 +286,8 @@ def ingest(cfg: CacheConfig, accelerator, spec: IngestSpec, tokenizer, sources, 
             if stats["split_documents"][split] == 0:
                 raise KDError(
                     f"the {split} data holds no non-empty text in field '{cfg.data.text_field}' "
-                    f"({stats['empty_documents']} empty documents read in all)"
+                    f"({stats['empty_documents']} empty documents and {stats['bad_records']} records without usable "
+                    "text read in all)"
                     + (", and raise data.eval_fraction" if split == "eval" and not cfg.data.has_eval_source else "")
                 )
             raise KDError(
@@ -348,6 +355,28 @@ def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spe
     }
 
 
+def warn_if_disk_too_small(accelerator, out: Path, meta: dict, my_sequences: int, my_shards: int) -> None:
+    """Pre-flight, before the teacher runs: the shards still to write (all processes') against the free space of
+    the output disk. A warning, not a refusal: the estimate is approximate, and a full disk stops the run cleanly
+    (complete shards kept; a re-run after freeing space resumes)."""
+    sequences, shards = (int(v) for v in gather_rows(accelerator, [my_sequences, my_shards]).sum(axis=0))
+    if not accelerator.is_main_process or not sequences:
+        return
+    # + HDF5's own structures, ~64 KiB per shard at most (measured: 46 KiB for 8 sequences of 32 tokens)
+    est, high = (sequences * b + shards * (64 << 10) for b in sequence_bytes(meta))
+    free = shutil.disk_usage(out).free
+    if high > free:
+        print(
+            f"[cache] warning: the {sequences} sequences still to cache need about {est / 2**30:.2f} GiB (up to "
+            f"{high / 2**30:.2f} GiB), and {out} has {free / 2**30:.2f} GiB free: "
+            + ("it will not fit" if est > free else "it may not fit")
+            + ". Free space or choose another cache.output_dir; if the disk fills, the run stops with an error, "
+            "complete shards are kept and a re-run resumes",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def teacher_pass(cfg: CacheConfig, accelerator, index: WindowIndex, meta: dict, model_cfg, out: Path):
     """Shard j of each split (sequences [j*S, (j+1)*S)) on process j % N; returns (all shard jobs, tokens computed).
     A complete shard is kept only if it was computed from exactly these windows (its input fingerprint)."""
@@ -375,6 +404,7 @@ def teacher_pass(cfg: CacheConfig, accelerator, index: WindowIndex, meta: dict, 
             f"{len(my_jobs) - len(todo)} of them already complete",
             flush=True,
         )
+    warn_if_disk_too_small(accelerator, out, meta, sum(b - a for _, _, a, b in todo), len(todo))
     if not todo:  # the model is only loaded if this rank has work
         return jobs, 0
     window_fields = ["input_ids", "lengths", "doc_starts"] + (["text", "token_spans"] if cfg.cache.store_text else [])
@@ -477,7 +507,9 @@ def write_manifest(out: Path, jobs: list, meta: dict, cfg_dict: dict, index: Win
         bytes=total_bytes,
         bytes_per_token=total_bytes / total_tokens,
         created_unix=time.time(),
-        ingest={k: stats[k] for k in ("documents", "empty_documents", "units", "reused", "tokens", "seconds")},
+        ingest={
+            k: stats[k] for k in ("documents", "empty_documents", "bad_records", "units", "reused", "tokens", "seconds")
+        },
     )
     # config_hash stays: the cache's identity, which every shard's kd_meta repeats and the reader checks
     write_json_atomic(out / MANIFEST, manifest)

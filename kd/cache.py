@@ -398,6 +398,28 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def sequence_bytes(meta: dict) -> tuple[int, int]:
+    """(estimate, upper bound) of the bytes one sequence takes in a shard with this metadata (a manifest, or the
+    teacher pass's `meta`): exact for the fixed-size datasets; ragged sampled targets and stored text vary, so the
+    estimate assumes n/4 distinct ids per position and 4 bytes per token of text, the bound n ids and 16 bytes."""
+    specs, T = meta["codecs"], meta["seq_len"]
+    fixed = 4 + 8 + 8 * len(row_datasets(specs, len(meta["hidden_layers"]), meta.get("sample_n", 0), False))
+    for name, shape in field_shapes(meta).items():
+        if name != "hidden_states" or meta["hidden_layers"]:
+            fixed += sum(int(np.prod(sh)) * dt.itemsize for sh, dt in _datasets(name, specs[name], shape).values())
+    est = high = fixed
+    n = meta.get("sample_n", 0)
+    if n and specs["samples"]["name"] == "ragged":
+        per_id = (specs["samples"]["id_bits"] + specs["samples"]["count_bits"]) / 8
+        est += int(T * (2 + per_id * max(1, n // 4))) + 8
+        high += int(T * (2 + per_id * n)) + 8
+    elif n:
+        est = high = fixed + T * n * (np.dtype(specs["samples"]["dtype"]).itemsize + 1)
+    if meta.get("store_text"):
+        est, high = est + T * (4 + 8), high + T * (16 + 8)
+    return est, high
+
+
 def complete_shard_info(path: Path, config_hash: str) -> dict | None:
     """The sidecar of a shard that is complete and belongs to this config, else None (the shard is redone)."""
     side = sidecar_path(path)

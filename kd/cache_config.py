@@ -45,6 +45,9 @@ class DataConfig:
     streaming: read `dataset` as a stream (nothing converted to disk first) or memory-mapped; same cache either way.
     text_field: field (column) holding the document text.
     decode_errors: invalid UTF-8 in a file is an error naming the file and line (`strict`), or read as U+FFFD (`replace`).
+    bad_records: a record with no usable text (not a JSON object, no `text_field`, a non-string value, invalid JSON)
+        is an error naming the file and line (`error`), or skipped and counted (`skip`: the count and the first
+        few are printed and kept in the manifest's ingest record).
     seq_len: tokens per packed window.
     separator_token: token placed after each document; null = the tokenizer's EOS token.
     eval_fraction: without a held-out source, the share of documents held out for eval, decided per document from
@@ -65,6 +68,7 @@ class DataConfig:
     streaming: bool = True
     text_field: str = "text"
     decode_errors: Literal["strict", "replace"] = "strict"
+    bad_records: Literal["error", "skip"] = "error"
     seq_len: int = 256
     separator_token: str | None = None
     eval_fraction: float = 0.1

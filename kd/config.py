@@ -185,10 +185,29 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def diff_keys(a: dict, b: dict) -> list[str]:
-    """Dotted keys whose values differ between two nested dicts (a key missing on one side differs)."""
+def diff_keys(a: dict, b: dict, cls: type | None = None) -> list[str]:
+    """Dotted keys whose values differ between two nested dicts. A key missing on one side differs, unless the
+    config dataclass `cls` is given and the other side holds its default: a config saved by an older kd, before
+    a key existed, equals today's config with that key at its default."""
     fa, fb = flatten(a), flatten(b)
+    fd = flatten(defaults(cls)) if cls is not None else {}
+    fa, fb = {**fd, **fa}, {**fd, **fb}
     return sorted(k for k in set(fa) | set(fb) if fa.get(k, "<missing>") != fb.get(k, "<missing>"))
+
+
+def defaults(cls: type) -> dict:
+    """The defaults of a config dataclass as a nested dict, built without constructing it (a config of defaults
+    alone may be invalid, e.g. one naming no data)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = defaults(hints[f.name])
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def parse_cli(cls: type[T], argv: list[str] | None, description: str) -> T:

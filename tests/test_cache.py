@@ -500,3 +500,17 @@ print("ok", total, len(split._files[__import__("os").getpid()]))
     ok, total, still_open = r.stdout.split()
     expected = 2 * sum(int(TeacherCache(out).split("train")[i]["input_ids"].sum()) for i in range(120))
     assert int(total) == expected and int(still_open) <= 32
+
+
+def test_size_estimate_bounds_the_real_cache(tmp_path, make_cache_config, llama_teacher):
+    """The pre-flight estimate (kd.cache.sequence_bytes, + 64 KiB per shard) against what was written: the bound
+    holds, the estimate is within 2x (tiny shards are mostly HDF5 structure; at the demo's sizes it is within 1%)."""
+    from kd.cache import sequence_bytes
+
+    for extra in ({}, {"cache.store_text": True, "cache.hidden_layers": "[]"}, {"cache.sample_n": 0}):
+        out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / str(len(extra)), **extra))
+        m = json.loads((out / MANIFEST).read_text())
+        shards = [s for split in m["splits"].values() for s in split["shards"]]
+        n = sum(s["num_sequences"] for s in shards)
+        est, high = (n * b + len(shards) * (64 << 10) for b in sequence_bytes(m))
+        assert m["bytes"] <= high and m["bytes"] / 2 <= est <= 2 * m["bytes"], (extra, m["bytes"], est, high)

@@ -67,6 +67,43 @@ def test_bad_data_found_while_reading_never_blocks_the_corrected_run(
     assert (tmp_path / "c" / MANIFEST).exists()
 
 
+def test_records_without_text_are_refused_or_skipped_and_counted(tmp_path, make_cache_config, llama_teacher, capsys):
+    """jsonl whose `text` is an integer in half the records: refused naming file and line, with the switch in the
+    message; with data.bad_records=skip the other half is cached and the skipped ones counted, printed and kept in
+    the manifest. An empty file beside a good one is named."""
+    from conftest import make_text
+
+    lines = [json.dumps({"text": make_text(i, 60) if i % 2 else i}) for i in range(20)]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "empty.txt").write_text("")
+    files = f"[{tmp_path / 'mixed.jsonl'}, {tmp_path / 'empty.txt'}]"
+    with pytest.raises(KDError, match=r"mixed.jsonl, line 1: field 'text' holds int '0', not text; .*bad_records=skip"):
+        cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c", **{"data.files": files}))
+    capsys.readouterr()
+    out = cache_teacher.main(
+        make_cache_config(llama_teacher, tmp_path / "c", **{"data.files": files, "data.bad_records": "skip"})
+    )
+    printed = capsys.readouterr().out
+    assert "10 record(s) without usable text skipped (data.bad_records=skip), e.g. " in printed
+    assert "mixed.jsonl, line 1: field 'text' holds int" in printed
+    assert f"empty documents skipped, e.g. {tmp_path / 'empty.txt'}" in printed
+    ingest = json.loads((out / MANIFEST).read_text())["ingest"]
+    assert ingest["bad_records"] == 10 and ingest["empty_documents"] == 1
+    assert ingest["documents"] == 10 + 1  # and the held-out play
+
+
+def test_a_cache_recorded_by_an_older_kd_is_still_complete(tmp_path, make_cache_config, llama_teacher, capsys):
+    """A cache_config.json written before a config key existed equals today's config with that key at its default:
+    the re-run finds the cache complete instead of refusing it as made with another config."""
+    out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
+    recorded = json.loads((out / "cache_config.json").read_text())
+    del recorded["config"]["data"]["bad_records"]
+    (out / "cache_config.json").write_text(json.dumps(recorded))
+    capsys.readouterr()
+    cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
+    assert "is already complete (same config); nothing to do" in capsys.readouterr().out
+
+
 def test_cli_error_is_one_line_and_exit_2(tmp_path, corpus_dir, llama_teacher):
     result = run_cli(*cache_overrides(llama_teacher, corpus_dir, tmp_path / "c"), "cache.topk=3")
     assert result.returncode == 2

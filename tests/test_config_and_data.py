@@ -157,7 +157,7 @@ def test_units_cut_jsonl_at_line_boundaries(tmp_path):
 
 
 def test_bad_records_name_file_and_line(tmp_path):
-    from kd.data.sources import Piece, plan_file_units, read_piece, unit_documents
+    from kd.data.sources import BadRecord, Piece, plan_file_units, read_piece, unit_documents
 
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "fine"}\n{"text": "also fine"}\n{"text": "caf\xe9"}\n')
@@ -173,12 +173,29 @@ def test_bad_records_name_file_and_line(tmp_path):
     (tmp_path / "t.txt").write_bytes(b"ok\nok\n\xff\n")
     with pytest.raises(KDError, match=r"t.txt, line 3: invalid UTF-8"):
         list(read_piece(Piece(str(tmp_path / "t.txt"), 0, 8), "text", "strict"))
-    (tmp_path / "j.jsonl").write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(KDError, match="j.jsonl, line 2: not valid JSON"):
-        list(read_piece(Piece(str(tmp_path / "j.jsonl"), 0, 30), "text", "strict"))
-    (tmp_path / "k.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
-    with pytest.raises(KDError, match="k.jsonl, line 2: text field 'text' is not in the record"):
-        list(read_piece(Piece(str(tmp_path / "k.jsonl"), 0, 30), "text", "strict"))
+    # records without usable text come back as BadRecord (ingest applies data.bad_records), naming file and line
+    for name, content, message in (
+        ("j.jsonl", '{"text": "a"}\n{"text": \n', "j.jsonl, line 2: not valid JSON"),
+        ("k.jsonl", '{"text": "a"}\n{"body": "b"}\n', "k.jsonl, line 2: text field 'text' is not in the record"),
+        ("n.jsonl", '{"text": "a"}\n{"text": 7}\n', "n.jsonl, line 2: field 'text' holds int '7', not text"),
+        ("l.jsonl", '{"text": "a"}\n["b"]\n', "l.jsonl, line 2: a record must be a JSON object"),
+        ("a.json", '[{"text": "a"}, {"text": [1]}]', "a.json, line 2: field 'text' holds list"),
+    ):
+        (tmp_path / name).write_text(content)
+        got = list(read_piece(Piece(str(tmp_path / name), 0, len(content)), "text", "strict"))
+        assert got[0] == ("a", str(tmp_path / name)) and isinstance(got[1][0], BadRecord), name
+        assert message in got[1][0].message, got[1][0].message
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([b"ok", b"x"], pa.binary())}), tmp_path / "b.parquet")
+    got = list(read_piece(Piece(str(tmp_path / "b.parquet"), 0, 1), "text", "strict"))
+    assert [g.message.split(": ", 1)[0] for g, _ in got] == [f"{tmp_path / 'b.parquet'}, row {i}" for i in (1, 2)]
+    from kd.data.sources import plan_hf_units
+
+    records = [{"text": "a"}, {"text": 3.5}, {"text": "b"}]
+    got = [t for u in plan_hf_units(records, "dataset 'd'", "text", 10**6, "main") for t, _ in u.documents_fn()]
+    assert got[0] == "a" and got[1].message.startswith("dataset 'd', record 2: field 'text' holds float")
     (tmp_path / "x.docx").write_text("t")
     with pytest.raises(KDError, match="unsupported data file"):
         data.expand_files([str(tmp_path / "x.docx")])

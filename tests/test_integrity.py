@@ -66,6 +66,30 @@ def test_a_flipped_byte_in_any_field_stops_the_read_naming_shard_and_sequence(cl
             split[i]
 
 
+def test_a_truncated_or_deleted_shard_is_one_clear_error(clean_cache, tmp_path):
+    cache = tmp_path / "c"
+    shutil.copytree(clean_cache, cache)
+    shard = cache / "train-00001.h5"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    (cache / "train-00002.h5").unlink()
+    split = TeacherCache(cache).split("train")
+    split[7]
+    with pytest.raises(KDError, match=r"cannot open shard .*train-00001.h5 .* missing or damaged; run python -m kd"):
+        split[8]
+    with pytest.raises(KDError, match=r"cannot open shard .*train-00002.h5 .* missing or damaged"):
+        split[16]
+    split[24]  # the others still read
+
+
+def test_a_damaged_cache_config_is_one_clear_error(clean_cache, tmp_path, make_cache_config, llama_teacher):
+    cache = tmp_path / "c"
+    shutil.copytree(clean_cache, cache)
+    (cache / "cache_config.json").write_text('{"config": ')
+    with pytest.raises(KDError, match=r"cache_config.json is damaged .* remove it, or use cache.overwrite=true"):
+        cache_teacher.main(make_cache_config(llama_teacher, cache, **{"cache.top_k": 16}))
+    assert sorted(p.name for p in cache.iterdir()) == sorted(p.name for p in clean_cache.iterdir())  # untouched
+
+
 @pytest.mark.parametrize("dataset", ["lengths", "sample_offsets"])
 def test_a_flipped_byte_in_a_whole_shard_dataset_stops_the_open(clean_cache, tmp_path, dataset):
     cache = tmp_path / "c"

@@ -33,7 +33,7 @@ import numpy as np
 
 from kd.cache import SPLITS
 from kd.data.pack import Packer, Windows, tokenize
-from kd.data.sources import Unit, unit_documents
+from kd.data.sources import BadRecord, Unit, unit_documents
 from kd.dist import gather_rows
 from kd.errors import KDError
 from kd.io import disk_error, h5_image, h5_in_memory, write_bytes_durable
@@ -58,6 +58,7 @@ class IngestSpec:
     store_text: bool
     text_field: str
     decode_errors: str
+    bad_records: str  # error | skip (data.bad_records)
     eval_fraction: float
     split_seed: int
     caps: dict  # split -> max windows or None
@@ -178,7 +179,8 @@ def process_unit(
     stopped = dict(skip)
     docs = {s: 0 for s in SPLITS}
     tokens = {s: 0 for s in SPLITS}
-    empty, chars = 0, 0
+    empty, chars, bad = 0, 0, 0
+    examples = {"empty": [], "bad": []}  # the first few, for the summary: which files (records) they were
     writer = UnitWriter(path, spec)
 
     def pack_batch(batch: list[tuple[str, str]], tokenized) -> None:
@@ -225,9 +227,18 @@ def process_unit(
     try:
         batch: list[tuple[str, str]] = []
         batch_chars = 0
-        for text, _where in documents:
+        for text, where in documents:
+            if isinstance(text, BadRecord):
+                if spec.bad_records == "error":
+                    raise KDError(
+                        f"{text.message}; fix the record, or set data.bad_records=skip to skip and count such records"
+                    )
+                bad += 1
+                examples["bad"] += [text.message][: 3 - len(examples["bad"])]
+                continue
             if not text.strip():
                 empty += 1
+                examples["empty"] += [where][: 3 - len(examples["empty"])]
                 continue
             split = forced_split or document_split(text, spec.split_seed, spec.eval_fraction)
             if stopped[split]:
@@ -261,6 +272,8 @@ def process_unit(
             "tokens": tokens,
             "skipped": {s: bool(skip[s]) for s in SPLITS},
             "empty_documents": empty,
+            "bad_records": bad,
+            "examples": examples,
             "chars": chars,
         }
         return writer.commit(meta)
@@ -333,10 +346,11 @@ def run_ingest(
         "documents": 0,
         "split_documents": {s: 0 for s in SPLITS},
         "empty_documents": 0,
+        "bad_records": 0,
         "tokens": 0,
         "chars": 0,
     }
-    t0 = time.time()
+    t0, named_empty = time.time(), False
     for source_code, (units, forced) in enumerate(sources):
         it = iter(units)
         exhausted = False
@@ -354,7 +368,7 @@ def run_ingest(
                 round_units.append(u)
             if not round_units:
                 break
-            row = [source_code, -1] + [0] * 8
+            row = [source_code, -1] + [0] * 9
             error = None
             try:
                 for k, unit in enumerate(round_units):
@@ -381,8 +395,18 @@ def run_ingest(
                         meta["empty_documents"],
                         sum(meta["tokens"].values()),
                         meta["chars"],
+                        meta.get("bad_records", 0),
                         2 if reused else 1,
                     ]
+                    examples = meta.get("examples", {})
+                    if examples.get("bad"):
+                        log(
+                            f"[ingest] {unit.name}: {meta['bad_records']} record(s) without usable text skipped "
+                            f"(data.bad_records=skip), e.g. {examples['bad'][0]}"
+                        )
+                    if examples.get("empty") and not named_empty:  # once per process: name a few
+                        named_empty = True
+                        log(f"[ingest] empty documents skipped, e.g. {', '.join(examples['empty'])}")
             except KDError as e:
                 error = e
                 row[-1] = -1
@@ -402,7 +426,8 @@ def run_ingest(
                 for s in SPLITS:
                     totals[s] += meta["windows"][s]
                 stats["units"] += 1
-                stats["reused"] += int(r[9] == 2)
+                stats["reused"] += int(r[10] == 2)
+                stats["bad_records"] += int(r[9])
                 stats["documents"] += int(r[4] + r[5])
                 for s, n in zip(SPLITS, (r[4], r[5])):
                     stats["split_documents"][s] += int(n)

@@ -16,7 +16,9 @@ units are runs of consecutive documents holding at least `unit_bytes` characters
 in order, so every process iterates it and tokenizes only its own units (say so to users: use local files to
 spread the reading too). Streaming and non-streaming reads give the same documents, so the same cache.
 
-Each document is (text, where): `where` names the file and line for error messages.
+Each document is (text, where): `where` names the file and line for error messages. A record that holds no usable
+text (not a JSON object, no text field, a non-string value, not valid JSON) is yielded as a `BadRecord` in place of
+its text, so that one place (kd/data/ingest.py) applies `data.bad_records`: refuse naming it, or skip and count.
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ from kd.errors import KDError
 
 FORMATS = (".txt", ".json", ".jsonl", ".csv", ".parquet")
 COMPRESSIONS = ("", ".gz", ".zst")
+
+
+class BadRecord:
+    """Stands in for the text of a record that has none usable; `message` names the file and line (or record)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 def file_format(path: str) -> tuple[str, str]:
@@ -118,7 +129,8 @@ def plan_file_units(files: list[str], unit_bytes: int, source: str) -> list[Unit
     offset = 0
     for path in files:
         size = os.path.getsize(path)
-        if size == 0:
+        if size == 0:  # read as one empty document, so that it is counted and named, never silently dropped
+            units.setdefault(offset // unit_bytes, Unit(source, offset // unit_bytes)).pieces.append(Piece(path, 0, 0))
             continue
         splittable = file_format(path) == (".jsonl", "")
         if splittable:
@@ -171,22 +183,25 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
-def _text_of(record, text_field: str, path: str, line_of: Callable[[], int]) -> str:
-    """The record's text ('' for null). `line_of` is called only for an error message: counting lines is costly
-    in a unit that starts mid-file."""
+def _text_of(record, text_field: str, path: str, line_of: Callable[[], int]) -> str | BadRecord:
+    """The record's text ('' for null), or a BadRecord. `line_of` is called only for a message: counting lines is
+    costly in a unit that starts mid-file."""
     if not isinstance(record, dict):
-        raise KDError(
+        return BadRecord(
             f"{path}, line {line_of()}: a record must be a JSON object with field '{text_field}', got "
             f"{type(record).__name__}"
         )
     if text_field not in record:
-        raise KDError(
+        return BadRecord(
             f"{path}, line {line_of()}: text field '{text_field}' is not in the record (its fields: "
-            f"{sorted(record)[:10]}); set data.text_field"
+            f"{sorted(record)[:10]}); set data.text_field if it is another"
         )
-    value = record[text_field]
+    return _text_value(record[text_field], text_field, lambda: f"{path}, line {line_of()}")
+
+
+def _text_value(value, text_field: str, where: Callable[[], str]) -> str | BadRecord:
     if value is not None and not isinstance(value, str):
-        raise KDError(f"{path}, line {line_of()}: field '{text_field}' holds {type(value).__name__}, not text")
+        return BadRecord(f"{where()}: field '{text_field}' holds {type(value).__name__} {str(value)[:40]!r}, not text")
     return value or ""
 
 
@@ -207,10 +222,9 @@ def _json_lines(f, path: str, text_field: str, errors: str, first_byte: int, end
 
             text = _decode(raw, errors, path, line_of)
             try:
-                record = json.loads(text)
+                yield _text_of(json.loads(text), text_field, path, line_of), path
             except json.JSONDecodeError as e:
-                raise KDError(f"{path}, line {line_of()}: not valid JSON ({e.msg}); fix the record") from None
-            yield _text_of(record, text_field, path, line_of), path
+                yield BadRecord(f"{path}, line {line_of()}: not valid JSON ({e.msg})"), path
         if line_no is not None:
             line_no += 1
 
@@ -220,6 +234,9 @@ def read_piece(piece: Piece, text_field: str, errors: str) -> Iterator[tuple[str
     and skips them), so every record is accounted for."""
     path = piece.path
     fmt, comp = file_format(path)
+    if piece.end == 0:  # an empty file (see plan_file_units)
+        yield "", path
+        return
     if fmt == ".jsonl" and not comp:
         with open(path, "rb") as f:
             first, first_line = piece.start, (1 if piece.start == 0 else None)
@@ -242,9 +259,11 @@ def read_piece(piece: Piece, text_field: str, errors: str) -> Iterator[tuple[str
                 f"{path}: text field '{text_field}' is not a column (columns: {pf.schema_arrow.names}); "
                 "set data.text_field"
             )
+        row = 0
         for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
-            for text in batch.column(0).to_pylist():
-                yield text or "", path
+            for value in batch.column(0).to_pylist():
+                row += 1
+                yield _text_value(value, text_field, lambda r=row: f"{path}, row {r}"), path
         return
     with _open_binary(path) as f:
         if fmt == ".txt":  # one document per file
@@ -346,7 +365,7 @@ def plan_hf_units(ds, where: str, text_field: str, unit_bytes: int, source: str)
     """Lazy units of consecutive documents holding >= unit_bytes characters. The stream is shared: a unit's
     documents must be consumed (processed or drained) before the next unit is asked for."""
     it = iter(ds)
-    state = {"pending": None}  # a record read to learn that another unit exists, not yet handed out
+    state = {"pending": None, "record": 0}  # pending: a record read to learn that another unit exists
 
     def next_record():
         if state["pending"] is not None:
@@ -367,11 +386,10 @@ def plan_hf_units(ds, where: str, text_field: str, unit_bytes: int, source: str)
                 rec = next_record()
                 if rec is None:
                     return
-                value = rec.get(text_field)
-                if value is not None and not isinstance(value, str):
-                    raise KDError(f"{where}: field '{text_field}' holds {type(value).__name__}, not text")
-                chars += len(value or "")
-                yield value or "", where
+                state["record"] += 1
+                text = _text_value(rec.get(text_field), text_field, lambda n=state["record"]: f"{where}, record {n}")
+                chars += 0 if isinstance(text, BadRecord) else len(text)
+                yield text, where
 
         yield Unit(source, index, documents_fn=documents)
         index += 1

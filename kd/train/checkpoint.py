@@ -12,7 +12,7 @@ from kd.config import diff_keys
 from kd.errors import KDError
 from kd.io import staged_dir, write_json_atomic
 from kd.train.state import TrainState
-from kd.train_config import RESUME_FREE_KEYS
+from kd.train_config import RESUME_FREE_KEYS, TrainConfig
 
 
 def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool, cache_id: str | None = None) -> dict | None:
@@ -36,7 +36,7 @@ def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool, cache_id: str |
             f"started (cache identity {started_on[:12]}... then, {cache_id[:12]}... now); resume against the "
             "cache it started with, or start a new run"
         )
-    differing = [k for k in diff_keys(saved, cfg_dict) if k not in RESUME_FREE_KEYS]
+    differing = [k for k in diff_keys(saved, cfg_dict, TrainConfig) if k not in RESUME_FREE_KEYS]
     if differing:
         raise KDError(
             f"cannot resume {run_dir}: config differs in {', '.join(differing)}; an exact continuation "
