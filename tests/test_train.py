@@ -698,8 +698,15 @@ def test_loss_config_refuses_mixed_or_impossible_term_lists(tiny_cache, tmp_path
     ] == ["forward_kl"]
 
 
-def test_a_student_context_shorter_than_the_windows_is_refused(tiny_cache, tmp_path):
-    short = STUDENT.replace("max_position_embeddings: 128", "max_position_embeddings: 16")
+@pytest.mark.parametrize(
+    "short",
+    [
+        STUDENT.replace("max_position_embeddings: 128", "max_position_embeddings: 16"),  # Llama trained silently
+        "{model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 4, n_positions: 16}",  # GPT-2: an IndexError
+    ],
+    ids=["llama", "gpt2"],
+)
+def test_a_student_context_shorter_than_the_windows_is_refused(tiny_cache, tmp_path, short):
     with pytest.raises(
         KDError,
         match=r"the student's context \(16 positions\) is shorter than the training windows "
