@@ -43,6 +43,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -93,9 +94,14 @@ def checksum(a) -> int:
         return zlib.crc32(b)
     n = b.size >> 13 << 13
     sums = b[:n].view("<u8").reshape(-1, 1024).sum(axis=1, dtype=np.uint64)
-    weights = np.arange(1, 2 * sums.size, 2, dtype=np.uint64)
-    total = int((sums * weights).sum(dtype=np.uint64))
-    return (total ^ b.size ^ (zlib.crc32(b[n:]) << 32)) & 0xFFFFFFFFFFFFFFFF
+    total = int(np.dot(sums, _odd_weights(sums.size)))  # wraps modulo 2^64, as uint64 arithmetic does
+    tail = zlib.crc32(b[n:]) if n < b.size else 0
+    return (total ^ b.size ^ (tail << 32)) & 0xFFFFFFFFFFFFFFFF
+
+
+@functools.lru_cache(maxsize=64)
+def _odd_weights(n: int) -> np.ndarray:
+    return np.arange(1, 2 * n, 2, dtype=np.uint64)
 
 
 def row_datasets(codecs: dict, num_layers: int, sample_n: int, store_text: bool) -> list[str]:
