@@ -16,6 +16,7 @@ and checkpoint at optimizer-step boundaries), finish (final eval, checkpoint, sa
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -166,6 +167,10 @@ def main(cfg: TrainConfig) -> Path:
             "written without them: re-cache with cache.store_text=true"
         )
     resume_state = prepare_run_dir(run_dir, cfg_dict, tc.resume, cache.manifest.get("config_hash"))
+    if resume_state is None and tc.resume and (run_dir / "final" / "kd_meta.json").exists():
+        if accelerator.is_main_process:  # finished without its state (train.save_final_state): nothing to continue
+            print(f"[train] {run_dir} already finished (final/ is saved, no training state kept); nothing to do")
+        return run_dir
     terms = cfg.loss.loss_terms()
     need_hidden = any(t.kind in ("feature", "contrastive") for t in terms)
     if cfg.loss.target == "sampled" and not cache.manifest.get("sample_n"):
@@ -371,7 +376,9 @@ def main(cfg: TrainConfig) -> Path:
         final = eval_record(model, eval_loader, eval_plan, accelerator, ema, state)
     else:
         final = run_eval()
-    save_checkpoint(accelerator, run_dir, state)
+    keep_state = tc.save_final_state if tc.save_final_state is not None else tc.checkpoint_every > 0
+    if keep_state:
+        save_checkpoint(accelerator, run_dir, state)
     meta = {
         "format": "kd-student",
         "format_version": RUN_FORMAT_VERSION,
@@ -388,6 +395,8 @@ def main(cfg: TrainConfig) -> Path:
             save_final(
                 accelerator, model, tokenizer, run_dir / "final_ema", dict(meta, weights=f"ema (decay {tc.ema_decay})")
             )
+    if not keep_state and accelerator.is_main_process:  # final/ is whole: an earlier checkpoint is only stale
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if accelerator.is_main_process:
         print(
             f"[train] {stop_reason}: {state.step} steps, {state.tokens_seen} tokens, {state.skipped_steps} skipped, "

@@ -22,7 +22,13 @@ T = TypeVar("T")
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(v) for v in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(t) for t in get_args(tp))
+    if get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
+    return "None" if tp is type(None) else getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -210,9 +216,43 @@ def defaults(cls: type) -> dict:
     return out
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's text from the dataclass docstring's `field: text` lines (continuation lines indented deeper)."""
+    docs: dict[str, str] = {}
+    current = None
+    for line in (cls.__doc__ or "").splitlines():
+        stripped = line.strip()
+        head, sep, text = stripped.partition(": ")
+        if sep and head.isidentifier() and head in {f.name for f in dataclasses.fields(cls)} and head not in docs:
+            current, docs[head] = head, text
+        elif current and stripped and line.startswith("        "):
+            docs[current] += " " + stripped
+        else:
+            current = None
+    return docs
+
+
+def config_help(cls: type, prefix: str = "") -> list[str]:
+    """One line per config key: dotted name, type, default, and its doc (what `--help` prints)."""
+    hints, docs, lines = typing.get_type_hints(cls), field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{key}: {(tp.__doc__ or '').strip().splitlines()[0]}")
+            lines += config_help(tp, key + ".")
+            continue
+        default = defaults(cls)[f.name]
+        lines.append(f"  {key} ({_type_name(tp)}, default {default!r}): {docs.get(f.name, '(undocumented)')}")
+    return lines
+
+
 def parse_cli(cls: type[T], argv: list[str] | None, description: str) -> T:
-    """`--config FILE` plus any number of `key=value` overrides."""
-    parser = argparse.ArgumentParser(description=description)
+    """`--config FILE` plus any number of `key=value` overrides; `--help` lists every key with its doc."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="config keys (set in the YAML file or as key=value overrides):\n" + "\n".join(config_help(cls)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="YAML config file (defaults come from the dataclass)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cache.top_k=128")
     args = parser.parse_args(argv)

@@ -88,6 +88,7 @@ class LossConfig:
     cross_tokenizer_separator: student token placed between documents (null = the student tokenizer's EOS).
     min_aligned_share: floor on the share of student positions aligned to a teacher position; below it the run
         warns loudly, or stops when on_low_alignment is refuse.
+    on_low_alignment: what an aligned share below min_aligned_share does: warn (and train) or refuse (stop).
     """
 
     terms: list[dict[str, Any]] = field(default_factory=list)
@@ -219,7 +220,10 @@ class TrainSection:
         row are skipped for non-finite losses or gradients.
     eval_every: evaluate every this many optimizer steps (and at the end).
     eval_max_sequences: cap on eval-split sequences per evaluation (null = all).
-    checkpoint_every: save a resumable checkpoint every this many optimizer steps (and at the end); 0 = end only.
+    checkpoint_every: save a resumable checkpoint every this many optimizer steps; 0 = none during the run.
+    save_final_state: keep a resumable checkpoint at the end (the optimizer's moments included: ~3x the weights);
+        null = only when checkpoint_every > 0. Without it the run keeps only final/ (the weights), as a sweep
+        needs, and a finished run cannot be continued.
     ema_decay: keep an exponential moving average of the student weights with this decay; null = off.
     early_stopping_patience: stop when eval/ce has not improved for this many evaluations; null = off.
     num_workers: DataLoader worker processes reading the cache.
@@ -252,6 +256,7 @@ class TrainSection:
     eval_every: int = 50
     eval_max_sequences: int | None = None
     checkpoint_every: int = 0
+    save_final_state: bool | None = None
     ema_decay: float | None = None
     early_stopping_patience: int | None = None
     num_workers: int = 1
@@ -304,4 +309,4 @@ class TrainConfig:
 
 
 # Keys a resumed run may change without changing what it computes.
-RESUME_FREE_KEYS = ("train.resume", "train.num_workers", "train.trust_cache")
+RESUME_FREE_KEYS = ("train.resume", "train.num_workers", "train.trust_cache", "train.save_final_state")

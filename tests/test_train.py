@@ -728,6 +728,28 @@ def test_resuming_a_finished_run_adds_no_records(tiny_cache, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "checkpoint_every,save_final_state,kept", [(0, None, False), (2, None, True), (0, True, True), (2, False, False)]
+)
+def test_the_final_training_state_is_kept_only_when_asked(
+    tiny_cache, tmp_path, checkpoint_every, save_final_state, kept
+):
+    """A sweep's runs keep only their weights (final/); a run that checkpoints keeps its last state. Without the
+    state, a resume of the finished run does nothing (and says so) instead of training again from step 0."""
+    extra = {"train.max_steps": 4, "train.checkpoint_every": checkpoint_every, "loss.alpha_feature": 0}
+    if save_final_state is not None:
+        extra["train.save_final_state"] = save_final_state
+    cfg = make_cfg(tiny_cache, tmp_path, **extra)
+    run = train_student.main(cfg)
+    assert (run / "final" / "model.safetensors").exists()
+    assert (run / "checkpoints").exists() == kept
+    if kept:
+        assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 4
+    before = (run / "metrics.jsonl").read_text()
+    cfg.train.resume = True
+    assert train_student.main(cfg) == run and (run / "metrics.jsonl").read_text() == before
+
+
 def test_an_invalid_student_config_is_one_clear_error(tiny_cache, tmp_path):
     bad = STUDENT.replace("hidden_size: 32", "hidden_size: -64")
     with pytest.raises(KDError, match=r"student.config cannot build a model \(.*negative dimension -64.*\); fix"):
