@@ -57,6 +57,7 @@ from kd.teacher import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from kd.textscore import score_record, target_text_units
 
 
 def content_config(cfg_dict: dict) -> dict:
@@ -377,9 +378,12 @@ def warn_if_disk_too_small(accelerator, out: Path, meta: dict, my_sequences: int
         )
 
 
-def teacher_pass(cfg: CacheConfig, accelerator, index: WindowIndex, meta: dict, model_cfg, out: Path):
+def teacher_pass(
+    cfg: CacheConfig, accelerator, index: WindowIndex, meta: dict, model_cfg, out: Path, tokenizer, sep_id: int
+):
     """Shard j of each split (sequences [j*S, (j+1)*S)) on process j % N; returns (all shard jobs, tokens computed).
-    A complete shard is kept only if it was computed from exactly these windows (its input fingerprint)."""
+    A complete shard is kept only if it was computed from exactly these windows (its input fingerprint). Each
+    shard's sidecar also gets the teacher's own score on its windows (kd/textscore.py)."""
     from tqdm.auto import tqdm
 
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -436,12 +440,14 @@ def teacher_pass(cfg: CacheConfig, accelerator, index: WindowIndex, meta: dict, 
             cfg.cache.sample_n,
             cfg.cache.store_text,
         )
+        score = np.zeros(4)  # the teacher's nats, scored tokens, their characters and bytes
         for s in range(0, b - a, cfg.teacher.batch_size):
             e = min(s + cfg.teacher.batch_size, b - a)
             ids = torch.from_numpy(w["input_ids"][s:e].astype(np.int64)).to(device)
             lengths = torch.from_numpy(w["lengths"][s:e].astype(np.int64))
             mask = (torch.arange(T)[None, :] < lengths[:, None]).long().to(device)
             gens = [sequence_generator(cfg.cache.sample_seed, split, i, device) for i in range(a + s, a + e)]
+            scores = {}
             lp, top_ids, hidden, samples = teacher_targets(
                 model,
                 ids,
@@ -450,7 +456,11 @@ def teacher_pass(cfg: CacheConfig, accelerator, index: WindowIndex, meta: dict, 
                 cfg.cache.hidden_layers,
                 sample_n=cfg.cache.sample_n,
                 sample_generators=gens,
+                scores=scores,
             )
+            scored = torch.arange(T)[None, :] < (lengths[:, None] - 1)  # the targets eval/ce averages over
+            units = target_text_units(tokenizer, w["input_ids"][s:e], w["lengths"][s:e], sep_id).sum(0)
+            score += [-float(scores["target_logprobs"].cpu().double()[scored].sum()), int(scored.sum()), *units]
             # values leave the device in fp32 (q8 quantises from fp32) or in their plain storage dtype
             writer.append(
                 w["input_ids"][s:e],
@@ -468,6 +478,10 @@ def teacher_pass(cfg: CacheConfig, accelerator, index: WindowIndex, meta: dict, 
             {
                 "input_sha256": windows_fingerprint(w["input_ids"], w["lengths"]),
                 "num_documents": int(w["doc_starts"].sum()),
+                "teacher_score": {
+                    "nats": float(score[0]),
+                    **dict(zip(("tokens", "chars", "bytes"), map(int, score[1:]))),
+                },
             }
         )
     bar.close()
@@ -489,6 +503,11 @@ def write_manifest(out: Path, jobs: list, meta: dict, cfg_dict: dict, index: Win
             "fingerprint": hashlib.sha256("".join(sh["input_sha256"] for sh in shards).encode()).hexdigest(),
             "shards": shards,
         }
+        if all("teacher_score" in sh for sh in shards):  # shards written by an older kd carry none
+            total = {k: sum(sh["teacher_score"][k] for sh in shards) for k in ("nats", "tokens", "chars", "bytes")}
+            splits[split]["teacher_score"] = score_record(
+                total["nats"], total["tokens"], total["chars"], total["bytes"]
+            )
     total_bytes = sum(sh["bytes"] for sp in splits.values() for sh in sp["shards"])
     total_tokens = sum(sp["num_tokens"] for sp in splits.values())
     meta = dict(
@@ -563,7 +582,7 @@ def main(cfg: CacheConfig) -> Path:
 
         # 4. The teacher pass over the windows, shard by shard.
         meta = cache_metadata(cfg, config_hash, model_cfg, tokenizer, spec, weights)
-        jobs, tokens_done = teacher_pass(cfg, accelerator, index, meta, model_cfg, out)
+        jobs, tokens_done = teacher_pass(cfg, accelerator, index, meta, model_cfg, out, tokenizer, spec.sep_id)
 
         # 5. Once every process is done, the main one writes the manifest; the windows live on in the shards.
         accelerator.wait_for_everyone()

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kd import __version__
@@ -29,6 +30,7 @@ from kd.config import parse_cli, to_dict
 from kd.errors import KDError, run_cli
 from kd.schedule import lr_at
 from kd.teacher import load_tokenizer, tokenizer_fingerprint
+from kd.textscore import target_text_units
 from kd.train import (
     EMA,
     RUN_FORMAT_VERSION,
@@ -134,6 +136,38 @@ def check_feature_layers(cfg: TrainConfig, cache: TeacherCache, student_layers: 
             )
         slots.append(cache.hidden_layers.index(t_layer))
     return slots
+
+
+def compare_with_teacher(cfg: TrainConfig, cache: TeacherCache, student: dict, log, accelerator) -> None:
+    """Step 0: the teacher's own bits per character on the eval split (kept in the manifest by the caching pass)
+    against the student's before training. A teacher that is not better can only pull the student towards a
+    weaker model: warned loudly, or refused with train.on_weaker_teacher=refuse."""
+    teacher = cache.manifest["splits"].get("eval", {}).get("teacher_score")
+    if not teacher or not math.isfinite(student.get("eval/bits_per_char", math.nan)):
+        return  # a cache made before kd recorded the teacher's score
+    log.write(
+        {
+            "step": 0,
+            "event": "teacher_reference",
+            "teacher/bits_per_char": teacher["bits_per_char"],
+            "teacher/bits_per_byte": teacher["bits_per_byte"],
+            "teacher/ce": teacher["ce_per_token"],
+        }
+    )
+    t, s = teacher["bits_per_char"], student["eval/bits_per_char"]
+    if accelerator.is_main_process:
+        print(f"[train] held-out bits/char: teacher {t:.4f}, student before training {s:.4f}", flush=True)
+    if t < s:
+        return
+    message = (
+        f"the teacher is not better than the student on the eval text: {t:.4f} bits/char for the teacher "
+        f"({cache.manifest['teacher']['name_or_path']}) against {s:.4f} for the untrained student. Distilling it "
+        "pulls the student towards a weaker model; check the teacher (python -m kd.evaluate) or use a stronger one"
+    )
+    if cfg.train.on_weaker_teacher == "refuse":
+        raise KDError(message + " (train.on_weaker_teacher=refuse)")
+    if accelerator.is_main_process:
+        print(f"[train] WARNING: {message} (train.on_weaker_teacher=refuse stops here)", file=sys.stderr, flush=True)
 
 
 def main(cfg: TrainConfig) -> Path:
@@ -273,12 +307,25 @@ def main(cfg: TrainConfig) -> Path:
     eval_indices = list(range(len(eval_split)))[: tc.eval_max_sequences][rank::world]
     eval_loader = make_loader(eval_split, eval_indices, tc.micro_batch_size, tc.num_workers, pin)
 
+    # bits per character of the evaluated text (kd/textscore.py): the student's own tokens and separator, so the
+    # figure compares with the teacher's (the manifest's) and with any other student's, whatever the tokenizer
+    units_sep = (
+        tokenizer.convert_tokens_to_ids(cfg.loss.cross_tokenizer_separator or tokenizer.eos_token)
+        if cross
+        else (cache.manifest["tokenizer"].get("separator_id"))
+    )
+
+    def text_units(batch) -> np.ndarray:
+        return target_text_units(tokenizer, batch["input_ids"].numpy(), batch["length"].numpy(), units_sep).sum(0)
+
     def run_eval() -> dict:
-        record = eval_record(model, eval_loader, eval_plan, accelerator, ema, state)
+        record = eval_record(model, eval_loader, eval_plan, accelerator, ema, state, text_units)
         log.write(record)
         return record
 
     last_eval = run_eval() if state.step == 0 else None  # the untrained student: the baseline every curve starts from
+    if last_eval is not None:
+        compare_with_teacher(cfg, cache, last_eval, log, accelerator)
     # resuming a run that had finished: its final eval is already logged (it precedes the final checkpoint)
     finished_before = resume_state is not None and state.step >= total_steps
     bar = tqdm(

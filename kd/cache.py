@@ -785,6 +785,13 @@ def summary(path: str | Path) -> str:
             f"{split:<9} {info['num_sequences']} sequences, {info['num_tokens']} tokens, "
             f"{len(info['shards'])} shards, {info.get('num_documents', len(info.get('documents', [])))} documents"
         )
+        score = info.get("teacher_score")
+        if score:  # kd/textscore.py: comparable with any student's eval, whatever its tokenizer
+            lines.append(
+                f"          teacher's own score: CE {score['ce_per_token']:.4f} nats/token, "
+                f"{score['bits_per_char']:.4f} bits/char, {score['bits_per_byte']:.4f} bits/byte "
+                f"({score['tokens']} targets, {score['chars']} characters)"
+            )
     lines.append(f"size      {m['bytes']} bytes, {m['bytes_per_token']:.0f} bytes/token")
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """Curves of a run: `python -m kd.report RUN_DIR [--out FILE.png]` (default RUN_DIR/report.png).
 
 Four panels: raw loss components and the total per optimizer step; LR; gradient norm (skipped steps marked);
-held-out CE and perplexity per eval (EMA weights dashed when present).
+held-out bits per character per eval with the cached teacher's level as a dashed line (runs logged before kd
+measured bits per character: CE and perplexity instead; EMA weights dashed when present).
 """
 
 from __future__ import annotations
@@ -45,7 +46,17 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax[1, 0].scatter(skipped, [0] * len(skipped), color="red", marker="x", label="skipped (non-finite)")
         ax[1, 0].legend()
     ax[1, 0].set(title="gradient norm (before clipping)", xlabel="optimizer step", yscale="log")
-    if evals:
+    teacher = next((r for r in records if r.get("event") == "teacher_reference"), None)
+    if evals and "eval/bits_per_char" in evals[0]:  # tokenizer-free, so the teacher's level can be drawn beside it
+        ex = [r["step"] for r in evals]
+        ax[1, 1].plot(ex, [r["eval/bits_per_char"] for r in evals], "o-", label="student eval/bits_per_char")
+        if "ema_eval/bits_per_char" in evals[0]:
+            ax[1, 1].plot(ex, [r["ema_eval/bits_per_char"] for r in evals], "o--", label="EMA student")
+        if teacher is not None:
+            ax[1, 1].axhline(teacher["teacher/bits_per_char"], color="black", ls="--", label="teacher (cached score)")
+        ax[1, 1].legend(loc="upper right")
+        ax[1, 1].set(title="held-out bits per character", xlabel="optimizer step")
+    elif evals:
         ex = [r["step"] for r in evals]
         ax[1, 1].plot(ex, [r["eval/ce"] for r in evals], "o-", label="eval/ce")
         if "ema_eval/ce" in evals[0]:
@@ -54,7 +65,7 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
         twin.plot(ex, [r["eval/ppl"] for r in evals], "s:", color="gray", label="eval/ppl")
         twin.set(ylabel="perplexity = exp(eval/ce)", yscale="log")
         ax[1, 1].legend(loc="upper right")
-    ax[1, 1].set(title="held-out cross-entropy", xlabel="optimizer step")
+        ax[1, 1].set(title="held-out cross-entropy", xlabel="optimizer step")
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = Path(out) if out else run_dir / "report.png"

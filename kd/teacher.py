@@ -163,10 +163,13 @@ def teacher_targets(
     position_chunk: int = 64,
     sample_n: int = 0,
     sample_generators: list[torch.Generator] | None = None,
+    scores: dict | None = None,
 ):
     """One teacher forward -> (topk_logprobs [B,T,k] fp32, topk_ids [B,T,k] int64, hidden [B,L,T,H] model dtype,
     samples): samples is None, or (ids [B,T,n], counts [B,T,n]), what `sample_targets` draws with one generator per
-    sequence, so what is drawn for a sequence never depends on the batch it was computed in.
+    sequence, so what is drawn for a sequence never depends on the batch it was computed in. If `scores` (a dict)
+    is given, scores["target_logprobs"] [B, T] fp32 = log p(input_ids[:, t+1]) at position t (the last position's
+    is meaningless): the teacher's own held-out score (kd/textscore.py), from the same log-normaliser.
 
     topk_logprobs are log-probabilities under the FULL softmax at temperature 1, computed in fp32:
     log p_i = z_i - logsumexp(z). Taking top-k of the raw logits and subtracting one logsumexp gives the same
@@ -196,13 +199,20 @@ def teacher_targets(
     if sample_n:
         u = torch.cat([sample_uniforms(T, sample_n, g) for g in sample_generators])  # [B*T, n]
         drawn = torch.empty(B * T, sample_n, dtype=torch.int64, device=logits.device)
+    if scores is not None:
+        next_ids = torch.roll(input_ids, shifts=-1, dims=1).reshape(-1)
+        target_lp = torch.empty(B * T, dtype=torch.float32, device=logits.device)
     for s in range(0, B * T, position_chunk):
         z = flat[s : s + position_chunk].float()
         top_z, top_i = z.topk(top_k, dim=-1, sorted=True)
         # one exp pass serves both the log-normaliser and the sampler's CDF: log p_i = z_i - max - log sum exp(z - max)
         e = (z - top_z[:, :1]).exp_()
-        values[s : s + position_chunk] = top_z - top_z[:, :1] - e.sum(-1, keepdim=True).log()
+        log_sum = e.sum(-1, keepdim=True).log()
+        values[s : s + position_chunk] = top_z - top_z[:, :1] - log_sum
         ids[s : s + position_chunk] = top_i
+        if scores is not None:
+            z_next = z.gather(1, next_ids[s : s + position_chunk, None])
+            target_lp[s : s + position_chunk] = (z_next - top_z[:, :1] - log_sum)[:, 0]
         if sample_n:
             drawn[s : s + position_chunk] = _draw(e, u[s : s + position_chunk])
     hidden = None
@@ -212,4 +222,6 @@ def teacher_targets(
     if sample_n:
         sample_ids, counts = _group(drawn)
         samples = (sample_ids.view(B, T, sample_n), counts.view(B, T, sample_n))
+    if scores is not None:
+        scores["target_logprobs"] = target_lp.view(B, T)
     return values.view(B, T, top_k), ids.view(B, T, top_k), hidden, samples

@@ -232,6 +232,8 @@ class TrainSection:
         per sequence). Both are permutations per epoch, disjoint across processes, and resume exactly.
     shuffle_buffer_shards: shards whose sequences are shuffled together with `shuffle: shards`.
     seed: seed of student init, data order and dropout.
+    on_weaker_teacher: when the cached teacher's held-out bits per character are not better than the untrained
+        student's (compared at step 0): warn (loudly, and train) or refuse (stop before training).
     """
 
     cache_dir: str = "caches/default"
@@ -263,6 +265,7 @@ class TrainSection:
     shuffle: Literal["shards", "exact"] = "exact"
     shuffle_buffer_shards: int = 8
     seed: int = 0
+    on_weaker_teacher: Literal["warn", "refuse"] = "warn"
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:

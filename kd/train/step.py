@@ -19,6 +19,7 @@ import torch
 from kd.losses import feature_per_position, info_nce_sum
 from kd.losses.terms import Term, logit_term_sums
 from kd.signals import Signal, batch_signal
+from kd.textscore import bits_per_unit
 from kd.train_config import LossConfig
 
 
@@ -202,29 +203,39 @@ def accumulate_window(
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss: LossPlan | LossConfig, accelerator) -> dict[str, float]:
+def evaluate(model, loader, loss: LossPlan | LossConfig, accelerator, text_units=None) -> dict[str, float]:
     """Held-out metrics of the model as it is now, in eval mode (LossPlan.for_eval). eval/ppl = exp(eval/ce),
-    uncapped."""
+    uncapped. With `text_units` (batch -> [characters, bytes] of its scored targets, kd/textscore.py) also
+    eval/bits_per_char and eval/bits_per_byte: the same CE sum over the text those targets cover, comparable
+    across tokenizers and with the teacher's score in the cache's manifest."""
     plan = loss if isinstance(loss, LossPlan) else LossPlan.for_eval(loss)
     was_training = model.training
     model.eval()
-    total = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
+    total = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
     for batch in loader:
+        units = [float(u) for u in text_units(batch)] if text_units is not None else [0.0, 0.0]
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         _, sums = micro_batch_sums(model, batch, plan, {}, with_grad=False)
         n_tok, _, n_kd = batch_counts(batch, plan).to(accelerator.device)  # the positions CE and KD count at
-        total += torch.stack([sums["ce"].double(), sums["kd"].double(), sums["agree"].double(), n_tok, n_kd])
+        extra = torch.tensor(units, dtype=torch.float64, device=accelerator.device)
+        total += torch.cat(
+            [torch.stack([sums["ce"].double(), sums["kd"].double(), sums["agree"].double(), n_tok, n_kd]), extra]
+        )
     total = accelerator.reduce(total, "sum")
     model.train(was_training)
     n, n_kd = float(total[3]), max(float(total[4]), 1.0)
     ce = float(total[0]) / n
-    return {
+    record = {
         "eval/ce": ce,
         "eval/ppl": math.exp(ce),
         "eval/kd": float(total[1]) / n_kd,
         "eval/top1_agreement": float(total[2]) / n_kd,
         "eval/tokens": int(n),
     }
+    if text_units is not None:
+        record["eval/bits_per_char"] = bits_per_unit(float(total[0]), float(total[5]))
+        record["eval/bits_per_byte"] = bits_per_unit(float(total[0]), float(total[6]))
+    return record
 
 
 def optimizer_step(
@@ -264,10 +275,14 @@ def optimizer_step(
     return result, grad_norm, nonfinite
 
 
-def eval_record(model, loader, plan: LossPlan, accelerator, ema, state) -> dict:
+def eval_record(model, loader, plan: LossPlan, accelerator, ema, state, text_units=None) -> dict:
     """The eval metrics record at `state`'s step; the EMA weights, when on, reported separately as ema_eval/*."""
-    record = {"step": state.step, "tokens_seen": state.tokens_seen, **evaluate(model, loader, plan, accelerator)}
+    record = {
+        "step": state.step,
+        "tokens_seen": state.tokens_seen,
+        **evaluate(model, loader, plan, accelerator, text_units),
+    }
     if ema is not None:
         with ema.applied(accelerator.unwrap_model(model)):
-            record.update({f"ema_{k}": v for k, v in evaluate(model, loader, plan, accelerator).items()})
+            record.update({f"ema_{k}": v for k, v in evaluate(model, loader, plan, accelerator, text_units).items()})
     return record

@@ -1,0 +1,52 @@
+"""Tokenizer-free scores: bits per character and per UTF-8 byte of the text a model predicted.
+
+CE per token cannot be compared across tokenizers (a token is a different amount of text), bits per character can.
+One definition serves the teacher (scored once in the caching pass, kept in the manifest), the student (every eval)
+and `python -m kd.evaluate`, so the three compare directly:
+
+    bits per character = (sum over the scored targets of -ln p(target)) / ln 2 / (characters of those targets)
+
+The scored targets of a window of L valid tokens are tokens 1 .. L-1 (each predicted from the tokens before it):
+exactly the positions eval/ce averages over. Window edges: token 0 of a window is not a target, so its characters
+are not counted. Padding: never a target. Separators (the token between documents): a target like any other
+(predicting where a document ends is part of modelling the text) that counts as ONE character and one byte; the
+other targets count the characters (bytes) of their decoded text, decoded window by window (a character split
+across a window edge decodes as U+FFFD: one character, three bytes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def target_text_units(tokenizer, input_ids, lengths, sep_id: int | None) -> np.ndarray:
+    """[characters, UTF-8 bytes] of the scored targets (tokens 1 .. L-1) of each window: [n, 2] int64."""
+    ids = np.asarray(input_ids)
+    lengths = np.asarray(lengths).reshape(-1)
+    texts, seps = [], []
+    for row, length in zip(ids, lengths):
+        targets = row[1 : int(length)]
+        is_sep = targets == sep_id if sep_id is not None else np.zeros(len(targets), bool)
+        seps.append(int(is_sep.sum()))
+        texts.append(targets[~is_sep].tolist())
+    decoded = tokenizer.batch_decode(texts, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return np.array([[len(t) + s, len(t.encode("utf-8")) + s] for t, s in zip(decoded, seps)], dtype=np.int64)
+
+
+def bits_per_unit(nats: float, units: float) -> float:
+    return nats / math.log(2) / units if units > 0 else float("nan")
+
+
+def score_record(nats: float, tokens: int, chars: int, nbytes: int) -> dict:
+    """The record kept in the manifest (teacher) and printed by evaluations: sums and the three rates."""
+    return {
+        "ce_per_token": nats / tokens if tokens else float("nan"),
+        "bits_per_char": bits_per_unit(nats, chars),
+        "bits_per_byte": bits_per_unit(nats, nbytes),
+        "nats": nats,
+        "tokens": tokens,
+        "chars": chars,
+        "bytes": nbytes,
+    }

@@ -1,0 +1,107 @@
+"""Tokenizer-free scores (kd/textscore.py): bits per character and byte by hand on the real tokenizers, and the
+teacher's score in the manifest against a recomputation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_cross_tokenizer import real_tokenizers  # noqa: F401 (a fixture)
+
+from kd.cache import MANIFEST, TeacherCache
+from kd.textscore import bits_per_unit, score_record, target_text_units
+
+
+@pytest.mark.parametrize("which", ["qwen", "smollm2"])
+def test_characters_and_bytes_of_the_targets_by_hand(real_tokenizers, which):  # noqa: F811
+    """Two documents with multi-byte characters, joined by the separator, as one window, then padded: the scored
+    targets are every token but the first, the separator counts one character and one byte, padding nothing."""
+    tok = real_tokenizers[0 if which == "qwen" else 1]
+    sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    a, b = "Quoth Ñandú, the king: «ay».", " Zwölf Boxkämpfer jagen Viktor."
+    ia, ib = tok(a, add_special_tokens=False)["input_ids"], tok(b, add_special_tokens=False)["input_ids"]
+    window = ia + [sep] + ib
+    first = tok.decode(ia[:1])  # the one token that is not a target
+    assert a.startswith(first) and "\ufffd" not in first
+    chars = len(a) - len(first) + 1 + len(b)
+    nbytes = len(a.encode()) - len(first.encode()) + 1 + len(b.encode())
+    padded = np.array([window + [sep] * 7])  # padding past the length is never counted
+    got = target_text_units(tok, padded, [len(window)], sep)
+    assert got.tolist() == [[chars, nbytes]]
+    assert nbytes > chars  # the text really has multi-byte characters
+    # a second window in the batch, without separator and shorter
+    got = target_text_units(
+        tok, np.array([window + [sep] * 7, ib + [sep] * (len(window) + 7 - len(ib))]), [len(window), len(ib)], sep
+    )
+    second = tok.decode(ib[:1])
+    assert got[1].tolist() == [len(b) - len(second), len(b.encode()) - len(second.encode())]
+
+
+def test_rates_from_sums():
+    r = score_record(nats=100 * math.log(2), tokens=50, chars=200, nbytes=250)
+    assert r["bits_per_char"] == pytest.approx(0.5) and r["bits_per_byte"] == pytest.approx(0.4)
+    assert r["ce_per_token"] == pytest.approx(2 * math.log(2))
+    assert math.isnan(bits_per_unit(1.0, 0))
+
+
+def test_the_manifest_holds_the_teachers_score_recomputed(tiny_cache, llama_teacher):
+    """The caching pass's teacher score per split equals a full-softmax recomputation over the cached windows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = json.loads((tiny_cache / MANIFEST).read_text())
+    model = AutoModelForCausalLM.from_pretrained(llama_teacher).eval()
+    tok = AutoTokenizer.from_pretrained(llama_teacher)
+    sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    for split in ("train", "eval"):
+        reader = TeacherCache(tiny_cache).split(split, ("input_ids",))
+        nats, tokens, units = 0.0, 0, np.zeros(2, np.int64)
+        for i in range(len(reader)):
+            item = reader[i]
+            n = int(item["length"])
+            ids = item["input_ids"][:n][None]
+            with torch.no_grad():
+                lp = torch.log_softmax(model(ids).logits.double(), -1)[0, :-1]
+            nats -= float(lp.gather(1, ids[0, 1:, None]).sum())
+            tokens += n - 1
+            units += target_text_units(tok, item["input_ids"][None].numpy(), [n], sep)[0]
+        got = m["splits"][split]["teacher_score"]
+        assert got["tokens"] == tokens and [got["chars"], got["bytes"]] == units.tolist()
+        assert got["nats"] == pytest.approx(nats, rel=1e-5)
+        assert got["bits_per_char"] == pytest.approx(nats / math.log(2) / units[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("teacher_bpc,warned", [(99.0, True), (0.01, False)])
+def test_step_0_compares_the_student_with_the_teacher(tiny_cache, tmp_path, capsys, teacher_bpc, warned):
+    """The student's eval bits/char use the same text units as the teacher's score (same windows, same tokenizer:
+    the manifest's characters); a teacher that is not better is warned about loudly, or refused on request."""
+    import shutil
+
+    from test_train import make_cfg
+
+    import train_student
+    from kd.errors import KDError
+    from kd.train import read_metrics
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    m = json.loads((cache / MANIFEST).read_text())
+    m["splits"]["eval"]["teacher_score"]["bits_per_char"] = teacher_bpc
+    (cache / MANIFEST).write_text(json.dumps(m))
+    run = train_student.main(make_cfg(cache, tmp_path, **{"train.max_steps": 3, "loss.alpha_feature": 0}))
+    err = capsys.readouterr().err
+    assert ("WARNING: the teacher is not better than the student" in err) == warned
+    records = read_metrics(run)
+    ref = next(r for r in records if r.get("event") == "teacher_reference")
+    assert ref["teacher/bits_per_char"] == teacher_bpc
+    first = next(r for r in records if "eval/ce" in r)
+    chars = m["splits"]["eval"]["teacher_score"]["chars"]
+    assert first["eval/tokens"] == m["splits"]["eval"]["teacher_score"]["tokens"]
+    assert first["eval/bits_per_char"] == pytest.approx(first["eval/ce"] * first["eval/tokens"] / math.log(2) / chars)
+    if warned:
+        with pytest.raises(KDError, match=r"teacher is not better .* \(train.on_weaker_teacher=refuse\)"):
+            train_student.main(
+                make_cfg(cache, tmp_path / "b", **{"train.max_steps": 3, "train.on_weaker_teacher": "refuse"})
+            )
