@@ -116,11 +116,17 @@ def cross_tokenizer_splits(
             f"loss.min_aligned_share={cfg.loss.min_aligned_share}): check that the cache text and the student "
             "tokenizer belong together"
         )
-        if cfg.loss.on_low_alignment == "refuse":
-            raise KDError(low + "; or set loss.on_low_alignment=warn")
-        if accelerator.is_main_process:
-            print("WARNING " + "!" * 20 + f"\nWARNING {low}\nWARNING " + "!" * 20, file=sys.stderr, flush=True)
+        warn_or_refuse(accelerator, low, cfg.loss.on_low_alignment, "loss.on_low_alignment")
     return train, evals
+
+
+def warn_or_refuse(accelerator, message: str, policy: str, switch: str) -> None:
+    """A doubtful input the user decides about: refused (one error naming the switch), or a loud warning."""
+    if policy == "refuse":
+        raise KDError(f"{message} ({switch}=refuse; {switch}=warn trains anyway)")
+    if accelerator.is_main_process:
+        bar = "WARNING " + "!" * 20
+        print(f"{bar}\nWARNING: {message} ({switch}=refuse stops here)\n{bar}", file=sys.stderr, flush=True)
 
 
 def check_feature_layers(cfg: TrainConfig, cache: TeacherCache, student_layers: int) -> list[int]:
@@ -164,10 +170,7 @@ def compare_with_teacher(cfg: TrainConfig, cache: TeacherCache, student: dict, l
         f"({cache.manifest['teacher']['name_or_path']}) against {s:.4f} for the untrained student. Distilling it "
         "pulls the student towards a weaker model; check the teacher (python -m kd.evaluate) or use a stronger one"
     )
-    if cfg.train.on_weaker_teacher == "refuse":
-        raise KDError(message + " (train.on_weaker_teacher=refuse)")
-    if accelerator.is_main_process:
-        print(f"[train] WARNING: {message} (train.on_weaker_teacher=refuse stops here)", file=sys.stderr, flush=True)
+    warn_or_refuse(accelerator, message, cfg.train.on_weaker_teacher, "train.on_weaker_teacher")
 
 
 def main(cfg: TrainConfig) -> Path:
