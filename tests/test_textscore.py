@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -105,3 +106,43 @@ def test_step_0_compares_the_student_with_the_teacher(tiny_cache, tmp_path, caps
             train_student.main(
                 make_cfg(cache, tmp_path / "b", **{"train.max_steps": 3, "train.on_weaker_teacher": "refuse"})
             )
+
+
+def test_the_eval_command_reproduces_the_runs_final_eval(tiny_cache, tmp_path, corpus_dir):
+    """`python -m kd.evaluate final/ --cache` equals the run's last eval record; on text files it scores the
+    held-out play; a model with another tokenizer than the cache is refused with the way out."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_train import make_cfg
+
+    import train_student
+    from kd.train import read_metrics
+
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 4, "loss.alpha_feature": 0}))
+    final = [r for r in read_metrics(run) if "eval/ce" in r][-1]
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "kd.evaluate", *args], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    got = json.loads(cli(str(run / "final"), "--cache", str(tiny_cache), "--json"))
+    for key in ("eval/ce", "eval/kd", "eval/top1_agreement", "eval/bits_per_char", "eval/bits_per_byte"):
+        assert got[key] == pytest.approx(final[key], rel=1e-5), key
+    assert got["eval/tokens"] == final["eval/tokens"] and "teacher/bits_per_char" in got
+    printed = cli(str(run / "final"), "--text", str(corpus_dir / "heldout" / "play5.txt"), "--seq-len", "32")
+    bpc = float(printed.split("bits/char")[1].split()[0])
+    # the same play as the cache's eval split (there capped to 12 windows of 32 tokens): close, not equal
+    assert bpc == pytest.approx(final["eval/bits_per_char"], rel=0.1) and "target tokens" in printed
+    other = tmp_path / "other"
+    shutil.copytree(tiny_cache, other)
+    m = json.loads((other / MANIFEST).read_text())
+    m["tokenizer"]["fingerprint"] = "0" * 64
+    (other / MANIFEST).write_text(json.dumps(m))
+    from kd.errors import KDError
+    from kd.evaluate import main as evaluate_main
+
+    with pytest.raises(KDError, match="has another tokenizer than the cache .* evaluate it on the text instead"):
+        evaluate_main([str(run / "final"), "--cache", str(other)])

@@ -1,0 +1,142 @@
+"""Evaluate any causal LM folder (a teacher, a student, a run's final/) with the metrics training logs.
+
+    python -m kd.evaluate MODEL --cache DIR [--split eval]      # on a cache split: + KD and top-1 agreement
+    python -m kd.evaluate MODEL --text FILE [FILE ...]           # on text files (.txt, .jsonl, ...: as data.files)
+
+Prints CE per token and perplexity, bits per character and per UTF-8 byte (kd/textscore.py: comparable across
+tokenizers and with the teacher's score the cache keeps), and with a cache the forward KL to the cached teacher and
+top-1 agreement, exactly as the trainer's eval computes them (a run's final/ on its cache reproduces the run's final
+eval). On text, documents are packed into windows of --seq-len tokens with the model tokenizer's EOS between them,
+as the caching pass packs them. `--json` prints one JSON object instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import numpy as np
+import torch
+
+from kd.errors import KDError, run_cli
+from kd.textscore import score_record, target_text_units
+
+
+def _load(model_dir: str, dtype: str):
+    from kd.teacher import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(model_dir, None, dtype, "sdpa").eval(), load_tokenizer(model_dir)
+
+
+def on_cache(model_dir: str, cache_dir: str, split: str, max_sequences: int | None, batch_size: int, dtype: str):
+    """(metrics as the trainer logs them, eval/*, the teacher's score on the split from the manifest or None)."""
+    from accelerate import Accelerator
+
+    from kd.cache import TeacherCache
+    from kd.teacher import tokenizer_fingerprint
+    from kd.train import DistillModel, evaluate, make_loader
+    from kd.train.step import LossPlan
+    from kd.train_config import LossConfig
+
+    cache = TeacherCache(cache_dir)
+    lm, tok = _load(model_dir, dtype)
+    if tokenizer_fingerprint(tok) != cache.manifest["tokenizer"]["fingerprint"]:
+        raise KDError(
+            f"{model_dir} has another tokenizer than the cache {cache_dir}: KD metrics compare token ids, so "
+            "evaluate it on the text instead (--text with the files the cache was made from)"
+        )
+    reader = cache.split(split, ("input_ids", "topk_ids", "topk_logprobs"))
+    n = len(reader) if max_sequences is None else min(max_sequences, len(reader))
+    accelerator = Accelerator()
+    model = accelerator.prepare(DistillModel(lm, [], cache.manifest["teacher"]["hidden_size"]))
+    sep = cache.manifest["tokenizer"].get("separator_id")
+
+    def units(batch):
+        return target_text_units(tok, batch["input_ids"].numpy(), batch["length"].numpy(), sep).sum(0)
+
+    loader = make_loader(reader, range(n), batch_size, 0, False)
+    metrics = evaluate(model, loader, LossPlan.for_eval(LossConfig()), accelerator, units)
+    return metrics, cache.manifest["splits"][split].get("teacher_score") if n == len(reader) else None
+
+
+def on_text(model_dir: str, files: list[str], seq_len: int, batch_size: int, dtype: str, text_field: str) -> dict:
+    """CE and bits per character of the model on text files, packed as the caching pass packs them."""
+    from kd.data.pack import Packer
+    from kd.data.sources import BadRecord, expand_files, plan_file_units, unit_documents
+
+    lm, tok = _load(model_dir, dtype)
+    sep = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
+    if sep is None:
+        raise KDError(f"the tokenizer of {model_dir} has no EOS (or pad) token to put between documents")
+    packer = Packer(seq_len, sep, sep, False)
+    for unit in plan_file_units(expand_files(files, "--text"), 1 << 62, "main"):
+        for text, _ in unit_documents(unit, text_field, "strict"):
+            if isinstance(text, BadRecord):
+                raise KDError(text.message)
+            if text.strip():
+                packer.add(tok(text, add_special_tokens=False)["input_ids"])
+    windows = packer.take(final=True)
+    if not len(windows):
+        raise KDError(f"no text to evaluate in {files} (at least 2 tokens are needed)")
+    nats, tokens = 0.0, 0
+    for a in range(0, len(windows), batch_size):
+        ids = torch.from_numpy(windows.input_ids[a : a + batch_size].astype(np.int64))
+        lengths = torch.from_numpy(windows.lengths[a : a + batch_size].astype(np.int64))
+        with torch.no_grad():
+            logits = lm(input_ids=ids).logits.float()  # right padding: no valid position sees it
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None])[..., 0]
+        scored = torch.arange(ids.shape[1] - 1)[None, :] < (lengths[:, None] - 1)
+        nats -= float(lp[scored].double().sum())
+        tokens += int(scored.sum())
+    chars, nbytes = (int(v) for v in target_text_units(tok, windows.input_ids, windows.lengths, sep).sum(0))
+    return score_record(nats, tokens, chars, nbytes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m kd.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="a causal LM folder (save_pretrained), an asset: path or a hub id")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cache", help="a teacher cache: evaluate on one of its splits")
+    source.add_argument("--text", nargs="+", help="text files or globs (.txt, .jsonl, .json, .csv, .parquet)")
+    ap.add_argument("--split", default="eval", help="the cache split (default eval)")
+    ap.add_argument("--max-sequences", type=int, default=None, help="evaluate the first N windows only")
+    ap.add_argument("--seq-len", type=int, default=256, help="window length for --text (default 256)")
+    ap.add_argument("--text-field", default="text", help="record field of the text in .jsonl/.csv/... files")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    if args.cache:
+        metrics, teacher = on_cache(args.model, args.cache, args.split, args.max_sequences, args.batch_size, args.dtype)
+        result = {"model": args.model, "on": f"cache {args.cache} split {args.split}", **metrics}
+        if teacher:
+            result["teacher/bits_per_char"], result["teacher/ce"] = teacher["bits_per_char"], teacher["ce_per_token"]
+    else:
+        score = on_text(args.model, args.text, args.seq_len, args.batch_size, args.dtype, args.text_field)
+        result = {
+            "model": args.model,
+            "on": f"text {' '.join(args.text)}",
+            "eval/ce": score["ce_per_token"],
+            "eval/ppl": math.exp(score["ce_per_token"]),
+            "eval/bits_per_char": score["bits_per_char"],
+            "eval/bits_per_byte": score["bits_per_byte"],
+            "eval/tokens": score["tokens"],
+            "eval/chars": score["chars"],
+        }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"model        {result['model']}\non           {result['on']} ({result['eval/tokens']} target tokens)")
+    print(f"CE           {result['eval/ce']:.4f} nats/token (ppl {result['eval/ppl']:.2f})")
+    print(f"bits/char    {result['eval/bits_per_char']:.4f}   bits/byte {result['eval/bits_per_byte']:.4f}")
+    if "eval/kd" in result:
+        print(f"vs teacher   KD {result['eval/kd']:.4f}, top-1 agreement {result['eval/top1_agreement']:.4f}")
+    if "teacher/bits_per_char" in result:
+        print(f"teacher      {result['teacher/bits_per_char']:.4f} bits/char (its own score, kept in the cache)")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run_cli(main)
