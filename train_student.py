@@ -15,6 +15,7 @@ and checkpoint at optimizer-step boundaries), finish (final eval, checkpoint, sa
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -26,7 +27,7 @@ import torch
 
 from kd import __version__
 from kd.cache import TeacherCache, write_json_atomic
-from kd.config import parse_cli, to_dict
+from kd.config import flatten, parse_cli, to_dict
 from kd.errors import KDError, run_cli
 from kd.schedule import lr_at
 from kd.teacher import load_tokenizer, tokenizer_fingerprint
@@ -144,6 +145,19 @@ def check_feature_layers(cfg: TrainConfig, cache: TeacherCache, student_layers: 
     return slots
 
 
+def start_trackers(accelerator, tc, cfg_dict: dict) -> None:
+    """Accelerate's trackers (train.log_with), with the resolved config as hyperparameters (flattened; values
+    that are not numbers, strings or booleans as their JSON text, which every tracker accepts)."""
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flatten(cfg_dict).items()}
+    try:
+        accelerator.init_trackers(tc.run_name, config=hparams)
+    except (ImportError, ModuleNotFoundError, ValueError) as e:
+        raise KDError(
+            f"cannot start the trackers train.log_with={tc.log_with}: {e}. Install the tracker's package (TensorBoard: "
+            "pip install -e '.[tensorboard]'), or leave train.log_with empty (metrics.jsonl is always written)"
+        ) from None
+
+
 def compare_with_teacher(cfg: TrainConfig, cache: TeacherCache, student: dict, log, accelerator) -> None:
     """Step 0: the teacher's own bits per character on the eval split (kept in the manifest by the caching pass)
     against the student's before training. A teacher that is not better can only pull the student towards a
@@ -180,10 +194,15 @@ def main(cfg: TrainConfig) -> Path:
 
     t_start = time.time()
     # gradient_accumulation_steps=1: accumulation is done (and normalised) by hand in kd.train.accumulate_window.
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=1)
     tc = cfg.train
-    cfg_dict = to_dict(cfg)
     run_dir = Path(tc.output_dir) / tc.run_name
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=1,
+        log_with=tc.log_with or None,  # trackers beside metrics.jsonl, which stays the record
+        project_dir=str(run_dir / "trackers"),
+    )
+    cfg_dict = to_dict(cfg)
 
     # 1. Inputs, checked before anything is written: cache, tokenizer match, run directory, layer map.
     cache = TeacherCache(tc.cache_dir, check=not tc.trust_cache)
@@ -306,6 +325,9 @@ def main(cfg: TrainConfig) -> Path:
     # on resume, records the interrupted run wrote after its checkpoint are dropped (all of them if it had none)
     keep = None if not tc.resume else (state.step if resume_state is not None else -1)
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until_step=keep)
+    if tc.log_with:
+        start_trackers(accelerator, tc, cfg_dict)
+        log.tracker = accelerator
     pin = accelerator.device.type == "cuda"
     eval_indices = list(range(len(eval_split)))[: tc.eval_max_sequences][rank::world]
     eval_loader = make_loader(eval_split, eval_indices, tc.micro_batch_size, tc.num_workers, pin)
@@ -454,6 +476,8 @@ def main(cfg: TrainConfig) -> Path:
             f"top-1 agreement {final['eval/top1_agreement']:.3f}, {time.time() - t_start:.0f} s -> {run_dir}",
             flush=True,
         )
+    if tc.log_with:
+        accelerator.end_training()
     return run_dir
 
 

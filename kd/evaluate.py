@@ -61,8 +61,11 @@ def on_cache(model_dir: str, cache_dir: str, split: str, max_sequences: int | No
     return metrics, cache.manifest["splits"][split].get("teacher_score") if n == len(reader) else None
 
 
-def on_text(model_dir: str, files: list[str], seq_len: int, batch_size: int, dtype: str, text_field: str) -> dict:
-    """CE and bits per character of the model on text files, packed as the caching pass packs them."""
+def on_text(
+    model_dir: str, files: list[str], seq_len: int, batch_size: int, dtype: str, text_field: str, max_sequences=None
+) -> dict:
+    """CE and bits per character of the model on text files, packed as the caching pass packs them (the first
+    `max_sequences` windows, or all)."""
     from kd.data.pack import Packer
     from kd.data.sources import BadRecord, expand_files, plan_file_units, unit_documents
 
@@ -78,6 +81,8 @@ def on_text(model_dir: str, files: list[str], seq_len: int, batch_size: int, dty
             if text.strip():
                 packer.add(tok(text, add_special_tokens=False)["input_ids"])
     windows = packer.take(final=True)
+    if max_sequences is not None:
+        windows = type(windows)(windows.input_ids[:max_sequences], windows.lengths[:max_sequences], windows.doc_starts)
     if not len(windows):
         raise KDError(f"no text to evaluate in {files} (at least 2 tokens are needed)")
     nats, tokens = 0.0, 0
@@ -114,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         if teacher:
             result["teacher/bits_per_char"], result["teacher/ce"] = teacher["bits_per_char"], teacher["ce_per_token"]
     else:
-        score = on_text(args.model, args.text, args.seq_len, args.batch_size, args.dtype, args.text_field)
+        score = on_text(
+            args.model, args.text, args.seq_len, args.batch_size, args.dtype, args.text_field, args.max_sequences
+        )
         result = {
             "model": args.model,
             "on": f"text {' '.join(args.text)}",

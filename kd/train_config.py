@@ -232,6 +232,9 @@ class TrainSection:
         per sequence). Both are permutations per epoch, disjoint across processes, and resume exactly.
     shuffle_buffer_shards: shards whose sequences are shuffled together with `shuffle: shards`.
     seed: seed of student init, data order and dropout.
+    log_with: trackers that get every metric record beside metrics.jsonl (which stays the record), through
+        Accelerate: tensorboard (pip install -e '.[tensorboard]'; files in <run>/trackers/), wandb, mlflow,
+        trackio, comet_ml, aim, clearml, dvclive, swanlab; the resolved config is logged as hyperparameters.
     on_weaker_teacher: when the cached teacher's held-out bits per character are not better than the untrained
         student's (compared at step 0): warn (loudly, and train) or refuse (stop before training).
     """
@@ -266,6 +269,7 @@ class TrainSection:
     shuffle_buffer_shards: int = 8
     seed: int = 0
     on_weaker_teacher: Literal["warn", "refuse"] = "warn"
+    log_with: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -298,6 +302,9 @@ class TrainSection:
             raise KDError(f"train.shuffle_buffer_shards must be >= 1, got {self.shuffle_buffer_shards}")
         if self.checkpoint_every < 0 or self.num_workers < 0:
             raise KDError("train.checkpoint_every and train.num_workers must be >= 0")
+        unknown = sorted(set(self.log_with) - set(TRACKERS))
+        if unknown:
+            raise KDError(f"unknown tracker(s) train.log_with={unknown}; choose from {list(TRACKERS)}")
         if "/" in self.run_name or not self.run_name:
             raise KDError(f"train.run_name must be a plain directory name, got {self.run_name!r}")
 
@@ -312,4 +319,13 @@ class TrainConfig:
 
 
 # Keys a resumed run may change without changing what it computes.
-RESUME_FREE_KEYS = ("train.resume", "train.num_workers", "train.trust_cache", "train.save_final_state")
+RESUME_FREE_KEYS = (
+    "train.resume",
+    "train.num_workers",
+    "train.trust_cache",
+    "train.save_final_state",
+    "train.log_with",
+    "train.on_weaker_teacher",
+)
+# Accelerate's trackers (accelerate.utils.LoggerType, "all" aside)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")

@@ -754,3 +754,32 @@ def test_an_invalid_student_config_is_one_clear_error(tiny_cache, tmp_path):
     bad = STUDENT.replace("hidden_size: 32", "hidden_size: -64")
     with pytest.raises(KDError, match=r"student.config cannot build a model \(.*negative dimension -64.*\); fix"):
         train_student.main(make_cfg(tiny_cache, tmp_path, **{"student.config": bad}))
+
+
+def test_tensorboard_receives_every_logged_metric(tiny_cache, tmp_path):
+    """train.log_with=[tensorboard]: the event files written are read back and hold the values metrics.jsonl holds,
+    at the same steps, and the config as hyperparameters; an unknown tracker is refused before any work."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train_student.main(
+        make_cfg(
+            tiny_cache, tmp_path, **{"train.max_steps": 4, "train.log_with": "[tensorboard]", "loss.alpha_feature": 0}
+        )
+    )
+    events = sorted({p.parent for p in (run / "trackers").rglob("events.out.tfevents.*")})
+    assert events, list((run / "trackers").rglob("*"))
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    records = read_metrics(run)
+    for key in ("loss", "lr", "grad_norm", "eval/ce", "eval/bits_per_char"):
+        logged = {r["step"]: r[key] for r in records if key in r}
+        got = {e.step: e.value for e in acc.Scalars(key)}
+        assert got.keys() == logged.keys(), key
+        for step, value in logged.items():
+            assert got[step] == pytest.approx(value, rel=1e-6), (key, step)
+    import yaml
+
+    hparams = yaml.safe_load(next((run / "trackers").rglob("hparams.yml")).read_text())
+    assert hparams["train.max_steps"] == 4 and hparams["train.cache_dir"] == str(tiny_cache)
+    with pytest.raises(KDError, match=r"unknown tracker\(s\) train.log_with=\['tensorbored'\]"):
+        make_cfg(tiny_cache, tmp_path / "b", **{"train.log_with": "[tensorbored]"})

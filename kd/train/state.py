@@ -93,6 +93,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool, keep_until_step: int | None = None):
         self.path, self.enabled = path, enabled
+        self.tracker = None  # an Accelerator with trackers (train.log_with): gets every record's numbers too
         if enabled and keep_until_step is not None and path.exists():
             # a resumed run drops what the interrupted run logged after its checkpoint
             kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_until_step]
@@ -103,6 +104,10 @@ class MetricsLog:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         append_line(self.path, json.dumps(clean))
+        if self.tracker is not None:
+            numbers = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            numbers.pop("step", None)
+            self.tracker.log(numbers, step=record["step"])
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
