@@ -13,8 +13,9 @@ gain over CE only that each target recovers. Suite cross: the Qwen2.5-Coder-0.5B
 and a student with the SmolLM2 tokenizer (configs/train_cross_tokenizer.yaml): CE only vs each cross-tokenizer KD
 loss, with the alignment and mapping figures the trainer logs. Suite kinds: CE only vs 0.5 CE + 0.5 of each
 divergence kind (kd/losses/divergences.py) against the cached top-256 with the tail bucket, T = 1, no feature loss.
-`--seeds` runs every variant once per `train.seed` (student init and data order) and prints each seed's CE and the
-mean, so that differences can be read against the seed-to-seed spread.
+`--seeds` (default 0,1,2) runs every variant once per `train.seed` (student init and data order) and prints the mean
+and standard deviation of its held-out CE, each seed's CE, its bits per character, and marks with ~ a difference to
+CE only that is smaller than twice its standard error (within noise).
 
 Student: the demo's random-init 6-layer 256-wide Llama with the SmolLM tokenizer (configs/train_shakespeare.yaml);
 the cache must exist (scripts/demo.sh or cache_teacher.py). Each variant is one train_student.py process.
@@ -97,7 +98,9 @@ def main() -> None:
     ap.add_argument("--cache", help="default: the suite's cache (see CACHES)")
     ap.add_argument("--suite", choices=sorted(SUITES), default="kd")
     ap.add_argument("--only", help="comma-separated variant numbers (0-based) to run, e.g. 2,3,4")
-    ap.add_argument("--seeds", default="0", help="comma-separated train.seed values; each variant runs once per seed")
+    ap.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated train.seed values; each variant runs once per seed"
+    )
     args = ap.parse_args()
     variants = list(SUITES[args.suite].items())
     cache = args.cache or CACHES[args.suite]
@@ -135,6 +138,7 @@ def main() -> None:
                     print(line)
             finals.append([r for r in read_metrics(out / run) if "eval/ce" in r][-1])
         mean = {k: sum(f[k] for f in finals) / len(finals) for k in ("eval/ce", "eval/ppl", "eval/top1_agreement")}
+        mean["eval/bits_per_char"] = sum(f.get("eval/bits_per_char", float("nan")) for f in finals) / len(finals)
         rows.append((name, mean, [f["eval/ce"] for f in finals]))
     per_seed = f"{'per seed':>{8 * len(seeds) + 2}}" if len(seeds) > 1 else ""
     if args.only:  # a partial table: print the raw numbers only
@@ -144,23 +148,39 @@ def main() -> None:
                 + ("  " + " ".join(f"{c:7.3f}" for c in ces) if len(seeds) > 1 else "")
             )
         return
-    base = rows[0][1]["eval/ce"]
+    base, base_ces = rows[0][1]["eval/ce"], rows[0][2]
     full = rows[-1][1]["eval/ce"] if args.suite == "targets" else None
     print(
-        f"\n{'target':34}{'held-out CE':>13}{'ppl':>9}{'top-1 agree':>13}{'vs CE only':>12}"
+        f"\n{len(seeds)} seed(s) {seeds} per variant; CE = mean ± standard deviation over seeds; a difference to CE "
+        "only marked ~ is within noise (smaller than twice its standard error)"
+    )
+    print(
+        f"\n{'target':34}{'held-out CE':>17}{'bits/char':>10}{'ppl':>9}{'top-1 agree':>13}{'vs CE only':>13}"
         + (f"{'share of full-KD gain':>24}" if full is not None else "")
         + per_seed
     )
     for name, r, ces in rows:
         share = f"{100 * (base - r['eval/ce']) / (base - full):>23.0f}%" if full is not None else ""
+        diff = r["eval/ce"] - base
+        mark = " " if len(seeds) < 2 or abs(diff) >= 2 * standard_error(ces, base_ces) else "~"
         print(
-            f"{name:34}{r['eval/ce']:>13.3f}{r['eval/ppl']:>9.1f}{r['eval/top1_agreement']:>13.3f}"
-            f"{r['eval/ce'] - base:>+12.3f}{share}"
+            f"{name:34}{r['eval/ce']:>10.3f} ±{stdev(ces):5.3f}{r['eval/bits_per_char']:>10.3f}{r['eval/ppl']:>9.1f}"
+            f"{r['eval/top1_agreement']:>13.3f}{diff:>+12.3f}{mark}{share}"
             + ("  " + " ".join(f"{c:7.3f}" for c in ces) if len(seeds) > 1 else "")
         )
-    print(
-        f"({args.steps} optimizer steps of 4 x 2 x 256 tokens each; seeds {seeds} (mean shown); run dirs under {out})"
-    )
+
+
+def stdev(values: list[float]) -> float:
+    """Sample standard deviation (0 for one value)."""
+    if len(values) < 2:
+        return 0.0
+    m = sum(values) / len(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def standard_error(a: list[float], b: list[float]) -> float:
+    """Of the difference of two means over independent seeds."""
+    return (stdev(a) ** 2 / len(a) + stdev(b) ** 2 / len(b)) ** 0.5
 
 
 if __name__ == "__main__":
