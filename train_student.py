@@ -29,9 +29,10 @@ from kd import __version__
 from kd.cache import TeacherCache, write_json_atomic
 from kd.config import flatten, parse_cli, to_dict
 from kd.errors import KDError, run_cli
+from kd.evaluate import score_windows, text_windows
 from kd.schedule import lr_at
 from kd.teacher import load_tokenizer, tokenizer_fingerprint
-from kd.textscore import target_text_units
+from kd.textscore import score_record, target_text_units
 from kd.train import (
     EMA,
     RUN_FORMAT_VERSION,
@@ -210,6 +211,9 @@ def main(cfg: TrainConfig) -> Path:
     tok_source = cfg.student.tokenizer or cfg.student.pretrained or cache.manifest["teacher"]["name_or_path"]
     tokenizer = load_tokenizer(tok_source)
     cross = cfg.loss.cross_tokenizer is not None
+    extra_windows, extra_sep = (
+        text_windows(tokenizer, tc.extra_eval_files, cache.seq_len) if tc.extra_eval_files else (None, None)
+    )
     if tokenizer_fingerprint(tokenizer) != teacher_tok["fingerprint"] and not cross:
         raise KDError(
             f"the student's tokenizer ({tok_source}) differs from the one the cache was made with "
@@ -345,6 +349,21 @@ def main(cfg: TrainConfig) -> Path:
 
     def run_eval() -> dict:
         record = eval_record(model, eval_loader, eval_plan, accelerator, ema, state, text_units)
+        if extra_windows is not None:  # the second eval text: this process's share of its windows, summed over all
+            mine = type(extra_windows)(extra_windows.input_ids[rank::world], extra_windows.lengths[rank::world], None)
+            sums = score_windows(accelerator.unwrap_model(model).lm, tokenizer, mine, extra_sep, tc.micro_batch_size)
+            nats, tokens, chars, nbytes = accelerator.reduce(
+                torch.tensor(sums, device=accelerator.device), "sum"
+            ).tolist()
+            score = score_record(nats, int(tokens), int(chars), int(nbytes))
+            record.update(
+                {
+                    "extra_eval/ce": score["ce_per_token"],
+                    "extra_eval/ppl": math.exp(score["ce_per_token"]),
+                    "extra_eval/bits_per_char": score["bits_per_char"],
+                    "extra_eval/bits_per_byte": score["bits_per_byte"],
+                }
+            )
         log.write(record)
         return record
 

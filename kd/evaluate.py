@@ -61,20 +61,17 @@ def on_cache(model_dir: str, cache_dir: str, split: str, max_sequences: int | No
     return metrics, cache.manifest["splits"][split].get("teacher_score") if n == len(reader) else None
 
 
-def on_text(
-    model_dir: str, files: list[str], seq_len: int, batch_size: int, dtype: str, text_field: str, max_sequences=None
-) -> dict:
-    """CE and bits per character of the model on text files, packed as the caching pass packs them (the first
-    `max_sequences` windows, or all)."""
+def text_windows(tok, files: list[str], seq_len: int, text_field: str = "text", max_sequences: int | None = None):
+    """Text files packed into windows of `seq_len` tokens with the tokenizer's EOS between documents, as the caching
+    pass packs them (the first `max_sequences` windows, or all): (kd.data.pack.Windows, the separator id)."""
     from kd.data.pack import Packer
     from kd.data.sources import BadRecord, expand_files, plan_file_units, unit_documents
 
-    lm, tok = _load(model_dir, dtype)
     sep = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
     if sep is None:
-        raise KDError(f"the tokenizer of {model_dir} has no EOS (or pad) token to put between documents")
+        raise KDError("the tokenizer has no EOS (or pad) token to put between documents")
     packer = Packer(seq_len, sep, sep, False)
-    for unit in plan_file_units(expand_files(files, "--text"), 1 << 62, "main"):
+    for unit in plan_file_units(expand_files(files, "text files"), 1 << 62, "main"):
         for text, _ in unit_documents(unit, text_field, "strict"):
             if isinstance(text, BadRecord):
                 raise KDError(text.message)
@@ -85,18 +82,37 @@ def on_text(
         windows = type(windows)(windows.input_ids[:max_sequences], windows.lengths[:max_sequences], windows.doc_starts)
     if not len(windows):
         raise KDError(f"no text to evaluate in {files} (at least 2 tokens are needed)")
+    return windows, sep
+
+
+def score_windows(lm, tok, windows, sep: int, batch_size: int = 8) -> np.ndarray:
+    """[nats, scored tokens, characters, bytes] of a causal LM on packed windows (kd/textscore.py's definition)."""
+    was_training = lm.training
+    lm.eval()
+    device = next(lm.parameters()).device
     nats, tokens = 0.0, 0
     for a in range(0, len(windows), batch_size):
-        ids = torch.from_numpy(windows.input_ids[a : a + batch_size].astype(np.int64))
-        lengths = torch.from_numpy(windows.lengths[a : a + batch_size].astype(np.int64))
+        ids = torch.from_numpy(windows.input_ids[a : a + batch_size].astype(np.int64)).to(device)
+        lengths = torch.from_numpy(windows.lengths[a : a + batch_size].astype(np.int64)).to(device)
         with torch.no_grad():
             logits = lm(input_ids=ids).logits.float()  # right padding: no valid position sees it
         lp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None])[..., 0]
-        scored = torch.arange(ids.shape[1] - 1)[None, :] < (lengths[:, None] - 1)
+        scored = torch.arange(ids.shape[1] - 1, device=device)[None, :] < (lengths[:, None] - 1)
         nats -= float(lp[scored].double().sum())
         tokens += int(scored.sum())
-    chars, nbytes = (int(v) for v in target_text_units(tok, windows.input_ids, windows.lengths, sep).sum(0))
-    return score_record(nats, tokens, chars, nbytes)
+    lm.train(was_training)
+    chars, nbytes = target_text_units(tok, windows.input_ids, windows.lengths, sep).sum(0)
+    return np.array([nats, tokens, chars, nbytes], dtype=np.float64)
+
+
+def on_text(
+    model_dir: str, files: list[str], seq_len: int, batch_size: int, dtype: str, text_field: str, max_sequences=None
+) -> dict:
+    """CE and bits per character of the model on text files."""
+    lm, tok = _load(model_dir, dtype)
+    windows, sep = text_windows(tok, files, seq_len, text_field, max_sequences)
+    nats, tokens, chars, nbytes = score_windows(lm, tok, windows, sep, batch_size)
+    return score_record(nats, int(tokens), int(chars), int(nbytes))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -232,6 +232,9 @@ class TrainSection:
         per sequence). Both are permutations per epoch, disjoint across processes, and resume exactly.
     shuffle_buffer_shards: shards whose sequences are shuffled together with `shuffle: shards`.
     seed: seed of student init, data order and dropout.
+    extra_eval_files: a second eval text, e.g. out of domain: files or globs (as data.files), packed into windows of
+        the cache's seq_len with the student's tokenizer; every eval also logs extra_eval/ce, extra_eval/ppl,
+        extra_eval/bits_per_char and extra_eval/bits_per_byte on it.
     log_with: trackers that get every metric record beside metrics.jsonl (which stays the record), through
         Accelerate: tensorboard (pip install -e '.[tensorboard]'; files in <run>/trackers/), wandb, mlflow,
         trackio, comet_ml, aim, clearml, dvclive, swanlab; the resolved config is logged as hyperparameters.
@@ -270,6 +273,7 @@ class TrainSection:
     seed: int = 0
     on_weaker_teacher: Literal["warn", "refuse"] = "warn"
     log_with: list[str] = field(default_factory=list)
+    extra_eval_files: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:

@@ -146,3 +146,32 @@ def test_the_eval_command_reproduces_the_runs_final_eval(tiny_cache, tmp_path, c
 
     with pytest.raises(KDError, match="has another tokenizer than the cache .* evaluate it on the text instead"):
         evaluate_main([str(run / "final"), "--cache", str(other)])
+
+
+def test_a_second_eval_text_is_scored_at_every_eval(tiny_cache, tmp_path, corpus_dir):
+    """train.extra_eval_files: each eval record also carries extra_eval/* on that text, equal to kd.evaluate's
+    score of the same model on the same files (checked on final/)."""
+    from test_train import make_cfg
+
+    import train_student
+    from kd.evaluate import on_text
+    from kd.train import read_metrics
+
+    play = str(corpus_dir / "play0.txt")
+    run = train_student.main(
+        make_cfg(
+            tiny_cache,
+            tmp_path,
+            **{
+                "train.max_steps": 4,
+                "train.eval_every": 2,
+                "loss.alpha_feature": 0,
+                "train.extra_eval_files": f"[{play}]",
+            },
+        )
+    )
+    evals = [r for r in read_metrics(run) if "eval/ce" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4] and all("extra_eval/bits_per_char" in r for r in evals)
+    assert evals[-1]["extra_eval/ce"] < evals[0]["extra_eval/ce"]  # it trains on text like it
+    score = on_text(str(run / "final"), [play], 32, 8, "fp32", "text")
+    assert score["bits_per_char"] == pytest.approx(evals[-1]["extra_eval/bits_per_char"], rel=1e-5)
