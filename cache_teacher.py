@@ -38,6 +38,7 @@ from kd.cache import (
     complete_shard_info,
     sequence_bytes,
     shard_name,
+    shard_sequences,
     sidecar_path,
 )
 from kd.cache_config import NON_CONTENT_KEYS, CacheConfig
@@ -300,7 +301,7 @@ def ingest(cfg: CacheConfig, accelerator, spec: IngestSpec, tokenizer, sources, 
 
 def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spec: IngestSpec, weights: dict) -> dict:
     """What every shard's kd_meta and the manifest carry: the content's description, nothing about this run."""
-    return {
+    meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kd_version": __version__,
@@ -354,6 +355,9 @@ def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spe
             "unit_bytes": cfg.data.unit_bytes,
         },
     }
+    # shard boundaries: a fixed count, or as many sequences as fit cache.shard_bytes (from the config alone)
+    meta["sequences_per_shard"] = cfg.cache.sequences_per_shard or shard_sequences(meta, cfg.cache.shard_bytes)
+    return meta
 
 
 def warn_if_disk_too_small(accelerator, out: Path, meta: dict, my_sequences: int, my_shards: int) -> None:
@@ -387,7 +391,7 @@ def teacher_pass(
     from tqdm.auto import tqdm
 
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    S, T, codecs = cfg.cache.sequences_per_shard, cfg.data.seq_len, meta["codecs"]
+    S, T, codecs = meta["sequences_per_shard"], cfg.data.seq_len, meta["codecs"]
     jobs = [
         (split, j, start, min(start + S, index.num_sequences[split]))
         for split in SPLITS

@@ -7,7 +7,8 @@ Layout of DIR (format version 5; versions 1 to 4 are still read):
                              writing run's flock (kd/io.py)
     manifest.json            written last, by rank 0, once every shard is complete: the cache is usable iff it exists;
                              its `codecs` record says how each field is stored (see kd/codecs.py)
-    train-00000.h5 ...       shards; shard j holds sequences [j*S, (j+1)*S) of its split (S = sequences_per_shard)
+    train-00000.h5 ...       shards; shard j holds sequences [j*S, (j+1)*S) of its split (S: the manifest's
+                             sequences_per_shard, from cache.shard_bytes or given)
     train-00000.json ...     sidecar per shard: sha256, counts and config hash; written before the shard's rename
     eval-00000.h5 ...
 
@@ -424,6 +425,14 @@ def sequence_bytes(meta: dict) -> tuple[int, int]:
     if meta.get("store_text"):
         est, high = est + T * (4 + 8), high + T * (16 + 8)
     return est, high
+
+
+def shard_sequences(meta: dict, shard_bytes: int) -> int:
+    """Sequences per shard so that a shard holds at most `shard_bytes` plus one sequence: the bound of
+    sequence_bytes plus 1 KiB per row dataset (HDF5's chunk index, measured ~0.7 KiB per chunk) per sequence.
+    A function of the config alone, so every process and every resume cuts the same shards."""
+    rows = row_datasets(meta["codecs"], len(meta["hidden_layers"]), meta.get("sample_n", 0), meta.get("store_text"))
+    return max(1, shard_bytes // (sequence_bytes(meta)[1] + 1024 * len(rows)))
 
 
 def complete_shard_info(path: Path, config_hash: str) -> dict | None:

@@ -122,7 +122,10 @@ class CacheSection:
     sample_seed: seed of those draws; each sequence has its own stream, so contents never depend on batching.
     store_text: keep each window's text and every teacher token's character span, so students with OTHER tokenizers
         can be aligned to this cache later (cross-tokenizer KD); about 12 bytes per token. Needs a fast tokenizer.
-    sequences_per_shard: sequences per HDF5 shard, the unit of the teacher pass's work, resume and checksums.
+    shard_bytes: target size of a shard (an HDF5 file: the unit of the teacher pass's work, resume and checksums,
+        held in memory while it is written): sequences per shard = shard_bytes // the bytes of one sequence
+        (kd.cache.shard_sequences), so a shard holds at most shard_bytes plus one sequence.
+    sequences_per_shard: a fixed number of sequences per shard instead (null = from shard_bytes).
     overwrite: replace a cache in output_dir that was made with a different config (otherwise that is refused).
     """
 
@@ -135,7 +138,8 @@ class CacheSection:
     sample_n: int = 0
     sample_seed: int = 0
     store_text: bool = True
-    sequences_per_shard: int = 256
+    shard_bytes: int = 256 * 2**20
+    sequences_per_shard: int | None = None
     overwrite: bool = False
 
     def __post_init__(self):
@@ -143,8 +147,10 @@ class CacheSection:
             raise KDError(f"cache.top_k must be >= 1, got {self.top_k}")
         if not 0 <= self.sample_n <= 255:
             raise KDError(f"cache.sample_n must be in 0..255 (counts are stored as uint8), got {self.sample_n}")
-        if self.sequences_per_shard < 1:
-            raise KDError(f"cache.sequences_per_shard must be >= 1, got {self.sequences_per_shard}")
+        if self.sequences_per_shard is not None and self.sequences_per_shard < 1:
+            raise KDError(f"cache.sequences_per_shard must be >= 1 or null, got {self.sequences_per_shard}")
+        if self.shard_bytes < 1:
+            raise KDError(f"cache.shard_bytes must be >= 1, got {self.shard_bytes}")
         if len(set(self.hidden_layers)) != len(self.hidden_layers):
             raise KDError(f"cache.hidden_layers repeats a layer: {self.hidden_layers}")
 

@@ -514,3 +514,31 @@ def test_size_estimate_bounds_the_real_cache(tmp_path, make_cache_config, llama_
         n = sum(s["num_sequences"] for s in shards)
         est, high = (n * b + len(shards) * (64 << 10) for b in sequence_bytes(m))
         assert m["bytes"] <= high and m["bytes"] / 2 <= est <= 2 * m["bytes"], (extra, m["bytes"], est, high)
+
+
+def test_shards_are_sized_in_bytes(tmp_path, make_cache_config, llama_teacher):
+    """cache.shard_bytes (sequences_per_shard null): every shard holds at most shard_bytes plus one sequence, and
+    all but each split's last are more than half full; the count is recorded in the manifest."""
+    limit = 150_000
+    out = cache_teacher.main(
+        make_cache_config(
+            llama_teacher,
+            tmp_path / "c",
+            **{
+                "cache.sequences_per_shard": "null",
+                "cache.shard_bytes": limit,
+                "data.seq_len": 64,
+                "cache.hidden_layers": "[0, 1, 2]",
+            },
+        )
+    )
+    m = json.loads((out / MANIFEST).read_text())
+    S = m["sequences_per_shard"]
+    for split in m["splits"].values():
+        shards = split["shards"]
+        per_sequence = max(sh["bytes"] / sh["num_sequences"] for sh in shards)
+        assert len(shards) > 1
+        for sh in shards:
+            assert sh["bytes"] <= limit + per_sequence, (sh["file"], sh["bytes"])
+        for sh in shards[:-1]:
+            assert sh["num_sequences"] == S and sh["bytes"] > limit / 2, (sh["file"], sh["bytes"])

@@ -109,7 +109,7 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path, corpus_dir, llama_teacher):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown config key(s) cache.topk in section 'cache'; allowed: hidden_codec, hidden_layers, id_codec, "
-        "logprob_codec, output_dir, overwrite, sample_n, sample_seed, sequences_per_shard, store_text, top_k"
+        "logprob_codec, output_dir, overwrite, sample_n, sample_seed, sequences_per_shard, shard_bytes, store_text, top_k"
     ]
     assert not (tmp_path / "c").exists()
 
