@@ -79,12 +79,10 @@ def append_line(path: Path, line: str) -> None:
         os.close(fd)
 
 
-def disk_error(e: BaseException, where: Path | None = None) -> str:
-    """A write error in words, with the fix: a full disk and a file-size limit are the user's to resolve. Writers
-    that hide the errno (torch's "unexpected pos ...") are diagnosed from the state of `where`, the directory
-    written into (checked before the partial output is removed): almost no space left, or a file at the
-    process's file-size limit."""
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+def diagnose(e: BaseException, where: Path | None = None) -> tuple[bool, bool]:
+    """(the disk is full, a file-size limit was hit) for a write error. Writers that hide the errno (torch's
+    "unexpected pos ...") are diagnosed from the state of `where`, the file or directory written (checked before
+    the partial output is removed): almost no space left, or a file at the process's file-size limit."""
     code = getattr(e, "errno", None)
     full = code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
     too_big = code == errno.EFBIG or "File too large" in str(e)
@@ -98,6 +96,13 @@ def disk_error(e: BaseException, where: Path | None = None) -> str:
             too_big = limit != resource.RLIM_INFINITY and any(p.is_file() and p.stat().st_size >= limit for p in files)
         except OSError:
             pass
+    return full, too_big
+
+
+def disk_error(e: BaseException, where: Path | None = None) -> str:
+    """A write error in words, with the fix: a full disk and a file-size limit are the user's to resolve."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    full, too_big = diagnose(e, where)
     if full:
         said = "" if "No space left" in text else " (No space left on device)"
         return f"{text}{said}: the disk is full; free space (or choose another directory), then re-run"
@@ -144,7 +149,10 @@ def staged_dir(final: Path, is_main: bool = True, barrier=lambda: None):
     except Exception as e:
         if not (is_write_error(e) or isinstance(e, KDError)):
             raise
-        why = None if isinstance(e, KDError) else disk_error(e, tmp)  # before the removal frees the space
+        # diagnosed before the removal frees the space; an error that is neither I/O nor a full disk or a size
+        # limit is a bug, and keeps its traceback
+        disk = isinstance(e, OSError) or any(diagnose(e, tmp))
+        why = disk_error(e, tmp) if disk and not isinstance(e, KDError) else None
         shutil.rmtree(tmp, ignore_errors=True)
         if why is None:
             raise

@@ -259,3 +259,20 @@ def test_sigkill_training_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_
     assert_same_metrics(reference_run, run_dir)
     assert not no_partial_files(run_dir), no_partial_files(run_dir)
     assert (run_dir / "final" / "model.safetensors").exists()
+
+
+def test_a_save_that_fails_for_another_reason_keeps_its_traceback(tmp_path):
+    """Only write errors (I/O, a full disk, a size limit) become one line; a bug inside a save stays a traceback,
+    and the partial folder goes either way."""
+    from kd.errors import KDError
+    from kd.io import staged_dir
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        with staged_dir(tmp_path / "a") as tmp:
+            tmp.mkdir()
+            raise RuntimeError("a bug")
+    with pytest.raises(KDError, match="saving .*b failed: .*No space left on device: the disk is full"):
+        with staged_dir(tmp_path / "b") as tmp:
+            tmp.mkdir()
+            raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
