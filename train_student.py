@@ -464,7 +464,7 @@ def main(cfg: TrainConfig) -> Path:
     if last_eval is not None and last_eval["step"] == state.step:
         final = last_eval
     elif finished_before:  # recomputed for the saved meta (every process takes part), not logged a second time
-        final = eval_record(model, eval_loader, eval_plan, accelerator, ema, state)
+        final = eval_record(model, eval_loader, eval_plan, accelerator, ema, state, text_units)
     else:
         final = run_eval()
     keep_state = tc.save_final_state if tc.save_final_state is not None else tc.checkpoint_every > 0
