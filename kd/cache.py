@@ -509,14 +509,18 @@ class CacheSplit:
             "token_spans": bool(manifest.get("store_text")),
         }
         self.fields = tuple(f for f in fields if stored.get(f, True))
-        self.shards = sorted(manifest["splits"][split]["shards"], key=lambda s: s["first_sequence"])
-        self.starts = np.array([s["first_sequence"] for s in self.shards], dtype=np.int64)
+        shards = sorted(manifest["splits"][split]["shards"], key=lambda s: s["first_sequence"])
+        # per shard only its file name, first sequence and count: a reader's memory (copied into every DataLoader
+        # worker) stays small at 100,000 shards, where the manifest's full records take ~100 MB as Python objects
+        self.files = [sh["file"] for sh in shards]
+        self.starts = np.array([sh["first_sequence"] for sh in shards], dtype=np.int64)
+        self.counts = np.array([sh["num_sequences"] for sh in shards], dtype=np.int64)
         self.length = int(manifest["splits"][split]["num_sequences"])
         self.codecs, self.shapes = manifest_codecs(manifest), field_shapes(manifest)
         self.seq_len, self.sample_n = manifest["seq_len"], manifest.get("sample_n", 0)
-        self.manifest = manifest
+        self.manifest = {k: v for k, v in manifest.items() if k != "splits"}  # the cache-wide description
         expected = 0
-        for sh in self.shards:  # the shard records must tile the split: a removed or edited record is caught here
+        for sh in shards:  # the shard records must tile the split: a removed or edited record is caught here
             if sh["first_sequence"] != expected:
                 raise KDError(
                     f"cache {root}: the manifest's {split} shards do not cover sequences {expected}.."
@@ -546,7 +550,7 @@ class CacheSplit:
             return files[j]
         while len(files) >= self.max_open_files:
             files.popitem(last=False)[1].close()
-        path = self.root / self.shards[j]["file"]
+        path = self.root / self.files[j]
         try:
             f = h5py.File(path, "r")
         except OSError as e:
@@ -582,7 +586,7 @@ class CacheSplit:
             meta = json.loads(f.attrs[META_ATTR])
         except (KeyError, ValueError, OSError):
             return "it carries no readable kd_meta"
-        m, record = self.manifest, self.shards[j]
+        m, first, count = self.manifest, int(self.starts[j]), int(self.counts[j])
         if "config_hash" in m and meta.get("config_hash") != m["config_hash"]:
             return (
                 f"it belongs to another cache (config hash {str(meta.get('config_hash'))[:12]}..., the manifest's "
@@ -594,12 +598,12 @@ class CacheSplit:
         for key in ("vocab_size", "hidden_size"):
             if meta["teacher"].get(key) != m["teacher"].get(key):
                 return f"teacher.{key} is {meta['teacher'].get(key)} in the shard and {m['teacher'].get(key)} in the manifest"
-        if meta.get("first_sequence") != record["first_sequence"] or f["lengths"].shape[0] != record["num_sequences"]:
+        if meta.get("first_sequence") != first or f["lengths"].shape[0] != count:
             return (
                 f"it holds {f['lengths'].shape[0]} sequences from {meta.get('first_sequence')}, the manifest says "
-                f"{record['num_sequences']} from {record['first_sequence']}"
+                f"{count} from {first}"
             )
-        return dataset_mismatch(f, m, record["num_sequences"])
+        return dataset_mismatch(f, m, count)
 
     def __getitem__(self, i: int) -> dict:
 
@@ -611,7 +615,7 @@ class CacheSplit:
             return self._read(shard, r, i)
         except (OSError, ValueError) as e:  # a chunk failing its checksum, a truncated file, a damaged encoding
             raise KDError(
-                f"shard {self.shards[j]['file']} of cache {self.root}, sequence {i} of split {self.split}: "
+                f"shard {self.files[j]} of cache {self.root}, sequence {i} of split {self.split}: "
                 f"cannot be read ({str(e).splitlines()[0]}); the cache is damaged: run python -m kd.cache "
                 f"verify {self.root}, or re-cache"
             ) from None
