@@ -25,11 +25,6 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
 def write_json_atomic(path: Path, obj) -> None:
     """Write under a temporary name, fsync, rename: readers see the old file or the whole new one, never a part.
     A failed write (full disk) removes its temporary file and raises KDError."""
