@@ -171,3 +171,32 @@ def tiny_cache(tmp_path_factory, corpus_dir, llama_teacher) -> Path:
         llama_teacher, corpus_dir, out, **{"data.max_train_sequences": 64, "data.max_eval_sequences": 12}
     )
     return cache_teacher.main(load_config(CacheConfig, None, overrides))
+
+
+def killing_runner(script: str, module: str, owner: str | None, name: str, when) -> str:
+    """The source of a program that runs `script` (a repo script, its argv after the runner's own) and SIGKILLs
+    itself, no clean-up, at a precise point of the real run: on the `when`-th call (an int) of module.owner.name,
+    or on the first call whose first argument contains `when` (a str). The script's library is imported first and
+    every module already holding the name gets the patch, so calls through `from ... import name` are caught too."""
+    import textwrap
+
+    return textwrap.dedent(f"""
+        import importlib, os, runpy, signal, sys
+        sys.argv = sys.argv[1:]
+        sys.path[0] = {str(ROOT)!r}
+        import kd.cache, kd.data.ingest, kd.train  # the scripts' library, loaded before the patch
+        mod = importlib.import_module({module!r})
+        target = getattr(mod, {owner!r}) if {owner!r} else mod
+        real, calls = getattr(target, {name!r}), [0]
+        def patched(*args, **kwargs):
+            calls[0] += 1
+            when = {when!r}
+            if (isinstance(when, int) and calls[0] == when) or (isinstance(when, str) and when in str(args[0])):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        setattr(target, {name!r}, patched)
+        for m in list(sys.modules.values()):  # modules that imported the name before the patch
+            if getattr(m, {name!r}, None) is real and m is not target:
+                setattr(m, {name!r}, patched)
+        runpy.run_path({str(ROOT / script)!r}, run_name="__main__")
+    """)

@@ -14,13 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, cache_overrides
+from conftest import ROOT, cache_overrides, killing_runner
 from test_cache import read_all
 from test_train import assert_same_metrics, overrides
 
@@ -224,34 +223,10 @@ TRAIN_KILL_AT = {
 }
 
 
-def _killing_trainer(module: str, owner: str | None, name: str, when) -> str:
-    return textwrap.dedent(f"""
-        import importlib, os, runpy, signal, sys
-        sys.argv = sys.argv[1:]
-        sys.path[0] = {str(ROOT)!r}
-        import kd.train  # the trainer's modules, imported before the patch so that it reaches their names
-        mod = importlib.import_module({module!r})
-        target = getattr(mod, {owner!r}) if {owner!r} else mod
-        real, calls = getattr(target, {name!r}), [0]
-        def patched(*args, **kwargs):
-            calls[0] += 1
-            when = {when!r}
-            hit = calls[0] == when if isinstance(when, int) else any(when in str(a) for a in args)
-            if hit:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(*args, **kwargs)
-        setattr(target, {name!r}, patched)
-        for m in list(sys.modules.values()):  # modules that imported the name before the patch
-            if getattr(m, {name!r}, None) is real and m is not target:
-                setattr(m, {name!r}, patched)
-        runpy.run_path({str(ROOT / "train_student.py")!r}, run_name="__main__")
-    """)
-
-
 @pytest.mark.parametrize("point", sorted(TRAIN_KILL_AT))
 def test_sigkill_training_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_cache, reference_run, point):
     runner = tmp_path / "runner.py"
-    runner.write_text(_killing_trainer(*TRAIN_KILL_AT[point]))
+    runner.write_text(killing_runner("train_student.py", *TRAIN_KILL_AT[point]))
     args = overrides(tiny_cache, tmp_path, **TRAIN_EXTRA)
     killed = subprocess.run([sys.executable, str(runner), "train_student.py", *args], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, cache_overrides, make_text
+from conftest import ROOT, cache_overrides, killing_runner, make_text
 from test_cache import read_all
 
 import cache_teacher
@@ -248,25 +247,6 @@ KILL_AT = {
 }
 
 
-def _killing_runner(module: str, cls: str | None, name: str, when) -> str:
-    return textwrap.dedent(f"""
-        import importlib, os, runpy, signal, sys
-        sys.argv = sys.argv[1:]
-        sys.path[0] = {str(ROOT)!r}
-        mod = importlib.import_module({module!r})
-        owner = getattr(mod, {cls!r}) if {cls!r} else mod
-        real, calls = getattr(owner, {name!r}), [0]
-        def patched(*args, **kwargs):
-            calls[0] += 1
-            when = {when!r}
-            if (isinstance(when, int) and calls[0] == when) or (isinstance(when, str) and when in str(args[0])):
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(*args, **kwargs)
-        setattr(owner, {name!r}, patched)  # cache_teacher.py, run below, imports the patched names
-        runpy.run_path({str(ROOT / "cache_teacher.py")!r}, run_name="__main__")
-    """)
-
-
 @pytest.mark.parametrize("point", sorted(KILL_AT))
 def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, corpus_dir, jsonl_corpus, llama_teacher, point):
     extra = {"data.unit_bytes": 4000, "cache.sequences_per_shard": 2, "data.max_train_sequences": 150}
@@ -275,7 +255,7 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, corpus_dir, js
     out = tmp_path / "c"
     args = jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, out, **extra)
     runner = tmp_path / "runner.py"
-    runner.write_text(_killing_runner(*KILL_AT[point]))
+    runner.write_text(killing_runner("cache_teacher.py", *KILL_AT[point]))
     killed = subprocess.run([sys.executable, str(runner), "cache_teacher.py", *args], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / MANIFEST).exists()
