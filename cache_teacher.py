@@ -29,26 +29,30 @@ import torch
 
 from kd import __version__
 from kd.cache import (
+    BASIS_FILE,
     CONFIG_FILE,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
     SPLITS,
+    BasisFit,
+    HiddenBasis,
     ShardWriter,
     complete_shard_info,
     sequence_bytes,
     shard_name,
     shard_sequences,
     sidecar_path,
+    write_shard_index,
 )
+from kd.cache.codecs import codec_specs
 from kd.cache_config import NON_CONTENT_KEYS, CacheConfig
-from kd.codecs import codec_specs
 from kd.config import diff_keys, flatten, parse_cli, to_dict
 from kd.data import config_sources
 from kd.data.ingest import INGEST_DIR, IngestSpec, WindowIndex, run_ingest, windows_fingerprint
 from kd.dist import agree, gather_rows
 from kd.errors import KDError, run_cli
-from kd.io import LOCK_FILE, DirLock, disk_error, write_json_atomic
+from kd.io import LOCK_FILE, DirLock, disk_error, sha256_file, write_json_atomic
 from kd.teacher import (
     SAMPLER,
     load_causal_lm,
@@ -74,6 +78,15 @@ def check_teacher_fits(cfg: CacheConfig, model_cfg) -> None:
         raise KDError(f"data.seq_len={cfg.data.seq_len} is longer than the teacher's context ({max_pos} positions)")
     if cfg.cache.top_k > vocab:
         raise KDError(f"cache.top_k={cfg.cache.top_k} is larger than the teacher's vocabulary ({vocab} tokens)")
+    if (
+        cfg.cache.hidden_codec == "lowrank"
+        and cfg.cache.hidden_layers
+        and cfg.cache.hidden_rank > model_cfg.hidden_size
+    ):
+        raise KDError(
+            f"cache.hidden_rank={cfg.cache.hidden_rank} is larger than the teacher's hidden size "
+            f"({model_cfg.hidden_size}); lower it (at the hidden size, lowrank with fp32 coefficients is exact)"
+        )
     bad = [i for i in cfg.cache.hidden_layers if not 0 <= i <= layers]
     if bad:
         raise KDError(
@@ -128,7 +141,7 @@ def prepare_output_dir(out: Path, cfg_dict: dict, overwrite: bool, weights: dict
             )
         if differing:
             for p in out.iterdir():
-                if p.suffix in (".h5", ".json") or ".tmp-" in p.name:
+                if p.suffix in (".h5", ".json", ".npy") or ".tmp-" in p.name:
                     p.unlink()
             shutil.rmtree(out / INGEST_DIR, ignore_errors=True)
         elif (out / MANIFEST).exists():
@@ -163,7 +176,11 @@ def open_output_dir(out: Path) -> DirLock:
     return DirLock(out, "cache_teacher.py run").acquire()
 
 
-def to_numpy(t: torch.Tensor, spec: dict) -> np.ndarray:
+def to_numpy(t: torch.Tensor, spec: dict):
+    """Teacher outputs leave the device in fp32 (q8 quantises from fp32) or in their plain storage dtype; a lowrank
+    codec takes the tensor where it is and projects it there (only its r coefficients per token come back)."""
+    if spec["name"] == "lowrank":
+        return t
     dtype = torch.float32 if spec["name"] != "plain" or spec["dtype"] == "float32" else torch.float16
     return t.to(dtype).cpu().numpy()
 
@@ -333,6 +350,8 @@ def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spe
             cfg.cache.logprob_codec,
             cfg.cache.hidden_codec,
             cfg.cache.sample_n,
+            cfg.cache.hidden_rank,
+            cfg.cache.hidden_coefficients,
         ),
         "position_targets": "next token (t+1)",
         "sample_n": cfg.cache.sample_n,
@@ -382,12 +401,92 @@ def warn_if_disk_too_small(accelerator, out: Path, meta: dict, my_sequences: int
         )
 
 
+class TeacherModel:
+    """The teacher, loaded on first use and then kept: the basis fit and the teacher pass share one load, and a
+    process with nothing to compute never loads it."""
+
+    def __init__(self, cfg: CacheConfig, device):
+        self.cfg, self.device, self.model = cfg, device, None
+
+    def __call__(self):
+        if self.model is None:
+            t = self.cfg.teacher
+            self.model = load_causal_lm(t.model, t.revision, t.dtype, t.attn_implementation).to(self.device).eval()
+        return self.model
+
+
+def fit_hidden_basis(cfg: CacheConfig, index: WindowIndex, teacher: TeacherModel, config_hash: str) -> HiddenBasis:
+    """The lowrank codec's basis from the first cache.hidden_basis_tokens train tokens (kd/cache/basis.py)."""
+    layers = cfg.cache.hidden_layers
+    n, total = 0, 0
+    while n < index.num_sequences["train"] and total < cfg.cache.hidden_basis_tokens:  # whole windows, in order
+        total += int(index.read("train", n, n + 1, ["lengths"])["lengths"][0])
+        n += 1
+    model = teacher()
+    fit = BasisFit(len(layers), model.config.hidden_size, teacher.device)
+    body = model.base_model if model.base_model is not model else model  # hidden states only: no LM head
+    with torch.no_grad():
+        for s in range(0, n, cfg.teacher.batch_size):
+            w = index.read("train", s, min(s + cfg.teacher.batch_size, n), ["input_ids", "lengths"])
+            ids = torch.from_numpy(w["input_ids"].astype(np.int64)).to(teacher.device)
+            states = body(input_ids=ids, output_hidden_states=True).hidden_states
+            fit.add(torch.stack([states[i] for i in layers], dim=1), torch.from_numpy(w["lengths"].astype(np.int64)))
+    return fit.finish(cfg.cache.hidden_rank, {"config_hash": config_hash, "layers": layers, "sequences": n})
+
+
+def hidden_basis(cfg: CacheConfig, accelerator, index: WindowIndex, meta: dict, out: Path, teacher: TeacherModel):
+    """For a lowrank hidden-state codec: fit the basis (main process) unless a resumed run already wrote it for
+    this config, share it with every process, and record its sha256 and kept variance in the codec spec (so in
+    every shard and the manifest). None for the other codecs."""
+    spec = meta["codecs"]["hidden_states"]
+    if spec["name"] != "lowrank" or not cfg.cache.hidden_layers:
+        return None
+    path = out / BASIS_FILE
+
+    def fit() -> None:
+        if not accelerator.is_main_process:
+            return
+        try:
+            if HiddenBasis.load(path).meta.get("config_hash") == meta["config_hash"]:
+                return  # written by the run this one resumes: its shards were encoded with it
+        except KDError:
+            pass  # missing or unreadable: fit it
+        t0 = time.time()
+        basis = fit_hidden_basis(cfg, index, teacher, meta["config_hash"])
+        try:
+            basis.write(path)
+        except OSError as e:
+            raise KDError(f"cannot write {path}: {disk_error(e)}") from None
+        print(
+            f"[cache] low-rank basis: rank {basis.rank} per layer on {basis.meta['tokens']} tokens, variance kept "
+            f"{', '.join(f'{v:.3f}' for v in basis.variance_kept())} (layers {cfg.cache.hidden_layers}), "
+            f"{time.time() - t0:.1f} s",
+            flush=True,
+        )
+
+    agree(accelerator, fit)
+    accelerator.wait_for_everyone()
+    basis = HiddenBasis.load(path)
+    spec.update(basis_sha256=sha256_file(path), variance_kept=basis.variance_kept())
+    return basis
+
+
 def teacher_pass(
-    cfg: CacheConfig, accelerator, index: WindowIndex, meta: dict, model_cfg, out: Path, tokenizer, sep_id: int
+    cfg: CacheConfig,
+    accelerator,
+    index: WindowIndex,
+    meta: dict,
+    model_cfg,
+    out: Path,
+    tokenizer,
+    sep_id: int,
+    teacher: TeacherModel,
+    basis: HiddenBasis | None = None,
 ):
     """Shard j of each split (sequences [j*S, (j+1)*S)) on process j % N; returns (all shard jobs, tokens computed).
-    A complete shard is kept only if it was computed from exactly these windows (its input fingerprint). Each
-    shard's sidecar also gets the teacher's own score on its windows (kd/textscore.py)."""
+    A complete shard is kept only if it was computed from exactly these windows (its input fingerprint) and, with
+    the lowrank codec, with this basis. Each shard's sidecar also gets the teacher's own score on its windows
+    (kd/textscore.py)."""
     from tqdm.auto import tqdm
 
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -403,7 +502,8 @@ def teacher_pass(
         info = complete_shard_info(out / shard_name(split, j), meta["config_hash"])
         if info is not None:  # windows are read back only to check a shard that could be kept
             w = index.read(split, a, b, ["input_ids", "lengths"])
-            if info.get("input_sha256") == windows_fingerprint(w["input_ids"], w["lengths"]):
+            same_basis = info.get("basis_sha256") == meta["codecs"]["hidden_states"].get("basis_sha256")
+            if same_basis and info.get("input_sha256") == windows_fingerprint(w["input_ids"], w["lengths"]):
                 continue
         todo.append((split, j, a, b))
     if accelerator.is_main_process:
@@ -416,11 +516,7 @@ def teacher_pass(
     if not todo:  # the model is only loaded if this rank has work
         return jobs, 0
     window_fields = ["input_ids", "lengths", "doc_starts"] + (["text", "token_spans"] if cfg.cache.store_text else [])
-    model = (
-        load_causal_lm(cfg.teacher.model, cfg.teacher.revision, cfg.teacher.dtype, cfg.teacher.attn_implementation)
-        .to(device)
-        .eval()
-    )
+    model = teacher()
     bar = tqdm(
         total=sum(int(index.read(s, a, b, ["lengths"])["lengths"].sum()) for s, _, a, b in todo),
         unit="tok",
@@ -443,6 +539,7 @@ def teacher_pass(
             codecs,
             cfg.cache.sample_n,
             cfg.cache.store_text,
+            basis,
         )
         score = np.zeros(4)  # the teacher's nats, scored tokens, their characters and bytes
         for s in range(0, b - a, cfg.teacher.batch_size):
@@ -465,7 +562,6 @@ def teacher_pass(
             scored = torch.arange(T)[None, :] < (lengths[:, None] - 1)  # the targets eval/ce averages over
             units = target_text_units(tokenizer, w["input_ids"][s:e], w["lengths"][s:e], sep_id).sum(0)
             score += [-float(scores["target_logprobs"].cpu().double()[scored].sum()), int(scored.sum()), *units]
-            # values leave the device in fp32 (q8 quantises from fp32) or in their plain storage dtype
             writer.append(
                 w["input_ids"][s:e],
                 w["lengths"][s:e],
@@ -481,6 +577,7 @@ def teacher_pass(
         writer.commit(
             {
                 "input_sha256": windows_fingerprint(w["input_ids"], w["lengths"]),
+                **({"basis_sha256": codecs["hidden_states"]["basis_sha256"]} if basis is not None else {}),
                 "num_documents": int(w["doc_starts"].sum()),
                 "teacher_score": {
                     "nats": float(score[0]),
@@ -494,9 +591,10 @@ def teacher_pass(
 
 def write_manifest(out: Path, jobs: list, meta: dict, cfg_dict: dict, index: WindowIndex, stats: dict) -> dict:
     """Collect the sidecars into manifest.json (main process): the cache exists from here on."""
-    splits = {}
+    splits, records = {}, {}
     for split in SPLITS:
         shards = [json.loads(sidecar_path(out / shard_name(split, j)).read_text()) for s, j, _, _ in jobs if s == split]
+        records[split] = shards
         for info in shards:
             info.pop("config_hash")
         splits[split] = {
@@ -505,14 +603,16 @@ def write_manifest(out: Path, jobs: list, meta: dict, cfg_dict: dict, index: Win
             "num_documents": sum(sh["num_documents"] for sh in shards),
             # sha256 over the shards' input fingerprints, in order: the windows the teacher saw
             "fingerprint": hashlib.sha256("".join(sh["input_sha256"] for sh in shards).encode()).hexdigest(),
-            "shards": shards,
+            # the per-shard records go to a binary index beside the manifest: at 100,000 shards, JSON records
+            # would make the manifest ~37 MB and its parse the slowest part of opening a cache
+            "shard_index": write_shard_index(out, split, shards),
         }
         if all("teacher_score" in sh for sh in shards):  # shards written by an older kd carry none
             total = {k: sum(sh["teacher_score"][k] for sh in shards) for k in ("nats", "tokens", "chars", "bytes")}
             splits[split]["teacher_score"] = score_record(
                 total["nats"], total["tokens"], total["chars"], total["bytes"]
             )
-    total_bytes = sum(sh["bytes"] for sp in splits.values() for sh in sp["shards"])
+    total_bytes = sum(sh["bytes"] for sp in records.values() for sh in sp)
     total_tokens = sum(sp["num_tokens"] for sp in splits.values())
     meta = dict(
         meta,
@@ -586,7 +686,11 @@ def main(cfg: CacheConfig) -> Path:
 
         # 4. The teacher pass over the windows, shard by shard.
         meta = cache_metadata(cfg, config_hash, model_cfg, tokenizer, spec, weights)
-        jobs, tokens_done = teacher_pass(cfg, accelerator, index, meta, model_cfg, out, tokenizer, spec.sep_id)
+        teacher = TeacherModel(cfg, accelerator.device)
+        basis = hidden_basis(cfg, accelerator, index, meta, out, teacher)
+        jobs, tokens_done = teacher_pass(
+            cfg, accelerator, index, meta, model_cfg, out, tokenizer, spec.sep_id, teacher, basis
+        )
 
         # 5. Once every process is done, the main one writes the manifest; the windows live on in the shards.
         accelerator.wait_for_everyone()
@@ -598,7 +702,7 @@ def main(cfg: CacheConfig) -> Path:
             n_tokens = sum(sp["num_tokens"] for sp in m["splits"].values())
             print(
                 f"[cache] done: {sum(sp['num_sequences'] for sp in m['splits'].values())} sequences, {n_tokens} "
-                f"tokens ({tokens_all} computed now), {sum(len(sp['shards']) for sp in m['splits'].values())} shards, "
+                f"tokens ({tokens_all} computed now), {sum(sp['shard_index']['num_shards'] for sp in m['splits'].values())} shards, "
                 f"{m['bytes_per_token']:.0f} bytes/token, {elapsed:.1f} s, {tokens_all / elapsed:.0f} tokens/s -> {out}",
                 flush=True,
             )

@@ -26,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_targets import bytes_per_field  # noqa: E402
-from kd import codecs  # noqa: E402
-from kd.cache import TeacherCache  # noqa: E402
+from kd.cache import TeacherCache, codecs  # noqa: E402
 from kd.config import load_config  # noqa: E402
 from kd.losses import sparse_kd_per_position  # noqa: E402
 from kd.teacher import load_causal_lm, load_tokenizer, teacher_targets  # noqa: E402

@@ -30,7 +30,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.cache import FORMAT_VERSION, MANIFEST, META_ATTR, CacheSplit, ShardWriter, TeacherCache  # noqa: E402
+from kd.cache import (  # noqa: E402
+    BASIS_FILE,
+    FORMAT_VERSION,
+    MANIFEST,
+    META_ATTR,
+    CacheSplit,
+    HiddenBasis,
+    ShardWriter,
+    TeacherCache,
+    shard_records,
+)
 
 FIELDS = ("input_ids", "sample_ids", "sample_counts", "hidden_states")
 
@@ -40,16 +50,23 @@ def rewrite(src: Path, dst: Path, shards: int) -> dict:
     dst.mkdir(parents=True)
     cache = TeacherCache(src)
     m = json.loads(json.dumps(cache.manifest))
-    m["splits"] = {"train": dict(m["splits"]["train"], shards=m["splits"]["train"]["shards"][:shards])}
+    train = {k: v for k, v in m["splits"]["train"].items() if k != "shard_index"}  # records listed in the JSON
+    m["splits"] = {"train": dict(train, shards=shard_records(src, cache.manifest, "train")[:shards])}
     m["splits"]["train"]["num_sequences"] = sum(s["num_sequences"] for s in m["splits"]["train"]["shards"])
     m["format_version"], m["store_text"] = FORMAT_VERSION, False  # text: not read by the training step
     reader = cache.split("train", CacheSplit.TENSOR_FIELDS)
     L, H = len(m["hidden_layers"]), m["teacher"]["hidden_size"]
+    basis = None
+    if m["codecs"]["hidden_states"]["name"] == "lowrank":  # re-encoded on the same basis (decoded states lie in it)
+        shutil.copy(src / BASIS_FILE, dst / BASIS_FILE)
+        basis = HiddenBasis.load(dst / BASIS_FILE)
     for rec in m["splits"]["train"]["shards"]:
         with h5py.File(src / rec["file"], "r") as f:
             meta = dict(json.loads(f.attrs[META_ATTR]), format_version=FORMAT_VERSION)
         a, n = rec["first_sequence"], rec["num_sequences"]
-        w = ShardWriter(dst / rec["file"], meta, n, m["seq_len"], m["top_k"], L, H, m["codecs"], m.get("sample_n", 0))
+        w = ShardWriter(
+            dst / rec["file"], meta, n, m["seq_len"], m["top_k"], L, H, m["codecs"], m.get("sample_n", 0), basis=basis
+        )
         for i in range(a, a + n):
             it = {k: v.numpy()[None] for k, v in reader[i].items()}
             samples = (it["sample_ids"], it["sample_counts"]) if "sample_ids" in it else None
@@ -70,6 +87,8 @@ def rewrite(src: Path, dst: Path, shards: int) -> dict:
 def as_format_4(src: Path, dst: Path, manifest: dict) -> dict:
     """The same shards in format 4's layout: every chunked dataset with HDF5's fletcher32, no checksum table."""
     dst.mkdir(parents=True)
+    if (src / BASIS_FILE).exists():
+        shutil.copy(src / BASIS_FILE, dst / BASIS_FILE)
     for rec in manifest["splits"]["train"]["shards"]:
         with h5py.File(src / rec["file"], "r") as fi, h5py.File(dst / rec["file"], "w") as fo:
             fo.attrs[META_ATTR] = json.dumps(dict(json.loads(fi.attrs[META_ATTR]), format_version=4))

@@ -112,31 +112,13 @@ def main() -> None:
         finals = []
         for seed in seeds:
             # the config's own target/tail apply unless a variant overrides them (the suites pin what they compare)
-            run = f"v{i}-s{seed}"
-            result = subprocess.run(
-                [
-                    sys.executable,
-                    str(ROOT / "train_student.py"),
-                    "--config",
-                    str(ROOT / CONFIGS[args.suite]),
-                    *overrides,
-                    f"train.cache_dir={cache}",
-                    f"train.output_dir={out}",
-                    f"train.run_name={run}",
-                    f"train.max_steps={args.steps}",
-                    f"train.seed={seed}",
-                    f"train.eval_every={args.steps}",
-                    "train.checkpoint_every=0",
-                ],
-                capture_output=True,
-                text=True,
+            final, stdout = train_run(
+                CONFIGS[args.suite], overrides, cache, out, f"v{i}-s{seed}", args.steps, seed, True
             )
-            if result.returncode != 0:
-                raise SystemExit(f"variant {name!r} (seed {seed}) failed:\n{result.stderr[-3000:]}")
-            for line in result.stdout.splitlines():
+            for line in stdout.splitlines():
                 if line.startswith("[cross-tokenizer]") and i == picked[0] and seed == seeds[0]:
                     print(line)
-            finals.append([r for r in read_metrics(out / run) if "eval/ce" in r][-1])
+            finals.append(final)
         mean = {k: sum(f[k] for f in finals) / len(finals) for k in ("eval/ce", "eval/ppl", "eval/top1_agreement")}
         mean["eval/bits_per_char"] = sum(f.get("eval/bits_per_char", float("nan")) for f in finals) / len(finals)
         rows.append((name, mean, [f["eval/ce"] for f in finals]))
@@ -168,6 +150,32 @@ def main() -> None:
             f"{r['eval/top1_agreement']:>13.3f}{diff:>+12.3f}{mark}{share}"
             + ("  " + " ".join(f"{c:7.3f}" for c in ces) if len(seeds) > 1 else "")
         )
+
+
+def train_run(config: str, overrides: list[str], cache, out: Path, run: str, steps: int, seed: int, stdout=False):
+    """One train_student.py process for `steps` optimizer steps; its last eval record (and its stdout)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train_student.py"),
+            "--config",
+            str(ROOT / config),
+            *overrides,
+            f"train.cache_dir={cache}",
+            f"train.output_dir={out}",
+            f"train.run_name={run}",
+            f"train.max_steps={steps}",
+            f"train.seed={seed}",
+            f"train.eval_every={steps}",
+            "train.checkpoint_every=0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"run {run} ({' '.join(overrides)}) failed:\n{result.stderr[-3000:]}")
+    final = [r for r in read_metrics(out / run) if "eval/ce" in r][-1]
+    return (final, result.stdout) if stdout else final
 
 
 def stdev(values: list[float]) -> float:

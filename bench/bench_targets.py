@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.cache import TeacherCache  # noqa: E402
+from kd.cache import TeacherCache, shard_records  # noqa: E402
 from kd.config import load_config  # noqa: E402
 from kd.teacher import load_causal_lm, load_tokenizer  # noqa: E402
 from kd.train import DistillModel, accumulate_window  # noqa: E402
@@ -41,9 +41,9 @@ TARGETS = {
 def bytes_per_field(cache: TeacherCache) -> dict[str, float]:
     sizes: dict[str, int] = {}
     tokens = 0
-    for split in cache.manifest["splits"].values():
+    for split_name, split in cache.manifest["splits"].items():
         tokens += split["num_tokens"]
-        for shard in split["shards"]:
+        for shard in shard_records(cache.root, cache.manifest, split_name):
             with h5py.File(cache.root / shard["file"], "r") as f:
                 for name, dset in f.items():
                     sizes[name] = sizes.get(name, 0) + dset.id.get_storage_size()

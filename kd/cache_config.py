@@ -116,7 +116,13 @@ class CacheSection:
         padding) or `plain` (uint16/int32). Exact either way.
     logprob_codec: top-k log-probs as `q8` (8 bits + a per-position anchor and step; the top-1 value is exact, the
         rest within half a step; KD-loss error measured in bench/bench_targets.py), `fp16` or `fp32`.
-    hidden_codec: hidden states as `fp16`, `fp32` or `q8` (8 bits + a per-token anchor and step).
+    hidden_codec: hidden states as `fp16`, `fp32`, `q8` (8 bits + a per-token anchor and step) or `lowrank`
+        (coefficients on the top `hidden_rank` principal directions of each stored layer, fitted on the teacher's
+        first `hidden_basis_tokens` train tokens before any shard is written; decoded to the full hidden size).
+    hidden_rank: directions kept per layer by `lowrank` (at most the teacher's hidden size).
+    hidden_coefficients: how `lowrank` stores its coefficients: `q8` (rank + 8 bytes per token and layer), `fp16`
+        or `fp32` (with hidden_rank = hidden size, exact up to fp32 rounding).
+    hidden_basis_tokens: train tokens (from the first window on, in order) the `lowrank` basis is fitted on.
     sample_n: also store sampled targets: per position, this many draws with replacement from the teacher's full
         distribution at T = 1, kept as distinct ids + counts (0 = off; at most 255).
     sample_seed: seed of those draws; each sequence has its own stream, so contents never depend on batching.
@@ -134,7 +140,10 @@ class CacheSection:
     hidden_layers: list[int] = field(default_factory=list)
     id_codec: Literal["bitpack", "plain"] = "bitpack"
     logprob_codec: Literal["q8", "fp16", "fp32"] = "q8"
-    hidden_codec: Literal["fp16", "fp32", "q8"] = "fp16"
+    hidden_codec: Literal["fp16", "fp32", "q8", "lowrank"] = "fp16"
+    hidden_rank: int = 128
+    hidden_coefficients: Literal["q8", "fp16", "fp32"] = "q8"
+    hidden_basis_tokens: int = 65536
     sample_n: int = 0
     sample_seed: int = 0
     store_text: bool = True
@@ -151,6 +160,10 @@ class CacheSection:
             raise KDError(f"cache.sequences_per_shard must be >= 1 or null, got {self.sequences_per_shard}")
         if self.shard_bytes < 1:
             raise KDError(f"cache.shard_bytes must be >= 1, got {self.shard_bytes}")
+        if self.hidden_rank < 1:
+            raise KDError(f"cache.hidden_rank must be >= 1, got {self.hidden_rank}")
+        if self.hidden_basis_tokens < 2:
+            raise KDError(f"cache.hidden_basis_tokens must be >= 2, got {self.hidden_basis_tokens}")
         if len(set(self.hidden_layers)) != len(self.hidden_layers):
             raise KDError(f"cache.hidden_layers repeats a layer: {self.hidden_layers}")
 

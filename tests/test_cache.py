@@ -15,8 +15,8 @@ import torch
 from conftest import ROOT, cache_overrides, reseal_row
 
 import cache_teacher
-from kd.cache import MANIFEST, TeacherCache, verify
-from kd.codecs import unpack_bits
+from kd.cache import MANIFEST, TeacherCache, shard_records, verify, write_shard_index
+from kd.cache.codecs import unpack_bits
 
 
 def read_raw(out: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -24,9 +24,9 @@ def read_raw(out: Path) -> dict[str, dict[str, np.ndarray]]:
     independent of sharding. Ragged sampled targets are compared per sequence, as decoded by `read_all`."""
     manifest = json.loads((out / MANIFEST).read_text())
     result = {}
-    for split, info in manifest["splits"].items():
+    for split in manifest["splits"]:
         parts: dict[str, list] = {}
-        for shard in sorted(info["shards"], key=lambda s: s["first_sequence"]):
+        for shard in shard_records(out, manifest, split):
             with h5py.File(out / shard["file"], "r") as f:
                 for name in f:
                     if name not in ("sample_bytes", "sample_offsets"):
@@ -263,8 +263,8 @@ def test_manifest_describes_the_cache(tmp_path, make_cache_config, llama_teacher
     assert "held-out source" in m["dataset"]["split_rule"] and m["ingest"]["documents"] <= 6
     assert not (out / "ingest").exists()  # the windows live on in the shards
     assert m["splits"]["train"]["num_sequences"] == 40  # data.max_train_sequences
-    for split in m["splits"].values():
-        for shard in split["shards"]:
+    for split in m["splits"]:
+        for shard in shard_records(out, m, split):
             assert len(shard["sha256"]) == 64
             with h5py.File(out / shard["file"], "r") as f:
                 meta = json.loads(f.attrs["kd_meta"])
@@ -429,8 +429,8 @@ def test_two_processes_equal_one(tmp_path, corpus_dir, llama_teacher):
             for name in a[split]:
                 np.testing.assert_array_equal(a[split][name], b[split][name], err_msg=f"{split}/{name}")
     ma, mb = (json.loads((d / MANIFEST).read_text()) for d in (one, two))
-    assert [s["sha256"] for s in ma["splits"]["train"]["shards"]] == [
-        s["sha256"] for s in mb["splits"]["train"]["shards"]
+    assert [s["sha256"] for s in shard_records(one, ma, "train")] == [
+        s["sha256"] for s in shard_records(two, mb, "train")
     ]
 
 
@@ -456,9 +456,11 @@ def test_verify_names_the_bad_sequence(tmp_path, make_cache_config, llama_teache
         f["topk_logprobs_q8"][3, 5, 0] = 0.5  # the anchor (top-1 log-prob) of a position made positive
         reseal_row(f, "topk_logprobs_q8", 3)
     m = json.loads((out / MANIFEST).read_text())
-    for s in m["splits"]["train"]["shards"]:
+    records = shard_records(out, m, "train")
+    for s in records:
         if s["file"] == shard.name:
             s["sha256"] = sha256_file(shard)
+    m["splits"]["train"]["shard_index"] = write_shard_index(out, "train", records)
     (out / MANIFEST).write_text(json.dumps(m))
     problems = verify(out, log=lambda *_: None)
     assert problems == ["shard train-00001.h5, sequence 11 of split train: log-probs are positive"]
@@ -510,7 +512,7 @@ def test_size_estimate_bounds_the_real_cache(tmp_path, make_cache_config, llama_
     for extra in ({}, {"cache.store_text": True, "cache.hidden_layers": "[]"}, {"cache.sample_n": 0}):
         out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / str(len(extra)), **extra))
         m = json.loads((out / MANIFEST).read_text())
-        shards = [s for split in m["splits"].values() for s in split["shards"]]
+        shards = [s for split in m["splits"] for s in shard_records(out, m, split)]
         n = sum(s["num_sequences"] for s in shards)
         est, high = (n * b + len(shards) * (64 << 10) for b in sequence_bytes(m))
         assert m["bytes"] <= high and m["bytes"] / 2 <= est <= 2 * m["bytes"], (extra, m["bytes"], est, high)
@@ -534,8 +536,8 @@ def test_shards_are_sized_in_bytes(tmp_path, make_cache_config, llama_teacher):
     )
     m = json.loads((out / MANIFEST).read_text())
     S = m["sequences_per_shard"]
-    for split in m["splits"].values():
-        shards = split["shards"]
+    for split in m["splits"]:
+        shards = shard_records(out, m, split)
         per_sequence = max(sh["bytes"] / sh["num_sequences"] for sh in shards)
         assert len(shards) > 1
         for sh in shards:

@@ -108,8 +108,9 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path, corpus_dir, llama_teacher):
     result = run_cli(*cache_overrides(llama_teacher, corpus_dir, tmp_path / "c"), "cache.topk=3")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown config key(s) cache.topk in section 'cache'; allowed: hidden_codec, hidden_layers, id_codec, "
-        "logprob_codec, output_dir, overwrite, sample_n, sample_seed, sequences_per_shard, shard_bytes, store_text, top_k"
+        "error: unknown config key(s) cache.topk in section 'cache'; allowed: hidden_basis_tokens, hidden_codec, "
+        "hidden_coefficients, hidden_layers, hidden_rank, id_codec, logprob_codec, output_dir, overwrite, sample_n, "
+        "sample_seed, sequences_per_shard, shard_bytes, store_text, top_k"
     ]
     assert not (tmp_path / "c").exists()
 

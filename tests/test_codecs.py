@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import cache_teacher
-from kd import codecs
-from kd.cache import FORMAT_VERSION, MANIFEST, TeacherCache, summary, verify
+from kd.cache import FORMAT_VERSION, MANIFEST, TeacherCache, codecs, summary, verify
 from kd.losses import sparse_kd_per_position
 from kd.teacher import sample_targets
 

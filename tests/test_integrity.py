@@ -15,7 +15,7 @@ from test_cache import crash_part_way
 from test_train import overrides
 
 import cache_teacher
-from kd.cache import MANIFEST, TeacherCache
+from kd.cache import MANIFEST, TeacherCache, shard_records, write_shard_index
 from kd.errors import KDError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,9 @@ def test_format_4_caches_are_read_and_their_fletcher32_checked(clean_cache, tmp_
     cache = tmp_path / "v4"
     cache.mkdir()
     m = json.loads((clean_cache / MANIFEST).read_text())
-    for rec in [s for split in m["splits"].values() for s in split["shards"]]:
+    for p in clean_cache.glob("*-shards.npy"):
+        shutil.copy(p, cache / p.name)
+    for rec in [s for split in m["splits"] for s in shard_records(clean_cache, m, split)]:
         with h5py.File(clean_cache / rec["file"], "r") as fi, h5py.File(cache / rec["file"], "w") as fo:
             meta = json.loads(fi.attrs["kd_meta"])
             fo.attrs["kd_meta"] = json.dumps(dict(meta, format_version=4))
@@ -143,27 +145,36 @@ def test_format_4_caches_are_read_and_their_fletcher32_checked(clean_cache, tmp_
 @pytest.mark.parametrize(
     "edit,match",
     [
-        (lambda m: m.update(top_k=8), "top_k is 16 in the shard and 8 in the manifest"),
-        (lambda m: m.update(seq_len=64), "seq_len is 32 in the shard and 64 in the manifest"),
-        (lambda m: m.update(sample_n=4), "sample_n is 8 in the shard and 4 in the manifest"),
+        (lambda m, c: m.update(top_k=8), "top_k is 16 in the shard and 8 in the manifest"),
+        (lambda m, c: m.update(seq_len=64), "seq_len is 32 in the shard and 64 in the manifest"),
+        (lambda m, c: m.update(sample_n=4), "sample_n is 8 in the shard and 4 in the manifest"),
         (
-            lambda m: m["teacher"].update(vocab_size=100),
+            lambda m, c: m["teacher"].update(vocab_size=100),
             "teacher.vocab_size is .* in the shard and 100 in the manifest",
         ),
         (
-            lambda m: m["teacher"].update(hidden_size=64),
+            lambda m, c: m["teacher"].update(hidden_size=64),
             "teacher.hidden_size is .* in the shard and 64 in the manifest",
         ),
-        (lambda m: m.update(config_hash="0" * 64), "it belongs to another cache"),
-        (lambda m: m["splits"]["train"].update(num_sequences=41), "says 41 sequences but its shards hold 40"),
-        (lambda m: m["splits"]["train"]["shards"].pop(2), "do not cover sequences 16..23"),
+        (lambda m, c: m.update(config_hash="0" * 64), "it belongs to another cache"),
+        (lambda m, c: m["splits"]["train"].update(num_sequences=41), "says 41 sequences but its shards hold 40"),
+        (
+            lambda m, c: m["splits"]["train"].update(
+                shard_index=write_shard_index(
+                    c, "train", [r for r in shard_records(c, m, "train") if r["first_sequence"] != 16]
+                )
+            ),
+            "do not cover sequences 16..23",
+        ),
+        (lambda m, c: (c / "train-shards.npy").write_bytes((c / "eval-shards.npy").read_bytes()), "sha256 differs"),
+        (lambda m, c: (c / "train-shards.npy").unlink(), "cannot read the shard index"),
     ],
 )
 def test_manifest_edits_are_caught_with_one_clear_message(clean_cache, tmp_path, edit, match):
     cache = tmp_path / "c"
     shutil.copytree(clean_cache, cache)
     m = json.loads((cache / MANIFEST).read_text())
-    edit(m)
+    edit(m, cache)
     (cache / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(KDError, match=match):
         split = TeacherCache(cache).split("train")

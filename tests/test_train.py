@@ -18,7 +18,7 @@ from conftest import ROOT, reseal_row
 
 import cache_teacher
 import train_student
-from kd.cache import MANIFEST, TeacherCache
+from kd.cache import MANIFEST, TeacherCache, shard_records
 from kd.config import load_config
 from kd.errors import KDError
 from kd.schedule import lr_at
@@ -275,7 +275,7 @@ def poisoned_cache(src: Path, dst: Path, sequences: list[int] | None) -> Path:
     """A copy of the cache whose teacher log-probs are NaN for the given train sequences (None = all)."""
     shutil.copytree(src, dst)
     m = json.loads((dst / MANIFEST).read_text())
-    for shard in m["splits"]["train"]["shards"]:
+    for shard in shard_records(dst, m, "train"):
         with h5py.File(dst / shard["file"], "r+") as f:
             for r, seq in enumerate(f["sequence_index"][:]):
                 if sequences is None or int(seq) in sequences:

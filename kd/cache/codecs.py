@@ -1,5 +1,7 @@
-"""Compact encodings of the cache's fields (format version 2). Every codec is a pure numpy function pair, exact or
-with a stated error bound, and decodes a whole sequence in a few vectorised operations (no Python loop per token).
+"""How the cache's fields are stored: codecs as a registry, one class per codec (`REGISTRY`, `field_codec`), over
+pure numpy encodings, each exact or with a stated error bound, that decode a whole sequence in a few vectorised
+operations (no Python loop per token). A field's codec is recorded in the manifest's `codecs` record as a spec
+({"name": ..., parameters}); a new codec is one class here plus its round-trip tests.
 
     bitpack        integer ids at ceil(log2 V) bits each (16 for the 49,152 SmolLM vocabulary, 18 for Qwen's
                    151,936), little-endian bit order, one byte string per sequence. Exact.
@@ -13,6 +15,13 @@ with a stated error bound, and decodes a whole sequence in a few vectorised oper
                    of them drawn more than once (both at count_bits), then all ids at id_bits, then only the
                    counts of those r ids (a once-drawn id has count 1 implicitly; ids are stored most frequent
                    first, so the repeated ones come first). One variable-length byte string per sequence.
+    lowrank        hidden states as coefficients on a per-layer basis fitted on the teacher's own states at the
+                   start of the caching pass (kd/cache/basis.py: the mean and the top-r principal directions of
+                   each stored layer, in the cache directory, its sha256 in the spec): h ~ mean + c @ U^T, the
+                   coefficients c = (h - mean) @ U stored q8 (per token and layer), fp16 or fp32. The error is the
+                   variance outside the r directions (`variance_kept` in the spec, per layer) plus the
+                   coefficients' rounding; with r = hidden size and fp32 coefficients it is exact up to fp32
+                   rounding. The reader decodes to the full hidden size, so every feature loss runs unchanged.
 Plain codecs ("plain" with a numpy dtype) store the array as is; format version 1 caches are read as all-plain.
 """
 
@@ -21,6 +30,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from kd.errors import KDError
 
 Q8_LEVELS = 255
 
@@ -148,8 +159,17 @@ def _byte_aligned(bits: int) -> int:
 # ---- codec specs as recorded in the manifest -----------------------------------------------------------------
 
 
-def codec_specs(vocab_size: int, id_codec: str, logprob_codec: str, hidden_codec: str, sample_n: int) -> dict:
-    """The manifest's `codecs` record for a new (format version 2) cache."""
+def codec_specs(
+    vocab_size: int,
+    id_codec: str,
+    logprob_codec: str,
+    hidden_codec: str,
+    sample_n: int,
+    hidden_rank: int = 0,
+    hidden_coefficients: str = "q8",
+) -> dict:
+    """The manifest's `codecs` record for a new (format version 2 on) cache. A `lowrank` spec gets its basis's
+    sha256 and kept variance once the basis is fitted (kd/cache/basis.py)."""
     plain_ids = {"name": "plain", "dtype": "uint16" if vocab_size <= 65536 else "int32"}
     ids = {"name": "bitpack", "bits": bits_for(vocab_size)} if id_codec == "bitpack" else plain_ids
 
@@ -160,7 +180,13 @@ def codec_specs(vocab_size: int, id_codec: str, logprob_codec: str, hidden_codec
         "input_ids": plain_ids,
         "topk_ids": ids,
         "topk_logprobs": {"name": "q8", "rounding": "mass"} if logprob_codec == "q8" else values(logprob_codec),
-        "hidden_states": {"name": "q8", "rounding": "nearest"} if hidden_codec == "q8" else values(hidden_codec),
+        "hidden_states": (
+            {"name": "q8", "rounding": "nearest"}
+            if hidden_codec == "q8"
+            else {"name": "lowrank", "rank": hidden_rank, "coefficients": _LOWRANK_VALUES[hidden_coefficients]}
+            if hidden_codec == "lowrank"
+            else values(hidden_codec)
+        ),
     }
     if sample_n:
         specs["samples"] = (
@@ -169,6 +195,9 @@ def codec_specs(vocab_size: int, id_codec: str, logprob_codec: str, hidden_codec
             else {"name": "plain", "dtype": plain_ids["dtype"]}
         )
     return specs
+
+
+_LOWRANK_VALUES = {"q8": "q8", "fp16": "float16", "fp32": "float32"}
 
 
 def v1_codec_specs(manifest: dict) -> dict:
@@ -182,12 +211,156 @@ def v1_codec_specs(manifest: dict) -> dict:
 
 
 def describe(spec: dict) -> str:
-    if spec["name"] == "plain":
-        return spec["dtype"]
-    if spec["name"] == "bitpack":
-        return f"bitpack {spec['bits']} bits"
     if spec["name"] == "ragged":
         return f"ragged ({spec['id_bits']}-bit ids, {spec['count_bits']}-bit counts)"
-    if spec["name"] == "q8":
-        return f"q8 (rounding {spec.get('rounding', 'nearest')})"
+    if spec["name"] in REGISTRY:
+        return field_codec(spec).describe()
     return spec["name"]
+
+
+# ---- the registry: one class per codec ------------------------------------------------------------------------
+
+
+class Codec:
+    """One way of storing a field: the HDF5 datasets it takes (each with one row per sequence) and the conversion
+    between the field's decoded layout and them. `spec` is the manifest's record for the field."""
+
+    name = ""
+
+    def __init__(self, spec: dict, basis=None):
+        self.spec = spec
+
+    def datasets(self, field: str, shape: tuple) -> dict[str, tuple[tuple, np.dtype]]:
+        """Dataset name -> (per-sequence shape, dtype) for a field of decoded per-sequence `shape`."""
+        raise NotImplementedError
+
+    def encode(self, field: str, batch) -> dict[str, np.ndarray]:
+        """A batch [n, ...] in the decoded layout -> each dataset's rows [n, ...]."""
+        raise NotImplementedError
+
+    def decode(self, row, field: str, shape: tuple) -> np.ndarray:
+        """One sequence, decoded; `row(ds)` returns its row of dataset ds as stored (kd.cache.ShardRows.get).
+        Ids come back int64, plain values in their stored dtype, quantised values as fp32."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+class Plain(Codec):
+    name = "plain"
+
+    def datasets(self, field, shape):
+        return {field: (shape, np.dtype(self.spec["dtype"]))}
+
+    def encode(self, field, batch):
+        return {field: np.asarray(batch)}
+
+    def decode(self, row, field, shape):
+        a = row(field)
+        return a.astype(np.int64) if a.dtype.kind in "ui" else a
+
+    def describe(self):
+        return self.spec["dtype"]
+
+
+class BitPack(Codec):
+    name = "bitpack"
+
+    def datasets(self, field, shape):
+        return {field: ((packed_nbytes(int(np.prod(shape)), self.spec["bits"]),), np.dtype(np.uint8))}
+
+    def encode(self, field, batch):
+        return {field: np.stack([pack_bits(b, self.spec["bits"]) for b in np.asarray(batch)])}
+
+    def decode(self, row, field, shape):
+        return unpack_bits(row(field), self.spec["bits"], int(np.prod(shape))).reshape(shape)
+
+    def describe(self):
+        return f"bitpack {self.spec['bits']} bits"
+
+
+class Q8(Codec):
+    name = "q8"
+
+    def datasets(self, field, shape):
+        return {field: (shape, np.dtype(np.uint8)), field + "_q8": (shape[:-1] + (2,), np.dtype(np.float32))}
+
+    def encode(self, field, batch):
+        q, params = q8_encode(batch, self.spec.get("rounding", "nearest"))
+        return {field: q, field + "_q8": params}
+
+    def decode(self, row, field, shape):
+        return q8_decode(row(field), row(field + "_q8"))
+
+    def describe(self):
+        return f"q8 (rounding {self.spec.get('rounding', 'nearest')})"
+
+
+class LowRank(Codec):
+    """Hidden states [L, T, H] as coefficients [L, T, r] on a fitted per-layer basis (see the module docstring).
+    Encoding accepts a torch tensor and projects on its device (the teacher's GPU), so only [.., r] leaves it."""
+
+    name = "lowrank"
+
+    def __init__(self, spec: dict, basis=None):
+        super().__init__(spec)
+        self.basis, self._on_device = basis, {}
+        if spec["coefficients"] not in ("q8", "float16", "float32"):
+            raise KDError(f"unknown lowrank coefficient storage {spec['coefficients']!r}: upgrade kd")
+
+    def datasets(self, field, shape):
+        L, T, _ = shape
+        r = self.spec["rank"]
+        if self.spec["coefficients"] == "q8":
+            return {field: ((L, T, r), np.dtype(np.uint8)), field + "_q8": ((L, T, 2), np.dtype(np.float32))}
+        return {field: ((L, T, r), np.dtype(self.spec["coefficients"]))}
+
+    def _need_basis(self):
+        if self.basis is None:
+            raise KDError("a lowrank hidden-state codec needs its basis (kd/cache/basis.py); none was given")
+        return self.basis
+
+    def coefficients(self, x) -> np.ndarray:
+        """Hidden states [n, L, T, H] (numpy, or torch on any device) -> coefficients [n, L, T, r] fp32 numpy."""
+        b = self._need_basis()
+        if isinstance(x, np.ndarray):
+            return np.einsum("nlth,lhr->nltr", x.astype(np.float32) - b.mean[None, :, None, :], b.components)
+        import torch
+
+        if x.device not in self._on_device:
+            self._on_device[x.device] = (
+                torch.from_numpy(b.mean).to(x.device),
+                torch.from_numpy(b.components).to(x.device),
+            )
+        mean, comp = self._on_device[x.device]
+        return torch.einsum("nlth,lhr->nltr", x.float() - mean[None, :, None, :], comp).cpu().numpy()
+
+    def encode(self, field, batch):
+        c = self.coefficients(batch)
+        if self.spec["coefficients"] == "q8":
+            q, params = q8_encode(c, "nearest")
+            return {field: q, field + "_q8": params}
+        return {field: c.astype(self.spec["coefficients"])}
+
+    def decode(self, row, field, shape):
+        b = self._need_basis()
+        c = q8_decode(row(field), row(field + "_q8")) if self.spec["coefficients"] == "q8" else row(field)
+        return b.mean[:, None, :] + np.matmul(c.astype(np.float32), b.components_t)
+
+    def describe(self):
+        kept = self.spec.get("variance_kept")
+        return f"lowrank r={self.spec['rank']} ({self.spec['coefficients']} coefficients" + (
+            f"; variance kept {', '.join(f'{v:.3f}' for v in kept)})" if kept else ")"
+        )
+
+
+REGISTRY = {c.name: c for c in (Plain, BitPack, Q8, LowRank)}
+
+
+def field_codec(spec: dict, basis=None) -> Codec:
+    """The codec object for a field's spec (`basis`: the cache's HiddenBasis, for `lowrank`)."""
+    cls = REGISTRY.get(spec["name"])
+    if cls is None:
+        raise KDError(f"unknown codec {spec['name']!r}: this kd cannot read the cache, upgrade kd")
+    return cls(spec, basis)

@@ -1,0 +1,201 @@
+"""The cache format: constants, names, the table of fields, and what a shard must hold.
+
+`FIELDS` is the one table the writer (kd/cache/writer.py), the reader (kd/cache/reader.py), `verify`, the size
+estimates and the manifest's dataset check are driven by: a new field with a codec is one row here.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from kd.cache import codecs
+
+FORMAT = "kd-teacher-cache"
+FORMAT_VERSION = 6  # 6: per-shard records in a binary index per split (`train-shards.npy`), not in the manifest's JSON
+# (100,000 records load in milliseconds instead of parsing ~37 MB of JSON); shards as in 5. 5: a checksum per sequence and dataset (`checksums`), checked on every read, instead of 4's
+# HDF5 fletcher32 per chunk (4 is still read, its fletcher32 checked by HDF5); 4: manifest keeps config_hash
+# 3: streaming ingest (per-document split rule and counts, no document list); shards as in 2
+SPLITS = ("train", "eval")
+MANIFEST = "manifest.json"
+CONFIG_FILE = "cache_config.json"
+META_ATTR = "kd_meta"
+# Open shard files per reading process (each DataLoader worker): far below common `ulimit -n` values (1024, 256),
+# and enough that a sequential or shard-buffered read reopens nothing.
+MAX_OPEN_FILES = 32
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.h5"
+
+
+def shard_index_name(split: str) -> str:
+    return f"{split}-shards.npy"
+
+
+# One record per shard in DIR/<split>-shards.npy (numpy .npy, no pickles), ordered by first sequence; the manifest
+# names the file with its sha256 and record count. Older manifests list the same records as JSON objects.
+SHARD_RECORD = np.dtype(
+    [
+        ("file", "S32"),
+        ("first_sequence", "<i8"),
+        ("num_sequences", "<i8"),
+        ("num_tokens", "<i8"),
+        ("num_documents", "<i8"),
+        ("bytes", "<i8"),
+        ("sha256", "S64"),
+        ("input_sha256", "S64"),
+    ]
+)
+
+
+def sidecar_path(shard):
+    return shard.with_suffix(".json")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """A cache's sizes: T = seq_len, k = top_k, L = stored layers, H = teacher hidden size."""
+
+    T: int
+    k: int
+    L: int
+    H: int
+
+    @classmethod
+    def of(cls, manifest: dict) -> Dims:
+        return cls(
+            manifest["seq_len"], manifest["top_k"], len(manifest["hidden_layers"]), manifest["teacher"]["hidden_size"]
+        )
+
+
+@dataclass(frozen=True)
+class Field:
+    """A per-position field stored through a codec: its name (as the reader returns it, and its key in the
+    manifest's `codecs`), its decoded per-sequence shape, whether a cache stores it."""
+
+    name: str
+    shape: Callable[[Dims], tuple]
+    stored: Callable[[Dims], bool]
+
+
+FIELDS = (
+    Field("input_ids", lambda d: (d.T,), lambda d: True),
+    Field("topk_ids", lambda d: (d.T, d.k), lambda d: True),
+    Field("topk_logprobs", lambda d: (d.T, d.k), lambda d: True),
+    Field("hidden_states", lambda d: (d.L, d.T, d.H), lambda d: d.L > 0),
+)
+# Besides FIELDS: `samples` (sample_ids + sample_counts, decoded together; codec `ragged` or plain arrays), `text`
+# and `token_spans` (store_text), and the whole-shard datasets below.
+
+
+def coded_fields(dims: Dims) -> list[Field]:
+    return [f for f in FIELDS if f.stored(dims)]
+
+
+def field_shapes(manifest: dict) -> dict[str, tuple]:
+    """Per-sequence decoded shape of each codec field."""
+    d = Dims.of(manifest)
+    return {f.name: f.shape(d) for f in FIELDS}
+
+
+def manifest_codecs(manifest: dict) -> dict:
+    return manifest["codecs"] if manifest["format_version"] >= 2 else codecs.v1_codec_specs(manifest)
+
+
+def field_datasets(specs: dict, dims: Dims) -> dict[str, tuple[tuple, np.dtype]]:
+    """HDF5 datasets (name -> per-sequence shape, dtype) of every stored codec field, in table order."""
+    out = {}
+    for f in coded_fields(dims):
+        out.update(codecs.field_codec(specs[f.name]).datasets(f.name, f.shape(dims)))
+    return out
+
+
+def row_datasets(specs: dict, num_layers: int, sample_n: int, store_text: bool) -> list[str]:
+    """The datasets with one row per sequence (the ragged `sample_bytes`: one [start, end) slice per sequence), in
+    the column order of a shard's `checksums` table."""
+    names = list(field_datasets(specs, Dims(1, 1, num_layers, 1)))
+    if sample_n:
+        names += ["sample_bytes"] if specs["samples"]["name"] == "ragged" else ["sample_ids", "sample_counts"]
+    return names + (["text", "token_spans"] if store_text else [])
+
+
+# Datasets a shard holds whole (one value per sequence, or the ragged offsets): checksummed whole, checked on open.
+SHARD_DATASETS = ("lengths", "sequence_index", "sample_offsets")
+
+
+def checksum(a) -> int:
+    """An error-detecting checksum of an array's (or bytes') raw bytes, written at cache time per sequence and
+    dataset and checked on every read. Not cryptographic (`verify` checks each shard's sha256): it catches flipped
+    bits, zeroed or stale pages and misplaced data. Up to 64 KiB: zlib's crc32 (about a microsecond per KiB). Above:
+    the sums (modulo 2^64) of the little-endian uint64 words of each 8 KiB block, combined with odd weights
+    1, 3, 5, ... (an odd weight is invertible modulo 2^64, so a change to any one word, a single flipped bit
+    included, changes the result; so does moving a block), plus the crc32 of the bytes after the last whole block.
+    The block sums run at memory speed, 7x crc32, which matters because a sequence's hidden states (~600 KB) are
+    checked on every read (bench/bench_integrity.py)."""
+    b = np.frombuffer(a, np.uint8) if isinstance(a, bytes) else np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    if b.size <= 1 << 16:
+        return zlib.crc32(b)
+    n = b.size >> 13 << 13
+    sums = b[:n].view("<u8").reshape(-1, 1024).sum(axis=1, dtype=np.uint64)
+    total = int(np.dot(sums, _odd_weights(sums.size)))  # wraps modulo 2^64, as uint64 arithmetic does
+    tail = zlib.crc32(b[n:]) if n < b.size else 0
+    return (total ^ b.size ^ (tail << 32)) & 0xFFFFFFFFFFFFFFFF
+
+
+@functools.lru_cache(maxsize=64)
+def _odd_weights(n: int) -> np.ndarray:
+    return np.arange(1, 2 * n, 2, dtype=np.uint64)
+
+
+def dataset_mismatch(f, manifest: dict, n: int) -> str | None:
+    """The first dataset of an open shard of n sequences whose presence, shape or dtype differs from what the
+    manifest implies (None if all match). Shared by `verify` and the reader's check on open."""
+    dims, n_samples = Dims.of(manifest), manifest.get("sample_n", 0)
+    specs = manifest_codecs(manifest)
+    expected = {"lengths": ((n,), None), "sequence_index": ((n,), None)}
+    expected.update({ds: ((n,) + sh, dt) for ds, (sh, dt) in field_datasets(specs, dims).items()})
+    if n_samples and specs["samples"]["name"] == "ragged":
+        expected["sample_offsets"] = ((n + 1,), None)
+    elif n_samples:
+        expected["sample_ids"] = expected["sample_counts"] = ((n, dims.T, n_samples), None)
+    if manifest["format_version"] >= 5:
+        cols = row_datasets(specs, dims.L, n_samples, bool(manifest.get("store_text")))
+        expected["checksums"] = ((n, len(cols)), np.dtype(np.uint64))
+    for name, (shape, dtype) in expected.items():
+        if name not in f or f[name].shape != shape or (dtype is not None and f[name].dtype != dtype):
+            got = f"{f[name].dtype} {f[name].shape}" if name in f else "missing"
+            return f"dataset {name} is {got}, expected {dtype or ''} {shape}"
+    return None
+
+
+def sequence_bytes(meta: dict) -> tuple[int, int]:
+    """(estimate, upper bound) of the bytes one sequence takes in a shard with this metadata (a manifest, or the
+    teacher pass's `meta`): exact for the fixed-size datasets; ragged sampled targets and stored text vary, so the
+    estimate assumes n/4 distinct ids per position and 4 bytes per token of text, the bound n ids and 16 bytes."""
+    specs, dims = meta["codecs"], Dims.of(meta)
+    T, n = dims.T, meta.get("sample_n", 0)
+    fixed = 4 + 8 + 8 * len(row_datasets(specs, dims.L, n, False))
+    fixed += sum(int(np.prod(sh)) * dt.itemsize for sh, dt in field_datasets(specs, dims).values())
+    est = high = fixed
+    if n and specs["samples"]["name"] == "ragged":
+        per_id = (specs["samples"]["id_bits"] + specs["samples"]["count_bits"]) / 8
+        est += int(T * (2 + per_id * max(1, n // 4))) + 8
+        high += int(T * (2 + per_id * n)) + 8
+    elif n:
+        est = high = fixed + T * n * (np.dtype(specs["samples"]["dtype"]).itemsize + 1)
+    if meta.get("store_text"):
+        est, high = est + T * (4 + 8), high + T * (16 + 8)
+    return est, high
+
+
+def shard_sequences(meta: dict, shard_bytes: int) -> int:
+    """Sequences per shard so that a shard holds at most `shard_bytes` plus one sequence: the bound of
+    sequence_bytes plus 1 KiB per row dataset (HDF5's chunk index, measured ~0.7 KiB per chunk) per sequence.
+    A function of the config alone, so every process and every resume cuts the same shards."""
+    rows = row_datasets(meta["codecs"], len(meta["hidden_layers"]), meta.get("sample_n", 0), meta.get("store_text"))
+    return max(1, shard_bytes // (sequence_bytes(meta)[1] + 1024 * len(rows)))
