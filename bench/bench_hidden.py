@@ -70,7 +70,7 @@ def per_token_errors(decoded: np.ndarray, original: np.ndarray) -> dict:
 
     centered = o - o.mean(axis=(0, 2), keepdims=True)
     return {
-        "1-cos": float((1 - cos).mean()),
+        "1-cos": max(0.0, float((1 - cos).mean())),  # not -0.0000 from rounding
         "nmse": float(((ln(d) - ln(o)) ** 2).mean(-1).mean()),
         "rel_l2": float(np.linalg.norm(d - o) / np.linalg.norm(centered)),
     }

@@ -134,7 +134,7 @@ def main() -> None:
         "format 4, fletcher32": (work / "v4", v4, True),
     }
     print(
-        f"{n} sequences in {args.shards} shards, all read in a shuffled order; {args.rounds} rounds, each reading "
+        f"{n} sequences in {len(v5['splits']['train']['shards'])} shards, all read in a shuffled order; {args.rounds} rounds, each reading "
         "with the three readers back to back: the median of the per-round ratios (drift between rounds cancels)"
     )
     for batch, what in ((0, "one sequence at a time (split[i])"), (8, "batches of 8 through the training loader")):
