@@ -1,6 +1,6 @@
 """How the cache's fields are stored: codecs as a registry, one class per codec (`REGISTRY`, `field_codec`), over
-pure numpy encodings, each exact or with a stated error bound, that decode a whole sequence in a few vectorised
-operations (no Python loop per token). A field's codec is recorded in the manifest's `codecs` record as a spec
+numpy encodings (lowrank decodes with torch), each exact or with a stated error bound, that decode a whole sequence
+in a few vectorised operations (no Python loop per token). A field's codec is recorded in the manifest's `codecs` record as a spec
 ({"name": ..., parameters}); a new codec is one class here plus its round-trip tests.
 
     bitpack        integer ids at ceil(log2 V) bits each (16 for the 49,152 SmolLM vocabulary, 18 for Qwen's

@@ -16,10 +16,13 @@ import numpy as np
 from kd.cache import codecs
 
 FORMAT = "kd-teacher-cache"
-FORMAT_VERSION = 6  # 6: per-shard records in a binary index per split (`train-shards.npy`), not in the manifest's JSON
-# (100,000 records load in milliseconds instead of parsing ~37 MB of JSON); shards as in 5. 5: a checksum per sequence and dataset (`checksums`), checked on every read, instead of 4's
-# HDF5 fletcher32 per chunk (4 is still read, its fletcher32 checked by HDF5); 4: manifest keeps config_hash
-# 3: streaming ingest (per-document split rule and counts, no document list); shards as in 2
+FORMAT_VERSION = 6
+# 6: per-shard records in a binary index per split (`train-shards.npy`), not in the manifest's JSON (100,000
+#    records load in milliseconds instead of parsing ~37 MB of JSON); shards as in 5
+# 5: a checksum per sequence and dataset (`checksums`), checked on every read, instead of 4's HDF5 fletcher32 per
+#    chunk (4 is still read, its fletcher32 checked by HDF5)
+# 4: the manifest keeps config_hash; 3: streaming ingest (per-document split rule and counts, no document list);
+#    shards as in 2
 SPLITS = ("train", "eval")
 MANIFEST = "manifest.json"
 CONFIG_FILE = "cache_config.json"
