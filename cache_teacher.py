@@ -418,10 +418,11 @@ class TeacherModel:
 def fit_hidden_basis(cfg: CacheConfig, index: WindowIndex, teacher: TeacherModel, config_hash: str) -> HiddenBasis:
     """The lowrank codec's basis from the first cache.hidden_basis_tokens train tokens (kd/cache/basis.py)."""
     layers = cfg.cache.hidden_layers
-    n, total = 0, 0
-    while n < index.num_sequences["train"] and total < cfg.cache.hidden_basis_tokens:  # whole windows, in order
-        total += int(index.read("train", n, n + 1, ["lengths"])["lengths"][0])
-        n += 1
+    # whole windows in order until hidden_basis_tokens are reached; a window holds at least one token, so the first
+    # hidden_basis_tokens windows always suffice
+    lengths = index.read("train", 0, min(index.num_sequences["train"], cfg.cache.hidden_basis_tokens), ["lengths"])
+    n = int(np.searchsorted(np.cumsum(lengths["lengths"]), cfg.cache.hidden_basis_tokens) + 1)
+    n = min(n, index.num_sequences["train"])
     model = teacher()
     fit = BasisFit(len(layers), model.config.hidden_size, teacher.device)
     body = model.base_model if model.base_model is not model else model  # hidden states only: no LM head

@@ -56,6 +56,14 @@ SHARD_RECORD = np.dtype(
 )
 
 
+def records_table(records: list[dict]) -> np.ndarray:
+    """Shard records (sidecar or manifest dicts) -> a SHARD_RECORD array, by first sequence; missing keys are 0/""."""
+    table = np.zeros(len(records), SHARD_RECORD)
+    for name in SHARD_RECORD.names:
+        table[name] = [r.get(name, 0 if SHARD_RECORD[name].kind == "i" else "") for r in records]
+    return np.sort(table, order="first_sequence")
+
+
 def sidecar_path(shard):
     return shard.with_suffix(".json")
 
@@ -108,6 +116,11 @@ def field_shapes(manifest: dict) -> dict[str, tuple]:
 
 def manifest_codecs(manifest: dict) -> dict:
     return manifest["codecs"] if manifest["format_version"] >= 2 else codecs.v1_codec_specs(manifest)
+
+
+def field_codecs(specs: dict, names, basis=None) -> dict:
+    """name -> codec object for each named field (`basis`: the cache's HiddenBasis, used by a lowrank hidden codec)."""
+    return {n: codecs.field_codec(specs[n], basis if n == "hidden_states" else None) for n in names}
 
 
 def field_datasets(specs: dict, dims: Dims) -> dict[str, tuple[tuple, np.dtype]]:

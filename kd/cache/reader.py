@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kd.cache.basis import BASIS_FILE, HiddenBasis
-from kd.cache.codecs import field_codec, ragged_decode
+from kd.cache.codecs import ragged_decode
 from kd.cache.format import (
     CONFIG_FILE,
     FIELDS,
@@ -25,8 +25,10 @@ from kd.cache.format import (
     SHARD_RECORD,
     checksum,
     dataset_mismatch,
+    field_codecs,
     field_shapes,
     manifest_codecs,
+    records_table,
 )
 from kd.errors import KDError
 
@@ -106,27 +108,23 @@ def shard_table(root: Path, manifest: dict, split: str) -> np.ndarray:
     the manifest names (format 6 on; its sha256 checked) or from the manifest's JSON list (older caches)."""
     info = manifest["splits"][split]
     if "shards" in info:
-        records = info["shards"]
-        table = np.zeros(len(records), SHARD_RECORD)
-        for name in SHARD_RECORD.names:
-            table[name] = [r.get(name, 0 if SHARD_RECORD[name].kind == "i" else "") for r in records]
-    else:
-        ref = info["shard_index"]
-        path = root / ref["file"]
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise KDError(
-                f"cannot read the shard index {path} of cache {root} ({e}): the cache is damaged; re-cache"
-            ) from None
-        if hashlib.sha256(data).hexdigest() != ref["sha256"]:
-            raise KDError(
-                f"the shard index {path} does not match the manifest (sha256 differs): the cache was changed or "
-                f"damaged; run python -m kd.cache verify {root}, or re-cache"
-            )
-        table = np.load(io.BytesIO(data), allow_pickle=False)
-        if table.dtype != SHARD_RECORD or len(table) != ref["num_shards"]:
-            raise KDError(f"the shard index {path} is not a kd shard index of {ref['num_shards']} records: re-cache")
+        return records_table(info["shards"])
+    ref = info["shard_index"]
+    path = root / ref["file"]
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise KDError(
+            f"cannot read the shard index {path} of cache {root} ({e}): the cache is damaged; re-cache"
+        ) from None
+    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise KDError(
+            f"the shard index {path} does not match the manifest (sha256 differs): the cache was changed or "
+            f"damaged; run python -m kd.cache verify {root}, or re-cache"
+        )
+    table = np.load(io.BytesIO(data), allow_pickle=False)
+    if table.dtype != SHARD_RECORD or len(table) != ref["num_shards"]:
+        raise KDError(f"the shard index {path} is not a kd shard index of {ref['num_shards']} records: re-cache")
     return np.sort(table, order="first_sequence")
 
 
@@ -182,11 +180,7 @@ class CacheSplit:
         basis = None
         if spec["name"] == "lowrank" and "hidden_states" in self.fields:  # [L, H, r]: small, pickled to workers
             basis = HiddenBasis.load(root / BASIS_FILE, spec.get("basis_sha256"))
-        self.field_codecs = {
-            f.name: field_codec(self.codecs[f.name], basis if f.name == "hidden_states" else None)
-            for f in FIELDS
-            if f.name in self.fields
-        }
+        self.field_codecs = field_codecs(self.codecs, [f.name for f in FIELDS if f.name in self.fields], basis)
         self.seq_len, self.sample_n = manifest["seq_len"], manifest.get("sample_n", 0)
         self.manifest = {k: v for k, v in manifest.items() if k != "splits"}  # the cache-wide description
         # the shard records must tile the split: a removed or edited record is caught here

@@ -8,8 +8,17 @@ from pathlib import Path
 import numpy as np
 
 from kd.cache.basis import BASIS_FILE, HiddenBasis
-from kd.cache.codecs import describe, field_codec
-from kd.cache.format import FORMAT, META_ATTR, Dims, coded_fields, dataset_mismatch, field_shapes, manifest_codecs
+from kd.cache.codecs import describe
+from kd.cache.format import (
+    FORMAT,
+    META_ATTR,
+    Dims,
+    coded_fields,
+    dataset_mismatch,
+    field_codecs,
+    field_shapes,
+    manifest_codecs,
+)
 from kd.cache.reader import ShardRows, decode_samples, read_manifest, shard_records
 from kd.errors import KDError
 from kd.io import sha256_file
@@ -69,9 +78,7 @@ def verify(path: str | Path, log=print) -> list[str]:
             return [str(e)]
         log(f"ok {BASIS_FILE}: rank {basis.rank}, variance kept {basis.variance_kept()}")
     dims = Dims.of(manifest)
-    fields = {
-        f.name: field_codec(specs[f.name], basis if f.name == "hidden_states" else None) for f in coded_fields(dims)
-    }
+    fields = field_codecs(specs, [f.name for f in coded_fields(dims)], basis)
     for split, info in manifest["splits"].items():
         expected_next = 0
         try:

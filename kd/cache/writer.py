@@ -10,15 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-from kd.cache.codecs import field_codec, ragged_encode
+from kd.cache.codecs import ragged_encode
 from kd.cache.format import (
     META_ATTR,
     SHARD_DATASETS,
-    SHARD_RECORD,
     Dims,
     checksum,
     coded_fields,
+    field_codecs,
     field_datasets,
+    records_table,
     row_datasets,
     shard_index_name,
     sidecar_path,
@@ -69,10 +70,7 @@ class ShardWriter:
             self.f.create_dataset("lengths", (N,), np.int32, chunks=(N,))
             self.f.create_dataset("sequence_index", (N,), np.int64, chunks=(N,))
             dims = Dims(T, k, num_layers, hidden_size)
-            self.field_codecs = {
-                f.name: field_codec(codecs[f.name], basis if f.name == "hidden_states" else None)
-                for f in coded_fields(dims)
-            }
+            self.field_codecs = field_codecs(codecs, [f.name for f in coded_fields(dims)], basis)
             for ds, (ds_shape, dtype) in field_datasets(codecs, dims).items():
                 self.f.create_dataset(ds, (N,) + ds_shape, dtype, chunks=(1,) + ds_shape)
             if store_text:
@@ -217,10 +215,7 @@ def complete_shard_info(path: Path, config_hash: str) -> dict | None:
 def write_shard_index(root: Path, split: str, records: list[dict]) -> dict:
     """A split's shard records (sidecar dicts) -> DIR/<split>-shards.npy, written atomically; returns the manifest's
     reference to it ({file, sha256, num_shards})."""
-    table = np.zeros(len(records), SHARD_RECORD)
-    for name in SHARD_RECORD.names:
-        table[name] = [r.get(name, 0 if SHARD_RECORD[name].kind == "i" else "") for r in records]
-    table.sort(order="first_sequence")
+    table = records_table(records)
     buf = io.BytesIO()
     np.save(buf, table, allow_pickle=False)
     data, path = buf.getvalue(), root / shard_index_name(split)
