@@ -51,13 +51,23 @@ from kd.train.checkpoint import prepare_run_dir, save_checkpoint, save_final
 from kd.train_config import TrainConfig
 
 
-def build_student(cfg: TrainConfig, tokenizer, teacher_vocab: int):
+def build_student(
+    cfg: TrainConfig, tokenizer, teacher_vocab: int, cache: TeacherCache | None = None, log=print, device="cpu"
+):
+    """The student LM (`cache`: the teacher's, needed to cut a student from it). A student cut from the teacher
+    carries what kd.prune kept and measured in `lm.config.kd_pruned_from` (saved with it in config.json)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from kd.assets import resolve_path
 
     s = cfg.student
-    if s.pretrained is not None:
+    if s.from_teacher is not None:  # cut from the cache's teacher: every process cuts the same (a deterministic pass)
+        from kd import prune
+
+        if cache is None:
+            raise KDError("student.from_teacher cuts the student from a cache's teacher: give the cache")
+        lm, _ = prune.from_teacher(cache, s.from_teacher, log, device)
+    elif s.pretrained is not None:
         try:
             lm = AutoModelForCausalLM.from_pretrained(
                 resolve_path(s.pretrained),
@@ -131,10 +141,10 @@ def warn_or_refuse(accelerator, message: str, policy: str, switch: str) -> None:
         print(f"{bar}\nWARNING: {message} ({switch}=refuse stops here)\n{bar}", file=sys.stderr, flush=True)
 
 
-def check_feature_layers(cfg: TrainConfig, cache: TeacherCache, student_layers: int) -> list[int]:
+def check_feature_layers(pairs: list[list[int]], cache: TeacherCache, student_layers: int) -> list[int]:
     """Validate the layer map; return each pair's slot in the cached hidden_states."""
     slots = []
-    for s_layer, t_layer in cfg.loss.feature_layers:
+    for s_layer, t_layer in pairs:
         if not 0 <= s_layer <= student_layers:
             raise KDError(f"loss.feature_layers: student layer {s_layer} out of range 0..{student_layers}")
         if t_layer not in cache.hidden_layers:
@@ -208,7 +218,10 @@ def main(cfg: TrainConfig) -> Path:
     # 1. Inputs, checked before anything is written: cache, tokenizer match, run directory, layer map.
     cache = TeacherCache(tc.cache_dir, check=not tc.trust_cache)
     teacher_tok = cache.manifest["tokenizer"]
-    tok_source = cfg.student.tokenizer or cfg.student.pretrained or cache.manifest["teacher"]["name_or_path"]
+    from_teacher = cfg.student.from_teacher.teacher if cfg.student.from_teacher else None
+    tok_source = (
+        cfg.student.tokenizer or cfg.student.pretrained or from_teacher or cache.manifest["teacher"]["name_or_path"]
+    )
     tokenizer = load_tokenizer(tok_source)
     cross = cfg.loss.cross_tokenizer is not None
     extra_windows, extra_sep = (
@@ -266,7 +279,10 @@ def main(cfg: TrainConfig) -> Path:
     # 2. Student, projectors, optimizer. Weight decay skips biases and norm weights (1-D tensors).
     set_seed(tc.seed)
     # across tokenizers teacher ids never index the student logits (they are mapped), so no vocabulary floor
-    lm = build_student(cfg, tokenizer, 0 if cross else cache.manifest["teacher"]["vocab_size"])
+    say = print if accelerator.is_main_process else (lambda *a, **k: None)
+    lm = build_student(
+        cfg, tokenizer, 0 if cross else cache.manifest["teacher"]["vocab_size"], cache, say, accelerator.device
+    )
     # the student must see a whole window: a shorter context trains silently wrong (Llama) or fails mid-run (GPT-2)
     window = train_split.arrays["input_ids"].shape[1] if cross else cache.seq_len
     context = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
@@ -276,8 +292,20 @@ def main(cfg: TrainConfig) -> Path:
             f"give the student a context of at least {window} (student.config max_position_embeddings), or "
             "re-cache with a smaller data.seq_len"
         )
-    slots = check_feature_layers(cfg, cache, lm.config.num_hidden_layers)
-    model = DistillModel(lm, cfg.loss.feature_layers if need_hidden else [], cache.manifest["teacher"]["hidden_size"])
+    pairs = cfg.loss.feature_layers
+    if need_hidden and not pairs:  # only a student cut from the teacher may leave them empty (TrainConfig checks)
+        from kd.prune import feature_pairs
+
+        pruned = lm.config.kd_pruned_from
+        pairs = feature_pairs(pruned, cache.hidden_layers)
+        if not pairs:
+            raise KDError(
+                f"the feature loss has no default layer pairs: no kept layer's teacher layer is in the cache (it stores "
+                f"{cache.hidden_layers}, the student kept {pruned['teacher_layers']}); set loss.feature_layers"
+            )
+        say(f"[student] feature pairs [student, teacher] from the kept layers: {pairs}")
+    slots = check_feature_layers(pairs, cache, lm.config.num_hidden_layers)
+    model = DistillModel(lm, pairs if need_hidden else [], cache.manifest["teacher"]["hidden_size"])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [

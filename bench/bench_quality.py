@@ -17,8 +17,10 @@ divergence kind (kd/losses/divergences.py) against the cached top-256 with the t
 and standard deviation of its held-out CE, each seed's CE, its bits per character, and marks with ~ a difference to
 CE only that is smaller than twice its standard error (within noise).
 
-Student: the demo's random-init 6-layer 256-wide Llama with the SmolLM tokenizer (configs/train_shakespeare.yaml);
-the cache must exist (scripts/demo.sh or cache_teacher.py). Each variant is one train_student.py process.
+Student: the demo's random-init 6-layer 256-wide Llama with the SmolLM tokenizer (configs/train_shakespeare.yaml),
+or `--student DIR`, a real model folder (a pretrained model, or one cut from the teacher by `python -m kd.prune`;
+bench/bench_prune.py runs that comparison end to end); the cache must exist (scripts/demo.sh or cache_teacher.py).
+Each variant is one train_student.py process.
 """
 
 from __future__ import annotations
@@ -101,8 +103,25 @@ def main() -> None:
     ap.add_argument(
         "--seeds", default="0,1,2", help="comma-separated train.seed values; each variant runs once per seed"
     )
+    ap.add_argument(
+        "--student",
+        help="a real student instead of the config's random-init one: a model folder (e.g. one `python -m kd.prune` "
+        "wrote) for student.pretrained; the feature loss is then off (its layer pairs are the demo student's)",
+    )
+    ap.add_argument("--set", nargs="*", default=[], help="extra dotted overrides for every run (e.g. train.lr=3e-4)")
     args = ap.parse_args()
-    variants = list(SUITES[args.suite].items())
+    variants = [(name, ov + args.set) for name, ov in SUITES[args.suite].items()]
+    if args.student:
+        real = ["student.config=null", f"student.pretrained={args.student}", "loss.feature_layers=[]"]
+        # the feature loss off: a variant's own alpha_feature (0, or null beside a term list) is kept
+        variants = [
+            (
+                name,
+                real + ov + ([] if any(o.startswith("loss.alpha_feature") for o in ov) else ["loss.alpha_feature=0"]),
+            )
+            for name, ov in variants
+            if "feature" not in name
+        ]
     cache = args.cache or CACHES[args.suite]
     picked = [int(i) for i in args.only.split(",")] if args.only else range(len(variants))
     seeds = [int(x) for x in args.seeds.split(",")]

@@ -32,19 +32,29 @@ def _load(model_dir: str, dtype: str):
 
 def on_cache(model_dir: str, cache_dir: str, split: str, max_sequences: int | None, batch_size: int, dtype: str):
     """(metrics as the trainer logs them, eval/*, the teacher's score on the split from the manifest or None)."""
+    from kd.cache import TeacherCache
+
+    cache = TeacherCache(cache_dir)
+    lm, tok = _load(model_dir, dtype)
+    metrics = score_on_cache(lm, tok, cache, split, max_sequences, batch_size, where=model_dir)
+    n = len(cache.split(split, ("input_ids",)))
+    full = max_sequences is None or max_sequences >= n
+    return metrics, cache.manifest["splits"][split].get("teacher_score") if full else None
+
+
+def score_on_cache(lm, tok, cache, split: str, max_sequences: int | None = None, batch_size: int = 8, where="model"):
+    """The trainer's eval metrics (eval/*) of an in-memory causal LM on the first `max_sequences` (or all) windows
+    of a cache split: CE, ppl, bits per character and byte, forward KL to the cached teacher, top-1 agreement."""
     from accelerate import Accelerator
 
-    from kd.cache import TeacherCache
     from kd.teacher import tokenizer_fingerprint
     from kd.train import DistillModel, evaluate, make_loader
     from kd.train.step import LossPlan
     from kd.train_config import LossConfig
 
-    cache = TeacherCache(cache_dir)
-    lm, tok = _load(model_dir, dtype)
     if tokenizer_fingerprint(tok) != cache.manifest["tokenizer"]["fingerprint"]:
         raise KDError(
-            f"{model_dir} has another tokenizer than the cache {cache_dir}: KD metrics compare token ids, so "
+            f"{where} has another tokenizer than the cache {cache.root}: KD metrics compare token ids, so "
             "evaluate it on the text instead (--text with the files the cache was made from)"
         )
     reader = cache.split(split, ("input_ids", "topk_ids", "topk_logprobs"))
@@ -57,8 +67,7 @@ def on_cache(model_dir: str, cache_dir: str, split: str, max_sequences: int | No
         return target_text_units(tok, batch["input_ids"].numpy(), batch["length"].numpy(), sep).sum(0)
 
     loader = make_loader(reader, range(n), batch_size, 0, False)
-    metrics = evaluate(model, loader, LossPlan.for_eval(LossConfig()), accelerator, units)
-    return metrics, cache.manifest["splits"][split].get("teacher_score") if n == len(reader) else None
+    return evaluate(model, loader, LossPlan.for_eval(LossConfig()), accelerator, units)
 
 
 def text_windows(tok, files: list[str], seq_len: int, text_field: str = "text", max_sequences: int | None = None):

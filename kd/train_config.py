@@ -11,12 +11,52 @@ from kd.schedule import SCHEDULES
 
 
 @dataclass
+class FromTeacherConfig:
+    """A student cut from the cache's teacher (kd/prune.py: rules, importance and their sources): whole decoder layers
+    kept, optionally fewer MLP neurons per layer, every kept weight copied exactly. Llama-style teachers (llama, qwen2,
+    qwen3, mistral). `python -m kd.prune --cache DIR ... --compare` prints what each rule keeps and its held-out CE.
+
+    teacher: the model to cut; null = the cache's teacher (its weights checked against the cache's fingerprint).
+    layers: teacher decoder layers to keep (0-based, increasing); null = chosen by `rule` from `num_layers`.
+    num_layers: how many decoder layers to keep when `layers` is null.
+    rule: block (drop the contiguous block whose input and output states are closest; Gromov et al. 2024),
+        influence (drop the layers of least block influence; ShortGPT), every_other (evenly spaced; the baseline).
+    intermediate_size: MLP neurons kept per layer, those of largest mean contribution to the residual stream;
+        null = the teacher's width.
+    calibration_sequences: the cache's first train windows the importance is measured on (one teacher forward).
+    """
+
+    teacher: str | None = None
+    layers: list[int] | None = None
+    num_layers: int | None = None
+    rule: Literal["block", "influence", "every_other"] = "block"
+    intermediate_size: int | None = None
+    calibration_sequences: int = 256
+
+    def __post_init__(self):
+        if (self.layers is None) == (self.num_layers is None):
+            raise KDError(
+                "student.from_teacher needs exactly one of layers (an explicit list of teacher layers to keep) and "
+                "num_layers (how many to keep, chosen by student.from_teacher.rule)"
+            )
+        if self.num_layers is not None and self.num_layers < 1:
+            raise KDError("student.from_teacher.num_layers must be >= 1")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            raise KDError("student.from_teacher.intermediate_size must be >= 1")
+        if self.calibration_sequences < 1:
+            raise KDError("student.from_teacher.calibration_sequences must be >= 1")
+
+
+@dataclass
 class StudentConfig:
     """The student model.
 
     pretrained: local folder, `asset:NAME` or hub id of a causal LM to start from; null = random init from `config`.
     config: for random init, a Hugging Face config as a mapping with `model_type` (e.g. llama) and its fields;
         vocab_size defaults to the tokenizer's size.
+    from_teacher: cut the student from the cache's teacher (a FromTeacherConfig mapping, e.g. {num_layers: 15});
+        it then uses the teacher's tokenizer, and loss.feature_layers may be left empty (kept layers are matched to
+        the teacher layers they came from, where the cache holds them).
     tokenizer: where the student's tokenizer comes from; null = `pretrained`, else the cache's teacher.
     revision: hub revision of `pretrained`.
     gradient_checkpointing: recompute transformer activations in backward (less memory, ~30% more compute).
@@ -25,17 +65,20 @@ class StudentConfig:
 
     pretrained: str | None = None
     config: dict[str, Any] | None = None
+    from_teacher: FromTeacherConfig | None = None
     tokenizer: str | None = None
     revision: str | None = None
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
 
     def __post_init__(self):
-        if (self.pretrained is None) == (self.config is None):
+        if sum(v is not None for v in (self.pretrained, self.config, self.from_teacher)) != 1:
             raise KDError(
-                "set exactly one of student.pretrained (a model to start from) and student.config "
-                "(a config mapping with model_type, for random init)"
+                "set exactly one of student.pretrained (a model to start from), student.config "
+                "(a config mapping with model_type, for random init) and student.from_teacher (cut from the teacher)"
             )
+        if self.from_teacher is not None and self.tokenizer is not None:
+            raise KDError("a student cut from the teacher uses the teacher's tokenizer: leave student.tokenizer unset")
         if self.config is not None and "model_type" not in self.config:
             raise KDError("student.config needs a model_type (for example llama)")
 
@@ -147,8 +190,6 @@ class LossConfig:
             raise KDError("loss.uld_weight must be >= 0 and loss.min_aligned_share in [0, 1]")
         terms = self.loss_terms()  # validates the list
         kinds = {t.kind for t in terms}
-        if kinds & {"feature", "contrastive"} and not self.feature_layers:
-            raise KDError("feature / contrastive loss terms need loss.feature_layers (layer pairs to match)")
         if self.cross_tokenizer is not None and "contrastive" in kinds:
             raise KDError("the contrastive term is not supported with loss.cross_tokenizer; use a feature term")
         if "uld" in kinds and self.cross_tokenizer is None:
@@ -320,6 +361,12 @@ class TrainConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self):
+        kinds = {t.kind for t in self.loss.loss_terms()}
+        if kinds & {"feature", "contrastive"} and not self.loss.feature_layers and self.student.from_teacher is None:
+            # a student cut from the teacher gets its pairs from the layers it kept (kd.prune.feature_pairs)
+            raise KDError("feature / contrastive loss terms need loss.feature_layers (layer pairs to match)")
 
 
 # Keys a resumed run may change without changing what it computes.

@@ -153,6 +153,8 @@ def checksum(a) -> int:
     included, changes the result; so does moving a block), plus the crc32 of the bytes after the last whole block.
     The block sums run at memory speed, 7x crc32, which matters because a sequence's hidden states (~600 KB) are
     checked on every read (bench/bench_integrity.py)."""
+    if isinstance(a, np.ndarray) and a.nbytes <= 1 << 16 and a.flags.c_contiguous:
+        return zlib.crc32(a)  # the buffer as is: a row read from HDF5 always is contiguous (saves ~3 us of views)
     b = np.frombuffer(a, np.uint8) if isinstance(a, bytes) else np.ascontiguousarray(a).reshape(-1).view(np.uint8)
     if b.size <= 1 << 16:
         return zlib.crc32(b)

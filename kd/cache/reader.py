@@ -75,7 +75,7 @@ class ShardRows:
         self.sums, self.col = None, {}
         if check and "checksums" in f:
             table = f["checksums"]
-            self.sums = table[:]
+            self.sums = table[:].tolist()  # Python ints: indexing a uint64 array per read costs more than the crc
             self.col = {ds: j for j, ds in enumerate(json.loads(table.attrs["rows"]))}
             for ds, value in json.loads(table.attrs["whole"]).items():
                 if checksum(f[ds][:]) != value:
@@ -92,7 +92,7 @@ class ShardRows:
             value = d[a:b]
         else:
             value = d[r]
-        if self.sums is not None and checksum(value) != int(self.sums[r, self.col[ds]]):
+        if self.sums is not None and checksum(value) != self.sums[r][self.col[ds]]:
             raise ValueError(f"dataset {ds} fails its checksum")
         return value
 

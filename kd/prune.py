@@ -1,0 +1,408 @@
+"""Students built from the teacher: whole decoder layers and MLP neurons removed by importance measured on the
+cache's own text, the rest of the weights copied exactly (Minitron's recipe: prune, then distil).
+
+    python -m kd.prune --cache DIR --layers 15 --out students/half [--rule block|influence|every_other]
+    python -m kd.prune --cache DIR --keep 0,1,2,3 --intermediate-size 768 --out students/narrow
+    python -m kd.prune --cache DIR --layers 15 --compare                  # every rule side by side, nothing written
+
+Prints each candidate's importance, then the pruned model's held-out CE, perplexity and bits per character on the
+cache's eval split (the teacher's own score beside it), and writes a transformers model folder (config, weights,
+tokenizer) that `student.pretrained` loads. `student.from_teacher` in a training config builds the same student in
+the run (no folder needed).
+
+Measured importance, from one teacher forward over the first `calibration_sequences` train windows of the cache
+(the cache's own text, so the student is cut for the data it will train on); x_l is the residual stream entering
+decoder layer l (x_L: leaving the last one, before the final norm), over every non-padding position:
+- `block` (default; Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"): drop the
+  contiguous block of n = L - k layers [l, l + n) whose input and output are closest, minimising the mean angular
+  distance arccos(cos(x_l, x_{l+n})) / pi. A block measured as a whole sees that layers compensate for each other,
+  which per-layer scores cannot.
+- `influence` (ShortGPT, Men et al. 2024): drop the n layers of lowest block influence 1 - cos(x_i, x_{i+1}),
+  each measured alone.
+- `every_other`: the baseline to beat (DistilBERT's rule generalised): layers round(i * L / k), i < k, kept.
+MLP width (`intermediate_size`): in every kept layer the neurons of largest mean contribution to the residual
+stream, E|a_j| * ||W_down[:, j]|| (a = act(gate(x)) * up(x), the input of down_proj; Minitron's activation
+importance, weighted by how much of a neuron's output reaches the residual), in their original order.
+
+Supported: llama-style decoders (model_type llama, qwen2, qwen3, mistral: `model.layers[i]` with `mlp.gate_proj`,
+`up_proj`, `down_proj`); other architectures are refused before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kd.errors import KDError, run_cli
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+RULES = ("block", "influence", "every_other")
+
+
+@dataclass
+class Importance:
+    """What one calibration pass measured. angular[a, b] and cosine[a, b]: the token mean of arccos(cos) / pi and of
+    cos between the residual streams x_a and x_b (a, b in 0..L); neurons[l]: E|a_j| * ||W_down[:, j]|| per MLP
+    neuron of layer l (only when asked for)."""
+
+    angular: np.ndarray
+    cosine: np.ndarray
+    tokens: int
+    neurons: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return self.angular.shape[0] - 1
+
+    def influence(self) -> np.ndarray:
+        """ShortGPT's block influence of each layer: 1 - mean cos(x_i, x_{i+1})."""
+        return 1.0 - np.diagonal(self.cosine, 1)
+
+    def block_distance(self, n: int) -> np.ndarray:
+        """Mean angular distance between x_l and x_{l+n} for every start l in 0..L-n (the cost of dropping
+        layers l..l+n-1 as one block)."""
+        return np.array([self.angular[s, s + n] for s in range(self.num_layers - n + 1)])
+
+
+def check_architecture(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise KDError(
+            f"pruning supports llama-style decoders ({', '.join(ARCHITECTURES)}); this teacher is {model_type!r}. "
+            "Give the student as student.pretrained or student.config instead"
+        )
+
+
+def _layers(model):
+    return model.model.layers
+
+
+def measure(model, batches, neurons: bool = False) -> Importance:
+    """One pass over `batches` of (input_ids [B, T] int64, lengths [B]) with the model in eval mode: the residual
+    stream at every depth (forward hooks on each decoder layer, so x_L is the last layer's output before the final
+    norm) reduced at once to the angular/cosine matrices over non-padding positions, fp64 sums."""
+    check_architecture(model.config)
+    layers = _layers(model)
+    L = len(layers)
+    states: dict[int, torch.Tensor] = {}
+    acts: dict[int, torch.Tensor] = {}
+    hooks = []
+
+    def grab_input(i):
+        def hook(module, args, kwargs):
+            states[i] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def grab_output(module, args, output):
+        states[L] = output[0] if isinstance(output, tuple) else output
+
+    def grab_act(i):
+        def hook(module, args):
+            acts[i] = args[0]
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_pre_hook(grab_input(i), with_kwargs=True))
+        if neurons:
+            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(grab_act(i)))
+    hooks.append(layers[-1].register_forward_hook(grab_output))
+    ang = np.zeros((L + 1, L + 1))
+    cos = np.zeros((L + 1, L + 1))
+    act_sums = [np.zeros(layer.mlp.down_proj.in_features) for layer in layers] if neurons else []
+    tokens = 0
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for ids, lengths in batches:
+                ids = ids.to(device)
+                valid = torch.arange(ids.shape[1], device=device)[None, :] < lengths.to(device)[:, None]
+                states.clear()
+                acts.clear()
+                model.model(input_ids=ids, attention_mask=valid.long())
+                x = torch.stack([states[i][valid].float() for i in range(L + 1)])  # [L+1, N, H]
+                u = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                c = torch.einsum("anh,bnh->abn", u, u).clamp(-1.0, 1.0)  # [L+1, L+1, N] cosines
+                cos += c.double().sum(-1).cpu().numpy()
+                ang += (torch.arccos(c) / math.pi).double().sum(-1).cpu().numpy()
+                for i in range(len(act_sums)):
+                    act_sums[i] += acts[i][valid].abs().double().sum(0).cpu().numpy()
+                tokens += int(valid.sum())
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if tokens == 0:
+        raise KDError("no calibration tokens: the cache's train split is empty")
+    out = Importance(ang / tokens, cos / tokens, tokens)
+    for i, s in enumerate(act_sums):
+        w = layers[i].mlp.down_proj.weight.detach().double().norm(dim=0).cpu().numpy()  # ||W_down[:, j]||
+        out.neurons.append(s / tokens * w)
+    return out
+
+
+def choose_layers(imp: Importance, num_layers: int, rule: str) -> list[int]:
+    """The decoder layers kept (increasing) when `num_layers` of imp.num_layers are kept under `rule`."""
+    L = imp.num_layers
+    if not 1 <= num_layers <= L:
+        raise KDError(f"num_layers must be in 1..{L} (the teacher's layers), got {num_layers}")
+    n = L - num_layers
+    if rule == "every_other":
+        return sorted({round(i * L / num_layers) for i in range(num_layers)})
+    if rule == "influence":
+        drop = set(np.argsort(imp.influence(), kind="stable")[:n].tolist())
+        return [i for i in range(L) if i not in drop]
+    if rule == "block":
+        start = int(np.argmin(imp.block_distance(n))) if n else 0
+        return [i for i in range(L) if not start <= i < start + n]
+    raise KDError(f"unknown pruning rule {rule!r}; choose one of {list(RULES)}")
+
+
+def check_layers(layers: list[int], num_teacher_layers: int) -> list[int]:
+    if not layers:
+        raise KDError("the kept layer list is empty: keep at least one decoder layer")
+    bad = [i for i in layers if not 0 <= i < num_teacher_layers]
+    if bad:
+        raise KDError(f"kept layers {bad} are outside the teacher's decoder layers 0..{num_teacher_layers - 1}")
+    if list(layers) != sorted(set(layers)):
+        raise KDError(f"kept layers must be strictly increasing (each teacher layer once, in order), got {layers}")
+    return list(layers)
+
+
+def keep_neurons(imp: Importance, layers: list[int], intermediate_size: int) -> dict[int, np.ndarray]:
+    """Per kept teacher layer, the `intermediate_size` MLP neurons of largest importance, in their original order."""
+    width = len(imp.neurons[layers[0]])
+    if not 1 <= intermediate_size <= width:
+        raise KDError(f"intermediate_size must be in 1..{width} (the teacher's MLP width), got {intermediate_size}")
+    return {i: np.sort(np.argsort(-imp.neurons[i], kind="stable")[:intermediate_size]) for i in layers}
+
+
+def prune(teacher, layers: list[int], neurons: dict[int, np.ndarray] | None = None):
+    """A new model of the teacher's class with decoder layers `layers` (teacher indices) and, when given, only the
+    MLP neurons `neurons[i]` of each; every weight copied exactly from the teacher (embeddings, final norm and head
+    included, tied or not). The config records where the student came from (`kd_pruned_from`)."""
+    from transformers import AutoModelForCausalLM
+
+    check_architecture(teacher.config)
+    L = teacher.config.num_hidden_layers
+    layers = check_layers(layers, L)
+    cfg = copy.deepcopy(teacher.config)
+    cfg.num_hidden_layers = len(layers)
+    if getattr(cfg, "layer_types", None) is not None:  # per-layer attention kinds (sliding windows): kept ones only
+        cfg.layer_types = [cfg.layer_types[i] for i in layers]
+    if getattr(cfg, "max_window_layers", None) is not None:  # qwen2: layers from this index on use sliding windows
+        cfg.max_window_layers = sum(1 for i in layers if i < cfg.max_window_layers)
+    width = None
+    if neurons is not None:
+        sizes = {len(v) for v in neurons.values()}
+        if len(sizes) != 1 or set(neurons) != set(layers):
+            raise KDError("MLP pruning keeps the same number of neurons in every kept layer")
+        width = sizes.pop()
+        if not 1 <= width <= teacher.config.intermediate_size:
+            raise KDError(f"intermediate_size must be in 1..{teacher.config.intermediate_size}, got {width}")
+        cfg.intermediate_size = width
+    cfg.kd_pruned_from = {
+        "teacher_layers": layers,
+        "teacher_num_layers": L,
+        "teacher_intermediate_size": teacher.config.intermediate_size,
+        "intermediate_size": width or teacher.config.intermediate_size,
+    }
+    dtype = next(teacher.parameters()).dtype
+    student = AutoModelForCausalLM.from_config(
+        cfg, dtype=dtype, attn_implementation=teacher.config._attn_implementation
+    )
+    source = teacher.state_dict()
+    state = {}
+    for key, target in student.state_dict().items():
+        parts = key.split(".")
+        src_key, layer = key, None
+        if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
+            layer = layers[int(parts[2])]
+            src_key = ".".join(parts[:2] + [str(layer)] + parts[3:])
+        value = source[src_key]
+        if neurons is not None and layer is not None and ".mlp." in key:
+            idx = torch.from_numpy(neurons[layer]).to(value.device)
+            if key.endswith(("gate_proj.weight", "up_proj.weight", "gate_proj.bias", "up_proj.bias")):
+                value = value.index_select(0, idx)
+            elif key.endswith("down_proj.weight"):
+                value = value.index_select(1, idx)
+        if value.shape != target.shape:
+            raise KDError(f"cannot prune {key}: teacher {tuple(value.shape)} vs student {tuple(target.shape)}")
+        state[key] = value.clone()
+    student.load_state_dict(state, strict=True)
+    if getattr(cfg, "tie_word_embeddings", False):
+        student.tie_weights()
+    return student
+
+
+def calibration_batches(cache, num_sequences: int, batch_size: int = 8):
+    """The first `num_sequences` train windows of the cache as (input_ids, lengths) batches."""
+    split = cache.split("train", ("input_ids",))
+    n = min(num_sequences, len(split))
+    for a in range(0, n, batch_size):
+        rows = [split[i] for i in range(a, min(a + batch_size, n))]
+        yield torch.stack([r["input_ids"] for r in rows]).long(), torch.stack([r["length"] for r in rows]).long()
+
+
+def load_cache_teacher(cache, teacher: str | None = None, dtype: str = "fp32"):
+    """The cache's teacher (or `teacher`), refused when its weights are not the ones the cache was made from: a
+    student cut from other weights would start from a model the cached targets do not describe."""
+    from kd.teacher import load_causal_lm, load_model_config, weights_fingerprint
+
+    t = cache.manifest["teacher"]
+    path = teacher or t["name_or_path"]
+    config = load_model_config(path, t.get("revision") if teacher is None else None)
+    check_architecture(config)
+    recorded = t.get("weights")
+    if recorded is not None and teacher is None:
+        now = weights_fingerprint(path, t.get("revision"), t.get("commit_hash"))
+        if now["digest"] != recorded["digest"]:
+            raise KDError(
+                f"the teacher weights at {path} are not the ones cache {cache.root} was made from (fingerprint "
+                f"{now['digest'][:12]}... vs {recorded['digest'][:12]}...): prune the cache's own teacher, or re-cache"
+            )
+    return load_causal_lm(path, t.get("revision") if teacher is None else None, dtype, "sdpa")
+
+
+def from_teacher(cache, spec, log=print, device="cpu"):
+    """The student `student.from_teacher` describes (kd.train_config.FromTeacherConfig), built from the cache's
+    teacher, whose calibration pass runs on `device`: (model on the CPU, record of what was kept and measured)."""
+    teacher = load_cache_teacher(cache, spec.teacher).to(device)
+    L = teacher.config.num_hidden_layers
+    imp = None
+    if spec.layers is None or spec.intermediate_size is not None:
+        imp = measure(
+            teacher, calibration_batches(cache, spec.calibration_sequences), spec.intermediate_size is not None
+        )
+    layers = check_layers(spec.layers, L) if spec.layers is not None else choose_layers(imp, spec.num_layers, spec.rule)
+    neurons = keep_neurons(imp, layers, spec.intermediate_size) if spec.intermediate_size is not None else None
+    student = prune(teacher, layers, neurons).to("cpu")
+    record = dict(student.config.kd_pruned_from, rule="explicit" if spec.layers is not None else spec.rule)
+    if imp is not None:
+        record["calibration_tokens"] = imp.tokens
+    student.config.kd_pruned_from = record
+    log(
+        f"[student] built from the teacher: {len(layers)} of {L} layers kept ({record['rule']}: {layers})"
+        + (f", MLP width {spec.intermediate_size} of {teacher.config.intermediate_size}" if neurons else "")
+    )
+    del teacher
+    return student, record
+
+
+def feature_pairs(record: dict, cached_layers: list[int]) -> list[list[int]]:
+    """[student_layer, teacher_layer] pairs (hidden_states indices) for a pruned student: the output of each kept
+    layer matched to the output of the teacher layer it was copied from, where the cache holds that teacher layer.
+    The last student layer's output is final-normed (hidden_states[k]) and pairs only with the teacher's final-normed
+    output, i.e. when the teacher's last layer was kept."""
+    layers, L = record["teacher_layers"], record["teacher_num_layers"]
+    k = len(layers)
+    pairs = []
+    for j, t in enumerate(layers):
+        s_idx, t_idx = j + 1, t + 1
+        if (s_idx == k) != (t_idx == L):  # one side final-normed, the other not: not the same kind of state
+            continue
+        if t_idx in cached_layers:
+            pairs.append([s_idx, t_idx])
+    return pairs
+
+
+def _candidates(imp: Importance, num_layers: int, rule: str) -> list[str]:
+    L, n = imp.num_layers, imp.num_layers - num_layers
+    if rule == "block":
+        d = imp.block_distance(n)
+        return [f"  drop layers {s:>2}-{s + n - 1:<2}  angular distance {v:.4f}" for s, v in enumerate(d)]
+    if rule == "influence":
+        return [f"  layer {i:>2}  block influence {v:.4f}" for i, v in enumerate(imp.influence())]
+    return [f"  every other: {L} -> {num_layers} layers (no measurement)"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kd.cache import TeacherCache
+    from kd.evaluate import score_on_cache
+    from kd.teacher import load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="python -m kd.prune", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", required=True, help="the teacher's cache: its teacher, calibration text and eval split")
+    ap.add_argument("--teacher", help="the teacher model (default: the cache's, its weights checked)")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--layers", type=int, help="decoder layers to keep, chosen by --rule")
+    which.add_argument("--keep", help="explicit teacher layers to keep, comma-separated (0-based)")
+    ap.add_argument("--rule", default="block", choices=RULES)
+    ap.add_argument("--intermediate-size", type=int, help="MLP neurons to keep per layer (default: all)")
+    ap.add_argument("--calibration-sequences", type=int, default=256, help="train windows measured (default 256)")
+    ap.add_argument("--eval-sequences", type=int, default=None, help="eval windows scored (default: all)")
+    ap.add_argument("--out", help="write the pruned model folder here (must not exist)")
+    ap.add_argument("--compare", action="store_true", help="score every rule's student (and the teacher); no --out")
+    ap.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    args = ap.parse_args(argv)
+    if args.out is None and not args.compare:
+        ap.error("give --out DIR to write the pruned model (or --compare to only score the rules)")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists():
+        raise KDError(f"--out {out} already exists; choose a new folder (a pruned model is never written over one)")
+    cache = TeacherCache(args.cache)
+    teacher = load_cache_teacher(cache, args.teacher)
+    tok = load_tokenizer(args.teacher or cache.manifest["teacher"]["name_or_path"])
+    L = teacher.config.num_hidden_layers
+    keep = None
+    if args.keep is not None:
+        try:
+            keep = check_layers([int(v) for v in args.keep.split(",")], L)
+        except ValueError:
+            raise KDError(f"--keep must be comma-separated layer indices, got {args.keep!r}") from None
+    imp = None
+    if keep is None or args.intermediate_size is not None or args.compare:
+        imp = measure(
+            teacher, calibration_batches(cache, args.calibration_sequences), args.intermediate_size is not None
+        )
+        print(f"importance measured on {imp.tokens} tokens of the cache's first train windows")
+    num_layers = len(keep) if keep is not None else args.layers
+    rules = list(RULES) if args.compare else ["explicit" if keep is not None else args.rule]
+    results = []
+    score = score_on_cache(teacher, tok, cache, "eval", args.eval_sequences)
+    print(f"teacher: {L} layers, held-out CE {score['eval/ce']:.4f}, bits/char {score['eval/bits_per_char']:.4f}")
+    results.append({"model": "teacher", "layers": list(range(L)), **score})
+    chosen = None
+    for rule in rules:
+        layers = keep if rule == "explicit" else choose_layers(imp, num_layers, rule)
+        if rule != "explicit":
+            print(f"rule {rule}: candidates")
+            print("\n".join(_candidates(imp, num_layers, rule)))
+        neurons = keep_neurons(imp, layers, args.intermediate_size) if args.intermediate_size else None
+        student = prune(teacher, layers, neurons)
+        student.config.kd_pruned_from["rule"] = rule
+        score = score_on_cache(student, tok, cache, "eval", args.eval_sequences)
+        params = sum(p.numel() for p in student.parameters())
+        print(
+            f"{rule}: keeps layers {layers}" + (f", MLP width {args.intermediate_size}" if neurons else "") + f"; "
+            f"{params / 1e6:.1f}M parameters; held-out CE {score['eval/ce']:.4f} (ppl {score['eval/ppl']:.1f}), "
+            f"bits/char {score['eval/bits_per_char']:.4f}"
+        )
+        results.append({"model": rule, "layers": layers, "parameters": params, **score})
+        if chosen is None:
+            chosen = student
+    if out is not None:
+        from kd.io import staged_dir
+
+        with staged_dir(out) as tmp:
+            chosen.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        print(f"wrote {out} (student.pretrained={out} trains it; its config.json records kd_pruned_from)")
+    if args.json:
+        print(json.dumps(results))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run_cli(main)
