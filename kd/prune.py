@@ -85,10 +85,14 @@ def _layers(model):
     return model.model.layers
 
 
+_POSITIONS = 512  # positions per step of the angular reduction: (L+1) x 512 x H fp32 states at a time
+
+
 def measure(model, batches, neurons: bool = False) -> Importance:
     """One pass over `batches` of (input_ids [B, T] int64, lengths [B]) with the model in eval mode: the residual
     stream at every depth (forward hooks on each decoder layer, so x_L is the last layer's output before the final
-    norm) reduced at once to the angular/cosine matrices over non-padding positions, fp64 sums."""
+    norm) reduced to the angular/cosine matrices over non-padding positions, fp64 sums, 512 positions at a time.
+    The hooks hold one batch's L + 1 states (in the model's dtype): size the batches to the teacher."""
     check_architecture(model.config)
     layers = _layers(model)
     L = len(layers)
@@ -131,11 +135,15 @@ def measure(model, batches, neurons: bool = False) -> Importance:
                 states.clear()
                 acts.clear()
                 model.model(input_ids=ids, attention_mask=valid.long())
-                x = torch.stack([states[i][valid].float() for i in range(L + 1)])  # [L+1, N, H]
-                u = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                c = torch.einsum("anh,bnh->abn", u, u).clamp(-1.0, 1.0)  # [L+1, L+1, N] cosines
-                cos += c.double().sum(-1).cpu().numpy()
-                ang += (torch.arccos(c) / math.pi).double().sum(-1).cpu().numpy()
+                flat = [states[i].reshape(-1, states[i].shape[-1]) for i in range(L + 1)]
+                positions = valid.reshape(-1).nonzero()[:, 0]
+                for a in range(0, len(positions), _POSITIONS):  # bounded temporaries whatever the batch or width
+                    p = positions[a : a + _POSITIONS]
+                    x = torch.stack([f[p].float() for f in flat])  # [L+1, P, H]
+                    u = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                    c = torch.einsum("aph,bph->abp", u, u).clamp(-1.0, 1.0)  # [L+1, L+1, P] cosines
+                    cos += c.double().sum(-1).cpu().numpy()
+                    ang += (torch.arccos(c) / math.pi).double().sum(-1).cpu().numpy()
                 for i in range(len(act_sums)):
                     act_sums[i] += acts[i][valid].abs().double().sum(0).cpu().numpy()
                 tokens += int(valid.sum())
