@@ -351,7 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibration-sequences", type=int, default=256, help="train windows measured (default 256)")
     ap.add_argument("--eval-sequences", type=int, default=None, help="eval windows scored (default: all)")
     ap.add_argument("--out", help="write the pruned model folder here (must not exist)")
-    ap.add_argument("--compare", action="store_true", help="score every rule's student (and the teacher); no --out")
+    ap.add_argument(
+        "--compare", action="store_true", help="also score every other rule's student (--out writes the first)"
+    )
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = ap.parse_args(argv)
     if args.out is None and not args.compare:
@@ -376,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"importance measured on {imp.tokens} tokens of the cache's first train windows")
     num_layers = len(keep) if keep is not None else args.layers
-    rules = list(RULES) if args.compare else ["explicit" if keep is not None else args.rule]
+    first = "explicit" if keep is not None else args.rule  # the student --out writes
+    rules = [first] + ([r for r in RULES if r != first] if args.compare else [])
     results = []
     score = score_on_cache(teacher, tok, cache, "eval", args.eval_sequences)
     print(f"teacher: {L} layers, held-out CE {score['eval/ce']:.4f}, bits/char {score['eval/bits_per_char']:.4f}")

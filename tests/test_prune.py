@@ -260,9 +260,15 @@ def test_the_prune_command_prints_importance_and_scores_and_writes_a_loadable_fo
         prune.main(["--cache", str(deep_cache), "--keep", "0,x", "--out", str(tmp_path / "x")])
     with pytest.raises(KDError, match="strictly increasing"):
         prune.main(["--cache", str(deep_cache), "--keep", "2,1", "--out", str(tmp_path / "y")])
+    capsys.readouterr()
     prune.main(["--cache", str(deep_cache), "--layers", "3", "--compare"])
     said = capsys.readouterr().out
-    assert all(f"{rule}: keeps layers" in said for rule in prune.RULES) and not (tmp_path / "z").exists()
+    assert all(f"{rule}: keeps layers" in said for rule in prune.RULES)
+    # with an explicit list, --compare scores the rules beside it and --out still writes the list's student
+    prune.main(["--cache", str(deep_cache), "--keep", "0,3", "--compare", "--out", str(tmp_path / "kept")])
+    said = capsys.readouterr().out
+    assert "explicit: keeps layers [0, 3]" in said and all(f"{rule}: keeps layers" in said for rule in prune.RULES)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "kept").config.kd_pruned_from["teacher_layers"] == [0, 3]
 
 
 def test_a_teacher_whose_weights_changed_since_caching_is_not_cut(deep_cache):
