@@ -37,8 +37,7 @@ def on_cache(model_dir: str, cache_dir: str, split: str, max_sequences: int | No
     cache = TeacherCache(cache_dir)
     lm, tok = _load(model_dir, dtype)
     metrics = score_on_cache(lm, tok, cache, split, max_sequences, batch_size, where=model_dir)
-    n = len(cache.split(split, ("input_ids",)))
-    full = max_sequences is None or max_sequences >= n
+    full = max_sequences is None or max_sequences >= cache.manifest["splits"][split]["num_sequences"]
     return metrics, cache.manifest["splits"][split].get("teacher_score") if full else None
 
 
