@@ -77,7 +77,8 @@ SUITES = {
         "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0", "loss.cross_tokenizer=mapped"],
         "mapped KD + CE (tail bucket)": ["loss.cross_tokenizer=mapped"],
         "ULD + CE": ["loss.cross_tokenizer=uld"],
-        "hybrid (mapped + ULD) + CE": ["loss.cross_tokenizer=hybrid"],
+        "hybrid (mapped + 1.0 x ULD) + CE": ["loss.cross_tokenizer=hybrid", "loss.uld_weight=1.0"],
+        "hybrid (mapped + 0.1 x ULD) + CE": ["loss.cross_tokenizer=hybrid", "loss.uld_weight=0.1"],
     },
 }
 CONFIGS = {
