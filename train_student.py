@@ -305,7 +305,16 @@ def main(cfg: TrainConfig) -> Path:
             )
         say(f"[student] feature pairs [student, teacher] from the kept layers: {pairs}")
     slots = check_feature_layers(pairs, cache, lm.config.num_hidden_layers)
-    model = DistillModel(lm, pairs if need_hidden else [], cache.manifest["teacher"]["hidden_size"])
+    model = DistillModel(
+        lm, pairs if need_hidden else [], cache.manifest["teacher"]["hidden_size"], cfg.loss.fused_head
+    )
+    if model.fused_head:
+        say(f"[student] LM head fused into the loss: {cfg.loss.position_chunk} positions at a time, no full logits")
+    elif cfg.loss.fused_head:
+        say(
+            f"[student] LM head not fused into the loss (the model's own forward computes full logits): "
+            f"{model.fused_head_reason}"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [

@@ -93,8 +93,14 @@ def text_windows(tok, files: list[str], seq_len: int, text_field: str = "text", 
     return windows, sep
 
 
-def score_windows(lm, tok, windows, sep: int, batch_size: int = 8) -> np.ndarray:
-    """[nats, scored tokens, characters, bytes] of a causal LM on packed windows (kd/textscore.py's definition)."""
+def score_windows(lm, tok, windows, sep: int, batch_size: int = 8, chunk: int = 128) -> np.ndarray:
+    """[nats, scored tokens, characters, bytes] of a causal LM on packed windows (kd/textscore.py's definition).
+    Where the LM head can run apart from the body (kd.train.model.head_fallback_reason), the logits are computed
+    `chunk` positions at a time and never whole, as in training."""
+    from kd.losses.chunked import HeadInput, chunk_logits
+    from kd.train.model import head_fallback_reason
+
+    fused = head_fallback_reason(lm) is None
     was_training = lm.training
     lm.eval()
     device = next(lm.parameters()).device
@@ -102,11 +108,21 @@ def score_windows(lm, tok, windows, sep: int, batch_size: int = 8) -> np.ndarray
     for a in range(0, len(windows), batch_size):
         ids = torch.from_numpy(windows.input_ids[a : a + batch_size].astype(np.int64)).to(device)
         lengths = torch.from_numpy(windows.lengths[a : a + batch_size].astype(np.int64)).to(device)
+        B, T = ids.shape
+        # position t predicts ids[t + 1]; right padding: no valid position sees it
+        scored = (torch.arange(T, device=device)[None, :] < (lengths[:, None] - 1)).reshape(-1)
+        targets = torch.roll(ids, -1, dims=1).reshape(-1)
         with torch.no_grad():
-            logits = lm(input_ids=ids).logits.float()  # right padding: no valid position sees it
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None])[..., 0]
-        scored = torch.arange(ids.shape[1] - 1, device=device)[None, :] < (lengths[:, None] - 1)
-        nats -= float(lp[scored].double().sum())
+            if fused:
+                h = lm.base_model(input_ids=ids).last_hidden_state
+                head = lm.get_output_embeddings()
+                x = HeadInput(h.reshape(B * T, -1), head.weight, head.bias)
+            else:
+                x = lm(input_ids=ids).logits.reshape(B * T, -1)
+            for s in range(0, B * T, chunk):
+                rows = slice(s, s + chunk)
+                lp = torch.log_softmax(chunk_logits(x, rows), -1).gather(1, targets[rows, None])[:, 0]
+                nats -= float(lp[scored[rows]].double().sum())
         tokens += int(scored.sum())
     lm.train(was_training)
     chars, nbytes = target_text_units(tok, windows.input_ids, windows.lengths, sep).sum(0)

@@ -121,6 +121,10 @@ class LossConfig:
     contrastive_max_positions: positions per micro-batch used as InfoNCE candidates (an M x M matrix).
     position_chunk: positions per chunk of the vocabulary-sized loss computation: bounds peak memory, and small
         chunks stay in CPU cache (128 measured fastest on CPU; GPUs may prefer 1024+).
+    fused_head: compute the student's LM head inside the loss, position_chunk positions at a time, so that its
+        [positions, vocabulary] logits never exist (peak memory holds one chunk of vocabulary-sized temporaries).
+        Used where the head is a plain linear layer and the model's logits are exactly head(body(x)), checked at
+        set-up; otherwise the trainer says why and uses the model's own forward. false: always the model's forward.
     cross_tokenizer: null = the student must share the teacher's tokenizer. Otherwise the student re-tokenizes the
         cached text and KD runs at aligned positions only (see kd/align.py) on the mapped top-k targets. Without
         `terms` the value picks the KD term: mapped (forward KL on teacher tokens that have an identical student
@@ -147,6 +151,7 @@ class LossConfig:
     contrastive_temperature: float = 0.1
     contrastive_max_positions: int = 256
     position_chunk: int = 128
+    fused_head: bool = True
     cross_tokenizer: Literal["mapped", "uld", "hybrid"] | None = None
     uld_weight: float = 1.0
     cross_tokenizer_separator: str | None = None

@@ -27,6 +27,8 @@ from typing import Literal
 
 import torch
 
+from kd.losses.chunked import logits_chunked
+
 TailPolicy = Literal["renormalize", "bucket"]
 TAIL_POLICIES = ("renormalize", "bucket")
 # Smallest probability a student tail bucket is clamped to, so log(p_tail) stays finite when the student puts
@@ -79,112 +81,86 @@ def _dense_chunk(z, teacher_logits, tgt, m, alpha_ce: float, alpha_kd: float, T:
     return torch.where(m[:, None], g, torch.zeros_like(g)), ce, kd, agree
 
 
-class _FusedCEKD(torch.autograd.Function):
-    """alpha_ce * CE + alpha_kd * KD summed over masked positions, with the gradient w.r.t. the logits computed
-    analytically in the same chunked pass (one softmax per chunk) and stored as ONE logits-sized buffer.
+def ce_kd_chunk(z, tgt, m, ids, t_values, alpha_ce: float, alpha_kd: float, T: float, tail: str, m_kd=None):
+    """One chunk of the analytic path: (the gradient of alpha_ce * CE + alpha_kd * KD summed over the chunk's
+    masked rows w.r.t. its fp32 logits z [c, V], written over the chunk's softmax buffer; [CE, KD, top-1] sums [3]).
 
-    Backward is then a multiply. Memory: the logits plus one gradient-sized tensor (what autograd needs anyway),
-    without recomputing the softmax in backward. Gradients (z = logits, p = softmax(z / T), q = teacher):
+    ids [c, k] and t_values [c, k]: the cached top-k ids and log-probs, or ids None and t_values the teacher's full
+    logits [c, V] (online KD). An id of -1 (a cross-tokenizer teacher token with no identical student token,
+    kd.signals.Mapped) is no outcome on either side: its teacher mass joins the tail bucket. m [c] bool: where CE
+    counts; m_kd: where KD and top-1 agreement count (default m; the aligned positions across tokenizers); tgt [c]
+    next-token ids (>= 0). Gradients (p = softmax(z / T), q = the
+    teacher; equality with autograd through `token_losses` is tested):
       CE:                    p1 - onehot(target)                       (p1 = softmax(z))
       KD, renormalize:       T (p - q)                                 (q zero outside the top-k)
       KD, bucket:            T (p a) + T (r p - q) on the top-k ids    where S = sum_topk p, r = q_tail / (1 - S)
                              and a = (1 - q_tail) - r S; r = 0 where 1 - S is clamped, as autograd of the reference.
-    Equality with autograd through `token_losses` is tested.
     """
-
-    @staticmethod
-    def forward(
-        ctx,
-        logits,
-        targets,
-        topk_ids,
-        topk_logprobs,
-        mask,
-        alpha_ce: float,
-        alpha_kd: float,
-        temperature: float,
-        tail: str,
-        chunk: int,
-    ):
-        # Few passes over each [chunk, V] block (they dominate the cost): one log-softmax, an in-place exp, one
-        # multiply written straight into the gradient buffer with per-row coefficients (masking folded in), and
-        # [chunk, k]-sized corrections scattered onto the top-k ids and the target.
-        T = float(temperature)
-        N, V = logits.shape
-        grad = torch.empty_like(logits)
-        sums = torch.zeros(3, dtype=torch.float32, device=logits.device)
-        for s in range(0, N, chunk):
-            z = logits[s : s + chunk].float()
-            m = mask[s : s + chunk]
-            tgt = targets[s : s + chunk].clamp(min=0)
-            if topk_ids is None:
-                g, ce, kd, agree = _dense_chunk(z, topk_logprobs[s : s + chunk].float(), tgt, m, alpha_ce, alpha_kd, T)
-                grad[s : s + chunk] = g.to(grad.dtype)
-                zero = torch.zeros_like(ce)
-                sums += torch.stack(
-                    [torch.where(m, ce, zero).sum(), torch.where(m, kd, zero).sum(), torch.where(m, agree, zero).sum()]
-                )
-                continue
-            ids = topk_ids[s : s + chunk]
-            t_lp = topk_logprobs[s : s + chunk].float()
-            logp = torch.log_softmax(z, dim=-1)
-            ce = -logp.gather(-1, tgt[:, None]).squeeze(-1)
-            agree = (logp.argmax(-1) == ids[:, 0]).float()
-            if T == 1.0:
-                s_top, p_t = logp.gather(-1, ids), None
-            else:
-                p_t = torch.log_softmax(z / T, dim=-1)
-                s_top = p_t.gather(-1, ids)
-                p_t = p_t.exp_()
-            p1 = logp.exp_()  # softmax at T = 1, in place: logp is not needed any more
-            if tail == "renormalize":
-                q_logp = torch.log_softmax(t_lp / T, dim=-1)
-                q_top = q_logp.exp()
-                kd = torch.where(q_top == 0, torch.zeros_like(q_top), q_top * (q_logp - s_top)).sum(-1) * (T * T)
-                coef_kd = torch.full_like(kd, T)
-                top_corr = -T * q_top
-            elif tail == "bucket":
-                q_logp = teacher_bucket(t_lp, T)
-                q = q_logp.exp()
-                p_top = s_top.exp()
-                S = p_top.sum(-1, keepdim=True, dtype=torch.float64)
-                p_tail_raw = (1.0 - S).float()  # fp64 difference: 1 - S cancels when S is near 1
-                S = S.float()
-                p_tail = p_tail_raw.clamp(min=_MIN_TAIL)
-                s_b = torch.cat([s_top, p_tail.log()], dim=-1)
-                kd = torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_b)).sum(-1) * (T * T)
-                q_top, q_tail = q[:, :-1], q[:, -1:]
-                r = torch.where(p_tail_raw > _MIN_TAIL, q_tail / p_tail, torch.zeros_like(q_tail))
-                coef_kd = (T * ((1.0 - q_tail) - r * S)).squeeze(-1)
-                top_corr = T * (r * p_top - q_top)
-            else:
-                raise ValueError(f"unknown tail policy {tail!r}; expected one of {TAIL_POLICIES}")
-            keep = m.float()
-            # masked rows get exactly zero gradient, even where their teacher values are NaN
-            coef_kd = torch.where(m, coef_kd, torch.zeros_like(coef_kd))
-            top_corr = torch.where(m[:, None], top_corr, torch.zeros_like(top_corr))
-            g = grad[s : s + chunk]
-            if p_t is None:
-                torch.mul(p1, (alpha_ce * keep + alpha_kd * coef_kd)[:, None], out=g)
-            else:
-                torch.mul(p1, (alpha_ce * keep)[:, None], out=g)
-                g.add_(p_t.mul_((alpha_kd * coef_kd)[:, None]))
-            g.scatter_add_(-1, ids, (alpha_kd * top_corr).to(g.dtype))
-            g.scatter_add_(-1, tgt[:, None], (-alpha_ce * keep)[:, None].to(g.dtype))
-            if not bool(m.all()):  # a non-finite logit at an ignored position would leave 0 * NaN = NaN there
-                g[~m] = 0
-            zero = torch.zeros_like(ce)
-            sums += torch.stack(
-                [torch.where(m, ce, zero).sum(), torch.where(m, kd, zero).sum(), torch.where(m, agree, zero).sum()]
-            )
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(sums)
-        return alpha_ce * sums[0] + alpha_kd * sums[1], sums
-
-    @staticmethod
-    def backward(ctx, grad_total, _grad_sums):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_total.to(grad.dtype),) + (None,) * 9
+    # Few passes over the [c, V] block (they dominate the cost): one log-softmax, an in-place exp, one in-place
+    # multiply with per-row coefficients (masking folded in), and [c, k]-sized corrections scattered onto the top-k
+    # ids and the target.
+    m_kd = m if m_kd is None else m_kd
+    if ids is None:
+        g, ce, kd, agree = _dense_chunk(z, t_values.float(), tgt, m, alpha_ce, alpha_kd, T)
+    else:
+        t_lp = t_values.float()
+        unmapped = None if bool((ids >= 0).all()) else ids < 0
+        if unmapped is not None:
+            ids = ids.clamp(min=0)
+            t_lp = t_lp.masked_fill(unmapped, float("-inf"))
+        logp = torch.log_softmax(z, dim=-1)
+        ce = -logp.gather(-1, tgt[:, None]).squeeze(-1)
+        top1 = ids[:, 0] if unmapped is None else ids[:, 0].masked_fill(unmapped[:, 0], -1)
+        agree = (logp.argmax(-1) == top1).float()
+        if T == 1.0:
+            s_top, p_t = logp.gather(-1, ids), None
+        else:
+            p_t = torch.log_softmax(z / T, dim=-1)
+            s_top = p_t.gather(-1, ids)
+            p_t = p_t.exp_()
+        if unmapped is not None:
+            s_top = s_top.masked_fill(unmapped, float("-inf"))
+        p1 = logp.exp_()  # softmax at T = 1, in place: logp is not needed any more
+        if tail == "renormalize":
+            q_logp = torch.log_softmax(t_lp / T, dim=-1)
+            q_top = q_logp.exp()
+            kd = torch.where(q_top == 0, torch.zeros_like(q_top), q_top * (q_logp - s_top)).sum(-1) * (T * T)
+            coef_kd = torch.full_like(kd, T)
+            top_corr = -T * q_top
+        elif tail == "bucket":
+            q_logp = teacher_bucket(t_lp, T)
+            q = q_logp.exp()
+            p_top = s_top.exp()
+            S = p_top.sum(-1, keepdim=True, dtype=torch.float64)
+            p_tail_raw = (1.0 - S).float()  # fp64 difference: 1 - S cancels when S is near 1
+            S = S.float()
+            p_tail = p_tail_raw.clamp(min=_MIN_TAIL)
+            s_b = torch.cat([s_top, p_tail.log()], dim=-1)
+            kd = torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_b)).sum(-1) * (T * T)
+            q_top, q_tail = q[:, :-1], q[:, -1:]
+            r = torch.where(p_tail_raw > _MIN_TAIL, q_tail / p_tail, torch.zeros_like(q_tail))
+            coef_kd = (T * ((1.0 - q_tail) - r * S)).squeeze(-1)
+            top_corr = T * (r * p_top - q_top)  # 0 at unmapped entries: both of their probabilities are 0
+        else:
+            raise ValueError(f"unknown tail policy {tail!r}; expected one of {TAIL_POLICIES}")
+        keep = m.float()
+        # rows outside a term's mask get exactly zero gradient from it, even where their teacher values are NaN
+        coef_kd = torch.where(m_kd, coef_kd, torch.zeros_like(coef_kd))
+        top_corr = torch.where(m_kd[:, None], top_corr, torch.zeros_like(top_corr))
+        if p_t is None:
+            g = p1.mul_((alpha_ce * keep + alpha_kd * coef_kd)[:, None])
+        else:
+            g = p1.mul_((alpha_ce * keep)[:, None]).add_(p_t.mul_((alpha_kd * coef_kd)[:, None]))
+        g.scatter_add_(-1, ids, alpha_kd * top_corr)
+        g.scatter_add_(-1, tgt[:, None], (-alpha_ce * keep)[:, None])
+        counted = m | m_kd
+        if not bool(counted.all()):  # a non-finite logit at an ignored position would leave 0 * NaN = NaN there
+            g[~counted] = 0
+    zero = torch.zeros_like(ce)
+    sums = torch.stack(
+        [torch.where(m, ce, zero).sum(), torch.where(m_kd, kd, zero).sum(), torch.where(m_kd, agree, zero).sum()]
+    )
+    return g, sums
 
 
 def fused_ce_kd(
@@ -200,19 +176,18 @@ def fused_ce_kd(
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training form of `token_losses`: (alpha_ce * CE_sum + alpha_kd * KD_sum with gradient, [CE, KD, top-1]
-    sums without). Same shapes and values as `token_losses`; see `_FusedCEKD` for the gradient.
+    sums without). Same shapes and values as `token_losses`; the gradient w.r.t. the logits is analytic
+    (`ce_kd_chunk`), computed in the same chunked pass and stored as ONE logits-sized buffer, so backward is a
+    multiply. (kd.losses.terms runs the same chunk function with the LM head inside, where neither buffer exists.)
 
     topk_ids=None means a dense teacher: topk_logprobs then holds the teacher's full logits [N, V] (online KD),
     and KD is the exact full-vocabulary KL."""
-    return _FusedCEKD.apply(
-        student_logits,
-        targets,
-        topk_ids,
-        topk_logprobs,
-        mask,
-        float(alpha_ce),
-        float(alpha_kd),
-        float(temperature),
-        tail,
-        int(chunk),
-    )
+    T = float(temperature)
+
+    def fn(z, rows):
+        ids = None if topk_ids is None else topk_ids[rows]
+        return ce_kd_chunk(
+            z, targets[rows].clamp(min=0), mask[rows], ids, topk_logprobs[rows], alpha_ce, alpha_kd, T, tail
+        )
+
+    return logits_chunked(student_logits, fn, [float(alpha_ce), float(alpha_kd)], chunk)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from kd.errors import KDError
 from kd.losses import divergences
-from kd.losses.forward import TailPolicy, fused_ce_kd
+from kd.losses.chunked import HeadInput, chunk_logits, head_chunked, logits_chunked
+from kd.losses.forward import TailPolicy, ce_kd_chunk
 
 DIVERGENCE_KINDS = tuple(divergences.REGISTRY)
 LOGIT_KINDS = ("ce", "uld") + DIVERGENCE_KINDS
@@ -133,43 +134,58 @@ def _chunk_sums(z, rows, targets, mask, kd_mask, signal, terms, T):
     return out, agree
 
 
-class _ChunkedTerms(torch.autograd.Function):
-    """sum_i w_i * term_i summed over positions, the gradient w.r.t. the logits taken per chunk by autograd through
-    the pure functions and written into ONE logits-sized buffer; backward is then a multiply. Only one chunk's
-    [chunk, V] fp32 temporaries (and their autograd graph) exist at a time, for any mix of divergences."""
+def _autograd_chunk_fn(targets, mask, kd_mask, signal, terms, weights, T):
+    """A chunk function (kd/losses/chunked.py) for any mix of terms: autograd through the pure functions, per chunk,
+    so only one chunk's [chunk, V] fp32 temporaries and their graph exist at a time."""
+    keep = mask | kd_mask
 
-    @staticmethod
-    def forward(ctx, logits, targets, mask, kd_mask, signal, terms, weights, T, chunk):
-        N = logits.shape[0]
-        grad = torch.empty_like(logits)
-        sums = torch.zeros(len(terms) + 1, dtype=torch.float32, device=logits.device)
-        keep = mask | kd_mask
-        for s in range(0, N, chunk):
-            rows = slice(s, min(s + chunk, N))
-            with torch.enable_grad():
-                z = logits[rows].detach().float().requires_grad_(True)
-                values, agree = _chunk_sums(z, rows, targets, mask, kd_mask, signal, terms, T)
-                total = sum(w * v for w, v in zip(weights, values))
-                (g,) = torch.autograd.grad(total, z) if total.requires_grad else (torch.zeros_like(z),)
-            # rows no term counts get exactly zero gradient, even where their logits are not finite
-            g = torch.where(keep[rows, None], g, torch.zeros_like(g))
-            grad[rows] = g.to(grad.dtype)
-            sums += torch.stack([v.detach() for v in values] + [agree])
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(sums)
-        return (sums[:-1] * torch.tensor(weights, dtype=sums.dtype, device=sums.device)).sum(), sums
+    def fn(z, rows):
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            values, agree = _chunk_sums(z, rows, targets, mask, kd_mask, signal, terms, T)
+            total = sum(w * v for w, v in zip(weights, values))
+            (g,) = torch.autograd.grad(total, z) if total.requires_grad else (torch.zeros_like(z),)
+        # rows no term counts get exactly zero gradient, even where their logits are not finite
+        g = torch.where(keep[rows, None], g, torch.zeros_like(g))
+        return g, torch.stack([v.detach() for v in values] + [agree])
 
-    @staticmethod
-    def backward(ctx, grad_total, _grad_sums):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_total.to(grad.dtype),) + (None,) * 8
+    return fn
+
+
+def _analytic_chunk_fn(targets, mask, kd_mask, signal, terms, weights, T):
+    """A chunk function for CE + forward KL (kd.losses.forward: the analytic gradient, one softmax per chunk, no
+    graph), its [CE, KD, top-1] sums put in `terms` order."""
+    w = {t.kind: wt for t, wt in zip(terms, weights)}
+    if signal.name == "online":
+        ids, values, tail = None, signal.logits, "bucket"
+    else:  # a mapped signal is bucketed like top-k, its unmapped ids (-1) no outcome
+        ids, values, tail = signal.ids, signal.logprobs, getattr(signal, "tail", "bucket")
+    order = [{"ce": 0, "forward_kl": 1}[t.kind] for t in terms] + [2]
+
+    def fn(z, rows):
+        g, sums = ce_kd_chunk(
+            z,
+            targets[rows].clamp(min=0),
+            mask[rows],
+            None if ids is None else ids[rows],
+            values[rows],
+            w.get("ce", 0.0),
+            w.get("forward_kl", 0.0),
+            T,
+            tail,
+            kd_mask[rows],
+        )
+        return g, sums[order]
+
+    return fn
 
 
 def fused_eligible(terms: list[Term], signal) -> bool:
-    """The analytic forward-KL path covers CE + forward KL on a same-tokenizer signal (top-k, sampled, online)."""
+    """The analytic path covers CE + forward KL (at most one of each) on every signal: top-k, sampled, online and
+    mapped (cross-tokenizer)."""
     kinds = [t.kind for t in terms]
     return (
-        signal.name in ("topk", "sampled", "online")
+        signal.name in ("topk", "sampled", "online", "mapped")
         and set(kinds) <= {"ce", "forward_kl"}
         and kinds.count("ce") <= 1
         and kinds.count("forward_kl") <= 1
@@ -177,7 +193,7 @@ def fused_eligible(terms: list[Term], signal) -> bool:
 
 
 def logit_term_sums(
-    logits: torch.Tensor,
+    logits: torch.Tensor | HeadInput,
     targets: torch.Tensor,
     mask: torch.Tensor,
     kd_mask: torch.Tensor,
@@ -190,35 +206,33 @@ def logit_term_sums(
     fused: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(sum_i weights[i] * term_i with gradient, or None without; [len(terms) + 1] sums: each term's masked sum
-    over positions, then the top-1 agreement count) for the logit-level `terms`, logits [N, V].
+    over positions, then the top-1 agreement count) for the logit-level `terms`.
 
+    `logits` is the student's logits [N, V], or a HeadInput (the final hidden states and the LM head): the head is
+    then computed chunk by chunk inside the loss and the logits never exist whole (kd/losses/chunked.py).
     CE counts at `mask`, every other term at `kd_mask` (= mask, or the aligned positions across tokenizers).
-    `weights` are the effective multipliers (the caller folds its normalisation in). CE + forward KL on a
-    same-tokenizer signal take the fused analytic-gradient path (kd.losses.forward) unless fused=False; everything
-    else the chunked autograd path. Without gradient, only chunk-sized temporaries exist either way."""
+    `weights` are the effective multipliers (the caller folds its normalisation in). CE + forward KL (on any
+    signal, mapped cross-tokenizer targets included) take the analytic-gradient chunk function (kd.losses.forward)
+    unless fused=False;
+    everything else autograd per chunk. Without gradient, only chunk-sized temporaries exist either way."""
     T = float(temperature)
+    weights = [float(w) for w in weights]
     if not with_grad:
-        sums = torch.zeros(len(terms) + 1, dtype=torch.float32, device=logits.device)
+        n = logits.num_rows if isinstance(logits, HeadInput) else logits.shape[0]
+        sums = torch.zeros(len(terms) + 1, dtype=torch.float32, device=targets.device)
         with torch.no_grad():
-            for s in range(0, logits.shape[0], chunk):
-                rows = slice(s, min(s + chunk, logits.shape[0]))
-                values, agree = _chunk_sums(logits[rows].float(), rows, targets, mask, kd_mask, signal, terms, T)
+            for s in range(0, n, chunk):
+                rows = slice(s, min(s + chunk, n))
+                values, agree = _chunk_sums(chunk_logits(logits, rows), rows, targets, mask, kd_mask, signal, terms, T)
                 sums += torch.stack(values + [agree])
         return None, sums
-    if fused and fused_eligible(terms, signal) and torch.equal(mask, kd_mask):
-        w = {t.kind: wt for t, wt in zip(terms, weights)}
-        if signal.name == "online":
-            ids, values, tail = None, signal.logits, "bucket"
-        else:
-            ids, values, tail = signal.ids, signal.logprobs, signal.tail
-        total, (ce, kd, agree) = fused_ce_kd(
-            logits, targets, ids, values, mask, w.get("ce", 0.0), w.get("forward_kl", 0.0), T, tail, chunk
-        )
-        by_kind = {"ce": ce, "forward_kl": kd}
-        return total, torch.stack([by_kind[t.kind] for t in terms] + [agree])
-    return _ChunkedTerms.apply(
-        logits, targets, mask, kd_mask, signal, terms, [float(w) for w in weights], T, int(chunk)
-    )
+    if fused and fused_eligible(terms, signal):
+        fn = _analytic_chunk_fn(targets, mask, kd_mask, signal, terms, weights, T)
+    else:
+        fn = _autograd_chunk_fn(targets, mask, kd_mask, signal, terms, weights, T)
+    if isinstance(logits, HeadInput):
+        return head_chunked(logits, fn, weights, chunk)
+    return logits_chunked(logits, fn, weights, chunk)
 
 
 def cross_kd_per_position(

@@ -1,29 +1,96 @@
-"""The trained module: the student LM plus its feature projectors."""
+"""The trained module: the student LM plus its feature projectors, and whether its LM head can run inside the loss."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from kd.losses.chunked import HeadInput
+
+# Config fields of HF models whose logits are not head(body(x)): soft-capping (Gemma 2/3), a logit scale (Cohere),
+# a divisor (Granite), a width multiplier (MiniCPM-style muP). Named in the fallback reason; the probe below is what
+# decides, so a model that post-processes its logits some other way falls back too.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "dim_model_base", "scale_width")
+
+
+def head_fallback_reason(lm: nn.Module) -> str | None:
+    """None when the student's logits are exactly `lm.get_output_embeddings()(lm.base_model(...).last_hidden_state)`
+    with a plain nn.Linear head, so the loss may compute the head itself chunk by chunk; otherwise why not (the
+    trainer then falls back to the model's own forward and says so).
+
+    Checked structurally (a plain Linear head, a body distinct from the model) and numerically: one eval-mode
+    forward of 8 tokens both ways must agree, which catches any post-processing of the logits the config does not
+    name."""
+    get_head = getattr(lm, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    if type(head) is not nn.Linear:
+        return f"its output head is {type(head).__name__}, not a plain torch.nn.Linear"
+    body = getattr(lm, "base_model", lm)
+    if body is lm:
+        return f"{type(lm).__name__} has no separate body module (base_model)"
+    named = [
+        f"{k}={getattr(lm.config, k)}"
+        for k in _LOGIT_POSTPROCESSING
+        if getattr(lm.config, k, None) not in (None, 1, 1.0, False)
+    ]
+    if named:
+        return f"its config post-processes the logits ({', '.join(named)})"
+    device = head.weight.device
+    ids = (torch.arange(8, device=device) * 7919 % head.weight.shape[0])[None, :]
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            full = lm(input_ids=ids).logits.float()
+            mine = head(body(input_ids=ids).last_hidden_state).float()
+    except Exception as e:  # noqa: BLE001 - any failure of the body call means: use the model's own forward
+        return f"its body cannot be called alone ({type(e).__name__}: {e})"
+    finally:
+        lm.train(was_training)
+    if full.shape != mine.shape:
+        return f"head(body(x)) has shape {tuple(mine.shape)}, the model's logits {tuple(full.shape)}"
+    err = float((full - mine).abs().max())
+    if not err <= 1e-4 * max(1.0, float(full.abs().max())):
+        return f"its logits differ from head(body(x)) by up to {err:.3g} (the model post-processes them)"
+    return None
+
 
 class DistillModel(nn.Module):
     """The student LM plus one linear projector (student hidden -> teacher hidden) per mapped layer pair.
 
     One module, so one `accelerator.prepare`, one optimizer and one checkpoint hold everything trained, and
-    under DDP/FSDP every trained parameter is used inside `forward`.
+    under DDP/FSDP every trained parameter is used inside `forward`: the loss over the logits runs inside it too
+    (`logit_loss`), so the LM head's weight is used there even when the loss computes the head itself.
+
+    fused_head: compute the LM head inside the loss, chunk by chunk of positions (kd/losses/chunked.py), where
+    `head_fallback_reason` finds nothing against it; `fused_head_reason` then says why not (None when on or off).
     """
 
-    def __init__(self, lm: nn.Module, feature_pairs: list[tuple[int, int]], teacher_hidden: int):
+    def __init__(self, lm: nn.Module, feature_pairs: list[tuple[int, int]], teacher_hidden: int, fused_head=True):
         super().__init__()
         self.lm = lm
         self.feature_pairs = [tuple(p) for p in feature_pairs]
         student_hidden = lm.config.hidden_size
         self.projectors = nn.ModuleList(nn.Linear(student_hidden, teacher_hidden, bias=False) for _ in feature_pairs)
+        self.fused_head_reason = head_fallback_reason(lm) if fused_head else None
+        self.fused_head = bool(fused_head) and self.fused_head_reason is None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False):
-        """-> (logits [B, T, V], list of projected student states [B, T, H_teacher] per pair, or None)."""
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_features)
+    def forward(self, input_ids, attention_mask, with_features: bool = False, logit_loss=None):
+        """-> (logits [B, T, V], or with `logit_loss` its value on the flat logits [B * T, V] or, on the fused path,
+        on a HeadInput (the flat final hidden states and the head); the projected student states [B, T, H_teacher]
+        per layer pair, or None)."""
+        if self.fused_head and logit_loss is not None:
+            out = self.lm.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_features
+            )
+            h = out.last_hidden_state
+            head = self.lm.get_output_embeddings()
+            result = logit_loss(HeadInput(h.reshape(-1, h.shape[-1]), head.weight, head.bias))
+        else:
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_features)
+            logits = out.logits
+            result = logits if logit_loss is None else logit_loss(logits.reshape(-1, logits.shape[-1]))
         if not with_features:
-            return out.logits, None
+            return result, None
         projected = [proj(out.hidden_states[s]) for proj, (s, _) in zip(self.projectors, self.feature_pairs)]
-        return out.logits, projected
+        return result, projected

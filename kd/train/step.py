@@ -106,36 +106,42 @@ def micro_batch_sums(
     """(sum over terms of weights[name] * the term's sum over this micro-batch's positions, with gradient;
     {term name: its sum without gradient, "agree": top-1 agreement count}).
 
-    The logit-level terms are computed together chunk by chunk (kd.losses.terms.logit_term_sums); feature and
+    The logit-level terms are computed together chunk by chunk (kd.losses.terms.logit_term_sums) inside the model's
+    forward, on the logits or, with DistillModel.fused_head, on the final hidden states with the LM head applied
+    per chunk (the [B * T, V] logits never exist); feature and
     contrastive terms use the projected student states at plan.teacher_slots (layer pair j's teacher layer sits
     at batch["hidden_states"][:, teacher_slots[j]]).
     """
     attention, loss_mask, targets = positions(batch)
-    logits, projected = model(batch["input_ids"], attention, plan.needs_hidden)
-    B, T, V = logits.shape
+    B, T = batch["input_ids"].shape
     mask = loss_mask.reshape(-1)
     # across tokenizers the teacher (and its hidden states) exists only at aligned positions
     kd_mask = (loss_mask & batch["kd_mask"]).reshape(-1) if "kd_mask" in batch else mask
     lt = plan.logit_terms
-    loss, sums = logit_term_sums(
-        logits.reshape(B * T, V),
-        targets.reshape(-1),
-        mask,
-        kd_mask,
-        plan.signal(batch, attention),
-        lt,
-        [weights.get(t.name, 0.0) for t in lt],
-        plan.temperature,
-        plan.chunk,
-        with_grad=with_grad,
-    )
+    signal = plan.signal(batch, attention)
+
+    def logit_loss(x):  # flat logits [B * T, V], or the final hidden states and the head (DistillModel.fused_head)
+        return logit_term_sums(
+            x,
+            targets.reshape(-1),
+            mask,
+            kd_mask,
+            signal,
+            lt,
+            [weights.get(t.name, 0.0) for t in lt],
+            plan.temperature,
+            plan.chunk,
+            with_grad=with_grad,
+        )
+
+    (loss, sums), projected = model(batch["input_ids"], attention, plan.needs_hidden, logit_loss=logit_loss)
     out = {t.name: sums[i] for i, t in enumerate(lt)}
     out["agree"] = sums[-1]
     feature, contrastive = plan.hidden_term("feature"), plan.hidden_term("contrastive")
     if plan.needs_hidden:
         con_idx = contrastive_positions(loss_mask, contrastive.options["max_positions"]) if contrastive else None
-        f_sum = torch.zeros((), device=logits.device)
-        c_sum = torch.zeros((), device=logits.device)
+        f_sum = torch.zeros((), device=mask.device)
+        c_sum = torch.zeros((), device=mask.device)
         for proj, slot in zip(projected, plan.teacher_slots):
             student_h = proj.reshape(B * T, -1)
             teacher_h = batch["hidden_states"][:, slot].reshape(B * T, -1)
