@@ -278,3 +278,33 @@ def test_the_trainer_says_whether_the_head_is_fused(tiny_cache, tmp_path, capsys
     out = capsys.readouterr().out
     assert "[student] LM head not fused into the loss" in out and "logits_scaling=4.0" in out
     assert (run / "final" / "config.json").exists()
+
+
+def test_padding_beyond_the_longest_sequence_is_not_computed():
+    from kd.train.step import trim_padding
+
+    b = {
+        "input_ids": torch.zeros(2, 10, dtype=torch.long),
+        "length": torch.tensor([6, 4]),
+        "hidden_states": torch.zeros(2, 3, 10, 5),
+        "sequence_index": torch.tensor([0, 1]),
+    }
+    t = trim_padding(b)
+    assert (
+        t["input_ids"].shape == (2, 6) and t["hidden_states"].shape == (2, 3, 6, 5) and t["length"].tolist() == [6, 4]
+    )
+    # computing the padding or not: the same losses and gradients (micro_batch_sums itself does not trim)
+    fused, _ = pair("llama", False)
+    other = copy.deepcopy(fused)
+    plan = LossPlan(CE_KD, SIGNALS["topk_bucket"], 1.0, 8)
+    x = dict(batches("topk", 1)[0], length=torch.tensor([T - 6, T - 9]))
+    assert trim_padding(x)["input_ids"].shape[1] == T - 6
+    results = []
+    for model, batch in ((fused, x), (other, trim_padding(x))):
+        total, sums = micro_batch_sums(model, batch, plan, {"ce": 1.0, "kd": 1.0})
+        total.backward()
+        results.append((sums, {n: p.grad for n, p in model.named_parameters()}))
+    for k in results[0][0]:
+        assert float(results[0][0][k]) == pytest.approx(float(results[1][0][k]), rel=1e-5), k
+    for n in results[0][1]:
+        torch.testing.assert_close(results[0][1][n], results[1][1][n], atol=1e-6, rtol=1e-4, msg=n)

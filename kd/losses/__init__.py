@@ -1,8 +1,10 @@
 """Distillation losses: pure fp32 functions returning sums (the caller divides once by the global count).
 
 divergences.py  the divergences between two distributions over the same outcomes, and their registry
-forward.py      forward KL's tail rules and its fused analytic-gradient path (sparse and dense teachers)
-terms.py        the loss as a weighted list of terms; the chunked pass over the logit-level ones; the
+chunked.py      the two drivers of a per-chunk loss: over given logits, or over the LM head's input with the head
+                applied per chunk (the student's logits never exist whole)
+forward.py      forward KL's tail rules and its analytic-gradient chunk function (sparse, dense and mapped teachers)
+terms.py        the loss as a weighted list of terms; the chunk functions of the logit-level ones; the
                 per-position references (sparse and cross-tokenizer KD, token_losses) on the same signals
 features.py     hidden-state distance and InfoNCE
 """

@@ -81,6 +81,20 @@ def positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention, loss_mask, targets
 
 
+# The time axis of each [B, ...] batch field that has one: [B, T, ...] unless named here.
+_TIME_AXIS = {"hidden_states": 2}
+
+
+def trim_padding(batch: dict) -> dict:
+    """The batch cut to its longest sequence: windows are right-padded to the split's longest (across tokenizers a
+    student's windows vary in length, ~16% padding on the demo), and padded positions count for nothing, so they
+    are not computed at all. Causal attention means a valid position never sees the padding: the same values."""
+    t = int(batch["length"].max())
+    if t >= batch["input_ids"].shape[1]:
+        return batch
+    return {k: v.narrow(_TIME_AXIS.get(k, 1), 0, t) if v.ndim >= 2 else v for k, v in batch.items()}
+
+
 def contrastive_positions(loss_mask: torch.Tensor, max_positions: int) -> torch.Tensor:
     """Flat indices of at most `max_positions` valid positions, evenly spread (deterministic)."""
     idx = loss_mask.reshape(-1).nonzero().squeeze(-1)
@@ -189,7 +203,7 @@ def accumulate_window(
     names = [t.name for t in plan.terms]
     local = torch.zeros(len(names) + 1, dtype=torch.float64, device=accelerator.device)
     for i, batch in enumerate(batches):
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in trim_padding(batch).items()}
         # gradients are all-reduced once per window, on its last micro-batch
         sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
         with sync:
@@ -220,7 +234,7 @@ def evaluate(model, loader, loss: LossPlan | LossConfig, accelerator, text_units
     total = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
     for batch in loader:
         units = [float(u) for u in text_units(batch)] if text_units is not None else [0.0, 0.0]
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = {k: v.to(accelerator.device) for k, v in trim_padding(batch).items()}
         _, sums = micro_batch_sums(model, batch, plan, {}, with_grad=False)
         n_tok, _, n_kd = batch_counts(batch, plan).to(accelerator.device)  # the positions CE and KD count at
         extra = torch.tensor(units, dtype=torch.float64, device=accelerator.device)
