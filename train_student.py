@@ -28,6 +28,7 @@ import torch
 from kd import __version__
 from kd.cache import TeacherCache, write_json_atomic
 from kd.config import flatten, parse_cli, to_dict
+from kd.dist import check_training_backend
 from kd.errors import KDError, run_cli
 from kd.evaluate import score_windows, text_windows
 from kd.schedule import lr_at
@@ -213,6 +214,7 @@ def main(cfg: TrainConfig) -> Path:
         log_with=tc.log_with or None,  # trackers beside metrics.jsonl, which stays the record
         project_dir=str(run_dir / "trackers"),
     )
+    check_training_backend(accelerator)
     cfg_dict = to_dict(cfg)
 
     # 1. Inputs, checked before anything is written: cache, tokenizer match, run directory, layer map.

@@ -1,0 +1,55 @@
+"""Accelerate back-ends: the trainer refuses the ones whose guarantees it does not keep yet (DeepSpeed, FSDP), before
+anything is written; the shipped launch configs are valid Accelerate configs for the back-end that is tested."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from accelerate.utils import DistributedType
+from conftest import ROOT
+
+from kd.dist import check_training_backend
+from kd.errors import KDError
+
+
+@pytest.mark.parametrize(
+    "kind,match",
+    [
+        (DistributedType.DEEPSPEED, "DEEPSPEED back-end yet: under DeepSpeed the optimizer would step on every micro"),
+        (DistributedType.FSDP, "FSDP back-end yet"),
+        (DistributedType.XLA, "has not been verified on Accelerate's XLA"),
+        (DistributedType.MEGATRON_LM, "has not been verified"),
+    ],
+)
+def test_unsupported_backends_are_refused_by_name(kind, match):
+    with pytest.raises(KDError, match=match):
+        check_training_backend(SimpleNamespace(distributed_type=kind))
+
+
+@pytest.mark.parametrize("kind", [DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU])
+def test_ddp_and_one_process_pass(kind):
+    check_training_backend(SimpleNamespace(distributed_type=kind))
+
+
+def test_the_trainer_refuses_fsdp_before_writing_anything(tiny_cache, tmp_path, monkeypatch):
+    import accelerate
+    from test_train import make_cfg
+
+    import train_student
+
+    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    with pytest.raises(KDError, match="FSDP back-end yet"):
+        train_student.main(make_cfg(tiny_cache, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "ddp_multinode.yaml"])
+def test_shipped_launch_configs_load_in_accelerate(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(Path(ROOT) / "configs" / "accelerate" / name))
+    assert cfg.distributed_type == DistributedType.MULTI_GPU
+    assert cfg.num_processes >= 2 and cfg.num_machines >= 1
+    assert not cfg.deepspeed_config and not cfg.fsdp_config
