@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_cross_tokenizer import real_tokenizers  # noqa: F401 (a fixture)
 
 from kd.cache import MANIFEST, TeacherCache
 from kd.textscore import bits_per_unit, score_record, target_text_units
