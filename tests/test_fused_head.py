@@ -20,10 +20,10 @@ from kd.train.step import LossPlan, micro_batch_sums
 V, B, T, K = 96, 2, 24, 8
 
 
-def tiny_lm(arch: str, tied: bool, seed: int = 0):
+def tiny_lm(arch: str, tied: bool, seed: int = 0, vocab: int = V):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    common = dict(vocab_size=V, tie_word_embeddings=tied)
+    common = dict(vocab_size=vocab, tie_word_embeddings=tied)
     if arch == "gpt2":
         # no dropout: the two models of a comparison must see the same function
         cfg = AutoConfig.for_model(
@@ -308,3 +308,20 @@ def test_padding_beyond_the_longest_sequence_is_not_computed():
         assert float(results[0][0][k]) == pytest.approx(float(results[1][0][k]), rel=1e-5), k
     for n in results[0][1]:
         torch.testing.assert_close(results[0][1][n], results[1][1][n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_eval_on_text_is_the_same_with_the_head_chunked_or_not(tokenizer_dir, corpus_dir):
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from kd.evaluate import score_windows, text_windows
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    windows, sep = text_windows(tok, [str(sorted(corpus_dir.glob("*.txt"))[0])], 32, max_sequences=6)
+    lm = tiny_lm("llama", False, vocab=len(tok))
+    chunked = score_windows(lm, tok, windows, sep, batch_size=4, chunk=7)
+    whole = copy.deepcopy(lm)
+    whole.lm_head = torch.nn.Sequential(whole.lm_head)  # not a plain Linear: the model's own forward, full logits
+    assert head_fallback_reason(whole) is not None
+    np.testing.assert_allclose(chunked, score_windows(whole, tok, windows, sep, batch_size=4), rtol=1e-5)
+    assert chunked[1] > 0 and chunked[0] > 0
