@@ -213,8 +213,8 @@ def logit_term_sums(
     CE counts at `mask`, every other term at `kd_mask` (= mask, or the aligned positions across tokenizers).
     `weights` are the effective multipliers (the caller folds its normalisation in). CE + forward KL (on any
     signal, mapped cross-tokenizer targets included) take the analytic-gradient chunk function (kd.losses.forward)
-    unless fused=False;
-    everything else autograd per chunk. Without gradient, only chunk-sized temporaries exist either way."""
+    unless fused=False; everything else autograd per chunk. Without gradient, only chunk-sized temporaries exist
+    either way."""
     T = float(temperature)
     weights = [float(w) for w in weights]
     if not with_grad:
