@@ -49,7 +49,9 @@ from kd.cache.codecs import codec_specs
 from kd.cache_config import NON_CONTENT_KEYS, CacheConfig
 from kd.config import diff_keys, flatten, parse_cli, to_dict
 from kd.data import config_sources
-from kd.data.ingest import INGEST_DIR, IngestSpec, WindowIndex, run_ingest, windows_fingerprint
+from kd.data.chat import chat_template, check_chat_tokenizer
+from kd.data.ingest import CHAT_COUNTS, INGEST_DIR, IngestSpec, WindowIndex, run_ingest, windows_fingerprint
+from kd.data.pack import segment_positions
 from kd.dist import agree, gather_rows
 from kd.errors import KDError, run_cli
 from kd.io import LOCK_FILE, DirLock, disk_error, sha256_file, write_json_atomic
@@ -62,7 +64,7 @@ from kd.teacher import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
-from kd.textscore import score_record, target_text_units
+from kd.textscore import chat_targets, score_record, target_text_units
 
 
 def content_config(cfg_dict: dict) -> dict:
@@ -211,6 +213,14 @@ def ingest_spec(cfg: CacheConfig, tokenizer, vocab_size: int) -> IngestSpec:
         vocab_size=vocab_size,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         unit_bytes=cfg.data.unit_bytes,
+        chat=None
+        if cfg.data.format != "chat"
+        else {
+            "fields": [cfg.data.messages_field, cfg.data.prompt_field, cfg.data.completion_field],
+            "loss_mask": cfg.data.loss_mask,
+            "packing": cfg.data.packing,
+            "template": chat_template(cfg.data.chat_template),
+        },
     )
 
 
@@ -225,6 +235,13 @@ def validate(cfg: CacheConfig):
             "cache.store_text needs a `tokenizers`-backed (fast) tokenizer; use one, or set "
             "cache.store_text=false"
         )
+    if cfg.data.format == "chat":
+        if cfg.cache.store_text:
+            raise KDError(
+                "data.format=chat with cache.store_text=true: chat caches do not store text for cross-tokenizer "
+                "alignment yet; set cache.store_text=false"
+            )
+        check_chat_tokenizer(tokenizer, chat_template(cfg.data.chat_template))
     sources, input_bytes = config_sources(cfg.data)
     return model_cfg, tokenizer, ingest_spec(cfg, tokenizer, model_cfg.vocab_size), sources, input_bytes
 
@@ -300,6 +317,16 @@ def ingest(cfg: CacheConfig, accelerator, spec: IngestSpec, tokenizer, sources, 
             f"{stats['seconds']:.1f} s, {stats['tokens'] / max(stats['seconds'], 1e-9):.0f} tokens/s",
             flush=True,
         )
+        if spec.chat is not None:
+            windows = sum(int(index.starts[s][-1]) for s in SPLITS)  # every window the units hold, before caps
+            kept = stats["window_tokens"]
+            print(
+                f"[ingest] chat: {stats['documents']} conversations in {windows} windows ({cfg.data.packing}, "
+                f"padding {1 - kept / max(windows * cfg.data.seq_len, 1):.1%} of positions); "
+                f"{stats['truncated']} cut to data.seq_len={cfg.data.seq_len} ({stats['tokens_cut']} tokens lost), "
+                f"{stats['dropped']} dropped (nothing in the loss mask left)",
+                flush=True,
+            )
     for split in SPLITS:
         if index.num_sequences[split] == 0:
             if stats["split_documents"][split] == 0:
@@ -352,6 +379,7 @@ def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spe
             cfg.cache.sample_n,
             cfg.cache.hidden_rank,
             cfg.cache.hidden_coefficients,
+            chat=spec.chat is not None,
         ),
         "position_targets": "next token (t+1)",
         "sample_n": cfg.cache.sample_n,
@@ -374,6 +402,16 @@ def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spe
             "unit_bytes": cfg.data.unit_bytes,
         },
     }
+    if spec.chat is not None:  # what the loss_mask and segments fields mean (kd/data/chat.py, kd/data/pack.py)
+        template = spec.chat["template"]
+        meta["chat"] = {
+            "fields": spec.chat["fields"],
+            "loss_mask": spec.chat["loss_mask"],
+            "packing": spec.chat["packing"],
+            "template": "the tokenizer's own" if template is None else "data.chat_template",
+            "template_sha256": hashlib.sha256((template or tokenizer.chat_template or "").encode()).hexdigest(),
+            "attention": "causal within each conversation (segments), position ids restart per conversation",
+        }
     # shard boundaries: a fixed count, or as many sequences as fit cache.shard_bytes (from the config alone)
     meta["sequences_per_shard"] = cfg.cache.sequences_per_shard or shard_sequences(meta, cfg.cache.shard_bytes)
     return meta
@@ -428,9 +466,13 @@ def fit_hidden_basis(cfg: CacheConfig, index: WindowIndex, teacher: TeacherModel
     body = model.base_model if model.base_model is not model else model  # hidden states only: no LM head
     with torch.no_grad():
         for s in range(0, n, cfg.teacher.batch_size):
-            w = index.read("train", s, min(s + cfg.teacher.batch_size, n), ["input_ids", "lengths"])
+            fields = ["input_ids", "lengths"] + (["segments"] if cfg.data.format == "chat" else [])
+            w = index.read("train", s, min(s + cfg.teacher.batch_size, n), fields)
             ids = torch.from_numpy(w["input_ids"].astype(np.int64)).to(teacher.device)
-            states = body(input_ids=ids, output_hidden_states=True).hidden_states
+            pos = None
+            if "segments" in w:  # conversations attend only to themselves (kd/data/pack.py segment_positions)
+                pos = segment_positions(torch.from_numpy(w["segments"].astype(np.int64))).to(teacher.device)
+            states = body(input_ids=ids, position_ids=pos, output_hidden_states=True, use_cache=False).hidden_states
             fit.add(torch.stack([states[i] for i in layers], dim=1), torch.from_numpy(w["lengths"].astype(np.int64)))
     return fit.finish(cfg.cache.hidden_rank, {"config_hash": config_hash, "layers": layers, "sequences": n})
 
@@ -516,8 +558,19 @@ def teacher_pass(
     warn_if_disk_too_small(accelerator, out, meta, sum(b - a for _, _, a, b in todo), len(todo))
     if not todo:  # the model is only loaded if this rank has work
         return jobs, 0
+    chat = cfg.data.format == "chat"
     window_fields = ["input_ids", "lengths", "doc_starts"] + (["text", "token_spans"] if cfg.cache.store_text else [])
+    window_fields += ["loss_mask", "segments"] if chat else []
     model = teacher()
+    if chat:
+        from kd.train.model import packing_fallback_reason
+
+        reason = packing_fallback_reason(model)
+        if reason is not None:
+            raise KDError(
+                f"data.packing={cfg.data.packing} puts several conversations in a window, and this teacher cannot keep "
+                f"them apart: {reason}. Use teacher.attn_implementation=sdpa or eager, or data.packing=one_per_window"
+            )
     bar = tqdm(
         total=sum(int(index.read(s, a, b, ["lengths"])["lengths"].sum()) for s, _, a, b in todo),
         unit="tok",
@@ -549,7 +602,9 @@ def teacher_pass(
             lengths = torch.from_numpy(w["lengths"][s:e].astype(np.int64))
             mask = (torch.arange(T)[None, :] < lengths[:, None]).long().to(device)
             gens = [sequence_generator(cfg.cache.sample_seed, split, i, device) for i in range(a + s, a + e)]
-            scores = {}
+            scores, pos = {}, None
+            if chat:
+                pos = segment_positions(torch.from_numpy(w["segments"][s:e].astype(np.int64))).to(device)
             lp, top_ids, hidden, samples = teacher_targets(
                 model,
                 ids,
@@ -559,9 +614,16 @@ def teacher_pass(
                 sample_n=cfg.cache.sample_n,
                 sample_generators=gens,
                 scores=scores,
+                position_ids=pos,
             )
-            scored = torch.arange(T)[None, :] < (lengths[:, None] - 1)  # the targets eval/ce averages over
-            units = target_text_units(tokenizer, w["input_ids"][s:e], w["lengths"][s:e], sep_id).sum(0)
+            if chat:  # the targets eval/ce averages over: position t scores token t+1 (kd.textscore.chat_targets)
+                targets = chat_targets(w["loss_mask"][s:e], w["segments"][s:e])
+                scored = torch.zeros(e - s, T, dtype=torch.bool)
+                scored[:, :-1] = torch.from_numpy(targets[:, 1:])
+                units = target_text_units(tokenizer, w["input_ids"][s:e], w["lengths"][s:e], None, targets).sum(0)
+            else:
+                scored = torch.arange(T)[None, :] < (lengths[:, None] - 1)  # the targets eval/ce averages over
+                units = target_text_units(tokenizer, w["input_ids"][s:e], w["lengths"][s:e], sep_id).sum(0)
             score += [-float(scores["target_logprobs"].cpu().double()[scored].sum()), int(scored.sum()), *units]
             writer.append(
                 w["input_ids"][s:e],
@@ -572,6 +634,7 @@ def teacher_pass(
                 None if hidden is None else to_numpy(hidden, codecs["hidden_states"]),
                 None if samples is None else (samples[0].cpu().numpy(), samples[1].cpu().numpy()),
                 (w["text"][s:e], w["token_spans"][s:e]) if cfg.cache.store_text else None,
+                (w["loss_mask"][s:e], w["segments"][s:e]) if chat else None,
             )
             tokens_done += int(lengths.sum())
             bar.update(int(lengths.sum()))
@@ -632,7 +695,9 @@ def write_manifest(out: Path, jobs: list, meta: dict, cfg_dict: dict, index: Win
         bytes_per_token=total_bytes / total_tokens,
         created_unix=time.time(),
         ingest={
-            k: stats[k] for k in ("documents", "empty_documents", "bad_records", "units", "reused", "tokens", "seconds")
+            k: stats[k]
+            for k in ("documents", "empty_documents", "bad_records", "units", "reused", "tokens", "seconds")
+            + (CHAT_COUNTS if "chat" in meta else ())
         },
     )
     # config_hash stays: the cache's identity, which every shard's kd_meta repeats and the reader checks

@@ -33,7 +33,7 @@ from kd.errors import KDError, run_cli
 from kd.evaluate import score_windows, text_windows
 from kd.schedule import lr_at
 from kd.teacher import load_tokenizer, tokenizer_fingerprint
-from kd.textscore import score_record, target_text_units
+from kd.textscore import batch_text_units, score_record
 from kd.train import (
     EMA,
     RUN_FORMAT_VERSION,
@@ -45,10 +45,12 @@ from kd.train import (
     eval_record,
     make_loader,
     optimizer_step,
+    packing_fallback_reason,
     peak_memory_mb,
     steps_per_epoch,
 )
 from kd.train.checkpoint import prepare_run_dir, save_checkpoint, save_final
+from kd.train.generations import GenerationsLog, generate_replies, held_out_prompts
 from kd.train_config import TrainConfig
 
 
@@ -256,9 +258,13 @@ def main(cfg: TrainConfig) -> Path:
     target_fields = {"topk": ("topk_ids", "topk_logprobs"), "sampled": ("sample_ids", "sample_counts"), "online": ()}[
         cfg.loss.target
     ]
-    train_split = cache.split("train", ("input_ids",) + target_fields + (("hidden_states",) if need_hidden else ()))
+    # a chat cache's loss_mask and segments come along (a text cache has neither: every token counts)
+    chat = ("loss_mask", "segments")
+    train_split = cache.split(
+        "train", ("input_ids",) + target_fields + (("hidden_states",) if need_hidden else ()) + chat
+    )
     # eval/kd and top-1 agreement are always measured against the cached top-k, whatever the training target
-    eval_split = cache.split("eval", ("input_ids", "topk_ids", "topk_logprobs"))
+    eval_split = cache.split("eval", ("input_ids", "topk_ids", "topk_logprobs") + chat)
     if cross:  # the student's view: its own tokens, the teacher's targets at aligned positions (kd/align.py)
         train_split, eval_split = cross_tokenizer_splits(
             cfg, cache, tokenizer, train_split, eval_split, run_dir, accelerator
@@ -307,6 +313,15 @@ def main(cfg: TrainConfig) -> Path:
             )
         say(f"[student] feature pairs [student, teacher] from the kept layers: {pairs}")
     slots = check_feature_layers(pairs, cache, lm.config.num_hidden_layers)
+    if "chat" in cache.manifest:
+        reason = packing_fallback_reason(lm)
+        if reason is not None:
+            raise KDError(
+                f"cache {tc.cache_dir} packs several conversations per window, and this student cannot keep them "
+                f"apart: {reason}. Use an attention implementation that honours restarting position ids "
+                "(student.attn_implementation=sdpa or eager), or re-cache with data.packing=one_per_window"
+            )
+        say(f"[student] chat cache: loss on {cache.manifest['chat']['loss_mask']} tokens, conversations kept apart")
     model = DistillModel(
         lm, pairs if need_hidden else [], cache.manifest["teacher"]["hidden_size"], cfg.loss.fused_head
     )
@@ -368,6 +383,9 @@ def main(cfg: TrainConfig) -> Path:
     # on resume, records the interrupted run wrote after its checkpoint are dropped (all of them if it had none)
     keep = None if not tc.resume else (state.step if resume_state is not None else -1)
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until_step=keep)
+    # chat: a few greedy replies to held-out prompts at every eval (kd/train/generations.py), main process only
+    prompts = held_out_prompts(eval_split, tc.eval_generations) if "chat" in cache.manifest and not cross else []
+    generations = GenerationsLog(run_dir, accelerator.is_main_process and bool(prompts), keep)
     if tc.log_with:
         start_trackers(accelerator, tc, cfg_dict)
         log.tracker = accelerator
@@ -384,7 +402,7 @@ def main(cfg: TrainConfig) -> Path:
     )
 
     def text_units(batch) -> np.ndarray:
-        return target_text_units(tokenizer, batch["input_ids"].numpy(), batch["length"].numpy(), units_sep).sum(0)
+        return batch_text_units(tokenizer, batch, units_sep)
 
     def run_eval() -> dict:
         record = eval_record(model, eval_loader, eval_plan, accelerator, ema, state, text_units)
@@ -404,6 +422,11 @@ def main(cfg: TrainConfig) -> Path:
                 }
             )
         log.write(record)
+        if prompts and accelerator.is_main_process:
+            lm = accelerator.unwrap_model(model).lm
+            generations.write(
+                state.step, generate_replies(lm, tokenizer, prompts, tc.generation_tokens, accelerator.device)
+            )
         return record
 
     last_eval = run_eval() if state.step == 0 else None  # the untrained student: the baseline every curve starts from

@@ -7,7 +7,9 @@ placed into windows of --seq-len tokens two ways:
     one per window   each conversation alone in a right-padded window (what needs no attention mask changes);
     packed in order  conversations laid end to end, in order, a window closed when the next one does not fit
                      (what block-diagonal attention and per-conversation positions allow);
-    first-fit        each conversation into the first window that still has room for it.
+    first-fit        each conversation into the first window that still has room for it, unbounded;
+    kd's packer      kd.data.pack.ChatPacker, what the ingest runs: first-fit over at most OPEN_WINDOWS open
+                     windows (the fullest emitted when another is needed), and its one-per-window mode.
 A conversation longer than a window is cut at seq_len in both (the count and the tokens lost are printed). Prints
 the share of window positions that are padding, and the share of tokens the assistant mask keeps.
 """
@@ -28,6 +30,7 @@ def main() -> None:
 
     from kd.assets import resolve_path
     from kd.data.chat import conversation, render
+    from kd.data.pack import OPEN_WINDOWS, ChatPacker
     from kd.data.shakespeare_chat import build
     from kd.teacher import load_tokenizer
 
@@ -41,11 +44,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         counts = build(Path(resolve_path("asset:shakespeare")), Path(tmp))
         records = [json.loads(line) for line in open(Path(tmp) / "train.jsonl")]
-    lengths, masked = [], 0
+    lengths, masked, rendered = [], 0, []
     for r in records:
         out = render(tok, conversation(r), template)
         lengths.append(len(out.input_ids))
         masked += sum(out.mask)
+        rendered.append(out.input_ids)
     L = args.seq_len
     cut = [min(n, L) for n in lengths]
     over = sum(n > L for n in lengths)
@@ -66,6 +70,12 @@ def main() -> None:
         else:
             free.append(L - n)
     total = sum(cut)
+    packers = {p: ChatPacker(L, 0, p) for p in ("first_fit", "one_per_window")}
+    for ids in rendered:
+        for packer in packers.values():
+            packer.add(ids, [True] * len(ids))
+    kd_windows = {p: len(packer.take(final=True)) for p, packer in packers.items()}
+    print(f"(kd's packer keeps {OPEN_WINDOWS} windows open)")
     print(f"{len(records)} train conversations ({counts['eval']} eval), {args.tokenizer}, windows of {L} tokens")
     print(
         f"tokens per conversation: mean {sum(lengths) / len(lengths):.1f}, max {max(lengths)}; assistant mask keeps "
@@ -74,6 +84,8 @@ def main() -> None:
     print(f"one conversation per window: {len(cut)} windows, padding {1 - total / one:.1%} of positions")
     print(f"packed in order:             {windows} windows, padding {1 - total / packed:.1%} of positions")
     print(f"packed first-fit:            {len(free)} windows, padding {1 - total / (len(free) * L):.1%} of positions")
+    for p, n in kd_windows.items():
+        print(f"kd's packer, {p + ':':<16} {n} windows, padding {1 - total / (n * L):.1%} of positions")
 
 
 if __name__ == "__main__":

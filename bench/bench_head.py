@@ -91,10 +91,11 @@ def speed_run(variant: str, cache_dir: str, qwen_cache: str, steps: int) -> dict
     import torch
     from accelerate import Accelerator
 
+    from bench.timing import timed_steps
     from kd.cache import TeacherCache
     from kd.config import load_config
     from kd.teacher import load_tokenizer
-    from kd.train import DistillModel, accumulate_window, peak_memory_mb
+    from kd.train import DistillModel, peak_memory_mb
     from kd.train.step import LossPlan
     from kd.train_config import TrainConfig
     from train_student import build_student, cross_tokenizer_splits
@@ -126,17 +127,7 @@ def speed_run(variant: str, cache_dir: str, qwen_cache: str, steps: int) -> dict
     assert model.fused_head == fused, model.fused_head_reason
     plan = LossPlan.build(cfg.loss)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for i, batch in enumerate(batches):
-        batch = {n: v.to(dev) for n, v in batch.items()}
-        t0 = time.perf_counter()
-        accumulate_window(model, [batch], plan, accelerator)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+    times = timed_steps(model, batches, plan, accelerator, opt)
     tokens = statistics.mean(int(b["length"].sum()) for b in batches)
     return {"step_s": statistics.median(times), "peak_mb": peak_memory_mb(dev), "tokens": tokens, "data_s": data_s}
 

@@ -5,6 +5,7 @@ trained with the project's own trainer at equal optimizer steps and data.
     python bench/bench_quality.py --suite targets --cache caches/shakespeare_smollm2            # needs sample_n > 0
     python bench/bench_quality.py --suite cross                  # Qwen-vocabulary teacher -> SmolLM2-tokenizer student
     python bench/bench_quality.py --suite kinds --seeds 0,1      # every divergence kind, two data-order seeds
+    python bench/bench_quality.py --suite chat                   # the chat set: loss on the assistant's tokens
 
 Suite kd: CE only vs KD against the cache, with and without the feature loss. Suite targets: CE only vs KD
 (alpha 0.5 KD + 0.5 CE, no feature loss) against each target: cached top-256 with either tail policy, cached
@@ -13,6 +14,8 @@ gain over CE only that each target recovers. Suite cross: the Qwen2.5-Coder-0.5B
 and a student with the SmolLM2 tokenizer (configs/train_cross_tokenizer.yaml): CE only vs each cross-tokenizer KD
 loss, with the alignment and mapping figures the trainer logs. Suite kinds: CE only vs 0.5 CE + 0.5 of each
 divergence kind (kd/losses/divergences.py) against the cached top-256 with the tail bucket, T = 1, no feature loss.
+Suite chat: the Shakespeare chat cache (configs/shakespeare_chat_smollm2.yaml): CE only vs KD + CE against sampled
+and top-256 targets, every loss and the held-out CE on the assistant's tokens only.
 `--seeds` (default 0,1,2) runs every variant once per `train.seed` (student init and data order) and prints the mean
 and standard deviation of its held-out CE, each seed's CE, its bits per character, and marks with ~ a difference to
 CE only that is smaller than twice its standard error (within noise).
@@ -80,18 +83,25 @@ SUITES = {
         "hybrid (mapped + 1.0 x ULD) + CE": ["loss.cross_tokenizer=hybrid", "loss.uld_weight=1.0"],
         "hybrid (mapped + 0.1 x ULD) + CE": ["loss.cross_tokenizer=hybrid", "loss.uld_weight=0.1"],
     },
+    "chat": {  # the loss and eval on the assistant's tokens only (configs/train_shakespeare_chat.yaml)
+        "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0"],
+        "KD + CE (sampled n=50)": ["loss.target=sampled"],
+        "KD + CE (top-256, tail bucket)": ["loss.target=topk", "loss.tail=bucket"],
+    },
 }
 CONFIGS = {
     "kd": "configs/train_shakespeare.yaml",
     "targets": "configs/train_shakespeare.yaml",
     "kinds": "configs/train_shakespeare.yaml",
     "cross": "configs/train_cross_tokenizer.yaml",
+    "chat": "configs/train_shakespeare_chat.yaml",
 }
 CACHES = {
     "kd": "caches/shakespeare_smollm2",
     "targets": "caches/shakespeare_smollm2",
     "kinds": "caches/shakespeare_smollm2",
     "cross": "caches/shakespeare_qwen",
+    "chat": "caches/shakespeare_chat_smollm2",
 }
 
 

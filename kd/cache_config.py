@@ -57,6 +57,21 @@ class DataConfig:
     max_eval_sequences: cap on eval windows (null = all), likewise.
     unit_bytes: the corpus is tokenized in units of about this many input bytes (the unit of parallel work and of
         resume; a split's last window in each unit may be partial, so keep it >> seq_len tokens).
+    format: `text` (documents packed back to back) or `chat`: each record is a conversation (a `messages_field`
+        list of {role, content} turns, or `prompt_field` + `completion_field`), rendered with the teacher
+        tokenizer's chat template, with a per-token loss mask (kd/data/chat.py); `bad_records` applies to
+        malformed conversations too. Chat needs .jsonl/.json/.parquet files or a dataset.
+    loss_mask: chat: which tokens the losses count: `assistant` (every assistant turn's content and end-of-turn
+        token), `completion` (the last assistant turn only) or `all`.
+    chat_template: chat: a Jinja template to render with instead of the tokenizer's own (a string, or an
+        `asset:`/file path to a .jinja file); needed when the tokenizer has none.
+    messages_field: chat: the field holding a record's list of {role, content} turns.
+    prompt_field: chat: the field holding a prompt (a string, or a list of turns) of prompt/completion records.
+    completion_field: chat: the field holding the completion (the assistant's reply) of prompt/completion records.
+    packing: chat: `first_fit` (several whole conversations per window, each attending only to itself:
+        per-conversation position ids and a block-diagonal causal mask, in the teacher pass and the student) or
+        `one_per_window` (one conversation per window, the rest padding). A conversation longer than seq_len is
+        truncated to its first seq_len tokens (counted; dropped, and counted, if nothing it keeps is in the loss).
     """
 
     files: list[str] = field(default_factory=list)
@@ -76,6 +91,13 @@ class DataConfig:
     max_train_sequences: int | None = None
     max_eval_sequences: int | None = None
     unit_bytes: int = 64 * 2**20
+    format: Literal["text", "chat"] = "text"
+    loss_mask: Literal["assistant", "completion", "all"] = "assistant"
+    chat_template: str | None = None
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    packing: Literal["first_fit", "one_per_window"] = "first_fit"
 
     @property
     def has_eval_source(self) -> bool:

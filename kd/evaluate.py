@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kd.errors import KDError, run_cli
-from kd.textscore import score_record, target_text_units
+from kd.textscore import batch_text_units, score_record, target_text_units
 
 
 def _load(model_dir: str, dtype: str):
@@ -56,14 +56,14 @@ def score_on_cache(lm, tok, cache, split: str, max_sequences: int | None = None,
             f"{where} has another tokenizer than the cache {cache.root}: KD metrics compare token ids, so "
             "evaluate it on the text instead (--text with the files the cache was made from)"
         )
-    reader = cache.split(split, ("input_ids", "topk_ids", "topk_logprobs"))
+    reader = cache.split(split, ("input_ids", "topk_ids", "topk_logprobs", "loss_mask", "segments"))
     n = len(reader) if max_sequences is None else min(max_sequences, len(reader))
     accelerator = Accelerator()
     model = accelerator.prepare(DistillModel(lm, [], cache.manifest["teacher"]["hidden_size"]))
     sep = cache.manifest["tokenizer"].get("separator_id")
 
     def units(batch):
-        return target_text_units(tok, batch["input_ids"].numpy(), batch["length"].numpy(), sep).sum(0)
+        return batch_text_units(tok, batch, sep)
 
     loader = make_loader(reader, range(n), batch_size, 0, False)
     return evaluate(model, loader, LossPlan.for_eval(LossConfig()), accelerator, units)

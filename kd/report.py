@@ -2,7 +2,8 @@
 
 Four panels: raw loss components and the total per optimizer step; LR; gradient norm (skipped steps marked);
 held-out bits per character per eval with the cached teacher's level as a dashed line (runs logged before kd
-measured bits per character: CE and perplexity instead; EMA weights dashed when present).
+measured bits per character: CE and perplexity instead; EMA weights dashed when present). A chat run's latest
+greedy replies to held-out prompts (kd/train/generations.py) are printed below the panels.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from kd.errors import KDError, run_cli
 from kd.train import read_metrics
+from kd.train.generations import GENERATIONS_FILE, read_generations
 
 
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -30,7 +34,25 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     evals = [r for r in records if "eval/ce" in r]
     if not steps:
         raise KDError(f"{run_dir}/metrics.jsonl has no training steps yet")
-    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+    replies = read_generations(run_dir)
+    last = [r for r in replies if r["step"] == replies[-1]["step"]] if replies else []
+    if last:  # a chat run: its latest greedy replies to held-out prompts under the curves
+        fig = plt.figure(figsize=(12, 8 + 0.9 * len(last)))
+        grid = fig.add_gridspec(3, 2, height_ratios=[1, 1, 0.25 * len(last)])
+        ax = np.array([[fig.add_subplot(grid[i, j]) for j in range(2)] for i in range(2)])
+        text_ax = fig.add_subplot(grid[2, :])
+        text_ax.axis("off")
+        lines = [f"greedy replies to held-out prompts at step {last[0]['step']} (all steps: {GENERATIONS_FILE})"]
+        for r in last:
+            prompt = " ".join(r["prompt"].split())[-90:]
+            lines += [
+                f"prompt  ...{prompt}",
+                f"  reference: {_short(r['reference'])}",
+                f"  student: {_short(r['student'])}",
+            ]
+        text_ax.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=8)
+    else:
+        fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     x = [r["step"] for r in steps]
     # the loss terms are the names with a weighted twin `w_<name>` in the step records
     for name in ["loss"] + [k[2:] for k in steps[0] if k.startswith("w_")]:
@@ -72,6 +94,11 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def _short(text: str, n: int = 110) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def main(argv: list[str] | None = None) -> None:

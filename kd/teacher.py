@@ -164,6 +164,7 @@ def teacher_targets(
     sample_n: int = 0,
     sample_generators: list[torch.Generator] | None = None,
     scores: dict | None = None,
+    position_ids: torch.Tensor | None = None,
 ):
     """One teacher forward -> (topk_logprobs [B,T,k] fp32, topk_ids [B,T,k] int64, hidden [B,L,T,H] model dtype,
     samples): samples is None, or (ids [B,T,n], counts [B,T,n]), what `sample_targets` draws with one generator per
@@ -186,10 +187,16 @@ def teacher_targets(
     right_padded = bool(
         (attention_mask == (torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths)).all()
     )
+    # position_ids (packed chat windows, kd.data.pack.segment_positions) restart per conversation; with no mask,
+    # transformers reads each restart as a new sequence and attends within it only (block-diagonal causal), when
+    # no KV cache is built
+    if position_ids is not None and not right_padded:
+        raise ValueError("packed conversations (position_ids) need right-padded windows")
     out = model(
         input_ids=input_ids,
         attention_mask=None if right_padded else attention_mask,
         output_hidden_states=bool(hidden_layers),
+        **({} if position_ids is None else {"position_ids": position_ids, "use_cache": False}),
     )
     logits = out.logits  # [B, T, V] in model dtype
     B, T, V = logits.shape

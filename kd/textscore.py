@@ -7,7 +7,9 @@ and `python -m kd.evaluate`, so the three compare directly:
     bits per character = (sum over the scored targets of -ln p(target)) / ln 2 / (characters of those targets)
 
 The scored targets of a window of L valid tokens are tokens 1 .. L-1 (each predicted from the tokens before it):
-exactly the positions eval/ce averages over. Window edges: token 0 of a window is not a target, so its characters
+exactly the positions eval/ce averages over (in chat windows: the loss-masked tokens that are not the first of
+their conversation, `chat_targets`; their characters are those of the rendered template text, end-of-turn markers
+included, so chat figures compare between models rendered with the same template). Window edges: token 0 of a window is not a target, so its characters
 are not counted. Padding: never a target. Separators (the token between documents): a target like any other
 (predicting where a document ends is part of modelling the text) that counts as ONE character and one byte; the
 other targets count the characters (bytes) of their decoded text, decoded window by window (a character split
@@ -21,18 +23,39 @@ import math
 import numpy as np
 
 
-def target_text_units(tokenizer, input_ids, lengths, sep_id: int | None) -> np.ndarray:
-    """[characters, UTF-8 bytes] of the scored targets (tokens 1 .. L-1) of each window: [n, 2] int64."""
+def chat_targets(loss_mask, segments) -> np.ndarray:
+    """[n, T] bool: the tokens of chat windows that are scored targets: in the loss mask, and not the first token
+    of their conversation (it is predicted from nothing of its own conversation)."""
+    mask, seg = np.asarray(loss_mask, bool), np.asarray(segments)
+    out = mask.copy()
+    out[:, 0] = False
+    out[:, 1:] &= seg[:, 1:] == seg[:, :-1]
+    return out
+
+
+def target_text_units(tokenizer, input_ids, lengths, sep_id: int | None, scored=None) -> np.ndarray:
+    """[characters, UTF-8 bytes] of the scored targets (tokens 1 .. L-1) of each window: [n, 2] int64. `scored`
+    ([n, T] bool, e.g. chat_targets) names the scored target tokens instead; their text is decoded together."""
     ids = np.asarray(input_ids)
     lengths = np.asarray(lengths).reshape(-1)
     texts, seps = [], []
-    for row, length in zip(ids, lengths):
-        targets = row[1 : int(length)]
+    for i, (row, length) in enumerate(zip(ids, lengths)):
+        targets = row[1 : int(length)] if scored is None else row[np.asarray(scored[i], bool)]
         is_sep = targets == sep_id if sep_id is not None else np.zeros(len(targets), bool)
         seps.append(int(is_sep.sum()))
         texts.append(targets[~is_sep].tolist())
     decoded = tokenizer.batch_decode(texts, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     return np.array([[len(t) + s, len(t.encode("utf-8")) + s] for t, s in zip(decoded, seps)], dtype=np.int64)
+
+
+def batch_text_units(tokenizer, batch: dict, sep_id: int | None) -> np.ndarray:
+    """[characters, bytes] of a cache batch's scored targets, summed: a chat batch's (`segments`, `loss_mask`) are
+    its chat_targets, decoded as they are (no separator in chat windows); a text batch's are tokens 1 .. L-1."""
+    ids, lengths = batch["input_ids"].numpy(), batch["length"].numpy()
+    if "segments" in batch:
+        scored = chat_targets(batch["loss_mask"].numpy(), batch["segments"].numpy())
+        return target_text_units(tokenizer, ids, lengths, None, scored).sum(0)
+    return target_text_units(tokenizer, ids, lengths, sep_id).sum(0)
 
 
 def bits_per_unit(nats: float, units: float) -> float:

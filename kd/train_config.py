@@ -284,6 +284,10 @@ class TrainSection:
     log_with: trackers that get every metric record beside metrics.jsonl (which stays the record), through
         Accelerate: tensorboard (pip install -e '.[tensorboard]'; files in <run>/trackers/), wandb, mlflow,
         trackio, comet_ml, aim, clearml, dvclive, swanlab; the resolved config is logged as hyperparameters.
+    eval_generations: with a chat cache, at every eval the student answers this many held-out prompts greedily (the
+        eval split's first conversations, up to their first assistant reply); written with the reference replies
+        to <run>/generations.jsonl and shown by `python -m kd.report` (0 = off).
+    generation_tokens: the most tokens each of those replies may have.
     on_weaker_teacher: when the cached teacher's held-out bits per character are not better than the untrained
         student's (compared at step 0): warn (loudly, and train) or refuse (stop before training).
     """
@@ -320,12 +324,16 @@ class TrainSection:
     on_weaker_teacher: Literal["warn", "refuse"] = "warn"
     log_with: list[str] = field(default_factory=list)
     extra_eval_files: list[str] = field(default_factory=list)
+    eval_generations: int = 4
+    generation_tokens: int = 48
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise KDError(f"unknown LR schedule train.schedule={self.schedule!r}; choose one of {list(SCHEDULES)}")
         if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
             raise KDError("set train.max_steps > 0 or train.epochs > 0")
+        if self.eval_generations < 0 or self.generation_tokens < 1:
+            raise KDError("train.eval_generations must be >= 0 and train.generation_tokens >= 1")
         for name in ("micro_batch_size", "gradient_accumulation_steps", "eval_every", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise KDError(f"train.{name} must be >= 1, got {getattr(self, name)}")

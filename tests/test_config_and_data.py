@@ -179,7 +179,7 @@ def test_bad_records_name_file_and_line(tmp_path):
         ("k.jsonl", '{"text": "a"}\n{"body": "b"}\n', "k.jsonl, line 2: text field 'text' is not in the record"),
         ("n.jsonl", '{"text": "a"}\n{"text": 7}\n', "n.jsonl, line 2: field 'text' holds int '7', not text"),
         ("l.jsonl", '{"text": "a"}\n["b"]\n', "l.jsonl, line 2: a record must be a JSON object"),
-        ("a.json", '[{"text": "a"}, {"text": [1]}]', "a.json, line 2: field 'text' holds list"),
+        ("a.json", '[{"text": "a"}, {"text": [1]}]', "a.json, record 2: field 'text' holds list"),
     ):
         (tmp_path / name).write_text(content)
         got = list(read_piece(Piece(str(tmp_path / name), 0, len(content)), "text", "strict"))

@@ -167,6 +167,7 @@ def codec_specs(
     sample_n: int,
     hidden_rank: int = 0,
     hidden_coefficients: str = "q8",
+    chat: bool = False,
 ) -> dict:
     """The manifest's `codecs` record for a new (format version 2 on) cache. A `lowrank` spec gets its basis's
     sha256 and kept variance once the basis is fitted (kd/cache/basis.py)."""
@@ -188,6 +189,9 @@ def codec_specs(
             else values(hidden_codec)
         ),
     }
+    if chat:  # kd/data/pack.py ChatPacker: a 0/1 flag and a conversation number per token
+        specs["loss_mask"] = {"name": "plain", "dtype": "uint8"}
+        specs["segments"] = {"name": "plain", "dtype": "uint16"}
     if sample_n:
         specs["samples"] = (
             {"name": "ragged", "id_bits": bits_for(vocab_size), "count_bits": bits_for(sample_n + 1)}

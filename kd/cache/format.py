@@ -16,7 +16,10 @@ import numpy as np
 from kd.cache import codecs
 
 FORMAT = "kd-teacher-cache"
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
+# 7: chat caches (data.format=chat) add two per-token fields, `loss_mask` (the tokens the loss counts) and
+#    `segments` (each token's conversation in its window: attention stays within it); text caches as 6, and a
+#    6 cache reads as every token counting in one causal stream
 # 6: per-shard records in a binary index per split (`train-shards.npy`), not in the manifest's JSON (100,000
 #    records load in milliseconds instead of parsing ~37 MB of JSON); shards as in 5
 # 5: a checksum per sequence and dataset (`checksums`), checked on every read, instead of 4's HDF5 fletcher32 per
@@ -70,17 +73,23 @@ def sidecar_path(shard):
 
 @dataclass(frozen=True)
 class Dims:
-    """A cache's sizes: T = seq_len, k = top_k, L = stored layers, H = teacher hidden size."""
+    """A cache's sizes: T = seq_len, k = top_k, L = stored layers, H = teacher hidden size; chat: the cache holds
+    packed conversations (its codecs record has `loss_mask`)."""
 
     T: int
     k: int
     L: int
     H: int
+    chat: bool = False
 
     @classmethod
     def of(cls, manifest: dict) -> Dims:
         return cls(
-            manifest["seq_len"], manifest["top_k"], len(manifest["hidden_layers"]), manifest["teacher"]["hidden_size"]
+            manifest["seq_len"],
+            manifest["top_k"],
+            len(manifest["hidden_layers"]),
+            manifest["teacher"]["hidden_size"],
+            "loss_mask" in manifest_codecs(manifest),
         )
 
 
@@ -99,6 +108,8 @@ FIELDS = (
     Field("topk_ids", lambda d: (d.T, d.k), lambda d: True),
     Field("topk_logprobs", lambda d: (d.T, d.k), lambda d: True),
     Field("hidden_states", lambda d: (d.L, d.T, d.H), lambda d: d.L > 0),
+    Field("loss_mask", lambda d: (d.T,), lambda d: d.chat),
+    Field("segments", lambda d: (d.T,), lambda d: d.chat),
 )
 # Besides FIELDS: `samples` (sample_ids + sample_counts, decoded together; codec `ragged` or plain arrays), `text`
 # and `token_spans` (store_text), and the whole-shard datasets below.
@@ -134,7 +145,7 @@ def field_datasets(specs: dict, dims: Dims) -> dict[str, tuple[tuple, np.dtype]]
 def row_datasets(specs: dict, num_layers: int, sample_n: int, store_text: bool) -> list[str]:
     """The datasets with one row per sequence (the ragged `sample_bytes`: one [start, end) slice per sequence), in
     the column order of a shard's `checksums` table."""
-    names = list(field_datasets(specs, Dims(1, 1, num_layers, 1)))
+    names = list(field_datasets(specs, Dims(1, 1, num_layers, 1, "loss_mask" in specs)))
     if sample_n:
         names += ["sample_bytes"] if specs["samples"]["name"] == "ragged" else ["sample_ids", "sample_counts"]
     return names + (["text", "token_spans"] if store_text else [])

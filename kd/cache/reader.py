@@ -147,7 +147,16 @@ class CacheSplit:
     agreement of each shard with the manifest is checked on open either way.
     """
 
-    TENSOR_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "hidden_states", "sample_ids", "sample_counts")
+    TENSOR_FIELDS = (
+        "input_ids",
+        "topk_ids",
+        "topk_logprobs",
+        "hidden_states",
+        "sample_ids",
+        "sample_counts",
+        "loss_mask",
+        "segments",
+    )
     ALL_FIELDS = TENSOR_FIELDS + ("text", "token_spans")  # text is a str: ask for it explicitly (kd/align.py does)
 
     def __init__(
@@ -165,6 +174,9 @@ class CacheSplit:
             "sample_counts": bool(manifest.get("sample_n")),
             "text": bool(manifest.get("store_text")),
             "token_spans": bool(manifest.get("store_text")),
+            # a chat cache's; a text cache (and any cache before format 7) has neither: every token counts
+            "loss_mask": "loss_mask" in manifest_codecs(manifest),
+            "segments": "loss_mask" in manifest_codecs(manifest),
         }
         self.fields = tuple(f for f in fields if stored.get(f, True))
         shards = shard_table(root, manifest, split)
@@ -303,7 +315,10 @@ class CacheSplit:
             if name == "token_spans":
                 item["token_spans"] = torch.from_numpy(row("token_spans").astype(np.int64))
                 continue
-            item[name] = torch.from_numpy(self.field_codecs[name].decode(row, name, self.shapes[name]))
+            value = self.field_codecs[name].decode(row, name, self.shapes[name])
+            if name in _WIDEN:  # stored small; torch indexes and compares these in these dtypes
+                value = value.astype(_WIDEN[name])
+            item[name] = torch.from_numpy(value)
         wanted = [n for n in ("sample_ids", "sample_counts") if n in self.fields]
         if wanted:
             decoded = decode_samples(row, self.codecs["samples"], self.seq_len, self.sample_n)
@@ -316,6 +331,9 @@ class CacheSplit:
         state = dict(self.__dict__)
         state["_files"] = {}
         return state
+
+
+_WIDEN = {"loss_mask": np.bool_, "segments": np.int64}
 
 
 class TeacherCache:

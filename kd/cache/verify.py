@@ -148,6 +148,12 @@ def summary(path: str | Path) -> str:
         f"sampled targets n={m.get('sample_n', 0)}",
         "codecs    " + ", ".join(f"{k}: {describe(v)}" for k, v in manifest_codecs(m).items()),
     ]
+    if "chat" in m:
+        c, ing = m["chat"], m.get("ingest", {})
+        lines.append(
+            f"chat      loss on {c['loss_mask']} tokens, {c['packing']} packing ({c['attention']}), template: "
+            f"{c['template']}; {ing.get('truncated', 0)} conversations cut to seq_len, {ing.get('dropped', 0)} dropped"
+        )
     for split, info in m["splits"].items():
         lines.append(
             f"{split:<9} {info['num_sequences']} sequences, {info['num_tokens']} tokens, "
@@ -155,7 +161,7 @@ def summary(path: str | Path) -> str:
             f"{info.get('num_documents', len(info.get('documents', [])))} documents"
         )
         score = info.get("teacher_score")
-        if score:  # kd/textscore.py: comparable with any student's eval, whatever its tokenizer
+        if score:  # kd/textscore.py: comparable with any student's eval, whatever its tokenizer (chat: loss tokens)
             lines.append(
                 f"          teacher's own score: CE {score['ce_per_token']:.4f} nats/token, "
                 f"{score['bits_per_char']:.4f} bits/char, {score['bits_per_byte']:.4f} bits/byte "

@@ -69,7 +69,7 @@ class ShardWriter:
             self.sums = np.zeros((N, len(self.rows)), np.uint64)
             self.f.create_dataset("lengths", (N,), np.int32, chunks=(N,))
             self.f.create_dataset("sequence_index", (N,), np.int64, chunks=(N,))
-            dims = Dims(T, k, num_layers, hidden_size)
+            dims = Dims(T, k, num_layers, hidden_size, "loss_mask" in codecs)
             self.field_codecs = field_codecs(codecs, [f.name for f in coded_fields(dims)], basis)
             for ds, (ds_shape, dtype) in field_datasets(codecs, dims).items():
                 self.f.create_dataset(ds, (N,) + ds_shape, dtype, chunks=(1,) + ds_shape)
@@ -90,10 +90,11 @@ class ShardWriter:
             raise KDError(f"cannot create shard {self.tmp}: {e}") from None
 
     def append(
-        self, input_ids, lengths, sequence_index, topk_ids, topk_logprobs, hidden, samples=None, text=None
+        self, input_ids, lengths, sequence_index, topk_ids, topk_logprobs, hidden, samples=None, text=None, chat=None
     ) -> None:
         """Add a batch of n sequences (numpy arrays in the decoded layout, any dtype castable to the stored one);
-        samples: None or (sample_ids, sample_counts), padded [n, T, sample_n]; text: None or (texts, spans [n, T, 2])."""
+        samples: None or (sample_ids, sample_counts), padded [n, T, sample_n]; text: None or (texts, spans [n, T, 2]);
+        chat (a chat cache): (loss_mask [n, T], segments [n, T])."""
         n = len(lengths)
         sl = slice(self.cursor, self.cursor + n)
         try:
@@ -104,6 +105,10 @@ class ShardWriter:
                 "topk_logprobs": topk_logprobs,
                 "hidden_states": hidden,
             }
+            if "loss_mask" in self.field_codecs:
+                if chat is None:
+                    raise ValueError("a chat cache's sequences need their loss_mask and segments")
+                given.update(loss_mask=chat[0], segments=chat[1])
             for name, codec in self.field_codecs.items():
                 encoded.update(codec.encode(name, given[name]))
             blobs = None

@@ -17,6 +17,7 @@ prompt/completion records, the completion); all = every token.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from kd.errors import KDError
@@ -147,3 +148,33 @@ def render(tok, turns: list[dict], template: str | None = None, mask: str = "ass
     else:
         keep = [any(a < e and b > s for s, e in spans) for a, b in offsets]
     return Rendered(text, list(ids), keep, spans)
+
+
+def chat_template(value: str | None) -> str | None:
+    """data.chat_template as Jinja text: None (the tokenizer's own), a template string (it holds `{%` or `{{`), or
+    an `asset:`/file path to one."""
+    if value is None or "{%" in value or "{{" in value:
+        return value
+    from kd.assets import resolve_path
+
+    path = resolve_path(value)
+    if not os.path.isfile(path):
+        raise KDError(
+            f"data.chat_template={value!r} is neither a Jinja template (no {{% or {{{{ in it) nor a readable file"
+        )
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def check_chat_tokenizer(tok, template: str | None) -> None:
+    """Before any data is read: the tokenizer can render and locate conversations (fast, with a template)."""
+    if not getattr(tok, "is_fast", False):
+        raise KDError(
+            f"data.format=chat needs a fast tokenizer (character offsets locate the assistant's tokens); "
+            f"{type(tok).__name__} is not one"
+        )
+    if template is None and not getattr(tok, "chat_template", None):
+        raise KDError(
+            f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no chat template: give one with "
+            "data.chat_template (a Jinja template string, or an asset:/file path to one)"
+        )

@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from kd.cache import SPLITS
-from kd.data.pack import Packer, Windows, tokenize
-from kd.data.sources import BadRecord, Unit, unit_documents
+from kd.data.chat import BadConversation, ChatFields, render
+from kd.data.pack import MIN_WINDOW_TOKENS, ChatPacker, Packer, Windows, tokenize
+from kd.data.sources import BadRecord, Records, Unit, unit_documents
 from kd.dist import gather_rows
 from kd.errors import KDError
 from kd.io import disk_error, h5_image, h5_in_memory, write_bytes_durable
@@ -45,6 +46,9 @@ UNIT_FORMAT_VERSION = 1
 # tokenizer to spread a batch over cores, small enough to bound memory (a few MB of text and its tokens).
 BATCH_DOCUMENTS = 512
 BATCH_CHARS = 2_000_000
+# chat: conversations cut to seq_len, the tokens cut, conversations dropped (nothing left in the loss), the tokens
+# of the windows written (their padding is the rest)
+CHAT_COUNTS = ("truncated", "tokens_cut", "dropped", "window_tokens")
 
 
 @dataclass
@@ -65,9 +69,19 @@ class IngestSpec:
     vocab_size: int
     tokenizer_fingerprint: str
     unit_bytes: int
+    # data.format=chat: {fields: [messages, prompt, completion], loss_mask, packing, template (the Jinja text, or
+    # None for the tokenizer's own)}; None for text
+    chat: dict | None = None
 
     def content_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()
+        d = {k: v for k, v in self.__dict__.items() if not (k == "chat" and v is None)}  # text: hashes as before
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def records(self) -> Records:
+        if self.chat is None:
+            return Records(self.text_field)
+        return Records(self.text_field, ChatFields(*self.chat["fields"]))
 
 
 def document_split(text: str, seed: int, eval_fraction: float) -> str:
@@ -109,6 +123,9 @@ class UnitWriter:
             if spec.store_text:
                 g.create_dataset("text", (0,), h5py.string_dtype("utf-8"), maxshape=(None,), chunks=(256,))
                 g.create_dataset("token_spans", (0, T, 2), np.int32, maxshape=(None, T, 2), chunks=(64, T, 2))
+            if spec.chat is not None:
+                g.create_dataset("loss_mask", (0, T), np.uint8, maxshape=(None, T), chunks=(64, T))
+                g.create_dataset("segments", (0, T), np.uint16, maxshape=(None, T), chunks=(64, T))
 
     def append(self, split: str, w: Windows) -> None:
         if not len(w):
@@ -118,6 +135,8 @@ class UnitWriter:
         fields = {"input_ids": w.input_ids, "lengths": w.lengths, "doc_starts": w.doc_starts}
         if self.spec.store_text:
             fields.update(text=np.array(w.texts, dtype=object), token_spans=w.spans)
+        if self.spec.chat is not None:
+            fields.update(loss_mask=w.loss_mask, segments=w.segments)
         try:
             for name, arr in fields.items():
                 g[name].resize(n0 + n, axis=0)
@@ -175,22 +194,29 @@ def process_unit(
 ) -> dict:
     """Tokenize and pack one unit into `path`; returns its metadata (window counts per split, document counts).
     `skip[split]` is true when earlier units already hold that split's cap: its documents are not tokenized."""
-    packers = {s: Packer(spec.seq_len, spec.sep_id, spec.pad_id, spec.store_text, spec.sep_text) for s in SPLITS}
+    chat = spec.chat
+    if chat is None:
+        packers = {s: Packer(spec.seq_len, spec.sep_id, spec.pad_id, spec.store_text, spec.sep_text) for s in SPLITS}
+    else:
+        packers = {s: ChatPacker(spec.seq_len, spec.pad_id, chat["packing"]) for s in SPLITS}
     stopped = dict(skip)
     docs = {s: 0 for s in SPLITS}
     tokens = {s: 0 for s in SPLITS}
-    empty, chars, bad = 0, 0, 0
+    empty, chars, bad, dropped = 0, 0, 0, 0
     examples = {"empty": [], "bad": []}  # the first few, for the summary: which files (records) they were
     writer = UnitWriter(path, spec)
 
     def pack_batch(batch: list[tuple[str, str]], tokenized) -> None:
-        ids, offs = tokenized.result()
+        ids, extra = tokenized.result()  # extra: character offsets (text) or loss masks (chat)
         added, added_docs = {s: 0 for s in SPLITS}, 0
         for i, (split, text) in enumerate(batch):
             toks = ids[i]
             if stopped[split] or not toks:  # a split may have reached its cap since the batch was read
                 continue
-            packers[split].add(toks, offs[i] if offs is not None else None, text if spec.store_text else None)
+            if chat is not None:
+                packers[split].add(toks, extra[i])
+            else:
+                packers[split].add(toks, extra[i] if extra is not None else None, text if spec.store_text else None)
             docs[split] += 1
             tokens[split] += len(toks)
             added[split] += len(toks)
@@ -209,17 +235,32 @@ def process_unit(
                     stopped[split] = True  # this unit alone holds the cap: later windows are never used
         progress(added_docs, sum(added.values()))
 
+    def bad_record(message: str) -> None:
+        nonlocal bad
+        if spec.bad_records == "error":
+            raise KDError(f"{message}; fix the record, or set data.bad_records=skip to skip and count such records")
+        bad += 1
+        examples["bad"] += [message][: 3 - len(examples["bad"])]
+
     # A two-stage pipeline: the tokenizer (Rust, GIL released, on all cores) works on batch k+1 in a background
     # thread while this thread packs and writes batch k and reads the next documents. Packing order, and so
     # the windows, are those of the sequential loop.
-    documents = unit_documents(unit, spec.text_field, spec.decode_errors)
+    documents = unit_documents(unit, spec.records, spec.decode_errors)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-tokenize")
     pending = None
 
     def submit(batch: list[tuple[str, str]]) -> None:
-        """Start tokenizing `batch`, then pack the batch before it while that runs."""
+        """Start tokenizing `batch`, then pack the batch before it while that runs. Chat conversations arrive
+        rendered and tokenized (kd.data.chat.render): their batch is ready at once."""
         nonlocal pending
-        submitted = (batch, pool.submit(tokenize, tokenizer, [t for _, t in batch], len(batch), spec.store_text))
+        if chat is None:
+            job = pool.submit(tokenize, tokenizer, [t for _, t in batch], len(batch), spec.store_text)
+            submitted = (batch, job)
+        else:
+            submitted = (
+                [(split, None) for split, _ in batch],
+                _Ready([r.input_ids for _, r in batch], [r.mask for _, r in batch]),
+            )
         if pending is not None:
             pack_batch(*pending)
         pending = submitted
@@ -229,25 +270,31 @@ def process_unit(
         batch_chars = 0
         for text, where in documents:
             if isinstance(text, BadRecord):
-                if spec.bad_records == "error":
-                    raise KDError(
-                        f"{text.message}; fix the record, or set data.bad_records=skip to skip and count such records"
-                    )
-                bad += 1
-                examples["bad"] += [text.message][: 3 - len(examples["bad"])]
+                bad_record(text.message)
                 continue
-            if not text.strip():
+            if chat is None and not text.strip():
                 empty += 1
                 examples["empty"] += [where][: 3 - len(examples["empty"])]
                 continue
-            split = forced_split or document_split(text, spec.split_seed, spec.eval_fraction)
+            key = text if chat is None else json.dumps(text, ensure_ascii=False, sort_keys=True)
+            split = forced_split or document_split(key, spec.split_seed, spec.eval_fraction)
             if stopped[split]:
                 if all(stopped.values()):
                     break
                 continue
+            if chat is not None:
+                try:
+                    text = render(tokenizer, text, chat["template"], chat["loss_mask"])
+                except BadConversation as e:
+                    bad_record(f"{where}: {e}")
+                    continue
+                if len(text.input_ids) < MIN_WINDOW_TOKENS or not any(text.mask[1 : spec.seq_len]):
+                    dropped += 1  # nothing the loss counts survives the cut to seq_len (a target is token 1 on)
+                    continue
+            size = len(text) if chat is None else len(text.text)
             batch.append((split, text))
-            chars += len(text)
-            batch_chars += len(text)
+            chars += size
+            batch_chars += size
             if len(batch) >= BATCH_DOCUMENTS or batch_chars >= BATCH_CHARS:
                 submit(batch)
                 batch, batch_chars = [], 0
@@ -276,12 +323,29 @@ def process_unit(
             "examples": examples,
             "chars": chars,
         }
+        if chat is not None:  # conversations cut to seq_len (tokens lost), and dropped (nothing left in the loss)
+            meta["chat"] = {
+                "truncated": sum(p.truncated for p in packers.values()),
+                "tokens_cut": sum(p.tokens_cut for p in packers.values()),
+                "dropped": dropped,
+                "window_tokens": sum(p.window_tokens for p in packers.values()),
+            }
         return writer.commit(meta)
     except BaseException:
         writer.abort()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Ready:
+    """A finished result in the shape of a Future (chat batches need no background tokenization)."""
+
+    def __init__(self, *value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 # ---- the whole stage ---------------------------------------------------------------------------------------------
@@ -349,6 +413,7 @@ def run_ingest(
         "bad_records": 0,
         "tokens": 0,
         "chars": 0,
+        **{k: 0 for k in CHAT_COUNTS},
     }
     t0, named_empty = time.time(), False
     for source_code, (units, forced) in enumerate(sources):
@@ -368,7 +433,7 @@ def run_ingest(
                 round_units.append(u)
             if not round_units:
                 break
-            row = [source_code, -1] + [0] * 9
+            row = [source_code, -1] + [0] * (9 + len(CHAT_COUNTS))
             error = None
             try:
                 for k, unit in enumerate(round_units):
@@ -396,6 +461,7 @@ def run_ingest(
                         sum(meta["tokens"].values()),
                         meta["chars"],
                         meta.get("bad_records", 0),
+                        *(meta.get("chat", {}).get(k, 0) for k in CHAT_COUNTS),
                         2 if reused else 1,
                     ]
                     examples = meta.get("examples", {})
@@ -426,7 +492,9 @@ def run_ingest(
                 for s in SPLITS:
                     totals[s] += meta["windows"][s]
                 stats["units"] += 1
-                stats["reused"] += int(r[10] == 2)
+                stats["reused"] += int(r[-1] == 2)
+                for k, v in zip(CHAT_COUNTS, r[10:-1]):
+                    stats[k] += int(v)
                 stats["bad_records"] += int(r[9])
                 stats["documents"] += int(r[4] + r[5])
                 for s, n in zip(SPLITS, (r[4], r[5])):

@@ -66,6 +66,10 @@ class Windows:
     doc_starts: np.ndarray
     texts: list[str] | None = None
     spans: np.ndarray | None = None  # [n, T, 2] int32
+    # chat windows (ChatPacker): per token, whether the loss counts it as a target, and its conversation's number
+    # in the window (1, 2, ...; 0 = padding): tokens attend only within their conversation
+    loss_mask: np.ndarray | None = None  # [n, T] uint8
+    segments: np.ndarray | None = None  # [n, T] uint16
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -196,3 +200,90 @@ def pack(token_lists: list[list[int]], seq_len: int, sep_id: int, pad_id: int) -
     for toks in token_lists:
         p.add(toks)
     return p.take(final=True)
+
+
+# Windows a first-fit packer keeps open at once: bounds its memory (a few windows of ids) while finding room for
+# short conversations; on the offline chat set, 64 open windows pack as tightly as unbounded first-fit.
+OPEN_WINDOWS = 64
+
+
+class ChatPacker:
+    """Whole conversations into windows, never split across two, each keeping its own positions and attention
+    (`segments`). `first_fit`: each conversation goes into the first open window with room for it; when
+    OPEN_WINDOWS are open and none has room, the fullest one is emitted. `one_per_window`: each conversation alone
+    in a right-padded window. A conversation longer than the window is cut to its first seq_len tokens (counted in
+    `truncated` / `tokens_cut`; the caller drops one whose kept part has nothing in the loss)."""
+
+    def __init__(self, seq_len: int, pad_id: int, packing: str):
+        if packing not in ("first_fit", "one_per_window"):
+            raise KDError(f"unknown data.packing {packing!r}; choose first_fit or one_per_window")
+        self.T, self.pad_id, self.packing = seq_len, pad_id, packing
+        self._open: list[list[tuple[list[int], list[bool]]]] = []  # per open window, its conversations in order
+        self._room: list[int] = []
+        self._done: list[list[tuple[list[int], list[bool]]]] = []
+        self.windows_emitted = self.window_tokens = 0
+        self.truncated = self.tokens_cut = 0
+
+    def add(self, ids: list[int], mask: list[bool]) -> None:
+        """One rendered conversation (ids and per-token loss mask); at least MIN_WINDOW_TOKENS ids."""
+        if len(ids) > self.T:
+            self.truncated += 1
+            self.tokens_cut += len(ids) - self.T
+            ids, mask = ids[: self.T], mask[: self.T]
+        n = len(ids)
+        if self.packing == "one_per_window":
+            self._done.append([(ids, mask)])
+            return
+        j = next((j for j, room in enumerate(self._room) if room >= n), None)
+        if j is None:
+            if len(self._open) >= OPEN_WINDOWS:
+                k = min(range(len(self._room)), key=self._room.__getitem__)  # the fullest (first of equals)
+                self._done.append(self._open.pop(k))
+                self._room.pop(k)
+            self._open.append([])
+            self._room.append(self.T)
+            j = len(self._open) - 1
+        self._open[j].append((ids, mask))
+        self._room[j] -= n
+        if self._room[j] < MIN_WINDOW_TOKENS:  # nothing fits any more
+            self._done.append(self._open.pop(j))
+            self._room.pop(j)
+
+    def take(self, final: bool = False) -> Windows:
+        """The windows completed so far; with `final`, also every open one (in the order they were opened)."""
+        if final:
+            self._done += self._open
+            self._open, self._room = [], []
+        done, self._done = self._done, []
+        n, T = len(done), self.T
+        ids = np.full((n, T), self.pad_id, np.int32)
+        loss = np.zeros((n, T), np.uint8)
+        seg = np.zeros((n, T), np.uint16)
+        lengths = np.zeros(n, np.int32)
+        for w, convs in enumerate(done):
+            pos = 0
+            for c, (cids, cmask) in enumerate(convs):
+                ids[w, pos : pos + len(cids)] = cids
+                loss[w, pos : pos + len(cids)] = cmask
+                seg[w, pos : pos + len(cids)] = c + 1
+                pos += len(cids)
+            lengths[w] = pos
+        self.windows_emitted += n
+        self.window_tokens += int(lengths.sum())
+        starts = np.array([len(c) for c in done], np.int32)
+        return Windows(ids, lengths, starts, loss_mask=loss, segments=seg)
+
+
+def segment_positions(segments):
+    """Position ids that restart at 0 at each conversation of a chat window: segments [B, T] (torch) -> [B, T]
+    int64. Padding (segment 0) counts on as its own run, which no valid token attends to. Transformers' masks read
+    a restart of the positions as the start of another sequence and attend only within it (the trainer checks that
+    the student's model honours this: kd.train.model.packing_fallback_reason)."""
+    import torch
+
+    B, T = segments.shape
+    t = torch.arange(T, device=segments.device).expand(B, T)
+    start = torch.ones_like(segments, dtype=torch.bool)
+    start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(start, t, torch.zeros_like(t)).cummax(dim=1).values
+    return t - first

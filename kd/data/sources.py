@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from kd.assets import resolve_path
+from kd.data.chat import BadConversation, ChatFields, conversation
 from kd.errors import KDError
 
 FORMATS = (".txt", ".json", ".jsonl", ".csv", ".parquet")
@@ -183,20 +184,39 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
-def _text_of(record, text_field: str, path: str, line_of: Callable[[], int]) -> str | BadRecord:
-    """The record's text ('' for null), or a BadRecord. `line_of` is called only for a message: counting lines is
-    costly in a unit that starts mid-file."""
-    if not isinstance(record, dict):
-        return BadRecord(
-            f"{path}, line {line_of()}: a record must be a JSON object with field '{text_field}', got "
-            f"{type(record).__name__}"
-        )
-    if text_field not in record:
-        return BadRecord(
-            f"{path}, line {line_of()}: text field '{text_field}' is not in the record (its fields: "
-            f"{sorted(record)[:10]}); set data.text_field if it is another"
-        )
-    return _text_value(record[text_field], text_field, lambda: f"{path}, line {line_of()}")
+@dataclass(frozen=True)
+class Records:
+    """What a document is read as from a record: its text (`text_field`), or with `chat` (kd.data.chat.ChatFields)
+    its conversation, a checked list of {role, content} turns (kd.data.chat.conversation)."""
+
+    text_field: str = "text"
+    chat: ChatFields | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        """The fields (columns) a record is read from."""
+        if self.chat is None:
+            return [self.text_field]
+        return [self.chat.messages, self.chat.prompt, self.chat.completion]
+
+    def take(self, record, where: Callable[[], str]):
+        """The record's document ('' for a null text; the turns of a conversation), or a BadRecord. `where` is
+        called only for a message: counting lines is costly in a unit that starts mid-file."""
+        if self.chat is not None:
+            try:
+                return conversation(record, self.chat)
+            except BadConversation as e:
+                return BadRecord(f"{where()}: {e}")
+        if not isinstance(record, dict):
+            return BadRecord(
+                f"{where()}: a record must be a JSON object with field '{self.text_field}', got {type(record).__name__}"
+            )
+        if self.text_field not in record:
+            return BadRecord(
+                f"{where()}: text field '{self.text_field}' is not in the record (its fields: "
+                f"{sorted(record)[:10]}); set data.text_field if it is another"
+            )
+        return _text_value(record[self.text_field], self.text_field, where)
 
 
 def _text_value(value, text_field: str, where: Callable[[], str]) -> str | BadRecord:
@@ -205,7 +225,28 @@ def _text_value(value, text_field: str, where: Callable[[], str]) -> str | BadRe
     return value or ""
 
 
-def _json_lines(f, path: str, text_field: str, errors: str, first_byte: int, end: int | None, first_line: int | None):
+def data_records(data) -> Records:
+    """The Records a DataConfig reads: its text field, or with data.format=chat its conversation fields."""
+    if data.format != "chat":
+        return Records(data.text_field)
+    return Records(data.text_field, ChatFields(data.messages_field, data.prompt_field, data.completion_field))
+
+
+def document_chars(doc) -> int:
+    """Characters of a document as read: its text, or a conversation's contents (0 for a BadRecord)."""
+    if isinstance(doc, str):
+        return len(doc)
+    if isinstance(doc, list):
+        return sum(len(t["content"]) for t in doc)
+    return 0
+
+
+def as_records(fields: str | Records) -> Records:
+    """A text field name (the plain-text reading) or Records as they are."""
+    return Records(fields) if isinstance(fields, str) else fields
+
+
+def _json_lines(f, path: str, records: Records, errors: str, first_byte: int, end: int | None, first_line: int | None):
     """Records of a JSON-lines stream from `first_byte` until a record would start at or after `end`. Line numbers
     are counted when the stream starts at line `first_line`; a unit that starts mid-file counts them only for an
     error message."""
@@ -222,16 +263,19 @@ def _json_lines(f, path: str, text_field: str, errors: str, first_byte: int, end
 
             text = _decode(raw, errors, path, line_of)
             try:
-                yield _text_of(json.loads(text), text_field, path, line_of), path
+                yield records.take(json.loads(text), lambda: f"{path}, line {line_of()}"), path
             except json.JSONDecodeError as e:
                 yield BadRecord(f"{path}, line {line_of()}: not valid JSON ({e.msg})"), path
         if line_no is not None:
             line_no += 1
 
 
-def read_piece(piece: Piece, text_field: str, errors: str) -> Iterator[tuple[str, str]]:
-    """The documents of one piece, in file order, as (text, path). Empty texts are yielded too (the caller counts
-    and skips them), so every record is accounted for."""
+def read_piece(piece: Piece, fields: str | Records, errors: str) -> Iterator[tuple[str, str]]:
+    """The documents of one piece, in file order, as (text, path) (the text field's name, or Records: a
+    conversation's turns in place of the text). Empty texts are yielded too (the caller counts and skips them),
+    so every record is accounted for."""
+    records = as_records(fields)
+    text_field = records.text_field
     path = piece.path
     fmt, comp = file_format(path)
     if piece.end == 0:  # an empty file (see plan_file_units)
@@ -245,7 +289,7 @@ def read_piece(piece: Piece, text_field: str, errors: str) -> Iterator[tuple[str
                 if f.read(1) != b"\n":  # mid-record: that record belongs to the previous unit
                     first += len(f.readline())
             f.seek(first)
-            yield from _json_lines(f, path, text_field, errors, first, piece.end, first_line)
+            yield from _json_lines(f, path, records, errors, first, piece.end, first_line)
         return
     if fmt == ".parquet":
         import pyarrow.parquet as pq
@@ -254,19 +298,25 @@ def read_piece(piece: Piece, text_field: str, errors: str) -> Iterator[tuple[str
             pf = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises several types for unreadable files
             raise KDError(f"{path}: not a readable Parquet file ({e})") from None
-        if text_field not in pf.schema_arrow.names:
+        columns = [c for c in records.columns if c in pf.schema_arrow.names]
+        if records.chat is None and text_field not in columns:
             raise KDError(
                 f"{path}: text field '{text_field}' is not a column (columns: {pf.schema_arrow.names}); "
                 "set data.text_field"
             )
         row = 0
-        for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
-            for value in batch.column(0).to_pylist():
+        for batch in pf.iter_batches(batch_size=1024, columns=columns):
+            for record in batch.to_pylist():
                 row += 1
-                yield _text_value(value, text_field, lambda r=row: f"{path}, row {r}"), path
+                yield records.take(record, lambda r=row: f"{path}, row {r}"), path
         return
     with _open_binary(path) as f:
         if fmt == ".txt":  # one document per file
+            if records.chat is not None:
+                raise KDError(
+                    f"{path}: a .txt file is one plain document, not conversation records; give chat data as "
+                    ".jsonl/.json/.parquet records (or set data.format=text)"
+                )
             raw = f.read()
             yield _decode(raw, errors, path, lambda o: raw[:o].count(b"\n") + 1), path
         elif fmt == ".jsonl" or fmt == ".json":
@@ -274,18 +324,21 @@ def read_piece(piece: Piece, text_field: str, errors: str) -> Iterator[tuple[str
             if fmt == ".json" and head.lstrip()[:1] == b"[":  # one JSON array: read whole (use .jsonl for big data)
                 raw = head + f.read()
                 try:
-                    records = json.loads(_decode(raw, errors, path, lambda o: raw[:o].count(b"\n") + 1))
+                    items = json.loads(_decode(raw, errors, path, lambda o: raw[:o].count(b"\n") + 1))
                 except json.JSONDecodeError as e:
                     raise KDError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
-                for i, record in enumerate(records):
-                    yield _text_of(record, text_field, path, lambda i=i: i + 1), path
+                for i, record in enumerate(items):
+                    yield records.take(record, lambda i=i: f"{path}, record {i + 1}"), path
             else:
-                yield from _json_lines(io.BufferedReader(_Prefixed(head, f)), path, text_field, errors, 0, None, 1)
+                yield from _json_lines(io.BufferedReader(_Prefixed(head, f)), path, records, errors, 0, None, 1)
         elif fmt == ".csv":
             text = io.TextIOWrapper(f, encoding="utf-8", errors=errors, newline="")
             reader = csv.DictReader(text)
             try:
                 for row in reader:
+                    if records.chat is not None:  # prompt/completion columns
+                        yield records.take(row, lambda n=reader.line_num: f"{path}, line {n}"), path
+                        continue
                     if text_field not in row:
                         raise KDError(
                             f"{path}: text field '{text_field}' is not a CSV column (columns: "
@@ -320,16 +373,16 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
-def unit_documents(unit: Unit, text_field: str, errors: str) -> Iterator[tuple[str, str]]:
+def unit_documents(unit: Unit, fields: str | Records, errors: str) -> Iterator[tuple[str, str]]:
     if unit.documents_fn is not None:
         return unit.documents_fn()
-    return (doc for piece in unit.pieces for doc in read_piece(piece, text_field, errors))
+    return (doc for piece in unit.pieces for doc in read_piece(piece, fields, errors))
 
 
 # ---- Hugging Face datasets -----------------------------------------------------------------------------------
 
 
-def open_hf_dataset(name: str, config: str | None, split: str, streaming: bool, text_field: str):
+def open_hf_dataset(name: str, config: str | None, split: str, streaming: bool, fields: str | Records):
     """A hub dataset, a local folder of data files, or a `save_to_disk` folder; streamed or memory-mapped."""
     import datasets
 
@@ -355,16 +408,24 @@ def open_hf_dataset(name: str, config: str | None, split: str, streaming: bool, 
         raise
     except Exception as e:  # datasets raises many types for unreadable or unknown datasets
         raise KDError(f"could not load {where}: {e}") from None
-    columns = ds.column_names
-    if columns is not None and text_field not in columns:
-        raise KDError(f"text field '{text_field}' is not in {where}; its columns are {columns}. Set data.text_field")
+    columns, records = ds.column_names, as_records(fields)
+    if columns is not None and records.chat is None and records.text_field not in columns:
+        raise KDError(
+            f"text field '{records.text_field}' is not in {where}; its columns are {columns}. Set data.text_field"
+        )
+    if columns is not None and records.chat is not None and not set(records.columns) & set(columns):
+        raise KDError(
+            f"{where} has no conversation column ({', '.join(records.columns)}); its columns are {columns}. Set "
+            "data.messages_field (or data.prompt_field and data.completion_field)"
+        )
     return ds, where
 
 
-def plan_hf_units(ds, where: str, text_field: str, unit_bytes: int, source: str) -> Iterator[Unit]:
+def plan_hf_units(ds, where: str, fields: str | Records, unit_bytes: int, source: str) -> Iterator[Unit]:
     """Lazy units of consecutive documents holding >= unit_bytes characters. The stream is shared: a unit's
     documents must be consumed (processed or drained) before the next unit is asked for."""
     it = iter(ds)
+    records = as_records(fields)
     state = {"pending": None, "record": 0}  # pending: a record read to learn that another unit exists
 
     def next_record():
@@ -387,8 +448,8 @@ def plan_hf_units(ds, where: str, text_field: str, unit_bytes: int, source: str)
                 if rec is None:
                     return
                 state["record"] += 1
-                text = _text_value(rec.get(text_field), text_field, lambda n=state["record"]: f"{where}, record {n}")
-                chars += 0 if isinstance(text, BadRecord) else len(text)
+                text = records.take(rec, lambda n=state["record"]: f"{where}, record {n}")
+                chars += document_chars(text)
                 yield text, where
 
         yield Unit(source, index, documents_fn=documents)
@@ -414,16 +475,17 @@ def config_sources(data) -> tuple[list[tuple[Iterable[Unit], str | None]], int |
             (plan_file_units(main_files, data.unit_bytes, "main"), "train"),
             (plan_file_units(eval_files, data.unit_bytes, "eval"), "eval"),
         ], total
-    ds, where = open_hf_dataset(data.dataset, data.dataset_config, data.dataset_split, data.streaming, data.text_field)
+    records = data_records(data)
+    ds, where = open_hf_dataset(data.dataset, data.dataset_config, data.dataset_split, data.streaming, records)
     sources = [
         (
-            plan_hf_units(ds, where, data.text_field, data.unit_bytes, "main"),
+            plan_hf_units(ds, where, records, data.unit_bytes, "main"),
             "train" if data.eval_dataset_split else None,
         )
     ]
     if data.eval_dataset_split:
         ev, ev_where = open_hf_dataset(
-            data.dataset, data.dataset_config, data.eval_dataset_split, data.streaming, data.text_field
+            data.dataset, data.dataset_config, data.eval_dataset_split, data.streaming, records
         )
-        sources.append((plan_hf_units(ev, ev_where, data.text_field, data.unit_bytes, "eval"), "eval"))
+        sources.append((plan_hf_units(ev, ev_where, records, data.unit_bytes, "eval"), "eval"))
     return sources, None

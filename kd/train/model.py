@@ -55,6 +55,34 @@ def head_fallback_reason(lm: nn.Module) -> str | None:
     return None
 
 
+def packing_fallback_reason(lm: nn.Module) -> str | None:
+    """None when the model keeps packed conversations apart: given position ids that restart at a conversation's
+    start (and no mask), each conversation's logits equal those of that conversation alone. Otherwise why not
+    (an attention implementation or a model that ignores the restart, so one conversation would see another).
+    Checked numerically on a 12-token window of two conversations."""
+    device = next(lm.parameters()).device
+    V = lm.config.vocab_size
+    ids = (torch.arange(12, device=device) * 7919 % V)[None, :]
+    pos = torch.cat([torch.arange(5), torch.arange(7)]).to(device)[None, :]
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            packed = lm(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+            alone = torch.cat([lm(input_ids=ids[:, :5]).logits, lm(input_ids=ids[:, 5:]).logits], 1).float()
+    except Exception as e:  # noqa: BLE001 - a model that cannot take position ids cannot pack
+        return f"it cannot be called with position ids ({type(e).__name__}: {e})"
+    finally:
+        lm.train(was_training)
+    err = float((packed - alone).abs().max())
+    if not err <= 1e-4 * max(1.0, float(alone.abs().max())):
+        return (
+            f"with packed conversations its logits differ from each conversation alone by up to {err:.3g} (its "
+            f"attention ({getattr(lm.config, '_attn_implementation', '?')}) lets one conversation see another)"
+        )
+    return None
+
+
 class DistillModel(nn.Module):
     """The student LM plus one linear projector (student hidden -> teacher hidden) per mapped layer pair.
 
@@ -75,19 +103,21 @@ class DistillModel(nn.Module):
         self.fused_head_reason = head_fallback_reason(lm) if fused_head else None
         self.fused_head = bool(fused_head) and self.fused_head_reason is None
 
-    def forward(self, input_ids, attention_mask, with_features: bool = False, logit_loss=None):
+    def forward(self, input_ids, attention_mask, with_features: bool = False, logit_loss=None, position_ids=None):
         """-> (logits [B, T, V], or with `logit_loss` its value on the flat logits [B * T, V] or, on the fused path,
         on a HeadInput (the flat final hidden states and the head); the projected student states [B, T, H_teacher]
-        per layer pair, or None)."""
+        per layer pair, or None). `position_ids`: packed conversations (kd.train.step.model_inputs)."""
+        # no KV cache: with one, transformers does not read restarting positions as separate sequences
+        kw = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}
         if self.fused_head and logit_loss is not None:
             out = self.lm.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_features
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_features, **kw
             )
             h = out.last_hidden_state
             head = self.lm.get_output_embeddings()
             result = logit_loss(HeadInput(h.reshape(-1, h.shape[-1]), head.weight, head.bias))
         else:
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_features)
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_features, **kw)
             logits = out.logits
             result = logits if logit_loss is None else logit_loss(logits.reshape(-1, logits.shape[-1]))
         if not with_features:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kd.data.pack import segment_positions
 from kd.losses import feature_per_position, info_nce_sum
 from kd.losses.terms import Term, logit_term_sums
 from kd.signals import Signal, batch_signal
@@ -71,14 +72,33 @@ def positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(attention_mask [B, T] long, loss_mask [B, T] bool, targets [B, T]) of a cache batch.
 
     A position t counts for the losses when t+1 is still a valid token of the window: its target is
-    input_ids[t+1], and the cached teacher distribution at t is the teacher's prediction of that token.
+    input_ids[t+1], and the cached teacher distribution at t is the teacher's prediction of that token. In a chat
+    cache's batch (`loss_mask` and `segments` per token) t counts only when token t+1 is in the loss mask (the
+    assistant's tokens) and in the same conversation as t: a conversation's first token is predicted from nothing of
+    its own, and the teacher never saw the previous one. Every sum and count of the losses follows this one mask,
+    so the normalisation stays global over the accumulation window.
     """
     ids, lengths = batch["input_ids"], batch["length"]
     t = torch.arange(ids.shape[1], device=ids.device)[None, :]
     attention = (t < lengths[:, None]).long()
     loss_mask = t < (lengths[:, None] - 1)
+    if "loss_mask" in batch:
+        seg, keep = batch["segments"], batch["loss_mask"].bool()
+        nxt = torch.zeros_like(keep)
+        nxt[:, :-1] = keep[:, 1:] & (seg[:, 1:] == seg[:, :-1])
+        loss_mask = loss_mask & nxt
     targets = torch.roll(ids, shifts=-1, dims=1)
     return attention, loss_mask, targets
+
+
+def model_inputs(batch: dict, attention: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(attention_mask, position_ids) for the student's forward. Packed conversations (a chat batch's `segments`):
+    no mask and position ids that restart per conversation, which transformers turns into block-diagonal causal
+    attention (kd.data.pack.segment_positions; the trainer refuses a student that does not honour it). Otherwise
+    the padding mask and the model's own positions."""
+    if "segments" in batch:
+        return None, segment_positions(batch["segments"])
+    return attention, None
 
 
 # The time axis of each [B, ...] batch field that has one: [B, T, ...] unless named here.
@@ -148,7 +168,10 @@ def micro_batch_sums(
             with_grad=with_grad,
         )
 
-    (loss, sums), projected = model(batch["input_ids"], attention, plan.needs_hidden, logit_loss=logit_loss)
+    mask_in, position_ids = model_inputs(batch, attention)
+    (loss, sums), projected = model(
+        batch["input_ids"], mask_in, plan.needs_hidden, logit_loss=logit_loss, position_ids=position_ids
+    )
     out = {t.name: sums[i] for i, t in enumerate(lt)}
     out["agree"] = sums[-1]
     feature, contrastive = plan.hidden_term("feature"), plan.hidden_term("contrastive")
