@@ -408,7 +408,10 @@ def main(cfg: TrainConfig) -> Path:
         record = eval_record(model, eval_loader, eval_plan, accelerator, ema, state, text_units)
         if extra_windows is not None:  # the second eval text: this process's share of its windows, summed over all
             mine = type(extra_windows)(extra_windows.input_ids[rank::world], extra_windows.lengths[rank::world], None)
-            sums = score_windows(accelerator.unwrap_model(model).lm, tokenizer, mine, extra_sep, tc.micro_batch_size)
+            distill = accelerator.unwrap_model(model)
+            sums = score_windows(
+                distill.lm, tokenizer, mine, extra_sep, tc.micro_batch_size, cfg.loss.position_chunk, distill.fused_head
+            )
             nats, tokens, chars, nbytes = accelerator.reduce(
                 torch.tensor(sums, device=accelerator.device), "sum"
             ).tolist()

@@ -93,14 +93,18 @@ def text_windows(tok, files: list[str], seq_len: int, text_field: str = "text", 
     return windows, sep
 
 
-def score_windows(lm, tok, windows, sep: int, batch_size: int = 8, chunk: int = 128) -> np.ndarray:
+def score_windows(
+    lm, tok, windows, sep: int, batch_size: int = 8, chunk: int = 128, fused: bool | None = None
+) -> np.ndarray:
     """[nats, scored tokens, characters, bytes] of a causal LM on packed windows (kd/textscore.py's definition).
     Where the LM head can run apart from the body (kd.train.model.head_fallback_reason), the logits are computed
-    `chunk` positions at a time and never whole, as in training."""
+    `chunk` positions at a time and never whole, as in training. `fused`: that decision when the caller has made
+    it already (the trainer's DistillModel.fused_head, probed once per run); None probes the model here."""
     from kd.losses.chunked import HeadInput, chunk_logits
     from kd.train.model import head_fallback_reason
 
-    fused = head_fallback_reason(lm) is None
+    if fused is None:
+        fused = head_fallback_reason(lm) is None
     was_training = lm.training
     lm.eval()
     device = next(lm.parameters()).device

@@ -25,7 +25,7 @@ import torch
 
 from kd.errors import KDError
 from kd.losses.divergences import REGISTRY
-from kd.losses.forward import _LOG_TAIL_FLOOR, student_tail, teacher_bucket
+from kd.losses.forward import _LOG_TAIL_FLOOR, gather_mapped, student_tail, teacher_bucket
 
 _NEG_INF = float("-inf")
 
@@ -45,6 +45,9 @@ class Signal:
     `top1(rows)` the teacher's most likely student token id per row (-1 = none), for top-1 agreement."""
 
     name = "signal"
+    # whether `ids` may hold -1 (no student token): only a cross-tokenizer mapping's; known per signal, so the
+    # loss never asks the device per chunk
+    unmapped_ids = False
 
     def pair(self, s_logp: torch.Tensor, rows: slice | torch.Tensor, T: float):
         raise NotImplementedError
@@ -114,15 +117,13 @@ class Online(Signal):
 
 class Mapped(Signal):
     name = "mapped"
+    unmapped_ids = True
 
     def __init__(self, mapped_ids: torch.Tensor, logprobs: torch.Tensor):
         self.ids, self.logprobs = mapped_ids, logprobs
 
     def pair(self, s_logp, rows, T):
-        ids = self.ids[rows]
-        ok = ids >= 0
-        s_top = torch.where(ok, s_logp.gather(-1, ids.clamp(min=0)), torch.full_like(s_logp[:, :1], _NEG_INF))
-        t_lp = torch.where(ok, self.logprobs[rows].float(), torch.full_like(s_top, _NEG_INF))
+        s_top, t_lp = gather_mapped(s_logp, self.ids[rows], self.logprobs[rows].float())
         return _with_buckets(s_top, teacher_bucket(t_lp, T))
 
     def top1(self, rows):

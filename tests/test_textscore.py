@@ -147,15 +147,20 @@ def test_the_eval_command_reproduces_the_runs_final_eval(tiny_cache, tmp_path, c
         evaluate_main([str(run / "final"), "--cache", str(other)])
 
 
-def test_a_second_eval_text_is_scored_at_every_eval(tiny_cache, tmp_path, corpus_dir):
+def test_a_second_eval_text_is_scored_at_every_eval(tiny_cache, tmp_path, corpus_dir, monkeypatch):
     """train.extra_eval_files: each eval record also carries extra_eval/* on that text, equal to kd.evaluate's
-    score of the same model on the same files (checked on final/)."""
+    score of the same model on the same files (checked on final/). The fused-head probe runs once per run, not per
+    eval."""
     from test_train import make_cfg
 
+    import kd.train.model
     import train_student
     from kd.evaluate import on_text
     from kd.train import read_metrics
 
+    probes = []
+    real_probe = kd.train.model.head_fallback_reason
+    monkeypatch.setattr(kd.train.model, "head_fallback_reason", lambda lm: probes.append(1) or real_probe(lm))
     play = str(corpus_dir / "play0.txt")
     run = train_student.main(
         make_cfg(
@@ -171,6 +176,7 @@ def test_a_second_eval_text_is_scored_at_every_eval(tiny_cache, tmp_path, corpus
     )
     evals = [r for r in read_metrics(run) if "eval/ce" in r]
     assert [r["step"] for r in evals] == [0, 2, 4] and all("extra_eval/bits_per_char" in r for r in evals)
+    assert len(probes) == 1
     assert evals[-1]["extra_eval/ce"] < evals[0]["extra_eval/ce"]  # it trains on text like it
     score = on_text(str(run / "final"), [play], 32, 8, "fp32", "text")
     assert score["bits_per_char"] == pytest.approx(evals[-1]["extra_eval/bits_per_char"], rel=1e-5)

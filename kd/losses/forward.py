@@ -81,13 +81,24 @@ def _dense_chunk(z, teacher_logits, tgt, m, alpha_ce: float, alpha_kd: float, T:
     return torch.where(m[:, None], g, torch.zeros_like(g)), ce, kd, agree
 
 
-def ce_kd_chunk(z, tgt, m, ids, t_values, alpha_ce: float, alpha_kd: float, T: float, tail: str, m_kd=None):
+def gather_mapped(s_logp: torch.Tensor, ids: torch.Tensor, t_lp: torch.Tensor):
+    """(student log-probs at the teacher's mapped ids, the teacher's log-probs), both -inf where an id is -1 (a
+    teacher token with no identical student token: no outcome on either side, its mass left to the tail bucket)."""
+    ok = ids >= 0
+    neg = torch.full_like(t_lp, float("-inf"))
+    return torch.where(ok, s_logp.gather(-1, ids.clamp(min=0)), neg), torch.where(ok, t_lp, neg)
+
+
+def ce_kd_chunk(
+    z, tgt, m, ids, t_values, alpha_ce: float, alpha_kd: float, T: float, tail: str, m_kd=None, unmapped_ids=False
+):
     """One chunk of the analytic path: (the gradient of alpha_ce * CE + alpha_kd * KD summed over the chunk's
     masked rows w.r.t. its fp32 logits z [c, V], written over the chunk's softmax buffer; [CE, KD, top-1] sums [3]).
 
     ids [c, k] and t_values [c, k]: the cached top-k ids and log-probs, or ids None and t_values the teacher's full
     logits [c, V] (online KD). An id of -1 (a cross-tokenizer teacher token with no identical student token,
-    kd.signals.Mapped) is no outcome on either side: its teacher mass joins the tail bucket. m [c] bool: where CE
+    kd.signals.Mapped; `unmapped_ids` says the ids may hold one) is no outcome on either side: its teacher mass joins
+    the tail bucket (kd.signals.gather_mapped). m [c] bool: where CE
     counts; m_kd: where KD and top-1 agreement count (default m; the aligned positions across tokenizers); tgt [c]
     next-token ids (>= 0). Gradients (p = softmax(z / T), q = the
     teacher; equality with autograd through `token_losses` is tested):
@@ -104,22 +115,18 @@ def ce_kd_chunk(z, tgt, m, ids, t_values, alpha_ce: float, alpha_kd: float, T: f
         g, ce, kd, agree = _dense_chunk(z, t_values.float(), tgt, m, alpha_ce, alpha_kd, T)
     else:
         t_lp = t_values.float()
-        unmapped = None if bool((ids >= 0).all()) else ids < 0
-        if unmapped is not None:
-            ids = ids.clamp(min=0)
-            t_lp = t_lp.masked_fill(unmapped, float("-inf"))
         logp = torch.log_softmax(z, dim=-1)
         ce = -logp.gather(-1, tgt[:, None]).squeeze(-1)
-        top1 = ids[:, 0] if unmapped is None else ids[:, 0].masked_fill(unmapped[:, 0], -1)
-        agree = (logp.argmax(-1) == top1).float()
-        if T == 1.0:
-            s_top, p_t = logp.gather(-1, ids), None
+        agree = (logp.argmax(-1) == ids[:, 0]).float()  # an unmapped top-1 (-1) never agrees
+        p_t = None if T == 1.0 else torch.log_softmax(z / T, dim=-1)
+        s_logp = logp if p_t is None else p_t
+        if unmapped_ids:
+            s_top, t_lp = gather_mapped(s_logp, ids, t_lp)
+            ids = ids.clamp(min=0)  # the corrections scattered there are 0 (both probabilities are)
         else:
-            p_t = torch.log_softmax(z / T, dim=-1)
-            s_top = p_t.gather(-1, ids)
+            s_top = s_logp.gather(-1, ids)
+        if p_t is not None:
             p_t = p_t.exp_()
-        if unmapped is not None:
-            s_top = s_top.masked_fill(unmapped, float("-inf"))
         p1 = logp.exp_()  # softmax at T = 1, in place: logp is not needed any more
         if tail == "renormalize":
             q_logp = torch.log_softmax(t_lp / T, dim=-1)

@@ -174,6 +174,7 @@ def _analytic_chunk_fn(targets, mask, kd_mask, signal, terms, weights, T):
             T,
             tail,
             kd_mask[rows],
+            signal.unmapped_ids,
         )
         return g, sums[order]
 
