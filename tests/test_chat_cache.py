@@ -462,3 +462,68 @@ def test_teacher_targets_outside_the_mask_change_no_loss_and_no_gradient(chat_ca
     assert results[0].raw == pytest.approx(results[1].raw, rel=1e-6) and results[0].agree == results[1].agree
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+
+
+def test_conversations_read_the_same_from_every_source(tmp_path, chat_files):
+    """jsonl, a JSON array, Parquet (turns as a list of structs), CSV (prompt/completion columns) and a Hugging Face
+    dataset (save_to_disk, streamed or not) yield the same checked conversations."""
+    import csv
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kd.data.chat import ChatFields
+    from kd.data.sources import Piece, Records, plan_hf_units, read_piece
+
+    recs = [json.loads(line) for line in open(chat_files / "eval.jsonl")]
+    chat = Records(chat=ChatFields())
+    expected = [conversation(r) for r in recs]
+
+    def read(path: Path) -> list:
+        return [d for d, _ in read_piece(Piece(str(path), 0, path.stat().st_size), chat, "strict")]
+
+    assert read(chat_files / "eval.jsonl") == expected
+    (tmp_path / "a.json").write_text(json.dumps(recs))
+    assert read(tmp_path / "a.json") == expected
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "a.parquet")
+    assert read(tmp_path / "a.parquet") == expected
+    pairs = [{"prompt": short(i, 5), "completion": short(i + 9, 5)} for i in range(5)]
+    with open(tmp_path / "a.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["prompt", "completion"])
+        w.writeheader()
+        w.writerows(pairs)
+    assert read(tmp_path / "a.csv") == [conversation(p) for p in pairs]
+    datasets.Dataset.from_list(recs).save_to_disk(tmp_path / "ds")
+    for streaming in (False, True):
+        ds = datasets.load_from_disk(str(tmp_path / "ds"))
+        ds = ds.to_iterable_dataset() if streaming else ds
+        got = [d for u in plan_hf_units(ds, "dataset", chat, 10**6, "main") for d, _ in u.documents_fn()]
+        assert got == expected, streaming
+
+
+def test_a_chat_cache_on_two_processes_equals_one(chat_caches, chat_teacher, chat_files, tmp_path):
+    """Several units (data.unit_bytes below the train file's size), two processes: the same shards, byte for byte,
+    as the one-process cache, and the same chat counts."""
+    from kd.cache import MANIFEST, shard_records
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    extra = {"data.unit_bytes": 3000}
+    one = make_chat_cache(chat_teacher, chat_files, tmp_path / "one", **extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"]
+    result = subprocess.run(
+        [*cmd, str(ROOT / "cache_teacher.py"), *chat_overrides(chat_teacher, chat_files, tmp_path / "two", **extra)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = tmp_path / "two"
+    ma, mb = (json.loads((d / MANIFEST).read_text()) for d in (one, two))
+    assert ma["ingest"]["units"] > 2 and "on 2 process(es)" in result.stdout
+    for split in ("train", "eval"):
+        assert [s["sha256"] for s in shard_records(one, ma, split)] == [
+            s["sha256"] for s in shard_records(two, mb, split)
+        ]
+    for k in ("truncated", "tokens_cut", "dropped", "window_tokens", "documents"):
+        assert ma["ingest"][k] == mb["ingest"][k], k
