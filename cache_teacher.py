@@ -236,11 +236,6 @@ def validate(cfg: CacheConfig):
             "cache.store_text=false"
         )
     if cfg.data.format == "chat":
-        if cfg.cache.store_text:
-            raise KDError(
-                "data.format=chat with cache.store_text=true: chat caches do not store text for cross-tokenizer "
-                "alignment yet; set cache.store_text=false"
-            )
         check_chat_tokenizer(tokenizer, chat_template(cfg.data.chat_template))
     sources, input_bytes = config_sources(cfg.data)
     return model_cfg, tokenizer, ingest_spec(cfg, tokenizer, model_cfg.vocab_size), sources, input_bytes
@@ -409,7 +404,8 @@ def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spe
             "loss_mask": spec.chat["loss_mask"],
             "packing": spec.chat["packing"],
             "template": "the tokenizer's own" if template is None else "data.chat_template",
-            "template_sha256": hashlib.sha256((template or tokenizer.chat_template or "").encode()).hexdigest(),
+            # the Jinja text itself (a few KB): a student without a template of its own may render with it
+            "template_text": template or tokenizer.chat_template,
             "attention": "causal within each conversation (segments), position ids restart per conversation",
         }
     # shard boundaries: a fixed count, or as many sequences as fit cache.shard_bytes (from the config alone)

@@ -111,8 +111,9 @@ def cross_tokenizer_splits(
 
     teacher_tokenizer = load_tokenizer(cache.manifest["teacher"]["name_or_path"], cache.manifest["teacher"]["revision"])
     sep = cfg.loss.cross_tokenizer_separator or tokenizer.eos_token
+    template = student_chat_template(cfg, cache, tokenizer) if "chat" in cache.manifest else None
     arrays = align.load_or_build(
-        cache, tokenizer, sep, run_dir, accelerator.is_main_process, accelerator.wait_for_everyone
+        cache, tokenizer, sep, run_dir, accelerator.is_main_process, accelerator.wait_for_everyone, template
     )
     mapping = align.vocab_map(teacher_tokenizer, tokenizer, cache.manifest["teacher"]["vocab_size"])
     train = align.AlignedSplit(train_split, arrays["train"], mapping)
@@ -133,6 +134,25 @@ def cross_tokenizer_splits(
         )
         warn_or_refuse(accelerator, low, cfg.loss.on_low_alignment, "loss.on_low_alignment")
     return train, evals
+
+
+def student_chat_template(cfg: TrainConfig, cache: TeacherCache, tokenizer) -> str | None:
+    """The Jinja text a cross-tokenizer student renders a chat cache's conversations with (student.chat_template):
+    None for its tokenizer's own."""
+    from kd.data.chat import chat_template, check_chat_tokenizer
+
+    choice = cfg.student.chat_template
+    teacher = cache.manifest["chat"].get("template_text")
+    if choice == "teacher" or (choice is None and not getattr(tokenizer, "chat_template", None)):
+        if not teacher:
+            raise KDError(
+                f"cache {cfg.train.cache_dir} does not record the teacher's chat template (written by an older kd); "
+                "give the student one with student.chat_template"
+            )
+        return teacher
+    template = chat_template(choice)
+    check_chat_tokenizer(tokenizer, template)
+    return template
 
 
 def warn_or_refuse(accelerator, message: str, policy: str, switch: str) -> None:
@@ -384,7 +404,7 @@ def main(cfg: TrainConfig) -> Path:
     keep = None if not tc.resume else (state.step if resume_state is not None else -1)
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until_step=keep)
     # chat: a few greedy replies to held-out prompts at every eval (kd/train/generations.py), main process only
-    prompts = held_out_prompts(eval_split, tc.eval_generations) if "chat" in cache.manifest and not cross else []
+    prompts = held_out_prompts(eval_split, tc.eval_generations) if "chat" in cache.manifest else []
     generations = GenerationsLog(run_dir, accelerator.is_main_process and bool(prompts), keep)
     if tc.log_with:
         start_trackers(accelerator, tc, cfg_dict)

@@ -149,13 +149,84 @@ def align_window(
     return ids, pos
 
 
-def build_alignment(cache, split: str, student_tok, student_sep_id: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Alignment arrays of one split: ids [N, Ts], lengths [N], teacher_pos [N, Ts] (Ts = longest student window)."""
+def align_chat_window(text: str, spans: np.ndarray, length: int, student_tok, template: str | None, mask: str):
+    """A cached chat window (its JSON text, kd.data.pack.chat_window_text) seen by a student with another tokenizer:
+    each conversation re-rendered with the student's template (`template`; None = its tokenizer's own) and
+    tokenized, with its own loss mask; the conversations end to end. (student ids, teacher position per student
+    position or -1, loss mask, segments.)
+
+    Aligned on the messages: a student token ending at character j of a turn's content (j = 0 included: the end
+    of the template's text before it) is aligned to the teacher token ending at the same character of that
+    content in the teacher's rendering, if one does. Both then condition on the same messages up to there;
+    template text (role headers, a default system prompt) aligns to nothing, and so has CE but no KD. A
+    conversation the cache cut to the window is cut at the same point of the same message."""
+    from kd.data.chat import content_spans, render
+
+    window = json.loads(text)
+    spans = np.asarray(spans[:length])
+    teacher_end = {int(spans[t, 1]): t for t in range(length)}  # later positions overwrite: the last one wins
+    ids: list[int] = []
+    pos: list[int] = []
+    keep: list[bool] = []
+    seg: list[int] = []
+    for c, conv in enumerate(window["conversations"]):
+        turns, t_contents, kept_end = conv["turns"], conv["contents"], conv["kept_end"]
+        r = render(student_tok, turns, template, mask)
+        _, s_contents = content_spans(student_tok, turns, template)
+        cut = _student_cut(kept_end, t_contents, s_contents)
+        n = sum(1 for _, e in r.offsets if e <= cut)
+        ends = [e for _, e in r.offsets[:n]]
+        for s in range(n):
+            p = -1
+            if not (s + 1 < n and ends[s + 1] == ends[s]):  # only the last token ending inside a character
+                for (ts, _), (cs, ce) in zip(t_contents, s_contents):
+                    if cs <= ends[s] <= ce:
+                        p = teacher_end.get(ts + ends[s] - cs, -1)
+                        break
+            pos.append(p)
+        ids.extend(r.input_ids[:n])
+        keep.extend(r.mask[:n])
+        seg.extend([c + 1] * n)
+    return ids, np.asarray(pos, np.int64), np.asarray(keep, bool), np.asarray(seg, np.int64)
+
+
+def _student_cut(kept_end: int, t_contents, s_contents) -> float:
+    """Where the student's rendering of a conversation stops: everything if the teacher kept its whole last message,
+    else the same character of the message the teacher's window ends in (or the end of the last whole message)."""
+    if not t_contents or kept_end >= t_contents[-1][1]:
+        return float("inf")
+    cut = 0
+    for (ts, te), (cs, ce) in zip(t_contents, s_contents):
+        if ts <= kept_end <= te:
+            return cs + kept_end - ts
+        if te <= kept_end:
+            cut = ce
+    return cut
+
+
+def build_alignment(
+    cache, split: str, student_tok, student_sep_id: int, pad_id: int, chat_template: str | None = None
+) -> dict[str, np.ndarray]:
+    """Alignment arrays of one split: ids [N, Ts], lengths [N], teacher_pos [N, Ts] (Ts = longest student window);
+    a chat cache's also loss_mask and segments [N, Ts], the student's own (`chat_template` renders them)."""
     reader = cache.split(split, ("input_ids", "text", "token_spans"))
     m = cache.manifest
+    chat = m.get("chat")
     rows = []
     for i in range(len(reader)):
         it = reader[i]
+        if chat is not None:
+            rows.append(
+                align_chat_window(
+                    it["text"],
+                    it["token_spans"].numpy(),
+                    int(it["length"]),
+                    student_tok,
+                    chat_template,
+                    chat["loss_mask"],
+                )
+            )
+            continue
         rows.append(
             align_window(
                 it["text"],
@@ -171,15 +242,25 @@ def build_alignment(cache, split: str, student_tok, student_sep_id: int, pad_id:
     ids = np.full((len(rows), Ts), pad_id, dtype=np.int64)
     pos = np.full((len(rows), Ts), -1, dtype=np.int64)
     lengths = np.zeros(len(rows), dtype=np.int64)
-    for i, (r_ids, r_pos) in enumerate(rows):
+    out = {"input_ids": ids, "lengths": lengths, "teacher_pos": pos}
+    if chat is not None:
+        out["loss_mask"] = np.zeros((len(rows), Ts), bool)
+        out["segments"] = np.zeros((len(rows), Ts), np.int64)
+    for i, (r_ids, r_pos, *extra) in enumerate(rows):
         ids[i, : len(r_ids)], pos[i, : len(r_pos)], lengths[i] = r_ids, r_pos, len(r_ids)
-    return {"input_ids": ids, "lengths": lengths, "teacher_pos": pos}
+        if extra:
+            out["loss_mask"][i, : len(r_ids)], out["segments"][i, : len(r_ids)] = extra
+    return out
 
 
-def load_or_build(cache, student_tok, student_sep: str, fallback_dir: Path, is_main: bool, wait) -> dict:
+def load_or_build(
+    cache, student_tok, student_sep: str, fallback_dir: Path, is_main: bool, wait, chat_template: str | None = None
+) -> dict:
     """{split: arrays} for every split, from <cache>/alignments/<student fingerprint>.npz (built by the main
-    process if missing; `wait` is a barrier). Falls back to `fallback_dir` when the cache directory is read-only."""
+    process if missing; `wait` is a barrier). Falls back to `fallback_dir` when the cache directory is read-only.
+    A chat cache's student conversations are rendered with `chat_template` (None: the student tokenizer's own)."""
     fp = tokenizer_fingerprint(student_tok)
+    chat = "chat" in cache.manifest
     key = hashlib.sha256(
         json.dumps(
             [
@@ -188,6 +269,12 @@ def load_or_build(cache, student_tok, student_sep: str, fallback_dir: Path, is_m
                 cache.manifest["splits"]["train"]["fingerprint"],
                 cache.manifest["splits"]["eval"]["fingerprint"],
             ]
+            # a chat alignment also depends on the student's template; text alignments keep their old keys
+            + (
+                [hashlib.sha256((chat_template or student_tok.chat_template or "").encode()).hexdigest()]
+                if chat
+                else []
+            )
         ).encode()
     ).hexdigest()[:20]
     sep_id = student_tok.convert_tokens_to_ids(student_sep)
@@ -200,7 +287,7 @@ def load_or_build(cache, student_tok, student_sep: str, fallback_dir: Path, is_m
     if is_main and not any(p.exists() for p in candidates):
         arrays = {}
         for split in cache.manifest["splits"]:
-            for name, a in build_alignment(cache, split, student_tok, sep_id, sep_id).items():
+            for name, a in build_alignment(cache, split, student_tok, sep_id, sep_id, chat_template).items():
                 arrays[f"{split}/{name}"] = a
         arrays["meta"] = np.frombuffer(
             json.dumps(
@@ -221,11 +308,9 @@ def load_or_build(cache, student_tok, student_sep: str, fallback_dir: Path, is_m
             raise KDError(f"cannot write the alignment file to {candidates[0].parent} or {candidates[1].parent}")
     wait()
     path = next(p for p in candidates if p.exists())
+    names = ("input_ids", "lengths", "teacher_pos") + (("loss_mask", "segments") if chat else ())
     with np.load(path) as z:
-        return {
-            split: {name: z[f"{split}/{name}"] for name in ("input_ids", "lengths", "teacher_pos")}
-            for split in cache.manifest["splits"]
-        }
+        return {split: {name: z[f"{split}/{name}"] for name in names} for split in cache.manifest["splits"]}
 
 
 class AlignedSplit(torch.utils.data.Dataset):
@@ -249,6 +334,9 @@ class AlignedSplit(torch.utils.data.Dataset):
             "sequence_index": item["sequence_index"],
             "kd_mask": pos >= 0,
         }
+        if "loss_mask" in self.arrays:  # a chat cache: the student's own assistant mask and conversations
+            out["loss_mask"] = torch.from_numpy(self.arrays["loss_mask"][i])
+            out["segments"] = torch.from_numpy(self.arrays["segments"][i])
         if "topk_ids" in item:
             out["topk_ids"] = self.mapping[item["topk_ids"][g]]
             out["topk_logprobs"] = item["topk_logprobs"][g].float()

@@ -148,8 +148,9 @@ class CacheSection:
     sample_n: also store sampled targets: per position, this many draws with replacement from the teacher's full
         distribution at T = 1, kept as distinct ids + counts (0 = off; at most 255).
     sample_seed: seed of those draws; each sequence has its own stream, so contents never depend on batching.
-    store_text: keep each window's text and every teacher token's character span, so students with OTHER tokenizers
-        can be aligned to this cache later (cross-tokenizer KD); about 12 bytes per token. Needs a fast tokenizer.
+    store_text: keep each window's text (chat: its conversations, kd.data.pack.chat_window_text) and every teacher
+        token's character span, so students with OTHER tokenizers can be aligned to this cache later
+        (cross-tokenizer KD); about 12 bytes per token. Needs a fast tokenizer.
     shard_bytes: target size of a shard (an HDF5 file: the unit of the teacher pass's work, resume and checksums,
         held in memory while it is written): sequences per shard = shard_bytes // the bytes of one sequence
         (kd.cache.shard_sequences), so a shard holds at most shard_bytes plus one sequence.

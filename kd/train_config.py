@@ -61,6 +61,9 @@ class StudentConfig:
     revision: hub revision of `pretrained`.
     gradient_checkpointing: recompute transformer activations in backward (less memory, ~30% more compute).
     attn_implementation: passed to the model ("sdpa", "eager", ...).
+    chat_template: with a chat cache and another tokenizer than the teacher's (loss.cross_tokenizer), how the
+        student renders each conversation: null = its tokenizer's own chat template, or the teacher's where it has
+        none; `teacher` = the teacher's (the one the cache was rendered with); or a Jinja template string or file.
     """
 
     pretrained: str | None = None
@@ -70,6 +73,7 @@ class StudentConfig:
     revision: str | None = None
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
+    chat_template: str | None = None
 
     def __post_init__(self):
         if sum(v is not None for v in (self.pretrained, self.config, self.from_teacher)) != 1:

@@ -316,7 +316,6 @@ def test_malformed_conversations_are_refused_by_line_or_skipped_and_counted(tmp_
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ({"cache.store_text": "true"}, "chat caches do not store text"),
         ({"data.files": "[{corpus}/play0.txt]", "data.eval_files": "[{corpus}/heldout/*.txt]"}, "not conversation"),
         ({"data.chat_template": "/no/such/template.jinja"}, "neither a Jinja template"),
     ],

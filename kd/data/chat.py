@@ -87,6 +87,7 @@ class Rendered:
     input_ids: list[int]
     mask: list[bool]
     spans: list[tuple[int, int]]
+    offsets: list[tuple[int, int]] | None = None  # each token's [start, end) in `text`
 
 
 def _render(tok, turns: list[dict], template: str | None, generation_prompt: bool) -> str:
@@ -147,7 +148,31 @@ def render(tok, turns: list[dict], template: str | None = None, mask: str = "ass
         keep = [True] * len(ids)
     else:
         keep = [any(a < e and b > s for s, e in spans) for a, b in offsets]
-    return Rendered(text, list(ids), keep, spans)
+    return Rendered(text, list(ids), keep, spans, [(int(a), int(b)) for a, b in offsets])
+
+
+def content_spans(tok, turns: list[dict], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """(the rendered conversation, each turn's content span [start, end) in it): where the text of every message
+    sits, so that two renderings of one conversation (two tokenizers' templates) can be aligned on the messages
+    themselves (kd/align.py). A template that does not render a message verbatim is refused with that reason."""
+    text = _render(tok, turns, template, False)
+    spans = []
+    for i, turn in enumerate(turns):
+        before = _render(tok, turns[:i], template, turn["role"] == "assistant") if i else ""
+        through = _render(tok, turns[: i + 1], template, False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise BadConversation(
+                "the chat template does not render conversations prefix by prefix (it rewrites earlier turns when "
+                "later ones follow), so the messages cannot be located"
+            )
+        k = through.find(turn["content"], len(before))
+        if k < 0:
+            raise BadConversation(
+                f"the chat template does not render turn {i}'s content verbatim (it edits messages), so a student "
+                "with another tokenizer cannot be aligned to it on the messages"
+            )
+        spans.append((k, k + len(turn["content"])))
+    return text, spans
 
 
 def chat_template(value: str | None) -> str | None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from kd.cache import SPLITS
-from kd.data.chat import BadConversation, ChatFields, render
+from kd.data.chat import BadConversation, ChatFields, content_spans, render
 from kd.data.pack import MIN_WINDOW_TOKENS, ChatPacker, Packer, Windows, tokenize
 from kd.data.sources import BadRecord, Records, Unit, unit_documents
 from kd.dist import gather_rows
@@ -198,7 +198,7 @@ def process_unit(
     if chat is None:
         packers = {s: Packer(spec.seq_len, spec.sep_id, spec.pad_id, spec.store_text, spec.sep_text) for s in SPLITS}
     else:
-        packers = {s: ChatPacker(spec.seq_len, spec.pad_id, chat["packing"]) for s in SPLITS}
+        packers = {s: ChatPacker(spec.seq_len, spec.pad_id, chat["packing"], spec.store_text) for s in SPLITS}
     stopped = dict(skip)
     docs = {s: 0 for s in SPLITS}
     tokens = {s: 0 for s in SPLITS}
@@ -207,14 +207,14 @@ def process_unit(
     writer = UnitWriter(path, spec)
 
     def pack_batch(batch: list[tuple[str, str]], tokenized) -> None:
-        ids, extra = tokenized.result()  # extra: character offsets (text) or loss masks (chat)
+        ids, extra = tokenized.result()  # extra: character offsets (text) or (loss mask, text record) (chat)
         added, added_docs = {s: 0 for s in SPLITS}, 0
         for i, (split, text) in enumerate(batch):
             toks = ids[i]
             if stopped[split] or not toks:  # a split may have reached its cap since the batch was read
                 continue
             if chat is not None:
-                packers[split].add(toks, extra[i])
+                packers[split].add(toks, *extra[i])
             else:
                 packers[split].add(toks, extra[i] if extra is not None else None, text if spec.store_text else None)
             docs[split] += 1
@@ -259,7 +259,7 @@ def process_unit(
         else:
             submitted = (
                 [(split, None) for split, _ in batch],
-                _Ready([r.input_ids for _, r in batch], [r.mask for _, r in batch]),
+                _Ready([r.input_ids for _, (r, _) in batch], [(r.mask, rec) for _, (r, rec) in batch]),
             )
         if pending is not None:
             pack_batch(*pending)
@@ -283,15 +283,25 @@ def process_unit(
                     break
                 continue
             if chat is not None:
+                turns = text
                 try:
-                    text = render(tokenizer, text, chat["template"], chat["loss_mask"])
+                    rendered = render(tokenizer, turns, chat["template"], chat["loss_mask"])
+                    rec = None
+                    if spec.store_text:  # what a student with another tokenizer is aligned on (kd/align.py)
+                        rec = {
+                            "turns": turns,
+                            "text": rendered.text,
+                            "offsets": rendered.offsets,
+                            "contents": content_spans(tokenizer, turns, chat["template"])[1],
+                        }
                 except BadConversation as e:
                     bad_record(f"{where}: {e}")
                     continue
-                if len(text.input_ids) < MIN_WINDOW_TOKENS or not any(text.mask[1 : spec.seq_len]):
+                if len(rendered.input_ids) < MIN_WINDOW_TOKENS or not any(rendered.mask[1 : spec.seq_len]):
                     dropped += 1  # nothing the loss counts survives the cut to seq_len (a target is token 1 on)
                     continue
-            size = len(text) if chat is None else len(text.text)
+                text = (rendered, rec)
+            size = len(text) if chat is None else len(text[0].text)
             batch.append((split, text))
             chars += size
             batch_chars += size

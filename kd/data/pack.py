@@ -214,25 +214,29 @@ class ChatPacker:
     in a right-padded window. A conversation longer than the window is cut to its first seq_len tokens (counted in
     `truncated` / `tokens_cut`; the caller drops one whose kept part has nothing in the loss)."""
 
-    def __init__(self, seq_len: int, pad_id: int, packing: str):
+    def __init__(self, seq_len: int, pad_id: int, packing: str, with_text: bool = False):
         if packing not in ("first_fit", "one_per_window"):
             raise KDError(f"unknown data.packing {packing!r}; choose first_fit or one_per_window")
-        self.T, self.pad_id, self.packing = seq_len, pad_id, packing
-        self._open: list[list[tuple[list[int], list[bool]]]] = []  # per open window, its conversations in order
+        self.T, self.pad_id, self.packing, self.with_text = seq_len, pad_id, packing, with_text
+        # per open window, its conversations in order: (ids, mask, text record or None)
+        self._open: list[list[tuple]] = []
         self._room: list[int] = []
-        self._done: list[list[tuple[list[int], list[bool]]]] = []
+        self._done: list[list[tuple]] = []
         self.windows_emitted = self.window_tokens = 0
         self.truncated = self.tokens_cut = 0
 
-    def add(self, ids: list[int], mask: list[bool]) -> None:
-        """One rendered conversation (ids and per-token loss mask); at least MIN_WINDOW_TOKENS ids."""
+    def add(self, ids: list[int], mask: list[bool], text: dict | None = None) -> None:
+        """One rendered conversation (ids and per-token loss mask; at least MIN_WINDOW_TOKENS ids). With text
+        (`with_text`): {turns, text, offsets: each token's [start, end) in text, contents: each turn's content span}
+        (kd.data.chat.render and content_spans), kept for aligning students with other tokenizers (chat_window_text)."""
         if len(ids) > self.T:
             self.truncated += 1
             self.tokens_cut += len(ids) - self.T
             ids, mask = ids[: self.T], mask[: self.T]
         n = len(ids)
+        conv = (ids, mask, text)
         if self.packing == "one_per_window":
-            self._done.append([(ids, mask)])
+            self._done.append([conv])
             return
         j = next((j for j, room in enumerate(self._room) if room >= n), None)
         if j is None:
@@ -243,7 +247,7 @@ class ChatPacker:
             self._open.append([])
             self._room.append(self.T)
             j = len(self._open) - 1
-        self._open[j].append((ids, mask))
+        self._open[j].append(conv)
         self._room[j] -= n
         if self._room[j] < MIN_WINDOW_TOKENS:  # nothing fits any more
             self._done.append(self._open.pop(j))
@@ -260,18 +264,51 @@ class ChatPacker:
         loss = np.zeros((n, T), np.uint8)
         seg = np.zeros((n, T), np.uint16)
         lengths = np.zeros(n, np.int32)
+        texts, spans = ([], np.zeros((n, T, 2), np.int32)) if self.with_text else (None, None)
         for w, convs in enumerate(done):
             pos = 0
-            for c, (cids, cmask) in enumerate(convs):
+            for c, (cids, cmask, _) in enumerate(convs):
                 ids[w, pos : pos + len(cids)] = cids
                 loss[w, pos : pos + len(cids)] = cmask
                 seg[w, pos : pos + len(cids)] = c + 1
                 pos += len(cids)
             lengths[w] = pos
+            if self.with_text:
+                text, spans[w] = chat_window_text([(len(cids), t) for cids, _, t in convs], T)
+                texts.append(text)
         self.windows_emitted += n
         self.window_tokens += int(lengths.sum())
         starts = np.array([len(c) for c in done], np.int32)
-        return Windows(ids, lengths, starts, loss_mask=loss, segments=seg)
+        return Windows(ids, lengths, starts, texts, spans, loss_mask=loss, segments=seg)
+
+
+def chat_window_text(convs: list[tuple[int, dict]], T: int) -> tuple[str, np.ndarray]:
+    """A chat window's stored text and its tokens' character spans, from its conversations (kept tokens, text
+    record). The text is JSON: {"text": the conversations' rendered texts end to end, "conversations": [{"turns",
+    "start": where its text begins, "contents": each turn's content span, "kept_end": where its last kept token
+    ends (a conversation cut to the window ends early)}]}, all offsets into "text"; token spans index "text" too,
+    padding the empty span at its end. kd/align.py re-renders the turns with a student's own template and aligns
+    the two renderings on the contents."""
+    import json
+
+    spans = np.zeros((T, 2), np.int32)
+    parts, records, base, pos = [], [], 0, 0
+    for n, t in convs:
+        offs = np.asarray(t["offsets"][:n], np.int64).reshape(-1, 2)
+        spans[pos : pos + n] = offs + base
+        records.append(
+            {
+                "turns": t["turns"],
+                "start": base,
+                "contents": [[base + a, base + b] for a, b in t["contents"]],
+                "kept_end": base + int(offs[-1, 1]),
+            }
+        )
+        parts.append(t["text"])
+        base += len(t["text"])
+        pos += n
+    spans[pos:] = base
+    return json.dumps({"text": "".join(parts), "conversations": records}, ensure_ascii=False), spans
 
 
 def segment_positions(segments):
