@@ -558,7 +558,7 @@ def teacher_pass(
     window_fields = ["input_ids", "lengths", "doc_starts"] + (["text", "token_spans"] if cfg.cache.store_text else [])
     window_fields += ["loss_mask", "segments"] if chat else []
     model = teacher()
-    if chat:
+    if chat and cfg.data.packing != "one_per_window":
         from kd.train.model import packing_fallback_reason
 
         reason = packing_fallback_reason(model)

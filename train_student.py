@@ -279,12 +279,12 @@ def main(cfg: TrainConfig) -> Path:
         cfg.loss.target
     ]
     # a chat cache's loss_mask and segments come along (a text cache has neither: every token counts)
-    chat = ("loss_mask", "segments")
+    chat_fields = ("loss_mask", "segments")
     train_split = cache.split(
-        "train", ("input_ids",) + target_fields + (("hidden_states",) if need_hidden else ()) + chat
+        "train", ("input_ids",) + target_fields + (("hidden_states",) if need_hidden else ()) + chat_fields
     )
     # eval/kd and top-1 agreement are always measured against the cached top-k, whatever the training target
-    eval_split = cache.split("eval", ("input_ids", "topk_ids", "topk_logprobs") + chat)
+    eval_split = cache.split("eval", ("input_ids", "topk_ids", "topk_logprobs") + chat_fields)
     if cross:  # the student's view: its own tokens, the teacher's targets at aligned positions (kd/align.py)
         train_split, eval_split = cross_tokenizer_splits(
             cfg, cache, tokenizer, train_split, eval_split, run_dir, accelerator
@@ -334,7 +334,8 @@ def main(cfg: TrainConfig) -> Path:
         say(f"[student] feature pairs [student, teacher] from the kept layers: {pairs}")
     slots = check_feature_layers(pairs, cache, lm.config.num_hidden_layers)
     if "chat" in cache.manifest:
-        reason = packing_fallback_reason(lm)
+        # one conversation per window needs nothing of the attention: its positions are the model's own
+        reason = packing_fallback_reason(lm) if cache.manifest["chat"]["packing"] != "one_per_window" else None
         if reason is not None:
             raise KDError(
                 f"cache {tc.cache_dir} packs several conversations per window, and this student cannot keep them "

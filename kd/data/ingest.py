@@ -16,6 +16,10 @@ The split is decided per document, from a keyed hash of its text: document -> ev
 blake2b(text, key = split_seed) / 2^64 < eval_fraction. No global view (no permutation of all documents) is
 needed, and identical documents always land on the same side. An explicit held-out source (`data.eval_files`,
 `data.eval_dataset_split`) instead makes every main document a training document.
+
+Chat (data.format=chat): a document is a conversation, split by the same hash of its canonical JSON, rendered and
+masked (kd/data/chat.py) as it is read, and packed whole (kd.data.pack.ChatPacker); the unit files then also hold
+each token's loss_mask and segment. A conversation the template rejects is a bad record (data.bad_records).
 """
 
 from __future__ import annotations
