@@ -6,6 +6,7 @@ trained with the project's own trainer at equal optimizer steps and data.
     python bench/bench_quality.py --suite cross                  # Qwen-vocabulary teacher -> SmolLM2-tokenizer student
     python bench/bench_quality.py --suite kinds --seeds 0,1      # every divergence kind, two data-order seeds
     python bench/bench_quality.py --suite chat                   # the chat set: loss on the assistant's tokens
+    python bench/bench_quality.py --suite chat_cross             # the chat set, a Qwen-tokenizer student
 
 Suite kd: CE only vs KD against the cache, with and without the feature loss. Suite targets: CE only vs KD
 (alpha 0.5 KD + 0.5 CE, no feature loss) against each target: cached top-256 with either tail policy, cached
@@ -15,7 +16,9 @@ and a student with the SmolLM2 tokenizer (configs/train_cross_tokenizer.yaml): C
 loss, with the alignment and mapping figures the trainer logs. Suite kinds: CE only vs 0.5 CE + 0.5 of each
 divergence kind (kd/losses/divergences.py) against the cached top-256 with the tail bucket, T = 1, no feature loss.
 Suite chat: the Shakespeare chat cache (configs/shakespeare_chat_smollm2.yaml): CE only vs KD + CE against sampled
-and top-256 targets, every loss and the held-out CE on the assistant's tokens only.
+and top-256 targets, every loss and the held-out CE on the assistant's tokens only. Suite chat_cross: the same
+cache (written with cache.store_text: true) and a student with the Qwen tokenizer (configs/train_chat_cross_
+tokenizer.yaml): CE only vs mapped KD + CE, aligned on the messages.
 `--seeds` (default 0,1,2) runs every variant once per `train.seed` (student init and data order) and prints the mean
 and standard deviation of its held-out CE, each seed's CE, its bits per character, and marks with ~ a difference to
 CE only that is smaller than twice its standard error (within noise).
@@ -88,6 +91,10 @@ SUITES = {
         "KD + CE (sampled n=50)": ["loss.target=sampled"],
         "KD + CE (top-256, tail bucket)": ["loss.target=topk", "loss.tail=bucket"],
     },
+    "chat_cross": {  # a Qwen-tokenizer student on the SmolLM2 chat cache (configs/train_chat_cross_tokenizer.yaml)
+        "CE only": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0"],
+        "mapped KD + CE (tail bucket)": [],
+    },
 }
 CONFIGS = {
     "kd": "configs/train_shakespeare.yaml",
@@ -95,6 +102,7 @@ CONFIGS = {
     "kinds": "configs/train_shakespeare.yaml",
     "cross": "configs/train_cross_tokenizer.yaml",
     "chat": "configs/train_shakespeare_chat.yaml",
+    "chat_cross": "configs/train_chat_cross_tokenizer.yaml",
 }
 CACHES = {
     "kd": "caches/shakespeare_smollm2",
@@ -102,6 +110,7 @@ CACHES = {
     "kinds": "caches/shakespeare_smollm2",
     "cross": "caches/shakespeare_qwen",
     "chat": "caches/shakespeare_chat_smollm2",
+    "chat_cross": "caches/shakespeare_chat_smollm2",
 }
 
 

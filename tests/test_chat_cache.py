@@ -526,3 +526,21 @@ def test_a_chat_cache_on_two_processes_equals_one(chat_caches, chat_teacher, cha
         ]
     for k in ("truncated", "tokens_cut", "dropped", "window_tokens", "documents"):
         assert ma["ingest"][k] == mb["ingest"][k], k
+
+
+def test_a_chat_cache_exports_its_mask_and_positions(chat_caches, tmp_path):
+    import datasets
+
+    from kd.cache.export import export
+
+    cache = chat_caches["first_fit"]
+    out = export(cache, tmp_path / "x", log=lambda *_: None)
+    ds = datasets.load_dataset(str(out))
+    for split in ("train", "eval"):
+        items = windows(cache, split)
+        assert len(ds[split]) == len(items)
+        for row, w in zip(ds[split], items):
+            n = int(w["length"])
+            assert row["loss_mask"] == w["loss_mask"][:n].int().tolist()
+            starts = [i for i in range(n) if i == 0 or w["segments"][i] != w["segments"][i - 1]]
+            assert [i for i, p in enumerate(row["position_ids"]) if p == 0] == starts

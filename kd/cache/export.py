@@ -14,6 +14,9 @@ cached sequence, every column decoded (no kd codec is needed to read it), paddin
     sample_ids       list<list<int32>> [T][m_t]  (caches with sampled targets) distinct drawn ids, most frequent first
     sample_counts    list<list<int32>> [T][m_t]  their counts, summing to sample_n at every position
     text, token_spans                        (caches with text) the window's text and each token's [start, end)
+    loss_mask        list<int8>    [T]      (chat caches) 1 where the token is a training target (the assistant's)
+    position_ids     list<int32>   [T]      (chat caches) positions restarting at each packed conversation: a
+                                            conversation attends only within its own run of positions
 
 Position t describes the teacher's prediction of token t+1, as HF logits do. The column names and shapes of the
 top-k targets are those of axolotl's KD plugin datasets (`target_token_ids`, `target_logprobs`, `target_mask`,
@@ -32,7 +35,7 @@ from kd.errors import KDError
 EXPORT_FORMAT = "kd-teacher-cache-export"
 
 
-def _row(item: dict, with_samples: bool, with_text: bool) -> dict:
+def _row(item: dict, with_samples: bool, with_text: bool, with_chat: bool = False) -> dict:
     n = int(item["length"])
     row = {
         "sequence_index": int(item["sequence_index"]),
@@ -49,6 +52,11 @@ def _row(item: dict, with_samples: bool, with_text: bool) -> dict:
     if with_text:
         row["text"] = item["text"]
         row["token_spans"] = item["token_spans"][:n].numpy().astype(np.int32)
+    if with_chat:
+        from kd.data.pack import segment_positions
+
+        row["loss_mask"] = item["loss_mask"][:n].numpy().astype(np.int8)
+        row["position_ids"] = segment_positions(item["segments"][None, :n])[0].numpy().astype(np.int32)
     return row
 
 
@@ -60,8 +68,10 @@ def _table(rows: list[dict]):
         values = [r[name] for r in rows]
         if name in ("sequence_index", "text"):
             columns[name] = pa.array(values)
-        elif name == "input_ids":
+        elif name in ("input_ids", "position_ids"):
             columns[name] = pa.array([v.tolist() for v in values], pa.list_(pa.int32()))
+        elif name == "loss_mask":
+            columns[name] = pa.array([v.tolist() for v in values], pa.list_(pa.int8()))
         else:  # per position: a list of lists
             inner = {"target_logprobs": pa.float32(), "target_mask": pa.int8()}.get(name, pa.int32())
             columns[name] = pa.array([[list(p) for p in v] for v in values], pa.list_(pa.list_(inner)))
@@ -84,11 +94,12 @@ def export(
     unknown = sorted(set(splits) - set(m["splits"]))
     if unknown:
         raise KDError(f"cache {cache_dir} has no split(s) {unknown} (it has {sorted(m['splits'])})")
-    with_samples, with_text = bool(m.get("sample_n")), bool(m.get("store_text"))
+    with_samples, with_text, with_chat = bool(m.get("sample_n")), bool(m.get("store_text")), "chat" in m
     fields = (
         ["input_ids", "topk_ids", "topk_logprobs"]
         + (["sample_ids", "sample_counts"] if with_samples else [])
         + (["text", "token_spans"] if with_text else [])
+        + (["loss_mask", "segments"] if with_chat else [])
     )
     for split in splits:
         reader = cache.split(split, fields)
@@ -96,7 +107,7 @@ def export(
         n_files = max(1, -(-len(reader) // rows_per_file))
         for f in range(n_files):
             rows = [
-                _row(reader[i], with_samples, with_text)
+                _row(reader[i], with_samples, with_text, with_chat)
                 for i in range(f * rows_per_file, min((f + 1) * rows_per_file, len(reader)))
             ]
             pq.write_table(_table(rows), out / split / f"data-{f:05d}-of-{n_files:05d}.parquet")
