@@ -160,7 +160,7 @@ def align_chat_window(text: str, spans: np.ndarray, length: int, student_tok, te
     content in the teacher's rendering, if one does. Both then condition on the same messages up to there;
     template text (role headers, a default system prompt) aligns to nothing, and so has CE but no KD. A
     conversation the cache cut to the window is cut at the same point of the same message."""
-    from kd.data.chat import content_spans, render
+    from kd.data.chat import render
 
     window = json.loads(text)
     spans = np.asarray(spans[:length])
@@ -171,8 +171,8 @@ def align_chat_window(text: str, spans: np.ndarray, length: int, student_tok, te
     seg: list[int] = []
     for c, conv in enumerate(window["conversations"]):
         turns, t_contents, kept_end = conv["turns"], conv["contents"], conv["kept_end"]
-        r = render(student_tok, turns, template, mask)
-        _, s_contents = content_spans(student_tok, turns, template)
+        r = render(student_tok, turns, template, mask, contents=True)
+        s_contents = r.contents
         cut = _student_cut(kept_end, t_contents, s_contents)
         n = sum(1 for _, e in r.offsets if e <= cut)
         ends = [e for _, e in r.offsets[:n]]
@@ -209,6 +209,7 @@ def build_alignment(
 ) -> dict[str, np.ndarray]:
     """Alignment arrays of one split: ids [N, Ts], lengths [N], teacher_pos [N, Ts] (Ts = longest student window);
     a chat cache's also loss_mask and segments [N, Ts], the student's own (`chat_template` renders them)."""
+
     reader = cache.split(split, ("input_ids", "text", "token_spans"))
     m = cache.manifest
     chat = m.get("chat")

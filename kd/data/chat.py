@@ -88,6 +88,7 @@ class Rendered:
     mask: list[bool]
     spans: list[tuple[int, int]]
     offsets: list[tuple[int, int]] | None = None  # each token's [start, end) in `text`
+    contents: list[tuple[int, int]] | None = None  # with render(contents=True): each turn's content span in `text`
 
 
 def _render(tok, turns: list[dict], template: str | None, generation_prompt: bool) -> str:
@@ -104,41 +105,76 @@ def _render(tok, turns: list[dict], template: str | None, generation_prompt: boo
         raise BadConversation(f"the chat template rejects this conversation: {type(e).__name__}: {e}") from None
 
 
-def assistant_spans(tok, turns: list[dict], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """(the rendered conversation, the character span of each assistant turn: content + end-of-turn marker)."""
+def _turn_renderings(tok, turns: list[dict], template: str | None, which) -> tuple[str, dict[int, tuple[str, str]]]:
+    """(the rendered conversation, {i: (before, through)} for each turn index in `which`): `before` renders turns
+    [0, i) (with the generation prompt when turn i is the assistant's), `through` turns [0, i]. Each prefix is
+    rendered once here, whatever is located from it. A template whose prefix renderings are not prefixes of the
+    whole is refused."""
     text = _render(tok, turns, template, False)
-    spans = []
-    for i, turn in enumerate(turns):
-        if turn["role"] != "assistant":
-            continue
-        before = _render(tok, turns[:i], template, True) if i else ""
+    out = {}
+    for i in which:
+        before = _render(tok, turns[:i], template, turns[i]["role"] == "assistant") if i else ""
         through = _render(tok, turns[: i + 1], template, False)
         if not (through.startswith(before) and text.startswith(through)):
             raise BadConversation(
                 "the chat template does not render conversations prefix by prefix (it rewrites earlier turns when "
-                "later ones follow), so the assistant's tokens cannot be located; use data.loss_mask=all or give a "
-                "template that renders each turn once (data.chat_template)"
+                "later ones follow), so the assistant's tokens and the messages cannot be located; use "
+                "data.loss_mask=all or give a template that renders each turn once (data.chat_template)"
             )
-        seg = through[len(before) :]
-        start = len(before) + (len(seg) - len(seg.lstrip()))
-        end = len(before) + len(seg.rstrip())
-        if turn["content"].strip() and turn["content"].strip() not in through[start:end]:
-            raise BadConversation(f"the chat template did not render assistant turn {i}'s content where expected")
-        spans.append((start, end))
-    return text, spans
+        out[i] = (before, through)
+    return text, out
 
 
-def render(tok, turns: list[dict], template: str | None = None, mask: str = "assistant") -> Rendered:
+def _assistant_span(i: int, turn: dict, before: str, through: str) -> tuple[int, int]:
+    """Assistant turn i's span: from the first to the end of the last non-whitespace character it adds."""
+    seg = through[len(before) :]
+    start = len(before) + (len(seg) - len(seg.lstrip()))
+    end = len(before) + len(seg.rstrip())
+    if turn["content"].strip() and turn["content"].strip() not in through[start:end]:
+        raise BadConversation(f"the chat template did not render assistant turn {i}'s content where expected")
+    return start, end
+
+
+def _content_span(i: int, turn: dict, before: str, through: str) -> tuple[int, int]:
+    """Turn i's content, found verbatim in what the turn adds."""
+    k = through.find(turn["content"], len(before))
+    if k < 0:
+        raise BadConversation(
+            f"the chat template does not render turn {i}'s content verbatim (it edits messages), so a student "
+            "with another tokenizer cannot be aligned to it on the messages"
+        )
+    return k, k + len(turn["content"])
+
+
+def assistant_spans(tok, turns: list[dict], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """(the rendered conversation, the character span of each assistant turn: content + end-of-turn marker)."""
+    which = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+    text, pairs = _turn_renderings(tok, turns, template, which)
+    return text, [_assistant_span(i, turns[i], *pairs[i]) for i in which]
+
+
+def content_spans(tok, turns: list[dict], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """(the rendered conversation, each turn's content span [start, end) in it): where the text of every message
+    sits, so that two renderings of one conversation (two tokenizers' templates) can be aligned on the messages
+    themselves (kd/align.py). A template that does not render a message verbatim is refused with that reason."""
+    text, pairs = _turn_renderings(tok, turns, template, range(len(turns)))
+    return text, [_content_span(i, turns[i], *pairs[i]) for i in range(len(turns))]
+
+
+def render(
+    tok, turns: list[dict], template: str | None = None, mask: str = "assistant", contents: bool = False
+) -> Rendered:
     """Render and tokenize one checked conversation (`conversation`) with the tokenizer's chat template (or
-    `template`), and mark the tokens the loss counts (`mask`: assistant | completion | all)."""
+    `template`), and mark the tokens the loss counts (`mask`: assistant | completion | all). With `contents`, also
+    each turn's content span (`content_spans`), located from the same prefix renderings."""
     if mask not in MASKS:
         raise KDError(f"unknown loss mask {mask!r}; choose one of {list(MASKS)}")
     if not getattr(tok, "is_fast", False):
         raise KDError("chat rendering needs a fast tokenizer (character offsets) to locate the assistant's tokens")
-    if mask == "all":  # every token counts: no turn needs locating
-        text, spans = _render(tok, turns, template, False), []
-    else:
-        text, spans = assistant_spans(tok, turns, template)
+    assistant = [i for i, t in enumerate(turns) if t["role"] == "assistant"] if mask != "all" else []
+    # mask=all needs no turn located: then only `contents` asks for prefix renderings
+    text, pairs = _turn_renderings(tok, turns, template, range(len(turns)) if contents else assistant)
+    spans = [_assistant_span(i, turns[i], *pairs[i]) for i in assistant]
     if mask == "completion":
         spans = spans[-1:]
     # the template writes every special token (BOS included) itself
@@ -148,31 +184,8 @@ def render(tok, turns: list[dict], template: str | None = None, mask: str = "ass
         keep = [True] * len(ids)
     else:
         keep = [any(a < e and b > s for s, e in spans) for a, b in offsets]
-    return Rendered(text, list(ids), keep, spans, [(int(a), int(b)) for a, b in offsets])
-
-
-def content_spans(tok, turns: list[dict], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """(the rendered conversation, each turn's content span [start, end) in it): where the text of every message
-    sits, so that two renderings of one conversation (two tokenizers' templates) can be aligned on the messages
-    themselves (kd/align.py). A template that does not render a message verbatim is refused with that reason."""
-    text = _render(tok, turns, template, False)
-    spans = []
-    for i, turn in enumerate(turns):
-        before = _render(tok, turns[:i], template, turn["role"] == "assistant") if i else ""
-        through = _render(tok, turns[: i + 1], template, False)
-        if not (through.startswith(before) and text.startswith(through)):
-            raise BadConversation(
-                "the chat template does not render conversations prefix by prefix (it rewrites earlier turns when "
-                "later ones follow), so the messages cannot be located"
-            )
-        k = through.find(turn["content"], len(before))
-        if k < 0:
-            raise BadConversation(
-                f"the chat template does not render turn {i}'s content verbatim (it edits messages), so a student "
-                "with another tokenizer cannot be aligned to it on the messages"
-            )
-        spans.append((k, k + len(turn["content"])))
-    return text, spans
+    found = [_content_span(i, turns[i], *pairs[i]) for i in range(len(turns))] if contents else None
+    return Rendered(text, list(ids), keep, spans, [(int(a), int(b)) for a, b in offsets], found)
 
 
 def chat_template(value: str | None) -> str | None:

@@ -29,14 +29,14 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kd.cache import SPLITS
-from kd.data.chat import BadConversation, ChatFields, content_spans, render
+from kd.data.chat import BadConversation, ChatFields, render
 from kd.data.pack import MIN_WINDOW_TOKENS, ChatPacker, Packer, Windows, tokenize
 from kd.data.sources import BadRecord, Records, Unit, unit_documents
 from kd.dist import gather_rows
@@ -263,7 +263,7 @@ def process_unit(
         else:
             submitted = (
                 [(split, None) for split, _ in batch],
-                _Ready([r.input_ids for _, (r, _) in batch], [(r.mask, rec) for _, (r, rec) in batch]),
+                _done([r.input_ids for _, (r, _) in batch], [(r.mask, rec) for _, (r, rec) in batch]),
             )
         if pending is not None:
             pack_batch(*pending)
@@ -289,14 +289,14 @@ def process_unit(
             if chat is not None:
                 turns = text
                 try:
-                    rendered = render(tokenizer, turns, chat["template"], chat["loss_mask"])
+                    rendered = render(tokenizer, turns, chat["template"], chat["loss_mask"], spec.store_text)
                     rec = None
                     if spec.store_text:  # what a student with another tokenizer is aligned on (kd/align.py)
                         rec = {
                             "turns": turns,
                             "text": rendered.text,
                             "offsets": rendered.offsets,
-                            "contents": content_spans(tokenizer, turns, chat["template"])[1],
+                            "contents": rendered.contents,
                         }
                 except BadConversation as e:
                     bad_record(f"{where}: {e}")
@@ -352,14 +352,11 @@ def process_unit(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _Ready:
-    """A finished result in the shape of a Future (chat batches need no background tokenization)."""
-
-    def __init__(self, *value):
-        self.value = value
-
-    def result(self):
-        return self.value
+def _done(*value) -> Future:
+    """A Future already holding `value` (chat batches need no background tokenization)."""
+    f = Future()
+    f.set_result(value)
+    return f
 
 
 # ---- the whole stage ---------------------------------------------------------------------------------------------

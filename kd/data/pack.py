@@ -228,7 +228,7 @@ class ChatPacker:
     def add(self, ids: list[int], mask: list[bool], text: dict | None = None) -> None:
         """One rendered conversation (ids and per-token loss mask; at least MIN_WINDOW_TOKENS ids). With text
         (`with_text`): {turns, text, offsets: each token's [start, end) in text, contents: each turn's content span}
-        (kd.data.chat.render and content_spans), kept for aligning students with other tokenizers (chat_window_text)."""
+        (kd.data.chat.render with contents=True), kept for aligning students with other tokenizers (chat_window_text)."""
         if len(ids) > self.T:
             self.truncated += 1
             self.tokens_cut += len(ids) - self.T
