@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY, make_text
+from test_train import overrides
 
 import cache_teacher
 import train_student
@@ -29,10 +30,6 @@ from kd.train import read_metrics
 TEMPLATE = (
     "{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + '<|endoftext|>' + '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}"
-)
-STUDENT = (
-    "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
-    "num_key_value_heads: 2, max_position_embeddings: 128}"
 )
 
 
@@ -189,25 +186,9 @@ def test_positions_count_only_assistant_targets_within_a_conversation():
 
 
 def train_overrides(cache: Path, out: Path, **extra) -> list[str]:
-    base = {
-        "student.config": STUDENT,
-        "train.cache_dir": cache,
-        "train.output_dir": out,
-        "train.run_name": "r",
-        "train.max_steps": 4,
-        "train.micro_batch_size": 2,
-        "train.gradient_accumulation_steps": 2,
-        "train.lr": 3e-3,
-        "train.min_lr": 3e-4,
-        "train.warmup_steps": 1,
-        "train.eval_every": 2,
-        "train.num_workers": 0,
-        "train.checkpoint_every": 0,
-        "loss.alpha_feature": 0.1,
-        "loss.feature_layers": "[[1, 0], [2, 2]]",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    """test_train's run, shorter: 4 steps, an eval every 2, no checkpoints."""
+    short = {"train.max_steps": 4, "train.warmup_steps": 1, "train.eval_every": 2, "train.checkpoint_every": 0}
+    return overrides(cache, out, **{**short, **extra})
 
 
 def train(cache: Path, out: Path, **extra) -> Path:
