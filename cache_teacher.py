@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,9 +58,12 @@ from kd.errors import KDError, run_cli
 from kd.io import LOCK_FILE, DirLock, disk_error, sha256_file, write_json_atomic
 from kd.teacher import (
     SAMPLER,
+    check_placed,
+    execution_device,
     load_causal_lm,
     load_model_config,
     load_tokenizer,
+    placement,
     teacher_targets,
     tokenizer_fingerprint,
     weights_fingerprint,
@@ -68,8 +72,13 @@ from kd.textscore import chat_targets, score_record, target_text_units
 
 
 def content_config(cfg_dict: dict) -> dict:
-    """The config minus keys that do not change what is stored."""
-    return {k: v for k, v in flatten(cfg_dict).items() if k not in NON_CONTENT_KEYS}
+    """The config minus keys that do not change what is stored (with what flattening puts under them: an explicit
+    teacher.device_map flattens to one key per module)."""
+    return {
+        k: v
+        for k, v in flatten(cfg_dict).items()
+        if k not in NON_CONTENT_KEYS and not k.startswith(tuple(n + "." for n in NON_CONTENT_KEYS))
+    }
 
 
 def check_teacher_fits(cfg: CacheConfig, model_cfg) -> None:
@@ -439,13 +448,23 @@ class TeacherModel:
     """The teacher, loaded on first use and then kept: the basis fit and the teacher pass share one load, and a
     process with nothing to compute never loads it."""
 
-    def __init__(self, cfg: CacheConfig, device):
-        self.cfg, self.device, self.model = cfg, device, None
+    def __init__(self, cfg: CacheConfig, device, local_rank: int = 0):
+        self.cfg, self.device, self.local_rank, self.model = cfg, device, local_rank, None
+        self._offload = None
 
     def __call__(self):
         if self.model is None:
             t = self.cfg.teacher
-            self.model = load_causal_lm(t.model, t.revision, t.dtype, t.attn_implementation).to(self.device).eval()
+            if t.device_map is None:
+                self.model = load_causal_lm(t.model, t.revision, t.dtype, t.attn_implementation).to(self.device)
+            else:  # one replica over several devices (TeacherConfig.device_map); inputs go where its embeddings are
+                self._offload = tempfile.TemporaryDirectory(prefix="kd-teacher-offload-")
+                where = placement(t.device_map, t.devices_per_process, self.local_rank, self._offload.name)
+                self.model = load_causal_lm(t.model, t.revision, t.dtype, t.attn_implementation, **where)
+                if isinstance(t.device_map, str):
+                    check_placed(self.model, t.model)
+                self.device = execution_device(self.model.get_input_embeddings())
+            self.model.eval()
         return self.model
 
 
@@ -469,7 +488,10 @@ def fit_hidden_basis(cfg: CacheConfig, index: WindowIndex, teacher: TeacherModel
             if "segments" in w:  # conversations attend only to themselves (kd/data/pack.py segment_positions)
                 pos = segment_positions(torch.from_numpy(w["segments"].astype(np.int64))).to(teacher.device)
             states = body(input_ids=ids, position_ids=pos, output_hidden_states=True, use_cache=False).hidden_states
-            fit.add(torch.stack([states[i] for i in layers], dim=1), torch.from_numpy(w["lengths"].astype(np.int64)))
+            fit.add(
+                torch.stack([states[i].to(teacher.device) for i in layers], dim=1),
+                torch.from_numpy(w["lengths"].astype(np.int64)),
+            )
     return fit.finish(cfg.cache.hidden_rank, {"config_hash": config_hash, "layers": layers, "sequences": n})
 
 
@@ -558,6 +580,7 @@ def teacher_pass(
     window_fields = ["input_ids", "lengths", "doc_starts"] + (["text", "token_spans"] if cfg.cache.store_text else [])
     window_fields += ["loss_mask", "segments"] if chat else []
     model = teacher()
+    device = teacher.device  # where the teacher takes its inputs (its embeddings' device when placed in parts)
     if chat and cfg.data.packing != "one_per_window":
         from kd.train.model import packing_fallback_reason
 
@@ -748,7 +771,7 @@ def main(cfg: CacheConfig) -> Path:
 
         # 4. The teacher pass over the windows, shard by shard.
         meta = cache_metadata(cfg, config_hash, model_cfg, tokenizer, spec, weights)
-        teacher = TeacherModel(cfg, accelerator.device)
+        teacher = TeacherModel(cfg, accelerator.device, accelerator.local_process_index)
         basis = hidden_basis(cfg, accelerator, index, meta, out, teacher)
         jobs, tokens_done = teacher_pass(
             cfg, accelerator, index, meta, model_cfg, out, tokenizer, spec.sep_id, teacher, basis

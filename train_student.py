@@ -28,7 +28,7 @@ import torch
 from kd import __version__
 from kd.cache import TeacherCache, write_json_atomic
 from kd.config import flatten, parse_cli, to_dict
-from kd.dist import check_training_backend
+from kd.dist import check_training_backend, configure_deepspeed, gather_rows
 from kd.errors import KDError, run_cli
 from kd.evaluate import score_windows, text_windows
 from kd.schedule import lr_at
@@ -50,6 +50,7 @@ from kd.train import (
     steps_per_epoch,
 )
 from kd.train.checkpoint import prepare_run_dir, save_checkpoint, save_final
+from kd.train.engine import backend_for
 from kd.train.generations import GenerationsLog, generate_replies, held_out_prompts
 from kd.train_config import TrainConfig
 
@@ -236,7 +237,7 @@ def main(cfg: TrainConfig) -> Path:
         log_with=tc.log_with or None,  # trackers beside metrics.jsonl, which stays the record
         project_dir=str(run_dir / "trackers"),
     )
-    check_training_backend(accelerator)
+    check_training_backend(accelerator, tc)
     cfg_dict = to_dict(cfg)
 
     # 1. Inputs, checked before anything is written: cache, tokenizer match, run directory, layer map.
@@ -362,7 +363,11 @@ def main(cfg: TrainConfig) -> Path:
         lr=tc.lr,
         betas=tuple(tc.betas),
     )
+    if accelerator.distributed_type == "DEEPSPEED":
+        configure_deepspeed(accelerator, tc, say)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # how a window accumulates and ends on this back-end (kd/train/engine.py); sharded: ZeRO-3 partitions
+    backend = backend_for(accelerator, model)
     teacher = None
     if cfg.loss.target == "online":  # the reference mode: the teacher in memory, as the cache exists to avoid
         from kd.teacher import load_causal_lm
@@ -413,6 +418,9 @@ def main(cfg: TrainConfig) -> Path:
     pin = accelerator.device.type == "cuda"
     eval_indices = list(range(len(eval_split)))[: tc.eval_max_sequences][rank::world]
     eval_loader = make_loader(eval_split, eval_indices, tc.micro_batch_size, tc.num_workers, pin)
+    # partitioned parameters (ZeRO-3) are gathered collectively at every forward: every process runs as many eval
+    # forwards as the process with the most batches (kd.train.evaluate's lockstep)
+    lockstep = int(gather_rows(accelerator, [len(eval_loader)]).max()) if backend.sharded else None
 
     # bits per character of the evaluated text (kd/textscore.py): the student's own tokens and separator, so the
     # figure compares with the teacher's (the manifest's) and with any other student's, whatever the tokenizer
@@ -426,7 +434,7 @@ def main(cfg: TrainConfig) -> Path:
         return batch_text_units(tokenizer, batch, units_sep)
 
     def run_eval() -> dict:
-        record = eval_record(model, eval_loader, eval_plan, accelerator, ema, state, text_units)
+        record = eval_record(model, eval_loader, eval_plan, accelerator, ema, state, text_units, lockstep)
         if extra_windows is not None:  # the second eval text: this process's share of its windows, summed over all
             mine = type(extra_windows)(extra_windows.input_ids[rank::world], extra_windows.lengths[rank::world], None)
             distill = accelerator.unwrap_model(model)
@@ -446,11 +454,12 @@ def main(cfg: TrainConfig) -> Path:
                 }
             )
         log.write(record)
-        if prompts and accelerator.is_main_process:
+        if prompts and (accelerator.is_main_process or backend.sharded):  # sharded: every process generates
             lm = accelerator.unwrap_model(model).lm
-            generations.write(
-                state.step, generate_replies(lm, tokenizer, prompts, tc.generation_tokens, accelerator.device)
+            replies = generate_replies(
+                lm, tokenizer, prompts, tc.generation_tokens, accelerator.device, synced=backend.sharded
             )
+            generations.write(state.step, replies)  # the main process's (GenerationsLog writes only there)
         return record
 
     last_eval = run_eval() if state.step == 0 else None  # the untrained student: the baseline every curve starts from
@@ -495,7 +504,7 @@ def main(cfg: TrainConfig) -> Path:
             )
             window = [next(batches_iter) for _ in range(tc.gradient_accumulation_steps)]
             result, grad_norm, nonfinite = optimizer_step(
-                model, optimizer, window, plan, accelerator, state, lr, tc.max_grad_norm, ema
+                model, optimizer, window, plan, backend, state, lr, tc.max_grad_norm, ema
             )
             now = time.time()
             weighted = {f"w_{t.name}": t.weight * result.raw[t.name] for t in plan.terms}
@@ -550,7 +559,7 @@ def main(cfg: TrainConfig) -> Path:
     if last_eval is not None and last_eval["step"] == state.step:
         final = last_eval
     elif finished_before:  # recomputed for the saved meta (every process takes part), not logged a second time
-        final = eval_record(model, eval_loader, eval_plan, accelerator, ema, state, text_units)
+        final = eval_record(model, eval_loader, eval_plan, accelerator, ema, state, text_units, lockstep)
     else:
         final = run_eval()
     keep_state = tc.save_final_state if tc.save_final_state is not None else tc.checkpoint_every > 0

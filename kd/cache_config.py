@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from kd.errors import KDError
 
@@ -17,6 +17,14 @@ class TeacherConfig:
     dtype: compute dtype of the forward pass (fp16 for GPUs without bf16, such as the P100). Log-softmax is fp32 always.
     attn_implementation: passed to `from_pretrained` ("sdpa", "eager", "flash_attention_2", ...).
     batch_size: sequences per forward pass. Does not change what is stored, so a resumed run may change it.
+    device_map: null = the whole teacher on each process's device. For a teacher larger than one GPU, its layers
+        placed over the `devices_per_process` GPUs of each process by transformers' device_map: `balanced` (even
+        split), `sequential` (fill each GPU in turn), `auto`; or an explicit {module name: device} map ("cpu",
+        "disk", a GPU index), as transformers takes it. Each process is then one replica, and the processes share
+        the shards as usual (data parallel over replicas). Does not change what is stored (tests check a teacher in
+        two parts against the whole one), so a resumed run may change it.
+    devices_per_process: GPUs each process's teacher spans under a named device_map: process with local rank r
+        takes GPUs r*D .. r*D+D-1 of its machine, so launch GPUs / D processes per machine.
     """
 
     model: str = "asset:smollm2-135m-instruct"
@@ -24,10 +32,27 @@ class TeacherConfig:
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     attn_implementation: str = "sdpa"
     batch_size: int = 8
+    device_map: str | dict[str, Any] | None = None
+    devices_per_process: int = 1
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise KDError(f"teacher.batch_size must be >= 1, got {self.batch_size}")
+        if self.devices_per_process < 1:
+            raise KDError(f"teacher.devices_per_process must be >= 1, got {self.devices_per_process}")
+        if isinstance(self.device_map, str) and self.device_map not in NAMED_DEVICE_MAPS:
+            raise KDError(
+                f"teacher.device_map={self.device_map!r} is not one of {', '.join(NAMED_DEVICE_MAPS)}, an explicit "
+                "{module: device} map, or null"
+            )
+        if self.devices_per_process > 1 and not isinstance(self.device_map, str):
+            raise KDError(
+                f"teacher.devices_per_process={self.devices_per_process} needs a named teacher.device_map "
+                "(balanced, sequential or auto) to place the teacher over those GPUs"
+            )
+
+
+NAMED_DEVICE_MAPS = ("balanced", "sequential", "auto")
 
 
 @dataclass
@@ -201,4 +226,11 @@ class CacheConfig:
 
 
 # Keys that do not change what is stored: a re-run may differ in these and still resume the same cache.
-NON_CONTENT_KEYS = ("teacher.batch_size", "cache.output_dir", "cache.overwrite", "data.streaming")
+NON_CONTENT_KEYS = (
+    "teacher.batch_size",
+    "teacher.device_map",
+    "teacher.devices_per_process",
+    "cache.output_dir",
+    "cache.overwrite",
+    "data.streaming",
+)

@@ -31,27 +31,115 @@ def agree(accelerator, fn):
     return result
 
 
-# Accelerate back-ends the trainer has been verified on. Under the others a guarantee would silently break:
-# DeepSpeed's `accelerator.backward` steps the engine on every micro-batch (kd accumulates by hand, with
-# gradient_accumulation_steps=1, so sync_gradients is always true), before the non-finite check can skip a window,
-# and with the engine's own loss scaling over its accumulation steps; FSDP's checkpoints and final save would need
-# sharded / full state dicts handled on purpose, which kd does not do yet. DDP (one node or many) is tested.
-TRAINING_BACKENDS = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU")
+# Accelerate back-ends the trainer runs on. DDP (one node or many) is tested end to end with 2 processes = 1;
+# DeepSpeed ZeRO-1/2/3 steps through kd/train/engine.py's DeepSpeedBackend (tests/test_deepspeed.py drives real
+# ZeRO-2 and ZeRO-3 engines on CPU); FSDP stays refused until kd handles its sharded state on purpose.
+TRAINING_BACKENDS = (
+    "NO",
+    "MULTI_CPU",
+    "MULTI_GPU",
+    "MULTI_XPU",
+    "MULTI_NPU",
+    "MULTI_MLU",
+    "MULTI_MUSA",
+    "MULTI_HPU",
+    "DEEPSPEED",
+)
 
 
-def check_training_backend(accelerator) -> None:
-    """Refuse an Accelerate back-end the trainer does not handle correctly yet, before anything loads."""
+def check_training_backend(accelerator, tc=None) -> None:
+    """Refuse an Accelerate back-end, or a combination with one, that the trainer does not handle correctly,
+    before anything loads. `tc` is the run's TrainConfig (train.*)."""
     kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
-    if kind in ("DEEPSPEED", "FSDP"):
+    if kind == "FSDP":
         raise KDError(
-            f"train_student.py does not support Accelerate's {kind} back-end yet: under DeepSpeed the optimizer "
-            "would step on every micro-batch (kd accumulates and normalises the window itself) and skip no "
-            "non-finite window; under FSDP checkpoints and the final save are not gathered on purpose. Launch with "
-            "DDP instead (accelerate launch --config_file configs/accelerate/ddp.yaml, or a config with "
-            "distributed_type: MULTI_GPU)"
+            "train_student.py does not support Accelerate's FSDP back-end yet: its checkpoints, final save and "
+            "evaluation are not handled for sharded parameters. For sharded training use DeepSpeed ZeRO-3 "
+            "(accelerate launch --config_file configs/accelerate/zero3.yaml), or DDP "
+            "(configs/accelerate/ddp.yaml)"
         )
     if kind not in TRAINING_BACKENDS:
         raise KDError(
             f"train_student.py has not been verified on Accelerate's {kind} back-end; launch with DDP "
-            "(distributed_type: MULTI_GPU or MULTI_CPU) or one process"
+            "(distributed_type: MULTI_GPU or MULTI_CPU), DeepSpeed, or one process"
         )
+    if kind == "DEEPSPEED" and tc is not None:
+        plugin = accelerator.state.deepspeed_plugin
+        check_deepspeed(plugin.deepspeed_config, tc, getattr(plugin, "zero3_init_flag", False))
+
+
+def deepspeed_stage(ds_config: dict) -> int:
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def _deepspeed_version() -> str:
+    from importlib.metadata import version
+
+    return version("deepspeed")
+
+
+def check_deepspeed(ds_config: dict, tc, zero3_init: bool = False) -> None:
+    """What kd cannot do under DeepSpeed, refused before any weights load (the README's table)."""
+    from kd.train.engine import MIN_DEEPSPEED
+
+    release = _deepspeed_version()
+    have = tuple(int(x) for x in release.split(".")[:2])
+    if have < MIN_DEEPSPEED:
+        raise KDError(
+            f"DeepSpeed {release} is older than the {'.'.join(map(str, MIN_DEEPSPEED))} kd's step "
+            "contract was verified on (a non-finite window must be discarded by its overflow path); "
+            "pip install -U deepspeed, or train with DDP"
+        )
+    stage = deepspeed_stage(ds_config)
+    if stage not in (1, 2, 3):
+        raise KDError(
+            f"the DeepSpeed config has ZeRO stage {stage}; kd trains under ZeRO stage 1, 2 or 3 (stage 0 is plain "
+            "data parallelism: launch with configs/accelerate/ddp.yaml instead)"
+        )
+    for key, owner in (
+        ("optimizer", "kd builds AdamW from train.lr/betas/weight_decay"),
+        ("scheduler", "kd sets the LR of every step from train.schedule"),
+    ):
+        if key in ds_config:
+            raise KDError(f"the DeepSpeed config sets `{key}`, but {owner}: remove `{key}` from the DeepSpeed config")
+    if zero3_init:
+        raise KDError(
+            "the launch config sets zero3_init_flag: true, which builds the student already partitioned, and kd "
+            "builds and checks it whole (resizing, pruned students, projectors) before DeepSpeed partitions it; set "
+            "zero3_init_flag: false (a student fits one device; configs/accelerate/zero3.yaml)"
+        )
+    if stage == 3:
+        # parameters exist only as partitions: what reads whole weights outside the engine's forward is refused
+        if tc.ema_decay:
+            raise KDError(
+                "train.ema_decay needs whole weights on every process, and ZeRO-3 partitions them; set "
+                "train.ema_decay=null, or use ZeRO-2 (configs/accelerate/zero2.yaml)"
+            )
+        if tc.extra_eval_files:
+            raise KDError(
+                "train.extra_eval_files is scored outside the engine with an uneven share per process, which "
+                "ZeRO-3's collective parameter gathering cannot follow; drop it (score the saved student with "
+                "python -m kd.evaluate afterwards), or use ZeRO-2"
+            )
+
+
+def configure_deepspeed(accelerator, tc, say=print) -> None:
+    """Fill the DeepSpeed config from train.* before `accelerator.prepare`: the micro-batch, the accumulation
+    steps and the clipping are kd's (its window step sets the boundary and normalises the loss itself), and ZeRO-3
+    gathers whole weights for the final save_pretrained. A config giving other values is overridden, with a note."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ours = {
+        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
+        "gradient_accumulation_steps": tc.gradient_accumulation_steps,
+        "train_batch_size": tc.micro_batch_size * tc.gradient_accumulation_steps * accelerator.num_processes,
+        "gradient_clipping": float(tc.max_grad_norm or 0.0),
+    }
+    for key, value in ours.items():
+        given = ds.get(key, "auto")
+        if given not in ("auto", None, value):
+            say(f"[deepspeed] {key}: {given} in the DeepSpeed config -> {value} from train.* (kd owns it)")
+        ds[key] = value
+    if deepspeed_stage(ds) == 3:
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    # Accelerate's own accumulation count follows, so that it warns of no mismatch (kd never uses it under DeepSpeed)
+    accelerator.gradient_accumulation_steps = tc.gradient_accumulation_steps

@@ -69,16 +69,64 @@ def load_model_config(name_or_path: str, revision: str | None = None):
         raise KDError(f"cannot load a model config from '{name_or_path}': {e}") from None
 
 
-def load_causal_lm(name_or_path: str, revision: str | None, dtype: str, attn_implementation: str):
+def load_causal_lm(name_or_path: str, revision: str | None, dtype: str, attn_implementation: str, **placement):
+    """A causal LM from a folder, asset or hub id; `placement`: transformers' device_map, max_memory and
+    offload_folder, for a model placed over several devices (see `placement`)."""
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_path(name_or_path), revision=revision, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+            resolve_path(name_or_path),
+            revision=revision,
+            dtype=DTYPES[dtype],
+            attn_implementation=attn_implementation,
+            **placement,
         )
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
         raise KDError(f"cannot load causal LM '{name_or_path}': {e}") from None
     return model
+
+
+def placement(device_map, devices_per_process: int, local_rank: int, offload_folder: str) -> dict:
+    """from_pretrained's placement arguments for a teacher over several devices (TeacherConfig.device_map).
+    A named map spreads the layers over this process's block of GPUs only (local rank r: GPUs r*D .. r*D+D-1),
+    nothing on the CPU or disk: a teacher that does not fit the block is an error, not a silent 100x slowdown."""
+    if isinstance(device_map, dict):
+        return {"device_map": dict(device_map), "offload_folder": offload_folder}
+    import torch
+
+    first, count = local_rank * devices_per_process, torch.cuda.device_count()
+    if first + devices_per_process > count:
+        raise KDError(
+            f"teacher.devices_per_process={devices_per_process}: the process with local rank {local_rank} needs GPUs "
+            f"{first}..{first + devices_per_process - 1}, and this machine has {count}; launch at most "
+            f"{count // devices_per_process} processes per machine"
+        )
+    block = range(first, first + devices_per_process)
+    return {
+        "device_map": device_map,
+        "max_memory": {i: torch.cuda.get_device_properties(i).total_memory for i in block},
+    }
+
+
+def execution_device(module) -> torch.device:
+    """Where a (possibly dispatched) module computes: its hook's execution device, else its parameters' device."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return next(module.parameters()).device
+
+
+def check_placed(model, name: str) -> None:
+    """A named device_map must not have spilled part of the teacher to the CPU or disk (placement's docstring)."""
+    spilled = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values() if str(d) in ("cpu", "disk")})
+    if spilled:
+        raise KDError(
+            f"the teacher {name} does not fit this process's GPUs: transformers placed part of it on "
+            f"{' and '.join(spilled)}. Raise teacher.devices_per_process (fewer replicas, more GPUs each), or use a "
+            "smaller teacher.dtype"
+        )
 
 
 # The sampled-target scheme, part of a cache's identity: shards drawn by another scheme are never mixed into a
@@ -203,11 +251,13 @@ def teacher_targets(
     flat = logits.reshape(B * T, V)
     values = torch.empty(B * T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(B * T, top_k, dtype=torch.int64, device=logits.device)
+    # a teacher placed over several devices (TeacherConfig.device_map) returns its logits and hidden states on the
+    # devices of the modules that made them: everything below works on the logits' device
     if sample_n:
-        u = torch.cat([sample_uniforms(T, sample_n, g) for g in sample_generators])  # [B*T, n]
+        u = torch.cat([sample_uniforms(T, sample_n, g) for g in sample_generators]).to(logits.device)  # [B*T, n]
         drawn = torch.empty(B * T, sample_n, dtype=torch.int64, device=logits.device)
     if scores is not None:
-        next_ids = torch.roll(input_ids, shifts=-1, dims=1).reshape(-1)
+        next_ids = torch.roll(input_ids, shifts=-1, dims=1).reshape(-1).to(logits.device)
         target_lp = torch.empty(B * T, dtype=torch.float32, device=logits.device)
     for s in range(0, B * T, position_chunk):
         z = flat[s : s + position_chunk].float()
@@ -224,7 +274,7 @@ def teacher_targets(
             drawn[s : s + position_chunk] = _draw(e, u[s : s + position_chunk])
     hidden = None
     if hidden_layers:
-        hidden = torch.stack([out.hidden_states[i] for i in hidden_layers], dim=1)
+        hidden = torch.stack([out.hidden_states[i].to(logits.device) for i in hidden_layers], dim=1)
     samples = None
     if sample_n:
         sample_ids, counts = _group(drawn)

@@ -42,8 +42,12 @@ def held_out_prompts(split, n: int) -> list[dict]:
 
 
 @torch.no_grad()
-def generate_replies(lm, tokenizer, prompts: list[dict], max_new_tokens: int, device) -> list[dict]:
-    """Greedy continuations of each prompt, decoded: [{prompt, reference, student, student_tokens}]."""
+def generate_replies(
+    lm, tokenizer, prompts: list[dict], max_new_tokens: int, device, synced: bool = False
+) -> list[dict]:
+    """Greedy continuations of each prompt, decoded: [{prompt, reference, student, student_tokens}].
+    `synced`: parameters are partitioned over the processes (ZeRO-3), every process generates the same prompts and
+    keeps forwarding until all have stopped (transformers' synced_gpus), so the gathers stay in step."""
     was_training = lm.training
     lm.eval()
     out = []
@@ -60,6 +64,7 @@ def generate_replies(lm, tokenizer, prompts: list[dict], max_new_tokens: int, de
                 do_sample=False,
                 eos_token_id=stop,
                 pad_token_id=stop[0] if stop else 0,
+                synced_gpus=synced,
             )[0, ids.shape[1] :]
             out.append(
                 {

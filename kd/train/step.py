@@ -1,15 +1,15 @@
 """One optimizer window: the loss plan chosen at set-up, the micro-batch sums, the single normalisation.
 
 Normalisation, in ONE place (`accumulate_window`): every loss term is a sum over the positions of the whole
-accumulation window on all processes, divided once by the global count of those positions. Accelerate is
-created with gradient_accumulation_steps=1, so `accelerator.backward` divides by nothing; DDP averages
-gradients over processes, which the factor `num_processes` undoes. Hence GA=4 x micro-batch 2 gives the same
-gradient as GA=1 x micro-batch 8, on any number of processes, whatever the sequence lengths.
+accumulation window on all processes, divided once by the global count of those positions. No back-end divides
+again (kd/train/engine.py: Accelerate with gradient_accumulation_steps=1, DeepSpeed with scale_wrt_gas=False);
+DDP, FSDP and ZeRO average gradients over processes, which the factor `num_processes` undoes. Hence GA=4 x
+micro-batch 2 gives the same gradient as GA=1 x micro-batch 8, on any number of processes, whatever the sequence
+lengths.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 import torch
 
 from kd.data.pack import segment_positions
+from kd.errors import KDError
 from kd.losses import feature_per_position, info_nce_sum
 from kd.losses.terms import Term, logit_term_sums
 from kd.signals import Signal, batch_signal
 from kd.textscore import bits_per_unit
+from kd.train.engine import as_backend
 from kd.train_config import LossConfig
 
 
@@ -213,49 +215,56 @@ def accumulate_window(
     teacher_slots: list[int] | None = None,
     teacher=None,
 ) -> WindowResult:
-    """Forward + backward over the micro-batches of one optimizer step; gradients end up in `.grad`.
-    `loss` is the run's LossPlan (or a LossConfig, planned here with teacher_slots and teacher)."""
+    """Forward + backward over the micro-batches of one optimizer step; gradients end up where the back-end keeps
+    them (`.grad`, or DeepSpeed's partitions). `accelerator` is an Accelerator or a kd.train.engine backend;
+    `loss` the run's LossPlan (or a LossConfig, planned here with teacher_slots and teacher).
+
+    The window's sums are reduced over processes after the last micro-batch's forward and before its backward, so
+    that the back-end knows whether the window is skipped when it accumulates that backward (DeepSpeed needs it)."""
+    backend = as_backend(accelerator)
     plan = loss if isinstance(loss, LossPlan) else LossPlan.build(loss, teacher_slots, teacher)
-    counts = accelerator.reduce(sum(batch_counts(b, plan) for b in batches).to(accelerator.device), "sum")
+    counts = backend.reduce_sum(sum(batch_counts(b, plan) for b in batches).to(backend.device))
     n_tok, n_con, n_kd = float(counts[0]), float(counts[1]), float(counts[2])
     # KD (and feature, whose teacher states sit at the same positions) average over the KD positions: all tokens,
     # or across tokenizers the aligned ones.
     denom = {"tokens": n_tok, "kd": n_kd, "contrastive": max(n_con, 1.0)}
     # THE normalisation (see module docstring): sum / global count, times num_processes to undo DDP's mean.
-    weights = {t.name: t.weight * accelerator.num_processes / max(denom[t.positions], 1.0) for t in plan.terms}
+    weights = {t.name: t.weight * backend.num_processes / max(denom[t.positions], 1.0) for t in plan.terms}
     names = [t.name for t in plan.terms]
-    local = torch.zeros(len(names) + 1, dtype=torch.float64, device=accelerator.device)
+    local = torch.zeros(len(names) + 1, dtype=torch.float64, device=backend.device)
     for i, batch in enumerate(batches):
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in trim_padding(batch).items()}
-        # gradients are all-reduced once per window, on its last micro-batch
-        sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
-        with sync:
+        batch = {k: v.to(backend.device, non_blocking=True) for k, v in trim_padding(batch).items()}
+        last = i == len(batches) - 1
+        with backend.micro_batch(model, last):
             total, sums = micro_batch_sums(model, batch, plan, weights)
-            # Always backward, even when non-finite: skipping it on one process would deadlock DDP's all-reduce.
-            # A non-finite window is detected below and its step skipped on every process.
-            accelerator.backward(total)
-        local += torch.stack([sums[n].double() for n in names] + [sums["agree"].double()])
-    total = accelerator.reduce(local, "sum")
-    raw = {t.name: float(total[j]) / denom[t.positions] for j, t in enumerate(plan.terms)}
-    return WindowResult(
-        raw=raw,
-        nonfinite=[n for n in names if not math.isfinite(raw[n])],
-        tokens=int(n_tok),
-        agree=float(total[-1]) / max(n_kd, 1.0),
-    )
+            local += torch.stack([sums[n].double() for n in names] + [sums["agree"].double()])
+            if last:
+                window = backend.reduce_sum(local)
+                raw = {t.name: float(window[j]) / denom[t.positions] for j, t in enumerate(plan.terms)}
+                nonfinite = [n for n in names if not math.isfinite(raw[n])]
+            backend.backward(model, total, last, skip=last and bool(nonfinite))
+    return WindowResult(raw=raw, nonfinite=nonfinite, tokens=int(n_tok), agree=float(window[-1]) / max(n_kd, 1.0))
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss: LossPlan | LossConfig, accelerator, text_units=None) -> dict[str, float]:
+def evaluate(
+    model, loader, loss: LossPlan | LossConfig, accelerator, text_units=None, lockstep: int | None = None
+) -> dict[str, float]:
     """Held-out metrics of the model as it is now, in eval mode (LossPlan.for_eval). eval/ppl = exp(eval/ce),
     uncapped. With `text_units` (batch -> [characters, bytes] of its scored targets, kd/textscore.py) also
     eval/bits_per_char and eval/bits_per_byte: the same CE sum over the text those targets cover, comparable
-    across tokenizers and with the teacher's score in the cache's manifest."""
+    across tokenizers and with the teacher's score in the cache's manifest.
+
+    `lockstep`: the number of forwards every process must run (parameters partitioned over the processes, ZeRO-3:
+    each forward gathers them collectively). A process whose share has fewer batches repeats its last one that
+    many times and counts nothing of it, so the figures are those of the shares alone."""
     plan = loss if isinstance(loss, LossPlan) else LossPlan.for_eval(loss)
     was_training = model.training
     model.eval()
     total = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
+    done, batch = 0, None
     for batch in loader:
+        done += 1
         units = [float(u) for u in text_units(batch)] if text_units is not None else [0.0, 0.0]
         batch = {k: v.to(accelerator.device) for k, v in trim_padding(batch).items()}
         _, sums = micro_batch_sums(model, batch, plan, {}, with_grad=False)
@@ -264,6 +273,10 @@ def evaluate(model, loader, loss: LossPlan | LossConfig, accelerator, text_units
         total += torch.cat(
             [torch.stack([sums["ce"].double(), sums["kd"].double(), sums["agree"].double(), n_tok, n_kd]), extra]
         )
+    for _ in range(max((lockstep or 0) - done, 0)):  # forwards to keep the processes in step, counted nowhere
+        if batch is None:
+            raise KDError("an eval share is empty on this process; evaluate at least one batch per process")
+        micro_batch_sums(model, batch, plan, {}, with_grad=False)
     total = accelerator.reduce(total, "sum")
     model.train(was_training)
     n, n_kd = float(total[3]), max(float(total[4]), 1.0)
@@ -296,36 +309,35 @@ def optimizer_step(
     step, or, if any loss term or the gradient norm is non-finite, skip: the weights, the optimizer state and the
     EMA stay as they were (never clamped), and under fp16 the scaler still records the overflow, as its own step
     would. Updates `state` (a TrainState); returns (the window's result, the gradient norm, the non-finite names)."""
+    backend = as_backend(accelerator)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    result = accumulate_window(model, window, plan, accelerator)
-    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf))
+    result = accumulate_window(model, window, plan, backend)
+    grad_norm, applied = backend.finish(model, optimizer, bool(result.nonfinite), max_grad_norm)
     nonfinite = result.nonfinite + ([] if math.isfinite(grad_norm) else ["grad_norm"])
-    if nonfinite:
-        optimizer.zero_grad(set_to_none=True)
-        if accelerator.scaler is not None:
-            accelerator.scaler.update()
+    if not applied:
         state.skipped_steps += 1
         state.consecutive_skips += 1
+        nonfinite = nonfinite or ["step not applied by the back-end"]
     else:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         state.consecutive_skips = 0
         if ema is not None:
-            ema.update(accelerator.unwrap_model(model))
+            ema.update(backend.unwrap(model))
     state.step += 1
     state.tokens_seen += result.tokens
     return result, grad_norm, nonfinite
 
 
-def eval_record(model, loader, plan: LossPlan, accelerator, ema, state, text_units=None) -> dict:
-    """The eval metrics record at `state`'s step; the EMA weights, when on, reported separately as ema_eval/*."""
+def eval_record(model, loader, plan: LossPlan, accelerator, ema, state, text_units=None, lockstep=None) -> dict:
+    """The eval metrics record at `state`'s step; the EMA weights, when on, reported separately as ema_eval/*.
+    `lockstep` as in evaluate()."""
     record = {
         "step": state.step,
         "tokens_seen": state.tokens_seen,
-        **evaluate(model, loader, plan, accelerator, text_units),
+        **evaluate(model, loader, plan, accelerator, text_units, lockstep),
     }
     if ema is not None:
         with ema.applied(accelerator.unwrap_model(model)):
-            record.update({f"ema_{k}": v for k, v in evaluate(model, loader, plan, accelerator, text_units).items()})
+            ema_eval = evaluate(model, loader, plan, accelerator, text_units, lockstep)
+            record.update({f"ema_{k}": v for k, v in ema_eval.items()})
     return record

@@ -1,0 +1,239 @@
+"""DeepSpeed ZeRO through kd's window step (kd/train/engine.py): the accumulation contract against a fake engine
+that records its calls, then real ZeRO-2 and ZeRO-3 engines on CPU (2 processes, gloo) against the plain
+one-process step; and the combinations kd refuses, with their messages."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT
+from deepspeed_reference import GA, LRS, full_window, nan_window, rank_window
+from deepspeed_reference import build as build_reference
+
+from kd.errors import KDError
+from kd.train import LossPlan, TrainState, optimizer_step
+from kd.train.engine import AccelerateBackend, DeepSpeedBackend
+
+
+class FakeEngine:
+    """DeepSpeed's engine surface kd uses, recording every call; `step` applies the optimizer unless the gradients
+    are non-finite (DeepSpeed's overflow path), or always with applies_nonfinite (an engine that would not skip)."""
+
+    def __init__(self, model, optimizer, applies_nonfinite=False):
+        self.module, self.optimizer, self.applies_nonfinite = model, optimizer, applies_nonfinite
+        self.calls, self.device = [], torch.device("cpu")
+        self._applied, self._norm = None, None
+
+    def zero_optimization_stage(self):
+        return 2
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def set_gradient_accumulation_boundary(self, is_boundary):
+        self.calls.append(("boundary", is_boundary))
+
+    def backward(self, loss, scale_wrt_gas=True):
+        self.calls.append(("backward", scale_wrt_gas, bool(torch.isfinite(loss))))
+        loss.backward()
+
+    def step(self):
+        self.calls.append(("step",))
+        self._norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0))
+        self._applied = math.isfinite(self._norm) or self.applies_nonfinite
+        if self._applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def was_step_applied(self):
+        return self._applied
+
+    def get_global_grad_norm(self):
+        return self._norm
+
+
+def _window(split, w):  # one process, GA micro-batches
+    return rank_window(split, w, 0, 1)
+
+
+def test_the_window_contract_against_a_fake_engine(tiny_cache):
+    from accelerate import Accelerator
+
+    cfg, model, optimizer, split = build_reference(tiny_cache)
+    ref_model = copy.deepcopy(model)
+    ref_opt = type(optimizer)(ref_model.parameters(), lr=LRS[0])
+    optimizer = type(optimizer)(model.parameters(), lr=LRS[0])  # the same single group on both sides
+    plan = LossPlan.build(cfg.loss)
+    engine = FakeEngine(model, optimizer)
+    windows_of_other_rank = {"nan": False}
+
+    def reduce_sum(t):  # one process; on demand a second "process" whose window sums are NaN
+        if windows_of_other_rank["nan"] and t.dtype == torch.float64 and t.numel() == len(plan.terms) + 1:
+            t = t.clone()
+            t[1] = float("nan")
+        return t
+
+    ds = DeepSpeedBackend(None, engine, reduce_sum=reduce_sum, num_processes=1)
+    plain = AccelerateBackend(Accelerator())
+    s_ds, s_plain = TrainState(), TrainState()
+    for w in range(2):
+        window = _window(split, w)
+        _, norm_ds, _ = optimizer_step(engine, optimizer, window, plan, ds, s_ds, LRS[w], 1.0)
+        _, norm_plain, _ = optimizer_step(ref_model, ref_opt, window, plan, plain, s_plain, LRS[w], 1.0)
+        assert norm_ds == pytest.approx(norm_plain, rel=1e-6)
+    # the boundary on the last micro-batch only, no division by the engine's accumulation steps, ONE step
+    window_calls = [("boundary", False), ("backward", False, True)] * (GA - 1) + [
+        ("boundary", True),
+        ("backward", False, True),
+        ("step",),
+    ]
+    assert engine.calls == window_calls * 2
+    for (n, a), b in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+
+    # the other process's window is NaN: this process's last backward is poisoned, the engine discards the window
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine.calls.clear()
+    windows_of_other_rank["nan"] = True
+    result, grad_norm, nonfinite = optimizer_step(engine, optimizer, _window(split, 2), plan, ds, s_ds, LRS[2], 1.0)
+    assert engine.calls[-2:] == [("backward", False, False), ("step",)]
+    assert all(c[2] for c in engine.calls if c[0] == "backward" and c is not engine.calls[-2])
+    assert "kd" in nonfinite and s_ds.skipped_steps == 1 and s_ds.consecutive_skips == 1
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+    # an engine that applies such a window is refused, not trusted
+    bad = DeepSpeedBackend(None, FakeEngine(model, optimizer, applies_nonfinite=True), reduce_sum, 1)
+    with pytest.raises(KDError, match="applied an optimizer step whose loss was non-finite"):
+        optimizer_step(bad.engine, optimizer, _window(split, 2), plan, bad, TrainState(), LRS[2], 1.0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_real_zero2_and_zero3_engines_match_the_plain_step(tiny_cache, tmp_path):
+    """2 processes x GA 2 on DeepSpeed ZeRO-2 and ZeRO-3 (CPU, gloo) against one plain process x GA 4 on the same
+    sequences: equal weights and gradient norms after every window; a window NaN on one rank skipped on both
+    (weights and Adam moments untouched); a DeepSpeed checkpoint resumed equal to uninterrupted."""
+    from accelerate import Accelerator
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521"]
+    worker = ROOT / "tests" / "deepspeed_worker.py"
+    result = subprocess.run(
+        [*cmd, str(worker), str(tiny_cache), str(tmp_path), "2", "3"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    cfg, model, optimizer, split = build_reference(tiny_cache)
+    plan, plain, state = LossPlan.build(cfg.loss), AccelerateBackend(Accelerator()), TrainState()
+    ref_weights, ref_norms = [], []
+    for w in range(3):
+        _, norm, _ = optimizer_step(model, optimizer, full_window(split, w, 2), plan, plain, state, LRS[w], 1.0)
+        ref_weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        ref_norms.append(norm)
+    assert nan_window(split, 0, 2)  # the worker's skipped window exists
+
+    for stage in (2, 3):
+        rec = torch.load(tmp_path / f"stage{stage}.pt")
+        for w in range(3):
+            assert rec["weights"][w].keys() == ref_weights[w].keys()
+            for k, v in ref_weights[w].items():
+                torch.testing.assert_close(rec["weights"][w][k], v, atol=2e-6, rtol=1e-4, msg=f"ZeRO-{stage} {w} {k}")
+            assert rec["grad_norm"][w] == pytest.approx(ref_norms[w], rel=1e-4), (stage, w)
+        skip = rec["skip"]
+        assert "kd" in skip["nonfinite"] and skip["skipped_steps"] == 1, skip["nonfinite"]
+        assert skip["moments_unchanged"], stage
+        for k, v in rec["weights"][2].items():
+            assert torch.equal(skip["weights"][k], v), (stage, k)
+        assert rec["resumed_moments_equal"], stage
+        for k, v in rec["weights"][2].items():
+            torch.testing.assert_close(rec["resumed"][k], v, atol=0, rtol=0, msg=f"ZeRO-{stage} resumed {k}")
+
+
+# ---- what kd refuses under DeepSpeed and FSDP, and what it fills in ----
+
+
+def _tc(**extra):
+    base = dict(
+        micro_batch_size=2, gradient_accumulation_steps=16, max_grad_norm=1.0, ema_decay=None, extra_eval_files=[]
+    )
+    return SimpleNamespace(**{**base, **extra})
+
+
+def _fake_accelerator(kind: str, ds_config: dict | None = None, world: int = 2):
+    plugin = SimpleNamespace(deepspeed_config=ds_config or {})
+    return SimpleNamespace(
+        distributed_type=SimpleNamespace(name=kind),
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+        num_processes=world,
+        gradient_accumulation_steps=1,
+    )
+
+
+@pytest.mark.parametrize(
+    "ds_config, tc, message",
+    [
+        ({"zero_optimization": {"stage": 0}}, _tc(), "ZeRO stage 0"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, _tc(), "sets `optimizer`"),
+        ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, _tc(), "sets `scheduler`"),
+        ({"zero_optimization": {"stage": 3}}, _tc(ema_decay=0.999), "train.ema_decay"),
+        ({"zero_optimization": {"stage": 3}}, _tc(extra_eval_files=["x.txt"]), "train.extra_eval_files"),
+    ],
+)
+def test_deepspeed_combinations_refused(ds_config, tc, message):
+    from kd.dist import check_training_backend
+
+    with pytest.raises(KDError, match=message):
+        check_training_backend(_fake_accelerator("DEEPSPEED", ds_config), tc)
+
+
+def test_zero3_init_refused():
+    from kd.dist import check_training_backend
+
+    acc = _fake_accelerator("DEEPSPEED", {"zero_optimization": {"stage": 3}})
+    acc.state.deepspeed_plugin.zero3_init_flag = True
+    with pytest.raises(KDError, match="zero3_init_flag: false"):
+        check_training_backend(acc, _tc())
+
+
+def test_deepspeed_too_old_refused(monkeypatch):
+    import kd.dist
+
+    monkeypatch.setattr(kd.dist, "_deepspeed_version", lambda: "0.14.4")
+    with pytest.raises(KDError, match="older than"):
+        kd.dist.check_training_backend(_fake_accelerator("DEEPSPEED", {"zero_optimization": {"stage": 2}}), _tc())
+
+
+def test_fsdp_refused_with_the_way_out():
+    from kd.dist import check_training_backend
+
+    with pytest.raises(KDError, match="zero3.yaml"):
+        check_training_backend(_fake_accelerator("FSDP"), _tc())
+
+
+def test_deepspeed_config_takes_kd_batch_accumulation_and_clipping():
+    from kd.dist import configure_deepspeed
+
+    ds = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": 1,  # Accelerate's default when the launch config names none
+        "zero_optimization": {"stage": 3},
+    }
+    acc, notes = _fake_accelerator("DEEPSPEED", ds, world=4), []
+    configure_deepspeed(acc, _tc(max_grad_norm=None), notes.append)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 16
+    assert ds["train_batch_size"] == 2 * 16 * 4 and ds["gradient_clipping"] == 0.0
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert acc.gradient_accumulation_steps == 16
+    assert notes == [
+        "[deepspeed] gradient_accumulation_steps: 1 in the DeepSpeed config -> 16 from train.* (kd owns it)"
+    ]
