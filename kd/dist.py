@@ -102,6 +102,18 @@ def check_deepspeed(ds_config: dict, tc, zero3_init: bool = False) -> None:
     ):
         if key in ds_config:
             raise KDError(f"the DeepSpeed config sets `{key}`, but {owner}: remove `{key}` from the DeepSpeed config")
+    # DeepSpeed's overflow path discards a non-finite window only when it computes the gradient norm, and under bf16
+    # only when it checks for overflow: kd's skip relies on both (kd/train/engine.py)
+    if (ds_config.get("zero_optimization") or {}).get("compute_grad_norm", True) is False:
+        raise KDError(
+            "the DeepSpeed config sets zero_optimization.compute_grad_norm: false, and kd needs the gradient norm "
+            "(it is logged, and a non-finite one must make DeepSpeed discard the window); remove it"
+        )
+    if (ds_config.get("bf16") or {}).get("check_grad_overflow", True) is False:
+        raise KDError(
+            "the DeepSpeed config sets bf16.check_grad_overflow: false, under which DeepSpeed would apply a "
+            "non-finite window that kd skips; remove it"
+        )
     if zero3_init:
         raise KDError(
             "the launch config sets zero3_init_flag: true, which builds the student already partitioned, and kd "

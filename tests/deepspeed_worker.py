@@ -97,6 +97,24 @@ def main() -> None:
         )
         step(engine2, optimizer2, split, plan, backend2, cfg, TrainState(), 2)
         record["resumed"] = whole_weights(engine2)
+        # the final save_pretrained folder through kd's own save_final, with what Accelerate's get_state_dict does
+        # under DeepSpeed (ZeRO-3: the weights gathered from the partitions, on rank 0)
+        from types import SimpleNamespace
+
+        import train_student
+        from kd.cache import TeacherCache
+        from kd.train.checkpoint import save_final
+
+        shim = SimpleNamespace(
+            unwrap_model=lambda m: m.module,
+            get_state_dict=lambda m, stage=stage: (
+                m._zero3_consolidated_16bit_state_dict() if stage == 3 else m.module.state_dict()
+            ),
+            is_main_process=rank == 0,
+            wait_for_everyone=dist.barrier,
+        )
+        tokenizer = train_student.load_tokenizer(TeacherCache(cache).manifest["teacher"]["name_or_path"])
+        save_final(shim, engine, tokenizer, out / f"final_{stage}", {"stage": stage})
         if rank == 0:
             torch.save(record, out / f"stage{stage}.pt")
         dist.barrier()

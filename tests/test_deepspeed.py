@@ -122,8 +122,10 @@ def test_the_window_contract_against_a_fake_engine(tiny_cache):
 def test_real_zero2_and_zero3_engines_match_the_plain_step(tiny_cache, tmp_path):
     """2 processes x GA 2 on DeepSpeed ZeRO-2 and ZeRO-3 (CPU, gloo) against one plain process x GA 4 on the same
     sequences: equal weights and gradient norms after every window; a window NaN on one rank skipped on both
-    (weights and Adam moments untouched); a DeepSpeed checkpoint resumed equal to uninterrupted."""
+    (weights and Adam moments untouched); a DeepSpeed checkpoint resumed equal to uninterrupted; the final
+    save_pretrained folder loading in transformers."""
     from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
 
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521"]
@@ -154,6 +156,10 @@ def test_real_zero2_and_zero3_engines_match_the_plain_step(tiny_cache, tmp_path)
         assert skip["moments_unchanged"], stage
         for k, v in rec["weights"][2].items():
             assert torch.equal(skip["weights"][k], v), (stage, k)
+        # the saved student (kd's save_final) loads in transformers with the weights of the last applied window
+        lm = AutoModelForCausalLM.from_pretrained(tmp_path / f"final_{stage}")
+        for k, v in lm.state_dict().items():
+            torch.testing.assert_close(v, rec["weights"][2]["lm." + k], atol=0, rtol=0, msg=f"ZeRO-{stage} saved {k}")
         assert rec["resumed_moments_equal"], stage
         for k, v in rec["weights"][2].items():
             torch.testing.assert_close(rec["resumed"][k], v, atol=0, rtol=0, msg=f"ZeRO-{stage} resumed {k}")
@@ -185,6 +191,8 @@ def _fake_accelerator(kind: str, ds_config: dict | None = None, world: int = 2):
         ({"zero_optimization": {"stage": 0}}, _tc(), "ZeRO stage 0"),
         ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, _tc(), "sets `optimizer`"),
         ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, _tc(), "sets `scheduler`"),
+        ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, _tc(), "compute_grad_norm: false"),
+        ({"zero_optimization": {"stage": 2}, "bf16": {"check_grad_overflow": False}}, _tc(), "check_grad_overflow"),
         ({"zero_optimization": {"stage": 3}}, _tc(ema_decay=0.999), "train.ema_decay"),
         ({"zero_optimization": {"stage": 3}}, _tc(extra_eval_files=["x.txt"]), "train.extra_eval_files"),
     ],
