@@ -25,7 +25,8 @@ import numpy as np
 
 def chat_targets(loss_mask, segments) -> np.ndarray:
     """[n, T] bool: the tokens of chat windows that are scored targets: in the loss mask, and not the first token
-    of their conversation (it is predicted from nothing of its own conversation)."""
+    of their conversation (it is predicted from nothing of its own conversation). The same rule as the trainer's
+    kd.train.step.positions (in torch, per predicting position t = target - 1): change both together."""
     mask, seg = np.asarray(loss_mask, bool), np.asarray(segments)
     out = mask.copy()
     out[:, 0] = False

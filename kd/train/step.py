@@ -78,7 +78,8 @@ def positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cache's batch (`loss_mask` and `segments` per token) t counts only when token t+1 is in the loss mask (the
     assistant's tokens) and in the same conversation as t: a conversation's first token is predicted from nothing of
     its own, and the teacher never saw the previous one. Every sum and count of the losses follows this one mask,
-    so the normalisation stays global over the accumulation window.
+    so the normalisation stays global over the accumulation window. kd.textscore.chat_targets is the same rule in
+    numpy (per target token), for the teacher's score and bits per character: change both together.
     """
     ids, lengths = batch["input_ids"], batch["length"]
     t = torch.arange(ids.shape[1], device=ids.device)[None, :]
