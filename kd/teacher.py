@@ -103,9 +103,10 @@ def placement(device_map, devices_per_process: int, local_rank: int, offload_fol
             f"{count // devices_per_process} processes per machine"
         )
     block = range(first, first + devices_per_process)
+    # weights may fill 90% of each GPU: the rest is for one teacher batch's activations and the fp32 log-softmax chunks
     return {
         "device_map": device_map,
-        "max_memory": {i: torch.cuda.get_device_properties(i).total_memory for i in block},
+        "max_memory": {i: int(0.9 * torch.cuda.get_device_properties(i).total_memory) for i in block},
     }
 
 

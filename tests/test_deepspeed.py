@@ -245,3 +245,44 @@ def test_deepspeed_config_takes_kd_batch_accumulation_and_clipping():
     assert notes == [
         "[deepspeed] gradient_accumulation_steps: 1 in the DeepSpeed config -> 16 from train.* (kd owns it)"
     ]
+
+
+# ---- ZeRO-3 plumbing: every process runs the same forwards ----
+
+
+def test_lockstep_eval_runs_the_extra_forwards_and_counts_none_of_them(tiny_cache):
+    """A process with fewer eval batches than another repeats its last one (each forward gathers partitioned
+    weights collectively under ZeRO-3) and its figures stay those of its own share."""
+    from accelerate import Accelerator
+
+    from kd.cache import TeacherCache
+    from kd.train import evaluate, make_loader
+
+    cfg, model, _, _ = build_reference(tiny_cache)
+    split = TeacherCache(tiny_cache).split("eval", ("input_ids", "topk_ids", "topk_logprobs"))
+    loader = make_loader(split, range(4), 2, 0, False)  # 2 batches
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    acc = Accelerator()
+    plain = evaluate(model, loader, cfg.loss, acc)
+    assert len(calls) == 2
+    stepped = evaluate(model, loader, cfg.loss, acc, lockstep=5)
+    assert len(calls) == 2 + 5 and stepped == plain
+
+
+def test_generations_are_synced_when_weights_are_partitioned():
+    from kd.train.generations import generate_replies
+
+    seen = []
+
+    class LM(torch.nn.Module):
+        def generate(self, input_ids, **kwargs):
+            seen.append(kwargs["synced_gpus"])
+            return torch.cat([input_ids, torch.tensor([[7]])], dim=1)
+
+    tok = SimpleNamespace(eos_token_id=0, decode=lambda ids: " ".join(map(str, ids)))
+    prompts = [{"prompt": [3, 4], "reference": [5, 0]}]
+    for synced in (False, True):
+        (reply,) = generate_replies(LM(), tok, prompts, 4, "cpu", synced=synced)
+        assert reply["student"] == "7"
+    assert seen == [False, True]

@@ -6,6 +6,7 @@ GPU placement's own refusals are checked for what they say."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -76,3 +77,13 @@ def test_a_named_placement_needs_the_gpus_it_names(llama_teacher):
     # this machine has no GPU: local rank 1 with 2 GPUs each would need GPUs 2 and 3
     with pytest.raises(KDError, match="needs GPUs 2..3, and this machine has 0"):
         placement("balanced", 2, 1, "/unused")
+
+
+def test_a_named_teacher_placement_that_spills_off_the_gpus_is_refused():
+    from kd.teacher import check_placed
+
+    check_placed(SimpleNamespace(hf_device_map={"model.layers.0": 0, "lm_head": 1}), "t")  # all on GPUs: fine
+    with pytest.raises(KDError, match="placed part of it on cpu and disk"):
+        check_placed(
+            SimpleNamespace(hf_device_map={"model.layers.0": 0, "model.layers.1": "cpu", "lm_head": "disk"}), "t"
+        )
