@@ -28,7 +28,7 @@ import torch
 from kd import __version__
 from kd.cache import TeacherCache, write_json_atomic
 from kd.config import flatten, parse_cli, to_dict
-from kd.dist import check_training_backend, configure_deepspeed, gather_rows
+from kd.dist import backend_kind, check_training_backend, configure_deepspeed, gather_rows
 from kd.errors import KDError, run_cli
 from kd.evaluate import score_windows, text_windows
 from kd.schedule import lr_at
@@ -363,7 +363,7 @@ def main(cfg: TrainConfig) -> Path:
         lr=tc.lr,
         betas=tuple(tc.betas),
     )
-    if accelerator.distributed_type == "DEEPSPEED":
+    if backend_kind(accelerator) == "DEEPSPEED":
         configure_deepspeed(accelerator, tc, say)
     model, optimizer = accelerator.prepare(model, optimizer)
     # how a window accumulates and ends on this back-end (kd/train/engine.py); sharded: ZeRO-3 partitions

@@ -47,10 +47,15 @@ TRAINING_BACKENDS = (
 )
 
 
+def backend_kind(accelerator) -> str:
+    """Accelerate's distributed type by name: "NO", "MULTI_GPU", "DEEPSPEED", "FSDP", ..."""
+    return getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+
+
 def check_training_backend(accelerator, tc=None) -> None:
     """Refuse an Accelerate back-end, or a combination with one, that the trainer does not handle correctly,
     before anything loads. `tc` is the run's TrainConfig (train.*)."""
-    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    kind = backend_kind(accelerator)
     if kind == "FSDP":
         raise KDError(
             "train_student.py does not support Accelerate's FSDP back-end yet: its checkpoints, final save and "

@@ -14,21 +14,19 @@ LRS = [3e-3, 2e-3, 1e-3, 1e-3]  # a different LR per window: kd sets it on the (
 
 def build(cache: Path):
     """(TrainConfig, DistillModel, AdamW, the train split) with seeded weights: CE + forward KL, no feature term."""
+    from test_train import STUDENT
+
     import train_student
     from kd.cache import TeacherCache
     from kd.config import load_config
     from kd.train import DistillModel
     from kd.train_config import TrainConfig
 
-    student = (
-        "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
-        "num_key_value_heads: 2, max_position_embeddings: 128}"
-    )
     cfg = load_config(
         TrainConfig,
         None,
         [
-            f"student.config={student}",
+            f"student.config={STUDENT}",
             f"train.cache_dir={cache}",
             "train.max_grad_norm=1.0",
             "loss.alpha_feature=0.0",

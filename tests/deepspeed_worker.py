@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -18,7 +19,10 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed_reference import GA, LRS, MB, build, nan_window, rank_window  # noqa: E402
 
+import train_student  # noqa: E402
+from kd.cache import TeacherCache  # noqa: E402
 from kd.train import LossPlan, TrainState, optimizer_step  # noqa: E402
+from kd.train.checkpoint import save_final  # noqa: E402
 from kd.train.engine import DeepSpeedBackend  # noqa: E402
 
 
@@ -70,7 +74,7 @@ def main() -> None:
     rank = dist.get_rank()
     for stage in stages:
         cfg, engine, optimizer, split, plan, backend = make_engine(cache, stage)
-        state, record = TrainState(), {"weights": [], "applied": [], "grad_norm": []}
+        state, record = TrainState(), {"weights": [], "grad_norm": []}
         for w in range(3):
             if w == 2:
                 ckpt = out / f"ckpt_{stage}"
@@ -99,17 +103,9 @@ def main() -> None:
         record["resumed"] = whole_weights(engine2)
         # the final save_pretrained folder through kd's own save_final, with what Accelerate's get_state_dict does
         # under DeepSpeed (ZeRO-3: the weights gathered from the partitions, on rank 0)
-        from types import SimpleNamespace
-
-        import train_student
-        from kd.cache import TeacherCache
-        from kd.train.checkpoint import save_final
-
         shim = SimpleNamespace(
             unwrap_model=lambda m: m.module,
-            get_state_dict=lambda m, stage=stage: (
-                m._zero3_consolidated_16bit_state_dict() if stage == 3 else m.module.state_dict()
-            ),
+            get_state_dict=whole_weights,
             is_main_process=rank == 0,
             wait_for_everyone=dist.barrier,
         )

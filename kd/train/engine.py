@@ -36,8 +36,6 @@ MIN_DEEPSPEED = (0, 19)
 class AccelerateBackend:
     """One process, DDP, FSDP2: Accelerate's calls (module docstring)."""
 
-    name = "accelerate"
-
     def __init__(self, accelerator, sharded: bool = False):
         self.accelerator = accelerator
         # parameters partitioned over the processes (FSDP2): every process must run the same forwards
@@ -84,8 +82,6 @@ class DeepSpeedBackend(AccelerateBackend):
     """The DeepSpeed engine driven directly (module docstring). `reduce_sum` and `unwrap` default to Accelerate's;
     tests pass their own to drive a bare engine (deepspeed.initialize) without an Accelerator."""
 
-    name = "deepspeed"
-
     def __init__(self, accelerator, engine, reduce_sum=None, num_processes: int | None = None):
         super().__init__(accelerator, sharded=engine.zero_optimization_stage() == 3)
         self.engine = engine
@@ -130,7 +126,9 @@ class DeepSpeedBackend(AccelerateBackend):
 
 def backend_for(accelerator, model) -> AccelerateBackend:
     """The backend of a prepared model: DeepSpeed's engine, or Accelerate's calls (FSDP2 marks it sharded)."""
-    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    from kd.dist import backend_kind
+
+    kind = backend_kind(accelerator)
     if kind == "DEEPSPEED":
         return DeepSpeedBackend(accelerator, model)
     return AccelerateBackend(accelerator, sharded=kind == "FSDP")
