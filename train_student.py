@@ -366,7 +366,7 @@ def main(cfg: TrainConfig) -> Path:
     if backend_kind(accelerator) == "DEEPSPEED":
         configure_deepspeed(accelerator, tc, say)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # how a window accumulates and ends on this back-end (kd/train/engine.py); sharded: ZeRO-3 partitions
+    # how a window accumulates and ends on this back-end (kd/train/engine.py); sharded: ZeRO-3 or FSDP2 partitions
     backend = backend_for(accelerator, model)
     teacher = None
     if cfg.loss.target == "online":  # the reference mode: the teacher in memory, as the cache exists to avoid
@@ -418,7 +418,7 @@ def main(cfg: TrainConfig) -> Path:
     pin = accelerator.device.type == "cuda"
     eval_indices = list(range(len(eval_split)))[: tc.eval_max_sequences][rank::world]
     eval_loader = make_loader(eval_split, eval_indices, tc.micro_batch_size, tc.num_workers, pin)
-    # partitioned parameters (ZeRO-3) are gathered collectively at every forward: every process runs as many eval
+    # partitioned parameters (ZeRO-3, FSDP2) are gathered collectively at every forward: every process runs as many eval
     # forwards as the process with the most batches (kd.train.evaluate's lockstep)
     lockstep = int(gather_rows(accelerator, [len(eval_loader)]).max()) if backend.sharded else None
 
@@ -456,9 +456,10 @@ def main(cfg: TrainConfig) -> Path:
         log.write(record)
         if prompts and (accelerator.is_main_process or backend.sharded):  # sharded: every process generates
             lm = accelerator.unwrap_model(model).lm
-            replies = generate_replies(
-                lm, tokenizer, prompts, tc.generation_tokens, accelerator.device, synced=backend.sharded
-            )
+            with backend.whole_root(model):  # FSDP2: the root group's weights, gathered for a call that bypasses it
+                replies = generate_replies(
+                    lm, tokenizer, prompts, tc.generation_tokens, accelerator.device, synced=backend.sharded
+                )
             generations.write(state.step, replies)  # the main process's (GenerationsLog writes only there)
         return record
 

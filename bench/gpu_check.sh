@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What only a GPU machine can show: train_student.py end to end under `accelerate launch` on one GPU, 2-process DDP,
-# DeepSpeed ZeRO-2 and ZeRO-3, over the same data and steps; their logged losses compared step by step with the
+# FSDP2, DeepSpeed ZeRO-2 and ZeRO-3, over the same data and steps; their logged losses compared step by step with the
 # one-GPU run (GA doubled there, so every optimizer window holds the same sequences), the resumed run against the
 # uninterrupted one, and the saved student loaded in transformers. Then, with fp16 and the gradient scaler, peak
 # GPU memory and tokens/s of each.
@@ -35,6 +35,7 @@ run() {  # name, launch args..., -- , train overrides...
 run one --num_processes 1 -- train.gradient_accumulation_steps=4 train.checkpoint_every=$((STEPS / 2))
 if [ "$GPUS" -ge 2 ]; then
   run ddp --config_file configs/accelerate/ddp.yaml --num_processes 2 -- train.gradient_accumulation_steps=2
+  run fsdp2 --config_file configs/accelerate/fsdp2.yaml --num_processes 2 -- train.gradient_accumulation_steps=2
   run zero2 --config_file configs/accelerate/zero2.yaml --num_processes 2 -- train.gradient_accumulation_steps=2
   run zero3 --config_file configs/accelerate/zero3.yaml --num_processes 2 -- train.gradient_accumulation_steps=2 \
     train.checkpoint_every=$((STEPS / 2))
@@ -50,8 +51,12 @@ else
   echo "[gpu_check] one GPU: the 2-process DDP / ZeRO rows are skipped" >&2
 fi
 run one_fp16 --num_processes 1 -- train.gradient_accumulation_steps=16 train.mixed_precision=fp16
-[ "$GPUS" -ge 2 ] && run zero2_fp16 --config_file configs/accelerate/zero2.yaml --num_processes 2 -- \
-  train.gradient_accumulation_steps=8 train.mixed_precision=fp16
+if [ "$GPUS" -ge 2 ]; then
+  run zero2_fp16 --config_file configs/accelerate/zero2.yaml --num_processes 2 -- \
+    train.gradient_accumulation_steps=8 train.mixed_precision=fp16
+  run fsdp2_fp16 --config_file configs/accelerate/fsdp2.yaml --num_processes 2 -- \
+    train.gradient_accumulation_steps=8 train.mixed_precision=fp16
+fi
 
 $PY - "$OUT" "$STEPS" <<'EOF'
 import sys
@@ -75,7 +80,7 @@ a, b = losses("zero3_resumed"), losses("zero3")
 print(f"zero3 killed after step {steps // 2} and resumed vs uninterrupted: ", end="")
 print(f"max |loss diff| {max(abs(x - y) for x, y in zip(a, b)):.2e} over {len(a)} steps" if a and b else "not run")
 print(f"{'run':<16}{'max |loss - one GPU|':>22}{'rel':>10}{'peak MB':>10}{'tok/s':>10}  saved student loads")
-for name in ("one", "ddp", "zero2", "zero3", "zero3_resumed", "one_fp16", "zero2_fp16"):
+for name in ("one", "ddp", "fsdp2", "zero2", "zero3", "zero3_resumed", "one_fp16", "zero2_fp16", "fsdp2_fp16"):
     got = losses(name)
     if got is None:
         print(f"{name:<16}{'(not run or failed: see ' + name + '.log)':>40}")

@@ -33,7 +33,8 @@ def agree(accelerator, fn):
 
 # Accelerate back-ends the trainer runs on. DDP (one node or many) is tested end to end with 2 processes = 1;
 # DeepSpeed ZeRO-1/2/3 steps through kd/train/engine.py's DeepSpeedBackend (tests/test_deepspeed.py drives real
-# ZeRO-2 and ZeRO-3 engines on CPU); FSDP stays refused until kd handles its sharded state on purpose.
+# ZeRO-2 and ZeRO-3 engines on CPU); FSDP2 through Accelerate's own calls, its sharded parameters, checkpoints and
+# final save handled on purpose (tests/test_fsdp.py runs train_student.py under FSDP2 on CPU processes).
 TRAINING_BACKENDS = (
     "NO",
     "MULTI_CPU",
@@ -44,6 +45,7 @@ TRAINING_BACKENDS = (
     "MULTI_MUSA",
     "MULTI_HPU",
     "DEEPSPEED",
+    "FSDP",
 )
 
 
@@ -56,21 +58,59 @@ def check_training_backend(accelerator, tc=None) -> None:
     """Refuse an Accelerate back-end, or a combination with one, that the trainer does not handle correctly,
     before anything loads. `tc` is the run's TrainConfig (train.*)."""
     kind = backend_kind(accelerator)
-    if kind == "FSDP":
-        raise KDError(
-            "train_student.py does not support Accelerate's FSDP back-end yet: its checkpoints, final save and "
-            "evaluation are not handled for sharded parameters. For sharded training use DeepSpeed ZeRO-3 "
-            "(accelerate launch --config_file configs/accelerate/zero3.yaml), or DDP "
-            "(configs/accelerate/ddp.yaml)"
-        )
     if kind not in TRAINING_BACKENDS:
         raise KDError(
             f"train_student.py has not been verified on Accelerate's {kind} back-end; launch with DDP "
-            "(distributed_type: MULTI_GPU or MULTI_CPU), DeepSpeed, or one process"
+            "(distributed_type: MULTI_GPU or MULTI_CPU), DeepSpeed, FSDP2 or one process"
         )
+    if kind == "FSDP":
+        check_fsdp(accelerator.state.fsdp_plugin, tc)
     if kind == "DEEPSPEED" and tc is not None:
         plugin = accelerator.state.deepspeed_plugin
         check_deepspeed(plugin.deepspeed_config, tc, getattr(plugin, "zero3_init_flag", False))
+
+
+def check_sharded(tc, backend: str, way_out: str) -> None:
+    """What reads whole weights outside the sharded model's forward, refused under ZeRO-3 and FSDP2 alike."""
+    if tc is None:
+        return
+    if tc.ema_decay:
+        raise KDError(
+            f"train.ema_decay needs whole weights on every process, and {backend} partitions them; set "
+            f"train.ema_decay=null, or {way_out}"
+        )
+    if tc.extra_eval_files:
+        raise KDError(
+            "train.extra_eval_files is scored outside the sharded model with an uneven share per process, which "
+            f"{backend}'s collective parameter gathering cannot follow; drop it (score the saved student with "
+            f"python -m kd.evaluate afterwards), or {way_out}"
+        )
+
+
+def check_fsdp(plugin, tc) -> None:
+    """What kd cannot do under Accelerate's FSDP, refused before any weights load (the README's table)."""
+    if plugin is None:
+        raise KDError("Accelerate reports the FSDP back-end but holds no FSDP plugin; launch with an FSDP config")
+    if int(plugin.fsdp_version or 1) != 2:
+        raise KDError(
+            f"the launch config selects FSDP version {plugin.fsdp_version}; kd trains under FSDP2 only (FSDP1's "
+            "flattened parameters and its accumulation path are not verified): set fsdp_version: 2 "
+            "(configs/accelerate/fsdp2.yaml)"
+        )
+    if plugin.cpu_ram_efficient_loading:
+        raise KDError(
+            "the launch config sets fsdp_cpu_ram_efficient_loading: true, which empties the student on every process "
+            "but the first and re-ties its weights afterwards, and kd builds and checks the student whole on every "
+            "process (resizing, pruned students, projectors, tied embeddings); set fsdp_cpu_ram_efficient_loading: "
+            "false (a student fits one device; configs/accelerate/fsdp2.yaml)"
+        )
+    if plugin.activation_checkpointing:
+        raise KDError(
+            "the launch config sets fsdp_activation_checkpointing: true, which wraps the student's layers (and "
+            "renames their weights) outside kd; set it to false and use student.gradient_checkpointing=true, which "
+            "does the same inside the model"
+        )
+    check_sharded(tc, "FSDP2", "train with DDP (configs/accelerate/ddp.yaml)")
 
 
 def deepspeed_stage(ds_config: dict) -> int:
@@ -127,17 +167,7 @@ def check_deepspeed(ds_config: dict, tc, zero3_init: bool = False) -> None:
         )
     if stage == 3:
         # parameters exist only as partitions: what reads whole weights outside the engine's forward is refused
-        if tc.ema_decay:
-            raise KDError(
-                "train.ema_decay needs whole weights on every process, and ZeRO-3 partitions them; set "
-                "train.ema_decay=null, or use ZeRO-2 (configs/accelerate/zero2.yaml)"
-            )
-        if tc.extra_eval_files:
-            raise KDError(
-                "train.extra_eval_files is scored outside the engine with an uneven share per process, which "
-                "ZeRO-3's collective parameter gathering cannot follow; drop it (score the saved student with "
-                "python -m kd.evaluate afterwards), or use ZeRO-2"
-            )
+        check_sharded(tc, "ZeRO-3", "use ZeRO-2 (configs/accelerate/zero2.yaml)")
 
 
 def configure_deepspeed(accelerator, tc, say=print) -> None:

@@ -1,6 +1,6 @@
-"""Accelerate back-ends: the trainer refuses the ones whose guarantees it does not keep yet (FSDP, XLA, Megatron),
-before anything is written; the shipped launch configs are valid Accelerate configs for their back-end. DeepSpeed's
-own refusals and its step contract: tests/test_deepspeed.py."""
+"""Accelerate back-ends: the trainer refuses the ones whose guarantees it does not keep (XLA, Megatron), before
+anything is written; the shipped launch configs are valid Accelerate configs for their back-end. DeepSpeed's own
+refusals and its step contract: tests/test_deepspeed.py; FSDP2's: tests/test_fsdp.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from kd.errors import KDError
 @pytest.mark.parametrize(
     "kind,match",
     [
-        (DistributedType.FSDP, "FSDP back-end yet"),
         (DistributedType.XLA, "has not been verified on Accelerate's XLA"),
         (DistributedType.MEGATRON_LM, "has not been verified"),
     ],
@@ -33,18 +32,6 @@ def test_unsupported_backends_are_refused_by_name(kind, match):
 )
 def test_ddp_deepspeed_and_one_process_pass(kind):
     check_training_backend(SimpleNamespace(distributed_type=kind))
-
-
-def test_the_trainer_refuses_fsdp_before_writing_anything(tiny_cache, tmp_path, monkeypatch):
-    import accelerate
-    from test_train import make_cfg
-
-    import train_student
-
-    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
-    with pytest.raises(KDError, match="FSDP back-end yet"):
-        train_student.main(make_cfg(tiny_cache, tmp_path / "out"))
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", ["ddp.yaml", "ddp_multinode.yaml"])
@@ -67,3 +54,14 @@ def test_shipped_deepspeed_configs_load_in_accelerate(name, stage):
     assert ds["zero_stage"] == stage and ds["zero3_init_flag"] is False  # kd builds the student whole (kd/dist.py)
     # kd owns accumulation and clipping (configure_deepspeed): a launch config naming them would only be overridden
     assert "gradient_accumulation_steps" not in ds and "gradient_clipping" not in ds
+
+
+def test_the_shipped_fsdp2_config_loads_in_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(Path(ROOT) / "configs" / "accelerate" / "fsdp2.yaml"))
+    assert cfg.distributed_type == DistributedType.FSDP and cfg.num_processes >= 2
+    fsdp = cfg.fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    # what kd refuses (kd/dist.py check_fsdp) is off in the shipped config
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] is False and fsdp["fsdp_activation_checkpointing"] is False

@@ -165,7 +165,7 @@ def test_real_zero2_and_zero3_engines_match_the_plain_step(tiny_cache, tmp_path)
             torch.testing.assert_close(rec["resumed"][k], v, atol=0, rtol=0, msg=f"ZeRO-{stage} resumed {k}")
 
 
-# ---- what kd refuses under DeepSpeed and FSDP, and what it fills in ----
+# ---- what kd refuses under DeepSpeed, and what it fills in ----
 
 
 def _tc(**extra):
@@ -219,13 +219,6 @@ def test_deepspeed_too_old_refused(monkeypatch):
     monkeypatch.setattr(kd.dist, "_deepspeed_version", lambda: "0.14.4")
     with pytest.raises(KDError, match="older than"):
         kd.dist.check_training_backend(_fake_accelerator("DEEPSPEED", {"zero_optimization": {"stage": 2}}), _tc())
-
-
-def test_fsdp_refused_with_the_way_out():
-    from kd.dist import check_training_backend
-
-    with pytest.raises(KDError, match="zero3.yaml"):
-        check_training_backend(_fake_accelerator("FSDP"), _tc())
 
 
 def test_deepspeed_config_takes_kd_batch_accumulation_and_clipping():

@@ -7,7 +7,11 @@ Two implementations, picked from the prepared model (`backend_for`):
 - `AccelerateBackend`: one process, DDP (one node or many) and FSDP2, all through Accelerate's own calls:
   `no_sync` on every micro-batch but the last, `accelerator.backward` (kd creates the Accelerator with
   gradient_accumulation_steps=1, so it divides by nothing), `clip_grad_norm_`, then `optimizer.step()` or, on a
-  skipped window, `zero_grad` (and the fp16 scaler's update, as its own skipped step would do).
+  skipped window, `zero_grad` (and the fp16 scaler's update, as its own skipped step would do). Under FSDP2 the
+  same calls are right as they stand: `no_sync` is FSDP2's `set_requires_gradient_sync(False)` (unsharded
+  gradients accumulate locally, one reduce-scatter on the window's last micro-batch), the norm is the global one
+  over the gradient shards (Accelerate's DTensor-aware clipping), and a skipped window's `zero_grad` drops the
+  sharded gradients before any optimizer state is touched.
 - `DeepSpeedBackend`: the DeepSpeed engine owns accumulation, clipping and the step, and `accelerator.backward`
   would call `engine.step()` on every micro-batch under kd's hand-made accumulation. So kd drives the engine itself:
   every micro-batch is `engine.backward(loss, scale_wrt_gas=False)` (kd's loss is already normalised over the
@@ -58,6 +62,23 @@ class AccelerateBackend:
     def micro_batch(self, model, last: bool):
         """Around a micro-batch's forward and backward: gradients are all-reduced once per window, on its last."""
         return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+
+    @contextlib.contextmanager
+    def whole_root(self, model):
+        """Around a call of the inner student LM that bypasses the prepared model's own forward (chat generations).
+        Under FSDP2 the prepared model's own group (embeddings, final norm, LM head, projectors: Accelerate wraps
+        only the decoder layers apart, kd/train/model.py) is gathered only by that forward's hook: it is gathered
+        here for the call and freed after it; each decoder layer gathers itself in its own forward. A collective:
+        every process enters. Elsewhere nothing to do (DDP holds whole weights; ZeRO-3 gathers every module in its
+        own hooks)."""
+        gather = self.sharded and hasattr(model, "unshard")
+        if gather:
+            model.unshard()
+        try:
+            yield
+        finally:
+            if gather:
+                model.reshard()
 
     def backward(self, model, loss: torch.Tensor, last: bool, skip: bool) -> None:
         # Always backward, even when non-finite: skipping it on one process would deadlock DDP's all-reduce; the

@@ -103,6 +103,14 @@ class DistillModel(nn.Module):
         self.fused_head_reason = head_fallback_reason(lm) if fused_head else None
         self.fused_head = bool(fused_head) and self.fused_head_reason is None
 
+    @property
+    def _no_split_modules(self):
+        # the student's own decoder-layer classes: what FSDP2's transformer auto-wrap (Accelerate) shards one by one.
+        # DistillModel itself names no input or output embeddings, so Accelerate carves none apart: the embeddings,
+        # final norm, LM head (tied or not) and projectors stay in the root group, gathered whole by this module's
+        # forward, which is where the fused loss reads the head's weight directly
+        return getattr(self.lm, "_no_split_modules", None)
+
     def forward(self, input_ids, attention_mask, with_features: bool = False, logit_loss=None, position_ids=None):
         """-> (logits [B, T, V], or with `logit_loss` its value on the flat logits [B * T, V] or, on the fused path,
         on a HeadInput (the flat final hidden states and the head); the projected student states [B, T, H_teacher]
