@@ -28,7 +28,14 @@ import torch
 from kd import __version__
 from kd.cache import TeacherCache, write_json_atomic
 from kd.config import flatten, parse_cli, to_dict
-from kd.dist import backend_kind, check_training_backend, configure_deepspeed, gather_rows
+from kd.dist import (
+    backend_kind,
+    build_whole,
+    check_training_backend,
+    configure_deepspeed,
+    gather_rows,
+    zero3_head_with_root,
+)
 from kd.errors import KDError, run_cli
 from kd.evaluate import score_windows, text_windows
 from kd.schedule import lr_at
@@ -309,6 +316,7 @@ def main(cfg: TrainConfig) -> Path:
     set_seed(tc.seed)
     # across tokenizers teacher ids never index the student logits (they are mapped), so no vocabulary floor
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
+    built_whole = build_whole(accelerator)  # ZeRO-3: transformers would build them partitioned (kd/dist.py)
     lm = build_student(
         cfg, tokenizer, 0 if cross else cache.manifest["teacher"]["vocab_size"], cache, say, accelerator.device
     )
@@ -365,6 +373,7 @@ def main(cfg: TrainConfig) -> Path:
     )
     if backend_kind(accelerator) == "DEEPSPEED":
         configure_deepspeed(accelerator, tc, say)
+        zero3_head_with_root(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     # how a window accumulates and ends on this back-end (kd/train/engine.py); sharded: ZeRO-3 or FSDP2 partitions
     backend = backend_for(accelerator, model)
@@ -374,6 +383,7 @@ def main(cfg: TrainConfig) -> Path:
 
         t = cache.manifest["teacher"]
         teacher = load_causal_lm(t["name_or_path"], t["revision"], t["dtype"], "sdpa").to(accelerator.device).eval()
+    built_whole()  # Accelerate's registration with transformers, as it was
     # the one choice of teacher signal and terms, for training and for eval
     plan, eval_plan = LossPlan.build(cfg.loss, slots, teacher), LossPlan.for_eval(cfg.loss)
     ema = EMA(accelerator.unwrap_model(model), tc.ema_decay) if tc.ema_decay else None

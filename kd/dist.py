@@ -34,7 +34,7 @@ def agree(accelerator, fn):
 # Accelerate back-ends the trainer runs on. DDP (one node or many) is tested end to end with 2 processes = 1;
 # DeepSpeed ZeRO-1/2/3 steps through kd/train/engine.py's DeepSpeedBackend (tests/test_deepspeed.py drives real
 # ZeRO-2 and ZeRO-3 engines on CPU); FSDP2 through Accelerate's own calls, its sharded parameters, checkpoints and
-# final save handled on purpose (tests/test_fsdp.py runs train_student.py under FSDP2 on CPU processes).
+# final save handled on purpose (tests/test_sharded_training.py runs train_student.py under FSDP2 and ZeRO-2/3 on CPU).
 TRAINING_BACKENDS = (
     "NO",
     "MULTI_CPU",
@@ -111,6 +111,43 @@ def check_fsdp(plugin, tc) -> None:
             "does the same inside the model"
         )
     check_sharded(tc, "FSDP2", "train with DDP (configs/accelerate/ddp.yaml)")
+
+
+def build_whole(accelerator):
+    """Make transformers build models whole until the returned function is called; returns it.
+
+    Under Accelerate's DeepSpeed ZeRO-3, Accelerate registers the DeepSpeed config with transformers (whatever
+    zero3_init_flag says), and transformers then creates and loads every model already partitioned
+    (deepspeed.zero.Init): the student would reach kd's checks and probes (context length, fused head, packing,
+    pruning) with empty weights, and an online teacher outside the engine would stay partitioned. kd builds them
+    whole and lets the engine partition the student when Accelerate prepares it, so the registration is lifted here
+    and put back by the returned function (after prepare). Elsewhere both do nothing."""
+    plugin = accelerator.state.deepspeed_plugin if backend_kind(accelerator) == "DEEPSPEED" else None
+    if plugin is None:
+        return lambda: None
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    return plugin.set_deepspeed_weakref
+
+
+def zero3_head_with_root(accelerator, model) -> None:
+    """Under ZeRO-3, register the LM head's weight (and bias) as an external parameter of the DistillModel, before
+    the engine takes it: ZeRO-3 gathers a parameter for its own module's forward, and the fused loss reads the head's
+    weight inside DistillModel.forward without calling the head (kd/losses/chunked.py). Registered, it is gathered
+    for the whole forward and backward of the DistillModel, in the same order at every step; left to DeepSpeed's
+    own detection of such parameters, the order changes after the first forward and DeepSpeed stops with a
+    "tracing error" at the next eval."""
+    if backend_kind(accelerator) != "DEEPSPEED" or not getattr(model, "fused_head", False):
+        return
+    if deepspeed_stage(accelerator.state.deepspeed_plugin.deepspeed_config) != 3:
+        return
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    head = model.lm.get_output_embeddings()
+    for param in (head.weight, head.bias):
+        if param is not None:
+            register_external_parameter(model, param)
 
 
 def deepspeed_stage(ds_config: dict) -> int:

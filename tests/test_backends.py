@@ -1,6 +1,6 @@
 """Accelerate back-ends: the trainer refuses the ones whose guarantees it does not keep (XLA, Megatron), before
 anything is written; the shipped launch configs are valid Accelerate configs for their back-end. DeepSpeed's own
-refusals and its step contract: tests/test_deepspeed.py; FSDP2's: tests/test_fsdp.py."""
+refusals and its step contract: tests/test_deepspeed.py; FSDP2 and both end to end: tests/test_sharded_training.py."""
 
 from __future__ import annotations
 
