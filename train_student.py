@@ -375,7 +375,7 @@ def main(cfg: TrainConfig) -> Path:
         configure_deepspeed(accelerator, tc, say)
         zero3_head_with_root(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # how a window accumulates and ends on this back-end (kd/train/engine.py); sharded: ZeRO-3 or FSDP2 partitions
+    # how a window accumulates and ends on this back-end (kd/train/engine.py); sharded: ZeRO-3 or FSDP2
     backend = backend_for(accelerator, model)
     teacher = None
     if cfg.loss.target == "online":  # the reference mode: the teacher in memory, as the cache exists to avoid
@@ -428,8 +428,8 @@ def main(cfg: TrainConfig) -> Path:
     pin = accelerator.device.type == "cuda"
     eval_indices = list(range(len(eval_split)))[: tc.eval_max_sequences][rank::world]
     eval_loader = make_loader(eval_split, eval_indices, tc.micro_batch_size, tc.num_workers, pin)
-    # partitioned parameters (ZeRO-3, FSDP2) are gathered collectively at every forward: every process runs as many eval
-    # forwards as the process with the most batches (kd.train.evaluate's lockstep)
+    # partitioned parameters (ZeRO-3, FSDP2) are gathered collectively at every forward: every process runs as many
+    # eval forwards as the process with the most batches (kd.train.evaluate's lockstep)
     lockstep = int(gather_rows(accelerator, [len(eval_loader)]).max()) if backend.sharded else None
 
     # bits per character of the evaluated text (kd/textscore.py): the student's own tokens and separator, so the

@@ -32,9 +32,9 @@ def agree(accelerator, fn):
 
 
 # Accelerate back-ends the trainer runs on. DDP (one node or many) is tested end to end with 2 processes = 1;
-# DeepSpeed ZeRO-1/2/3 steps through kd/train/engine.py's DeepSpeedBackend (tests/test_deepspeed.py drives real
+# DeepSpeed ZeRO-1/2/3 steps through kd/train/engine.py's DeepSpeedBackend (tests/test_deepspeed.py drives bare
 # ZeRO-2 and ZeRO-3 engines on CPU); FSDP2 through Accelerate's own calls, its sharded parameters, checkpoints and
-# final save handled on purpose (tests/test_sharded_training.py runs train_student.py under FSDP2 and ZeRO-2/3 on CPU).
+# final save handled on purpose. tests/test_sharded_training.py runs train_student.py under FSDP2 and ZeRO-2/3 on CPU.
 TRAINING_BACKENDS = (
     "NO",
     "MULTI_CPU",
@@ -137,7 +137,7 @@ def zero3_head_with_root(accelerator, model) -> None:
     weight inside DistillModel.forward without calling the head (kd/losses/chunked.py). Registered, it is gathered
     for the whole forward and backward of the DistillModel, in the same order at every step; left to DeepSpeed's
     own detection of such parameters, the order changes after the first forward and DeepSpeed stops with a
-    "tracing error" at the next eval."""
+    "tracing error" at the first eval after training began."""
     if backend_kind(accelerator) != "DEEPSPEED" or not getattr(model, "fused_head", False):
         return
     if deepspeed_stage(accelerator.state.deepspeed_plugin.deepspeed_config) != 3:

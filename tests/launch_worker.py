@@ -105,6 +105,7 @@ def whole_root_check(launch_yaml: str) -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=96,
+        tie_word_embeddings=True,  # as SmolLM's: one parameter in the root group
     )
     model = DistillModel(AutoModelForCausalLM.from_config(cfg), [(1, 0)], 48).eval()
     prompt = torch.tensor([[5, 17, 3, 60, 2]])
@@ -120,6 +121,8 @@ def whole_root_check(launch_yaml: str) -> None:
     assert isinstance(embed(), DTensor)  # freed again
     assert torch.equal(got, want), (got, want)
     print(f"whole_root ok on rank {acc.process_index}", flush=True)
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # a clean exit: no gloo thread left running at interpreter shutdown
 
 
 def main() -> None:

@@ -130,7 +130,7 @@ def test_kd_against_many_samples_approaches_full_kd():
     full = torch.nn.functional.kl_div(
         torch.log_softmax(student, -1), torch.log_softmax(teacher, -1), log_target=True, reduction="none"
     ).sum(-1)
-    n = 200_000
+    n = 20_000  # the sampler's per-draw block CDF is built for sample_n ~ 50: 200,000 draws took 36 s here
     ids, counts = sample_targets(teacher, n, torch.Generator().manual_seed(4))
     sampled = sparse_kd_per_position(student, ids, torch.log(counts.float() / n), 1.0, "renormalize")
     # KL against the empirical distribution differs from KL against the teacher only by the entropy term's noise

@@ -21,7 +21,7 @@ from conftest import ROOT
 from test_chat_cache import chat_caches, chat_files, chat_teacher  # noqa: F401 - the chat cache fixtures
 from test_chat_cache import train as train_chat
 from test_chat_cache import train_overrides as chat_overrides
-from test_train import make_cfg, overrides, poisoned_cache
+from test_train import STUDENT, make_cfg, overrides, poisoned_cache
 
 import train_student
 from kd.dist import check_fsdp
@@ -95,18 +95,24 @@ PARTITION_ALL = {"stage3_param_persistence_threshold": 0}
 
 
 @pytest.mark.parametrize(
-    "launch,zero",
-    [("fsdp2.yaml", None), ("zero2.yaml", None), ("zero3.yaml", None), ("zero3.yaml", PARTITION_ALL)],
+    "launch,zero,resume",
+    [
+        ("fsdp2.yaml", None, True),
+        ("zero2.yaml", None, False),
+        ("zero3.yaml", None, False),
+        ("zero3.yaml", PARTITION_ALL, True),
+    ],
     ids=["fsdp2", "zero2", "zero3", "zero3-partition-all"],
 )
-def test_two_sharded_processes_match_one_plain_process_and_resume_exactly(tiny_cache, tmp_path, launch, zero):
+def test_two_sharded_processes_match_one_plain_process_and_resume_exactly(tiny_cache, tmp_path, launch, zero, resume):
     """GA 4 on 2 sharded processes vs GA 8 on one plain process: the same windows, so the same LR, losses, gradient
     norms and evals at every step, and the same final weights and projectors. One train sequence has NaN teacher
     log-probs: its window (steps 2 and 8) is skipped on both processes (whichever one read it) as on one, and every
-    later step still agrees, so the skip left weights and Adam moments untouched. The checkpoint is really sharded (one file
-    per process) and the final folder, gathered whole, loads in transformers. The same sharded run killed after
-    step 6 and resumed from its step-4 checkpoint logs every value the uninterrupted one logs, and ends with the
-    same weights bit for bit."""
+    later step still agrees, so the skip left weights and Adam moments untouched. The checkpoint is really sharded
+    (one file per process) and the final folder, gathered whole, loads in transformers. Under FSDP2 and ZeRO-3 the
+    same sharded run killed after step 6 and resumed from its step-4 checkpoint logs every value the uninterrupted
+    one logs, and ends with the same weights bit for bit (ZeRO-2's checkpoint is ZeRO-3's without the weights'
+    partitions; resumed through the same Accelerate call)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -135,6 +141,8 @@ def test_two_sharded_processes_match_one_plain_process_and_resume_exactly(tiny_c
     for k in pa:
         torch.testing.assert_close(pb[k], pa[k], atol=2e-5, rtol=1e-4, msg=k)
 
+    if not resume:  # resumed from sharded checkpoints: FSDP2's, and ZeRO-3's with every parameter partitioned
+        return
     # killed after step 6, resumed on 2 processes from the sharded step-4 checkpoint
     again = {**run, "train.gradient_accumulation_steps": 4}
     stop = {"KD_TEST_STOP_AFTER": "6"}
@@ -165,16 +173,23 @@ def test_fsdp2_fp16_skips_a_nonfinite_window_and_trains_on(tiny_cache, tmp_path)
 def test_chat_generations_on_sharded_weights_equal_one_process(chat_caches, tmp_path, launch):
     """Chat generations call the student LM directly, past the sharded model's forward: every process generates in
     step (FSDP2 with the root group gathered for it, ZeRO-3 gathering in its hooks, synced_gpus on both), and the
-    replies equal one process's."""
+    replies equal one process's, as do the training losses of this tied-embedding student."""
+    from transformers import AutoConfig
+
     from kd.train.generations import read_generations
 
-    gen = {"train.eval_generations": 2, "train.generation_tokens": 6}
+    # a student with tied embeddings (as SmolLM's): one parameter for the embeddings and the head, in the root
+    # group under FSDP2, registered with the DistillModel under ZeRO-3
+    tied = STUDENT[:-1] + ", tie_word_embeddings: true}"
+    gen = {"train.eval_generations": 2, "train.generation_tokens": 6, "student.config": tied}
     cache = chat_caches["first_fit"]
     result = launch_on_cpu(LAUNCH / launch, cache, tmp_path / "two", chat=True, zero=PARTITION_ALL, **gen)
     assert result.returncode == 0, result.stderr[-4000:]
     one = train_chat(cache, tmp_path / "one", **gen, **{"train.gradient_accumulation_steps": 4})
     a, b = read_generations(one), read_generations(tmp_path / "two" / "r")
     assert [(r["step"], r["index"]) for r in a] == [(s, i) for s in (0, 2, 4) for i in (0, 1)]
+    assert_logged_alike(one, tmp_path / "two" / "r", rel=2e-4)
+    assert AutoConfig.from_pretrained(one / "final").tie_word_embeddings
     assert [(r["step"], r["index"], r["student"]) for r in b] == [(r["step"], r["index"], r["student"]) for r in a]
 
 
@@ -187,7 +202,7 @@ def test_a_call_past_the_sharded_forward_sees_whole_weights_inside_whole_root():
         text=True,
         env=env,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     assert result.stdout.count("whole_root ok") == 2
 
 
