@@ -42,7 +42,6 @@ def launch_on_cpu(yaml: Path, cache: Path, out: Path, env_extra=None, chat=False
     """train_student.main on 2 CPU processes under the back-end `yaml` configures (tests/launch_worker.py), with
     test_train's run (test_chat_cache's with `chat`) and `extra` overrides; `zero`: DeepSpeed zero_optimization keys."""
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", **(env_extra or {}))
-    # ZeRO-3 keeps parameters under 1e5 elements whole on every process (all of a tiny student's): none here
     if zero is not None:  # merged into the DeepSpeed config's zero_optimization (tests/launch_worker.py)
         env["KD_TEST_ZERO_OPTIMIZATION"] = json.dumps(zero)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
@@ -111,8 +110,8 @@ def test_two_sharded_processes_match_one_plain_process_and_resume_exactly(tiny_c
     later step still agrees, so the skip left weights and Adam moments untouched. The checkpoint is really sharded
     (one file per process) and the final folder, gathered whole, loads in transformers. Under FSDP2 and ZeRO-3 the
     same sharded run killed after step 6 and resumed from its step-4 checkpoint logs every value the uninterrupted
-    one logs, and ends with the same weights bit for bit (ZeRO-2's checkpoint is ZeRO-3's without the weights'
-    partitions; resumed through the same Accelerate call)."""
+    one logs, and ends with the same weights bit for bit (ZeRO-2's resume: the slow bare-engine test of
+    tests/test_deepspeed.py; one launch costs ~10 s here)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
