@@ -155,13 +155,15 @@ def test_two_sharded_processes_match_one_plain_process_and_resume_exactly(tiny_c
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_fsdp2_fp16_skips_a_nonfinite_window_and_trains_on(tiny_cache, tmp_path):
-    """fp16 under FSDP2: its gradient scaler is updated on the skipped window as its own skipped step would be
-    (else the next step fails); the poisoned window skipped, every other step finite. (bf16 is FSDP2's
-    mixed-precision policy, no scaler involved.)"""
+@pytest.mark.parametrize("launch,precision", [("fsdp2.yaml", "fp16"), ("zero2.yaml", "bf16")])
+def test_mixed_precision_skips_a_nonfinite_window_and_trains_on(tiny_cache, tmp_path, launch, precision):
+    """fp16 under FSDP2: its gradient scaler is updated on the skipped window as its own skipped step would be (else
+    the next step fails). bf16 under DeepSpeed: its overflow check, on which kd's skip relies there (kd refuses
+    bf16.check_grad_overflow: false), discards the window. (DeepSpeed has no fp16 on CPU; FSDP2's bf16 is its
+    mixed-precision policy, no scaler.) The poisoned window skipped, every other step finite."""
     cache = poisoned_cache(tiny_cache, tmp_path / "cache", [int(epoch_order(64, 0, 0, 0, 1, 16)[20])])
-    run = {"train.max_steps": 4, "train.gradient_accumulation_steps": 4, "train.mixed_precision": "fp16"}
-    result = launch_on_cpu(FSDP2_YAML, cache, tmp_path / "o", **run)
+    run = {"train.max_steps": 4, "train.gradient_accumulation_steps": 4, "train.mixed_precision": precision}
+    result = launch_on_cpu(LAUNCH / launch, cache, tmp_path / "o", **run)
     assert result.returncode == 0, result.stderr[-4000:]
     steps = [r for r in read_metrics(tmp_path / "o" / "r") if "loss" in r]
     assert [r["skipped"] for r in steps] == [False, True, False, False]
