@@ -80,6 +80,13 @@ def backend_on_cpu(launch_yaml: str) -> None:
             PartialState._shared_state["distributed_type"] = state.distributed_type
 
     accelerate.Accelerator = OnCPU
+    if kind == "DEEPSPEED":
+        # DeepSpeed's CPU-only shared-memory all-reduce op is JIT-compiled (~50 s, a C++ compiler) on a fresh
+        # machine; without it DeepSpeed reduces through torch.distributed (gloo), as it does wherever the op is
+        # unavailable. Nothing of kd depends on it, and it does not exist on GPUs.
+        import deepspeed.comm.torch
+
+        deepspeed.comm.torch.build_shm_op = lambda: None
 
 
 def whole_root_check(launch_yaml: str) -> None:

@@ -284,7 +284,14 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, corpus_dir, jso
         corpus_dir,
         jsonl_corpus,
         out,
-        **{"teacher.batch_size": 1, "cache.sequences_per_shard": 1, "data.max_eval_sequences": "null"},
+        # one sequence per batch and per shard: the first run stays in its teacher pass for seconds after its first
+        # shard appears (48 train windows; the whole corpus took 18 s here and proved nothing more)
+        **{
+            "teacher.batch_size": 1,
+            "cache.sequences_per_shard": 1,
+            "data.max_eval_sequences": "null",
+            "data.max_train_sequences": 48,
+        },
     )
     first = subprocess.Popen(
         [sys.executable, str(ROOT / "cache_teacher.py"), *overrides],
