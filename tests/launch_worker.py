@@ -96,6 +96,7 @@ def whole_root_check(launch_yaml: str) -> None:
     backend_on_cpu(launch_yaml)
     import accelerate
     import torch
+    from conftest import TINY  # this script's folder (tests/) is first on sys.path
     from torch.distributed.tensor import DTensor
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -104,16 +105,8 @@ def whole_root_check(launch_yaml: str) -> None:
 
     acc = accelerate.Accelerator()
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model(
-        "llama",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=96,
-        tie_word_embeddings=True,  # as SmolLM's: one parameter in the root group
-    )
+    # the tests' tiny Llama (conftest.TINY), with tied embeddings as SmolLM's: one parameter in the root group
+    cfg = AutoConfig.for_model("llama", **TINY, vocab_size=96, tie_word_embeddings=True)
     model = DistillModel(AutoModelForCausalLM.from_config(cfg), [(1, 0)], 48).eval()
     prompt = torch.tensor([[5, 17, 3, 60, 2]])
     greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, synced_gpus=True)

@@ -78,6 +78,12 @@ def assert_logged_alike(run_a: Path, run_b: Path, rel: float) -> None:
                 assert rb[key] == pytest.approx(ra[key], rel=rel), (ra["step"], key)
 
 
+def one_poisoned_sequence(tiny_cache: Path, tmp_path: Path) -> Path:
+    """tiny_cache with NaN teacher log-probs for one train sequence: in the window of optimizer step 2 (and 8, the
+    second epoch's) for 16 sequences a step, however they are dealt to processes."""
+    return poisoned_cache(tiny_cache, tmp_path / "cache", [int(epoch_order(64, 0, 0, 0, 1, 16)[20])])
+
+
 def per_process_files(ckpt: Path, launch: str) -> dict[str, int]:
     """How many files each process part of a checkpoint holds: FSDP2's DCP shards (model and optimizer folders),
     or ZeRO's partitioned optimizer states."""
@@ -115,7 +121,7 @@ def test_two_sharded_processes_match_one_plain_process_and_resume_exactly(tiny_c
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    cache = poisoned_cache(tiny_cache, tmp_path / "cache", [int(epoch_order(64, 0, 0, 0, 1, 16)[20])])  # step 2
+    cache = one_poisoned_sequence(tiny_cache, tmp_path)
     run = {"train.max_steps": 8, "train.eval_every": 4, "train.checkpoint_every": 4}
     result = launch_on_cpu(
         LAUNCH / launch, cache, tmp_path / "two", zero=zero, **run, **{"train.gradient_accumulation_steps": 4}
@@ -161,7 +167,7 @@ def test_mixed_precision_skips_a_nonfinite_window_and_trains_on(tiny_cache, tmp_
     the next step fails). bf16 under DeepSpeed: its overflow check, on which kd's skip relies there (kd refuses
     bf16.check_grad_overflow: false), discards the window. (DeepSpeed has no fp16 on CPU; FSDP2's bf16 is its
     mixed-precision policy, no scaler.) The poisoned window skipped, every other step finite."""
-    cache = poisoned_cache(tiny_cache, tmp_path / "cache", [int(epoch_order(64, 0, 0, 0, 1, 16)[20])])
+    cache = one_poisoned_sequence(tiny_cache, tmp_path)
     run = {"train.max_steps": 4, "train.gradient_accumulation_steps": 4, "train.mixed_precision": precision}
     result = launch_on_cpu(LAUNCH / launch, cache, tmp_path / "o", **run)
     assert result.returncode == 0, result.stderr[-4000:]
