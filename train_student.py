@@ -38,8 +38,8 @@ from kd.dist import (
 )
 from kd.errors import KDError, run_cli
 from kd.evaluate import score_windows, text_windows
+from kd.models import load_tokenizer, packing_fallback_reason, tokenizer_fingerprint
 from kd.schedule import lr_at
-from kd.teacher import load_tokenizer, tokenizer_fingerprint
 from kd.textscore import batch_text_units, score_record
 from kd.train import (
     EMA,
@@ -52,7 +52,6 @@ from kd.train import (
     eval_record,
     make_loader,
     optimizer_step,
-    packing_fallback_reason,
     peak_memory_mb,
     steps_per_epoch,
 )
@@ -69,7 +68,7 @@ def build_student(
     carries what kd.prune kept and measured in `lm.config.kd_pruned_from` (saved with it in config.json)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kd.assets import resolve_path
+    from kd.paths import resolve_path
 
     s = cfg.student
     if s.from_teacher is not None:  # cut from the cache's teacher: every process cuts the same (a deterministic pass)
@@ -379,7 +378,7 @@ def main(cfg: TrainConfig) -> Path:
     backend = backend_for(accelerator, model)
     teacher = None
     if cfg.loss.target == "online":  # the reference mode: the teacher in memory, as the cache exists to avoid
-        from kd.teacher import load_causal_lm
+        from kd.models import load_causal_lm
 
         t = cache.manifest["teacher"]
         teacher = load_causal_lm(t["name_or_path"], t["revision"], t["dtype"], "sdpa").to(accelerator.device).eval()

@@ -33,7 +33,7 @@ from kd import data  # noqa: E402
 from kd.assets import fetch  # noqa: E402
 from kd.cache_config import CacheConfig  # noqa: E402
 from kd.config import load_config  # noqa: E402
-from kd.teacher import load_causal_lm, load_tokenizer  # noqa: E402
+from kd.models import load_causal_lm, load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

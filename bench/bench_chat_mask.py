@@ -31,7 +31,7 @@ def main() -> None:
     from bench.timing import timed_steps
     from kd.cache import TeacherCache
     from kd.config import load_config
-    from kd.teacher import load_tokenizer
+    from kd.models import load_tokenizer
     from kd.train import DistillModel
     from kd.train.step import LossPlan
     from kd.train_config import TrainConfig

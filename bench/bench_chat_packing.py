@@ -1,4 +1,4 @@
-"""Padding waste of chat packing on the real conversation set (kd/data/shakespeare_chat.py), per tokenizer.
+"""Padding waste of chat packing on the real conversation set (kd/assets/shakespeare_chat.py), per tokenizer.
 
     python bench/bench_chat_packing.py [--seq-len 256] [--tokenizer asset:smollm2-135m-instruct]
 
@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     import json
 
-    from kd.assets import resolve_path
+    from kd.assets.shakespeare_chat import build
     from kd.data.chat import conversation, render
     from kd.data.pack import OPEN_WINDOWS, ChatPacker
-    from kd.data.shakespeare_chat import build
-    from kd.teacher import load_tokenizer
+    from kd.models import load_tokenizer
+    from kd.paths import resolve_path
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-len", type=int, default=256)

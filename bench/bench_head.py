@@ -94,7 +94,7 @@ def speed_run(variant: str, cache_dir: str, qwen_cache: str, steps: int) -> dict
     from bench.timing import timed_steps
     from kd.cache import TeacherCache
     from kd.config import load_config
-    from kd.teacher import load_tokenizer
+    from kd.models import load_tokenizer
     from kd.train import DistillModel, peak_memory_mb
     from kd.train.step import LossPlan
     from kd.train_config import TrainConfig

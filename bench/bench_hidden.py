@@ -37,7 +37,7 @@ TRAIN_PLAYS = ["hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "tempest_
 
 
 def windows(tokenizer, files: list[str], T: int, limit_tokens: int) -> np.ndarray:
-    from kd.assets import resolve_path
+    from kd.paths import resolve_path
 
     ids: list[int] = []
     for name in files:
@@ -80,9 +80,9 @@ def fidelity(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kd.assets import resolve_path
     from kd.cache.basis import BasisFit
     from kd.cache.codecs import field_codec
+    from kd.paths import resolve_path
 
     torch.set_grad_enabled(False)
     path = resolve_path(args.teacher)

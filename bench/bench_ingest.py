@@ -134,19 +134,19 @@ def child_ingest(args: list[str]) -> dict:
     """The ingest stage alone, on every process of the launch (torchrun sets the ranks)."""
     from accelerate import Accelerator
 
-    import cache_teacher
+    from kd.cache.build import ingest_spec
     from kd.cache_config import CacheConfig
     from kd.config import load_config
     from kd.data import config_sources
     from kd.data.ingest import run_ingest
-    from kd.teacher import load_tokenizer
+    from kd.models import load_tokenizer
 
     cfg = load_config(CacheConfig, None, args)
     if os.environ.get("KD_BENCH_PIN"):  # one core per process: what each process has on a host of its own
         os.sched_setaffinity(0, {int(os.environ.get("LOCAL_RANK", 0)) % os.cpu_count()})
     acc = Accelerator()
     tok = load_tokenizer(cfg.teacher.model)
-    spec = cache_teacher.ingest_spec(cfg, tok, len(tok))
+    spec = ingest_spec(cfg, tok, len(tok))
     out = Path(cfg.cache.output_dir)
     (out / "ingest").mkdir(parents=True, exist_ok=True)
     sources, _ = config_sources(cfg.data)
@@ -166,7 +166,7 @@ def child_bare(args: list[str]) -> dict:
     """The bare batched fast tokenizer on the same documents, read into memory first (not timed)."""
     from kd.cache_config import CacheConfig
     from kd.config import load_config
-    from kd.teacher import load_tokenizer
+    from kd.models import load_tokenizer
 
     cfg = load_config(CacheConfig, None, args)
     tok = load_tokenizer(cfg.teacher.model)

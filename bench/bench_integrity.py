@@ -43,6 +43,7 @@ from kd.cache import (  # noqa: E402
     TeacherCache,
     shard_records,
 )
+from kd.teacher import TeacherOutputs  # noqa: E402
 
 FIELDS = "input_ids,sample_ids,sample_counts,hidden_states"  # the demo's step (sampled targets + feature loss)
 
@@ -57,29 +58,28 @@ def rewrite(src: Path, dst: Path, shards: int) -> dict:
     m["splits"]["train"]["num_sequences"] = sum(s["num_sequences"] for s in m["splits"]["train"]["shards"])
     m["format_version"], m["store_text"] = FORMAT_VERSION, False  # text: not read by the training step
     reader = cache.split("train", CacheSplit.TENSOR_FIELDS)
-    L, H = len(m["hidden_layers"]), m["teacher"]["hidden_size"]
     basis = None
     if m["codecs"]["hidden_states"]["name"] == "lowrank":  # re-encoded on the same basis (decoded states lie in it)
         shutil.copy(src / BASIS_FILE, dst / BASIS_FILE)
         basis = HiddenBasis.load(dst / BASIS_FILE)
     for rec in m["splits"]["train"]["shards"]:
         with h5py.File(src / rec["file"], "r") as f:
-            meta = dict(json.loads(f.attrs[META_ATTR]), format_version=FORMAT_VERSION)
+            meta = dict(json.loads(f.attrs[META_ATTR]), format_version=FORMAT_VERSION, store_text=False)
         a, n = rec["first_sequence"], rec["num_sequences"]
-        w = ShardWriter(
-            dst / rec["file"], meta, n, m["seq_len"], m["top_k"], L, H, m["codecs"], m.get("sample_n", 0), basis=basis
-        )
+        w = ShardWriter(dst / rec["file"], meta, n, basis=basis)
         for i in range(a, a + n):
             it = {k: v.numpy()[None] for k, v in reader[i].items()}
-            samples = (it["sample_ids"], it["sample_counts"]) if "sample_ids" in it else None
             w.append(
-                it["input_ids"],
-                it["length"],
-                it["sequence_index"],
-                it["topk_ids"],
-                it["topk_logprobs"],
-                it.get("hidden_states"),
-                samples,
+                TeacherOutputs(
+                    it["input_ids"],
+                    it["length"],
+                    it["sequence_index"],
+                    it["topk_ids"],
+                    it["topk_logprobs"],
+                    it.get("hidden_states"),
+                    it.get("sample_ids"),
+                    it.get("sample_counts"),
+                )
             )
         rec.update(w.commit())
     (dst / MANIFEST).write_text(json.dumps(m))

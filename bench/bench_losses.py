@@ -50,7 +50,7 @@ def step_times(cache_dir: str, steps: int, rounds: int) -> dict[str, float]:
     import kd.losses.terms as terms_mod
     from kd.cache import TeacherCache
     from kd.config import load_config
-    from kd.teacher import load_tokenizer
+    from kd.models import load_tokenizer
     from kd.train import DistillModel, LossPlan, accumulate_window
     from kd.train_config import LossConfig, TrainConfig
     from train_student import build_student

@@ -35,7 +35,7 @@ from bench_quality import stdev, train_run  # noqa: E402
 from kd import prune  # noqa: E402
 from kd.cache import TeacherCache  # noqa: E402
 from kd.evaluate import score_on_cache  # noqa: E402
-from kd.teacher import load_tokenizer  # noqa: E402
+from kd.models import load_tokenizer  # noqa: E402
 
 TRAIN = [
     "student.config=null",

@@ -31,6 +31,7 @@ def build(out: Path, n: int) -> None:
     from kd.cache import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, shard_name, write_shard_index
     from kd.cache.codecs import codec_specs
     from kd.io import write_json_atomic
+    from kd.teacher import TeacherOutputs
 
     if (out / MANIFEST).exists():
         return
@@ -53,20 +54,11 @@ def build(out: Path, n: int) -> None:
     for split, count in (("train", n), ("eval", 1)):
         records = []
         for j in range(count):
-            w = ShardWriter(
-                out / shard_name(split, j),
-                dict(meta, split=split, shard_index=j, first_sequence=j),
-                1,
-                T,
-                K,
-                0,
-                8,
-                meta["codecs"],
-            )
+            w = ShardWriter(out / shard_name(split, j), dict(meta, split=split, shard_index=j, first_sequence=j), 1)
             ids = (np.arange(T) + j) % VOCAB
             lp = np.sort(np.log(rng.dirichlet(np.ones(K) * 0.5, size=(1, T)) * 0.9), axis=-1)[..., ::-1]
             top = np.stack([(ids + d) % VOCAB for d in range(1, K + 1)], -1)[None]
-            w.append(ids[None], np.array([T]), np.array([j]), top, lp, None)
+            w.append(TeacherOutputs(ids[None], np.array([T]), np.array([j]), top, lp))
             records.append(dict(w.commit(), num_documents=1))
             if split == "train" and (j + 1) % 10000 == 0:
                 print(f"  wrote {j + 1} shards, {time.time() - t0:.0f} s", flush=True)

@@ -49,7 +49,7 @@ def run_variant(variant: str, cache_dir: str, steps: int) -> dict:
 
     from kd.cache import TeacherCache
     from kd.config import load_config
-    from kd.teacher import load_causal_lm, load_tokenizer
+    from kd.models import load_causal_lm, load_tokenizer
     from kd.train import DistillModel, accumulate_window, peak_memory_mb, positions
     from kd.train_config import TrainConfig
     from train_student import build_student

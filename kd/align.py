@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from kd.errors import KDError
-from kd.teacher import tokenizer_fingerprint
+from kd.models import tokenizer_fingerprint
 
 ALIGN_FORMAT_VERSION = 1
 

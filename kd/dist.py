@@ -31,6 +31,16 @@ def agree(accelerator, fn):
     return result
 
 
+def broadcast_object(accelerator, fn):
+    """`fn()` computed on the main process only, its (picklable) result returned on every process."""
+    value = [fn() if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(value)
+    return value[0]
+
+
 # Accelerate back-ends the trainer runs on. DDP (one node or many) is tested end to end with 2 processes = 1;
 # DeepSpeed ZeRO-1/2/3 steps through kd/train/engine.py's DeepSpeedBackend (tests/test_deepspeed.py drives bare
 # ZeRO-2 and ZeRO-3 engines on CPU); FSDP2 through Accelerate's own calls, its sharded parameters, checkpoints and

@@ -25,7 +25,7 @@ from kd.textscore import batch_text_units, score_record, target_text_units
 
 
 def _load(model_dir: str, dtype: str):
-    from kd.teacher import load_causal_lm, load_tokenizer
+    from kd.models import load_causal_lm, load_tokenizer
 
     return load_causal_lm(model_dir, None, dtype, "sdpa").eval(), load_tokenizer(model_dir)
 
@@ -46,7 +46,7 @@ def score_on_cache(lm, tok, cache, split: str, max_sequences: int | None = None,
     of a cache split: CE, ppl, bits per character and byte, forward KL to the cached teacher, top-1 agreement."""
     from accelerate import Accelerator
 
-    from kd.teacher import tokenizer_fingerprint
+    from kd.models import tokenizer_fingerprint
     from kd.train import DistillModel, evaluate, make_loader
     from kd.train.step import LossPlan
     from kd.train_config import LossConfig
@@ -97,11 +97,11 @@ def score_windows(
     lm, tok, windows, sep: int, batch_size: int = 8, chunk: int = 128, fused: bool | None = None
 ) -> np.ndarray:
     """[nats, scored tokens, characters, bytes] of a causal LM on packed windows (kd/textscore.py's definition).
-    Where the LM head can run apart from the body (kd.train.model.head_fallback_reason), the logits are computed
+    Where the LM head can run apart from the body (kd.models.head_fallback_reason), the logits are computed
     `chunk` positions at a time and never whole, as in training. `fused`: that decision when the caller has made
     it already (the trainer's DistillModel.fused_head, probed once per run); None probes the model here."""
     from kd.losses.chunked import HeadInput, chunk_logits
-    from kd.train.model import head_fallback_reason
+    from kd.models import head_fallback_reason
 
     if fused is None:
         fused = head_fallback_reason(lm) is None

@@ -266,7 +266,7 @@ def calibration_batches(cache, num_sequences: int, batch_size: int = 8):
 def load_cache_teacher(cache, teacher: str | None = None, dtype: str = "fp32"):
     """The cache's teacher (or `teacher`), refused when its weights are not the ones the cache was made from: a
     student cut from other weights would start from a model the cached targets do not describe."""
-    from kd.teacher import load_causal_lm, load_model_config, weights_fingerprint
+    from kd.models import load_causal_lm, load_model_config, weights_fingerprint
 
     t = cache.manifest["teacher"]
     path = teacher or t["name_or_path"]
@@ -338,7 +338,7 @@ def _candidates(imp: Importance, num_layers: int, rule: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     from kd.cache import TeacherCache
     from kd.evaluate import score_on_cache
-    from kd.teacher import load_tokenizer
+    from kd.models import load_tokenizer
 
     ap = argparse.ArgumentParser(prog="python -m kd.prune", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", required=True, help="the teacher's cache: its teacher, calibration text and eval split")

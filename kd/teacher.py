@@ -1,134 +1,16 @@
-"""Loading a teacher and turning one forward pass into what the cache stores."""
+"""The caching pass's teacher: loaded once (TeacherModel), one forward turned into what the cache stores
+(teacher_targets -> TeacherOutputs), and the sampled-target scheme (SAMPLER)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
+import tempfile
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from kd.assets import resolve_path
-from kd.errors import KDError
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the vocabulary (token -> id, added tokens included) and the special tokens.
-
-    Two tokenizers with the same fingerprint give every string piece the same id, which is what lets a
-    student train against a cache made with another copy of the tokenizer.
-    """
-    payload = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()),
-    }
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
-
-
-def weights_fingerprint(name_or_path: str, revision: str | None, commit_hash: str | None = None) -> dict:
-    """What identifies the teacher's weights, not just their path: for a local folder every weight file's name, size
-    and sha256 (streamed; ~1 GB/s, so a 70B checkpoint costs a minute once per caching run), for a hub id the
-    resolved commit. `digest` summarises it for the config hash."""
-    from kd.io import sha256_file
-
-    path = Path(resolve_path(name_or_path))
-    if path.is_dir():
-        files = [
-            {"name": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
-            for f in sorted(path.iterdir())
-            if f.is_file() and f.suffix in WEIGHT_SUFFIXES
-        ]
-        record = {"kind": "local files", "files": files}
-    else:
-        record = {"kind": "hub", "name": name_or_path, "revision": revision, "commit": commit_hash}
-    record["digest"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-    return record
-
-
-def load_tokenizer(name_or_path: str, revision: str | None = None):
-    from transformers import AutoTokenizer
-
-    path = resolve_path(name_or_path)
-    try:
-        return AutoTokenizer.from_pretrained(path, revision=revision)
-    except (OSError, ValueError) as e:
-        raise KDError(f"cannot load a tokenizer from '{name_or_path}': {e}") from None
-
-
-def load_model_config(name_or_path: str, revision: str | None = None):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(resolve_path(name_or_path), revision=revision)
-    except (OSError, ValueError) as e:
-        raise KDError(f"cannot load a model config from '{name_or_path}': {e}") from None
-
-
-def load_causal_lm(name_or_path: str, revision: str | None, dtype: str, attn_implementation: str, **placement):
-    """A causal LM from a folder, asset or hub id; `placement`: transformers' device_map, max_memory and
-    offload_folder, for a model placed over several devices (see `placement`)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_path(name_or_path),
-            revision=revision,
-            dtype=DTYPES[dtype],
-            attn_implementation=attn_implementation,
-            **placement,
-        )
-    except (OSError, ValueError, ImportError, RuntimeError) as e:
-        raise KDError(f"cannot load causal LM '{name_or_path}': {e}") from None
-    return model
-
-
-def placement(device_map, devices_per_process: int, local_rank: int, offload_folder: str) -> dict:
-    """from_pretrained's placement arguments for a teacher over several devices (TeacherConfig.device_map).
-    A named map spreads the layers over this process's block of GPUs only (local rank r: GPUs r*D .. r*D+D-1),
-    nothing on the CPU or disk: a teacher that does not fit the block is an error, not a silent 100x slowdown."""
-    if isinstance(device_map, dict):
-        return {"device_map": dict(device_map), "offload_folder": offload_folder}
-    import torch
-
-    first, count = local_rank * devices_per_process, torch.cuda.device_count()
-    if first + devices_per_process > count:
-        raise KDError(
-            f"teacher.devices_per_process={devices_per_process}: the process with local rank {local_rank} needs GPUs "
-            f"{first}..{first + devices_per_process - 1}, and this machine has {count}; launch at most "
-            f"{count // devices_per_process} processes per machine"
-        )
-    block = range(first, first + devices_per_process)
-    # weights may fill 90% of each GPU: the rest is for one teacher batch's activations and the fp32 log-softmax chunks
-    return {
-        "device_map": device_map,
-        "max_memory": {i: int(0.9 * torch.cuda.get_device_properties(i).total_memory) for i in block},
-    }
-
-
-def execution_device(module) -> torch.device:
-    """Where a (possibly dispatched) module computes: its hook's execution device, else its parameters' device."""
-    hook = getattr(module, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    if device is not None:
-        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
-    return next(module.parameters()).device
-
-
-def check_placed(model, name: str) -> None:
-    """A named device_map must not have spilled part of the teacher to the CPU or disk (placement's docstring)."""
-    spilled = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values() if str(d) in ("cpu", "disk")})
-    if spilled:
-        raise KDError(
-            f"the teacher {name} does not fit this process's GPUs: transformers placed part of it on "
-            f"{' and '.join(spilled)}. Raise teacher.devices_per_process (fewer replicas, more GPUs each), or use a "
-            "smaller teacher.dtype"
-        )
-
+from kd.models import check_placed, execution_device, load_causal_lm, placement
 
 # The sampled-target scheme, part of a cache's identity: shards drawn by another scheme are never mixed into a
 # resumed cache (cache_teacher.py hashes it into the config hash).
@@ -283,3 +165,57 @@ def teacher_targets(
     if scores is not None:
         scores["target_logprobs"] = target_lp.view(B, T)
     return values.view(B, T, top_k), ids.view(B, T, top_k), hidden, samples
+
+
+def sequence_generator(seed: int, split: str, index: int, device) -> torch.Generator:
+    """The random stream of one sequence's sampled targets: a function of (seed, split, index) only, so a cache's
+    draws never depend on batch size, shard size or the number of processes."""
+    digest = hashlib.sha256(f"{seed}/{split}/{index}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@dataclass
+class TeacherOutputs:
+    """One batch of n sequences as the cache stores them: one attribute per field of the cache's field table
+    (kd/cache/format.py FIELDS, same names), in the decoded layout. T = seq_len, k = top_k, L = stored layers,
+    H = teacher hidden size, s = sample_n. Arrays are numpy in any dtype castable to the stored one, except that
+    topk_logprobs and hidden_states may stay torch tensors on the teacher's device (a `lowrank` codec projects hidden
+    states there: only r coefficients per token leave the device)."""
+
+    input_ids: np.ndarray  # [n, T] token ids, padding past each length
+    lengths: np.ndarray  # [n] valid tokens per sequence
+    sequence_index: np.ndarray  # [n] each sequence's index in its split
+    topk_ids: np.ndarray  # [n, T, k] by descending probability
+    topk_logprobs: np.ndarray | torch.Tensor  # [n, T, k] log p under the full softmax at T = 1
+    hidden_states: np.ndarray | torch.Tensor | None = None  # [n, L, T, H], when layers are stored
+    sample_ids: np.ndarray | None = None  # [n, T, s] distinct drawn ids, most frequent first (sample_n > 0)
+    sample_counts: np.ndarray | None = None  # [n, T, s] their counts, 0 = padding
+    text: list[str] | None = None  # the windows' text (store_text)
+    token_spans: np.ndarray | None = None  # [n, T, 2] each token's [start, end) characters in text (store_text)
+    loss_mask: np.ndarray | None = None  # [n, T] a chat cache's tokens the loss counts
+    segments: np.ndarray | None = None  # [n, T] a chat cache's conversation of each token in its window
+
+
+class TeacherModel:
+    """The caching pass's teacher (a CacheConfig's TeacherConfig), loaded on first use and then kept: the basis fit
+    and the teacher pass share one load, and a process with nothing to compute never loads it. `device` is where it
+    takes its inputs: its embeddings' device when placed over several (teacher.device_map)."""
+
+    def __init__(self, cfg, device, local_rank: int = 0):
+        self.cfg, self.device, self.local_rank, self.model = cfg, device, local_rank, None
+        self._offload = None
+
+    def __call__(self):
+        if self.model is None:
+            t = self.cfg.teacher
+            if t.device_map is None:
+                self.model = load_causal_lm(t.model, t.revision, t.dtype, t.attn_implementation).to(self.device)
+            else:  # one replica over several devices (TeacherConfig.device_map); inputs go where its embeddings are
+                self._offload = tempfile.TemporaryDirectory(prefix="kd-teacher-offload-")
+                where = placement(t.device_map, t.devices_per_process, self.local_rank, self._offload.name)
+                self.model = load_causal_lm(t.model, t.revision, t.dtype, t.attn_implementation, **where)
+                if isinstance(t.device_map, str):
+                    check_placed(self.model, t.model)
+                self.device = execution_device(self.model.get_input_embeddings())
+            self.model.eval()
+        return self.model

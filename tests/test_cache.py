@@ -15,7 +15,8 @@ import torch
 from conftest import ROOT, cache_overrides, reseal_row
 
 import cache_teacher
-from kd.cache import MANIFEST, TeacherCache, shard_records, verify, write_shard_index
+import kd.cache.manifest
+from kd.cache import MANIFEST, ShardWriter, TeacherCache, shard_records, verify, write_shard_index
 from kd.cache.codecs import unpack_bits
 
 
@@ -309,7 +310,7 @@ def crash_part_way(monkeypatch, cfg) -> None:
     """Run cache_teacher.main(cfg) and stop it on its fifth batch, part-way through a shard, as a kill would (no
     cleanup runs)."""
     calls = {"n": 0}
-    real_append = cache_teacher.ShardWriter.append
+    real_append = ShardWriter.append
 
     def crash_on_fifth_batch(self, *args):
         calls["n"] += 1
@@ -317,10 +318,10 @@ def crash_part_way(monkeypatch, cfg) -> None:
             raise KeyboardInterrupt
         return real_append(self, *args)
 
-    monkeypatch.setattr(cache_teacher.ShardWriter, "append", crash_on_fifth_batch)
+    monkeypatch.setattr(ShardWriter, "append", crash_on_fifth_batch)
     with pytest.raises(KeyboardInterrupt):
         cache_teacher.main(cfg)
-    monkeypatch.setattr(cache_teacher.ShardWriter, "append", real_append)
+    monkeypatch.setattr(ShardWriter, "append", real_append)
 
 
 def test_interrupted_run_resumes_to_identical_cache(tmp_path, make_cache_config, llama_teacher, monkeypatch):
@@ -360,7 +361,7 @@ def test_a_cache_begun_with_another_sampling_scheme_is_finished_from_scratch(
     out = tmp_path / "c"
     crash_part_way(monkeypatch, make_cache_config(llama_teacher, out, **{"cache.sample_n": 8}))
     mtime = (out / "train-00000.h5").stat().st_mtime_ns
-    monkeypatch.setattr(cache_teacher, "SAMPLER", "another scheme/1")
+    monkeypatch.setattr(kd.cache.manifest, "SAMPLER", "another scheme/1")
     cache_teacher.main(make_cache_config(llama_teacher, out, **{"cache.sample_n": 8}))
     assert (out / "train-00000.h5").stat().st_mtime_ns != mtime
     assert json.loads((out / MANIFEST).read_text())["sampler"] == "another scheme/1"

@@ -168,7 +168,7 @@ Dear sir, forbear!
 
 
 def test_speeches_and_replies_of_a_play():
-    from kd.data.shakespeare_chat import conversations, speeches
+    from kd.assets.shakespeare_chat import conversations, speeches
 
     assert speeches(PLAY) == [
         (2, "Ber.", "Who's there?"),
@@ -193,7 +193,7 @@ def test_the_real_chat_set_is_valid_and_holds_out_whole_plays(tmp_path, real_tok
     import json
 
     from kd.assets import fetch
-    from kd.data.shakespeare_chat import build
+    from kd.assets.shakespeare_chat import build
 
     _, smol, _ = real_tokenizers
     counts = build(fetch(["shakespeare"])["shakespeare"], tmp_path)

@@ -323,7 +323,7 @@ def test_a_tokenizer_without_a_template_needs_one_from_the_config(tmp_path, llam
 def test_a_model_that_lets_conversations_see_each_other_is_refused():
     from types import SimpleNamespace
 
-    from kd.train.model import packing_fallback_reason
+    from kd.models import packing_fallback_reason
 
     class Leaky(torch.nn.Module):
         """Logits from a running mean of the embeddings: ignores position ids, so it mixes conversations."""

@@ -12,9 +12,9 @@ from conftest import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kd.losses.terms import Term
+from kd.models import head_fallback_reason
 from kd.signals import Mapped, Online, Sampled, TopK
 from kd.train import DistillModel, accumulate_window
-from kd.train.model import head_fallback_reason
 from kd.train.step import LossPlan, micro_batch_sums
 
 V, B, T, K = 96, 2, 24, 8

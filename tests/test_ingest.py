@@ -17,6 +17,7 @@ from test_cache import read_all
 
 import cache_teacher
 from kd.cache import MANIFEST, verify
+from kd.cache.build import ingest_spec
 from kd.cache_config import CacheConfig
 from kd.config import load_config
 from kd.errors import KDError
@@ -35,10 +36,10 @@ class OneProcess:
 def ingest(cfg: CacheConfig, out: Path):
     from kd.data import config_sources
     from kd.data.ingest import run_ingest
-    from kd.teacher import load_tokenizer
+    from kd.models import load_tokenizer
 
     tok = load_tokenizer(cfg.teacher.model)
-    spec = cache_teacher.ingest_spec(cfg, tok, len(tok))
+    spec = ingest_spec(cfg, tok, len(tok))
     (out / "ingest").mkdir(parents=True, exist_ok=True)
     sources, _ = config_sources(cfg.data)
     return run_ingest(OneProcess(), sources, spec, tok, out, lambda *a: None, lambda u: None, lambda m: None), tok

@@ -39,7 +39,7 @@ def real_cache(tmp_path_factory):
 def test_real_teacher_cache_matches_recomputation(real_cache):
     from transformers import AutoModelForCausalLM
 
-    from kd.assets import resolve_path
+    from kd.paths import resolve_path
 
     assert verify(real_cache, log=lambda *_: None) == []
     cache = TeacherCache(real_cache)

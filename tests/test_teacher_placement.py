@@ -18,6 +18,7 @@ from kd.cache import MANIFEST
 from kd.cache_config import CacheConfig
 from kd.config import load_config
 from kd.errors import KDError
+from kd.teacher import TeacherModel
 
 # layer 1 (of 2) and the final norm on disk, everything else in memory: two parts, inputs entering on the first
 SPLIT = (
@@ -51,7 +52,7 @@ def test_the_placed_teacher_really_was_split(llama_teacher, corpus_dir, tmp_path
     """The test above compares something: the placed model has its layer 1 offloaded (no weights in memory)."""
     overrides = cache_overrides(llama_teacher, corpus_dir, tmp_path / "c", **{"teacher.device_map": SPLIT})
     cfg = load_config(CacheConfig, None, overrides)
-    teacher = cache_teacher.TeacherModel(cfg, "cpu")
+    teacher = TeacherModel(cfg, "cpu")
     model = teacher()
     assert model.hf_device_map["model.layers.1"] == "disk"
     assert {p.device.type for p in model.model.layers[1].parameters()} == {"meta"}
@@ -72,7 +73,7 @@ def test_bad_placements_are_refused(extra, message, llama_teacher, corpus_dir, t
 
 
 def test_a_named_placement_needs_the_gpus_it_names(llama_teacher):
-    from kd.teacher import placement
+    from kd.models import placement
 
     # this machine has no GPU: local rank 1 with 2 GPUs each would need GPUs 2 and 3
     with pytest.raises(KDError, match="needs GPUs 2..3, and this machine has 0"):
@@ -80,7 +81,7 @@ def test_a_named_placement_needs_the_gpus_it_names(llama_teacher):
 
 
 def test_a_named_teacher_placement_that_spills_off_the_gpus_is_refused():
-    from kd.teacher import check_placed
+    from kd.models import check_placed
 
     check_placed(SimpleNamespace(hf_device_map={"model.layers.0": 0, "lm_head": 1}), "t")  # all on GPUs: fine
     with pytest.raises(KDError, match="placed part of it on cpu and disk"):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kd.cache import codecs
+from kd.data.ingest import SPLITS  # noqa: F401 - the splits the ingest writes are the cache's
 
 FORMAT = "kd-teacher-cache"
 FORMAT_VERSION = 7
@@ -26,7 +27,6 @@ FORMAT_VERSION = 7
 #    chunk (4 is still read, its fletcher32 checked by HDF5)
 # 4: the manifest keeps config_hash; 3: streaming ingest (per-document split rule and counts, no document list);
 #    shards as in 2
-SPLITS = ("train", "eval")
 MANIFEST = "manifest.json"
 CONFIG_FILE = "cache_config.json"
 META_ATTR = "kd_meta"

@@ -1,4 +1,5 @@
-"""Writing shards: one shard is built in memory and committed atomically with its sidecar."""
+"""Writing a cache: one shard built in memory and committed atomically with its sidecar (ShardWriter), and the
+whole directory, its claim, lock, shards and manifest (CacheWriter)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,22 @@ import hashlib
 import io
 import json
 import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kd.cache.codecs import ragged_encode
 from kd.cache.format import (
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
     META_ATTR,
     SHARD_DATASETS,
+    SPLITS,
     Dims,
     checksum,
     coded_fields,
@@ -22,10 +31,26 @@ from kd.cache.format import (
     records_table,
     row_datasets,
     shard_index_name,
+    shard_name,
     sidecar_path,
 )
+from kd.cache.manifest import content_config, manifest_record
+from kd.cache_config import CacheConfig
+from kd.config import diff_keys
+from kd.data.ingest import INGEST_DIR, IngestSpec
+from kd.dist import agree, gather_rows
 from kd.errors import KDError
-from kd.io import disk_error, h5_image, h5_in_memory, sha256_file, write_bytes_durable, write_json_atomic
+from kd.io import (
+    LOCK_FILE,
+    DirLock,
+    disk_error,
+    h5_image,
+    h5_in_memory,
+    sha256_file,
+    write_bytes_durable,
+    write_json_atomic,
+)
+from kd.teacher import TeacherOutputs
 
 
 class ShardWriter:
@@ -35,41 +60,29 @@ class ShardWriter:
 
     Until `commit()` returns, no file with the shard's final name exists, so a killed run can never leave a
     shard that looks complete. The sidecar is written before the rename: a final-named shard always has one.
-    `codecs` is the manifest's record (kd/cache/codecs.py); arrays passed to `append` are always the decoded
-    layout (hidden states may be a torch tensor on the teacher's device: a `lowrank` codec projects them there).
+    `meta` is the shard's kd_meta: the cache's description (sizes, `codecs`: kd/cache/codecs.py) plus the shard's
+    split, index and first sequence. `append` takes the teacher's outputs in the decoded layout (TeacherOutputs).
     `basis`: the cache's HiddenBasis, for a `lowrank` hidden-state codec.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        meta: dict,
-        num_sequences: int,
-        seq_len: int,
-        top_k: int,
-        num_layers: int,
-        hidden_size: int,
-        codecs: dict,
-        sample_n: int = 0,
-        store_text: bool = False,
-        basis=None,
-    ):
+    def __init__(self, path: Path, meta: dict, num_sequences: int, basis=None):
         import h5py
 
+        codecs, sample_n, store_text = meta["codecs"], meta.get("sample_n", 0), meta.get("store_text", False)
         self.path, self.meta, self.codecs = path, meta, codecs
         self.tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         self.num_sequences, self.num_tokens, self.cursor, self.sample_bytes = num_sequences, 0, 0, 0
         try:
             self.f = h5_in_memory(str(self.tmp))
-            N, T, k = num_sequences, seq_len, top_k
+            dims = Dims.of(meta)
+            N, T = num_sequences, dims.T
             # Integrity: every row's checksum goes into `checksums` [N, len(rows)] at commit, and the reader checks
             # each row it reads against it (a flipped byte fails that sequence's read instead of reaching the
             # student). HDF5's fletcher32 (format 4) did the same per chunk at 3x the read cost.
-            self.rows = row_datasets(codecs, num_layers, sample_n, store_text)
+            self.rows = row_datasets(codecs, dims.L, sample_n, store_text)
             self.sums = np.zeros((N, len(self.rows)), np.uint64)
             self.f.create_dataset("lengths", (N,), np.int32, chunks=(N,))
             self.f.create_dataset("sequence_index", (N,), np.int64, chunks=(N,))
-            dims = Dims(T, k, num_layers, hidden_size, "loss_mask" in codecs)
             self.field_codecs = field_codecs(codecs, [f.name for f in coded_fields(dims)], basis)
             for ds, (ds_shape, dtype) in field_datasets(codecs, dims).items():
                 self.f.create_dataset(ds, (N,) + ds_shape, dtype, chunks=(1,) + ds_shape)
@@ -89,29 +102,21 @@ class ShardWriter:
             self.abort()
             raise KDError(f"cannot create shard {self.tmp}: {e}") from None
 
-    def append(
-        self, input_ids, lengths, sequence_index, topk_ids, topk_logprobs, hidden, samples=None, text=None, chat=None
-    ) -> None:
-        """Add a batch of n sequences (numpy arrays in the decoded layout, any dtype castable to the stored one);
-        samples: None or (sample_ids, sample_counts), padded [n, T, sample_n]; text: None or (texts, spans [n, T, 2]);
-        chat (a chat cache): (loss_mask [n, T], segments [n, T])."""
+    def append(self, out: TeacherOutputs) -> None:
+        """Add a batch of n sequences (kd.teacher.TeacherOutputs: the decoded layout, any dtype castable to the
+        stored one)."""
+        lengths = out.lengths
         n = len(lengths)
         sl = slice(self.cursor, self.cursor + n)
         try:
             encoded = {}
-            given = {
-                "input_ids": input_ids,
-                "topk_ids": topk_ids,
-                "topk_logprobs": topk_logprobs,
-                "hidden_states": hidden,
-            }
-            if "loss_mask" in self.field_codecs:
-                if chat is None:
-                    raise ValueError("a chat cache's sequences need their loss_mask and segments")
-                given.update(loss_mask=chat[0], segments=chat[1])
             for name, codec in self.field_codecs.items():
-                encoded.update(codec.encode(name, given[name]))
+                if getattr(out, name) is None:
+                    raise ValueError(f"this cache stores {name} and the batch has none")
+                encoded.update(codec.encode(name, getattr(out, name)))
             blobs = None
+            samples = None if out.sample_ids is None else (out.sample_ids, out.sample_counts)
+            text = None if out.text is None else (out.text, out.token_spans)
             if samples is not None and self.codecs["samples"]["name"] == "ragged":
                 spec = self.codecs["samples"]
                 blobs = [ragged_encode(i, c, spec["id_bits"], spec["count_bits"]) for i, c in zip(*samples)]
@@ -136,7 +141,7 @@ class ShardWriter:
             ) from None
         try:
             self.f["lengths"][sl] = lengths
-            self.f["sequence_index"][sl] = sequence_index
+            self.f["sequence_index"][sl] = out.sequence_index
             for ds, arr in rows.items():
                 if ds not in ("sample_bytes", "text"):
                     self.f[ds][sl] = arr
@@ -213,10 +218,6 @@ def complete_shard_info(path: Path, config_hash: str) -> dict | None:
     return info
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reading
-
-
 def write_shard_index(root: Path, split: str, records: list[dict]) -> dict:
     """A split's shard records (sidecar dicts) -> DIR/<split>-shards.npy, written atomically; returns the manifest's
     reference to it ({file, sha256, num_shards})."""
@@ -228,3 +229,212 @@ def write_shard_index(root: Path, split: str, records: list[dict]) -> dict:
     write_bytes_durable(tmp, data)  # one KDError naming the cause if the disk is full
     os.replace(tmp, path)
     return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "num_shards": len(records)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole cache directory
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Shard `index` of `split`: sequences [first, end) of that split."""
+
+    split: str
+    index: int
+    first: int
+    end: int
+
+    @property
+    def num_sequences(self) -> int:
+        return self.end - self.first
+
+
+def weights_change(old: dict | None, new: dict) -> str | None:
+    """How the teacher's weights differ between a cache's record and now (None if they do not)."""
+    if old is None or old.get("digest") == new["digest"]:
+        return None
+    if old.get("kind") == new.get("kind") == "local files":
+        before, after = ({f["name"]: f for f in r["files"]} for r in (old, new))
+        changed = [n for n in sorted(set(before) | set(after)) if before.get(n) != after.get(n)]
+        return "weight files changed: " + ", ".join(
+            f"{n} ({'sha256 ' + before[n]['sha256'][:12] if n in before else 'absent'} -> "
+            f"{'sha256 ' + after[n]['sha256'][:12] if n in after else 'absent'})"
+            for n in changed[:3]
+        )
+    return f"teacher weights {old} -> {new}"
+
+
+class CacheWriter:
+    """The writing side of one cache directory, across all processes of a run: the directory's claim and lock
+    (`claimed`), the record of the run's config (`record_config`), which shards this process computes (`my_jobs`),
+    a ShardWriter per shard (`shard`), and the manifest written last (`finish`).
+
+    Order on disk, so that a killed run never leaves something that looks complete: cache_config.json once the input
+    is ingested; shards under temporary names, each renamed when whole; manifest.json last (the cache exists from
+    then on); the ingest windows removed after it. `cfg_dict`: the run's resolved config (kd.config.to_dict)."""
+
+    def __init__(self, out: Path, cfg_dict: dict, accelerator):
+        self.out, self.cfg_dict, self.accelerator = Path(out), cfg_dict, accelerator
+        self.meta: dict | None = None  # the cache's description (kd.cache.manifest.cache_metadata), once known
+
+    # -- the directory's claim ---------------------------------------------------------------------------------
+    @contextmanager
+    def claimed(self, overwrite: bool, spec: IngestSpec, weights: dict):
+        """Lock the output directory (main process) for the whole run and prepare it; yields True on every process
+        if it already holds this exact cache (nothing to do). A second run on the directory is refused."""
+        lock = None
+
+        def claim() -> int:
+            nonlocal lock
+            if not self.accelerator.is_main_process:
+                return 0
+            lock = self._open()
+            complete = self._prepare(overwrite, weights)
+            if not complete:
+                ingest_dir = self.out / INGEST_DIR
+                ingest_dir.mkdir(exist_ok=True)
+                ingest_cfg = ingest_dir / "config.json"
+                if ingest_cfg.exists() and json.loads(ingest_cfg.read_text()).get("hash") != spec.content_hash():
+                    print("[ingest] discarding an unfinished ingest made with another data config", flush=True)
+                    for p in ingest_dir.glob("*.h5"):
+                        p.unlink()
+                write_json_atomic(ingest_cfg, {"hash": spec.content_hash(), "spec": spec.__dict__})
+            return int(complete)
+
+        try:
+            state = agree(self.accelerator, claim)
+            yield bool(gather_rows(self.accelerator, [state])[0, 0])  # the main process's finding, on every process
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _open(self) -> DirLock:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise KDError(f"cache.output_dir {out} exists and is not a directory")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise KDError(f"cannot write to cache.output_dir {out}: {e}") from None
+        return DirLock(out, "cache_teacher.py run").acquire()
+
+    def _prepare(self, overwrite: bool, weights: dict | None = None) -> bool:
+        """On the main process, holding the directory lock: refuse a directory that holds something else, clear
+        what a killed run left; True if it already holds this exact cache (nothing to do). `weights`: the teacher's
+        weights_fingerprint now, compared with the one the cache was started with."""
+        out, cfg_dict = self.out, self.cfg_dict
+        cfg_file = out / CONFIG_FILE
+        if cfg_file.exists():
+            try:
+                recorded = json.loads(cfg_file.read_text())
+                old = recorded["config"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise KDError(
+                    f"{cfg_file} is damaged (not the JSON cache_teacher.py writes); remove it, or use "
+                    "cache.overwrite=true to start this cache again"
+                ) from None
+            changed = weights_change(recorded.get("teacher_weights"), weights) if weights is not None else None
+            if changed and not overwrite:
+                raise KDError(
+                    f"{out} was started with other teacher weights at {cfg_dict['teacher']['model']} "
+                    f"({changed}); restore those weights, or use cache.overwrite=true (or another "
+                    "cache.output_dir) to cache this teacher"
+                )
+            differing = diff_keys(content_config(old), content_config(cfg_dict), CacheConfig) + (
+                ["teacher weights"] if changed else []
+            )
+            if differing and not overwrite:
+                raise KDError(
+                    f"{out} holds a cache made with a different config (differing keys: {', '.join(differing)}). "
+                    "Use another cache.output_dir, or cache.overwrite=true to replace it"
+                )
+            if differing:
+                for p in out.iterdir():
+                    if p.suffix in (".h5", ".json", ".npy") or ".tmp-" in p.name:
+                        p.unlink()
+                shutil.rmtree(out / INGEST_DIR, ignore_errors=True)
+            elif (out / MANIFEST).exists():
+                shutil.rmtree(out / INGEST_DIR, ignore_errors=True)  # a run killed between manifest and clean-up
+                return True
+        elif any(p.name not in (LOCK_FILE, INGEST_DIR) for p in out.iterdir()):
+            # an unfinished ingest (no cache_config.json yet) is kd's own and may be resumed or replaced; anything
+            # else is the user's
+            raise KDError(
+                f"cache.output_dir {out} is not empty and holds no kd cache; refusing to write into it. "
+                "Choose an empty or new directory"
+            )
+        probe = out / f".write-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"0" * 4096)
+        except OSError as e:
+            raise KDError(f"cannot write to cache.output_dir {out}: {disk_error(e)}") from None
+        finally:
+            probe.unlink(missing_ok=True)
+        for p in [*out.glob("*.tmp-*"), *out.glob(f"{INGEST_DIR}/*.tmp-*")]:  # left by a killed run; never counted
+            p.unlink()
+        return False
+
+    def record_config(self, weights: dict) -> None:
+        """Only once the input is ingested does the directory become this config's cache: a run refused before
+        leaves nothing that would block the corrected re-run."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process and not (self.out / CONFIG_FILE).exists():
+            write_json_atomic(
+                self.out / CONFIG_FILE,
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "config": self.cfg_dict,
+                    "teacher_weights": weights,
+                },
+            )
+
+    # -- the shards --------------------------------------------------------------------------------------------
+    def jobs(self, num_sequences: dict) -> list[ShardJob]:
+        """Every shard of the cache: shard j of a split holds its sequences [j*S, (j+1)*S)."""
+        S = self.meta["sequences_per_shard"]
+        return [
+            ShardJob(split, j, start, min(start + S, num_sequences[split]))
+            for split in SPLITS
+            for j, start in enumerate(range(0, num_sequences[split], S))
+        ]
+
+    def my_jobs(self, jobs: list[ShardJob]) -> list[ShardJob]:
+        """This process's shards: j % N == rank, so the cache does not depend on the number of processes."""
+        return jobs[self.accelerator.process_index :: self.accelerator.num_processes]
+
+    def is_complete(self, job: ShardJob, input_sha256) -> bool:
+        """A shard on disk is kept only if it is whole (sha256), of this cache (config hash), computed from exactly
+        these windows (`input_sha256()`: their fingerprint, computed only when the rest holds) and, with the lowrank
+        codec, with this basis."""
+        info = complete_shard_info(self.out / shard_name(job.split, job.index), self.meta["config_hash"])
+        if info is None:
+            return False
+        same_basis = info.get("basis_sha256") == self.meta["codecs"]["hidden_states"].get("basis_sha256")
+        return same_basis and info.get("input_sha256") == input_sha256()
+
+    def shard(self, job: ShardJob, basis=None) -> ShardWriter:
+        meta = dict(self.meta, split=job.split, shard_index=job.index, first_sequence=job.first)
+        return ShardWriter(self.out / shard_name(job.split, job.index), meta, job.num_sequences, basis)
+
+    # -- the end -----------------------------------------------------------------------------------------------
+    def finish(self, jobs: list[ShardJob], num_sequences: dict, stats: dict) -> dict:
+        """Main process, once every process is done: collect the sidecars into the per-split shard indexes and
+        manifest.json (the cache exists from here on), then remove the ingest windows (they live on in the shards)."""
+        records, refs = {}, {}
+        for split in SPLITS:
+            shards = [
+                json.loads(sidecar_path(self.out / shard_name(j.split, j.index)).read_text())
+                for j in jobs
+                if j.split == split
+            ]
+            for info in shards:
+                info.pop("config_hash")
+            records[split] = shards
+            # the per-shard records go to a binary index beside the manifest: at 100,000 shards, JSON records
+            # would make the manifest ~37 MB and its parse the slowest part of opening a cache
+            refs[split] = write_shard_index(self.out, split, shards)
+        manifest = manifest_record(self.meta, self.cfg_dict, records, refs, num_sequences, stats)
+        write_json_atomic(self.out / MANIFEST, manifest)
+        shutil.rmtree(self.out / INGEST_DIR, ignore_errors=True)
+        return manifest

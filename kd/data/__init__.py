@@ -6,7 +6,6 @@
     pack.py      batched tokenization and on-the-fly packing into seq_len windows; whole conversations packed
                  first-fit, each attending only to itself (ChatPacker, segment_positions)
     ingest.py    the ingest stage: units -> per-document split -> window files on disk, in parallel, resumable
-    shakespeare_chat.py  the offline chat set built from the Shakespeare asset
 
 cache_teacher.py runs the ingest, then the teacher pass over the windows it wrote.
 """

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 from kd.errors import KDError
+from kd.paths import resolve_path
 
 ROLES = ("system", "user", "assistant")
 MASKS = ("assistant", "completion", "all")
@@ -193,8 +194,6 @@ def chat_template(value: str | None) -> str | None:
     an `asset:`/file path to one."""
     if value is None or "{%" in value or "{{" in value:
         return value
-    from kd.assets import resolve_path
-
     path = resolve_path(value)
     if not os.path.isfile(path):
         raise KDError(

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-from kd.cache import SPLITS
 from kd.data.chat import BadConversation, ChatFields, render
 from kd.data.pack import MIN_WINDOW_TOKENS, ChatPacker, Packer, Windows, tokenize
 from kd.data.sources import BadRecord, Records, Unit, unit_documents
@@ -44,6 +43,8 @@ from kd.errors import KDError
 from kd.io import disk_error, h5_image, h5_in_memory, write_bytes_durable
 
 INGEST_DIR = "ingest"
+# Every document goes to one of these splits (document_split); the cache keeps them apart, shard by shard.
+SPLITS = ("train", "eval")
 UNIT_FORMAT = "kd-ingest-unit"
 UNIT_FORMAT_VERSION = 1
 # One tokenizer call per this many documents or characters, whichever comes first: large enough for the Rust

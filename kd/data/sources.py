@@ -33,9 +33,9 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from kd.assets import resolve_path
 from kd.data.chat import BadConversation, ChatFields, conversation
 from kd.errors import KDError
+from kd.paths import resolve_path
 
 FORMATS = (".txt", ".json", ".jsonl", ".csv", ".parquet")
 COMPRESSIONS = ("", ".gz", ".zst")

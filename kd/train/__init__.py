@@ -8,7 +8,7 @@ checkpoint.py  the run directory, resumable checkpoints, the final save_pretrain
 """
 
 from kd.train.data import epoch_order, make_loader, steps_per_epoch
-from kd.train.model import DistillModel, packing_fallback_reason
+from kd.train.model import DistillModel
 from kd.train.state import EMA, RUN_FORMAT_VERSION, MetricsLog, TrainState, peak_memory_mb, read_metrics
 from kd.train.step import (
     LossPlan,
@@ -40,7 +40,6 @@ __all__ = [
     "make_loader",
     "micro_batch_sums",
     "optimizer_step",
-    "packing_fallback_reason",
     "peak_memory_mb",
     "positions",
     "read_metrics",

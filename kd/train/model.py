@@ -2,85 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from kd.losses.chunked import HeadInput
-
-# Config fields of HF models whose logits are not head(body(x)): soft-capping (Gemma 2/3), a logit scale (Cohere),
-# a divisor (Granite), a width multiplier (MiniCPM-style muP). Named in the fallback reason; the probe below is what
-# decides, so a model that post-processes its logits some other way falls back too.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "dim_model_base", "scale_width")
-
-
-def head_fallback_reason(lm: nn.Module) -> str | None:
-    """None when the student's logits are exactly `lm.get_output_embeddings()(lm.base_model(...).last_hidden_state)`
-    with a plain nn.Linear head, so the loss may compute the head itself chunk by chunk; otherwise why not (the
-    trainer then falls back to the model's own forward and says so).
-
-    Checked structurally (a plain Linear head, a body distinct from the model) and numerically: one eval-mode
-    forward of 8 tokens both ways must agree, which catches any post-processing of the logits the config does not
-    name."""
-    get_head = getattr(lm, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None
-    if type(head) is not nn.Linear:
-        return f"its output head is {type(head).__name__}, not a plain torch.nn.Linear"
-    body = getattr(lm, "base_model", lm)
-    if body is lm:
-        return f"{type(lm).__name__} has no separate body module (base_model)"
-    named = [
-        f"{k}={getattr(lm.config, k)}"
-        for k in _LOGIT_POSTPROCESSING
-        if getattr(lm.config, k, None) not in (None, 1, 1.0, False)
-    ]
-    if named:
-        return f"its config post-processes the logits ({', '.join(named)})"
-    device = head.weight.device
-    ids = (torch.arange(8, device=device) * 7919 % head.weight.shape[0])[None, :]
-    was_training = lm.training
-    lm.eval()
-    try:
-        with torch.no_grad():
-            full = lm(input_ids=ids).logits.float()
-            mine = head(body(input_ids=ids).last_hidden_state).float()
-    except Exception as e:  # noqa: BLE001 - any failure of the body call means: use the model's own forward
-        return f"its body cannot be called alone ({type(e).__name__}: {e})"
-    finally:
-        lm.train(was_training)
-    if full.shape != mine.shape:
-        return f"head(body(x)) has shape {tuple(mine.shape)}, the model's logits {tuple(full.shape)}"
-    err = float((full - mine).abs().max())
-    if not err <= 1e-4 * max(1.0, float(full.abs().max())):
-        return f"its logits differ from head(body(x)) by up to {err:.3g} (the model post-processes them)"
-    return None
-
-
-def packing_fallback_reason(lm: nn.Module) -> str | None:
-    """None when the model keeps packed conversations apart: given position ids that restart at a conversation's
-    start (and no mask), each conversation's logits equal those of that conversation alone. Otherwise why not
-    (an attention implementation or a model that ignores the restart, so one conversation would see another).
-    Checked numerically on a 12-token window of two conversations."""
-    device = next(lm.parameters()).device
-    V = lm.config.vocab_size
-    ids = (torch.arange(12, device=device) * 7919 % V)[None, :]
-    pos = torch.cat([torch.arange(5), torch.arange(7)]).to(device)[None, :]
-    was_training = lm.training
-    lm.eval()
-    try:
-        with torch.no_grad():
-            packed = lm(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
-            alone = torch.cat([lm(input_ids=ids[:, :5]).logits, lm(input_ids=ids[:, 5:]).logits], 1).float()
-    except Exception as e:  # noqa: BLE001 - a model that cannot take position ids cannot pack
-        return f"it cannot be called with position ids ({type(e).__name__}: {e})"
-    finally:
-        lm.train(was_training)
-    err = float((packed - alone).abs().max())
-    if not err <= 1e-4 * max(1.0, float(alone.abs().max())):
-        return (
-            f"with packed conversations its logits differ from each conversation alone by up to {err:.3g} (its "
-            f"attention ({getattr(lm.config, '_attn_implementation', '?')}) lets one conversation see another)"
-        )
-    return None
+from kd.models import head_fallback_reason
 
 
 class DistillModel(nn.Module):

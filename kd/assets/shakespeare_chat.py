@@ -13,7 +13,7 @@ Witch.`, `Alb. and Corn.`) after a blank line, the speech's lines up to the next
 Stage directions (`[Exit Ghost.]`) are dropped, act and scene headings start a new scene, and nothing pairs across
 them. Whole plays are held out for eval (King Lear by default, as in the demo), so no eval reply was trained on.
 
-    python -m kd.data.shakespeare_chat --out data/shakespeare_chat      # -> train.jsonl, eval.jsonl
+    python -m kd.assets.shakespeare_chat --out data/shakespeare_chat      # -> train.jsonl, eval.jsonl
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import argparse
 import json
 import re
 from pathlib import Path
+
+from kd.paths import resolve_path
 
 # "Hor." / "HORATIO." / "First Witch." / "LADY MACBETH." / "Alb. and Corn." : a short name line ending in a full stop
 _SPEAKER = re.compile(r"^[A-Z][A-Za-z'\-]*(?:[ .]+[A-Za-z'\-]+){0,4}\.$")
@@ -102,9 +104,7 @@ def build(root: Path, out: Path, train_plays=DEFAULT_TRAIN, eval_plays=DEFAULT_E
 
 
 def main(argv: list[str] | None = None) -> None:
-    from kd.assets import resolve_path
-
-    ap = argparse.ArgumentParser(prog="python -m kd.data.shakespeare_chat", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kd.assets.shakespeare_chat", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for train.jsonl and eval.jsonl")
     ap.add_argument("--train-plays", default=",".join(DEFAULT_TRAIN))
     ap.add_argument("--eval-plays", default=",".join(DEFAULT_EVAL))

