@@ -33,9 +33,9 @@ def main() -> None:
     from kd.config import load_config
     from kd.models import load_tokenizer
     from kd.train import DistillModel
+    from kd.train.model import build_student
     from kd.train.step import LossPlan
     from kd.train_config import TrainConfig
-    from train_student import build_student
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", default="caches/shakespeare_chat_smollm2")

@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_targets import bytes_per_field  # noqa: E402
 from kd.cache import TeacherCache, codecs  # noqa: E402
 from kd.config import load_config  # noqa: E402
-from kd.losses import sparse_kd_per_position  # noqa: E402
+from kd.losses.terms import sparse_kd_per_position  # noqa: E402
 from kd.models import load_causal_lm, load_tokenizer  # noqa: E402
 from kd.teacher import teacher_targets  # noqa: E402
+from kd.train.model import build_student  # noqa: E402
 from kd.train_config import TrainConfig  # noqa: E402
-from train_student import build_student  # noqa: E402
 
 QWEN_BITS = codecs.bits_for(151_936)
 

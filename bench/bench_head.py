@@ -96,9 +96,10 @@ def speed_run(variant: str, cache_dir: str, qwen_cache: str, steps: int) -> dict
     from kd.config import load_config
     from kd.models import load_tokenizer
     from kd.train import DistillModel, peak_memory_mb
+    from kd.train.model import build_student
+    from kd.train.recipe import cross_tokenizer_splits
     from kd.train.step import LossPlan
     from kd.train_config import TrainConfig
-    from train_student import build_student, cross_tokenizer_splits
 
     torch.manual_seed(0)
     cross, fused = variant.startswith("cross"), variant.endswith("fused")

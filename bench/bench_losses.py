@@ -52,8 +52,8 @@ def step_times(cache_dir: str, steps: int, rounds: int) -> dict[str, float]:
     from kd.config import load_config
     from kd.models import load_tokenizer
     from kd.train import DistillModel, LossPlan, accumulate_window
+    from kd.train.model import build_student
     from kd.train_config import LossConfig, TrainConfig
-    from train_student import build_student
 
     torch.manual_seed(0)
     cache = TeacherCache(cache_dir)

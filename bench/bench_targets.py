@@ -27,8 +27,8 @@ from kd.cache import TeacherCache, shard_records  # noqa: E402
 from kd.config import load_config  # noqa: E402
 from kd.models import load_causal_lm, load_tokenizer  # noqa: E402
 from kd.train import DistillModel, accumulate_window  # noqa: E402
+from kd.train.model import build_student  # noqa: E402
 from kd.train_config import TrainConfig  # noqa: E402
-from train_student import build_student  # noqa: E402
 
 TARGETS = {
     "top-256, tail bucket": ("topk", "bucket"),

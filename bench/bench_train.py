@@ -51,8 +51,8 @@ def run_variant(variant: str, cache_dir: str, steps: int) -> dict:
     from kd.config import load_config
     from kd.models import load_causal_lm, load_tokenizer
     from kd.train import DistillModel, accumulate_window, peak_memory_mb, positions
+    from kd.train.model import build_student
     from kd.train_config import TrainConfig
-    from train_student import build_student
 
     torch.manual_seed(0)
     cfg = load_config(TrainConfig, ROOT / "configs/train_shakespeare.yaml", [f"train.cache_dir={cache_dir}"])

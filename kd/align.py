@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kd.data.chat import render
 from kd.errors import KDError
 from kd.models import tokenizer_fingerprint
 
@@ -160,8 +161,6 @@ def align_chat_window(text: str, spans: np.ndarray, length: int, student_tok, te
     content in the teacher's rendering, if one does. Both then condition on the same messages up to there;
     template text (role headers, a default system prompt) aligns to nothing, and so has CE but no KD. A
     conversation the cache cut to the window is cut at the same point of the same message."""
-    from kd.data.chat import render
-
     window = json.loads(text)
     spans = np.asarray(spans[:length])
     teacher_end = {int(spans[t, 1]): t for t in range(length)}  # later positions overwrite: the last one wins

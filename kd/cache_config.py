@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kd.config import NOT_CONTENT, marked_keys
 from kd.errors import KDError
 
 
@@ -31,9 +32,9 @@ class TeacherConfig:
     revision: str | None = None
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     attn_implementation: str = "sdpa"
-    batch_size: int = 8
-    device_map: str | dict[str, Any] | None = None
-    devices_per_process: int = 1
+    batch_size: int = field(default=8, metadata=NOT_CONTENT)
+    device_map: str | dict[str, Any] | None = field(default=None, metadata=NOT_CONTENT)
+    devices_per_process: int = field(default=1, metadata=NOT_CONTENT)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -105,7 +106,7 @@ class DataConfig:
     dataset_config: str | None = None
     dataset_split: str = "train"
     eval_dataset_split: str | None = None
-    streaming: bool = True
+    streaming: bool = field(default=True, metadata=NOT_CONTENT)
     text_field: str = "text"
     decode_errors: Literal["strict", "replace"] = "strict"
     bad_records: Literal["error", "skip"] = "error"
@@ -183,7 +184,7 @@ class CacheSection:
     overwrite: replace a cache in output_dir that was made with a different config (otherwise that is refused).
     """
 
-    output_dir: str = "caches/default"
+    output_dir: str = field(default="caches/default", metadata=NOT_CONTENT)
     top_k: int = 256
     hidden_layers: list[int] = field(default_factory=list)
     id_codec: Literal["bitpack", "plain"] = "bitpack"
@@ -197,7 +198,7 @@ class CacheSection:
     store_text: bool = True
     shard_bytes: int = 256 * 2**20
     sequences_per_shard: int | None = None
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata=NOT_CONTENT)
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -225,12 +226,6 @@ class CacheConfig:
     cache: CacheSection = field(default_factory=CacheSection)
 
 
-# Keys that do not change what is stored: a re-run may differ in these and still resume the same cache.
-NON_CONTENT_KEYS = (
-    "teacher.batch_size",
-    "teacher.device_map",
-    "teacher.devices_per_process",
-    "cache.output_dir",
-    "cache.overwrite",
-    "data.streaming",
-)
+# Keys that do not change what is stored (their fields say so: NOT_CONTENT): a re-run may differ in these and still
+# resume the same cache.
+NON_CONTENT_KEYS = marked_keys(CacheConfig, NOT_CONTENT)

@@ -180,6 +180,26 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Field metadata (dataclasses.field(metadata=...)) that says what a key means beyond its value:
+#   NOT_CONTENT  (cache config) changes nothing a cache stores: a re-run may differ in it and resume the same cache
+#   RESUME_FREE  (training config) may differ when a run is resumed
+NOT_CONTENT = {"content": False}
+RESUME_FREE = {"resume_free": True}
+
+
+def marked_keys(cls: type, marker: dict, prefix: str = "") -> tuple[str, ...]:
+    """The dotted keys of config tree `cls` whose field metadata holds `marker` (NOT_CONTENT, RESUME_FREE)."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)  # the annotations as types (they are strings under postponed evaluation)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if all(f.metadata.get(k) == v for k, v in marker.items()):
+            keys.append(key)
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            keys.extend(marked_keys(tp, marker, key + "."))
+    return tuple(keys)
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

@@ -17,23 +17,22 @@ import json
 import math
 import sys
 
-import numpy as np
-import torch
+from accelerate import Accelerator
 
+from kd.cache import TeacherCache
 from kd.errors import KDError, run_cli
-from kd.textscore import batch_text_units, score_record, target_text_units
+from kd.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from kd.textscore import batch_text_units, score_record, score_windows, text_windows
+from kd.train import DistillModel, LossPlan, evaluate, make_loader
+from kd.train_config import LossConfig
 
 
 def _load(model_dir: str, dtype: str):
-    from kd.models import load_causal_lm, load_tokenizer
-
     return load_causal_lm(model_dir, None, dtype, "sdpa").eval(), load_tokenizer(model_dir)
 
 
 def on_cache(model_dir: str, cache_dir: str, split: str, max_sequences: int | None, batch_size: int, dtype: str):
     """(metrics as the trainer logs them, eval/*, the teacher's score on the split from the manifest or None)."""
-    from kd.cache import TeacherCache
-
     cache = TeacherCache(cache_dir)
     lm, tok = _load(model_dir, dtype)
     metrics = score_on_cache(lm, tok, cache, split, max_sequences, batch_size, where=model_dir)
@@ -44,13 +43,6 @@ def on_cache(model_dir: str, cache_dir: str, split: str, max_sequences: int | No
 def score_on_cache(lm, tok, cache, split: str, max_sequences: int | None = None, batch_size: int = 8, where="model"):
     """The trainer's eval metrics (eval/*) of an in-memory causal LM on the first `max_sequences` (or all) windows
     of a cache split: CE, ppl, bits per character and byte, forward KL to the cached teacher, top-1 agreement."""
-    from accelerate import Accelerator
-
-    from kd.models import tokenizer_fingerprint
-    from kd.train import DistillModel, evaluate, make_loader
-    from kd.train.step import LossPlan
-    from kd.train_config import LossConfig
-
     if tokenizer_fingerprint(tok) != cache.manifest["tokenizer"]["fingerprint"]:
         raise KDError(
             f"{where} has another tokenizer than the cache {cache.root}: KD metrics compare token ids, so "
@@ -67,70 +59,6 @@ def score_on_cache(lm, tok, cache, split: str, max_sequences: int | None = None,
 
     loader = make_loader(reader, range(n), batch_size, 0, False)
     return evaluate(model, loader, LossPlan.for_eval(LossConfig()), accelerator, units)
-
-
-def text_windows(tok, files: list[str], seq_len: int, text_field: str = "text", max_sequences: int | None = None):
-    """Text files packed into windows of `seq_len` tokens with the tokenizer's EOS between documents, as the caching
-    pass packs them (the first `max_sequences` windows, or all): (kd.data.pack.Windows, the separator id)."""
-    from kd.data.pack import Packer
-    from kd.data.sources import BadRecord, expand_files, plan_file_units, unit_documents
-
-    sep = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
-    if sep is None:
-        raise KDError("the tokenizer has no EOS (or pad) token to put between documents")
-    packer = Packer(seq_len, sep, sep, False)
-    for unit in plan_file_units(expand_files(files, "text files"), 1 << 62, "main"):
-        for text, _ in unit_documents(unit, text_field, "strict"):
-            if isinstance(text, BadRecord):
-                raise KDError(text.message)
-            if text.strip():
-                packer.add(tok(text, add_special_tokens=False)["input_ids"])
-    windows = packer.take(final=True)
-    if max_sequences is not None:
-        windows = type(windows)(windows.input_ids[:max_sequences], windows.lengths[:max_sequences], windows.doc_starts)
-    if not len(windows):
-        raise KDError(f"no text to evaluate in {files} (at least 2 tokens are needed)")
-    return windows, sep
-
-
-def score_windows(
-    lm, tok, windows, sep: int, batch_size: int = 8, chunk: int = 128, fused: bool | None = None
-) -> np.ndarray:
-    """[nats, scored tokens, characters, bytes] of a causal LM on packed windows (kd/textscore.py's definition).
-    Where the LM head can run apart from the body (kd.models.head_fallback_reason), the logits are computed
-    `chunk` positions at a time and never whole, as in training. `fused`: that decision when the caller has made
-    it already (the trainer's DistillModel.fused_head, probed once per run); None probes the model here."""
-    from kd.losses.chunked import HeadInput, chunk_logits
-    from kd.models import head_fallback_reason
-
-    if fused is None:
-        fused = head_fallback_reason(lm) is None
-    was_training = lm.training
-    lm.eval()
-    device = next(lm.parameters()).device
-    nats, tokens = 0.0, 0
-    for a in range(0, len(windows), batch_size):
-        ids = torch.from_numpy(windows.input_ids[a : a + batch_size].astype(np.int64)).to(device)
-        lengths = torch.from_numpy(windows.lengths[a : a + batch_size].astype(np.int64)).to(device)
-        B, T = ids.shape
-        # position t predicts ids[t + 1]; right padding: no valid position sees it
-        scored = (torch.arange(T, device=device)[None, :] < (lengths[:, None] - 1)).reshape(-1)
-        targets = torch.roll(ids, -1, dims=1).reshape(-1)
-        with torch.no_grad():
-            if fused:
-                h = lm.base_model(input_ids=ids).last_hidden_state
-                head = lm.get_output_embeddings()
-                x = HeadInput(h.reshape(B * T, -1), head.weight, head.bias)
-            else:
-                x = lm(input_ids=ids).logits.reshape(B * T, -1)
-            for s in range(0, B * T, chunk):
-                rows = slice(s, s + chunk)
-                lp = torch.log_softmax(chunk_logits(x, rows), -1).gather(1, targets[rows, None])[:, 0]
-                nats -= float(lp[scored[rows]].double().sum())
-        tokens += int(scored.sum())
-    lm.train(was_training)
-    chars, nbytes = target_text_units(tok, windows.input_ids, windows.lengths, sep).sum(0)
-    return np.array([nats, tokens, chars, nbytes], dtype=np.float64)
 
 
 def on_text(

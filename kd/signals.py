@@ -15,19 +15,65 @@ of every divergence in kd/losses/divergences.py:
             none). Outcomes: the mapped ids + one bucket holding all other mass on both sides (the teacher's unmapped
             top-k mass and its tail; the student's mass elsewhere). Unmapped entries are -inf on both sides.
 
-A teacher tail below kd.losses.forward.TAIL_FLOOR (2^-20) is rounding, not mass, and is exactly 0; where the
+A teacher tail below TAIL_FLOOR (2^-20) is rounding, not mass, and is exactly 0; where the
 student's tail is below it too, so is the student's. So k = V gives the exact divergence at every temperature.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from kd.errors import KDError
-from kd.losses.divergences import REGISTRY
-from kd.losses.forward import _LOG_TAIL_FLOOR, gather_mapped, student_tail, teacher_bucket
 
 _NEG_INF = float("-inf")
+
+# ---- tail rules: the teacher's and the student's mass outside the cached ids ------------------------------------
+
+TailPolicy = Literal["renormalize", "bucket"]
+TAIL_POLICIES = ("renormalize", "bucket")
+# Smallest probability a student tail bucket is clamped to, so log(p_tail) stays finite when the student puts
+# (numerically) all of its mass on the teacher's top-k.
+MIN_TAIL = 1e-30
+# A teacher tail (1 - the cached top-k mass) below this is taken as exactly 0: it cannot be told from the rounding
+# of k fp32 log-probs that hold all the mass (~1e-7 each) or of the q8 codec (total mass kept to ~1e-6). Left in,
+# tempering would inflate it (1e-7 ** (1 / 4) = 0.018 at T = 4) and charge it against a student tail clamped to
+# 1e-30 (the bug of issue 12: up to 8 nats at k = V). A real tail this small changes KD by < 2^-20 * 69 nats at T = 1.
+TAIL_FLOOR = 2.0**-20
+LOG_TAIL_FLOOR = -20 * 0.6931471805599453
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable on both ends (Maechler 2012)."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def teacher_bucket(t_lp: torch.Tensor, T: float) -> torch.Tensor:
+    """The teacher's k + 1 log-probs at temperature T, [N, k+1]: the cached top-k full-softmax log-probs (at T = 1)
+    and their tail log(1 - sum), divided by T and renormalised (the tail as one outcome: its inner shape is not
+    cached). A tail below TAIL_FLOOR is exactly 0 (-inf), at every T."""
+    # in fp64: a tail of 1e-6 is 1 - (the top-k sum), and fp32 would lose it to cancellation ([N, k], cheap)
+    t64 = t_lp.double()
+    t_tail = _log1mexp(torch.logsumexp(t64, dim=-1, keepdim=True))  # exact tail mass at T = 1
+    t_tail = torch.where(t_tail < LOG_TAIL_FLOOR, torch.full_like(t_tail, float("-inf")), t_tail)
+    return torch.log_softmax(torch.cat([t64, t_tail], dim=-1) / T, dim=-1).to(t_lp.dtype)
+
+
+def student_tail(s_top: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum exp(s_top)) per row [N, 1], floored at MIN_TAIL: the student's mass outside the cached ids.
+    The sum is taken in fp64 (1 - S cancels when S is near 1); -inf entries (unmapped ids) carry no mass."""
+    mass = -torch.expm1(torch.logsumexp(s_top.double(), dim=-1, keepdim=True))
+    return torch.log(mass.clamp(min=MIN_TAIL)).to(s_top.dtype)
+
+
+def gather_mapped(s_logp: torch.Tensor, ids: torch.Tensor, t_lp: torch.Tensor):
+    """(student log-probs at the teacher's mapped ids, the teacher's log-probs), both -inf where an id is -1 (a
+    teacher token with no identical student token: no outcome on either side, its mass left to the tail bucket)."""
+    ok = ids >= 0
+    neg = torch.full_like(t_lp, float("-inf"))
+    return torch.where(ok, s_logp.gather(-1, ids.clamp(min=0)), neg), torch.where(ok, t_lp, neg)
 
 
 def _with_buckets(s_top: torch.Tensor, t_kp1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +81,7 @@ def _with_buckets(s_top: torch.Tensor, t_kp1: torch.Tensor) -> tuple[torch.Tenso
     is 0 and the student's is below TAIL_FLOOR too, both are rounding (k = V): the student's is then 0 as well, so
     that reverse-direction kinds do not charge ~1e-7 of fp32 noise against the teacher's floor."""
     s_tail = student_tail(s_top)
-    noise = (t_kp1[:, -1:] == float("-inf")) & (s_tail < _LOG_TAIL_FLOOR)
+    noise = (t_kp1[:, -1:] == float("-inf")) & (s_tail < LOG_TAIL_FLOOR)
     s_tail = torch.where(noise, torch.full_like(s_tail, float("-inf")), s_tail)
     return torch.cat([s_top, s_tail], dim=-1), t_kp1
 
@@ -54,9 +100,6 @@ class Signal:
 
     def top1(self, rows) -> torch.Tensor:
         raise NotImplementedError
-
-    def check_kind(self, kind: str) -> None:
-        """Refuse a divergence this signal cannot give a meaningful value for."""
 
 
 class TopK(Signal):
@@ -89,15 +132,6 @@ class Sampled(TopK):
     def __init__(self, ids: torch.Tensor, counts: torch.Tensor):
         c = counts.float()
         super().__init__(ids, torch.log(c / c.sum(-1, keepdim=True)), "renormalize")
-
-    def check_kind(self, kind):
-        if kind in REGISTRY and not REGISTRY[kind].unbiased_on_samples:
-            ok = sorted(k for k, d in REGISTRY.items() if d.unbiased_on_samples)
-            raise KDError(
-                f"divergence {kind} is not linear in the teacher distribution, so training it against "
-                f"sampled targets (counts / n) would be biased; use {ok} with loss.target=sampled, or "
-                "loss.target=topk / online for this kind"
-            )
 
 
 class Online(Signal):

@@ -21,6 +21,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+
+from kd.data.pack import Packer
+from kd.data.sources import BadRecord, expand_files, plan_file_units, unit_documents
+from kd.errors import KDError
+from kd.losses.chunked import HeadInput, chunk_logits
+from kd.models import head_fallback_reason
 
 
 def chat_targets(loss_mask, segments) -> np.ndarray:
@@ -74,3 +81,64 @@ def score_record(nats: float, tokens: int, chars: int, nbytes: int) -> dict:
         "chars": chars,
         "bytes": nbytes,
     }
+
+
+# ---- scoring a model on text packed as the caching pass packs it (kd.evaluate --text, train.extra_eval_files) ----
+
+
+def text_windows(tok, files: list[str], seq_len: int, text_field: str = "text", max_sequences: int | None = None):
+    """Text files packed into windows of `seq_len` tokens with the tokenizer's EOS between documents, as the caching
+    pass packs them (the first `max_sequences` windows, or all): (kd.data.pack.Windows, the separator id)."""
+    sep = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
+    if sep is None:
+        raise KDError("the tokenizer has no EOS (or pad) token to put between documents")
+    packer = Packer(seq_len, sep, sep, False)
+    for unit in plan_file_units(expand_files(files, "text files"), 1 << 62, "main"):
+        for text, _ in unit_documents(unit, text_field, "strict"):
+            if isinstance(text, BadRecord):
+                raise KDError(text.message)
+            if text.strip():
+                packer.add(tok(text, add_special_tokens=False)["input_ids"])
+    windows = packer.take(final=True)
+    if max_sequences is not None:
+        windows = type(windows)(windows.input_ids[:max_sequences], windows.lengths[:max_sequences], windows.doc_starts)
+    if not len(windows):
+        raise KDError(f"no text to evaluate in {files} (at least 2 tokens are needed)")
+    return windows, sep
+
+
+def score_windows(
+    lm, tok, windows, sep: int, batch_size: int = 8, chunk: int = 128, fused: bool | None = None
+) -> np.ndarray:
+    """[nats, scored tokens, characters, bytes] of a causal LM on packed windows (kd/textscore.py's definition).
+    Where the LM head can run apart from the body (kd.models.head_fallback_reason), the logits are computed
+    `chunk` positions at a time and never whole, as in training. `fused`: that decision when the caller has made
+    it already (the trainer's DistillModel.fused_head, probed once per run); None probes the model here."""
+    if fused is None:
+        fused = head_fallback_reason(lm) is None
+    was_training = lm.training
+    lm.eval()
+    device = next(lm.parameters()).device
+    nats, tokens = 0.0, 0
+    for a in range(0, len(windows), batch_size):
+        ids = torch.from_numpy(windows.input_ids[a : a + batch_size].astype(np.int64)).to(device)
+        lengths = torch.from_numpy(windows.lengths[a : a + batch_size].astype(np.int64)).to(device)
+        B, T = ids.shape
+        # position t predicts ids[t + 1]; right padding: no valid position sees it
+        scored = (torch.arange(T, device=device)[None, :] < (lengths[:, None] - 1)).reshape(-1)
+        targets = torch.roll(ids, -1, dims=1).reshape(-1)
+        with torch.no_grad():
+            if fused:
+                h = lm.base_model(input_ids=ids).last_hidden_state
+                head = lm.get_output_embeddings()
+                x = HeadInput(h.reshape(B * T, -1), head.weight, head.bias)
+            else:
+                x = lm(input_ids=ids).logits.reshape(B * T, -1)
+            for s in range(0, B * T, chunk):
+                rows = slice(s, s + chunk)
+                lp = torch.log_softmax(chunk_logits(x, rows), -1).gather(1, targets[rows, None])[:, 0]
+                nats -= float(lp[scored[rows]].double().sum())
+        tokens += int(scored.sum())
+    lm.train(was_training)
+    chars, nbytes = target_text_units(tok, windows.input_ids, windows.lengths, sep).sum(0)
+    return np.array([nats, tokens, chars, nbytes], dtype=np.float64)

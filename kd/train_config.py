@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kd.config import RESUME_FREE, marked_keys
 from kd.errors import KDError
-from kd.losses import TAIL_POLICIES
+from kd.losses.divergences import REGISTRY
+from kd.losses.terms import Term, parse_terms
 from kd.schedule import SCHEDULES
+from kd.signals import TAIL_POLICIES
 
 
 @dataclass
@@ -206,8 +209,6 @@ class LossConfig:
                 "the uld term compares across tokenizers: it needs loss.cross_tokenizer (mapped, uld or hybrid)"
             )
         if self.target == "sampled":
-            from kd.losses.divergences import REGISTRY
-
             biased = sorted(k for k in kinds if k in REGISTRY and not REGISTRY[k].unbiased_on_samples)
             if biased:
                 raise KDError(
@@ -218,8 +219,6 @@ class LossConfig:
 
     def loss_terms(self) -> list:
         """The loss as kd.losses.terms.Term objects: `terms` parsed, or the alpha_* fields mapped onto it."""
-        from kd.losses.terms import Term, parse_terms
-
         if self.terms:
             return parse_terms(self.terms)
         kd_kind = {None: "forward_kl", "mapped": "forward_kl", "hybrid": "forward_kl", "uld": "uld"}[
@@ -297,10 +296,10 @@ class TrainSection:
     """
 
     cache_dir: str = "caches/default"
-    trust_cache: bool = False
+    trust_cache: bool = field(default=False, metadata=RESUME_FREE)
     output_dir: str = "runs"
     run_name: str = "default"
-    resume: bool = False
+    resume: bool = field(default=False, metadata=RESUME_FREE)
     max_steps: int = 0
     epochs: float = 1.0
     micro_batch_size: int = 4
@@ -318,15 +317,15 @@ class TrainSection:
     eval_every: int = 50
     eval_max_sequences: int | None = None
     checkpoint_every: int = 0
-    save_final_state: bool | None = None
+    save_final_state: bool | None = field(default=None, metadata=RESUME_FREE)
     ema_decay: float | None = None
     early_stopping_patience: int | None = None
-    num_workers: int = 1
+    num_workers: int = field(default=1, metadata=RESUME_FREE)
     shuffle: Literal["shards", "exact"] = "exact"
     shuffle_buffer_shards: int = 8
     seed: int = 0
-    on_weaker_teacher: Literal["warn", "refuse"] = "warn"
-    log_with: list[str] = field(default_factory=list)
+    on_weaker_teacher: Literal["warn", "refuse"] = field(default="warn", metadata=RESUME_FREE)
+    log_with: list[str] = field(default_factory=list, metadata=RESUME_FREE)
     extra_eval_files: list[str] = field(default_factory=list)
     eval_generations: int = 4
     generation_tokens: int = 48
@@ -387,13 +386,6 @@ class TrainConfig:
 
 
 # Keys a resumed run may change without changing what it computes.
-RESUME_FREE_KEYS = (
-    "train.resume",
-    "train.num_workers",
-    "train.trust_cache",
-    "train.save_final_state",
-    "train.log_with",
-    "train.on_weaker_teacher",
-)
+RESUME_FREE_KEYS = marked_keys(TrainConfig, RESUME_FREE)
 # Accelerate's trackers (accelerate.utils.LoggerType, "all" aside)
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -173,6 +175,23 @@ def tiny_cache(tmp_path_factory, corpus_dir, llama_teacher) -> Path:
     return cache_teacher.main(load_config(CacheConfig, None, overrides))
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, *args, nproc: int = 2, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """The one place a test starts several processes: `python -m torch.distributed.run` with `nproc` processes of
+    `script` on a free port, on the CPU (gloo; ACCELERATE_USE_CPU=1 is what `accelerate launch --cpu` sets, without it
+    Accelerate ignores torchrun on CPU), one thread each. Output captured as text."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    cmd += ["--master_port", str(free_port()), str(script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
 def killing_runner(script: str, module: str, owner: str | None, name: str, when) -> str:
     """The source of a program that runs `script` (a repo script, its argv after the runner's own) and SIGKILLs
     itself, no clean-up, at a precise point of the real run: on the `when`-th call (an int) of module.owner.name,
@@ -198,6 +217,33 @@ def killing_runner(script: str, module: str, owner: str | None, name: str, when)
         for m in list(sys.modules.values()):  # modules that imported the name before the patch
             if getattr(m, {name!r}, None) is real and m is not target:
                 setattr(m, {name!r}, patched)
+        runpy.run_path({str(ROOT / script)!r}, run_name="__main__")
+    """)
+
+
+def holding_runner(script: str, module: str, owner: str | None, name: str, held: Path, release: Path) -> str:
+    """The source of a program that runs `script` (argv as killing_runner's) and, on the first call of
+    module.owner.name, creates the file `held` and waits until the file `release` exists before going on: a run held
+    at a precise point for as long as the test needs, instead of a race against its speed."""
+    import textwrap
+
+    return textwrap.dedent(f"""
+        import importlib, os, runpy, sys, time
+        from pathlib import Path
+        sys.argv = sys.argv[1:]
+        sys.path[0] = {str(ROOT)!r}
+        import kd.cache, kd.data.ingest, kd.train  # the scripts' library, loaded before the patch
+        mod = importlib.import_module({module!r})
+        target = getattr(mod, {owner!r}) if {owner!r} else mod
+        real, calls = getattr(target, {name!r}), [0]
+        def patched(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 1:
+                Path({str(held)!r}).touch()
+                while not Path({str(release)!r}).exists():
+                    time.sleep(0.02)
+            return real(*args, **kwargs)
+        setattr(target, {name!r}, patched)
         runpy.run_path({str(ROOT / script)!r}, run_name="__main__")
     """)
 

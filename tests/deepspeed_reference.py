@@ -16,10 +16,11 @@ def build(cache: Path):
     """(TrainConfig, DistillModel, AdamW, the train split) with seeded weights: CE + forward KL, no feature term."""
     from test_train import STUDENT
 
-    import train_student
     from kd.cache import TeacherCache
     from kd.config import load_config
+    from kd.models import load_tokenizer
     from kd.train import DistillModel
+    from kd.train.model import build_student
     from kd.train_config import TrainConfig
 
     cfg = load_config(
@@ -36,7 +37,7 @@ def build(cache: Path):
     )
     c = TeacherCache(cache)
     torch.manual_seed(0)
-    lm = train_student.build_student(cfg, train_student.load_tokenizer(c.manifest["teacher"]["name_or_path"]), 0)
+    lm = build_student(cfg, load_tokenizer(c.manifest["teacher"]["name_or_path"]), 0)
     model = DistillModel(lm, [], c.manifest["teacher"]["hidden_size"])
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(

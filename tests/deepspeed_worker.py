@@ -19,11 +19,11 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed_reference import GA, LRS, MB, build, nan_window, rank_window  # noqa: E402
 
-import train_student  # noqa: E402
 from kd.cache import TeacherCache  # noqa: E402
+from kd.models import load_tokenizer  # noqa: E402
 from kd.train import LossPlan, TrainState, optimizer_step  # noqa: E402
+from kd.train.backend import DeepSpeedBackend  # noqa: E402
 from kd.train.checkpoint import save_final  # noqa: E402
-from kd.train.engine import DeepSpeedBackend  # noqa: E402
 
 
 def whole_weights(engine) -> dict[str, torch.Tensor]:
@@ -62,10 +62,10 @@ def make_engine(cache: Path, stage: int):
 
 def step(engine, optimizer, split, plan, backend, cfg, state, w: int, window=None):
     window = window if window is not None else rank_window(split, w, dist.get_rank(), dist.get_world_size())
-    _, grad_norm, nonfinite = optimizer_step(
-        engine, optimizer, window, plan, backend, state, LRS[w], cfg.train.max_grad_norm
-    )
-    return grad_norm, nonfinite
+    result = optimizer_step(engine, optimizer, window, plan, backend, LRS[w], cfg.train.max_grad_norm)
+    state.step += 1  # as the recipe's loop advances it
+    state.skipped_steps += int(not result.applied)
+    return result.grad_norm, result.nonfinite
 
 
 def main() -> None:
@@ -109,7 +109,7 @@ def main() -> None:
             is_main_process=rank == 0,
             wait_for_everyone=dist.barrier,
         )
-        tokenizer = train_student.load_tokenizer(TeacherCache(cache).manifest["teacher"]["name_or_path"])
+        tokenizer = load_tokenizer(TeacherCache(cache).manifest["teacher"]["name_or_path"])
         save_final(shim, engine, tokenizer, out / f"final_{stage}", {"stage": stage})
         if rank == 0:
             torch.save(record, out / f"stage{stage}.pt")

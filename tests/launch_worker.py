@@ -101,7 +101,7 @@ def whole_root_check(launch_yaml: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from kd.train import DistillModel
-    from kd.train.engine import backend_for
+    from kd.train.backend import backend_for
 
     acc = accelerate.Accelerator()
     torch.manual_seed(0)
@@ -134,18 +134,19 @@ def main() -> None:
     import train_student
     from kd.config import parse_cli
     from kd.errors import run_cli
+    from kd.train import MetricsLog
     from kd.train_config import TrainConfig
 
     stop_after = int(os.environ.get("KD_TEST_STOP_AFTER", "0"))
     if stop_after:
-        real_write = train_student.MetricsLog.write
+        real_write = MetricsLog.write
 
         def write_then_stop(self, record):
             real_write(self, record)
             if record.get("step") == stop_after and "loss" in record:
                 sys.exit(3)
 
-        train_student.MetricsLog.write = write_then_stop
+        MetricsLog.write = write_then_stop
     run_cli(
         lambda: train_student.main(
             parse_cli(TrainConfig, overrides, "train_student.py under FSDP2 or DeepSpeed on CPU")

@@ -11,8 +11,9 @@ import pytest
 from accelerate.utils import DistributedType
 from conftest import ROOT
 
-from kd.dist import check_training_backend
 from kd.errors import KDError
+from kd.train.backend import BACKENDS, check_training_backend
+from kd.train_config import TrainSection
 
 
 @pytest.mark.parametrize(
@@ -24,14 +25,40 @@ from kd.errors import KDError
 )
 def test_unsupported_backends_are_refused_by_name(kind, match):
     with pytest.raises(KDError, match=match):
-        check_training_backend(SimpleNamespace(distributed_type=kind))
+        check_training_backend(SimpleNamespace(distributed_type=kind), TrainSection())
 
 
-@pytest.mark.parametrize(
-    "kind", [DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.DEEPSPEED]
-)
-def test_ddp_deepspeed_and_one_process_pass(kind):
-    check_training_backend(SimpleNamespace(distributed_type=kind))
+def _accelerator(kind: str):
+    """A stand-in Accelerator of `kind` whose plugin holds a launch config the back-end accepts."""
+    fsdp = SimpleNamespace(fsdp_version=2, cpu_ram_efficient_loading=False, activation_checkpointing=False)
+    deepspeed = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}}, zero3_init_flag=False)
+    return SimpleNamespace(
+        distributed_type=SimpleNamespace(name=kind), state=SimpleNamespace(fsdp_plugin=fsdp, deepspeed_plugin=deepspeed)
+    )
+
+
+# every registry entry, with the test that runs it end to end (a new entry fails here until it is listed and tested)
+TESTED_BACKENDS = {
+    "NO": "every training test",
+    "MULTI_CPU": "test_train.py: 2 processes = 1 (DDP over gloo)",
+    "MULTI_GPU": "bench/gpu_check.sh (DDP; the same Accelerate calls as MULTI_CPU)",
+    "MULTI_XPU": "the DDP calls of MULTI_GPU (not run here)",
+    "MULTI_NPU": "the DDP calls of MULTI_GPU (not run here)",
+    "MULTI_MLU": "the DDP calls of MULTI_GPU (not run here)",
+    "MULTI_MUSA": "the DDP calls of MULTI_GPU (not run here)",
+    "MULTI_HPU": "the DDP calls of MULTI_GPU (not run here)",
+    "FSDP": "test_sharded_training.py: FSDP2 end to end",
+    "DEEPSPEED": "test_sharded_training.py: ZeRO-2/3 end to end; test_deepspeed.py",
+}
+
+
+def test_every_backend_entry_is_listed_with_its_test():
+    assert set(BACKENDS) == set(TESTED_BACKENDS)
+
+
+@pytest.mark.parametrize("kind", sorted(TESTED_BACKENDS))
+def test_each_backend_accepts_a_valid_launch(kind):
+    check_training_backend(_accelerator(kind), TrainSection())
 
 
 @pytest.mark.parametrize("name", ["ddp.yaml", "ddp_multinode.yaml"])
@@ -51,7 +78,9 @@ def test_shipped_deepspeed_configs_load_in_accelerate(name, stage):
     cfg = load_config_from_file(str(Path(ROOT) / "configs" / "accelerate" / name))
     assert cfg.distributed_type == DistributedType.DEEPSPEED and cfg.num_processes >= 2
     ds = cfg.deepspeed_config
-    assert ds["zero_stage"] == stage and ds["zero3_init_flag"] is False  # kd builds the student whole (kd/dist.py)
+    assert (
+        ds["zero_stage"] == stage and ds["zero3_init_flag"] is False
+    )  # kd builds the student whole (kd/train/backend.py)
     # kd owns accumulation and clipping (configure_deepspeed): a launch config naming them would only be overridden
     assert "gradient_accumulation_steps" not in ds and "gradient_clipping" not in ds
 
@@ -63,5 +92,5 @@ def test_the_shipped_fsdp2_config_loads_in_accelerate():
     assert cfg.distributed_type == DistributedType.FSDP and cfg.num_processes >= 2
     fsdp = cfg.fsdp_config
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
-    # what kd refuses (kd/dist.py check_fsdp) is off in the shipped config
+    # what kd refuses (kd/train/backend.py check_fsdp) is off in the shipped config
     assert fsdp["fsdp_cpu_ram_efficient_loading"] is False and fsdp["fsdp_activation_checkpointing"] is False

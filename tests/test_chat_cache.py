@@ -5,16 +5,13 @@ eval counted on the assistant's tokens only, with the one global normalisation."
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, make_text
+from conftest import ROOT, TINY, make_text, torchrun
 from test_train import overrides
 
 import cache_teacher
@@ -24,8 +21,10 @@ from kd.cache_config import CacheConfig
 from kd.config import load_config
 from kd.data.chat import conversation, render
 from kd.errors import KDError
+from kd.models import load_tokenizer
 from kd.textscore import chat_targets
 from kd.train import read_metrics
+from kd.train.model import build_student
 
 TEMPLATE = (
     "{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + '<|endoftext|>' + '\\n' }}{% endfor %}"
@@ -227,7 +226,7 @@ def _window_grads(cache: Path, micro_batch: int, accumulation: int) -> dict[str,
     items = [split[i] for i in range(8)]
     batches = [torch.utils.data.default_collate(items[i : i + micro_batch]) for i in range(0, 8, micro_batch)]
     torch.manual_seed(0)
-    lm = train_student.build_student(cfg, train_student.load_tokenizer(c.manifest["teacher"]["name_or_path"]), 0)
+    lm = build_student(cfg, load_tokenizer(c.manifest["teacher"]["name_or_path"]), 0)
     model = DistillModel(lm, cfg.loss.feature_layers, c.manifest["teacher"]["hidden_size"])
     accumulate_window(model, batches, cfg.loss, Accelerator(), [0, 1])
     return {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -243,14 +242,7 @@ def test_accumulation_with_masks_gives_the_gradient_of_one_big_batch(chat_caches
 
 def test_two_processes_match_one_process_on_chat(chat_caches, tmp_path):
     cache = chat_caches["first_fit"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    result = subprocess.run(
-        [*cmd, str(ROOT / "train_student.py"), *train_overrides(cache, tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    result = torchrun(ROOT / "train_student.py", *train_overrides(cache, tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-3000:]
     one = train(cache, tmp_path / "one", **{"train.gradient_accumulation_steps": 4})
     a, b = read_metrics(one), read_metrics(tmp_path / "two" / "r")
@@ -385,7 +377,7 @@ def _student_and_batch(cache: Path, n: int = 4):
     split = c.split("train")
     packed = [split[i] for i in range(len(split)) if int(split[i]["segments"].max()) >= 2][:n]
     torch.manual_seed(0)
-    lm = train_student.build_student(cfg, train_student.load_tokenizer(c.manifest["teacher"]["name_or_path"]), 0)
+    lm = build_student(cfg, load_tokenizer(c.manifest["teacher"]["name_or_path"]), 0)
     model = DistillModel(lm, cfg.loss.feature_layers, c.manifest["teacher"]["hidden_size"])
     return cfg, model, torch.utils.data.default_collate(packed)
 
@@ -487,16 +479,9 @@ def test_a_chat_cache_on_two_processes_equals_one(chat_caches, chat_teacher, cha
     as the one-process cache, and the same chat counts."""
     from kd.cache import MANIFEST, shard_records
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     extra = {"data.unit_bytes": 3000}
     one = make_chat_cache(chat_teacher, chat_files, tmp_path / "one", **extra)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"]
-    result = subprocess.run(
-        [*cmd, str(ROOT / "cache_teacher.py"), *chat_overrides(chat_teacher, chat_files, tmp_path / "two", **extra)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    result = torchrun(ROOT / "cache_teacher.py", *chat_overrides(chat_teacher, chat_files, tmp_path / "two", **extra))
     assert result.returncode == 0, result.stderr[-3000:]
     two = tmp_path / "two"
     ma, mb = (json.loads((d / MANIFEST).read_text()) for d in (one, two))

@@ -14,7 +14,7 @@ import torch
 
 import cache_teacher
 from kd.cache import FORMAT_VERSION, MANIFEST, TeacherCache, codecs, summary, verify
-from kd.losses import sparse_kd_per_position
+from kd.losses.terms import sparse_kd_per_position
 from kd.teacher import sample_targets
 
 V1_CACHE = Path(__file__).parent / "data" / "cache_v1"

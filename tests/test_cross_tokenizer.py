@@ -18,7 +18,7 @@ import cache_teacher
 import train_student
 from kd import align
 from kd.errors import KDError
-from kd.losses import cross_kd_per_position, sparse_kd_per_position
+from kd.losses.terms import cross_kd_per_position, sparse_kd_per_position
 
 PARAGRAPH = (
     "Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that "

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO through kd's window step (kd/train/engine.py): the accumulation contract against a fake engine
+"""DeepSpeed ZeRO through kd's window step (kd/train/backend.py): the accumulation contract against a fake engine
 that records its calls, then real ZeRO-2 and ZeRO-3 engines on CPU (2 processes, gloo) against the plain
 one-process step; and the combinations kd refuses, with their messages."""
 
@@ -7,20 +7,17 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, torchrun
 from deepspeed_reference import GA, LRS, full_window, nan_window, rank_window
 from deepspeed_reference import build as build_reference
 
 from kd.errors import KDError
-from kd.train import LossPlan, TrainState, optimizer_step
-from kd.train.engine import AccelerateBackend, DeepSpeedBackend
+from kd.train import LossPlan, optimizer_step
+from kd.train.backend import AccelerateBackend, DeepSpeedBackend
 
 
 class FakeEngine:
@@ -86,11 +83,10 @@ def test_the_window_contract_against_a_fake_engine(tiny_cache):
 
     ds = DeepSpeedBackend(None, engine, reduce_sum=reduce_sum, num_processes=1)
     plain = AccelerateBackend(Accelerator())
-    s_ds, s_plain = TrainState(), TrainState()
     for w in range(2):
         window = _window(split, w)
-        _, norm_ds, _ = optimizer_step(engine, optimizer, window, plan, ds, s_ds, LRS[w], 1.0)
-        _, norm_plain, _ = optimizer_step(ref_model, ref_opt, window, plan, plain, s_plain, LRS[w], 1.0)
+        norm_ds = optimizer_step(engine, optimizer, window, plan, ds, LRS[w], 1.0).grad_norm
+        norm_plain = optimizer_step(ref_model, ref_opt, window, plan, plain, LRS[w], 1.0).grad_norm
         assert norm_ds == pytest.approx(norm_plain, rel=1e-6)
     # the boundary on the last micro-batch only, no division by the engine's accumulation steps, ONE step
     window_calls = [("boundary", False), ("backward", False, True)] * (GA - 1) + [
@@ -106,16 +102,16 @@ def test_the_window_contract_against_a_fake_engine(tiny_cache):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine.calls.clear()
     windows_of_other_rank["nan"] = True
-    result, grad_norm, nonfinite = optimizer_step(engine, optimizer, _window(split, 2), plan, ds, s_ds, LRS[2], 1.0)
+    step = optimizer_step(engine, optimizer, _window(split, 2), plan, ds, LRS[2], 1.0)
     assert engine.calls[-2:] == [("backward", False, False), ("step",)]
     assert all(c[2] for c in engine.calls if c[0] == "backward" and c is not engine.calls[-2])
-    assert "kd" in nonfinite and s_ds.skipped_steps == 1 and s_ds.consecutive_skips == 1
+    assert "kd" in step.nonfinite and not step.applied
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
     # an engine that applies such a window is refused, not trusted
     bad = DeepSpeedBackend(None, FakeEngine(model, optimizer, applies_nonfinite=True), reduce_sum, 1)
     with pytest.raises(KDError, match="applied an optimizer step whose loss was non-finite"):
-        optimizer_step(bad.engine, optimizer, _window(split, 2), plan, bad, TrainState(), LRS[2], 1.0)
+        optimizer_step(bad.engine, optimizer, _window(split, 2), plan, bad, LRS[2], 1.0)
 
 
 # slow (~50 s): train_student.py end to end under ZeRO-2 and ZeRO-3 (tests/test_sharded_training.py) checks the same
@@ -131,19 +127,15 @@ def test_real_zero2_and_zero3_engines_match_the_plain_step(tiny_cache, tmp_path)
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521"]
     worker = ROOT / "tests" / "deepspeed_worker.py"
-    result = subprocess.run(
-        [*cmd, str(worker), str(tiny_cache), str(tmp_path), "2", "3"], capture_output=True, text=True, env=env
-    )
+    result = torchrun(worker, tiny_cache, tmp_path, 2, 3, env_extra={"DS_ACCELERATOR": "cpu"})
     assert result.returncode == 0, result.stderr[-4000:]
 
     cfg, model, optimizer, split = build_reference(tiny_cache)
-    plan, plain, state = LossPlan.build(cfg.loss), AccelerateBackend(Accelerator()), TrainState()
+    plan, plain = LossPlan.build(cfg.loss), AccelerateBackend(Accelerator())
     ref_weights, ref_norms = [], []
     for w in range(3):
-        _, norm, _ = optimizer_step(model, optimizer, full_window(split, w, 2), plan, plain, state, LRS[w], 1.0)
+        norm = optimizer_step(model, optimizer, full_window(split, w, 2), plan, plain, LRS[w], 1.0).grad_norm
         ref_weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         ref_norms.append(norm)
     assert nan_window(split, 0, 2)  # the worker's skipped window exists
@@ -202,14 +194,14 @@ def _fake_accelerator(kind: str, ds_config: dict | None = None, world: int = 2):
     ],
 )
 def test_deepspeed_combinations_refused(ds_config, tc, message):
-    from kd.dist import check_training_backend
+    from kd.train.backend import check_training_backend
 
     with pytest.raises(KDError, match=message):
         check_training_backend(_fake_accelerator("DEEPSPEED", ds_config), tc)
 
 
 def test_zero3_init_refused():
-    from kd.dist import check_training_backend
+    from kd.train.backend import check_training_backend
 
     acc = _fake_accelerator("DEEPSPEED", {"zero_optimization": {"stage": 3}})
     acc.state.deepspeed_plugin.zero3_init_flag = True
@@ -218,15 +210,17 @@ def test_zero3_init_refused():
 
 
 def test_deepspeed_too_old_refused(monkeypatch):
-    import kd.dist
+    import kd.train.backend
 
-    monkeypatch.setattr(kd.dist, "_deepspeed_version", lambda: "0.14.4")
+    monkeypatch.setattr(kd.train.backend, "_deepspeed_version", lambda: "0.14.4")
     with pytest.raises(KDError, match="older than"):
-        kd.dist.check_training_backend(_fake_accelerator("DEEPSPEED", {"zero_optimization": {"stage": 2}}), _tc())
+        kd.train.backend.check_training_backend(
+            _fake_accelerator("DEEPSPEED", {"zero_optimization": {"stage": 2}}), _tc()
+        )
 
 
 def test_deepspeed_config_takes_kd_batch_accumulation_and_clipping():
-    from kd.dist import configure_deepspeed
+    from kd.train.backend import configure_deepspeed
 
     ds = {
         "train_micro_batch_size_per_gpu": "auto",

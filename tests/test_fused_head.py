@@ -314,7 +314,7 @@ def test_eval_on_text_is_the_same_with_the_head_chunked_or_not(tokenizer_dir, co
     import numpy as np
     from transformers import AutoTokenizer
 
-    from kd.evaluate import score_windows, text_windows
+    from kd.textscore import score_windows, text_windows
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     windows, sep = text_windows(tok, [str(sorted(corpus_dir.glob("*.txt"))[0])], 32, max_sequences=6)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, cache_overrides, killing_runner, make_text
+from conftest import ROOT, cache_overrides, holding_runner, killing_runner, make_text
 from test_cache import read_all
 
 import cache_teacher
@@ -279,33 +279,29 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, corpus_dir, js
 
 
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path, corpus_dir, jsonl_corpus, llama_teacher):
+    """The first run is held in its teacher pass (at its first shard's commit) while a second run on the same
+    directory starts: the second is refused by the lock, the first then finishes a whole cache."""
     out = tmp_path / "c"
-    overrides = jsonl_overrides(
-        llama_teacher,
-        corpus_dir,
-        jsonl_corpus,
-        out,
-        # one sequence per batch and per shard: the first run stays in its teacher pass for seconds after its first
-        # shard appears (48 train windows; the whole corpus took 18 s here and proved nothing more)
-        **{
-            "teacher.batch_size": 1,
-            "cache.sequences_per_shard": 1,
-            "data.max_eval_sequences": "null",
-            "data.max_train_sequences": 48,
-        },
-    )
+    overrides = jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, out, **{"data.max_train_sequences": 16})
+    held, release = tmp_path / "held", tmp_path / "release"
+    runner = tmp_path / "runner.py"
+    runner.write_text(holding_runner("cache_teacher.py", "kd.cache.writer", "ShardWriter", "commit", held, release))
     first = subprocess.Popen(
-        [sys.executable, str(ROOT / "cache_teacher.py"), *overrides],
+        [sys.executable, str(runner), "cache_teacher.py", *overrides],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("*.h5")):  # the first run is in its teacher pass
-        time.sleep(0.05)
-    with pytest.raises(KDError, match=f"another cache_teacher.py run is writing {out} \\(pid {first.pid} on"):
-        cache_teacher.main(load_config(CacheConfig, None, overrides))
-    assert first.poll() is None  # it was really running while the second was refused
+    try:
+        deadline = time.time() + 120
+        while not held.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert held.exists(), first.communicate()[1][-2000:]  # the first run is in its teacher pass, holding
+        with pytest.raises(KDError, match=f"another cache_teacher.py run is writing {out} \\(pid {first.pid} on"):
+            cache_teacher.main(load_config(CacheConfig, None, overrides))
+        assert first.poll() is None  # still running, and held, while the second was refused
+    finally:
+        release.touch()
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-2000:]
     assert verify(out, log=lambda *_: None) == [] and not (out / ".lock").exists()

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.losses import feature_per_position, info_nce_sum, logit_term_sums, sparse_kd_per_position, token_losses
-from kd.losses.terms import Term
+from kd.losses import feature_per_position, info_nce_sum
+from kd.losses.terms import Term, logit_term_sums, sparse_kd_per_position, token_losses
 from kd.schedule import lr_at
 from kd.signals import TopK
 

@@ -17,6 +17,7 @@ from kd import prune
 from kd.cache import TeacherCache
 from kd.config import load_config
 from kd.errors import KDError
+from kd.prune.__main__ import main as prune_command
 from kd.train import read_metrics
 from kd.train_config import FromTeacherConfig, TrainConfig
 
@@ -239,7 +240,9 @@ def test_a_student_cut_from_the_teacher_trains_with_default_feature_pairs_and_sa
 
 def test_the_prune_command_prints_importance_and_scores_and_writes_a_loadable_folder(deep_cache, tmp_path, capsys):
     out = tmp_path / "half"
-    prune.main(["--cache", str(deep_cache), "--layers", "2", "--intermediate-size", "32", "--out", str(out), "--json"])
+    prune_command(
+        ["--cache", str(deep_cache), "--layers", "2", "--intermediate-size", "32", "--out", str(out), "--json"]
+    )
     said = capsys.readouterr().out
     assert "drop layers  0-1   angular distance" in said and "drop layers  2-3   angular distance" in said
     assert "teacher: 4 layers, held-out CE" in said and "block: keeps layers" in said and "MLP width 32" in said
@@ -255,17 +258,17 @@ def test_the_prune_command_prints_importance_and_scores_and_writes_a_loadable_fo
     metrics, _ = on_cache(str(out), str(deep_cache), "eval", None, 8, "fp32")
     assert metrics["eval/ce"] == pytest.approx(results[1]["eval/ce"], rel=1e-6)
     with pytest.raises(KDError, match="already exists"):
-        prune.main(["--cache", str(deep_cache), "--layers", "2", "--out", str(out)])
+        prune_command(["--cache", str(deep_cache), "--layers", "2", "--out", str(out)])
     with pytest.raises(KDError, match="comma-separated layer indices"):
-        prune.main(["--cache", str(deep_cache), "--keep", "0,x", "--out", str(tmp_path / "x")])
+        prune_command(["--cache", str(deep_cache), "--keep", "0,x", "--out", str(tmp_path / "x")])
     with pytest.raises(KDError, match="strictly increasing"):
-        prune.main(["--cache", str(deep_cache), "--keep", "2,1", "--out", str(tmp_path / "y")])
+        prune_command(["--cache", str(deep_cache), "--keep", "2,1", "--out", str(tmp_path / "y")])
     capsys.readouterr()
-    prune.main(["--cache", str(deep_cache), "--layers", "3", "--compare"])
+    prune_command(["--cache", str(deep_cache), "--layers", "3", "--compare"])
     said = capsys.readouterr().out
     assert all(f"{rule}: keeps layers" in said for rule in prune.RULES)
     # with an explicit list, --compare scores the rules beside it and --out still writes the list's student
-    prune.main(["--cache", str(deep_cache), "--keep", "0,3", "--compare", "--out", str(tmp_path / "kept")])
+    prune_command(["--cache", str(deep_cache), "--keep", "0,3", "--compare", "--out", str(tmp_path / "kept")])
     said = capsys.readouterr().out
     assert "explicit: keeps layers [0, 3]" in said and all(f"{rule}: keeps layers" in said for rule in prune.RULES)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "kept").config.kd_pruned_from["teacher_layers"] == [0, 3]

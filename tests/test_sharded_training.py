@@ -8,47 +8,34 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, torchrun
 from test_chat_cache import chat_caches, chat_files, chat_teacher  # noqa: F401 - the chat cache fixtures
 from test_chat_cache import train as train_chat
 from test_chat_cache import train_overrides as chat_overrides
 from test_train import STUDENT, make_cfg, overrides, poisoned_cache
 
 import train_student
-from kd.dist import check_fsdp
 from kd.errors import KDError
 from kd.train import epoch_order, read_metrics
+from kd.train.backend import check_fsdp
 
 LAUNCH = ROOT / "configs" / "accelerate"
 FSDP2_YAML = LAUNCH / "fsdp2.yaml"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_on_cpu(yaml: Path, cache: Path, out: Path, env_extra=None, chat=False, zero=None, **extra):
     """train_student.main on 2 CPU processes under the back-end `yaml` configures (tests/launch_worker.py), with
     test_train's run (test_chat_cache's with `chat`) and `extra` overrides; `zero`: DeepSpeed zero_optimization keys."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", **(env_extra or {}))
+    env_extra = dict(env_extra or {})
     if zero is not None:  # merged into the DeepSpeed config's zero_optimization (tests/launch_worker.py)
-        env["KD_TEST_ZERO_OPTIMIZATION"] = json.dumps(zero)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+        env_extra["KD_TEST_ZERO_OPTIMIZATION"] = json.dumps(zero)
     args = (chat_overrides if chat else overrides)(cache, out, **extra)
-    return subprocess.run(
-        [*cmd, str(ROOT / "tests" / "launch_worker.py"), str(yaml), *args], capture_output=True, text=True, env=env
-    )
+    return torchrun(ROOT / "tests" / "launch_worker.py", yaml, *args, env_extra=env_extra)
 
 
 def assert_logged_alike(run_a: Path, run_b: Path, rel: float) -> None:
@@ -201,14 +188,7 @@ def test_chat_generations_on_sharded_weights_equal_one_process(chat_caches, tmp_
 
 
 def test_a_call_past_the_sharded_forward_sees_whole_weights_inside_whole_root():
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    result = subprocess.run(
-        [*cmd, str(ROOT / "tests" / "launch_worker.py"), "--whole-root", str(FSDP2_YAML)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    result = torchrun(ROOT / "tests" / "launch_worker.py", "--whole-root", FSDP2_YAML)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     assert result.stdout.count("whole_root ok") == 2
 

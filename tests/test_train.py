@@ -14,15 +14,17 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, reseal_row
+from conftest import ROOT, reseal_row, torchrun
 
 import cache_teacher
 import train_student
 from kd.cache import MANIFEST, TeacherCache, shard_records
 from kd.config import load_config
 from kd.errors import KDError
+from kd.models import load_tokenizer
 from kd.schedule import lr_at
-from kd.train import read_metrics
+from kd.train import MetricsLog, read_metrics
+from kd.train.model import build_student
 from kd.train_config import TrainConfig
 
 STUDENT = (
@@ -98,24 +100,9 @@ def test_other_schedules_are_honoured(tiny_cache, tmp_path, schedule):
 def test_two_processes_match_one_process(tiny_cache, tmp_path):
     """GA=4 on 2 processes vs GA=8 on 1: every optimizer window holds the same sequences (the seeded permutation
     is dealt round-robin to ranks), so LR, losses, gradient norms and evals must agree."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     common = {"train.max_steps": 4, "train.eval_every": 2}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29513",
-            str(ROOT / "train_student.py"),
-            *overrides(tiny_cache, tmp_path / "two", **common, **{"train.gradient_accumulation_steps": 4}),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    two_ga4 = overrides(tiny_cache, tmp_path / "two", **common, **{"train.gradient_accumulation_steps": 4})
+    result = torchrun(ROOT / "train_student.py", *two_ga4)
     assert result.returncode == 0, result.stderr[-3000:]
     two = tmp_path / "two" / "r"
     check_lr_log(two, 4, 2)
@@ -205,7 +192,7 @@ def _grads_after_window(cache: Path, micro_batch: int, accumulation: int, extra:
     batches = [torch.utils.data.default_collate(items[i : i + micro_batch]) for i in range(0, 8, micro_batch)]
     assert len(batches) == accumulation
     torch.manual_seed(0)
-    lm = train_student.build_student(cfg, train_student.load_tokenizer(c.manifest["teacher"]["name_or_path"]), 0)
+    lm = build_student(cfg, load_tokenizer(c.manifest["teacher"]["name_or_path"]), 0)
     model = DistillModel(lm, cfg.loss.feature_layers, c.manifest["teacher"]["hidden_size"])
     accelerator = Accelerator()
     accumulate_window(model, batches, cfg.loss, accelerator, [0, 1])
@@ -315,9 +302,7 @@ def test_weights_unchanged_by_a_skipped_step(tiny_cache, tmp_path):
     from accelerate.utils import set_seed
 
     set_seed(0)
-    fresh = train_student.build_student(
-        cfg, train_student.load_tokenizer(TeacherCache(cache).manifest["teacher"]["name_or_path"]), 0
-    )
+    fresh = build_student(cfg, load_tokenizer(TeacherCache(cache).manifest["teacher"]["name_or_path"]), 0)
     # every weight was saved (a tied LM head is stored once, as the embedding)
     assert {n for n in fresh.state_dict() if f"lm.{n}" not in saved} <= {"lm_head.weight"}
     for name, p in fresh.state_dict().items():
@@ -366,14 +351,14 @@ def test_resume_continues_exactly(tiny_cache, tmp_path, monkeypatch, shuffle):
         )
     )
     # the same run, interrupted after step 12 (its step-10 checkpoint saved), then resumed
-    real_write = train_student.MetricsLog.write
+    real_write = MetricsLog.write
 
     def interrupt_after_12(self, record):
         real_write(self, record)
         if record.get("step") == 12 and "loss" in record:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_student.MetricsLog, "write", interrupt_after_12)
+    monkeypatch.setattr(MetricsLog, "write", interrupt_after_12)
     cfg = make_cfg(
         tiny_cache,
         tmp_path / "b",
@@ -387,7 +372,7 @@ def test_resume_continues_exactly(tiny_cache, tmp_path, monkeypatch, shuffle):
     )
     with pytest.raises(KeyboardInterrupt):
         train_student.main(cfg)
-    monkeypatch.setattr(train_student.MetricsLog, "write", real_write)
+    monkeypatch.setattr(MetricsLog, "write", real_write)
     with pytest.raises(KDError, match="already exists"):  # never overwritten without resume
         train_student.main(cfg)
     cfg.train.resume = True

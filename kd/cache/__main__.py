@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kd.cache.export import export
 from kd.cache.verify import summary, verify
 from kd.errors import run_cli
 
@@ -28,8 +29,6 @@ def main(argv: list[str] | None = None) -> None:
         print(summary(args.dir))
         return
     if args.cmd == "export":
-        from kd.cache.export import export
-
         export(args.dir, args.out, args.splits, args.rows_per_file)
         return
     problems = verify(args.dir)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kd.cache.reader import TeacherCache
+from kd.data.pack import segment_positions
 from kd.errors import KDError
 
 EXPORT_FORMAT = "kd-teacher-cache-export"
@@ -53,8 +55,6 @@ def _row(item: dict, with_samples: bool, with_text: bool, with_chat: bool = Fals
         row["text"] = item["text"]
         row["token_spans"] = item["token_spans"][:n].numpy().astype(np.int32)
     if with_chat:
-        from kd.data.pack import segment_positions
-
         row["loss_mask"] = item["loss_mask"][:n].numpy().astype(np.int8)
         row["position_ids"] = segment_positions(item["segments"][None, :n])[0].numpy().astype(np.int32)
     return row
@@ -82,8 +82,6 @@ def export(
     cache_dir: str | Path, out: str | Path, splits: list[str] | None = None, rows_per_file: int = 4096, log=print
 ) -> Path:
     import pyarrow.parquet as pq
-
-    from kd.cache import TeacherCache
 
     cache = TeacherCache(cache_dir)
     out = Path(out)

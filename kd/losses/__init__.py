@@ -7,21 +7,16 @@ forward.py      forward KL's tail rules and its analytic-gradient chunk function
 terms.py        the loss as a weighted list of terms; the chunk functions of the logit-level ones; the
                 per-position references (sparse and cross-tokenizer KD, token_losses) on the same signals
 features.py     hidden-state distance and InfoNCE
+
+This package's namespace holds the pure functions only: terms.py sits above the teacher signals (kd/signals.py),
+which use divergences.py and forward.py, so it is imported as kd.losses.terms, never from here.
 """
 
 from kd.losses.features import feature_per_position, info_nce_sum
-from kd.losses.forward import TAIL_FLOOR, TAIL_POLICIES, TailPolicy, fused_ce_kd
-from kd.losses.terms import cross_kd_per_position, logit_term_sums, sparse_kd_per_position, token_losses
+from kd.losses.forward import fused_ce_kd
 
 __all__ = [
-    "TAIL_FLOOR",
-    "TAIL_POLICIES",
-    "TailPolicy",
-    "cross_kd_per_position",
     "feature_per_position",
     "fused_ce_kd",
     "info_nce_sum",
-    "logit_term_sums",
-    "sparse_kd_per_position",
-    "token_losses",
 ]

@@ -23,47 +23,10 @@ means the same thing at every temperature.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from kd.losses.chunked import logits_chunked
-
-TailPolicy = Literal["renormalize", "bucket"]
-TAIL_POLICIES = ("renormalize", "bucket")
-# Smallest probability a student tail bucket is clamped to, so log(p_tail) stays finite when the student puts
-# (numerically) all of its mass on the teacher's top-k.
-_MIN_TAIL = 1e-30
-# A teacher tail (1 - the cached top-k mass) below this is taken as exactly 0: it cannot be told from the rounding
-# of k fp32 log-probs that hold all the mass (~1e-7 each) or of the q8 codec (total mass kept to ~1e-6). Left in,
-# tempering would inflate it (1e-7 ** (1 / 4) = 0.018 at T = 4) and charge it against a student tail clamped to
-# 1e-30 (the bug of issue 12: up to 8 nats at k = V). A real tail this small changes KD by < 2^-20 * 69 nats at T = 1.
-TAIL_FLOOR = 2.0**-20
-_LOG_TAIL_FLOOR = -20 * 0.6931471805599453
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable on both ends (Maechler 2012)."""
-    x = x.clamp(max=0.0)
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def teacher_bucket(t_lp: torch.Tensor, T: float) -> torch.Tensor:
-    """The teacher's k + 1 log-probs at temperature T, [N, k+1]: the cached top-k full-softmax log-probs (at T = 1)
-    and their tail log(1 - sum), divided by T and renormalised (the tail as one outcome: its inner shape is not
-    cached). A tail below TAIL_FLOOR is exactly 0 (-inf), at every T."""
-    # in fp64: a tail of 1e-6 is 1 - (the top-k sum), and fp32 would lose it to cancellation ([N, k], cheap)
-    t64 = t_lp.double()
-    t_tail = _log1mexp(torch.logsumexp(t64, dim=-1, keepdim=True))  # exact tail mass at T = 1
-    t_tail = torch.where(t_tail < _LOG_TAIL_FLOOR, torch.full_like(t_tail, float("-inf")), t_tail)
-    return torch.log_softmax(torch.cat([t64, t_tail], dim=-1) / T, dim=-1).to(t_lp.dtype)
-
-
-def student_tail(s_top: torch.Tensor) -> torch.Tensor:
-    """log(1 - sum exp(s_top)) per row [N, 1], floored at _MIN_TAIL: the student's mass outside the cached ids.
-    The sum is taken in fp64 (1 - S cancels when S is near 1); -inf entries (unmapped ids) carry no mass."""
-    mass = -torch.expm1(torch.logsumexp(s_top.double(), dim=-1, keepdim=True))
-    return torch.log(mass.clamp(min=_MIN_TAIL)).to(s_top.dtype)
+from kd.signals import MIN_TAIL, TAIL_POLICIES, TailPolicy, gather_mapped, teacher_bucket
 
 
 def _dense_chunk(z, teacher_logits, tgt, m, alpha_ce: float, alpha_kd: float, T: float):
@@ -79,14 +42,6 @@ def _dense_chunk(z, teacher_logits, tgt, m, alpha_ce: float, alpha_kd: float, T:
     g = (alpha_ce * keep) * logp.exp() + (alpha_kd * T * keep) * (logp_t.exp() - q)
     g.scatter_add_(-1, tgt[:, None], -alpha_ce * keep)
     return torch.where(m[:, None], g, torch.zeros_like(g)), ce, kd, agree
-
-
-def gather_mapped(s_logp: torch.Tensor, ids: torch.Tensor, t_lp: torch.Tensor):
-    """(student log-probs at the teacher's mapped ids, the teacher's log-probs), both -inf where an id is -1 (a
-    teacher token with no identical student token: no outcome on either side, its mass left to the tail bucket)."""
-    ok = ids >= 0
-    neg = torch.full_like(t_lp, float("-inf"))
-    return torch.where(ok, s_logp.gather(-1, ids.clamp(min=0)), neg), torch.where(ok, t_lp, neg)
 
 
 def ce_kd_chunk(
@@ -141,11 +96,11 @@ def ce_kd_chunk(
             S = p_top.sum(-1, keepdim=True, dtype=torch.float64)
             p_tail_raw = (1.0 - S).float()  # fp64 difference: 1 - S cancels when S is near 1
             S = S.float()
-            p_tail = p_tail_raw.clamp(min=_MIN_TAIL)
+            p_tail = p_tail_raw.clamp(min=MIN_TAIL)
             s_b = torch.cat([s_top, p_tail.log()], dim=-1)
             kd = torch.where(q == 0, torch.zeros_like(q), q * (q_logp - s_b)).sum(-1) * (T * T)
             q_top, q_tail = q[:, :-1], q[:, -1:]
-            r = torch.where(p_tail_raw > _MIN_TAIL, q_tail / p_tail, torch.zeros_like(q_tail))
+            r = torch.where(p_tail_raw > MIN_TAIL, q_tail / p_tail, torch.zeros_like(q_tail))
             coef_kd = (T * ((1.0 - q_tail) - r * S)).squeeze(-1)
             top_corr = T * (r * p_top - q_top)  # 0 at unmapped entries: both of their probabilities are 0
         else:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from kd.errors import KDError
 from kd.losses import divergences
 from kd.losses.chunked import HeadInput, chunk_logits, head_chunked, logits_chunked
-from kd.losses.forward import TailPolicy, ce_kd_chunk
+from kd.losses.forward import ce_kd_chunk
+from kd.signals import Mapped, TailPolicy, TopK
 
 DIVERGENCE_KINDS = tuple(divergences.REGISTRY)
 LOGIT_KINDS = ("ce", "uld") + DIVERGENCE_KINDS
@@ -251,8 +252,6 @@ def cross_kd_per_position(
     uld: sum_i |p_t(i) - p_s(i)| over the k largest probabilities of each side, sorted (T = 1, ids not compared).
     hybrid: mapped + uld_weight * uld.
     """
-    from kd.signals import Mapped
-
     if kind not in ("mapped", "uld", "hybrid"):
         raise ValueError(f"unknown cross-tokenizer loss {kind!r}")
     T = float(temperature)
@@ -276,8 +275,6 @@ def sparse_kd_per_position(
     """T^2 * KL(teacher || student) per position, [N], from the student's logits [N, V] and the cached teacher
     top-k ids [N, k] (int64) and log-probs [N, k] (any float dtype; full-softmax log-probs at T = 1): forward KL on
     the TopK signal with `tail` (bucket or renormalize), the same functions training uses."""
-    from kd.signals import TopK
-
     T = float(temperature)
     signal = TopK(topk_ids, topk_logprobs, tail)
     s_logp = torch.log_softmax(student_logits.float() / T, dim=-1)

@@ -1,11 +1,17 @@
-"""The trained module: the student LM plus its feature projectors, and whether its LM head can run inside the loss."""
+"""The trained module: the student LM plus its feature projectors (DistillModel), and the student built from a config
+(build_student)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from kd.errors import KDError
 from kd.losses.chunked import HeadInput
 from kd.models import head_fallback_reason
+from kd.paths import resolve_path
+from kd.prune import from_teacher
+from kd.train_config import TrainConfig
 
 
 class DistillModel(nn.Module):
@@ -57,3 +63,45 @@ class DistillModel(nn.Module):
             return result, None
         projected = [proj(out.hidden_states[s]) for proj, (s, _) in zip(self.projectors, self.feature_pairs)]
         return result, projected
+
+
+def build_student(cfg: TrainConfig, tokenizer, teacher_vocab: int, cache=None, log=print, device="cpu"):
+    """The student LM (`cache`: the teacher's, needed to cut a student from it). A student cut from the teacher
+    carries what kd.prune kept and measured in `lm.config.kd_pruned_from` (saved with it in config.json)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    s = cfg.student
+    if s.from_teacher is not None:  # cut from the cache's teacher: every process cuts the same (a deterministic pass)
+        if cache is None:
+            raise KDError("student.from_teacher cuts the student from a cache's teacher: give the cache")
+        lm, _ = from_teacher(cache, s.from_teacher, log, device)
+    elif s.pretrained is not None:
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(
+                resolve_path(s.pretrained),
+                revision=s.revision,
+                attn_implementation=s.attn_implementation,
+                dtype=torch.float32,
+            )
+        except (OSError, ValueError) as e:
+            raise KDError(f"cannot load student '{s.pretrained}': {e}") from None
+    else:
+        fields = dict(s.config)
+        fields.setdefault("vocab_size", len(tokenizer))
+        try:
+            model_cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        except (ValueError, TypeError) as e:
+            raise KDError(f"student.config is not a valid model config: {e}") from None
+        try:
+            lm = AutoModelForCausalLM.from_config(model_cfg, attn_implementation=s.attn_implementation)
+        except (ValueError, TypeError, RuntimeError) as e:  # e.g. a negative size: "negative dimension -64"
+            raise KDError(f"student.config cannot build a model ({str(e).splitlines()[0]}); fix that field") from None
+    if lm.config.vocab_size < teacher_vocab:
+        raise KDError(
+            f"the student's vocab_size ({lm.config.vocab_size}) is smaller than the teacher's "
+            f"({teacher_vocab}): cached teacher token ids would fall outside the student's logits"
+        )
+    if s.gradient_checkpointing:
+        # renamed to activation_checkpointing_enable in recent transformers 5.x releases (the old name warns)
+        (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
+    return lm

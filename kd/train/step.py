@@ -2,7 +2,7 @@
 
 Normalisation, in ONE place (`accumulate_window`): every loss term is a sum over the positions of the whole
 accumulation window on all processes, divided once by the global count of those positions. No back-end divides
-again (kd/train/engine.py: Accelerate with gradient_accumulation_steps=1, DeepSpeed with scale_wrt_gas=False);
+again (kd/train/backend.py: Accelerate with gradient_accumulation_steps=1, DeepSpeed with scale_wrt_gas=False);
 DDP, FSDP and ZeRO average gradients over processes, which the factor `num_processes` undoes. Hence GA=4 x
 micro-batch 2 gives the same gradient as GA=1 x micro-batch 8, on any number of processes, whatever the sequence
 lengths.
@@ -22,7 +22,7 @@ from kd.losses import feature_per_position, info_nce_sum
 from kd.losses.terms import Term, logit_term_sums
 from kd.signals import Signal, batch_signal
 from kd.textscore import bits_per_unit
-from kd.train.engine import as_backend
+from kd.train.backend import as_backend
 from kd.train_config import LossConfig
 
 
@@ -217,7 +217,7 @@ def accumulate_window(
     teacher=None,
 ) -> WindowResult:
     """Forward + backward over the micro-batches of one optimizer step; gradients end up where the back-end keeps
-    them (`.grad`, or DeepSpeed's partitions). `accelerator` is an Accelerator or a kd.train.engine backend;
+    them (`.grad`, or DeepSpeed's partitions). `accelerator` is an Accelerator or a kd.train.backend backend;
     `loss` the run's LossPlan (or a LossConfig, planned here with teacher_slots and teacher).
 
     The window's sums are reduced over processes after the last micro-batch's forward and before its backward, so
@@ -295,21 +295,24 @@ def evaluate(
     return record
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step did: the window's sums (WindowResult), the gradient norm, what was non-finite, and
+    whether the update was applied (a skipped step leaves the weights and the optimizer state as they were)."""
+
+    result: WindowResult
+    grad_norm: float
+    nonfinite: list[str]
+    applied: bool
+
+
 def optimizer_step(
-    model,
-    optimizer,
-    window: list[dict],
-    plan: LossPlan,
-    accelerator,
-    state,
-    lr: float,
-    max_grad_norm: float | None,
-    ema=None,
-) -> tuple[WindowResult, float, list[str]]:
+    model, optimizer, window: list[dict], plan: LossPlan, accelerator, lr: float, max_grad_norm: float | None
+) -> StepResult:
     """One optimizer step over `window` (the micro-batches of this process): set the LR, accumulate, clip, then
-    step, or, if any loss term or the gradient norm is non-finite, skip: the weights, the optimizer state and the
-    EMA stay as they were (never clamped), and under fp16 the scaler still records the overflow, as its own step
-    would. Updates `state` (a TrainState); returns (the window's result, the gradient norm, the non-finite names)."""
+    step, or, if any loss term or the gradient norm is non-finite, skip: the weights and the optimizer state stay
+    as they were (never clamped), and under fp16 the scaler still records the overflow, as its own step would.
+    Changes nothing else: the caller advances its TrainState (and EMA weights) from the StepResult."""
     backend = as_backend(accelerator)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -317,16 +320,8 @@ def optimizer_step(
     grad_norm, applied = backend.finish(model, optimizer, bool(result.nonfinite), max_grad_norm)
     nonfinite = result.nonfinite + ([] if math.isfinite(grad_norm) else ["grad_norm"])
     if not applied:
-        state.skipped_steps += 1
-        state.consecutive_skips += 1
         nonfinite = nonfinite or ["step not applied by the back-end"]
-    else:
-        state.consecutive_skips = 0
-        if ema is not None:
-            ema.update(backend.unwrap(model))
-    state.step += 1
-    state.tokens_seen += result.tokens
-    return result, grad_norm, nonfinite
+    return StepResult(result, grad_norm, nonfinite, applied)
 
 
 def eval_record(model, loader, plan: LossPlan, accelerator, ema, state, text_units=None, lockstep=None) -> dict:

@@ -24,24 +24,24 @@ MLP width (`intermediate_size`): in every kept layer the neurons of largest mean
 stream, E|a_j| * ||W_down[:, j]|| (a = act(gate(x)) * up(x), the input of down_proj; Minitron's activation
 importance, weighted by how much of a neuron's output reaches the residual), in their original order.
 
+Modules: this one (importance, rules, `cut`, `from_teacher`: what training builds on), __main__.py (the command, which
+scores the students with kd.evaluate).
+
 Supported: llama-style decoders (model_type llama, qwen2, qwen3, mistral: `model.layers[i]` with `mlp.gate_proj`,
 `up_proj`, `down_proj`); other architectures are refused before any weight is loaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from kd.errors import KDError, run_cli
+from kd.errors import KDError
+from kd.models import load_causal_lm, load_model_config, weights_fingerprint
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 RULES = ("block", "influence", "every_other")
@@ -266,8 +266,6 @@ def calibration_batches(cache, num_sequences: int, batch_size: int = 8):
 def load_cache_teacher(cache, teacher: str | None = None, dtype: str = "fp32"):
     """The cache's teacher (or `teacher`), refused when its weights are not the ones the cache was made from: a
     student cut from other weights would start from a model the cached targets do not describe."""
-    from kd.models import load_causal_lm, load_model_config, weights_fingerprint
-
     t = cache.manifest["teacher"]
     path = teacher or t["name_or_path"]
     config = load_model_config(path, t.get("revision") if teacher is None else None)
@@ -283,29 +281,52 @@ def load_cache_teacher(cache, teacher: str | None = None, dtype: str = "fp32"):
     return load_causal_lm(path, t.get("revision") if teacher is None else None, dtype, "sdpa")
 
 
+def cut(
+    teacher,
+    imp: Importance | None,
+    rule: str,
+    num_layers: int | None = None,
+    layers: list[int] | None = None,
+    intermediate_size: int | None = None,
+):
+    """The one cut `student.from_teacher` and `python -m kd.prune` share: the kept layers (`layers`, explicit, or
+    `num_layers` chosen by `rule` from the measured importance `imp`), the kept MLP neurons when `intermediate_size`
+    is given, the pruned model, whose config records what was kept and measured (`kd_pruned_from`: the rule,
+    "explicit" for a given list, and the calibration tokens). Returns (the model, its kept teacher layers)."""
+    L = teacher.config.num_hidden_layers
+    layers = check_layers(layers, L) if layers is not None else choose_layers(imp, num_layers, rule)
+    neurons = keep_neurons(imp, layers, intermediate_size) if intermediate_size is not None else None
+    student = prune(teacher, layers, neurons)
+    record = dict(student.config.kd_pruned_from, rule=rule)
+    if imp is not None:
+        record["calibration_tokens"] = imp.tokens
+    student.config.kd_pruned_from = record
+    return student, layers
+
+
 def from_teacher(cache, spec, log=print, device="cpu"):
     """The student `student.from_teacher` describes (kd.train_config.FromTeacherConfig), built from the cache's
     teacher, whose calibration pass runs on `device`: (model on the CPU, record of what was kept and measured)."""
     teacher = load_cache_teacher(cache, spec.teacher).to(device)
-    L = teacher.config.num_hidden_layers
     imp = None
     if spec.layers is None or spec.intermediate_size is not None:
         imp = measure(
             teacher, calibration_batches(cache, spec.calibration_sequences), spec.intermediate_size is not None
         )
-    layers = check_layers(spec.layers, L) if spec.layers is not None else choose_layers(imp, spec.num_layers, spec.rule)
-    neurons = keep_neurons(imp, layers, spec.intermediate_size) if spec.intermediate_size is not None else None
-    student = prune(teacher, layers, neurons).to("cpu")
-    record = dict(student.config.kd_pruned_from, rule="explicit" if spec.layers is not None else spec.rule)
-    if imp is not None:
-        record["calibration_tokens"] = imp.tokens
-    student.config.kd_pruned_from = record
+    rule = "explicit" if spec.layers is not None else spec.rule
+    student, layers = cut(teacher, imp, rule, spec.num_layers, spec.layers, spec.intermediate_size)
+    student = student.to("cpu")
     log(
-        f"[student] built from the teacher: {len(layers)} of {L} layers kept ({record['rule']}: {layers})"
-        + (f", MLP width {spec.intermediate_size} of {teacher.config.intermediate_size}" if neurons else "")
+        f"[student] built from the teacher: {len(layers)} of {teacher.config.num_hidden_layers} layers kept "
+        f"({rule}: {layers})"
+        + (
+            f", MLP width {spec.intermediate_size} of {teacher.config.intermediate_size}"
+            if spec.intermediate_size
+            else ""
+        )
     )
     del teacher
-    return student, record
+    return student, student.config.kd_pruned_from
 
 
 def feature_pairs(record: dict, cached_layers: list[int]) -> list[list[int]]:
@@ -323,97 +344,3 @@ def feature_pairs(record: dict, cached_layers: list[int]) -> list[list[int]]:
         if t_idx in cached_layers:
             pairs.append([s_idx, t_idx])
     return pairs
-
-
-def _candidates(imp: Importance, num_layers: int, rule: str) -> list[str]:
-    L, n = imp.num_layers, imp.num_layers - num_layers
-    if rule == "block":
-        d = imp.block_distance(n)
-        return [f"  drop layers {s:>2}-{s + n - 1:<2}  angular distance {v:.4f}" for s, v in enumerate(d)]
-    if rule == "influence":
-        return [f"  layer {i:>2}  block influence {v:.4f}" for i, v in enumerate(imp.influence())]
-    return [f"  every other: {L} -> {num_layers} layers (no measurement)"]
-
-
-def main(argv: list[str] | None = None) -> None:
-    from kd.cache import TeacherCache
-    from kd.evaluate import score_on_cache
-    from kd.models import load_tokenizer
-
-    ap = argparse.ArgumentParser(prog="python -m kd.prune", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cache", required=True, help="the teacher's cache: its teacher, calibration text and eval split")
-    ap.add_argument("--teacher", help="the teacher model (default: the cache's, its weights checked)")
-    which = ap.add_mutually_exclusive_group(required=True)
-    which.add_argument("--layers", type=int, help="decoder layers to keep, chosen by --rule")
-    which.add_argument("--keep", help="explicit teacher layers to keep, comma-separated (0-based)")
-    ap.add_argument("--rule", default="block", choices=RULES)
-    ap.add_argument("--intermediate-size", type=int, help="MLP neurons to keep per layer (default: all)")
-    ap.add_argument("--calibration-sequences", type=int, default=256, help="train windows measured (default 256)")
-    ap.add_argument("--eval-sequences", type=int, default=None, help="eval windows scored (default: all)")
-    ap.add_argument("--out", help="write the pruned model folder here (must not exist)")
-    ap.add_argument(
-        "--compare", action="store_true", help="also score every other rule's student (--out writes the first)"
-    )
-    ap.add_argument("--json", action="store_true", help="also print the results as one JSON line")
-    args = ap.parse_args(argv)
-    if args.out is None and not args.compare:
-        ap.error("give --out DIR to write the pruned model (or --compare to only score the rules)")
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists():
-        raise KDError(f"--out {out} already exists; choose a new folder (a pruned model is never written over one)")
-    cache = TeacherCache(args.cache)
-    teacher = load_cache_teacher(cache, args.teacher)
-    tok = load_tokenizer(args.teacher or cache.manifest["teacher"]["name_or_path"])
-    L = teacher.config.num_hidden_layers
-    keep = None
-    if args.keep is not None:
-        try:
-            keep = check_layers([int(v) for v in args.keep.split(",")], L)
-        except ValueError:
-            raise KDError(f"--keep must be comma-separated layer indices, got {args.keep!r}") from None
-    imp = None
-    if keep is None or args.intermediate_size is not None or args.compare:
-        imp = measure(
-            teacher, calibration_batches(cache, args.calibration_sequences), args.intermediate_size is not None
-        )
-        print(f"importance measured on {imp.tokens} tokens of the cache's first train windows")
-    num_layers = len(keep) if keep is not None else args.layers
-    first = "explicit" if keep is not None else args.rule  # the student --out writes
-    rules = [first] + ([r for r in RULES if r != first] if args.compare else [])
-    results = []
-    score = score_on_cache(teacher, tok, cache, "eval", args.eval_sequences)
-    print(f"teacher: {L} layers, held-out CE {score['eval/ce']:.4f}, bits/char {score['eval/bits_per_char']:.4f}")
-    results.append({"model": "teacher", "layers": list(range(L)), **score})
-    chosen = None
-    for rule in rules:
-        layers = keep if rule == "explicit" else choose_layers(imp, num_layers, rule)
-        if rule != "explicit":
-            print(f"rule {rule}: candidates")
-            print("\n".join(_candidates(imp, num_layers, rule)))
-        neurons = keep_neurons(imp, layers, args.intermediate_size) if args.intermediate_size else None
-        student = prune(teacher, layers, neurons)
-        student.config.kd_pruned_from["rule"] = rule
-        score = score_on_cache(student, tok, cache, "eval", args.eval_sequences)
-        params = sum(p.numel() for p in student.parameters())
-        print(
-            f"{rule}: keeps layers {layers}" + (f", MLP width {args.intermediate_size}" if neurons else "") + f"; "
-            f"{params / 1e6:.1f}M parameters; held-out CE {score['eval/ce']:.4f} (ppl {score['eval/ppl']:.1f}), "
-            f"bits/char {score['eval/bits_per_char']:.4f}"
-        )
-        results.append({"model": rule, "layers": layers, "parameters": params, **score})
-        if chosen is None:
-            chosen = student
-    if out is not None:
-        from kd.io import staged_dir
-
-        with staged_dir(out) as tmp:
-            chosen.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        print(f"wrote {out} (student.pretrained={out} trains it; its config.json records kd_pruned_from)")
-    if args.json:
-        print(json.dumps(results))
-    sys.stdout.flush()
-
-
-if __name__ == "__main__":
-    run_cli(main)
