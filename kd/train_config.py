@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from kd.config import RESUME_FREE, marked_keys
 from kd.errors import KDError
 from kd.losses.divergences import REGISTRY
-from kd.losses.terms import Term, parse_terms
+from kd.losses.terms import KINDS, Term, needs_hidden, parse_terms
 from kd.schedule import SCHEDULES
 from kd.signals import TAIL_POLICIES
 
@@ -175,6 +175,20 @@ class LossConfig:
                     "and give each weight as a term, e.g. {kind: ce, weight: 0.5}, {kind: forward_kl, "
                     "weight: 0.5}"
                 )
+            # the alpha_* form's options: a term carries its own, so with loss.terms these would do nothing
+            defaults = {f.name: f.default for f in fields(self)}
+            ignored = {
+                "feature_kind": "the feature term's `distance`",
+                "contrastive_temperature": "the contrastive term's `temperature`",
+                "contrastive_max_positions": "the contrastive term's `max_positions`",
+                "uld_weight": "the uld term's `weight`",
+            }
+            given = [k for k in ignored if getattr(self, k) != defaults[k]]
+            if given:
+                raise KDError(
+                    f"loss.{given[0]} applies to loss.alpha_* only; with loss.terms give {ignored[given[0]]} "
+                    f"in the term itself and remove loss.{given[0]}"
+                )
         else:
             for k, default in zip(alpha_names, (0.5, 0.5, 0.0, 0.0)):
                 if getattr(self, k) is None:
@@ -202,12 +216,13 @@ class LossConfig:
             raise KDError("loss.uld_weight must be >= 0 and loss.min_aligned_share in [0, 1]")
         terms = self.loss_terms()  # validates the list
         kinds = {t.kind for t in terms}
-        if self.cross_tokenizer is not None and "contrastive" in kinds:
-            raise KDError("the contrastive term is not supported with loss.cross_tokenizer; use a feature term")
-        if "uld" in kinds and self.cross_tokenizer is None:
-            raise KDError(
-                "the uld term compares across tokenizers: it needs loss.cross_tokenizer (mapped, uld or hybrid)"
-            )
+        for kind in sorted(kinds):
+            if KINDS[kind].cross_tokenizer == "never" and self.cross_tokenizer is not None:
+                raise KDError(f"the {kind} term is not supported with loss.cross_tokenizer; use a feature term")
+            if KINDS[kind].cross_tokenizer == "only" and self.cross_tokenizer is None:
+                raise KDError(
+                    f"the {kind} term compares across tokenizers: it needs loss.cross_tokenizer (mapped, uld or hybrid)"
+                )
         if self.target == "sampled":
             biased = sorted(k for k in kinds if k in REGISTRY and not REGISTRY[k].unbiased_on_samples)
             if biased:
@@ -379,8 +394,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self):
-        kinds = {t.kind for t in self.loss.loss_terms()}
-        if kinds & {"feature", "contrastive"} and not self.loss.feature_layers and self.student.from_teacher is None:
+        if needs_hidden(self.loss.loss_terms()) and not self.loss.feature_layers and self.student.from_teacher is None:
             # a student cut from the teacher gets its pairs from the layers it kept (kd.prune.feature_pairs)
             raise KDError("feature / contrastive loss terms need loss.feature_layers (layer pairs to match)")
 

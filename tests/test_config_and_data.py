@@ -96,6 +96,8 @@ def test_streaming_packer_equals_packing_at_once():
 
 
 def test_file_formats_read_the_same_documents(tmp_path):
+    """Every file reader of the registry (kd.data.sources.READERS), and its compressed versions where it has them,
+    reads the same documents, empty ones included."""
     import csv
     import gzip
 
@@ -103,24 +105,30 @@ def test_file_formats_read_the_same_documents(tmp_path):
     import pyarrow.parquet as pq
     import zstandard
 
-    from kd.data.sources import Piece, read_piece
+    from kd.data.sources import READERS, Piece, read_piece
 
     docs = ["alpha beta", "", "line one\nline two", "ünïcode ✓", "x" * 5000]
     recs = [{"text": d, "id": i} for i, d in enumerate(docs)]
-    jsonl = "".join(json.dumps(r) + "\n" for r in recs).encode()
-    (tmp_path / "a.jsonl").write_bytes(jsonl)
-    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(jsonl))
-    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (tmp_path / "a.json").write_text(json.dumps(recs))
     with open(tmp_path / "a.csv", "w", newline="") as f:
         w = csv.DictWriter(f, ["id", "text"])
         w.writeheader()
         w.writerows(recs)
     pq.write_table(pa.table({"text": docs}), tmp_path / "a.parquet", row_group_size=2)
-    for name in ("a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.json", "a.csv", "a.parquet"):
-        path = str(tmp_path / name)
-        got = [t for t, _ in read_piece(Piece(path, 0, os.path.getsize(path)), "text", "strict")]
-        assert got == docs, name
+    (tmp_path / "a.txt").write_text(docs[2])  # one document per file
+    expected = {".txt": [docs[2]]}
+    assert set(READERS) == {".txt", ".json", ".jsonl", ".csv", ".parquet"}  # a new reader gets its case here
+    for suffix, reader in READERS.items():
+        plain = tmp_path / f"a{suffix}"
+        variants = [plain]
+        if reader.compressible:
+            (tmp_path / f"a{suffix}.gz").write_bytes(gzip.compress(plain.read_bytes()))
+            (tmp_path / f"a{suffix}.zst").write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+            variants += [tmp_path / f"a{suffix}.gz", tmp_path / f"a{suffix}.zst"]
+        for path in variants:
+            got = [t for t, _ in read_piece(Piece(str(path), 0, os.path.getsize(path)), "text", "strict")]
+            assert got == expected.get(suffix, docs), path.name
 
 
 def test_units_cut_jsonl_at_line_boundaries(tmp_path):
@@ -272,3 +280,16 @@ def test_content_and_resume_free_keys_come_from_field_metadata():
         "train.log_with",
         "train.on_weaker_teacher",
     }
+
+
+@pytest.mark.parametrize(
+    "key,value", [("feature_kind", "normalized_mse"), ("contrastive_temperature", 0.5), ("uld_weight", 0.3)]
+)
+def test_alpha_form_options_are_refused_beside_terms(key, value):
+    """With loss.terms each term carries its own options: an alpha_*-form option given beside them would be ignored,
+    so it is refused, naming where the option goes."""
+    from kd.train_config import LossConfig
+
+    with pytest.raises(KDError, match=f"loss.{key} applies to loss.alpha_\\* only"):
+        LossConfig(terms=[{"kind": "ce", "weight": 1.0}], **{key: value})
+    LossConfig(terms=[{"kind": "ce", "weight": 1.0}])  # at their defaults they change nothing

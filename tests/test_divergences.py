@@ -15,14 +15,12 @@ from kd.losses.terms import Term, logit_term_sums, parse_terms, sparse_kd_per_po
 from kd.signals import Mapped, Online, TopK
 from kd.train_config import LossConfig
 
-KINDS = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("jsd", {"beta": 0.5}),
+# every registry entry at its default options (so a new divergence is tested by every test below), plus settings
+# of the parameterised ones away from their defaults
+KINDS = [(kind, divergences.resolve(kind, {})[1]) for kind in divergences.REGISTRY] + [
     ("jsd", {"beta": 0.1}),
     ("jsd", {"beta": 0.9}),
-    ("tvd", {}),
-    ("skew_kl", {"alpha": 0.1}),
+    ("skew_kl", {"alpha": 0.3}),
     ("skew_reverse_kl", {"alpha": 0.3}),
 ]
 

@@ -253,3 +253,65 @@ def test_sampled_targets_as_renormalized_counts():
     total.backward()
     torch.testing.assert_close(sums[1], ref.detach())
     torch.testing.assert_close(s2.grad, s1.grad)
+
+
+# every entry of the term-kind registry, with where it is checked beyond the property below (a new kind fails
+# test_every_term_kind_is_listed until it is listed here and tested)
+TESTED_TERM_KINDS = {
+    "ce": "test_token_losses_ce_matches_cross_entropy_and_masks, test_fused_training_loss_equals_reference_values_...",
+    "uld": "tests/test_cross_tokenizer.py (cross_kd_per_position, the uld kind end to end)",
+    "forward_kl": "tests/test_divergences.py (every divergence: float64 reference, chunked, fused)",
+    "reverse_kl": "tests/test_divergences.py",
+    "jsd": "tests/test_divergences.py",
+    "tvd": "tests/test_divergences.py",
+    "skew_kl": "tests/test_divergences.py",
+    "skew_reverse_kl": "tests/test_divergences.py",
+    "feature": "test_feature_losses_are_scale_free, test_cosine_closed_form",
+    "contrastive": "test_info_nce_prefers_matching_pairs",
+}
+
+
+def test_every_term_kind_is_listed():
+    from kd.losses.terms import KINDS
+
+    assert set(KINDS) == set(TESTED_TERM_KINDS)
+
+
+@pytest.mark.parametrize("kind", sorted(TESTED_TERM_KINDS))
+def test_each_term_kind_is_zero_where_the_student_is_the_teacher_and_positive_elsewhere(kind):
+    """Through the registry entry itself: a logit kind on one chunk (kd.losses.terms.ChunkTerms) with the teacher's
+    full distribution cached as its top-k at k = V (ce: the data's targets, the teacher's argmax); a hidden kind on
+    the projected states. Zero (up to rounding) when the student equals the teacher, finite and > 0 otherwise."""
+    from kd.losses.terms import KINDS, ChunkTerms, parse_terms
+    from kd.signals import Mapped, TopK
+
+    torch.manual_seed(0)
+    (term,) = parse_terms([{"kind": kind, "weight": 1.0}])
+    entry = KINDS[kind]
+    N, V = 6, 11
+    mask = torch.ones(N, dtype=torch.bool)
+    if entry.level == "logit":
+        teacher = torch.randn(N, V) * 2
+        lp, ids = torch.log_softmax(teacher, -1).topk(V, -1)
+        signal = Mapped(ids, lp) if kind == "uld" else TopK(ids, lp, "bucket")
+        targets = teacher.argmax(-1)
+        values = {}
+        for name, z in (("same", teacher.clone()), ("other", torch.randn(N, V) * 2)):
+            chunk = ChunkTerms(z, slice(None), targets, mask, mask, signal, 1.0)
+            v, m = entry.chunk(chunk, term)
+            values[name] = v[m]
+        if kind == "ce":  # CE is the teacher's own entropy-like loss at its argmax: smaller for the teacher itself
+            assert (values["same"] >= 0).all() and values["same"].sum() < values["other"].sum()
+            return
+    else:
+        h = torch.randn(N, 8)
+        con_idx = torch.arange(N)
+        values = {
+            "same": entry.hidden_sum(h, h.clone(), term, mask, con_idx).reshape(1),
+            "other": entry.hidden_sum(h, torch.randn(N, 8), term, mask, con_idx).reshape(1),
+        }
+        if kind == "contrastive":  # InfoNCE is not 0 at a match: it prefers the matching pairs
+            assert values["same"].sum() < values["other"].sum()
+            return
+    assert torch.isfinite(values["other"]).all() and values["other"].sum() > 1e-3
+    torch.testing.assert_close(values["same"], torch.zeros_like(values["same"]), atol=1e-5, rtol=0)

@@ -154,13 +154,16 @@ def test_a_second_eval_text_is_scored_at_every_eval(tiny_cache, tmp_path, corpus
     from test_train import make_cfg
 
     import kd.models
+    import kd.textscore
+    import kd.train.model
     import train_student
     from kd.evaluate import on_text
     from kd.train import read_metrics
 
     probes = []
     real_probe = kd.models.head_fallback_reason
-    monkeypatch.setattr(kd.models, "head_fallback_reason", lambda lm: probes.append(1) or real_probe(lm))
+    for where in (kd.train.model, kd.textscore):  # the modules that probe (each imported the function by name)
+        monkeypatch.setattr(where, "head_fallback_reason", lambda lm: probes.append(1) or real_probe(lm))
     play = str(corpus_dir / "play0.txt")
     run = train_student.main(
         make_cfg(

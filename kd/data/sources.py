@@ -37,7 +37,6 @@ from kd.data.chat import BadConversation, ChatFields, conversation
 from kd.errors import KDError
 from kd.paths import resolve_path
 
-FORMATS = (".txt", ".json", ".jsonl", ".csv", ".parquet")
 COMPRESSIONS = ("", ".gz", ".zst")
 
 
@@ -56,9 +55,9 @@ def file_format(path: str) -> tuple[str, str]:
     comp = next((c for c in COMPRESSIONS[1:] if name.endswith(c)), "")
     base = name[: len(name) - len(comp)] if comp else name
     fmt = os.path.splitext(base)[1]
-    if fmt not in FORMATS or (fmt == ".parquet" and comp):
+    if fmt not in READERS or (comp and not READERS[fmt].compressible):
         raise KDError(
-            f"unsupported data file {path}: use {', '.join(FORMATS)} (text formats optionally compressed "
+            f"unsupported data file {path}: use {', '.join(READERS)} (text formats optionally compressed "
             "as .gz or .zst)"
         )
     return fmt, comp
@@ -133,8 +132,8 @@ def plan_file_units(files: list[str], unit_bytes: int, source: str) -> list[Unit
         if size == 0:  # read as one empty document, so that it is counted and named, never silently dropped
             units.setdefault(offset // unit_bytes, Unit(source, offset // unit_bytes)).pieces.append(Piece(path, 0, 0))
             continue
-        splittable = file_format(path) == (".jsonl", "")
-        if splittable:
+        fmt, comp = file_format(path)
+        if READERS[fmt].splittable and not comp:
             for u in range(offset // unit_bytes, (offset + size - 1) // unit_bytes + 1):
                 a, b = max(u * unit_bytes - offset, 0), min((u + 1) * unit_bytes - offset, size)
                 units.setdefault(u, Unit(source, u)).pieces.append(Piece(path, a, b))
@@ -270,88 +269,135 @@ def _json_lines(f, path: str, records: Records, errors: str, first_byte: int, en
             line_no += 1
 
 
+def _read_jsonl(piece: Piece, records: Records, errors: str, comp: str) -> Iterator[tuple[str, str]]:
+    """One JSON record per line. Uncompressed, a piece is a byte range: it starts at the first record beginning in
+    it (a record cut by the range's start belongs to the piece before) and ends with the record that crosses its
+    end; compressed, the file is streamed whole."""
+    path = piece.path
+    if comp:
+        with _open_binary(path) as f:
+            head = f.read(1 << 16)  # through a raw stream, as _read_json does
+            yield from _json_lines(io.BufferedReader(_Prefixed(head, f)), path, records, errors, 0, None, 1)
+        return
+    with open(path, "rb") as f:
+        first, first_line = piece.start, (1 if piece.start == 0 else None)
+        if piece.start > 0:
+            f.seek(piece.start - 1)
+            if f.read(1) != b"\n":  # mid-record: that record belongs to the previous unit
+                first += len(f.readline())
+        f.seek(first)
+        yield from _json_lines(f, path, records, errors, first, piece.end, first_line)
+
+
+def _read_json(piece: Piece, records: Records, errors: str, comp: str) -> Iterator[tuple[str, str]]:
+    """One JSON array of records (read whole: use .jsonl for big data), or JSON lines under a .json name."""
+    path = piece.path
+    with _open_binary(path) as f:
+        head = f.read(1 << 16)
+        if head.lstrip()[:1] == b"[":
+            raw = head + f.read()
+            try:
+                items = json.loads(_decode(raw, errors, path, lambda o: raw[:o].count(b"\n") + 1))
+            except json.JSONDecodeError as e:
+                raise KDError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+            for i, record in enumerate(items):
+                yield records.take(record, lambda i=i: f"{path}, record {i + 1}"), path
+        else:
+            yield from _json_lines(io.BufferedReader(_Prefixed(head, f)), path, records, errors, 0, None, 1)
+
+
+def _read_txt(piece: Piece, records: Records, errors: str, comp: str) -> Iterator[tuple[str, str]]:
+    """One plain document per file."""
+    path = piece.path
+    with _open_binary(path) as f:
+        if records.chat is not None:
+            raise KDError(
+                f"{path}: a .txt file is one plain document, not conversation records; give chat data as "
+                ".jsonl/.json/.parquet records (or set data.format=text)"
+            )
+        raw = f.read()
+    yield _decode(raw, errors, path, lambda o: raw[:o].count(b"\n") + 1), path
+
+
+def _read_csv(piece: Piece, records: Records, errors: str, comp: str) -> Iterator[tuple[str, str]]:
+    """A header row naming the columns, one record per row (chat: prompt/completion columns)."""
+    path, text_field = piece.path, records.text_field
+    with _open_binary(path) as f:
+        text = io.TextIOWrapper(f, encoding="utf-8", errors=errors, newline="")
+        reader = csv.DictReader(text)
+        try:
+            for row in reader:
+                if records.chat is not None:  # prompt/completion columns
+                    yield records.take(row, lambda n=reader.line_num: f"{path}, line {n}"), path
+                    continue
+                if text_field not in row:
+                    raise KDError(
+                        f"{path}: text field '{text_field}' is not a CSV column (columns: "
+                        f"{reader.fieldnames}); set data.text_field"
+                    )
+                yield row[text_field] or "", path
+        except UnicodeDecodeError:
+            raise KDError(
+                f"{path}, near line {reader.line_num + 1}: invalid UTF-8; fix or re-encode the file, or "
+                "set data.decode_errors=replace"
+            ) from None
+        except csv.Error as e:
+            raise KDError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
+
+
+def _read_parquet(piece: Piece, records: Records, errors: str, comp: str) -> Iterator[tuple[str, str]]:
+    """Columnar records, read a batch of rows at a time and only the columns the records use."""
+    import pyarrow.parquet as pq  # an optional dependency of this reader alone
+
+    path, text_field = piece.path, records.text_field
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise KDError(f"{path}: not a readable Parquet file ({e})") from None
+    columns = [c for c in records.columns if c in pf.schema_arrow.names]
+    if records.chat is None and text_field not in columns:
+        raise KDError(
+            f"{path}: text field '{text_field}' is not a column (columns: {pf.schema_arrow.names}); set data.text_field"
+        )
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=columns):
+        for record in batch.to_pylist():
+            row += 1
+            yield records.take(record, lambda r=row: f"{path}, row {r}"), path
+
+
+@dataclass(frozen=True)
+class FileReader:
+    """How one kind of data file is read: `read(piece, records, errors, compression)` yields (the text, or a
+    record's conversation, path) for every record of the piece, empty ones included. `compressible`: .gz/.zst
+    versions are read (streamed through the decompressor). `splittable`: an uncompressed file may be cut into byte
+    ranges read by different processes (plan_file_units); otherwise a file is one piece."""
+
+    read: Callable[[Piece, Records, str, str], Iterator[tuple[str, str]]]
+    compressible: bool = True
+    splittable: bool = False
+
+
+# The file readers by suffix: a new format is one entry here plus its tests (tests/test_config_and_data.py reads
+# the same documents through every entry)
+READERS: dict[str, FileReader] = {
+    ".txt": FileReader(_read_txt),
+    ".json": FileReader(_read_json),
+    ".jsonl": FileReader(_read_jsonl, splittable=True),
+    ".csv": FileReader(_read_csv),
+    ".parquet": FileReader(_read_parquet, compressible=False),
+}
+
+
 def read_piece(piece: Piece, fields: str | Records, errors: str) -> Iterator[tuple[str, str]]:
     """The documents of one piece, in file order, as (text, path) (the text field's name, or Records: a
     conversation's turns in place of the text). Empty texts are yielded too (the caller counts and skips them),
     so every record is accounted for."""
-    records = as_records(fields)
-    text_field = records.text_field
-    path = piece.path
-    fmt, comp = file_format(path)
+    fmt, comp = file_format(piece.path)
     if piece.end == 0:  # an empty file (see plan_file_units)
-        yield "", path
+        yield "", piece.path
         return
-    if fmt == ".jsonl" and not comp:
-        with open(path, "rb") as f:
-            first, first_line = piece.start, (1 if piece.start == 0 else None)
-            if piece.start > 0:
-                f.seek(piece.start - 1)
-                if f.read(1) != b"\n":  # mid-record: that record belongs to the previous unit
-                    first += len(f.readline())
-            f.seek(first)
-            yield from _json_lines(f, path, records, errors, first, piece.end, first_line)
-        return
-    if fmt == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises several types for unreadable files
-            raise KDError(f"{path}: not a readable Parquet file ({e})") from None
-        columns = [c for c in records.columns if c in pf.schema_arrow.names]
-        if records.chat is None and text_field not in columns:
-            raise KDError(
-                f"{path}: text field '{text_field}' is not a column (columns: {pf.schema_arrow.names}); "
-                "set data.text_field"
-            )
-        row = 0
-        for batch in pf.iter_batches(batch_size=1024, columns=columns):
-            for record in batch.to_pylist():
-                row += 1
-                yield records.take(record, lambda r=row: f"{path}, row {r}"), path
-        return
-    with _open_binary(path) as f:
-        if fmt == ".txt":  # one document per file
-            if records.chat is not None:
-                raise KDError(
-                    f"{path}: a .txt file is one plain document, not conversation records; give chat data as "
-                    ".jsonl/.json/.parquet records (or set data.format=text)"
-                )
-            raw = f.read()
-            yield _decode(raw, errors, path, lambda o: raw[:o].count(b"\n") + 1), path
-        elif fmt == ".jsonl" or fmt == ".json":
-            head = f.read(1 << 16)
-            if fmt == ".json" and head.lstrip()[:1] == b"[":  # one JSON array: read whole (use .jsonl for big data)
-                raw = head + f.read()
-                try:
-                    items = json.loads(_decode(raw, errors, path, lambda o: raw[:o].count(b"\n") + 1))
-                except json.JSONDecodeError as e:
-                    raise KDError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
-                for i, record in enumerate(items):
-                    yield records.take(record, lambda i=i: f"{path}, record {i + 1}"), path
-            else:
-                yield from _json_lines(io.BufferedReader(_Prefixed(head, f)), path, records, errors, 0, None, 1)
-        elif fmt == ".csv":
-            text = io.TextIOWrapper(f, encoding="utf-8", errors=errors, newline="")
-            reader = csv.DictReader(text)
-            try:
-                for row in reader:
-                    if records.chat is not None:  # prompt/completion columns
-                        yield records.take(row, lambda n=reader.line_num: f"{path}, line {n}"), path
-                        continue
-                    if text_field not in row:
-                        raise KDError(
-                            f"{path}: text field '{text_field}' is not a CSV column (columns: "
-                            f"{reader.fieldnames}); set data.text_field"
-                        )
-                    yield row[text_field] or "", path
-            except UnicodeDecodeError:
-                raise KDError(
-                    f"{path}, near line {reader.line_num + 1}: invalid UTF-8; fix or re-encode the file, or "
-                    "set data.decode_errors=replace"
-                ) from None
-            except csv.Error as e:
-                raise KDError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
+    yield from READERS[fmt].read(piece, as_records(fields), errors, comp)
 
 
 class _Prefixed(io.RawIOBase):

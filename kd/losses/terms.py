@@ -9,14 +9,17 @@ A term is `{kind, weight, name?, ...options}`:
   feature (distance)        hidden-state distance at loss.feature_layers
   contrastive (temperature, max_positions)
                             InfoNCE between projected student and teacher states of a micro-batch
-Each term is a token mean over the whole accumulation window on all processes (kd/train.py normalises once); the
+Each kind is one entry of KINDS (a TermKind: its level, positions, options and how it is computed). Each term is a
+token mean over the whole accumulation window on all processes (kd/train/step.py normalises once); the
 loss is sum_i weight_i * term_i. A term of weight 0 is still computed and logged (a monitor). `name` (default: the
 kind) is the term's metrics key; it must be unique.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +27,9 @@ import torch.nn.functional as F
 from kd.errors import KDError
 from kd.losses import divergences
 from kd.losses.chunked import HeadInput, chunk_logits, head_chunked, logits_chunked
+from kd.losses.features import feature_per_position, info_nce_sum
 from kd.losses.forward import ce_kd_chunk
 from kd.signals import Mapped, TailPolicy, TopK
-
-DIVERGENCE_KINDS = tuple(divergences.REGISTRY)
-LOGIT_KINDS = ("ce", "uld") + DIVERGENCE_KINDS
-HIDDEN_KINDS = ("feature", "contrastive")
-_HIDDEN_OPTIONS = {"feature": {"distance": "cosine"}, "contrastive": {"temperature": 0.1, "max_positions": 256}}
 
 
 @dataclass(frozen=True)
@@ -42,12 +41,126 @@ class Term:
 
     @property
     def positions(self) -> str:
-        """Which positions the term averages over: every token, the KD positions (aligned ones across tokenizers;
-        feature terms too, since teacher states sit there), or the contrastive candidates."""
-        return {"ce": "tokens", "contrastive": "contrastive"}.get(self.kind, "kd")
+        """Which positions the term averages over (TermKind.positions)."""
+        return KINDS[self.kind].positions
+
+    @property
+    def needs_hidden(self) -> bool:
+        return KINDS[self.kind].level == "hidden"
 
     def value(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return divergences.REGISTRY[self.kind].fn(s, t, **self.options)
+
+
+class ChunkTerms:
+    """What the logit-level kinds of one chunk of rows read, each computed once for all of them: the chunk's logits z
+    [c, V] (fp32), its log-softmax at T = 1 (`logp`) and the (student, teacher) pair over the signal's outcomes at the
+    temperature (`pair`: kd/signals.py)."""
+
+    def __init__(self, z, rows, targets, mask, kd_mask, signal, T: float):
+        self.z, self.rows, self.targets, self.mask, self.kd_mask, self.signal, self.T = (
+            z, rows, targets, mask, kd_mask, signal, T,
+        )  # fmt: skip
+        self._logp = self._pair = None
+
+    @property
+    def logp(self) -> torch.Tensor:
+        if self._logp is None:
+            self._logp = torch.log_softmax(self.z, dim=-1)
+        return self._logp
+
+    def pair(self):
+        if self._pair is None:  # at T = 1 the tempered log-softmax is logp itself (one [c, V] pass, one graph node)
+            tempered = self.logp if self.T == 1.0 else torch.log_softmax(self.z / self.T, dim=-1)
+            self._pair = self.signal.pair(tempered, self.rows, self.T)
+        return self._pair
+
+
+def _ce_chunk(c: ChunkTerms, term: Term):
+    return -c.logp.gather(-1, c.targets[c.rows].clamp(min=0)[:, None]).squeeze(-1), c.mask[c.rows]
+
+
+def _uld_chunk(c: ChunkTerms, term: Term):
+    return _uld(c.z, c.signal.sorted_teacher_probs(c.rows)), c.kd_mask[c.rows]
+
+
+def _divergence_chunk(c: ChunkTerms, term: Term):
+    return term.value(*c.pair()) * (c.T * c.T), c.kd_mask[c.rows]
+
+
+def _feature_sum(student_h, teacher_h, term: Term, kd_mask, con_idx):
+    """Hidden-state distance summed over the KD positions (teacher states sit there across tokenizers too)."""
+    per_pos = feature_per_position(student_h, teacher_h, term.options["distance"])
+    return torch.where(kd_mask, per_pos, torch.zeros_like(per_pos)).sum()
+
+
+def _contrastive_sum(student_h, teacher_h, term: Term, kd_mask, con_idx):
+    """InfoNCE over the micro-batch's contrastive positions (kd.train.step.contrastive_positions)."""
+    return info_nce_sum(student_h[con_idx], teacher_h[con_idx], term.options["temperature"])
+
+
+def _check_feature(options: dict) -> str | None:
+    if options["distance"] not in ("cosine", "normalized_mse"):
+        return f"feature distance must be cosine or normalized_mse, got {options['distance']!r}"
+    return None
+
+
+def _check_contrastive(options: dict) -> str | None:
+    if not isinstance(options["temperature"], (int, float)) or options["temperature"] <= 0:
+        return f"contrastive temperature must be > 0, got {options['temperature']!r}"
+    if not isinstance(options["max_positions"], int) or options["max_positions"] < 2:
+        return f"contrastive max_positions must be an integer >= 2, got {options['max_positions']!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class TermKind:
+    """One kind of loss term, declared once: what it needs and where it counts. A new kind is one entry of KINDS
+    plus its tests (tests/test_losses.py enumerates KINDS).
+
+    level: `logit` kinds are computed together chunk by chunk on the student's logits (`chunk`: (ChunkTerms, Term)
+        -> (per-row values, the rows that count)); `hidden` kinds on the projected student and the cached teacher
+        hidden states at the mapped layer pairs (`hidden_sum`: (student [N, H], teacher [N, H], Term, kd_mask [N],
+        contrastive indices) -> the sum over the micro-batch).
+    positions: what its sum is divided by: every token (`tokens`), the KD positions (`kd`: the tokens, or the
+        aligned ones across tokenizers) or the contrastive candidates (`contrastive`).
+    options: the options it takes and their defaults (a divergence's are its own: kd/losses/divergences.py);
+    check: what is wrong with given options (a message), or None.
+    cross_tokenizer: `any`, `only` (it compares across tokenizers) or `never` (it cannot run across tokenizers).
+    """
+
+    level: Literal["logit", "hidden"]
+    positions: Literal["tokens", "kd", "contrastive"]
+    chunk: Callable | None = None
+    hidden_sum: Callable | None = None
+    options: dict = field(default_factory=dict)
+    check: Callable[[dict], str | None] = lambda options: None
+    cross_tokenizer: Literal["any", "only", "never"] = "any"
+
+    @property
+    def divergence(self) -> bool:
+        return self.chunk is _divergence_chunk
+
+
+KINDS: dict[str, TermKind] = {
+    "ce": TermKind("logit", "tokens", chunk=_ce_chunk),
+    "uld": TermKind("logit", "kd", chunk=_uld_chunk, cross_tokenizer="only"),
+    **{name: TermKind("logit", "kd", chunk=_divergence_chunk) for name in divergences.REGISTRY},
+    "feature": TermKind("hidden", "kd", hidden_sum=_feature_sum, options={"distance": "cosine"}, check=_check_feature),
+    "contrastive": TermKind(
+        "hidden",
+        "contrastive",
+        hidden_sum=_contrastive_sum,
+        options={"temperature": 0.1, "max_positions": 256},
+        check=_check_contrastive,
+        cross_tokenizer="never",
+    ),
+}
+
+
+def needs_hidden(terms: list[Term]) -> bool:
+    """Whether any term reads hidden states (the cache must then store them, the student return them)."""
+    return any(t.needs_hidden for t in terms)
 
 
 def parse_terms(specs: list, where: str = "loss.terms") -> list[Term]:
@@ -58,31 +171,29 @@ def parse_terms(specs: list, where: str = "loss.terms") -> list[Term]:
     for i, spec in enumerate(specs):
         at = f"{where}[{i}]"
         if not isinstance(spec, dict) or "kind" not in spec:
-            raise KDError(
-                f"{at} must be a mapping with a `kind` (one of {list(LOGIT_KINDS + HIDDEN_KINDS)}), got {spec!r}"
-            )
+            raise KDError(f"{at} must be a mapping with a `kind` (one of {list(KINDS)}), got {spec!r}")
         spec = dict(spec)
         kind, name = spec.pop("kind"), spec.pop("name", None)
         weight = spec.pop("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
             raise KDError(f"{at}: weight must be a number >= 0, got {weight!r}")
-        if kind in DIVERGENCE_KINDS:
+        if kind not in KINDS:
+            raise KDError(f"{at}: unknown loss kind {kind!r}; choose one of {list(KINDS)}")
+        entry = KINDS[kind]
+        if entry.divergence:
             try:
                 _, options = divergences.resolve(kind, spec)
             except KDError as e:
                 raise KDError(f"{at}: {e}") from None
-        elif kind in _HIDDEN_OPTIONS:
-            unknown = sorted(set(spec) - set(_HIDDEN_OPTIONS[kind]))
-            if unknown:
-                raise KDError(f"{at}: {kind} has no option(s) {unknown}; its options: {sorted(_HIDDEN_OPTIONS[kind])}")
-            options = {**_HIDDEN_OPTIONS[kind], **spec}
-            _check_hidden(at, kind, options)
-        elif kind in ("ce", "uld"):
-            if spec:
-                raise KDError(f"{at}: {kind} takes no options, got {sorted(spec)}")
-            options = {}
         else:
-            raise KDError(f"{at}: unknown loss kind {kind!r}; choose one of {list(LOGIT_KINDS + HIDDEN_KINDS)}")
+            unknown = sorted(set(spec) - set(entry.options))
+            if unknown:
+                takes = f"its options: {sorted(entry.options)}" if entry.options else "it takes no options"
+                raise KDError(f"{at}: {kind} has no option(s) {unknown}; {takes}")
+            options = {**entry.options, **spec}
+            problem = entry.check(options)
+            if problem:
+                raise KDError(f"{at}: {problem}")
         terms.append(Term(name or kind, kind, float(weight), options))
     names = [t.name for t in terms]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -90,19 +201,10 @@ def parse_terms(specs: list, where: str = "loss.terms") -> list[Term]:
         raise KDError(f"{where}: term names {dup} appear more than once; give each a distinct `name`")
     if all(t.weight == 0 for t in terms):
         raise KDError(f"{where}: every weight is 0: nothing would be trained")
-    if sum(t.kind == "feature" for t in terms) > 1 or sum(t.kind == "contrastive" for t in terms) > 1:
-        raise KDError(f"{where}: at most one feature and one contrastive term")
+    hidden = [t.kind for t in terms if t.needs_hidden]
+    if len(hidden) != len(set(hidden)):
+        raise KDError(f"{where}: at most one term of each hidden-state kind ({', '.join(sorted(set(hidden)))})")
     return terms
-
-
-def _check_hidden(at: str, kind: str, options: dict) -> None:
-    if kind == "feature" and options["distance"] not in ("cosine", "normalized_mse"):
-        raise KDError(f"{at}: feature distance must be cosine or normalized_mse, got {options['distance']!r}")
-    if kind == "contrastive":
-        if not isinstance(options["temperature"], (int, float)) or options["temperature"] <= 0:
-            raise KDError(f"{at}: contrastive temperature must be > 0, got {options['temperature']!r}")
-        if not isinstance(options["max_positions"], int) or options["max_positions"] < 2:
-            raise KDError(f"{at}: contrastive max_positions must be an integer >= 2, got {options['max_positions']!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -118,18 +220,10 @@ def _uld(z: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
 
 def _chunk_sums(z, rows, targets, mask, kd_mask, signal, terms, T):
     """Masked sums of every term over one chunk of rows (fp32 scalars, in `terms` order) and the top-1 count."""
+    chunk = ChunkTerms(z, rows, targets, mask, kd_mask, signal, T)
     out = []
-    pair = None
-    logp = torch.log_softmax(z, dim=-1) if any(t.kind == "ce" for t in terms) else None
     for term in terms:
-        if term.kind == "ce":
-            v, m = -logp.gather(-1, targets[rows].clamp(min=0)[:, None]).squeeze(-1), mask[rows]
-        elif term.kind == "uld":
-            v, m = _uld(z, signal.sorted_teacher_probs(rows)), kd_mask[rows]
-        else:
-            if pair is None:
-                pair = signal.pair(torch.log_softmax(z / T, dim=-1) if T != 1.0 or logp is None else logp, rows, T)
-            v, m = term.value(*pair) * (T * T), kd_mask[rows]
+        v, m = KINDS[term.kind].chunk(chunk, term)
         out.append(torch.where(m, v, torch.zeros_like(v)).sum())
     agree = ((z.detach().argmax(-1) == signal.top1(rows)) & kd_mask[rows]).sum().float()
     return out, agree

@@ -32,6 +32,7 @@ from kd.data.chat import chat_template, check_chat_tokenizer
 from kd.dist import gather_rows
 from kd.errors import KDError
 from kd.io import write_json_atomic
+from kd.losses.terms import needs_hidden
 from kd.models import load_causal_lm, load_tokenizer, packing_fallback_reason, tokenizer_fingerprint
 from kd.prune import feature_pairs
 from kd.schedule import lr_at
@@ -236,7 +237,7 @@ def _check_cache_fits(cfg: TrainConfig, cache: TeacherCache, tokenizer, tok_sour
 
 def _splits(cfg: TrainConfig, cache: TeacherCache, tokenizer, run_dir: Path, accelerator):
     """The train and eval splits, reading only the fields the loss needs; across tokenizers, the student's view."""
-    need_hidden = any(t.kind in ("feature", "contrastive") for t in cfg.loss.loss_terms())
+    need_hidden = needs_hidden(cfg.loss.loss_terms())
     target_fields = {"topk": ("topk_ids", "topk_logprobs"), "sampled": ("sample_ids", "sample_counts"), "online": ()}[
         cfg.loss.target
     ]
@@ -291,7 +292,7 @@ def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, acce
             f"give the student a context of at least {window} (student.config max_position_embeddings), or "
             "re-cache with a smaller data.seq_len"
         )
-    need_hidden = any(t.kind in ("feature", "contrastive") for t in cfg.loss.loss_terms())
+    need_hidden = needs_hidden(cfg.loss.loss_terms())
     pairs = cfg.loss.feature_layers
     if need_hidden and not pairs:  # only a student cut from the teacher may leave them empty (TrainConfig checks)
         pruned = lm.config.kd_pruned_from

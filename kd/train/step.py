@@ -18,8 +18,7 @@ import torch
 
 from kd.data.pack import segment_positions
 from kd.errors import KDError
-from kd.losses import feature_per_position, info_nce_sum
-from kd.losses.terms import Term, logit_term_sums
+from kd.losses.terms import KINDS, Term, logit_term_sums, needs_hidden
 from kd.signals import Signal, batch_signal
 from kd.textscore import bits_per_unit
 from kd.train.backend import as_backend
@@ -60,14 +59,20 @@ class LossPlan:
 
     @property
     def logit_terms(self) -> list[Term]:
-        return [t for t in self.terms if t.kind not in ("feature", "contrastive")]
+        return [t for t in self.terms if not t.needs_hidden]
 
-    def hidden_term(self, kind: str) -> Term | None:
-        return next((t for t in self.terms if t.kind == kind), None)
+    @property
+    def hidden_terms(self) -> list[Term]:
+        return [t for t in self.terms if t.needs_hidden]
+
+    @property
+    def contrastive_term(self) -> Term | None:
+        """The term averaged over the contrastive candidates, if any (its max_positions caps them)."""
+        return next((t for t in self.terms if t.positions == "contrastive"), None)
 
     @property
     def needs_hidden(self) -> bool:
-        return any(t.kind in ("feature", "contrastive") for t in self.terms)
+        return needs_hidden(self.terms)
 
 
 def positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,7 +136,7 @@ def batch_counts(batch: dict, plan: LossPlan) -> torch.Tensor:
     float64. KD positions are the tokens, except across tokenizers: the aligned tokens only."""
     _, loss_mask, _ = positions(batch)
     n_tok = loss_mask.sum()
-    con = plan.hidden_term("contrastive")
+    con = plan.contrastive_term
     n_con = min(int(n_tok), con.options["max_positions"]) if con is not None and con.weight > 0 else 0
     n_kd = (loss_mask & batch["kd_mask"]).sum() if "kd_mask" in batch else n_tok
     return torch.tensor([float(n_tok), float(n_con), float(n_kd)], dtype=torch.float64)
@@ -177,26 +182,23 @@ def micro_batch_sums(
     )
     out = {t.name: sums[i] for i, t in enumerate(lt)}
     out["agree"] = sums[-1]
-    feature, contrastive = plan.hidden_term("feature"), plan.hidden_term("contrastive")
     if plan.needs_hidden:
+        contrastive = plan.contrastive_term
         con_idx = contrastive_positions(loss_mask, contrastive.options["max_positions"]) if contrastive else None
-        f_sum = torch.zeros((), device=mask.device)
-        c_sum = torch.zeros((), device=mask.device)
+        hidden = {t.name: torch.zeros((), device=mask.device) for t in plan.hidden_terms}
         for proj, slot in zip(projected, plan.teacher_slots):
             student_h = proj.reshape(B * T, -1)
             teacher_h = batch["hidden_states"][:, slot].reshape(B * T, -1)
-            if feature is not None:
-                per_pos = feature_per_position(student_h, teacher_h, feature.options["distance"])
-                f_sum = f_sum + torch.where(kd_mask, per_pos, torch.zeros_like(per_pos)).sum()
-            if contrastive is not None:
-                c_sum = c_sum + info_nce_sum(student_h[con_idx], teacher_h[con_idx], contrastive.options["temperature"])
+            for term in plan.hidden_terms:
+                hidden[term.name] = hidden[term.name] + KINDS[term.kind].hidden_sum(
+                    student_h, teacher_h, term, kd_mask, con_idx
+                )
         # mean over the mapped layer pairs, so adding a pair does not change the term's scale
-        for term, value in ((feature, f_sum), (contrastive, c_sum)):
-            if term is not None:
-                value = value / len(plan.teacher_slots)
-                out[term.name] = value.detach()
-                if with_grad:
-                    loss = loss + weights[term.name] * value
+        for term in plan.hidden_terms:
+            value = hidden[term.name] / len(plan.teacher_slots)
+            out[term.name] = value.detach()
+            if with_grad:
+                loss = loss + weights[term.name] * value
     return loss, out
 
 
