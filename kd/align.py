@@ -210,8 +210,7 @@ def build_alignment(
     a chat cache's also loss_mask and segments [N, Ts], the student's own (`chat_template` renders them)."""
 
     reader = cache.split(split, ("input_ids", "text", "token_spans"))
-    m = cache.manifest
-    chat = m.get("chat")
+    chat = cache.info.chat
     rows = []
     for i in range(len(reader)):
         it = reader[i]
@@ -223,7 +222,7 @@ def build_alignment(
                     int(it["length"]),
                     student_tok,
                     chat_template,
-                    chat["loss_mask"],
+                    chat.loss_mask,
                 )
             )
             continue
@@ -233,7 +232,7 @@ def build_alignment(
                 it["token_spans"].numpy(),
                 it["input_ids"].numpy(),
                 int(it["length"]),
-                m["tokenizer"]["separator_id"],
+                cache.info.tokenizer.separator_id,
                 student_tok,
                 student_sep_id,
             )
@@ -260,14 +259,14 @@ def load_or_build(
     process if missing; `wait` is a barrier). Falls back to `fallback_dir` when the cache directory is read-only.
     A chat cache's student conversations are rendered with `chat_template` (None: the student tokenizer's own)."""
     fp = tokenizer_fingerprint(student_tok)
-    chat = "chat" in cache.manifest
+    chat = cache.info.chat is not None
     key = hashlib.sha256(
         json.dumps(
             [
                 fp,
                 student_sep,
-                cache.manifest["splits"]["train"]["fingerprint"],
-                cache.manifest["splits"]["eval"]["fingerprint"],
+                cache.info.splits["train"].fingerprint,
+                cache.info.splits["eval"].fingerprint,
             ]
             # a chat alignment also depends on the student's template; text alignments keep their old keys
             + (
@@ -286,7 +285,7 @@ def load_or_build(
     candidates = [cache.root / "alignments" / f"{key}.npz", Path(fallback_dir) / f"alignment-{key}.npz"]
     if is_main and not any(p.exists() for p in candidates):
         arrays = {}
-        for split in cache.manifest["splits"]:
+        for split in cache.info.splits:
             for name, a in build_alignment(cache, split, student_tok, sep_id, sep_id, chat_template).items():
                 arrays[f"{split}/{name}"] = a
         arrays["meta"] = np.frombuffer(
@@ -310,7 +309,7 @@ def load_or_build(
     path = next(p for p in candidates if p.exists())
     names = ("input_ids", "lengths", "teacher_pos") + (("loss_mask", "segments") if chat else ())
     with np.load(path) as z:
-        return {split: {name: z[f"{split}/{name}"] for name in names} for split in cache.manifest["splits"]}
+        return {split: {name: z[f"{split}/{name}"] for name in names} for split in cache.info.splits}
 
 
 class AlignedSplit(torch.utils.data.Dataset):

@@ -36,14 +36,15 @@ def on_cache(model_dir: str, cache_dir: str, split: str, max_sequences: int | No
     cache = TeacherCache(cache_dir)
     lm, tok = _load(model_dir, dtype)
     metrics = score_on_cache(lm, tok, cache, split, max_sequences, batch_size, where=model_dir)
-    full = max_sequences is None or max_sequences >= cache.manifest["splits"][split]["num_sequences"]
-    return metrics, cache.manifest["splits"][split].get("teacher_score") if full else None
+    info = cache.info.splits[split]
+    full = max_sequences is None or max_sequences >= info.num_sequences
+    return metrics, info.teacher_score if full else None
 
 
 def score_on_cache(lm, tok, cache, split: str, max_sequences: int | None = None, batch_size: int = 8, where="model"):
     """The trainer's eval metrics (eval/*) of an in-memory causal LM on the first `max_sequences` (or all) windows
     of a cache split: CE, ppl, bits per character and byte, forward KL to the cached teacher, top-1 agreement."""
-    if tokenizer_fingerprint(tok) != cache.manifest["tokenizer"]["fingerprint"]:
+    if tokenizer_fingerprint(tok) != cache.info.tokenizer.fingerprint:
         raise KDError(
             f"{where} has another tokenizer than the cache {cache.root}: KD metrics compare token ids, so "
             "evaluate it on the text instead (--text with the files the cache was made from)"
@@ -51,8 +52,8 @@ def score_on_cache(lm, tok, cache, split: str, max_sequences: int | None = None,
     reader = cache.split(split, ("input_ids", "topk_ids", "topk_logprobs", "loss_mask", "segments"))
     n = len(reader) if max_sequences is None else min(max_sequences, len(reader))
     accelerator = Accelerator()
-    model = accelerator.prepare(DistillModel(lm, [], cache.manifest["teacher"]["hidden_size"]))
-    sep = cache.manifest["tokenizer"].get("separator_id")
+    model = accelerator.prepare(DistillModel(lm, [], cache.info.teacher.hidden_size))
+    sep = cache.info.tokenizer.separator_id
 
     def units(batch):
         return batch_text_units(tok, batch, sep)

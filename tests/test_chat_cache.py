@@ -337,6 +337,14 @@ def test_text_caches_carry_no_mask(tiny_cache):
     item = TeacherCache(tiny_cache).split("train")[0]
     assert "loss_mask" not in item and "segments" not in item
     assert "loss_mask" not in TeacherCache(tiny_cache).manifest["codecs"]
+    assert TeacherCache(tiny_cache).info.chat is None  # the typed manifest: a text cache has no chat part
+
+
+def test_a_chat_cache_describes_its_masks_in_the_typed_manifest(chat_caches):
+    for packing, cache in chat_caches.items():
+        chat = TeacherCache(cache).info.chat
+        assert (chat.packing, chat.loss_mask, chat.template) == (packing, "assistant", "the tokenizer's own")
+        assert chat.template_text and "conversation" in chat.attention
 
 
 def test_each_eval_writes_greedy_replies_to_held_out_prompts(chat_caches, chat_files, tmp_path):

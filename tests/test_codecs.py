@@ -221,6 +221,12 @@ def test_format_version_1_cache_still_reads(tmp_path):
                     assert item["topk_logprobs"].dtype == torch.float16
     assert verify(V1_CACHE, log=lambda *_: None) == []
     assert "kd-teacher-cache v1" in summary(V1_CACHE) and "float16" in summary(V1_CACHE)
+    # the typed manifest upgrades what format 1 did not record: no chat, no text, no identity, no separator text
+    info = cache.info
+    assert (info.format_version, info.chat, info.store_text, info.config_hash) == (1, None, False, None)
+    assert (info.sample_n, info.tokenizer.separator_id, info.tokenizer.separator) == (8, 0, None)
+    assert info.teacher.weights is None and info.splits["eval"].teacher_score is None
+    assert info.splits["train"].num_sequences == manifest["splits"]["train"]["num_sequences"]
     # a newer format than this kd knows is refused with a clear message
     newer = tmp_path / "newer"
     shutil.copytree(V1_CACHE, newer)

@@ -334,3 +334,23 @@ def test_resume_rereads_only_units_whose_input_changed(tmp_path, corpus_dir, lla
     assert stats["reused"] == 4  # only the changed file's unit is read again
     after = index.read("train", 0, index.num_sequences["train"], ["input_ids"])["input_ids"]
     assert not np.array_equal(before, after)
+
+
+# every data format of the registry, with the tests that run it end to end through the ingest (a new format fails
+# test_every_data_format_is_listed_and_configurable until it is listed here and tested)
+TESTED_FORMATS = {
+    "text": "this file (streaming, caps, resume, kills) and tests/test_cache.py",
+    "chat": "tests/test_chat_cache.py (masks, packing, resume, two processes) and tests/test_chat.py",
+}
+
+
+def test_every_data_format_is_listed_and_configurable():
+    import typing
+
+    from kd.cache_config import DataConfig
+    from kd.data.formats import FORMATS
+
+    assert set(FORMATS) == set(TESTED_FORMATS)
+    assert all(fmt.name == name for name, fmt in FORMATS.items())
+    # data.format accepts exactly the registered formats
+    assert set(typing.get_args(typing.get_type_hints(DataConfig)["format"])) == set(FORMATS)

@@ -275,9 +275,11 @@ def test_the_prune_command_prints_importance_and_scores_and_writes_a_loadable_fo
 
 
 def test_a_teacher_whose_weights_changed_since_caching_is_not_cut(deep_cache):
+    from dataclasses import replace
+
     cache = TeacherCache(deep_cache)
-    cache.manifest = json.loads(json.dumps(cache.manifest))
-    cache.manifest["teacher"]["weights"]["digest"] = "0" * 64
+    recorded = dict(cache.info.teacher.weights, digest="0" * 64)  # as if the cache had been made from other weights
+    cache.info = replace(cache.info, teacher=replace(cache.info.teacher, weights=recorded))
     with pytest.raises(KDError, match="are not the ones cache .* was made from"):
         prune.load_cache_teacher(cache)
 
@@ -288,3 +290,19 @@ def test_help_lists_the_from_teacher_keys():
     lines = "\n".join(config_help(TrainConfig))
     for key in ("layers", "num_layers", "rule", "intermediate_size", "calibration_sequences", "teacher"):
         assert f"    student.from_teacher.{key} (" in lines, key
+
+
+# every rule of the registry with where its choice is checked (a new rule fails until listed here and tested)
+TESTED_RULES = {
+    "block": "test_a_layer_made_the_identity_is_ranked_least_important_by_every_measured_rule",
+    "influence": "test_a_layer_made_the_identity_is_ranked_least_important_by_every_measured_rule",
+    "every_other": "test_a_layer_made_the_identity_is_ranked_least_important_by_every_measured_rule (the baseline)",
+}
+
+
+def test_every_prune_rule_is_listed_and_configurable():
+    import typing
+
+    assert set(prune.RULES) == set(TESTED_RULES)
+    # student.from_teacher.rule accepts exactly the registered rules
+    assert set(typing.get_args(typing.get_type_hints(FromTeacherConfig)["rule"])) == set(prune.RULES)

@@ -1,5 +1,6 @@
 """What a cache says about itself: its identity (the config hash), the description every shard and the manifest
-carry (`cache_metadata`), and the manifest written last from the shards' sidecars (`manifest_record`).
+carry (`cache_metadata`), the manifest written last from the shards' sidecars (`manifest_record`), and the typed
+manifest every reader of a finished cache sees (`Manifest`, older formats upgraded on read).
 
 The identity is the content config (the config minus keys that change nothing stored, kd.cache_config's
 NON_CONTENT_KEYS), the teacher's weights (not their path), the shard format and, with sampled targets, the sampling
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass, fields
 
 from kd import __version__
 from kd.cache.codecs import codec_specs
@@ -160,3 +162,102 @@ def manifest_record(meta: dict, cfg_dict: dict, records: dict, index_refs: dict,
             + (CHAT_COUNTS if "chat" in meta else ())
         },
     )
+
+
+# ---- the typed manifest: what a reader of a finished cache sees ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """The teacher the cache was made with (its weights' fingerprint from format 4 on; None before)."""
+
+    name_or_path: str
+    revision: str | None
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    dtype: str
+    model_type: str | None = None
+    commit_hash: str | None = None
+    weights: dict | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The teacher's tokenizer: its fingerprint (kd.models.tokenizer_fingerprint) and the documents' separator."""
+
+    fingerprint: str
+    size: int
+    separator_id: int | None = None
+    separator: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatInfo:
+    """A chat cache (format 7 on, data.format=chat): what its loss_mask and segments fields mean."""
+
+    loss_mask: str  # assistant | completion | all (kd.data.chat)
+    packing: str  # one_per_window | first_fit (kd.data.pack.ChatPacker)
+    fields: list
+    template: str  # "the tokenizer's own" | "data.chat_template"
+    template_text: str | None  # the Jinja text the conversations were rendered with
+    attention: str
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    num_sequences: int
+    num_tokens: int
+    fingerprint: str  # sha256 over the shards' input fingerprints: the windows the teacher saw
+    teacher_score: dict | None = None  # the teacher's own CE and bits per character (kd/textscore.py), when recorded
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A finished cache's manifest.json, typed, for everything that reads a cache (`TeacherCache.info`). Older
+    formats are upgraded here, on read, so no reader tests for keys: `chat` is None for a text cache, `sample_n` 0
+    and `store_text` False where a cache holds none, `config_hash` None before format 4."""
+
+    format_version: int
+    teacher: TeacherInfo
+    tokenizer: TokenizerInfo
+    top_k: int
+    hidden_layers: list[int]
+    seq_len: int
+    sample_n: int
+    store_text: bool
+    config_hash: str | None
+    chat: ChatInfo | None
+    splits: dict[str, SplitInfo]
+
+    @classmethod
+    def of(cls, m: dict) -> Manifest:
+        """From a manifest's JSON as read (kd.cache.reader.read_manifest checks its format and version)."""
+
+        def pick(record_cls, record: dict):
+            names = {f.name for f in fields(record_cls)}
+            return record_cls(**{k: v for k, v in record.items() if k in names})
+
+        chat = m.get("chat")
+        return cls(
+            format_version=m["format_version"],
+            teacher=pick(TeacherInfo, m["teacher"]),
+            tokenizer=pick(TokenizerInfo, m["tokenizer"]),
+            top_k=m["top_k"],
+            hidden_layers=list(m["hidden_layers"]),
+            seq_len=m["seq_len"],
+            sample_n=m.get("sample_n") or 0,
+            store_text=bool(m.get("store_text")),
+            config_hash=m.get("config_hash"),
+            chat=None
+            if chat is None
+            else ChatInfo(
+                loss_mask=chat["loss_mask"],
+                packing=chat["packing"],
+                fields=chat["fields"],
+                template=chat["template"],
+                template_text=chat.get("template_text"),
+                attention=chat["attention"],
+            ),
+            splits={name: pick(SplitInfo, split) for name, split in m["splits"].items()},
+        )

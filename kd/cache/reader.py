@@ -30,6 +30,7 @@ from kd.cache.format import (
     manifest_codecs,
     records_table,
 )
+from kd.cache.manifest import Manifest
 from kd.errors import KDError
 
 
@@ -337,23 +338,25 @@ _WIDEN = {"loss_mask": np.bool_, "segments": np.int64}
 
 
 class TeacherCache:
-    """A finished cache directory: `manifest` plus `split(name)` readers."""
+    """A finished cache directory: `info` (the typed manifest, kd.cache.manifest.Manifest) plus `split(name)`
+    readers. `manifest` is the JSON as read, which the shard readers check their shards against."""
 
     def __init__(self, path: str | Path, check: bool = True):
         self.root, self.check = Path(path), check
         self.manifest = read_manifest(self.root)
+        self.info = Manifest.of(self.manifest)
 
     def split(self, name: str, fields: Iterable[str] = CacheSplit.TENSOR_FIELDS) -> CacheSplit:
         return CacheSplit(self.root, self.manifest, name, fields, self.check)
 
     @property
     def top_k(self) -> int:
-        return self.manifest["top_k"]
+        return self.info.top_k
 
     @property
     def hidden_layers(self) -> list[int]:
-        return self.manifest["hidden_layers"]
+        return self.info.hidden_layers
 
     @property
     def seq_len(self) -> int:
-        return self.manifest["seq_len"]
+        return self.info.seq_len

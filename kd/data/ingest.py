@@ -29,14 +29,15 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kd.data.chat import BadConversation, ChatFields, render
-from kd.data.pack import MIN_WINDOW_TOKENS, ChatPacker, Packer, Windows, tokenize
+from kd.data.chat import ChatFields
+from kd.data.formats import FORMATS
+from kd.data.pack import Windows
 from kd.data.sources import BadRecord, Records, Unit, unit_documents
 from kd.dist import gather_rows
 from kd.errors import KDError
@@ -81,6 +82,11 @@ class IngestSpec:
     def content_hash(self) -> str:
         d = {k: v for k, v in self.__dict__.items() if not (k == "chat" and v is None)}  # text: hashes as before
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def format(self) -> str:
+        """The data format's name (kd/data/formats.py): chat when the chat settings are given."""
+        return "text" if self.chat is None else "chat"
 
     @property
     def records(self) -> Records:
@@ -198,12 +204,10 @@ def process_unit(
     progress: Callable[[int, int], None],
 ) -> dict:
     """Tokenize and pack one unit into `path`; returns its metadata (window counts per split, document counts).
-    `skip[split]` is true when earlier units already hold that split's cap: its documents are not tokenized."""
-    chat = spec.chat
-    if chat is None:
-        packers = {s: Packer(spec.seq_len, spec.sep_id, spec.pad_id, spec.store_text, spec.sep_text) for s in SPLITS}
-    else:
-        packers = {s: ChatPacker(spec.seq_len, spec.pad_id, chat["packing"], spec.store_text) for s in SPLITS}
+    `skip[split]` is true when earlier units already hold that split's cap: its documents are not tokenized.
+    What a document is and how it is packed is its format's (kd/data/formats.py)."""
+    fmt = FORMATS[spec.format]
+    packers = {s: fmt.packer(spec) for s in SPLITS}
     stopped = dict(skip)
     docs = {s: 0 for s in SPLITS}
     tokens = {s: 0 for s in SPLITS}
@@ -211,17 +215,14 @@ def process_unit(
     examples = {"empty": [], "bad": []}  # the first few, for the summary: which files (records) they were
     writer = UnitWriter(path, spec)
 
-    def pack_batch(batch: list[tuple[str, str]], tokenized) -> None:
-        ids, extra = tokenized.result()  # extra: character offsets (text) or (loss mask, text record) (chat)
+    def pack_batch(batch: list[tuple[str, object]], tokenized) -> None:
+        ids, extra = tokenized.result()
         added, added_docs = {s: 0 for s in SPLITS}, 0
-        for i, (split, text) in enumerate(batch):
+        for i, (split, payload) in enumerate(batch):
             toks = ids[i]
             if stopped[split] or not toks:  # a split may have reached its cap since the batch was read
                 continue
-            if chat is not None:
-                packers[split].add(toks, *extra[i])
-            else:
-                packers[split].add(toks, extra[i] if extra is not None else None, text if spec.store_text else None)
+            fmt.add(packers[split], toks, extra[i] if extra is not None else None, payload, spec)
             docs[split] += 1
             tokens[split] += len(toks)
             added[split] += len(toks)
@@ -247,67 +248,46 @@ def process_unit(
         bad += 1
         examples["bad"] += [message][: 3 - len(examples["bad"])]
 
-    # A two-stage pipeline: the tokenizer (Rust, GIL released, on all cores) works on batch k+1 in a background
-    # thread while this thread packs and writes batch k and reads the next documents. Packing order, and so
-    # the windows, are those of the sequential loop.
+    # A two-stage pipeline: a batch is tokenized (the text format: in a background thread, by the Rust tokenizer
+    # on all cores) while this thread packs and writes the batch before it and reads the next documents. Packing
+    # order, and so the windows, are those of the sequential loop.
     documents = unit_documents(unit, spec.records, spec.decode_errors)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-tokenize")
     pending = None
 
-    def submit(batch: list[tuple[str, str]]) -> None:
-        """Start tokenizing `batch`, then pack the batch before it while that runs. Chat conversations arrive
-        rendered and tokenized (kd.data.chat.render): their batch is ready at once."""
+    def submit(batch: list[tuple[str, object]]) -> None:
+        """Start tokenizing `batch`, then pack the batch before it while that runs."""
         nonlocal pending
-        if chat is None:
-            job = pool.submit(tokenize, tokenizer, [t for _, t in batch], len(batch), spec.store_text)
-            submitted = (batch, job)
-        else:
-            submitted = (
-                [(split, None) for split, _ in batch],
-                _done([r.input_ids for _, (r, _) in batch], [(r.mask, rec) for _, (r, rec) in batch]),
-            )
+        submitted = (batch, fmt.tokenize(pool, tokenizer, [payload for _, payload in batch], spec))
         if pending is not None:
             pack_batch(*pending)
         pending = submitted
 
     try:
-        batch: list[tuple[str, str]] = []
+        batch: list[tuple[str, object]] = []
         batch_chars = 0
-        for text, where in documents:
-            if isinstance(text, BadRecord):
-                bad_record(text.message)
+        for document, where in documents:
+            if isinstance(document, BadRecord):
+                bad_record(document.message)
                 continue
-            if chat is None and not text.strip():
+            if fmt.is_empty(document):
                 empty += 1
                 examples["empty"] += [where][: 3 - len(examples["empty"])]
                 continue
-            key = text if chat is None else json.dumps(text, ensure_ascii=False, sort_keys=True)
-            split = forced_split or document_split(key, spec.split_seed, spec.eval_fraction)
+            split = forced_split or document_split(fmt.split_key(document), spec.split_seed, spec.eval_fraction)
             if stopped[split]:
                 if all(stopped.values()):
                     break
                 continue
-            if chat is not None:
-                turns = text
-                try:
-                    rendered = render(tokenizer, turns, chat["template"], chat["loss_mask"], spec.store_text)
-                    rec = None
-                    if spec.store_text:  # what a student with another tokenizer is aligned on (kd/align.py)
-                        rec = {
-                            "turns": turns,
-                            "text": rendered.text,
-                            "offsets": rendered.offsets,
-                            "contents": rendered.contents,
-                        }
-                except BadConversation as e:
-                    bad_record(f"{where}: {e}")
-                    continue
-                if len(rendered.input_ids) < MIN_WINDOW_TOKENS or not any(rendered.mask[1 : spec.seq_len]):
-                    dropped += 1  # nothing the loss counts survives the cut to seq_len (a target is token 1 on)
-                    continue
-                text = (rendered, rec)
-            size = len(text) if chat is None else len(text[0].text)
-            batch.append((split, text))
+            payload = fmt.prepare(document, where, spec, tokenizer)
+            if isinstance(payload, BadRecord):
+                bad_record(payload.message)
+                continue
+            if payload is None:
+                dropped += 1
+                continue
+            size = fmt.size(payload)
+            batch.append((split, payload))
             chars += size
             batch_chars += size
             if len(batch) >= BATCH_DOCUMENTS or batch_chars >= BATCH_CHARS:
@@ -337,27 +317,14 @@ def process_unit(
             "bad_records": bad,
             "examples": examples,
             "chars": chars,
+            **fmt.unit_counts(packers, dropped),
         }
-        if chat is not None:  # conversations cut to seq_len (tokens lost), and dropped (nothing left in the loss)
-            meta["chat"] = {
-                "truncated": sum(p.truncated for p in packers.values()),
-                "tokens_cut": sum(p.tokens_cut for p in packers.values()),
-                "dropped": dropped,
-                "window_tokens": sum(p.window_tokens for p in packers.values()),
-            }
         return writer.commit(meta)
     except BaseException:
         writer.abort()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _done(*value) -> Future:
-    """A Future already holding `value` (chat batches need no background tokenization)."""
-    f = Future()
-    f.set_result(value)
-    return f
 
 
 # ---- the whole stage ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +45,6 @@ from kd.errors import KDError
 from kd.models import load_causal_lm, load_model_config, weights_fingerprint
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
-RULES = ("block", "influence", "every_other")
 
 
 @dataclass
@@ -160,21 +160,53 @@ def measure(model, batches, neurons: bool = False) -> Importance:
     return out
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A rule choosing which decoder layers to keep: `keep(imp, L, n)` the kept layers (increasing) when n of the L
+    layers are dropped, and `candidates(imp, L, n)` what it weighed, one line each (`python -m kd.prune` prints
+    them). A new rule is one entry of RULES plus its test (tests/test_prune.py enumerates RULES)."""
+
+    keep: Callable[[Importance, int, int], list[int]]
+    candidates: Callable[[Importance, int, int], list[str]]
+
+
+def _block_keep(imp: Importance, L: int, n: int) -> list[int]:
+    start = int(np.argmin(imp.block_distance(n))) if n else 0
+    return [i for i in range(L) if not start <= i < start + n]
+
+
+def _influence_keep(imp: Importance, L: int, n: int) -> list[int]:
+    drop = set(np.argsort(imp.influence(), kind="stable")[:n].tolist())
+    return [i for i in range(L) if i not in drop]
+
+
+RULES: dict[str, Rule] = {
+    "block": Rule(
+        _block_keep,
+        lambda imp, L, n: [
+            f"  drop layers {s:>2}-{s + n - 1:<2}  angular distance {v:.4f}"
+            for s, v in enumerate(imp.block_distance(n))
+        ],
+    ),
+    "influence": Rule(
+        _influence_keep,
+        lambda imp, L, n: [f"  layer {i:>2}  block influence {v:.4f}" for i, v in enumerate(imp.influence())],
+    ),
+    "every_other": Rule(
+        lambda imp, L, n: sorted({round(i * L / (L - n)) for i in range(L - n)}),
+        lambda imp, L, n: [f"  every other: {L} -> {L - n} layers (no measurement)"],
+    ),
+}
+
+
 def choose_layers(imp: Importance, num_layers: int, rule: str) -> list[int]:
     """The decoder layers kept (increasing) when `num_layers` of imp.num_layers are kept under `rule`."""
     L = imp.num_layers
     if not 1 <= num_layers <= L:
         raise KDError(f"num_layers must be in 1..{L} (the teacher's layers), got {num_layers}")
-    n = L - num_layers
-    if rule == "every_other":
-        return sorted({round(i * L / num_layers) for i in range(num_layers)})
-    if rule == "influence":
-        drop = set(np.argsort(imp.influence(), kind="stable")[:n].tolist())
-        return [i for i in range(L) if i not in drop]
-    if rule == "block":
-        start = int(np.argmin(imp.block_distance(n))) if n else 0
-        return [i for i in range(L) if not start <= i < start + n]
-    raise KDError(f"unknown pruning rule {rule!r}; choose one of {list(RULES)}")
+    if rule not in RULES:
+        raise KDError(f"unknown pruning rule {rule!r}; choose one of {list(RULES)}")
+    return RULES[rule].keep(imp, L, L - num_layers)
 
 
 def check_layers(layers: list[int], num_teacher_layers: int) -> list[int]:
@@ -266,19 +298,19 @@ def calibration_batches(cache, num_sequences: int, batch_size: int = 8):
 def load_cache_teacher(cache, teacher: str | None = None, dtype: str = "fp32"):
     """The cache's teacher (or `teacher`), refused when its weights are not the ones the cache was made from: a
     student cut from other weights would start from a model the cached targets do not describe."""
-    t = cache.manifest["teacher"]
-    path = teacher or t["name_or_path"]
-    config = load_model_config(path, t.get("revision") if teacher is None else None)
+    t = cache.info.teacher
+    path = teacher or t.name_or_path
+    config = load_model_config(path, t.revision if teacher is None else None)
     check_architecture(config)
-    recorded = t.get("weights")
+    recorded = t.weights
     if recorded is not None and teacher is None:
-        now = weights_fingerprint(path, t.get("revision"), t.get("commit_hash"))
+        now = weights_fingerprint(path, t.revision, t.commit_hash)
         if now["digest"] != recorded["digest"]:
             raise KDError(
                 f"the teacher weights at {path} are not the ones cache {cache.root} was made from (fingerprint "
                 f"{now['digest'][:12]}... vs {recorded['digest'][:12]}...): prune the cache's own teacher, or re-cache"
             )
-    return load_causal_lm(path, t.get("revision") if teacher is None else None, dtype, "sdpa")
+    return load_causal_lm(path, t.revision if teacher is None else None, dtype, "sdpa")
 
 
 def cut(

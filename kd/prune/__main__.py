@@ -13,18 +13,8 @@ from kd.errors import KDError, run_cli
 from kd.evaluate import score_on_cache
 from kd.io import staged_dir
 from kd.models import load_tokenizer
-from kd.prune import RULES, Importance, calibration_batches, check_layers, cut, load_cache_teacher, measure
+from kd.prune import RULES, calibration_batches, check_layers, cut, load_cache_teacher, measure
 from kd.train_config import FromTeacherConfig
-
-
-def _candidates(imp: Importance, num_layers: int, rule: str) -> list[str]:
-    L, n = imp.num_layers, imp.num_layers - num_layers
-    if rule == "block":
-        d = imp.block_distance(n)
-        return [f"  drop layers {s:>2}-{s + n - 1:<2}  angular distance {v:.4f}" for s, v in enumerate(d)]
-    if rule == "influence":
-        return [f"  layer {i:>2}  block influence {v:.4f}" for i, v in enumerate(imp.influence())]
-    return [f"  every other: {L} -> {num_layers} layers (no measurement)"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--layers", type=int, help="decoder layers to keep, chosen by --rule")
     which.add_argument("--keep", help="explicit teacher layers to keep, comma-separated (0-based)")
-    ap.add_argument("--rule", default=FromTeacherConfig.rule, choices=RULES)
+    ap.add_argument("--rule", default=FromTeacherConfig.rule, choices=list(RULES))
     ap.add_argument("--intermediate-size", type=int, help="MLP neurons to keep per layer (default: all)")
     ap.add_argument(
         "--calibration-sequences",
@@ -56,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         raise KDError(f"--out {out} already exists; choose a new folder (a pruned model is never written over one)")
     cache = TeacherCache(args.cache)
     teacher = load_cache_teacher(cache, args.teacher)
-    tok = load_tokenizer(args.teacher or cache.manifest["teacher"]["name_or_path"])
+    tok = load_tokenizer(args.teacher or cache.info.teacher.name_or_path)
     L = teacher.config.num_hidden_layers
     keep = None
     if args.keep is not None:
@@ -81,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     for rule in rules:
         if rule != "explicit":
             print(f"rule {rule}: candidates")
-            print("\n".join(_candidates(imp, num_layers, rule)))
+            print("\n".join(RULES[rule].candidates(imp, imp.num_layers, imp.num_layers - num_layers)))
         student, layers = cut(
             teacher, imp, rule, num_layers, keep if rule == "explicit" else None, args.intermediate_size
         )

@@ -16,7 +16,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +127,7 @@ def setup(cfg: TrainConfig) -> Run | None:
         text_windows(tokenizer, tc.extra_eval_files, cache.seq_len) if tc.extra_eval_files else (None, None)
     )
     _check_cache_fits(cfg, cache, tokenizer, tok_source)
-    resume_state = prepare_run_dir(run_dir, cfg_dict, tc.resume, cache.manifest.get("config_hash"))
+    resume_state = prepare_run_dir(run_dir, cfg_dict, tc.resume, cache.info.config_hash)
     if resume_state is None and tc.resume and (run_dir / "final" / "kd_meta.json").exists():
         if accelerator.is_main_process:  # finished without its state (train.save_final_state): nothing to continue
             print(f"[train] {run_dir} already finished (final/ is saved, no training state kept); nothing to do")
@@ -152,7 +152,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     keep = None if not tc.resume else (state.step if resume_state is not None else -1)
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until_step=keep)
     # chat: a few greedy replies to held-out prompts at every eval (kd/train/generations.py), main process only
-    prompts = held_out_prompts(eval_split, tc.eval_generations) if "chat" in cache.manifest else []
+    prompts = held_out_prompts(eval_split, tc.eval_generations) if cache.info.chat is not None else []
     generations = GenerationsLog(run_dir, accelerator.is_main_process and bool(prompts), keep)
     if tc.log_with:
         start_trackers(accelerator, tc, cfg_dict)
@@ -169,7 +169,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     units_sep = (
         tokenizer.convert_tokens_to_ids(cfg.loss.cross_tokenizer_separator or tokenizer.eos_token)
         if cross
-        else (cache.manifest["tokenizer"].get("separator_id"))
+        else cache.info.tokenizer.separator_id
     )
     return Run(
         cfg=cfg,
@@ -205,30 +205,28 @@ def _student_tokenizer(cfg: TrainConfig, cache: TeacherCache):
     """The student's tokenizer and where it came from: student.tokenizer, else the pretrained student's, else the
     teacher's (the one the cache was made with)."""
     from_teacher = cfg.student.from_teacher.teacher if cfg.student.from_teacher else None
-    tok_source = (
-        cfg.student.tokenizer or cfg.student.pretrained or from_teacher or cache.manifest["teacher"]["name_or_path"]
-    )
+    tok_source = cfg.student.tokenizer or cfg.student.pretrained or from_teacher or cache.info.teacher.name_or_path
     return load_tokenizer(tok_source), tok_source
 
 
 def _check_cache_fits(cfg: TrainConfig, cache: TeacherCache, tokenizer, tok_source: str) -> None:
     """Same-tokenizer KD compares token ids; cross-tokenizer KD needs the cached text; sampled targets need a cache
     that holds them."""
-    tc, teacher_tok = cfg.train, cache.manifest["tokenizer"]
+    tc, teacher_tok = cfg.train, cache.info.tokenizer
     cross = cfg.loss.cross_tokenizer is not None
-    if tokenizer_fingerprint(tokenizer) != teacher_tok["fingerprint"] and not cross:
+    if tokenizer_fingerprint(tokenizer) != teacher_tok.fingerprint and not cross:
         raise KDError(
             f"the student's tokenizer ({tok_source}) differs from the one the cache was made with "
             f"(fingerprint {teacher_tok['fingerprint'][:12]}...): same-tokenizer KD compares token ids, "
             "so they must match. Use the teacher's tokenizer for the student, or set "
             "loss.cross_tokenizer=hybrid (or mapped, uld) for cross-tokenizer KD"
         )
-    if cross and not cache.manifest.get("store_text"):
+    if cross and not cache.info.store_text:
         raise KDError(
             f"loss.cross_tokenizer needs the cached text and token spans, and cache {tc.cache_dir} was "
             "written without them: re-cache with cache.store_text=true"
         )
-    if cfg.loss.target == "sampled" and not cache.manifest.get("sample_n"):
+    if cfg.loss.target == "sampled" and not cache.info.sample_n:
         raise KDError(
             f"loss.target=sampled but cache {tc.cache_dir} holds no sampled targets; re-cache with "
             "cache.sample_n=50 (or another count), or use loss.target=topk"
@@ -280,9 +278,7 @@ def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, acce
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     built_whole = build_whole(accelerator)  # ZeRO-3: transformers would build them partitioned (kd/train/backend.py)
     # across tokenizers teacher ids never index the student logits (they are mapped), so no vocabulary floor
-    lm = build_student(
-        cfg, tokenizer, 0 if cross else cache.manifest["teacher"]["vocab_size"], cache, say, accelerator.device
-    )
+    lm = build_student(cfg, tokenizer, 0 if cross else cache.info.teacher.vocab_size, cache, say, accelerator.device)
     # the student must see a whole window: a shorter context trains silently wrong (Llama) or fails mid-run (GPT-2)
     window = train_split.arrays["input_ids"].shape[1] if cross else cache.seq_len
     context = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
@@ -304,19 +300,17 @@ def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, acce
             )
         say(f"[student] feature pairs [student, teacher] from the kept layers: {pairs}")
     slots = check_feature_layers(pairs, cache, lm.config.num_hidden_layers)
-    if "chat" in cache.manifest:
+    if cache.info.chat is not None:
         # one conversation per window needs nothing of the attention: its positions are the model's own
-        reason = packing_fallback_reason(lm) if cache.manifest["chat"]["packing"] != "one_per_window" else None
+        reason = packing_fallback_reason(lm) if cache.info.chat.packing != "one_per_window" else None
         if reason is not None:
             raise KDError(
                 f"cache {tc.cache_dir} packs several conversations per window, and this student cannot keep them "
                 f"apart: {reason}. Use an attention implementation that honours restarting position ids "
                 "(student.attn_implementation=sdpa or eager), or re-cache with data.packing=one_per_window"
             )
-        say(f"[student] chat cache: loss on {cache.manifest['chat']['loss_mask']} tokens, conversations kept apart")
-    model = DistillModel(
-        lm, pairs if need_hidden else [], cache.manifest["teacher"]["hidden_size"], cfg.loss.fused_head
-    )
+        say(f"[student] chat cache: loss on {cache.info.chat.loss_mask} tokens, conversations kept apart")
+    model = DistillModel(lm, pairs if need_hidden else [], cache.info.teacher.hidden_size, cfg.loss.fused_head)
     if model.fused_head:
         say(f"[student] LM head fused into the loss: {cfg.loss.position_chunk} positions at a time, no full logits")
     elif cfg.loss.fused_head:
@@ -341,8 +335,8 @@ def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, acce
     backend = backend_for(accelerator, model)
     teacher = None
     if cfg.loss.target == "online":  # the reference mode: the teacher in memory, as the cache exists to avoid
-        t = cache.manifest["teacher"]
-        teacher = load_causal_lm(t["name_or_path"], t["revision"], t["dtype"], "sdpa").to(accelerator.device).eval()
+        t = cache.info.teacher
+        teacher = load_causal_lm(t.name_or_path, t.revision, t.dtype, "sdpa").to(accelerator.device).eval()
     built_whole()  # Accelerate's registration with transformers, as it was
     plan = LossPlan.build(cfg.loss, slots, teacher)
     ema = EMA(accelerator.unwrap_model(model), tc.ema_decay) if tc.ema_decay else None
@@ -360,10 +354,10 @@ def _run_record(cfg: TrainConfig, cfg_dict: dict, cache: TeacherCache, schedule:
         "config": cfg_dict,
         "cache": {
             "dir": cfg.train.cache_dir,
-            "teacher": cache.manifest["teacher"],
+            "teacher": asdict(cache.info.teacher),
             "top_k": cache.top_k,
-            "tokenizer_fingerprint": cache.manifest["tokenizer"]["fingerprint"],
-            "config_hash": cache.manifest.get("config_hash"),
+            "tokenizer_fingerprint": cache.info.tokenizer.fingerprint,
+            "config_hash": cache.info.config_hash,
         },
         "total_steps": schedule.total_steps,
         "warmup_steps": schedule.warmup_steps,
@@ -577,13 +571,13 @@ def cross_tokenizer_splits(
 ):
     """Wrap both splits in the student's tokenization, aligned to the teacher's (built once per cache and student
     tokenizer), log alignment and mapping coverage, and apply the alignment floor."""
-    teacher_tokenizer = load_tokenizer(cache.manifest["teacher"]["name_or_path"], cache.manifest["teacher"]["revision"])
+    teacher_tokenizer = load_tokenizer(cache.info.teacher.name_or_path, cache.info.teacher.revision)
     sep = cfg.loss.cross_tokenizer_separator or tokenizer.eos_token
-    template = student_chat_template(cfg, cache, tokenizer) if "chat" in cache.manifest else None
+    template = student_chat_template(cfg, cache, tokenizer) if cache.info.chat is not None else None
     arrays = align.load_or_build(
         cache, tokenizer, sep, run_dir, accelerator.is_main_process, accelerator.wait_for_everyone, template
     )
-    mapping = align.vocab_map(teacher_tokenizer, tokenizer, cache.manifest["teacher"]["vocab_size"])
+    mapping = align.vocab_map(teacher_tokenizer, tokenizer, cache.info.teacher.vocab_size)
     train = align.AlignedSplit(train_split, arrays["train"], mapping)
     evals = align.AlignedSplit(eval_split, arrays["eval"], mapping)
     cov = align.coverage(train)
@@ -608,7 +602,7 @@ def student_chat_template(cfg: TrainConfig, cache: TeacherCache, tokenizer) -> s
     """The Jinja text a cross-tokenizer student renders a chat cache's conversations with (student.chat_template):
     None for its tokenizer's own."""
     choice = cfg.student.chat_template
-    teacher = cache.manifest["chat"].get("template_text")
+    teacher = cache.info.chat.template_text
     if choice == "teacher" or (choice is None and not getattr(tokenizer, "chat_template", None)):
         if not teacher:
             raise KDError(
@@ -662,7 +656,7 @@ def compare_with_teacher(cfg: TrainConfig, cache: TeacherCache, student: dict, l
     """Step 0: the teacher's own bits per character on the eval split (kept in the manifest by the caching pass)
     against the student's before training. A teacher that is not better can only pull the student towards a
     weaker model: warned loudly, or refused with train.on_weaker_teacher=refuse."""
-    teacher = cache.manifest["splits"].get("eval", {}).get("teacher_score")
+    teacher = cache.info.splits["eval"].teacher_score if "eval" in cache.info.splits else None
     if not teacher or not math.isfinite(student.get("eval/bits_per_char", math.nan)):
         return  # a cache made before kd recorded the teacher's score
     log.write(
@@ -681,7 +675,7 @@ def compare_with_teacher(cfg: TrainConfig, cache: TeacherCache, student: dict, l
         return
     message = (
         f"the teacher is not better than the student on the eval text: {t:.4f} bits/char for the teacher "
-        f"({cache.manifest['teacher']['name_or_path']}) against {s:.4f} for the untrained student. Distilling it "
+        f"({cache.info.teacher.name_or_path}) against {s:.4f} for the untrained student. Distilling it "
         "pulls the student towards a weaker model; check the teacher (python -m kd.evaluate) or use a stronger one"
     )
     warn_or_refuse(accelerator, message, cfg.train.on_weaker_teacher, "train.on_weaker_teacher")
