@@ -77,7 +77,19 @@ def compare_caches(dir_a: str, dir_b: str) -> list[str]:
                 if not same:
                     diffs.append(f"{split}[{i}].{name} differs")
             checked += 1
-    print(f"[equivalence] caches: {checked} sequences compared, every field decoded", flush=True)
+    # and the files themselves: shards, the low-rank basis, the shard indexes, byte for byte
+    from kd.io import sha256_file
+
+    files = sorted({p.name for d in (dir_a, dir_b) for p in Path(d).iterdir() if p.suffix in (".h5", ".npy")})
+    for name in files:
+        pa, pb = Path(dir_a) / name, Path(dir_b) / name
+        if not (pa.exists() and pb.exists()) or sha256_file(pa) != sha256_file(pb):
+            diffs.append(f"{name}: not byte-identical")
+    print(
+        f"[equivalence] caches: {checked} sequences compared, every field decoded; {len(files)} shard, basis and "
+        "index files compared byte for byte",
+        flush=True,
+    )
     return diffs
 
 

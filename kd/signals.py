@@ -21,6 +21,8 @@ student's tail is below it too, so is the student's. So k = V gives the exact di
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -168,28 +170,54 @@ class Mapped(Signal):
         return self.logprobs[rows].float().exp()
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _topk(tail: str, teacher):
+    return lambda b, attention: TopK(_flat(b["topk_ids"]), _flat(b["topk_logprobs"]), tail)
+
+
+def _sampled(tail: str, teacher):
+    return lambda b, attention: Sampled(_flat(b["sample_ids"]), _flat(b["sample_counts"]))
+
+
+def _online(tail: str, teacher):
+    if teacher is None:
+        raise KDError("loss.target=online needs the teacher model in the training process")
+
+    def online(b, attention):
+        with torch.inference_mode():
+            logits = teacher(input_ids=b["input_ids"], attention_mask=attention).logits
+        return Online(_flat(logits.clone()))  # clone: an inference tensor cannot take part in autograd
+
+    return online
+
+
+@dataclass(frozen=True)
+class Target:
+    """A teacher signal a run trains against (loss.target): the cache fields it reads, whether the cache must have
+    been written with sampled targets, and `build(tail, teacher)` -> a function (batch, attention) -> Signal over the
+    batch's flattened [B * T] positions. A new target is one entry of TARGETS plus its tests (tests/test_divergences.py
+    enumerates them against LossConfig.target's choices)."""
+
+    fields: tuple[str, ...]
+    build: Callable
+    needs_samples: bool = False
+
+
+TARGETS: dict[str, Target] = {
+    "topk": Target(("topk_ids", "topk_logprobs"), _topk),
+    "sampled": Target(("sample_ids", "sample_counts"), _sampled, needs_samples=True),
+    "online": Target((), _online),  # the reference mode: the teacher in memory, as the cache exists to avoid
+}
+
+
 def batch_signal(target: str, tail: str, cross_tokenizer: bool, teacher=None):
-    """The one choice of teacher signal, made at set-up: a function (batch, attention) -> Signal over the batch's
-    flattened [B * T] positions. target: topk | sampled | online (kd.train_config.LossConfig.target); across
-    tokenizers the batch's top-k ids are already mapped to student ids (kd/align.py)."""
-
-    def flat(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1])
-
+    """The one choice of teacher signal, made at set-up (TARGETS[target].build); across tokenizers the batch's top-k
+    ids are already mapped to student ids (kd/align.py), and the signal is Mapped."""
     if cross_tokenizer:
-        return lambda b, attention: Mapped(flat(b["topk_ids"]), flat(b["topk_logprobs"]))
-    if target == "topk":
-        return lambda b, attention: TopK(flat(b["topk_ids"]), flat(b["topk_logprobs"]), tail)
-    if target == "sampled":
-        return lambda b, attention: Sampled(flat(b["sample_ids"]), flat(b["sample_counts"]))
-    if target == "online":
-        if teacher is None:
-            raise KDError("loss.target=online needs the teacher model in the training process")
-
-        def online(b, attention):
-            with torch.inference_mode():
-                logits = teacher(input_ids=b["input_ids"], attention_mask=attention).logits
-            return Online(flat(logits.clone()))  # clone: an inference tensor cannot take part in autograd
-
-        return online
-    raise KDError(f"unknown loss.target {target!r}; choose topk, sampled or online")
+        return lambda b, attention: Mapped(_flat(b["topk_ids"]), _flat(b["topk_logprobs"]))
+    if target not in TARGETS:
+        raise KDError(f"unknown loss.target {target!r}; choose one of {list(TARGETS)}")
+    return TARGETS[target].build(tail, teacher)

@@ -536,3 +536,34 @@ def test_shards_are_sized_in_bytes(tmp_path, make_cache_config, llama_teacher):
             assert sh["bytes"] <= limit + per_sequence, (sh["file"], sh["bytes"])
         for sh in shards[:-1]:
             assert sh["num_sequences"] == S and sh["bytes"] > limit / 2, (sh["file"], sh["bytes"])
+
+
+def test_the_equivalence_script_tells_identical_caches_and_runs_from_different_ones(
+    tmp_path, tiny_cache, make_cache_config, llama_teacher
+):
+    """bench/equivalence.py, the check that a refactoring changed nothing: a cache and a run equal themselves; a cache
+    drawn with another sampling seed, and a run whose metrics moved, are reported with what differs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("equivalence", ROOT / "bench" / "equivalence.py")
+    eq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eq)
+    assert eq.compare_caches(tiny_cache, tiny_cache) == []
+    other = cache_teacher.main(
+        make_cache_config(
+            llama_teacher,
+            tmp_path / "other",
+            **{"data.max_train_sequences": 64, "data.max_eval_sequences": 12, "cache.sample_seed": 1},
+        )
+    )
+    diffs = eq.compare_caches(tiny_cache, other)
+    assert any(".sample_ids differs" in d or ".sample_counts differs" in d for d in diffs), diffs[:5]
+    assert any("not byte-identical" in d for d in diffs)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5, "tokens_per_s": 10.0}\n')
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5000001, "tokens_per_s": 99.0}\n')
+    assert eq.compare_runs(run, run) == []
+    assert eq.compare_runs(run, moved) == ["metrics.jsonl line 1.loss: 2.5 != 2.5000001"]  # timings are not compared

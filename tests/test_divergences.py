@@ -352,3 +352,21 @@ def test_registry_and_term_list_reject_bad_input_clearly():
         ]
     )
     assert [t.name for t in terms] == ["ce", "forward_kl", "rkl", "jsd"] and terms[3].options == {"beta": 0.5}
+
+
+def test_every_target_is_listed_and_configurable():
+    """The teacher signals a run trains against (kd.signals.TARGETS) are exactly loss.target's choices; each is run
+    against the float64 reference above (topk, sampled, online) and end to end in tests/test_train.py."""
+    import typing
+
+    from kd.signals import TARGETS
+
+    assert (
+        set(typing.get_args(typing.get_type_hints(LossConfig)["target"]))
+        == set(TARGETS)
+        == {
+            "topk",
+            "sampled",
+            "online",
+        }
+    )

@@ -768,3 +768,28 @@ def test_tensorboard_receives_every_logged_metric(tiny_cache, tmp_path):
     assert hparams["train.max_steps"] == 4 and hparams["train.cache_dir"] == str(tiny_cache)
     with pytest.raises(KDError, match=r"unknown tracker\(s\) train.log_with=\['tensorbored'\]"):
         make_cfg(tiny_cache, tmp_path / "b", **{"train.log_with": "[tensorbored]"})
+
+
+# every schedule of the registry at known points after warmup (progress 1/4, 1/2, 1): a new schedule fails
+# test_every_schedule_has_known_values until its values are listed here
+LR, MIN_LR = 1e-3, 1e-4
+SCHEDULE_VALUES = {
+    "cosine": {0.25: MIN_LR + (LR - MIN_LR) * (2 + 2**0.5) / 4, 0.5: (LR + MIN_LR) / 2, 1.0: MIN_LR},
+    "linear": {0.25: LR - (LR - MIN_LR) / 4, 0.5: (LR + MIN_LR) / 2, 1.0: MIN_LR},
+    "constant": {0.25: LR, 0.5: LR, 1.0: LR},
+}
+
+
+def test_every_schedule_has_known_values():
+    from kd.schedule import SCHEDULES
+
+    assert set(SCHEDULES) == set(SCHEDULE_VALUES)
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULE_VALUES))
+def test_each_schedule_at_known_points(schedule):
+    """Warmup 4 of 12 steps: linear from lr/4 to lr, then the decay at progress (step - 4) / 8."""
+    at = lambda step: lr_at(step, schedule=schedule, lr=LR, min_lr=MIN_LR, warmup_steps=4, total_steps=12)
+    assert [at(s) for s in range(1, 5)] == pytest.approx([LR / 4, LR / 2, 3 * LR / 4, LR])
+    for progress, value in SCHEDULE_VALUES[schedule].items():
+        assert at(4 + int(progress * 8)) == pytest.approx(value, rel=1e-12), progress

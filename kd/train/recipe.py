@@ -36,6 +36,7 @@ from kd.losses.terms import needs_hidden
 from kd.models import load_causal_lm, load_tokenizer, packing_fallback_reason, tokenizer_fingerprint
 from kd.prune import feature_pairs
 from kd.schedule import lr_at
+from kd.signals import TARGETS
 from kd.textscore import batch_text_units, score_record, score_windows, text_windows
 from kd.train.backend import (
     backend_for,
@@ -226,7 +227,7 @@ def _check_cache_fits(cfg: TrainConfig, cache: TeacherCache, tokenizer, tok_sour
             f"loss.cross_tokenizer needs the cached text and token spans, and cache {tc.cache_dir} was "
             "written without them: re-cache with cache.store_text=true"
         )
-    if cfg.loss.target == "sampled" and not cache.info.sample_n:
+    if TARGETS[cfg.loss.target].needs_samples and not cache.info.sample_n:
         raise KDError(
             f"loss.target=sampled but cache {tc.cache_dir} holds no sampled targets; re-cache with "
             "cache.sample_n=50 (or another count), or use loss.target=topk"
@@ -236,9 +237,7 @@ def _check_cache_fits(cfg: TrainConfig, cache: TeacherCache, tokenizer, tok_sour
 def _splits(cfg: TrainConfig, cache: TeacherCache, tokenizer, run_dir: Path, accelerator):
     """The train and eval splits, reading only the fields the loss needs; across tokenizers, the student's view."""
     need_hidden = needs_hidden(cfg.loss.loss_terms())
-    target_fields = {"topk": ("topk_ids", "topk_logprobs"), "sampled": ("sample_ids", "sample_counts"), "online": ()}[
-        cfg.loss.target
-    ]
+    target_fields = TARGETS[cfg.loss.target].fields
     # a chat cache's loss_mask and segments come along (a text cache has neither: every token counts)
     chat_fields = ("loss_mask", "segments")
     train_split = cache.split(
