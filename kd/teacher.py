@@ -13,7 +13,7 @@ import torch
 from kd.models import check_placed, execution_device, load_causal_lm, placement
 
 # The sampled-target scheme, part of a cache's identity: shards drawn by another scheme are never mixed into a
-# resumed cache (cache_teacher.py hashes it into the config hash).
+# resumed cache (kd.cache.manifest.config_hash hashes it into the cache's identity).
 SAMPLER = (
     "inverse-cdf/2: u ~ U[0,1) fp64, T x n per sequence from its own generator; id = first i with cdf_i > u * cdf_V;"
     " block of 256 by fp64 CDF of block masses, entry by fp64 CDF inside the block"

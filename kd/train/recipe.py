@@ -218,7 +218,7 @@ def _check_cache_fits(cfg: TrainConfig, cache: TeacherCache, tokenizer, tok_sour
     if tokenizer_fingerprint(tokenizer) != teacher_tok.fingerprint and not cross:
         raise KDError(
             f"the student's tokenizer ({tok_source}) differs from the one the cache was made with "
-            f"(fingerprint {teacher_tok['fingerprint'][:12]}...): same-tokenizer KD compares token ids, "
+            f"(fingerprint {teacher_tok.fingerprint[:12]}...): same-tokenizer KD compares token ids, "
             "so they must match. Use the teacher's tokenizer for the student, or set "
             "loss.cross_tokenizer=hybrid (or mapped, uld) for cross-tokenizer KD"
         )
