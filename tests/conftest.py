@@ -192,43 +192,15 @@ def torchrun(script, *args, nproc: int = 2, env_extra: dict | None = None) -> su
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 
-def killing_runner(script: str, module: str, owner: str | None, name: str, when) -> str:
-    """The source of a program that runs `script` (a repo script, its argv after the runner's own) and SIGKILLs
-    itself, no clean-up, at a precise point of the real run: on the `when`-th call (an int) of module.owner.name,
-    or on the first call whose first argument contains `when` (a str). The script's library is imported first and
-    every module already holding the name gets the patch, so calls through `from ... import name` are caught too."""
+def _patching_runner(script: str, module: str, owner: str | None, name: str, on_call: str) -> str:
+    """The source of a program that runs `script` (a repo script, its argv after the runner's own) with
+    module.owner.name patched to run `on_call` (Python source seeing `calls[0]`, the call's number from 1, and
+    `args`) before each call. The script's library is imported first and every module already holding the name gets
+    the patch, so calls through `from ... import name` are caught too."""
     import textwrap
 
     return textwrap.dedent(f"""
-        import importlib, os, runpy, signal, sys
-        sys.argv = sys.argv[1:]
-        sys.path[0] = {str(ROOT)!r}
-        import kd.cache, kd.data.ingest, kd.train  # the scripts' library, loaded before the patch
-        mod = importlib.import_module({module!r})
-        target = getattr(mod, {owner!r}) if {owner!r} else mod
-        real, calls = getattr(target, {name!r}), [0]
-        def patched(*args, **kwargs):
-            calls[0] += 1
-            when = {when!r}
-            if (isinstance(when, int) and calls[0] == when) or (isinstance(when, str) and when in str(args[0])):
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(*args, **kwargs)
-        setattr(target, {name!r}, patched)
-        for m in list(sys.modules.values()):  # modules that imported the name before the patch
-            if getattr(m, {name!r}, None) is real and m is not target:
-                setattr(m, {name!r}, patched)
-        runpy.run_path({str(ROOT / script)!r}, run_name="__main__")
-    """)
-
-
-def holding_runner(script: str, module: str, owner: str | None, name: str, held: Path, release: Path) -> str:
-    """The source of a program that runs `script` (argv as killing_runner's) and, on the first call of
-    module.owner.name, creates the file `held` and waits until the file `release` exists before going on: a run held
-    at a precise point for as long as the test needs, instead of a race against its speed."""
-    import textwrap
-
-    return textwrap.dedent(f"""
-        import importlib, os, runpy, sys, time
+        import importlib, os, runpy, signal, sys, time
         from pathlib import Path
         sys.argv = sys.argv[1:]
         sys.path[0] = {str(ROOT)!r}
@@ -238,14 +210,31 @@ def holding_runner(script: str, module: str, owner: str | None, name: str, held:
         real, calls = getattr(target, {name!r}), [0]
         def patched(*args, **kwargs):
             calls[0] += 1
-            if calls[0] == 1:
-                Path({str(held)!r}).touch()
-                while not Path({str(release)!r}).exists():
-                    time.sleep(0.02)
+            {on_call}
             return real(*args, **kwargs)
         setattr(target, {name!r}, patched)
+        for m in list(sys.modules.values()):  # modules that imported the name before the patch
+            if getattr(m, {name!r}, None) is real and m is not target:
+                setattr(m, {name!r}, patched)
         runpy.run_path({str(ROOT / script)!r}, run_name="__main__")
     """)
+
+
+def killing_runner(script: str, module: str, owner: str | None, name: str, when) -> str:
+    """A program that runs `script` and SIGKILLs itself, no clean-up, at a precise point of the real run: on the
+    `when`-th call (an int) of module.owner.name, or on the first call whose first argument contains `when` (a str)."""
+    hit = f"calls[0] == {when!r}" if isinstance(when, int) else f"{when!r} in str(args[0])"
+    return _patching_runner(script, module, owner, name, f"if {hit}: os.kill(os.getpid(), signal.SIGKILL)")
+
+
+def holding_runner(script: str, module: str, owner: str | None, name: str, held: Path, release: Path) -> str:
+    """A program that runs `script` and, on the first call of module.owner.name, creates the file `held` and waits
+    until the file `release` exists before going on: a run held at a precise point for as long as the test needs,
+    instead of a race against its speed."""
+    wait = (
+        f"Path({str(held)!r}).touch(); [time.sleep(0.02) for _ in iter(lambda: Path({str(release)!r}).exists(), True)]"
+    )
+    return _patching_runner(script, module, owner, name, f"if calls[0] == 1: {wait}")
 
 
 @pytest.fixture(scope="session")

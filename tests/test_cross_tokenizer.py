@@ -198,7 +198,10 @@ def test_uld_compares_sorted_probabilities_without_ids():
     assert (other > 0.05).all()
 
 
-@pytest.mark.parametrize("kind", ["mapped", "uld", "hybrid"])
+# hybrid (a mapped forward-KL term and a ULD term in one loss) runs the code of both other modes: they are slow
+@pytest.mark.parametrize(
+    "kind", [pytest.param("mapped", marks=pytest.mark.slow), pytest.param("uld", marks=pytest.mark.slow), "hybrid"]
+)
 def test_student_with_smollm2_tokenizer_trains_on_a_qwen_cache(qwen_cache, real_tokenizers, tmp_path, kind, capsys):
     smol_dir = real_tokenizers[2]["smollm2-135m-instruct"]
     cfg = make_cfg(

@@ -248,11 +248,22 @@ KILL_AT = {
 }
 
 
+KILL_EXTRA = {"data.unit_bytes": 4000, "cache.sequences_per_shard": 2, "data.max_train_sequences": 150}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus_dir, jsonl_corpus, llama_teacher) -> Path:
+    """The cache every killed-and-resumed run must equal, made once."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "ref"
+    args = jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, out, **KILL_EXTRA)
+    return cache_teacher.main(load_config(CacheConfig, None, args))
+
+
 @pytest.mark.parametrize("point", sorted(KILL_AT))
-def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, corpus_dir, jsonl_corpus, llama_teacher, point):
-    extra = {"data.unit_bytes": 4000, "cache.sequences_per_shard": 2, "data.max_train_sequences": 150}
-    args = jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, tmp_path / "ref", **extra)
-    reference = cache_teacher.main(load_config(CacheConfig, None, args))
+def test_sigkill_and_resume_equals_an_uninterrupted_run(
+    tmp_path, corpus_dir, jsonl_corpus, llama_teacher, uninterrupted, point
+):
+    extra, reference = KILL_EXTRA, uninterrupted
     out = tmp_path / "c"
     args = jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, out, **extra)
     runner = tmp_path / "runner.py"
