@@ -215,11 +215,8 @@ def v1_codec_specs(manifest: dict) -> dict:
 
 
 def describe(spec: dict) -> str:
-    if spec["name"] == "ragged":
-        return f"ragged ({spec['id_bits']}-bit ids, {spec['count_bits']}-bit counts)"
-    if spec["name"] in REGISTRY:
-        return field_codec(spec).describe()
-    return spec["name"]
+    cls = REGISTRY.get(spec["name"]) or SAMPLE_CODECS.get(spec["name"])
+    return cls(spec).describe() if cls is not None else spec["name"]
 
 
 # ---- the registry: one class per codec ------------------------------------------------------------------------
@@ -375,3 +372,142 @@ def field_codec(spec: dict, basis=None) -> Codec:
     if cls is None:
         raise KDError(f"unknown codec {spec['name']!r}: this kd cannot read the cache, upgrade kd")
     return cls(spec, basis)
+
+
+# ---- sampled targets: one class per codec name of the manifest's `samples` record -------------------------------
+
+
+class SampleCodec:
+    """How a shard stores the sampled targets, (ids, counts) [T, n] per sequence decoded together: the datasets it
+    creates, which of them hold one checksummed row per sequence, the rows of a batch (`fixed_rows`: arrays written
+    with the other fields; `variable_rows`: per-sequence byte strings, `write_variable` appends them), decoding one
+    sequence,
+    what a shard of N sequences must hold, the bytes one sequence takes, and a shard-level consistency check.
+    `spec` is the manifest's `samples` record; T = seq_len, n = sample_n."""
+
+    name = ""
+
+    def __init__(self, spec: dict, seq_len: int = 0, sample_n: int = 0):
+        self.spec, self.T, self.n = spec, seq_len, sample_n
+
+    def row_datasets(self) -> list[str]:
+        raise NotImplementedError
+
+    def create(self, f, N: int) -> None:
+        raise NotImplementedError
+
+    def fixed_rows(self, ids, counts) -> dict[str, np.ndarray]:
+        return {}
+
+    def variable_rows(self, ids, counts) -> dict[str, list[np.ndarray]]:
+        return {}
+
+    def write_variable(self, f, rows: dict[str, list[np.ndarray]], cursor: int, used: int) -> int:
+        """Append a batch's byte strings (`variable_rows`) after the `used` bytes already stored, as sequences
+        cursor.. of the shard; returns the bytes stored now."""
+        return used
+
+    def decode(self, row) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def expected(self, N: int) -> dict[str, tuple[tuple, np.dtype | None]]:
+        """The datasets of fixed shape a shard of N sequences holds (name -> shape, dtype or None for any)."""
+        raise NotImplementedError
+
+    def sequence_bytes(self) -> tuple[int, int]:
+        """(estimate, upper bound) of one sequence's stored bytes."""
+        raise NotImplementedError
+
+    def check_shard(self, f) -> str | None:
+        return None
+
+    def describe(self) -> str:
+        return self.name
+
+
+class PlainSamples(SampleCodec):
+    """Padded [N, T, n] arrays: ids in the spec's dtype, counts uint8 (0 = padding)."""
+
+    name = "plain"
+
+    def row_datasets(self):
+        return ["sample_ids", "sample_counts"]
+
+    def create(self, f, N):
+        T, n = self.T, self.n
+        f.create_dataset("sample_ids", (N, T, n), np.dtype(self.spec["dtype"]), chunks=(1, T, n))
+        f.create_dataset("sample_counts", (N, T, n), np.uint8, chunks=(1, T, n))
+
+    def fixed_rows(self, ids, counts):
+        return {"sample_ids": np.asarray(ids, self.spec["dtype"]), "sample_counts": np.asarray(counts, np.uint8)}
+
+    def decode(self, row):
+        return row("sample_ids").astype(np.int64), row("sample_counts").astype(np.int64)
+
+    def expected(self, N):
+        return {"sample_ids": ((N, self.T, self.n), None), "sample_counts": ((N, self.T, self.n), None)}
+
+    def sequence_bytes(self):
+        size = self.T * self.n * (np.dtype(self.spec["dtype"]).itemsize + 1)
+        return size, size
+
+    def describe(self):
+        return self.spec["dtype"]
+
+
+class RaggedSamples(SampleCodec):
+    """Without padding (`ragged_encode`): one byte string per sequence in the growing `sample_bytes`, with each
+    sequence's [start, end) in `sample_offsets` [N + 1]."""
+
+    name = "ragged"
+
+    def row_datasets(self):
+        return ["sample_bytes"]
+
+    def create(self, f, N):
+        # Small chunks: HDF5 allocates the last chunk whole, and a sequence (~15 KB at T = 256) spans a few.
+        f.create_dataset("sample_bytes", (0,), np.uint8, maxshape=(None,), chunks=(1 << 13,))
+        f.create_dataset("sample_offsets", (N + 1,), np.int64, chunks=(N + 1,))
+
+    def variable_rows(self, ids, counts):
+        bits = self.spec["id_bits"], self.spec["count_bits"]
+        return {"sample_bytes": [ragged_encode(i, c, *bits) for i, c in zip(ids, counts)]}
+
+    def write_variable(self, f, rows, cursor, used):
+        blobs = rows["sample_bytes"]
+        ends = used + np.cumsum([b.size for b in blobs])
+        f["sample_bytes"].resize((int(ends[-1]),))
+        f["sample_bytes"][used : int(ends[-1])] = np.concatenate(blobs)
+        f["sample_offsets"][cursor + 1 : cursor + len(blobs) + 1] = ends
+        return int(ends[-1])
+
+    def decode(self, row):
+        return ragged_decode(row("sample_bytes"), self.T, self.n, self.spec["id_bits"], self.spec["count_bits"])
+
+    def expected(self, N):
+        return {"sample_offsets": ((N + 1,), None)}
+
+    def sequence_bytes(self):
+        # varies with the teacher: the estimate assumes n/4 distinct ids per position, the bound n
+        per_id = (self.spec["id_bits"] + self.spec["count_bits"]) / 8
+        return int(self.T * (2 + per_id * max(1, self.n // 4))) + 8, int(self.T * (2 + per_id * self.n)) + 8
+
+    def check_shard(self, f):
+        offsets = f["sample_offsets"][:]
+        if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != f["sample_bytes"].shape[0]:
+            return "sampled-target offsets are inconsistent with the stored bytes"
+        return None
+
+    def describe(self):
+        return f"ragged ({self.spec['id_bits']}-bit ids, {self.spec['count_bits']}-bit counts)"
+
+
+SAMPLE_CODECS = {c.name: c for c in (PlainSamples, RaggedSamples)}
+
+
+def sample_codec(spec: dict, seq_len: int = 0, sample_n: int = 0) -> SampleCodec:
+    """The codec object of a manifest's `samples` record."""
+    cls = SAMPLE_CODECS.get(spec["name"])
+    if cls is None:
+        raise KDError(f"unknown sampled-target codec {spec['name']!r}: this kd cannot read the cache, upgrade kd")
+    return cls(spec, seq_len, sample_n)

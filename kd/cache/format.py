@@ -147,7 +147,7 @@ def row_datasets(specs: dict, num_layers: int, sample_n: int, store_text: bool) 
     the column order of a shard's `checksums` table."""
     names = list(field_datasets(specs, Dims(1, 1, num_layers, 1, "loss_mask" in specs)))
     if sample_n:
-        names += ["sample_bytes"] if specs["samples"]["name"] == "ragged" else ["sample_ids", "sample_counts"]
+        names += codecs.sample_codec(specs["samples"]).row_datasets()
     return names + (["text", "token_spans"] if store_text else [])
 
 
@@ -188,10 +188,8 @@ def dataset_mismatch(f, manifest: dict, n: int) -> str | None:
     specs = manifest_codecs(manifest)
     expected = {"lengths": ((n,), None), "sequence_index": ((n,), None)}
     expected.update({ds: ((n,) + sh, dt) for ds, (sh, dt) in field_datasets(specs, dims).items()})
-    if n_samples and specs["samples"]["name"] == "ragged":
-        expected["sample_offsets"] = ((n + 1,), None)
-    elif n_samples:
-        expected["sample_ids"] = expected["sample_counts"] = ((n, dims.T, n_samples), None)
+    if n_samples:
+        expected.update(codecs.sample_codec(specs["samples"], dims.T, n_samples).expected(n))
     if manifest["format_version"] >= 5:
         cols = row_datasets(specs, dims.L, n_samples, bool(manifest.get("store_text")))
         expected["checksums"] = ((n, len(cols)), np.dtype(np.uint64))
@@ -211,12 +209,9 @@ def sequence_bytes(meta: dict) -> tuple[int, int]:
     fixed = 4 + 8 + 8 * len(row_datasets(specs, dims.L, n, False))
     fixed += sum(int(np.prod(sh)) * dt.itemsize for sh, dt in field_datasets(specs, dims).values())
     est = high = fixed
-    if n and specs["samples"]["name"] == "ragged":
-        per_id = (specs["samples"]["id_bits"] + specs["samples"]["count_bits"]) / 8
-        est += int(T * (2 + per_id * max(1, n // 4))) + 8
-        high += int(T * (2 + per_id * n)) + 8
-    elif n:
-        est = high = fixed + T * n * (np.dtype(specs["samples"]["dtype"]).itemsize + 1)
+    if n:
+        sample_est, sample_high = codecs.sample_codec(specs["samples"], T, n).sequence_bytes()
+        est, high = est + sample_est, high + sample_high
     if meta.get("store_text"):
         est, high = est + T * (4 + 8), high + T * (16 + 8)
     return est, high

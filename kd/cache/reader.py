@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kd.cache.basis import BASIS_FILE, HiddenBasis
-from kd.cache.codecs import ragged_decode
+from kd.cache.codecs import sample_codec
 from kd.cache.format import (
     CONFIG_FILE,
     FIELDS,
@@ -56,12 +56,6 @@ def read_manifest(path: str | Path) -> dict:
             f"{FORMAT_VERSION}: upgrade kd"
         )
     return manifest
-
-
-def decode_samples(row, spec: dict, seq_len: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    if spec["name"] == "ragged":
-        return ragged_decode(row("sample_bytes"), seq_len, n, spec["id_bits"], spec["count_bits"])
-    return row("sample_ids").astype(np.int64), row("sample_counts").astype(np.int64)
 
 
 class ShardRows:
@@ -322,7 +316,7 @@ class CacheSplit:
             item[name] = torch.from_numpy(value)
         wanted = [n for n in ("sample_ids", "sample_counts") if n in self.fields]
         if wanted:
-            decoded = decode_samples(row, self.codecs["samples"], self.seq_len, self.sample_n)
+            decoded = sample_codec(self.codecs["samples"], self.seq_len, self.sample_n).decode(row)
             item.update(
                 {n: torch.from_numpy(a) for n, a in zip(("sample_ids", "sample_counts"), decoded) if n in wanted}
             )

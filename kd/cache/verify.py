@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from kd.cache.basis import BASIS_FILE, HiddenBasis
-from kd.cache.codecs import describe
+from kd.cache.codecs import describe, sample_codec
 from kd.cache.format import (
     FORMAT,
     META_ATTR,
@@ -19,7 +19,7 @@ from kd.cache.format import (
     field_shapes,
     manifest_codecs,
 )
-from kd.cache.reader import ShardRows, decode_samples, read_manifest, shard_records
+from kd.cache.reader import ShardRows, read_manifest, shard_records
 from kd.errors import KDError
 from kd.io import sha256_file
 
@@ -55,7 +55,7 @@ def _check_sequence(row, fields: dict, specs: dict, shapes: dict, vocab: int, n_
     ):
         problem = "hidden states are not finite"
     if problem is None and n_samples:
-        ids, counts = decode_samples(row, specs["samples"], T, n_samples)
+        ids, counts = sample_codec(specs["samples"], T, n_samples).decode(row)
         if (counts.sum(-1) != n_samples).any() or (ids >= vocab).any():
             problem = f"sampled counts do not sum to {n_samples} or sampled ids are out of range"
     return problem
@@ -112,10 +112,9 @@ def verify(path: str | Path, log=print) -> list[str]:
                 lengths = f["lengths"][:]
                 if int(lengths.sum()) != shard["num_tokens"] or (lengths < 2).any() or (lengths > T).any():
                     return [f"{where}: lengths are inconsistent with the manifest"]
-                if n_samples and specs["samples"]["name"] == "ragged":
-                    offsets = f["sample_offsets"][:]
-                    if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != f["sample_bytes"].shape[0]:
-                        return [f"{where}: sampled-target offsets are inconsistent with the stored bytes"]
+                problem = sample_codec(specs["samples"]).check_shard(f) if n_samples else None
+                if problem:
+                    return [f"{where}: {problem}"]
                 try:
                     rows = ShardRows(f)
                 except ValueError as e:

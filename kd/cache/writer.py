@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd.cache.codecs import ragged_encode
+from kd.cache.codecs import sample_codec
 from kd.cache.format import (
     CONFIG_FILE,
     FORMAT,
@@ -89,15 +89,9 @@ class ShardWriter:
             if store_text:
                 self.f.create_dataset("text", (N,), h5py.string_dtype("utf-8"))
                 self.f.create_dataset("token_spans", (N, T, 2), np.int32, chunks=(1, T, 2))
-            if sample_n and codecs["samples"]["name"] == "ragged":
-                # variable length per sequence: one growing byte array plus each sequence's [start, end) offsets.
-                # Small chunks: HDF5 allocates the last chunk whole, and a sequence (~15 KB at T = 256) spans a few.
-                self.f.create_dataset("sample_bytes", (0,), np.uint8, maxshape=(None,), chunks=(1 << 13,))
-                self.f.create_dataset("sample_offsets", (N + 1,), np.int64, chunks=(N + 1,))
-            elif sample_n:
-                dtype = np.dtype(codecs["samples"]["dtype"])
-                self.f.create_dataset("sample_ids", (N, T, sample_n), dtype, chunks=(1, T, sample_n))
-                self.f.create_dataset("sample_counts", (N, T, sample_n), np.uint8, chunks=(1, T, sample_n))
+            self.samples = sample_codec(codecs["samples"], T, sample_n) if sample_n else None
+            if self.samples is not None:
+                self.samples.create(self.f, N)
         except OSError as e:
             self.abort()
             raise KDError(f"cannot create shard {self.tmp}: {e}") from None
@@ -114,21 +108,16 @@ class ShardWriter:
                 if getattr(out, name) is None:
                     raise ValueError(f"this cache stores {name} and the batch has none")
                 encoded.update(codec.encode(name, getattr(out, name)))
-            blobs = None
-            samples = None if out.sample_ids is None else (out.sample_ids, out.sample_counts)
+            variable = {}  # datasets of one variable-length byte string per sequence (SampleCodec.variable_rows)
             text = None if out.text is None else (out.text, out.token_spans)
-            if samples is not None and self.codecs["samples"]["name"] == "ragged":
-                spec = self.codecs["samples"]
-                blobs = [ragged_encode(i, c, spec["id_bits"], spec["count_bits"]) for i, c in zip(*samples)]
-            elif samples is not None:
-                encoded["sample_ids"] = np.asarray(samples[0], self.codecs["samples"]["dtype"])
-                encoded["sample_counts"] = np.asarray(samples[1], np.uint8)
+            if out.sample_ids is not None:
+                encoded.update(self.samples.fixed_rows(out.sample_ids, out.sample_counts))
+                variable = self.samples.variable_rows(out.sample_ids, out.sample_counts)
             if text is not None:
                 encoded["token_spans"] = np.asarray(text[1], np.int32)
             # the checksums of the bytes as stored: the arrays in the datasets' own dtypes
             rows = {ds: np.asarray(arr, self.f[ds].dtype) for ds, arr in encoded.items()}
-            if blobs is not None:
-                rows["sample_bytes"] = blobs
+            rows.update(variable)
             if text is not None:
                 rows["text"] = [t.encode("utf-8") for t in text[0]]
             for col, ds in enumerate(self.rows):
@@ -143,14 +132,10 @@ class ShardWriter:
             self.f["lengths"][sl] = lengths
             self.f["sequence_index"][sl] = out.sequence_index
             for ds, arr in rows.items():
-                if ds not in ("sample_bytes", "text"):
+                if ds not in variable and ds != "text":
                     self.f[ds][sl] = arr
-            if blobs is not None:
-                ends = self.sample_bytes + np.cumsum([b.size for b in blobs])
-                self.f["sample_bytes"].resize((int(ends[-1]),))
-                self.f["sample_bytes"][self.sample_bytes : int(ends[-1])] = np.concatenate(blobs)
-                self.f["sample_offsets"][self.cursor + 1 : self.cursor + n + 1] = ends
-                self.sample_bytes = int(ends[-1])
+            if variable:
+                self.sample_bytes = self.samples.write_variable(self.f, variable, self.cursor, self.sample_bytes)
             if text is not None:
                 self.f["text"][sl] = list(text[0])
         except (OSError, RuntimeError) as e:  # in memory: out of memory, or a bug
