@@ -38,10 +38,12 @@ def main(cfg: CacheConfig) -> Path:
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
 
     # 1. Everything cheap, before any heavy work (an error on any process stops every process): the teacher's config
-    #    and tokenizer, the sources; then the teacher's identity, its weights' digest.
+    #    and tokenizer, the sources; then the teacher's identity (its weights' digest) and the cache's description.
     inputs = agree(accelerator, lambda: build.validate(cfg))
     weights = build.teacher_weights(accelerator, cfg, inputs.model_cfg)
-    writer = CacheWriter(Path(cfg.cache.output_dir), cfg_dict, accelerator)
+    identity = config_hash(cfg, cfg_dict, weights)
+    meta = cache_metadata(cfg, identity, inputs.model_cfg, inputs.tokenizer, inputs.spec, weights)
+    writer = CacheWriter(Path(cfg.cache.output_dir), cfg_dict, meta, accelerator)
 
     # 2. The output directory, locked by the main process for the whole run: a second run on it is refused.
     with writer.claimed(cfg.cache.overwrite, inputs.spec, weights) as complete:
@@ -55,8 +57,6 @@ def main(cfg: CacheConfig) -> Path:
         writer.record_config(weights)
 
         # 4. The teacher pass over the windows, shard by shard (the lowrank codec's basis first).
-        identity = config_hash(cfg, cfg_dict, weights)
-        writer.meta = cache_metadata(cfg, identity, inputs.model_cfg, inputs.tokenizer, inputs.spec, weights)
         teacher = TeacherModel(cfg, accelerator.device, accelerator.local_process_index)
         basis = build.hidden_basis(cfg, accelerator, index, writer, teacher)
         jobs, tokens_done = build.teacher_pass(cfg, accelerator, index, writer, inputs, teacher, basis)

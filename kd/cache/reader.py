@@ -189,6 +189,9 @@ class CacheSplit:
             basis = HiddenBasis.load(root / BASIS_FILE, spec.get("basis_sha256"))
         self.field_codecs = field_codecs(self.codecs, [f.name for f in FIELDS if f.name in self.fields], basis)
         self.seq_len, self.sample_n = manifest["seq_len"], manifest.get("sample_n", 0)
+        # the sampled targets' codec, built once: ids and counts are decoded together on every read that wants them
+        wants_samples = {"sample_ids", "sample_counts"} & set(self.fields)
+        self.samples = sample_codec(self.codecs["samples"], self.seq_len, self.sample_n) if wants_samples else None
         self.manifest = {k: v for k, v in manifest.items() if k != "splits"}  # the cache-wide description
         # the shard records must tile the split: a removed or edited record is caught here
         ends = np.cumsum(self.counts)
@@ -316,7 +319,7 @@ class CacheSplit:
             item[name] = torch.from_numpy(value)
         wanted = [n for n in ("sample_ids", "sample_counts") if n in self.fields]
         if wanted:
-            decoded = sample_codec(self.codecs["samples"], self.seq_len, self.sample_n).decode(row)
+            decoded = self.samples.decode(row)
             item.update(
                 {n: torch.from_numpy(a) for n, a in zip(("sample_ids", "sample_counts"), decoded) if n in wanted}
             )

@@ -43,9 +43,9 @@ def _check_block(lp: np.ndarray, ids: np.ndarray, vocab: int) -> str | None:
     return None
 
 
-def _check_sequence(row, fields: dict, specs: dict, shapes: dict, vocab: int, n_samples: int, T: int) -> str | None:
-    """Decode one sequence of an open shard (`row`: ShardRows.row; `fields`: name -> codec) and check it; returns
-    the first problem."""
+def _check_sequence(row, fields: dict, samples, shapes: dict, vocab: int, n_samples: int) -> str | None:
+    """Decode one sequence of an open shard (`row`: ShardRows.row; `fields`: name -> codec; `samples`: the sampled
+    targets' codec, or None) and check it; returns the first problem."""
     decoded = {name: codec.decode(row, name, shapes[name]) for name, codec in fields.items()}
     problem = _check_block(decoded["topk_logprobs"], decoded["topk_ids"], vocab)
     if (
@@ -54,8 +54,8 @@ def _check_sequence(row, fields: dict, specs: dict, shapes: dict, vocab: int, n_
         and not np.isfinite(decoded["hidden_states"].astype(np.float32)).all()
     ):
         problem = "hidden states are not finite"
-    if problem is None and n_samples:
-        ids, counts = sample_codec(specs["samples"], T, n_samples).decode(row)
+    if problem is None and samples is not None:
+        ids, counts = samples.decode(row)
         if (counts.sum(-1) != n_samples).any() or (ids >= vocab).any():
             problem = f"sampled counts do not sum to {n_samples} or sampled ids are out of range"
     return problem
@@ -79,6 +79,7 @@ def verify(path: str | Path, log=print) -> list[str]:
         log(f"ok {BASIS_FILE}: rank {basis.rank}, variance kept {basis.variance_kept()}")
     dims = Dims.of(manifest)
     fields = field_codecs(specs, [f.name for f in coded_fields(dims)], basis)
+    samples = sample_codec(specs["samples"], T, n_samples) if n_samples else None
     for split, info in manifest["splits"].items():
         expected_next = 0
         try:
@@ -112,7 +113,7 @@ def verify(path: str | Path, log=print) -> list[str]:
                 lengths = f["lengths"][:]
                 if int(lengths.sum()) != shard["num_tokens"] or (lengths < 2).any() or (lengths > T).any():
                     return [f"{where}: lengths are inconsistent with the manifest"]
-                problem = sample_codec(specs["samples"]).check_shard(f) if n_samples else None
+                problem = samples.check_shard(f) if samples is not None else None
                 if problem:
                     return [f"{where}: {problem}"]
                 try:
@@ -121,7 +122,7 @@ def verify(path: str | Path, log=print) -> list[str]:
                     return [f"{where}: {e}"]
                 for i in range(n):
                     try:
-                        problem = _check_sequence(rows.row(i), fields, specs, shapes, vocab, n_samples, T)
+                        problem = _check_sequence(rows.row(i), fields, samples, shapes, vocab, n_samples)
                         for ds in ("text", "token_spans"):  # not decoded above, but checksummed like the rest
                             if ds in rows.col:
                                 rows.get(ds, i)

@@ -256,11 +256,12 @@ class CacheWriter:
 
     Order on disk, so that a killed run never leaves something that looks complete: cache_config.json once the input
     is ingested; shards under temporary names, each renamed when whole; manifest.json last (the cache exists from
-    then on); the ingest windows removed after it. `cfg_dict`: the run's resolved config (kd.config.to_dict)."""
+    then on); the ingest windows removed after it. `cfg_dict`: the run's resolved config (kd.config.to_dict); `meta`:
+    the cache's description (kd.cache.manifest.cache_metadata), which every shard's kd_meta and the manifest carry
+    (a lowrank codec's spec gets its basis's sha256 once the basis is fitted: kd.cache.build.hidden_basis)."""
 
-    def __init__(self, out: Path, cfg_dict: dict, accelerator):
-        self.out, self.cfg_dict, self.accelerator = Path(out), cfg_dict, accelerator
-        self.meta: dict | None = None  # the cache's description (kd.cache.manifest.cache_metadata), once known
+    def __init__(self, out: Path, cfg_dict: dict, meta: dict, accelerator):
+        self.out, self.cfg_dict, self.meta, self.accelerator = Path(out), cfg_dict, meta, accelerator
 
     # -- the directory's claim ---------------------------------------------------------------------------------
     @contextmanager
