@@ -1,36 +1,11 @@
-"""Train a student against a teacher cache: no teacher in memory, one cache reused by every run.
+"""The training pass, as the user's `accelerate launch train_student.py --config ...` runs it from a clone.
 
-    accelerate launch train_student.py --config configs/train_shakespeare.yaml [dotted.key=value ...]
-    python train_student.py --config configs/train_shakespeare.yaml            # one process
-
-Writes runs/<run_name>/: config.json, metrics.jsonl (one line per optimizer step and per eval), checkpoints/
-(resumable Accelerate state), final/ (save_pretrained model + tokenizer + projectors) and final_ema/ when EMA
-is on. `python -m kd.report runs/<run_name>` draws the curves.
-
-The recipe lives in kd/train/recipe.py: `setup` checks every input before anything is written and builds the run
-(cache, splits, schedule, student, optimizer, loss plan, logs); `train` evaluates the untrained student, then loops
-one optimizer step at a time (LR from the pure schedule, the window's micro-batches with the losses normalised
-once, a non-finite step skipped, clip, step; eval and checkpoint at optimizer-step boundaries); `finish` runs the
-final eval and saves final/.
+The pass itself is kd/train_student.py (installed with kd as `kd train`, or `accelerate launch -m kd train`); this
+file is the same entry point, kept where the project's layout puts it.
 """
 
-from __future__ import annotations
-
-from pathlib import Path
-
-from kd.config import parse_cli
 from kd.errors import run_cli
-from kd.train import recipe
-from kd.train_config import TrainConfig
-
-
-def main(cfg: TrainConfig) -> Path:
-    run = recipe.setup(cfg)
-    if run is None:  # a resumed run that had already finished: nothing to do
-        return Path(cfg.train.output_dir) / cfg.train.run_name
-    ending = recipe.train(run)
-    return recipe.finish(run, ending)
-
+from kd.train_student import cli, main  # noqa: F401  (main: the entry point tests and tools call with a config)
 
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_cli(TrainConfig, None, __doc__.split("\n\n")[0])))
+    run_cli(lambda: cli(prog="train_student.py"))

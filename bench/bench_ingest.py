@@ -116,7 +116,7 @@ def overrides(teacher: Path, corpus: Path, out: Path, **extra) -> list[str]:
 
 
 def child_cache(args: list[str]) -> dict:
-    import cache_teacher
+    from kd import cache_teacher
     from kd.cache_config import CacheConfig
     from kd.config import load_config
 

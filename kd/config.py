@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 from kd.errors import KDError
+from kd.paths import resolve_config
 
 T = TypeVar("T")
 
@@ -269,14 +270,18 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def parse_cli(cls: type[T], argv: list[str] | None, description: str) -> T:
-    """`--config FILE` plus any number of `key=value` overrides; `--help` lists every key with its doc."""
+def parse_cli(cls: type[T], argv: list[str] | None, description: str, prog: str | None = None) -> T:
+    """`--config FILE|NAME` (a path, or a shipped config's name: kd.paths.resolve_config) plus any number of
+    `key=value` overrides; `--help` lists every key with its doc."""
     parser = argparse.ArgumentParser(
+        prog=prog,
         description=description,
         epilog="config keys (set in the YAML file or as key=value overrides):\n" + "\n".join(config_help(cls)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML config file (defaults come from the dataclass)")
+    parser.add_argument(
+        "--config", help="YAML config file, or a shipped config's name (`kd configs`); defaults come from the dataclass"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cache.top_k=128")
     args = parser.parse_args(argv)
-    return load_config(cls, args.config, args.overrides)
+    return load_config(cls, None if args.config is None else resolve_config(args.config), args.overrides)

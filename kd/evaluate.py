@@ -72,8 +72,8 @@ def on_text(
     return score_record(nats, int(tokens), int(chars), int(nbytes))
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m kd.evaluate", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m kd.evaluate") -> None:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="a causal LM folder (save_pretrained), an asset: path or a hub id")
     source = ap.add_mutually_exclusive_group(required=True)
     source.add_argument("--cache", help="a teacher cache: evaluate on one of its splits")

@@ -101,8 +101,8 @@ def _short(text: str, n: int = 110) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m kd.report", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m kd.report") -> None:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir")
     ap.add_argument("--out")
     args = ap.parse_args(argv)

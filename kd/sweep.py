@@ -1,10 +1,10 @@
 """Run a grid of trainings on one cache, one after the other, and print a table of final eval metrics.
 
-    python -m kd.sweep --config configs/train_shakespeare.yaml train.lr=1e-4,3e-4 loss.alpha_kd=0.5,0.9
+    kd sweep --config train_shakespeare train.lr=1e-4,3e-4 loss.alpha_kd=0.5,0.9
 
 A key with comma-separated values is swept (the grid is their product); a key with one value applies to every
 run. Run names are `<train.run_name>-<i>`; each run is a normal run directory. Values containing commas (lists)
-cannot be swept; put them in the YAML. Runs go through `train_student.main`, one process each.
+cannot be swept; put them in the YAML. Runs go through `python -m kd.train_student`, one process each.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 
 from kd.config import load_config
 from kd.errors import KDError, run_cli
+from kd.paths import resolve_config
 from kd.train import read_metrics
 from kd.train_config import TrainConfig
 
-SCRIPT = Path(__file__).resolve().parents[1] / "train_student.py"
 METRICS = ("eval/ce", "eval/ppl", "eval/kd", "eval/top1_agreement")
 
 
@@ -35,11 +35,12 @@ def expand(overrides: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]
     return fixed, swept
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m kd.sweep", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True)
+def main(argv: list[str] | None = None, prog: str = "kd sweep") -> list[dict]:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="YAML config file, or a shipped config's name (`kd configs`)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    args.config = str(resolve_config(args.config))
     fixed, swept = expand(args.overrides)
     base = load_config(TrainConfig, args.config, fixed)  # fail on a bad key before any run starts
     grid = list(itertools.product(*[[f"{k}={v}" for v in vs] for k, vs in swept])) or [()]
@@ -48,7 +49,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for i, combo in enumerate(grid):
         name = f"{base.train.run_name}-{i}"
-        cmd = [sys.executable, str(SCRIPT), "--config", args.config, *fixed, *combo, f"train.run_name={name}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kd.train_student",
+            "--config",
+            args.config,
+            *fixed,
+            *combo,
+            f"train.run_name={name}",
+        ]
         print(f"[sweep] run {i + 1}/{len(grid)}: {' '.join(combo) or '(base config)'} -> {name}", flush=True)
         result = subprocess.run(cmd)
         run_dir = Path(base.train.output_dir) / name
@@ -72,4 +82,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(lambda: main(prog="python -m kd.sweep"))

@@ -164,7 +164,7 @@ def make_cache_config(corpus_dir):
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, corpus_dir, llama_teacher) -> Path:
     """The training tests' cache: 64 train and 12 eval sequences of 32 tokens."""
-    import cache_teacher
+    from kd import cache_teacher
     from kd.cache_config import CacheConfig
     from kd.config import load_config
 

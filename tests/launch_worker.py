@@ -131,7 +131,7 @@ def main() -> None:
     launch_yaml, overrides = sys.argv[1], sys.argv[2:]
     backend_on_cpu(launch_yaml)
 
-    import train_student
+    from kd import train_student
     from kd.config import parse_cli
     from kd.errors import run_cli
     from kd.train import MetricsLog

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import ROOT, cache_overrides, reseal_row, torchrun
 
-import cache_teacher
 import kd.cache.manifest
+from kd import cache_teacher
 from kd.cache import MANIFEST, ShardWriter, TeacherCache, shard_records, verify, write_shard_index
 from kd.cache.codecs import unpack_bits
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT, cache_overrides
 
-import cache_teacher
+from kd import cache_teacher
 from kd.cache import MANIFEST
 from kd.errors import KDError
 

@@ -14,8 +14,7 @@ import torch
 from conftest import ROOT, TINY, make_text, torchrun
 from test_train import overrides
 
-import cache_teacher
-import train_student
+from kd import cache_teacher, train_student
 from kd.cache import TeacherCache
 from kd.cache_config import CacheConfig
 from kd.config import load_config

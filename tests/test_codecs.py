@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import cache_teacher
+from kd import cache_teacher
 from kd.cache import FORMAT_VERSION, MANIFEST, TeacherCache, codecs, summary, verify
 from kd.losses.terms import sparse_kd_per_position
 from kd.teacher import sample_targets

@@ -14,9 +14,7 @@ import torch
 from conftest import TINY, _save_model
 from test_train import evals_of, make_cfg, steps_of
 
-import cache_teacher
-import train_student
-from kd import align
+from kd import align, cache_teacher, train_student
 from kd.errors import KDError
 from kd.losses.terms import cross_kd_per_position, sparse_kd_per_position
 

@@ -23,8 +23,7 @@ from conftest import ROOT, cache_overrides, killing_runner
 from test_cache import read_all
 from test_train import assert_same_metrics, overrides
 
-import cache_teacher
-import train_student
+from kd import cache_teacher, train_student
 from kd.cache import MANIFEST, sha256_file, verify
 from kd.cache_config import CacheConfig
 from kd.config import load_config

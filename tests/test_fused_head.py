@@ -257,7 +257,7 @@ def test_fused_head_under_gradient_checkpointing():
 def test_the_trainer_says_whether_the_head_is_fused(tiny_cache, tmp_path, capsys):
     from test_train import make_cfg
 
-    import train_student
+    from kd import train_student
 
     train_student.main(
         make_cfg(tiny_cache, tmp_path / "a", **{"train.max_steps": 2, "train.eval_every": 2, "train.warmup_steps": 1})

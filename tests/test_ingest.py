@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, cache_overrides, holding_runner, killing_runner, make_text
 from test_cache import read_all
 
-import cache_teacher
+from kd import cache_teacher
 from kd.cache import MANIFEST, verify
 from kd.cache.build import ingest_spec
 from kd.cache_config import CacheConfig

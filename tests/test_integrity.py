@@ -14,7 +14,7 @@ import pytest
 from test_cache import crash_part_way
 from test_train import overrides
 
-import cache_teacher
+from kd import cache_teacher
 from kd.cache import MANIFEST, TeacherCache, shard_records, write_shard_index
 from kd.errors import KDError
 
@@ -252,7 +252,7 @@ def test_teacher_weights_changed_at_the_same_path_are_refused_on_resume(
 def test_resuming_a_run_whose_cache_was_overwritten_is_refused(tmp_path, make_cache_config, llama_teacher):
     from test_train import make_cfg
 
-    import train_student
+    from kd import train_student
 
     out = tmp_path / "c"
     cache_teacher.main(make_cache_config(llama_teacher, out))

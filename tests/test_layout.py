@@ -12,8 +12,14 @@ from pathlib import Path
 from conftest import ROOT
 
 KD = Path(ROOT) / "kd"
-# the scripts are front doors: each reads top to bottom in one screen (docstring included)
-SCRIPT_BUDGETS = {"cache_teacher.py": 150, "train_student.py": 120}
+# the passes are front doors: each reads top to bottom in one screen (docstring included); the top-level scripts of a
+# clone are shims over the same entry points (kd/cli.py), nothing more
+SCRIPT_BUDGETS = {
+    "kd/cache_teacher.py": 150,
+    "kd/train_student.py": 120,
+    "cache_teacher.py": 12,
+    "train_student.py": 12,
+}
 MAX_FUNCTION_LEVEL_IMPORTS = 10
 
 

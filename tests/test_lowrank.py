@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import cache_teacher
-import train_student
+from kd import cache_teacher, train_student
 from kd.cache import BASIS_FILE, MANIFEST, HiddenBasis, TeacherCache, summary, verify
 from kd.cache.codecs import field_codec
 from kd.io import sha256_file

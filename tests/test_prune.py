@@ -11,9 +11,7 @@ import torch
 from conftest import _save_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import cache_teacher
-import train_student
-from kd import prune
+from kd import cache_teacher, prune, train_student
 from kd.cache import TeacherCache
 from kd.config import load_config
 from kd.errors import KDError

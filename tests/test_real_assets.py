@@ -12,8 +12,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-import cache_teacher
-import train_student
+from kd import cache_teacher, train_student
 from kd.assets import fetch
 from kd.cache import TeacherCache, verify
 from kd.cache_config import CacheConfig

@@ -19,7 +19,7 @@ from test_chat_cache import train as train_chat
 from test_chat_cache import train_overrides as chat_overrides
 from test_train import STUDENT, make_cfg, overrides, poisoned_cache
 
-import train_student
+from kd import train_student
 from kd.errors import KDError
 from kd.train import epoch_order, read_metrics
 from kd.train.backend import check_fsdp

@@ -13,7 +13,7 @@ import pytest
 from conftest import cache_overrides
 from test_cache import read_all, read_raw
 
-import cache_teacher
+from kd import cache_teacher
 from kd.cache import MANIFEST
 from kd.cache_config import CacheConfig
 from kd.config import load_config

@@ -81,7 +81,7 @@ def test_step_0_compares_the_student_with_the_teacher(tiny_cache, tmp_path, caps
 
     from test_train import make_cfg
 
-    import train_student
+    from kd import train_student
     from kd.errors import KDError
     from kd.train import read_metrics
 
@@ -116,7 +116,7 @@ def test_the_eval_command_reproduces_the_runs_final_eval(tiny_cache, tmp_path, c
     from conftest import ROOT
     from test_train import make_cfg
 
-    import train_student
+    from kd import train_student
     from kd.train import read_metrics
 
     run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 4, "loss.alpha_feature": 0}))
@@ -156,7 +156,7 @@ def test_a_second_eval_text_is_scored_at_every_eval(tiny_cache, tmp_path, corpus
     import kd.models
     import kd.textscore
     import kd.train.model
-    import train_student
+    from kd import train_student
     from kd.evaluate import on_text
     from kd.train import read_metrics
 

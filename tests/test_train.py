@@ -16,8 +16,7 @@ import pytest
 import torch
 from conftest import ROOT, reseal_row, torchrun
 
-import cache_teacher
-import train_student
+from kd import cache_teacher, train_student
 from kd.cache import MANIFEST, TeacherCache, shard_records
 from kd.config import load_config
 from kd.errors import KDError

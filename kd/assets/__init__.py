@@ -231,8 +231,8 @@ def fetch(names: list[str] | None = None) -> dict[str, Path]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kd.assets", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m kd.assets") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download and prepare assets (idempotent)")
     f.add_argument(

@@ -10,10 +10,8 @@ from kd.cache.verify import summary, verify
 from kd.errors import run_cli
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m kd.cache", description="Inspect, verify or export a teacher cache."
-    )
+def main(argv: list[str] | None = None, prog: str = "python -m kd.cache") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="Inspect, verify or export a teacher cache.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     for cmd in ("info", "verify"):
         sub.add_parser(cmd).add_argument("dir")

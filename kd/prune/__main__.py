@@ -17,8 +17,8 @@ from kd.prune import RULES, calibration_batches, check_layers, cut, load_cache_t
 from kd.train_config import FromTeacherConfig
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m kd.prune", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m kd.prune") -> None:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", required=True, help="the teacher's cache: its teacher, calibration text and eval split")
     ap.add_argument("--teacher", help="the teacher model (default: the cache's, its weights checked)")
     which = ap.add_mutually_exclusive_group(required=True)
