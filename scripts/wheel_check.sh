@@ -14,6 +14,7 @@ VENV=$REPO/.wheel-venv
 quietly() { "$@" >"$WORK/log" 2>&1 || { cat "$WORK/log" >&2; echo "wheel check failed: $*" >&2; exit 1; }; }
 quiet_pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
+rm -rf build  # a stale build/lib would put deleted modules into the wheel
 .venv/bin/python -m pip wheel --quiet --no-deps --no-build-isolation -w "$WORK/dist" . 2>/dev/null
 rm -rf build kd.egg-info  # setuptools' build leftovers in the clone
 WHEEL=$(ls "$WORK"/dist/kd-*.whl)

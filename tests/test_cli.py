@@ -71,6 +71,7 @@ def test_kd_configs_lists_every_shipped_config(capsys):
 def test_the_wheel_holds_every_module_config_and_the_command(tmp_path):
     """Built as pip builds it: every .py under kd/ and every shipped config (as kd/configs) is in it, and the `kd`
     console script. A package list kept by hand once shipped a wheel without kd.cache."""
+    shutil.rmtree(ROOT / "build", ignore_errors=True)  # a stale build/lib would put deleted modules into the wheel
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
         cwd=ROOT,
