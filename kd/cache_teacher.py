@@ -79,9 +79,14 @@ def main(cfg: CacheConfig) -> Path:
     return writer.out
 
 
-def cli(argv: list[str] | None = None, prog: str = "kd cache") -> Path:
-    """The command line: `--config FILE|NAME` (a path, or the name of a shipped config) plus dotted overrides."""
-    return main(parse_cli(CacheConfig, argv, __doc__.split("\n\n")[0], prog))
+def cli(argv: list[str] | None = None, prog: str = "kd cache") -> Path | None:
+    """The command line: `--config FILE|NAME` (a path, or the name of a shipped config) plus dotted overrides;
+    `--dry-run` prints the plan (windows, shards, bytes, free disk) and writes nothing."""
+    run = parse_cli(CacheConfig, argv, __doc__.split("\n\n")[0], prog)
+    if run.dry_run:
+        print("\n".join(build.plan(run.cfg).lines()))
+        return None
+    return main(run.cfg)
 
 
 if __name__ == "__main__":

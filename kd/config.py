@@ -2,7 +2,7 @@
 
 Every script owns one dataclass tree. Defaults live only in the dataclass; unknown keys, wrong types and
 impossible values raise KDError before any work starts. Field docs are the dataclass docstrings'
-`field: text` lines, so `--help` and the README can point at one place.
+`field: text` lines, so `--help` and the manual can point at one place.
 """
 
 from __future__ import annotations
@@ -270,9 +270,17 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def parse_cli(cls: type[T], argv: list[str] | None, description: str, prog: str | None = None) -> T:
+@dataclasses.dataclass(frozen=True)
+class Invocation:
+    """A pass's command line: its config, and whether to print the plan instead of running (`--dry-run`)."""
+
+    cfg: Any
+    dry_run: bool = False
+
+
+def parse_cli(cls: type[T], argv: list[str] | None, description: str, prog: str | None = None) -> Invocation:
     """`--config FILE|NAME` (a path, or a shipped config's name: kd.paths.resolve_config) plus any number of
-    `key=value` overrides; `--help` lists every key with its doc."""
+    `key=value` overrides, and `--dry-run`; `--help` lists every key with its doc."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -283,5 +291,9 @@ def parse_cli(cls: type[T], argv: list[str] | None, description: str, prog: str 
         "--config", help="YAML config file, or a shipped config's name (`kd configs`); defaults come from the dataclass"
     )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cache.top_k=128")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan (sizes, counts, memory) without running: no weights load"
+    )
     args = parser.parse_args(argv)
-    return load_config(cls, None if args.config is None else resolve_config(args.config), args.overrides)
+    cfg = load_config(cls, None if args.config is None else resolve_config(args.config), args.overrides)
+    return Invocation(cfg, args.dry_run)

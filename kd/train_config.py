@@ -96,7 +96,7 @@ class LossConfig:
 
     terms: list of {kind, weight, name?, ...options} (kd/losses/terms.py). Kinds: ce; the divergences forward_kl,
         reverse_kl, jsd (beta), tvd, skew_kl (alpha), skew_reverse_kl (alpha) (definitions in kd/losses/divergences.py
-        and the README); uld (cross-tokenizer only); feature (distance: cosine | normalized_mse); contrastive
+        and docs/training.md); uld (cross-tokenizer only); feature (distance: cosine | normalized_mse); contrastive
         (temperature, max_positions). Each term is a token mean over the accumulation window, the loss is
         sum weight * term, and a term of weight 0 is computed and logged only. Example (torchtune's symmetric KL):
         [{kind: ce, weight: 0.5}, {kind: forward_kl, weight: 0.25}, {kind: reverse_kl, weight: 0.25}].

@@ -22,6 +22,7 @@ from pathlib import Path
 from kd.config import parse_cli
 from kd.errors import run_cli
 from kd.train import recipe
+from kd.train.plan import plan
 from kd.train_config import TrainConfig
 
 
@@ -33,9 +34,14 @@ def main(cfg: TrainConfig) -> Path:
     return recipe.finish(run, ending)
 
 
-def cli(argv: list[str] | None = None, prog: str = "kd train") -> Path:
-    """The command line: `--config FILE|NAME` (a path, or the name of a shipped config) plus dotted overrides."""
-    return main(parse_cli(TrainConfig, argv, __doc__.split("\n\n")[0], prog))
+def cli(argv: list[str] | None = None, prog: str = "kd train") -> Path | None:
+    """The command line: `--config FILE|NAME` (a path, or the name of a shipped config) plus dotted overrides;
+    `--dry-run` prints the plan (steps, tokens, memory per device) and writes nothing."""
+    run = parse_cli(TrainConfig, argv, __doc__.split("\n\n")[0], prog)
+    if run.dry_run:
+        print("\n".join(plan(run.cfg).lines()))
+        return None
+    return main(run.cfg)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
-$PY -m kd.assets fetch smollm2-135m-instruct shakespeare
-$PY cache_teacher.py --config configs/shakespeare_smollm2.yaml
-$PY -m kd.cache verify caches/shakespeare_smollm2 | tail -n 1
+KD=.venv/bin/kd   # the installed command (kd --help); from a clone, cache_teacher.py and train_student.py run the same
+$KD assets fetch smollm2-135m-instruct shakespeare
+$KD cache --config shakespeare_smollm2
+$KD verify caches/shakespeare_smollm2 | tail -n 1
 RUN=shakespeare_demo-$(date +%Y%m%d-%H%M%S)
-$PY train_student.py --config configs/train_shakespeare.yaml train.run_name="$RUN"
-$PY -m kd.report "runs/$RUN"
+$KD train --config train_shakespeare train.run_name="$RUN"
+$KD report "runs/$RUN"
 $PY - "$RUN" <<'PYEOF'
 import json, sys
 evals = [r for r in map(json.loads, open(f"runs/{sys.argv[1]}/metrics.jsonl")) if "eval/ce" in r]

@@ -149,7 +149,7 @@ def main() -> None:
         MetricsLog.write = write_then_stop
     run_cli(
         lambda: train_student.main(
-            parse_cli(TrainConfig, overrides, "train_student.py under FSDP2 or DeepSpeed on CPU")
+            parse_cli(TrainConfig, overrides, "train_student.py under FSDP2 or DeepSpeed on CPU").cfg
         )
     )
 

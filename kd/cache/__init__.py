@@ -1,6 +1,6 @@
 """The teacher cache: a directory of self-describing HDF5 shards plus `manifest.json`.
 
-Layout of DIR (format version 5; versions 1 to 4 are still read):
+Layout of DIR (format version 7; versions 1 to 6 are still read; docs/formats.md lists what each added):
     cache_config.json        resolved config of the run that writes DIR (written once the input is ingested; re-runs are
                              checked against it)
     ingest/, .lock           only while the cache is being built: the packed windows (kd/data/ingest.py), and the
@@ -33,6 +33,8 @@ Fields of each sequence, as the reader returns them (T = seq_len, k = top_k, L =
     sample_counts   [T, n]       distribution (T = 1), most frequent first, counts sum to n, 0 = padding. On disk
                                  plain [N, T, n] arrays, or `ragged`: one byte string per sequence in `sample_bytes`
                                  with [start, end) in `sample_offsets` [N + 1]
+    loss_mask       [T]          only in a chat cache (format 7 on): the tokens the losses count
+    segments        [T]          only in a chat cache: each token's conversation in its window (1, 2, ...; 0 = padding)
 Position t's targets describe the token at t+1. Every fixed-size dataset is chunked one sequence per chunk, so
 reading sequence i touches one chunk per dataset. `checksums` [N, D] uint64 holds kd.cache.checksum of each
 sequence's row of each of the D datasets its attribute `rows` names, and its attribute `whole` the checksums of the

@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 
 from kd.cache.basis import BASIS_FILE, BasisFit, HiddenBasis
 from kd.cache.format import SPLITS, sequence_bytes
+from kd.cache.manifest import cache_metadata
+from kd.cache.plan import CachePlan, plan_cache
 from kd.cache.writer import CacheWriter, ShardJob
 from kd.cache_config import CacheConfig
 from kd.data.chat import chat_template, check_chat_tokenizer
@@ -124,6 +126,14 @@ def validate(cfg: CacheConfig) -> CacheInputs:
     sources, input_bytes = config_sources(cfg.data)
     spec = ingest_spec(cfg, tokenizer, model_cfg.vocab_size)
     return CacheInputs(model_cfg, tokenizer, spec, sources, input_bytes)
+
+
+def plan(cfg: CacheConfig) -> CachePlan:
+    """`kd cache --dry-run`: the checks `validate` makes, then the plan (kd/cache/plan.py). No weights are read, so
+    the teacher's identity is not computed; nothing is written to the output directory."""
+    inputs = validate(cfg)
+    meta = cache_metadata(cfg, "", inputs.model_cfg, inputs.tokenizer, inputs.spec, {"digest": "(dry run)"})
+    return plan_cache(meta, inputs.spec, inputs.tokenizer, inputs.sources, Path(cfg.cache.output_dir))
 
 
 def teacher_weights(accelerator, cfg: CacheConfig, model_cfg) -> dict:

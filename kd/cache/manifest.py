@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from kd import __version__
 from kd.cache.codecs import codec_specs
@@ -205,6 +205,19 @@ class ChatInfo:
 
 
 @dataclass(frozen=True)
+class DatasetInfo:
+    """Where the cached text came from (the config's sources) and the rule that split it; empty before format 3."""
+
+    files: list = field(default_factory=list)
+    eval_files: list = field(default_factory=list)
+    dataset: str | None = None
+    dataset_config: str | None = None
+    dataset_split: str | None = None
+    split_rule: str | None = None
+    fingerprint: str | None = None  # sha256 over the splits' fingerprints: the windows the teacher saw
+
+
+@dataclass(frozen=True)
 class SplitInfo:
     num_sequences: int
     num_tokens: int
@@ -229,6 +242,7 @@ class Manifest:
     config_hash: str | None
     chat: ChatInfo | None
     splits: dict[str, SplitInfo]
+    dataset: DatasetInfo
 
     @classmethod
     def of(cls, m: dict) -> Manifest:
@@ -260,4 +274,5 @@ class Manifest:
                 attention=chat["attention"],
             ),
             splits={name: pick(SplitInfo, split) for name, split in m["splits"].items()},
+            dataset=pick(DatasetInfo, m.get("dataset") or {}),
         )

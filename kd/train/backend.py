@@ -239,7 +239,7 @@ def check_sharded(tc, backend: str, way_out: str) -> None:
 
 
 def check_fsdp(plugin, tc) -> None:
-    """What kd cannot do under Accelerate's FSDP, refused before any weights load (the README's table)."""
+    """What kd cannot do under Accelerate's FSDP, refused before any weights load (docs/backends.md's table)."""
     if plugin is None:
         raise KDError("Accelerate reports the FSDP back-end but holds no FSDP plugin; launch with an FSDP config")
     if int(plugin.fsdp_version or 1) != 2:
@@ -312,7 +312,7 @@ def _deepspeed_version() -> str:
 
 
 def check_deepspeed(ds_config: dict, tc, zero3_init: bool = False) -> None:
-    """What kd cannot do under DeepSpeed, refused before any weights load (the README's table)."""
+    """What kd cannot do under DeepSpeed, refused before any weights load (docs/backends.md's table)."""
     release = _deepspeed_version()
     have = tuple(int(x) for x in release.split(".")[:2])
     if have < MIN_DEEPSPEED:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from kd.config import diff_keys
 from kd.errors import KDError
-from kd.io import staged_dir, write_json_atomic
+from kd.io import staged_dir, write_bytes_durable, write_json_atomic
 from kd.train.state import TrainState
 from kd.train_config import RESUME_FREE_KEYS, TrainConfig
 
@@ -77,10 +78,10 @@ def read_latest(run_dir: Path) -> dict | None:
     return json.loads(latest.read_text()) if latest.exists() else None
 
 
-def save_final(accelerator, model, tokenizer, out: Path, meta: dict) -> None:
-    """save_pretrained folder (+ tokenizer, projectors, kd_meta.json), written as `<out>.partial` and renamed
-    when whole. The full state dict is gathered through Accelerate on every process (a collective under FSDP /
-    DeepSpeed ZeRO-3), then written by the main one."""
+def save_final(accelerator, model, tokenizer, out: Path, meta: dict, card: Callable[[int], str] | None = None) -> None:
+    """save_pretrained folder (+ tokenizer, projectors, kd_meta.json, and the model card `card(parameters)` as
+    README.md), written as `<out>.partial` and renamed when whole. The full state dict is gathered through
+    Accelerate on every process (a collective under FSDP / DeepSpeed ZeRO-3), then written by the main one."""
     unwrapped = accelerator.unwrap_model(model)
     state = accelerator.get_state_dict(model)
     with staged_dir(out, accelerator.is_main_process, accelerator.wait_for_everyone) as tmp:
@@ -100,4 +101,7 @@ def save_final(accelerator, model, tokenizer, out: Path, meta: dict) -> None:
                     tmp / "projectors.pt",
                 )
             write_json_atomic(tmp / "kd_meta.json", meta)
+            if card is not None:  # parameters counted on the gathered weights (a shard's own would be a fraction)
+                lm = {v.data_ptr(): v.numel() for k, v in state.items() if k.startswith("lm.")}  # tied: counted once
+                write_bytes_durable(tmp / "README.md", card(sum(lm.values())).encode())
     accelerator.wait_for_everyone()

@@ -16,6 +16,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,23 +47,15 @@ from kd.train.backend import (
     configure_deepspeed,
     zero3_head_with_root,
 )
+from kd.train.card import CardFacts, model_card
 from kd.train.checkpoint import prepare_run_dir, save_checkpoint, save_final
-from kd.train.data import epoch_order, make_loader, steps_per_epoch
+from kd.train.data import epoch_order, make_loader
 from kd.train.generations import GenerationsLog, generate_replies, held_out_prompts
 from kd.train.model import DistillModel, build_student
+from kd.train.plan import Schedule, run_schedule
 from kd.train.state import EMA, RUN_FORMAT_VERSION, MetricsLog, TrainState, peak_memory_mb
 from kd.train.step import LossPlan, eval_record, optimizer_step
 from kd.train_config import TrainConfig
-
-
-@dataclass
-class Schedule:
-    """How long the run is, in optimizer steps, and what one step takes on each process."""
-
-    total_steps: int
-    warmup_steps: int
-    steps_per_epoch: int
-    sequences_per_step: int  # per process: micro_batch_size x gradient_accumulation_steps
 
 
 @dataclass
@@ -134,7 +127,7 @@ def setup(cfg: TrainConfig) -> Run | None:
             print(f"[train] {run_dir} already finished (final/ is saved, no training state kept); nothing to do")
         return None
     train_split, eval_split = _splits(cfg, cache, tokenizer, run_dir, accelerator)
-    schedule = _schedule(cfg, len(train_split), accelerator.num_processes)
+    schedule = run_schedule(cfg, len(train_split), accelerator.num_processes)
 
     # 2. Student, projectors, optimizer, loss plans.
     set_seed(tc.seed)
@@ -252,21 +245,6 @@ def _splits(cfg: TrainConfig, cache: TeacherCache, tokenizer, run_dir: Path, acc
     if len(eval_split) == 0 or len(train_split) == 0:
         raise KDError(f"cache {cfg.train.cache_dir} has an empty train or eval split")
     return train_split, eval_split
-
-
-def _schedule(cfg: TrainConfig, train_sequences: int, world: int) -> Schedule:
-    tc = cfg.train
-    epoch_steps = steps_per_epoch(train_sequences, world, tc.micro_batch_size, tc.gradient_accumulation_steps)
-    if epoch_steps == 0:
-        raise KDError(
-            f"the train split ({train_sequences} sequences) is smaller than one optimizer step "
-            f"({tc.micro_batch_size} x {tc.gradient_accumulation_steps} x {world} processes)"
-        )
-    total_steps = tc.max_steps or math.ceil(tc.epochs * epoch_steps)
-    warmup = tc.warmup_steps or int(tc.warmup_fraction * total_steps)
-    if warmup >= total_steps:
-        raise KDError(f"warmup ({warmup} steps) is not shorter than the run ({total_steps} optimizer steps)")
-    return Schedule(total_steps, warmup, epoch_steps, tc.micro_batch_size * tc.gradient_accumulation_steps)
 
 
 def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, accelerator):
@@ -544,11 +522,19 @@ def finish(run: Run, ending: Ending) -> Path:
         "final_eval": final,
         "weights": "trained",
     }
-    save_final(accelerator, run.model, run.tokenizer, run.run_dir / "final", meta)
+
+    def card(folder: str, weights: str, scores: dict) -> Callable[[int], str]:  # README.md: how it was made
+        facts = dict(cfg=run.cfg, cache=run.cache.info, run_name=tc.run_name, folder=folder, weights=weights)
+        facts.update(step=state.step, tokens=state.tokens_seen, stop_reason=ending.stop_reason, final_eval=scores)
+        return lambda parameters: model_card(CardFacts(**facts, parameters=parameters))
+
+    save_final(accelerator, run.model, run.tokenizer, run.run_dir / "final", meta, card("final", "trained", final))
     if run.ema is not None:
         with run.ema.applied(accelerator.unwrap_model(run.model)):
             ema_meta = dict(meta, weights=f"ema (decay {tc.ema_decay})")
-            save_final(accelerator, run.model, run.tokenizer, run.run_dir / "final_ema", ema_meta)
+            ema_scores = {"eval/" + k[len("ema_eval/") :]: v for k, v in final.items() if k.startswith("ema_eval/")}
+            ema_card = card("final_ema", ema_meta["weights"], ema_scores)
+            save_final(accelerator, run.model, run.tokenizer, run.run_dir / "final_ema", ema_meta, ema_card)
     if not keep_state and accelerator.is_main_process:  # final/ is whole: an earlier checkpoint is only stale
         shutil.rmtree(run.run_dir / "checkpoints", ignore_errors=True)
     run.say(
