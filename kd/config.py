@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -93,11 +94,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             # PyYAML (YAML 1.1) reads 1e-3 as a string; it needs 1.0e-3. Accept what people write.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise KDError(f"config key '{key}' must be a number, got {value!r}")
+        check_finite(float(value), key)  # "nan" and "inf" as strings too
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -162,19 +164,58 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tu
         if not p.is_file():
             raise KDError(f"config file {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(), Loader=UniqueKeyLoader) or {}
+        except DuplicateKey as e:
+            raise KDError(f"config file {p}: {e}; say it once (YAML would keep only the last)") from None
         except yaml.YAMLError as e:
             raise KDError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise KDError(f"config file {p} must hold a mapping at the top level")
     for o in overrides:
         apply_override(data, o)
+    check_finite(data)
     return _build(cls, data)
 
 
 def from_dict(cls: type[T], data: dict) -> T:
     """Rebuild a config saved with `to_dict` (used to read configs stored inside artifacts)."""
+    check_finite(data)
     return _build(cls, data)
+
+
+class DuplicateKey(Exception):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (a section or a key written twice: plain YAML
+    keeps the last one silently, so a config would say one thing and do another)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key == "<<":  # a merge key may repeat
+                continue
+            if key in lines:
+                raise DuplicateKey(
+                    f"key '{key}' is given twice (lines {lines[key]} and {key_node.start_mark.line + 1})"
+                )
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def check_finite(data: Any, key: str = "") -> None:
+    """No NaN or infinity anywhere in a config, free-form mappings (student.config, loss terms) included: a
+    non-finite rate, norm or temperature trains to NaN weights, or skips every step, without an error."""
+    if isinstance(data, float) and not math.isfinite(data):
+        raise KDError(f"config key '{key}' is {data}: every number in a config must be finite")
+    if isinstance(data, dict):
+        for k, v in data.items():
+            check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            check_finite(v, f"{key}[{i}]")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -162,8 +162,8 @@ class DirLock:
     naming the holder. On a shared filesystem across machines this relies on the filesystem's lock support
     (NFSv4 and Lustre with `flock` mounts provide it)."""
 
-    def __init__(self, directory: Path, what: str):
-        self.path, self.what, self.fd = Path(directory) / LOCK_FILE, what, None
+    def __init__(self, directory: Path, what: str, name: str = LOCK_FILE):
+        self.path, self.what, self.fd = Path(directory) / name, what, None
 
     def acquire(self) -> DirLock:
         import fcntl
@@ -185,8 +185,9 @@ class DirLock:
                 if holder
                 else "unknown"
             )
+            target = self.path.parent if self.path.name == LOCK_FILE else self.path.with_name(self.path.name[1:-5])
             raise KDError(
-                f"another {self.what} is writing {self.path.parent} ({who}); wait for it to finish or stop "
+                f"another {self.what} is writing {target} ({who}); wait for it to finish or stop "
                 "it, or choose another output directory"
             ) from None
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -77,16 +78,77 @@ def load_causal_lm(name_or_path: str, revision: str | None, dtype: str, attn_imp
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             resolve_path(name_or_path),
             revision=revision,
             dtype=DTYPES[dtype],
             attn_implementation=attn_implementation,
+            output_loading_info=True,
             **placement,
         )
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         raise KDError(f"cannot load causal LM '{name_or_path}': {e}") from None
+    check_loaded(name_or_path, info)
+    check_causal(name_or_path, model)
     return model
+
+
+def check_loaded(name: str, info: dict) -> None:
+    """Every tensor of the model came from the checkpoint and every tensor of the checkpoint was used, beyond what
+    the model's class ties or ignores by design (transformers leaves those out of `info`). transformers only prints
+    its load report and initialises what is missing at random: a teacher with a layer missing would be cached from."""
+    problems = [
+        (what, sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or []))
+        for what, key in (
+            ("missing from the checkpoint (they would be random)", "missing_keys"),
+            ("of another shape in the checkpoint", "mismatched_keys"),
+            ("in the checkpoint but not in the model", "unexpected_keys"),
+        )
+    ]
+    problems = [(what, keys) for what, keys in problems if keys]
+    if problems or info.get("error_msgs"):
+        detail = "; ".join(f"{len(keys)} tensors {what}, e.g. {', '.join(keys[:3])}" for what, keys in problems)
+        raise KDError(
+            f"model '{name}' did not load whole: {detail or info['error_msgs'][0]}. Give a complete checkpoint of "
+            "this architecture (kd never trains on or caches from a half-loaded model)"
+        )
+
+
+def check_causal(name: str, model) -> None:
+    """A causal LM's prediction at a position never depends on later tokens: two 8-token inputs that differ only
+    in their last token must give the same logits before it. An encoder (BERT's LM head loads under
+    AutoModelForCausalLM without complaint) fails this; two forwards of 8 tokens cost nothing beside a pass."""
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.arange(8, dtype=torch.long).remainder(vocab).unsqueeze(0) + 1
+    ids = ids.remainder(vocab).to(execution_device(model.get_input_embeddings()))
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 1) % vocab
+    with torch.no_grad():
+        a, b = (model(input_ids=x, use_cache=False).logits[0, :-1].float() for x in (ids, other))
+    # the same prefix computes the same numbers (masked keys weigh exactly 0): equal up to the kernels' rounding
+    tolerance = 1e-5 if model.dtype == torch.float32 else 1e-3
+    if float((a - b).abs().max()) > tolerance * float(a.abs().max().clamp(min=1e-3)):
+        raise KDError(
+            f"model '{name}' ({type(model).__name__}, model_type {model.config.model_type}) is not a causal language "
+            "model: its prediction at a position changes with later tokens. kd distils causal (decoder) LMs"
+        )
+
+
+def count_parameters(model_cfg) -> int:
+    """Parameters of the model a transformers config builds, built on the meta device (nothing allocated; a tied
+    tensor counted once)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(model_cfg)
+    return sum(p.numel() for p in lm.parameters())
+
+
+def device_memory(device: torch.device) -> int:
+    """What one device can hold: a GPU's total memory, or the machine's physical memory for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def placement(device_map, devices_per_process: int, local_rank: int, offload_folder: str) -> dict:

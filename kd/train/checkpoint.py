@@ -11,9 +11,17 @@ import torch
 
 from kd.config import diff_keys
 from kd.errors import KDError
-from kd.io import staged_dir, write_bytes_durable, write_json_atomic
+from kd.io import DirLock, staged_dir, write_bytes_durable, write_json_atomic
 from kd.train.state import TrainState
 from kd.train_config import RESUME_FREE_KEYS, TrainConfig
+
+
+def claim_run_name(run_dir: Path) -> DirLock:
+    """The lock that makes this process the run directory's one writer: `.<name>.lock` beside it (not inside, so
+    that a run refused before it writes anything leaves no directory to block its corrected re-run). The kernel
+    drops it when the process ends, however it ends."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return DirLock(run_dir.parent, "training run", name=f".{run_dir.name}.lock").acquire()
 
 
 def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool, cache_id: str | None = None) -> dict | None:

@@ -8,9 +8,9 @@ from torch import nn
 
 from kd.errors import KDError
 from kd.losses.chunked import HeadInput
-from kd.models import head_fallback_reason
-from kd.paths import resolve_path
+from kd.models import count_parameters, device_memory, head_fallback_reason, load_causal_lm
 from kd.prune import from_teacher
+from kd.train.plan import launch_layout
 from kd.train_config import TrainConfig
 
 
@@ -65,6 +65,28 @@ class DistillModel(nn.Module):
         return result, projected
 
 
+def check_fits(model_cfg, device: torch.device) -> None:
+    """Before a random-init student is built: its fp32 weights, gradients and AdamW's two moments (16 bytes per
+    parameter, over the processes when the back-end shards them) must fit the device, or the process is killed
+    for memory with no word from kd. A field left out of student.config takes transformers' default (llama's is a
+    7B model)."""
+    try:
+        params = count_parameters(model_cfg)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise KDError(f"student.config cannot build a model ({str(e).splitlines()[0]}); fix that field") from None
+    world, sharding = launch_layout()
+    need = 16 * params / (world if sharding == "full" else 1)
+    have = device_memory(device)
+    if need > have:
+        raise KDError(
+            f"student.config builds a {params / 1e9:.2f}B-parameter {model_cfg.model_type} (hidden_size "
+            f"{getattr(model_cfg, 'hidden_size', '?')}, {getattr(model_cfg, 'num_hidden_layers', '?')} layers): "
+            f"training it needs about {need / 2**30:.1f} GiB per device for weights, gradients and optimizer "
+            f"alone, and this {device.type} device has {have / 2**30:.1f} GiB. Give the sizes you mean in "
+            "student.config (fields left out take transformers' defaults)"
+        )
+
+
 def build_student(cfg: TrainConfig, tokenizer, teacher_vocab: int, cache=None, log=print, device="cpu"):
     """The student LM (`cache`: the teacher's, needed to cut a student from it). A student cut from the teacher
     carries what kd.prune kept and measured in `lm.config.kd_pruned_from` (saved with it in config.json)."""
@@ -75,16 +97,8 @@ def build_student(cfg: TrainConfig, tokenizer, teacher_vocab: int, cache=None, l
         if cache is None:
             raise KDError("student.from_teacher cuts the student from a cache's teacher: give the cache")
         lm, _ = from_teacher(cache, s.from_teacher, log, device)
-    elif s.pretrained is not None:
-        try:
-            lm = AutoModelForCausalLM.from_pretrained(
-                resolve_path(s.pretrained),
-                revision=s.revision,
-                attn_implementation=s.attn_implementation,
-                dtype=torch.float32,
-            )
-        except (OSError, ValueError) as e:
-            raise KDError(f"cannot load student '{s.pretrained}': {e}") from None
+    elif s.pretrained is not None:  # checked whole and causal, as every model kd loads (kd.models)
+        lm = load_causal_lm(s.pretrained, s.revision, "fp32", s.attn_implementation)
     else:
         fields = dict(s.config)
         fields.setdefault("vocab_size", len(tokenizer))
@@ -92,6 +106,7 @@ def build_student(cfg: TrainConfig, tokenizer, teacher_vocab: int, cache=None, l
             model_cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
         except (ValueError, TypeError) as e:
             raise KDError(f"student.config is not a valid model config: {e}") from None
+        check_fits(model_cfg, torch.device(device))
         try:
             lm = AutoModelForCausalLM.from_config(model_cfg, attn_implementation=s.attn_implementation)
         except (ValueError, TypeError, RuntimeError) as e:  # e.g. a negative size: "negative dimension -64"

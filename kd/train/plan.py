@@ -24,7 +24,7 @@ import torch
 
 from kd.cache import TeacherCache
 from kd.errors import KDError
-from kd.models import load_tokenizer
+from kd.models import count_parameters, load_tokenizer
 from kd.paths import resolve_path
 from kd.train.data import steps_per_epoch
 from kd.train_config import TrainConfig
@@ -134,15 +134,6 @@ def student_config(cfg: TrainConfig, cache: TeacherCache):
     source = s.tokenizer or cache.info.teacher.name_or_path
     fields.setdefault("vocab_size", len(load_tokenizer(source)))
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
-
-
-def count_parameters(model_cfg) -> int:
-    """Parameters of the model this config builds (on the meta device: nothing allocated; tied ones once)."""
-    from transformers import AutoModelForCausalLM  # heavy: as above
-
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(model_cfg)
-    return sum(p.numel() for p in lm.parameters())  # parameters() yields a tied tensor once
 
 
 def saved_activation_bytes(model_cfg, layers: int, batch: int, seq_len: int, checkpointing: bool) -> int:

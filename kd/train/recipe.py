@@ -30,7 +30,7 @@ from kd import __version__, align
 from kd.cache import TeacherCache
 from kd.config import flatten, to_dict
 from kd.data.chat import chat_template, check_chat_tokenizer
-from kd.dist import gather_rows
+from kd.dist import agree, gather_rows
 from kd.errors import KDError
 from kd.io import write_json_atomic
 from kd.losses.terms import needs_hidden
@@ -48,7 +48,7 @@ from kd.train.backend import (
     zero3_head_with_root,
 )
 from kd.train.card import CardFacts, model_card
-from kd.train.checkpoint import prepare_run_dir, save_checkpoint, save_final
+from kd.train.checkpoint import claim_run_name, prepare_run_dir, save_checkpoint, save_final
 from kd.train.data import epoch_order, make_loader
 from kd.train.generations import GenerationsLog, generate_replies, held_out_prompts
 from kd.train.model import DistillModel, build_student
@@ -66,6 +66,7 @@ class Run:
     cfg_dict: dict
     accelerator: Accelerator
     run_dir: Path
+    lock: object  # kd.io.DirLock on the run's name, held by the main process until finish (None elsewhere)
     cache: TeacherCache
     tokenizer: object
     train_split: object  # a kd.cache.CacheSplit, or kd.align.AlignedSplit across tokenizers
@@ -121,10 +122,15 @@ def setup(cfg: TrainConfig) -> Run | None:
         text_windows(tokenizer, tc.extra_eval_files, cache.seq_len) if tc.extra_eval_files else (None, None)
     )
     _check_cache_fits(cfg, cache, tokenizer, tok_source)
+    # one writer per run directory, for the whole run: a lock beside it (runs/.<name>.lock), taken before the run
+    # directory is looked at, so that two trainings started on one name never both pass the checks below
+    lock = agree(accelerator, lambda: claim_run_name(run_dir) if accelerator.is_main_process else None)
     resume_state = prepare_run_dir(run_dir, cfg_dict, tc.resume, cache.info.config_hash)
     if resume_state is None and tc.resume and (run_dir / "final" / "kd_meta.json").exists():
         if accelerator.is_main_process:  # finished without its state (train.save_final_state): nothing to continue
             print(f"[train] {run_dir} already finished (final/ is saved, no training state kept); nothing to do")
+        if lock is not None:
+            lock.release()
         return None
     train_split, eval_split = _splits(cfg, cache, tokenizer, run_dir, accelerator)
     schedule = run_schedule(cfg, len(train_split), accelerator.num_processes)
@@ -170,6 +176,7 @@ def setup(cfg: TrainConfig) -> Run | None:
         cfg_dict=cfg_dict,
         accelerator=accelerator,
         run_dir=run_dir,
+        lock=lock,
         cache=cache,
         tokenizer=tokenizer,
         train_split=train_split,
@@ -545,6 +552,8 @@ def finish(run: Run, ending: Ending) -> Path:
     )
     if tc.log_with:
         accelerator.end_training()
+    if run.lock is not None:
+        run.lock.release()
     return run.run_dir
 
 

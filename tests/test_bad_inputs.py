@@ -1,0 +1,142 @@
+"""Inputs that used to run to a wrong result with exit 0, now one clear error before any work: a half-loaded or
+non-causal model, non-finite settings, a YAML key given twice, a student config that cannot fit the machine."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY, cache_overrides
+from safetensors.torch import load_file, save_file
+from test_train import make_cfg, overrides
+
+from kd.config import load_config
+from kd.errors import KDError
+from kd.models import load_causal_lm
+from kd.train.model import build_student
+from kd.train_config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def half_loaded_teacher(tmp_path_factory, llama_teacher):
+    """The tiny teacher with its second layer's tensors removed from the checkpoint and one stray tensor added."""
+    out = tmp_path_factory.mktemp("half_loaded")
+    shutil.copytree(llama_teacher, out, dirs_exist_ok=True)
+    weights = load_file(out / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if ".layers.1." not in k}
+    kept["stray.weight"] = torch.zeros(3)
+    save_file(kept, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoder_teacher(tmp_path_factory, tokenizer_dir):
+    """A BERT (bidirectional) model with an LM head: AutoModelForCausalLM loads it without complaint."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    BertForMaskedLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kd", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_a_half_loaded_teacher_is_refused_before_any_shard(half_loaded_teacher, corpus_dir, tmp_path):
+    out = tmp_path / "cache"
+    line = one_error_line(run("cache", *cache_overrides(half_loaded_teacher, corpus_dir, out)))
+    assert f"model '{half_loaded_teacher}' did not load whole: 9 tensors missing from the checkpoint" in line
+    assert "model.layers.1." in line and "1 tensors in the checkpoint but not in the model, e.g. stray.weight" in line
+    assert not list(out.glob("*.h5"))
+
+
+def test_an_encoder_is_not_a_causal_lm_for_the_cache_the_evaluator_or_the_trainer(
+    encoder_teacher, tiny_cache, tmp_path
+):
+    with pytest.raises(KDError, match=r"\(BertLMHeadModel, model_type bert\) is not a causal language model"):
+        load_causal_lm(str(encoder_teacher), None, "fp32", "sdpa")
+    line = one_error_line(run("evaluate", encoder_teacher, "--text", ROOT / "README.md"))
+    assert "is not a causal language model" in line
+    cfg = make_cfg(tiny_cache, tmp_path, **{"student.config": "null", "student.pretrained": str(encoder_teacher)})
+    with pytest.raises(KDError, match="is not a causal language model"):
+        build_student(cfg, None, 0)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr=inf", "train.lr' is inf"),
+        ("train.max_grad_norm=.nan", "train.max_grad_norm' is nan"),
+        ("loss.temperature=nan", "loss.temperature' is nan"),
+        ("student.config.rope_theta=-.inf", "student.config.rope_theta' is -inf"),
+        ("loss.terms=[{kind: jsd, weight: .nan}]", "loss.terms[0].weight' is nan"),
+    ],
+)
+def test_non_finite_settings_are_refused(tiny_cache, tmp_path, override, key):
+    with pytest.raises(KDError, match=re.escape(f"config key '{key}: every number in a config must be finite")):
+        load_config(TrainConfig, None, [*overrides(tiny_cache, tmp_path), override])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "train:\n  lr: 1.0e-3\nloss:\n  alpha_kd: 0.5\ntrain:\n  lr: 2.0e-3\n",
+            "key 'train' is given twice (lines 1 and 5)",
+        ),
+        ("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", "key 'lr' is given twice (lines 2 and 3)"),
+    ],
+)
+def test_a_yaml_key_given_twice_is_refused_naming_the_lines(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(KDError, match=r"config file .*c\.yaml: " + re.escape(message) + "; say it once"):
+        load_config(TrainConfig, tmp_path / "c.yaml")
+
+
+def test_a_student_config_that_cannot_fit_is_refused_with_its_size(tiny_cache, tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = make_cfg(tiny_cache, tmp_path, **{"student.config": "{model_type: llama, vocab_size: 300}"})
+    with pytest.raises(
+        KDError, match=r"builds a 6\.\d\dB-parameter llama \(hidden_size 4096, 32 layers\): training it"
+    ):
+        build_student(cfg, tok, 0)
+    fits = make_cfg(tiny_cache, tmp_path, **{"student.config": str({"model_type": "llama", **TINY, "vocab_size": 300})})
+    assert build_student(fits, tok, 0).num_parameters() > 0
+    result = run("train", *overrides(tiny_cache, tmp_path, **{"student.config": "{model_type: llama}"}))
+    assert "training it needs about" in one_error_line(result)
+    assert not (tmp_path / "r").exists()  # nothing written: the corrected run is not blocked
+
+
+def test_one_training_per_run_directory(tiny_cache, tmp_path):
+    """A second training on a run directory being written is refused naming the first (its lock beside the run
+    directory); once the first is done, the name is free again (a resume, here)."""
+    from kd import train_student
+    from kd.io import DirLock
+
+    held = DirLock(tmp_path, "training run", name=".r.lock").acquire()  # a training of run `r` in progress
+    with pytest.raises(KDError, match=rf"another training run is writing {tmp_path}/r \(pid \d+ on .*\); wait"):
+        train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 3}))
+    assert not (tmp_path / "r").exists()
+    held.release()
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 3}))
+    assert (run / "final").is_dir() and not (tmp_path / ".r.lock").exists()
