@@ -30,8 +30,11 @@ def main(cfg: TrainConfig) -> Path:
     run = recipe.setup(cfg)
     if run is None:  # a resumed run that had already finished: nothing to do
         return Path(cfg.train.output_dir) / cfg.train.run_name
-    ending = recipe.train(run)
-    return recipe.finish(run, ending)
+    try:
+        ending = recipe.train(run)
+        return recipe.finish(run, ending)
+    finally:
+        recipe.close(run)  # the run directory's lock, however the run ends
 
 
 def cli(argv: list[str] | None = None, prog: str = "kd train") -> Path | None:

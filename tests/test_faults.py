@@ -213,6 +213,42 @@ def test_file_size_limit_while_checkpointing(tmp_path, tiny_cache, reference_run
     assert_same_metrics(reference_run, resume(args))
 
 
+def test_a_failed_final_save_loses_no_training(tmp_path, tiny_cache, reference_run, monkeypatch):
+    """With no checkpoints asked for (checkpoint_every 0), the disk fills while final/ is written: one error that
+    names where the trained state is and the command that finishes; that command writes final/ without a step of
+    training, and the run's record equals an uninterrupted run's."""
+    import errno
+
+    import kd.train.checkpoint
+    from kd.errors import KDError
+    from kd.io import disk_error
+
+    real = kd.train.checkpoint.write_bytes_durable
+
+    def disk_fills_at_the_model_card(path, data):
+        if path.name == "README.md":  # the last file of final/, after the weights
+            raise KDError(f"writing {path} failed: {disk_error(OSError(errno.ENOSPC, 'No space left on device'))}")
+        return real(path, data)
+
+    monkeypatch.setattr(kd.train.checkpoint, "write_bytes_durable", disk_fills_at_the_model_card)
+    args = overrides(tiny_cache, tmp_path, **{**TRAIN_EXTRA, "train.checkpoint_every": 0})
+    with pytest.raises(
+        KDError,
+        match=r"the disk is full; .*The trained state is saved in .*step_00000010, so the re-run to use is "
+        r"`.* train\.resume=true`: it writes final/ from that state without training again",
+    ):
+        train_student.main(load_config(TrainConfig, None, args))
+    run_dir = tmp_path / "r"
+    assert not (run_dir / "final").exists() and not no_partial_files(run_dir)
+    steps = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    monkeypatch.undo()
+    assert resume(args) == run_dir
+    assert (run_dir / "final" / "README.md").exists() and not (run_dir / "checkpoints").exists()
+    again = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert again == steps  # not one step trained again
+    assert_same_metrics(reference_run, run_dir)
+
+
 TRAIN_KILL_AT = {
     # point -> (module, owner, function, on which call): SIGKILL there, in a real run
     "before-any-checkpoint": ("kd.train.state", "MetricsLog", "write", 3),
@@ -250,3 +286,21 @@ def test_a_save_that_fails_for_another_reason_keeps_its_traceback(tmp_path):
             tmp.mkdir()
             raise OSError(28, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_complete_cache_on_a_read_only_disk_is_only_read(tmp_path, small_disk, llama_teacher, corpus_dir):
+    """Re-running the caching pass on a complete cache mounted read-only: "already complete", exit 0, nothing
+    written (not even the lock); another config there is one error. Training and verify read it as before."""
+    disk = small_disk(64 << 20)
+    out = disk / "cache"
+    args = cache_overrides(llama_teacher, corpus_dir, out)
+    cache_teacher.main(load_config(CacheConfig, None, args))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    again = run("cache_teacher.py", args)
+    assert again.returncode == 0 and "is already complete (same config); nothing to do" in again.stdout, again.stderr
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    assert_one_clean_error(
+        run("cache_teacher.py", [*args, "cache.top_k=8"]), "holds a cache made with a different config"
+    )
+    assert verify(out, log=lambda *_: None) == []

@@ -289,6 +289,53 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(
     assert ma["splits"]["train"]["fingerprint"] == mb["splits"]["train"]["fingerprint"]
 
 
+SIGNAL_AT = {
+    # (the signal, where the run is held when it arrives): Ctrl-C while ingesting, SIGTERM in the teacher pass
+    "sigint-mid-ingest": (signal.SIGINT, ("kd.data.ingest", "UnitWriter", "append"), 130, "interrupted (Ctrl-C)"),
+    "sigterm-mid-teacher-pass": (signal.SIGTERM, ("kd.cache.writer", "ShardWriter", "commit"), 143, "terminated"),
+}
+
+
+@pytest.mark.parametrize("point", sorted(SIGNAL_AT))
+def test_a_signal_stops_the_caching_pass_in_seconds_and_the_rerun_resumes(
+    tmp_path, corpus_dir, jsonl_corpus, llama_teacher, uninterrupted, point
+):
+    """SIGINT or SIGTERM at a precise point of a real run: within 5 s, one line and the shell's exit status, the
+    lock released, no partial file; the same command then resumes to the uninterrupted cache."""
+    sig, (module, owner, name), code, said = SIGNAL_AT[point]
+    out = tmp_path / "c"
+    args = jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, out, **KILL_EXTRA)
+    held, release = tmp_path / "held", tmp_path / "release"
+    runner = tmp_path / "runner.py"
+    runner.write_text(holding_runner("cache_teacher.py", module, owner, name, held, release))
+    run = subprocess.Popen(
+        [sys.executable, str(runner), "cache_teacher.py", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not held.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert held.exists(), run.communicate()[1][-2000:]
+    sent = time.time()
+    run.send_signal(sig)
+    _, stderr = run.communicate(timeout=60)
+    assert time.time() - sent < 5, time.time() - sent
+    assert run.returncode == code, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and said in errors[0] and "the same command resumes" in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert not (out / ".lock").exists() and not (out / MANIFEST).exists()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name or p.name.endswith(".partial")]
+    resumed = subprocess.run([sys.executable, str(ROOT / "cache_teacher.py"), *args], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = read_all(uninterrupted), read_all(out)
+    for split in a:
+        for field in a[split]:
+            np.testing.assert_array_equal(a[split][field], b[split][field], err_msg=f"{point}: {split}/{field}")
+
+
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path, corpus_dir, jsonl_corpus, llama_teacher):
     """The first run is held in its teacher pass (at its first shard's commit) while a second run on the same
     directory starts: the second is refused by the lock, the first then finishes a whole cache."""

@@ -274,6 +274,12 @@ class CacheWriter:
             nonlocal lock
             if not self.accelerator.is_main_process:
                 return 0
+            if self.out.is_dir() and (self.out / MANIFEST).exists() and not os.access(self.out, os.W_OK):
+                # a complete cache on a read-only disk: checked against this config, and nothing is written to it
+                # (not even the lock): a re-run with nothing to do only reads
+                if self._prepare(overwrite, weights, writable=False):
+                    return 1
+                raise KDError(f"{self.out} is read-only and its cache is not this config's; choose another directory")
             lock = self._open()
             complete = self._prepare(overwrite, weights)
             if not complete:
@@ -304,7 +310,7 @@ class CacheWriter:
             raise KDError(f"cannot write to cache.output_dir {out}: {e}") from None
         return DirLock(out, "cache_teacher.py run").acquire()
 
-    def _prepare(self, overwrite: bool, weights: dict | None = None) -> bool:
+    def _prepare(self, overwrite: bool, weights: dict | None = None, writable: bool = True) -> bool:
         """On the main process, holding the directory lock: refuse a directory that holds something else, clear
         what a killed run left; True if it already holds this exact cache (nothing to do). `weights`: the teacher's
         weights_fingerprint now, compared with the one the cache was started with."""
@@ -329,7 +335,7 @@ class CacheWriter:
             differing = diff_keys(content_config(old), content_config(cfg_dict), CacheConfig) + (
                 ["teacher weights"] if changed else []
             )
-            if differing and not overwrite:
+            if differing and (not overwrite or not writable):
                 raise KDError(
                     f"{out} holds a cache made with a different config (differing keys: {', '.join(differing)}). "
                     "Use another cache.output_dir, or cache.overwrite=true to replace it"
@@ -340,7 +346,8 @@ class CacheWriter:
                         p.unlink()
                 shutil.rmtree(out / INGEST_DIR, ignore_errors=True)
             elif (out / MANIFEST).exists():
-                shutil.rmtree(out / INGEST_DIR, ignore_errors=True)  # a run killed between manifest and clean-up
+                if writable:  # a run killed between manifest and clean-up left its windows
+                    shutil.rmtree(out / INGEST_DIR, ignore_errors=True)
                 return True
         elif any(p.name not in (LOCK_FILE, INGEST_DIR) for p in out.iterdir()):
             # an unfinished ingest (no cache_config.json yet) is kd's own and may be resumed or replaced; anything

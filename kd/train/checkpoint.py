@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable
@@ -22,6 +23,17 @@ def claim_run_name(run_dir: Path) -> DirLock:
     drops it when the process ends, however it ends."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     return DirLock(run_dir.parent, "training run", name=f".{run_dir.name}.lock").acquire()
+
+
+@contextlib.contextmanager
+def released_on_error(lock: DirLock | None):
+    """Release `lock` if the block raises (and re-raise)."""
+    try:
+        yield
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
 
 def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool, cache_id: str | None = None) -> dict | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -48,7 +49,7 @@ from kd.train.backend import (
     zero3_head_with_root,
 )
 from kd.train.card import CardFacts, model_card
-from kd.train.checkpoint import claim_run_name, prepare_run_dir, save_checkpoint, save_final
+from kd.train.checkpoint import claim_run_name, prepare_run_dir, released_on_error, save_checkpoint, save_final
 from kd.train.data import epoch_order, make_loader
 from kd.train.generations import GenerationsLog, generate_replies, held_out_prompts
 from kd.train.model import DistillModel, build_student
@@ -125,81 +126,82 @@ def setup(cfg: TrainConfig) -> Run | None:
     # one writer per run directory, for the whole run: a lock beside it (runs/.<name>.lock), taken before the run
     # directory is looked at, so that two trainings started on one name never both pass the checks below
     lock = agree(accelerator, lambda: claim_run_name(run_dir) if accelerator.is_main_process else None)
-    resume_state = prepare_run_dir(run_dir, cfg_dict, tc.resume, cache.info.config_hash)
-    if resume_state is None and tc.resume and (run_dir / "final" / "kd_meta.json").exists():
-        if accelerator.is_main_process:  # finished without its state (train.save_final_state): nothing to continue
-            print(f"[train] {run_dir} already finished (final/ is saved, no training state kept); nothing to do")
-        if lock is not None:
-            lock.release()
-        return None
-    train_split, eval_split = _splits(cfg, cache, tokenizer, run_dir, accelerator)
-    schedule = run_schedule(cfg, len(train_split), accelerator.num_processes)
+    with released_on_error(lock):  # an error below leaves the name free for the corrected re-run
+        resume_state = prepare_run_dir(run_dir, cfg_dict, tc.resume, cache.info.config_hash)
+        if resume_state is None and tc.resume and (run_dir / "final" / "kd_meta.json").exists():
+            if accelerator.is_main_process:  # finished without its state (train.save_final_state): nothing to continue
+                print(f"[train] {run_dir} already finished (final/ is saved, no training state kept); nothing to do")
+            if lock is not None:
+                lock.release()
+            return None
+        train_split, eval_split = _splits(cfg, cache, tokenizer, run_dir, accelerator)
+        schedule = run_schedule(cfg, len(train_split), accelerator.num_processes)
 
-    # 2. Student, projectors, optimizer, loss plans.
-    set_seed(tc.seed)
-    model, optimizer, backend, plan, ema = _student(cfg, cache, tokenizer, train_split, accelerator)
-    eval_plan = LossPlan.for_eval(cfg.loss)  # the one choice of teacher signal and terms for eval
+        # 2. Student, projectors, optimizer, loss plans.
+        set_seed(tc.seed)
+        model, optimizer, backend, plan, ema = _student(cfg, cache, tokenizer, train_split, accelerator)
+        eval_plan = LossPlan.for_eval(cfg.loss)  # the one choice of teacher signal and terms for eval
 
-    # 3. The run's state (resumed from its checkpoint), its record and logs, the eval data.
-    state = TrainState()
-    if resume_state is not None:
-        accelerator.load_state(str(run_dir / "checkpoints" / resume_state["path"]))
-        state = TrainState.from_dict(resume_state)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", _run_record(cfg, cfg_dict, cache, schedule, accelerator))
-    # on resume, records the interrupted run wrote after its checkpoint are dropped (all of them if it had none)
-    keep = None if not tc.resume else (state.step if resume_state is not None else -1)
-    log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until_step=keep)
-    # chat: a few greedy replies to held-out prompts at every eval (kd/train/generations.py), main process only
-    prompts = held_out_prompts(eval_split, tc.eval_generations) if cache.info.chat is not None else []
-    generations = GenerationsLog(run_dir, accelerator.is_main_process and bool(prompts), keep)
-    if tc.log_with:
-        start_trackers(accelerator, tc, cfg_dict)
-        log.tracker = accelerator
-    rank, world = accelerator.process_index, accelerator.num_processes
-    eval_indices = list(range(len(eval_split)))[: tc.eval_max_sequences][rank::world]
-    pin = accelerator.device.type == "cuda"
-    eval_loader = make_loader(eval_split, eval_indices, tc.micro_batch_size, tc.num_workers, pin)
-    # partitioned parameters (ZeRO-3, FSDP2) are gathered collectively at every forward: every process runs as many
-    # eval forwards as the process with the most batches (kd.train.step.evaluate's lockstep)
-    lockstep = int(gather_rows(accelerator, [len(eval_loader)]).max()) if backend.sharded else None
-    # bits per character of the evaluated text (kd/textscore.py): the student's own tokens and separator, so the
-    # figure compares with the teacher's (the manifest's) and with any other student's, whatever the tokenizer
-    units_sep = (
-        tokenizer.convert_tokens_to_ids(cfg.loss.cross_tokenizer_separator or tokenizer.eos_token)
-        if cross
-        else cache.info.tokenizer.separator_id
-    )
-    return Run(
-        cfg=cfg,
-        cfg_dict=cfg_dict,
-        accelerator=accelerator,
-        run_dir=run_dir,
-        lock=lock,
-        cache=cache,
-        tokenizer=tokenizer,
-        train_split=train_split,
-        eval_split=eval_split,
-        schedule=schedule,
-        model=model,
-        optimizer=optimizer,
-        backend=backend,
-        plan=plan,
-        eval_plan=eval_plan,
-        ema=ema,
-        state=state,
-        resumed=resume_state is not None,
-        log=log,
-        generations=generations,
-        prompts=prompts,
-        eval_loader=eval_loader,
-        lockstep=lockstep,
-        extra_windows=extra_windows,
-        extra_sep=extra_sep,
-        units_sep=units_sep,
-        t_start=t_start,
-    )
+        # 3. The run's state (resumed from its checkpoint), its record and logs, the eval data.
+        state = TrainState()
+        if resume_state is not None:
+            accelerator.load_state(str(run_dir / "checkpoints" / resume_state["path"]))
+            state = TrainState.from_dict(resume_state)
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run_dir / "config.json", _run_record(cfg, cfg_dict, cache, schedule, accelerator))
+        # on resume, records the interrupted run wrote after its checkpoint are dropped (all of them if it had none)
+        keep = None if not tc.resume else (state.step if resume_state is not None else -1)
+        log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until_step=keep)
+        # chat: a few greedy replies to held-out prompts at every eval (kd/train/generations.py), main process only
+        prompts = held_out_prompts(eval_split, tc.eval_generations) if cache.info.chat is not None else []
+        generations = GenerationsLog(run_dir, accelerator.is_main_process and bool(prompts), keep)
+        if tc.log_with:
+            start_trackers(accelerator, tc, cfg_dict)
+            log.tracker = accelerator
+        rank, world = accelerator.process_index, accelerator.num_processes
+        eval_indices = list(range(len(eval_split)))[: tc.eval_max_sequences][rank::world]
+        pin = accelerator.device.type == "cuda"
+        eval_loader = make_loader(eval_split, eval_indices, tc.micro_batch_size, tc.num_workers, pin)
+        # partitioned parameters (ZeRO-3, FSDP2) are gathered collectively at every forward: every process runs as many
+        # eval forwards as the process with the most batches (kd.train.step.evaluate's lockstep)
+        lockstep = int(gather_rows(accelerator, [len(eval_loader)]).max()) if backend.sharded else None
+        # bits per character of the evaluated text (kd/textscore.py): the student's own tokens and separator, so the
+        # figure compares with the teacher's (the manifest's) and with any other student's, whatever the tokenizer
+        units_sep = (
+            tokenizer.convert_tokens_to_ids(cfg.loss.cross_tokenizer_separator or tokenizer.eos_token)
+            if cross
+            else cache.info.tokenizer.separator_id
+        )
+        return Run(
+            cfg=cfg,
+            cfg_dict=cfg_dict,
+            accelerator=accelerator,
+            run_dir=run_dir,
+            lock=lock,
+            cache=cache,
+            tokenizer=tokenizer,
+            train_split=train_split,
+            eval_split=eval_split,
+            schedule=schedule,
+            model=model,
+            optimizer=optimizer,
+            backend=backend,
+            plan=plan,
+            eval_plan=eval_plan,
+            ema=ema,
+            state=state,
+            resumed=resume_state is not None,
+            log=log,
+            generations=generations,
+            prompts=prompts,
+            eval_loader=eval_loader,
+            lockstep=lockstep,
+            extra_windows=extra_windows,
+            extra_sep=extra_sep,
+            units_sep=units_sep,
+            t_start=t_start,
+        )
 
 
 def _student_tokenizer(cfg: TrainConfig, cache: TeacherCache):
@@ -412,8 +414,8 @@ def train(run: Run) -> Ending:
     last_eval = evaluate(run) if state.step == 0 else None
     if last_eval is not None:
         compare_with_teacher(run.cfg, run.cache, last_eval, run.log, accelerator)
-    # resuming a run that had finished: its final eval is already logged (it precedes the final checkpoint)
-    finished_before = run.resumed and state.step >= sched.total_steps
+    # resuming a run that had finished training (its last state saved before final/): its final eval is logged
+    finished_before = run.resumed and (state.step >= sched.total_steps or bool(state.stopped))
     bar = tqdm(
         total=sched.total_steps,
         initial=state.step,
@@ -423,7 +425,7 @@ def train(run: Run) -> Ending:
         dynamic_ncols=True,
     )
     run.model.train()
-    stop_reason = "max_steps"
+    stop_reason = state.stopped or "max_steps"
     t_last = time.time()
     pin = accelerator.device.type == "cuda"
     while state.step < sched.total_steps and stop_reason == "max_steps":
@@ -517,8 +519,10 @@ def finish(run: Run, ending: Ending) -> Path:
     else:
         final = evaluate(run)
     keep_state = tc.save_final_state if tc.save_final_state is not None else tc.checkpoint_every > 0
-    if keep_state:
-        save_checkpoint(accelerator, run.run_dir, state)
+    # the state to finish from, on disk before final/ whatever checkpoint_every says: a save of final/ that fails
+    # (a full disk) then loses no training, and train.resume=true writes final/ from it without a step more
+    state.stopped = ending.stop_reason
+    ckpt = save_checkpoint(accelerator, run.run_dir, state)
     meta = {
         "format": "kd-student",
         "format_version": RUN_FORMAT_VERSION,
@@ -535,13 +539,19 @@ def finish(run: Run, ending: Ending) -> Path:
         facts.update(step=state.step, tokens=state.tokens_seen, stop_reason=ending.stop_reason, final_eval=scores)
         return lambda parameters: model_card(CardFacts(**facts, parameters=parameters))
 
-    save_final(accelerator, run.model, run.tokenizer, run.run_dir / "final", meta, card("final", "trained", final))
-    if run.ema is not None:
-        with run.ema.applied(accelerator.unwrap_model(run.model)):
-            ema_meta = dict(meta, weights=f"ema (decay {tc.ema_decay})")
-            ema_scores = {"eval/" + k[len("ema_eval/") :]: v for k, v in final.items() if k.startswith("ema_eval/")}
-            ema_card = card("final_ema", ema_meta["weights"], ema_scores)
-            save_final(accelerator, run.model, run.tokenizer, run.run_dir / "final_ema", ema_meta, ema_card)
+    try:
+        save_final(accelerator, run.model, run.tokenizer, run.run_dir / "final", meta, card("final", "trained", final))
+        if run.ema is not None:
+            with run.ema.applied(accelerator.unwrap_model(run.model)):
+                ema_meta = dict(meta, weights=f"ema (decay {tc.ema_decay})")
+                scores = {"eval/" + k[len("ema_eval/") :]: v for k, v in final.items() if k.startswith("ema_eval/")}
+                ema_card = card("final_ema", ema_meta["weights"], scores)
+                save_final(accelerator, run.model, run.tokenizer, run.run_dir / "final_ema", ema_meta, ema_card)
+    except KDError as e:
+        raise KDError(
+            f"{str(e).rstrip('.')}. The trained state is saved in {ckpt}, so the re-run to use is "
+            f"`{finishing_command()}`: it writes final/ from that state without training again"
+        ) from None
     if not keep_state and accelerator.is_main_process:  # final/ is whole: an earlier checkpoint is only stale
         shutil.rmtree(run.run_dir / "checkpoints", ignore_errors=True)
     run.say(
@@ -552,12 +562,23 @@ def finish(run: Run, ending: Ending) -> Path:
     )
     if tc.log_with:
         accelerator.end_training()
-    if run.lock is not None:
-        run.lock.release()
     return run.run_dir
 
 
+def close(run: Run) -> None:
+    """Release the run directory's lock, however the run ended (the kernel would at the process's exit; a caller
+    that goes on, a test or a notebook, needs it now)."""
+    if run.lock is not None:
+        run.lock.release()
+
+
 # ---- set-up checks and messages ------------------------------------------------------------------------------
+
+
+def finishing_command() -> str:
+    """This process's own command line with train.resume=true: what finishes a run whose final save failed."""
+    argv = [a for a in sys.argv if not a.startswith("train.resume=")]
+    return shlex.join([sys.executable, *argv, "train.resume=true"])
 
 
 def cross_tokenizer_splits(

@@ -27,13 +27,15 @@ class TrainState:
     consecutive_skips: int = 0
     best_eval: float = math.inf  # best eval/ce so far
     evals_without_improvement: int = 0
+    stopped: str = ""  # why training ended (max_steps, early_stopping), once it has: the state saved to finish from
 
     def to_dict(self) -> dict:
         return {**asdict(self), "format_version": RUN_FORMAT_VERSION}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        # `stopped` came later than the other fields: a checkpoint without it is one of a run still training
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d or f.name != "stopped"})
 
     def record_eval(self, ce: float) -> int:
         """Count an eval for early stopping; returns evals in a row without a new best."""
