@@ -311,6 +311,21 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum (a command's counts and sizes), else argparse's one-line error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {minimum}")
+        return value
+
+    return parse
+
+
 @dataclasses.dataclass(frozen=True)
 class Invocation:
     """A pass's command line: its config, and whether to print the plan instead of running (`--dry-run`)."""

@@ -20,8 +20,9 @@ import sys
 from accelerate import Accelerator
 
 from kd.cache import TeacherCache
+from kd.config import at_least
 from kd.errors import KDError, run_cli
-from kd.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from kd.models import check_context, load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from kd.textscore import batch_text_units, score_record, score_windows, text_windows
 from kd.train import DistillModel, LossPlan, evaluate, make_loader
 from kd.train_config import LossConfig
@@ -35,6 +36,7 @@ def on_cache(model_dir: str, cache_dir: str, split: str, max_sequences: int | No
     """(metrics as the trainer logs them, eval/*, the teacher's score on the split from the manifest or None)."""
     cache = TeacherCache(cache_dir)
     lm, tok = _load(model_dir, dtype)
+    check_context(model_dir, lm.config, cache.seq_len, "it cannot score this cache's windows")
     metrics = score_on_cache(lm, tok, cache, split, max_sequences, batch_size, where=model_dir)
     info = cache.info.splits[split]
     full = max_sequences is None or max_sequences >= info.num_sequences
@@ -67,6 +69,7 @@ def on_text(
 ) -> dict:
     """CE and bits per character of the model on text files."""
     lm, tok = _load(model_dir, dtype)
+    check_context(model_dir, lm.config, seq_len, "lower --seq-len")
     windows, sep = text_windows(tok, files, seq_len, text_field, max_sequences)
     nats, tokens, chars, nbytes = score_windows(lm, tok, windows, sep, batch_size)
     return score_record(nats, int(tokens), int(chars), int(nbytes))
@@ -79,10 +82,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m kd.evaluate") -> 
     source.add_argument("--cache", help="a teacher cache: evaluate on one of its splits")
     source.add_argument("--text", nargs="+", help="text files or globs (.txt, .jsonl, .json, .csv, .parquet)")
     ap.add_argument("--split", default="eval", help="the cache split (default eval)")
-    ap.add_argument("--max-sequences", type=int, default=None, help="evaluate the first N windows only")
-    ap.add_argument("--seq-len", type=int, default=256, help="window length for --text (default 256)")
+    ap.add_argument("--max-sequences", type=at_least(1), default=None, help="evaluate the first N windows only")
+    ap.add_argument("--seq-len", type=at_least(2), default=256, help="window length for --text (default 256)")
     ap.add_argument("--text-field", default="text", help="record field of the text in .jsonl/.csv/... files")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=at_least(1), default=8)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)

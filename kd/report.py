@@ -9,11 +9,13 @@ greedy replies to held-out prompts (kd/train/generations.py) are printed below t
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
 
 from kd.errors import KDError, run_cli
+from kd.io import disk_error
 from kd.train import read_metrics
 from kd.train.generations import GENERATIONS_FILE, read_generations
 
@@ -91,8 +93,23 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = Path(out) if out else run_dir / "report.png"
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    formats = fig.canvas.get_supported_filetypes()
+    if out.is_dir() or out.suffix[1:].lower() not in formats:
+        plt.close(fig)
+        raise KDError(f"--out {out} must be a file ending in one of .{', .'.join(sorted(formats))}")
+    if not out.parent.is_dir():
+        plt.close(fig)
+        raise KDError(f"--out {out}: the folder {out.parent} does not exist")
+    # written under a temporary name and renamed: a full disk leaves the previous report (or none), never half one
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}{out.suffix}")
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise KDError(f"writing {out} failed: {disk_error(e)}") from None
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -140,3 +140,77 @@ def test_one_training_per_run_directory(tiny_cache, tmp_path):
     held.release()
     run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 3}))
     assert (run / "final").is_dir() and not (tmp_path / ".r.lock").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "M", "--text", "t.txt", "--batch-size", "0"], "argument --batch-size: 0 is below the minimum, 1"),
+        (["evaluate", "M", "--text", "t.txt", "--seq-len", "1"], "argument --seq-len: 1 is below the minimum, 2"),
+        (["evaluate", "M", "--cache", "C", "--max-sequences", "-3"], "--max-sequences: -3 is below the minimum, 1"),
+        (["export", "C", "OUT", "--rows-per-file", "0"], "argument --rows-per-file: 0 is below the minimum, 1"),
+        (["prune", "--cache", "C", "--layers", "zero"], "argument --layers: 'zero' is not an integer"),
+    ],
+)
+def test_out_of_range_numeric_arguments_are_one_line(argv, message, capsys):
+    from kd.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_the_evaluator_refuses_windows_past_the_models_context(llama_teacher):
+    line = one_error_line(run("evaluate", llama_teacher, "--text", ROOT / "README.md", "--seq-len", 256))
+    assert "context (128 positions) is shorter than the windows (256 tokens): lower --seq-len" in line
+
+
+def test_an_export_stopped_part_way_leaves_nothing_that_loads(tiny_cache, tmp_path, monkeypatch):
+    """A full disk at the second Parquet file: one error, no OUT and no partial folder that a loader would take for
+    a dataset; the re-run exports whole. An OUT that is a file is one error."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from kd.cache.export import export
+
+    real, calls = pq.write_table, []
+
+    def full_disk_at_the_second_file(table, where, **kw):
+        calls.append(where)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(pq, "write_table", full_disk_at_the_second_file)
+    out = tmp_path / "exported"
+    with pytest.raises(KDError, match=r"saving .*exported failed: .*the disk is full"):
+        export(tiny_cache, out, rows_per_file=16, log=lambda *a: None)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert (export(tiny_cache, out, rows_per_file=16, log=lambda *a: None) / "README.md").exists()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(KDError, match="a-file exists and is not a directory"):
+        export(tiny_cache, tmp_path / "a-file")
+
+
+def test_report_refuses_bad_outputs_and_a_damaged_log(tiny_cache, tmp_path):
+    from kd import train_student
+    from kd.report import plot
+
+    run_dir = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 3}))
+    for out, message in (
+        (tmp_path, "must be a file ending in one of"),
+        (tmp_path / "curves.xyz", "must be a file ending in one of"),
+        (tmp_path / "no" / "such" / "curves.png", "the folder .*no/such does not exist"),
+    ):
+        with pytest.raises(KDError, match=f"--out .*{message}"):
+            plot(run_dir, out)
+    assert plot(run_dir, tmp_path / "curves.pdf").stat().st_size > 0
+    log = run_dir / "metrics.jsonl"
+    log.write_text(log.read_text()[:-40])  # a truncated copy: its last line cut
+    lines = log.read_text().count("\n") + 1
+    with pytest.raises(KDError, match=rf"metrics.jsonl, line {lines}, is not a JSON record: the file is damaged"):
+        plot(run_dir)

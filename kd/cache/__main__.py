@@ -7,6 +7,7 @@ import sys
 
 from kd.cache.export import export
 from kd.cache.verify import summary, verify
+from kd.config import at_least
 from kd.errors import run_cli
 
 
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kd.cache") -> Non
     ex.add_argument("dir")
     ex.add_argument("out")
     ex.add_argument("--splits", nargs="+", default=None)
-    ex.add_argument("--rows-per-file", type=int, default=4096)
+    ex.add_argument("--rows-per-file", type=at_least(1), default=4096)
     args = parser.parse_args(argv)
     if args.cmd == "info":
         print(summary(args.dir))

@@ -33,6 +33,7 @@ import numpy as np
 from kd.cache.reader import TeacherCache
 from kd.data.pack import segment_positions
 from kd.errors import KDError
+from kd.io import staged_dir
 
 EXPORT_FORMAT = "kd-teacher-cache-export"
 
@@ -85,6 +86,8 @@ def export(
 
     cache = TeacherCache(cache_dir)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KDError(f"{out} exists and is not a directory; export into a new directory")
     if out.exists() and any(out.iterdir()):
         raise KDError(f"{out} is not empty; export into a new directory")
     m = cache.manifest
@@ -99,22 +102,31 @@ def export(
         + (["text", "token_spans"] if with_text else [])
         + (["loss_mask", "segments"] if with_chat else [])
     )
-    for split in splits:
-        reader = cache.split(split, fields)
-        (out / split).mkdir(parents=True)
-        n_files = max(1, -(-len(reader) // rows_per_file))
-        for f in range(n_files):
-            rows = [
-                _row(reader[i], with_samples, with_text, with_chat)
-                for i in range(f * rows_per_file, min((f + 1) * rows_per_file, len(reader)))
-            ]
-            pq.write_table(_table(rows), out / split / f"data-{f:05d}-of-{n_files:05d}.parquet")
-        log(f"[export] {split}: {len(reader)} sequences in {n_files} Parquet file(s)")
+    # built at OUT.partial and renamed when whole (kd.io.staged_dir): an export stopped by a full disk or Ctrl-C
+    # leaves nothing that loads as a partial dataset, and nothing that blocks the re-run
+    with staged_dir(out) as tmp:
+        for split in splits:
+            reader = cache.split(split, fields)
+            (tmp / split).mkdir(parents=True)
+            n_files = max(1, -(-len(reader) // rows_per_file))
+            for f in range(n_files):
+                rows = [
+                    _row(reader[i], with_samples, with_text, with_chat)
+                    for i in range(f * rows_per_file, min((f + 1) * rows_per_file, len(reader)))
+                ]
+                pq.write_table(_table(rows), tmp / split / f"data-{f:05d}-of-{n_files:05d}.parquet")
+            log(f"[export] {split}: {len(reader)} sequences in {n_files} Parquet file(s)")
+        write_readme(tmp, m, splits, with_samples)
+    return out
+
+
+def write_readme(out: Path, m: dict, splits: list[str], with_samples: bool) -> None:
+    """OUT/README.md: the YAML header mapping each folder to its split, and what the cache was."""
+    import yaml
+
     header = {
         "configs": [{"config_name": "default", "data_files": [{"split": s, "path": f"{s}/*.parquet"} for s in splits]}]
     }
-    import yaml
-
     (out / "README.md").write_text(
         "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n"
         f"Teacher cache exported by kd ({EXPORT_FORMAT}): teacher `{m['teacher']['name_or_path']}` "
@@ -126,4 +138,3 @@ def export(
         )
         + "\n```\n"
     )
-    return out

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from kd.cache import TeacherCache
+from kd.config import at_least
 from kd.errors import KDError, run_cli
 from kd.evaluate import score_on_cache
 from kd.io import staged_dir
@@ -22,17 +23,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m kd.prune") -> Non
     ap.add_argument("--cache", required=True, help="the teacher's cache: its teacher, calibration text and eval split")
     ap.add_argument("--teacher", help="the teacher model (default: the cache's, its weights checked)")
     which = ap.add_mutually_exclusive_group(required=True)
-    which.add_argument("--layers", type=int, help="decoder layers to keep, chosen by --rule")
+    which.add_argument("--layers", type=at_least(1), help="decoder layers to keep, chosen by --rule")
     which.add_argument("--keep", help="explicit teacher layers to keep, comma-separated (0-based)")
     ap.add_argument("--rule", default=FromTeacherConfig.rule, choices=list(RULES))
-    ap.add_argument("--intermediate-size", type=int, help="MLP neurons to keep per layer (default: all)")
+    ap.add_argument("--intermediate-size", type=at_least(1), help="MLP neurons to keep per layer (default: all)")
     ap.add_argument(
         "--calibration-sequences",
-        type=int,
+        type=at_least(1),
         default=FromTeacherConfig.calibration_sequences,
         help=f"train windows measured (default {FromTeacherConfig.calibration_sequences})",
     )
-    ap.add_argument("--eval-sequences", type=int, default=None, help="eval windows scored (default: all)")
+    ap.add_argument("--eval-sequences", type=at_least(1), default=None, help="eval windows scored (default: all)")
     ap.add_argument("--out", help="write the pruned model folder here (must not exist)")
     ap.add_argument(
         "--compare", action="store_true", help="also score every other rule's student (--out writes the first)"

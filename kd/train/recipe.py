@@ -35,7 +35,7 @@ from kd.dist import agree, gather_rows
 from kd.errors import KDError
 from kd.io import write_json_atomic
 from kd.losses.terms import needs_hidden
-from kd.models import load_causal_lm, load_tokenizer, packing_fallback_reason, tokenizer_fingerprint
+from kd.models import check_context, load_causal_lm, load_tokenizer, packing_fallback_reason, tokenizer_fingerprint
 from kd.prune import feature_pairs
 from kd.schedule import lr_at
 from kd.signals import TARGETS
@@ -267,13 +267,8 @@ def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, acce
     lm = build_student(cfg, tokenizer, 0 if cross else cache.info.teacher.vocab_size, cache, say, accelerator.device)
     # the student must see a whole window: a shorter context trains silently wrong (Llama) or fails mid-run (GPT-2)
     window = train_split.arrays["input_ids"].shape[1] if cross else cache.seq_len
-    context = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
-    if context is not None and context < window:
-        raise KDError(
-            f"the student's context ({context} positions) is shorter than the training windows ({window} tokens): "
-            f"give the student a context of at least {window} (student.config max_position_embeddings), or "
-            "re-cache with a smaller data.seq_len"
-        )
+    fix = f"give it a context of at least {window} (student.config max_position_embeddings), or re-cache with a "
+    check_context("the student", lm.config, window, fix + "smaller data.seq_len")
     need_hidden = needs_hidden(cfg.loss.loss_terms())
     pairs = cfg.loss.feature_layers
     if need_hidden and not pairs:  # only a student cut from the teacher may leave them empty (TrainConfig checks)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kd.errors import KDError
 from kd.io import append_line
 
 RUN_FORMAT_VERSION = 1
@@ -113,5 +114,16 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (kd writes whole lines only: a bad one means a damaged copy)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise KDError(
+                f"{path}, line {number}, is not a JSON record: the file is damaged (a truncated copy?)"
+            ) from None
+    return records
