@@ -214,3 +214,58 @@ def test_report_refuses_bad_outputs_and_a_damaged_log(tiny_cache, tmp_path):
     lines = log.read_text().count("\n") + 1
     with pytest.raises(KDError, match=rf"metrics.jsonl, line {lines}, is not a JSON record: the file is damaged"):
         plot(run_dir)
+
+
+def compressed_halves(tmp_path, corpus_dir) -> dict[str, object]:
+    """The fixture plays, gzip- and zstd-compressed (two zstd frames), each file cut to half its bytes."""
+    import gzip
+
+    import zstandard
+
+    text = b"".join(p.read_bytes() for p in sorted(corpus_dir.glob("*.txt")))
+    frames = zstandard.ZstdCompressor().compress(text[: len(text) // 2]) + zstandard.ZstdCompressor().compress(
+        text[len(text) // 2 :]
+    )
+    out = {}
+    for name, data in (("plays.txt.gz", gzip.compress(text)), ("plays.txt.zst", frames)):
+        (tmp_path / name).write_bytes(data)
+        (tmp_path / f"cut-{name}").write_bytes(data[: len(data) // 2])
+        out[name] = tmp_path / name
+    return out
+
+
+def test_a_compressed_file_that_ends_early_is_one_error_naming_it(
+    tmp_path, corpus_dir, llama_teacher, make_cache_config
+):
+    """gzip raised EOFError (a traceback); zstandard's reader ended silently (fewer documents, or none). Whole
+    files, the zstd one of two frames, still read."""
+    from kd import cache_teacher
+
+    files = compressed_halves(tmp_path, corpus_dir)
+    for name in files:
+        cut = tmp_path / f"cut-{name}"
+        cfg = make_cache_config(llama_teacher, tmp_path / f"c-{name}", **{"data.files": f"[{cut}]"})
+        with pytest.raises(KDError, match=rf"{re.escape(str(cut))} ends early \(.*\): a truncated or damaged"):
+            cache_teacher.main(cfg)
+        whole = make_cache_config(llama_teacher, tmp_path / f"w-{name}", **{"data.files": f"[{files[name]}]"})
+        assert (cache_teacher.main(whole) / "manifest.json").exists()
+
+
+def test_a_nul_in_text_to_be_stored_is_refused_naming_file_and_line(tmp_path, llama_teacher, make_cache_config):
+    """HDF5's strings end at a NUL (it was a ValueError traceback from h5py): with the text stored, a record or a
+    .txt line holding one is a bad record named by file and line; without stored text it is cached."""
+    import json
+
+    from kd import cache_teacher
+
+    words = ["lo\x00rd" if i == 3 else "lord" for i in range(9)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"the king {w} is dead " * 9}) + "\n" for w in words))
+    (tmp_path / "b.txt").write_text("the king\nis dead\nlong \x00live the king\n" * 30)
+    for name, line in (("a.jsonl", 4), ("b.txt", 3)):
+        cfg = make_cache_config(llama_teacher, tmp_path / f"c-{name}", **{"data.files": f"[{tmp_path / name}]"})
+        with pytest.raises(KDError, match=rf"{name}, line {line}: the text holds a NUL character .*data.bad_records"):
+            cache_teacher.main(cfg)
+    extra = {"data.files": f"[{tmp_path / 'a.jsonl'}]", "cache.store_text": "false"}
+    assert (
+        cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "no-text", **extra)) / "manifest.json"
+    ).exists()

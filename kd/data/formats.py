@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from kd.data.chat import BadConversation, render
 from kd.data.pack import MIN_WINDOW_TOKENS, ChatPacker, Packer, tokenize
-from kd.data.sources import BadRecord
+from kd.data.sources import NUL_IN_TEXT, BadRecord
 
 
 class DataFormat:
@@ -67,6 +67,9 @@ class Text(DataFormat):
         return document
 
     def prepare(self, document, where, spec, tokenizer):
+        if spec.store_text and "\x00" in document:  # a .txt document (records are checked as they are read)
+            line = document.count("\n", 0, document.index("\x00")) + 1
+            return BadRecord(f"{where}, line {line}: {NUL_IN_TEXT}")
         return document
 
     def size(self, payload) -> int:

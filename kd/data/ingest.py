@@ -90,9 +90,8 @@ class IngestSpec:
 
     @property
     def records(self) -> Records:
-        if self.chat is None:
-            return Records(self.text_field)
-        return Records(self.text_field, ChatFields(*self.chat["fields"]))
+        chat = None if self.chat is None else ChatFields(*self.chat["fields"])
+        return Records(self.text_field, chat, refuse_nul=self.store_text)
 
 
 def document_split(text: str, seed: int, eval_fraction: float) -> str:

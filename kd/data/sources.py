@@ -179,8 +179,48 @@ def _open_binary(path: str):
             raise KDError(
                 f"reading {path} needs the zstandard package: pip install zstandard (or pip install -e '.[zstd]')"
             ) from None
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return io.BufferedReader(_CheckedZstd(path, zstandard.ZstdDecompressor()), 1 << 20)
     return open(path, "rb")
+
+
+class _CheckedZstd(io.RawIOBase):
+    """A zstd file's decompressed bytes, frame after frame, raising EOFError if the file ends inside a frame:
+    zstandard's own stream reader returns a silent end there, so a truncated file read as fewer documents, or
+    none. (gzip raises EOFError itself.)"""
+
+    def __init__(self, path: str, decompressor):
+        self.file, self.decompressor = open(path, "rb"), decompressor
+        self.frame, self.pending, self.started = decompressor.decompressobj(), b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.pending:
+            chunk = self.file.read(1 << 20)
+            if not chunk:
+                if self.started and not self.frame.eof:
+                    raise EOFError("the compressed stream ends inside a frame")
+                return 0
+            self.started = True
+            out = self.frame.decompress(chunk)
+            while self.frame.eof and self.frame.unused_data:  # the next frame of a multi-frame file
+                rest, self.frame = self.frame.unused_data, self.decompressor.decompressobj()
+                out += self.frame.decompress(rest)
+            self.pending = out
+        n = min(len(b), len(self.pending))
+        b[:n], self.pending = self.pending[:n], self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+# HDF5's variable-length strings end at a NUL: the stored text (cache.store_text) cannot hold one
+NUL_IN_TEXT = (
+    "the text holds a NUL character (\\x00), which the cache's stored text cannot hold (or set cache.store_text=false)"
+)
 
 
 @dataclass(frozen=True)
@@ -190,6 +230,7 @@ class Records:
 
     text_field: str = "text"
     chat: ChatFields | None = None
+    refuse_nul: bool = False  # the text is stored (cache.store_text): a NUL in it is a bad record
 
     @property
     def columns(self) -> list[str]:
@@ -201,6 +242,12 @@ class Records:
     def take(self, record, where: Callable[[], str]):
         """The record's document ('' for a null text; the turns of a conversation), or a BadRecord. `where` is
         called only for a message: counting lines is costly in a unit that starts mid-file."""
+        document = self.document(record, where)
+        if self.refuse_nul and not isinstance(document, BadRecord) and "\x00" in str(document):
+            return BadRecord(f"{where()}: {NUL_IN_TEXT}")
+        return document
+
+    def document(self, record, where: Callable[[], str]):
         if self.chat is not None:
             try:
                 return conversation(record, self.chat)
@@ -397,7 +444,13 @@ def read_piece(piece: Piece, fields: str | Records, errors: str) -> Iterator[tup
     if piece.end == 0:  # an empty file (see plan_file_units)
         yield "", piece.path
         return
-    yield from READERS[fmt].read(piece, as_records(fields), errors, comp)
+    try:
+        yield from READERS[fmt].read(piece, as_records(fields), errors, comp)
+    except EOFError as e:  # gzip's, and _CheckedZstd's: never fewer documents in silence
+        raise KDError(
+            f"{piece.path} ends early ({e}): a truncated or damaged compressed file. Replace it (or decompress "
+            "what it holds), or remove it from the data"
+        ) from None
 
 
 class _Prefixed(io.RawIOBase):
