@@ -792,3 +792,28 @@ def test_each_schedule_at_known_points(schedule):
     assert [at(s) for s in range(1, 5)] == pytest.approx([LR / 4, LR / 2, 3 * LR / 4, LR])
     for progress, value in SCHEDULE_VALUES[schedule].items():
         assert at(4 + int(progress * 8)) == pytest.approx(value, rel=1e-12), progress
+
+
+def test_a_resumed_run_can_be_made_longer(tiny_cache, tmp_path):
+    """train.max_steps raised on resume: the run goes on from its last state to the new end, the warmup its own,
+    the LR from the longer curve from there (the jump recorded in metrics.jsonl and config.json); its logged steps
+    before the extension are the 6-step run's, after it every LR is the 10-step curve's. Shorter is refused."""
+    short = {"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_every": 3, "train.warmup_steps": 2}
+    first = train_student.main(make_cfg(tiny_cache, tmp_path, **short))
+    done = steps_of(first)
+    longer = {**short, "train.max_steps": 10, "train.resume": "true"}
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **longer))
+    steps = steps_of(run)
+    assert [r["step"] for r in steps] == list(range(1, 11))
+    assert steps[:6] == done
+    for r in steps[6:]:
+        expected = lr_at(r["step"], schedule="cosine", lr=3e-3, min_lr=3e-4, warmup_steps=2, total_steps=10)
+        assert r["lr"] == pytest.approx(expected)
+    (event,) = [r for r in read_metrics(run) if r.get("event") == "schedule_extended"]
+    assert event["step"] == 6 and event["total_steps_before"] == 6 and event["total_steps"] == 10
+    assert event["lr_after"] == pytest.approx(steps[6]["lr"]) and event["lr_after"] > event["lr_before"]
+    record = json.loads((run / "config.json").read_text())
+    assert record["total_steps"] == 10 and record["extensions"] == [{k: event[k] for k in record["extensions"][0]}]
+    assert json.loads((run / "final" / "kd_meta.json").read_text())["step"] == 10
+    with pytest.raises(KDError, match="was started for 10 optimizer steps and this config asks for 8: a resumed run"):
+        train_student.main(make_cfg(tiny_cache, tmp_path, **{**longer, "train.max_steps": 8}))

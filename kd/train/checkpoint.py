@@ -16,6 +16,8 @@ from kd.io import DirLock, staged_dir, write_bytes_durable, write_json_atomic
 from kd.train.state import TrainState
 from kd.train_config import RESUME_FREE_KEYS, TrainConfig
 
+EXTENDABLE_KEYS = ("train.max_steps", "train.epochs")
+
 
 def claim_run_name(run_dir: Path) -> DirLock:
     """The lock that makes this process the run directory's one writer: `.<name>.lock` beside it (not inside, so
@@ -57,7 +59,8 @@ def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool, cache_id: str |
             f"started (cache identity {started_on[:12]}... then, {cache_id[:12]}... now); resume against the "
             "cache it started with, or start a new run"
         )
-    differing = [k for k in diff_keys(saved, cfg_dict, TrainConfig) if k not in RESUME_FREE_KEYS]
+    # the run's length may grow on resume (kd.train.plan.continued_schedule); everything else must be as it was
+    differing = [k for k in diff_keys(saved, cfg_dict, TrainConfig) if k not in RESUME_FREE_KEYS + EXTENDABLE_KEYS]
     if differing:
         raise KDError(
             f"cannot resume {run_dir}: config differs in {', '.join(differing)}; an exact continuation "

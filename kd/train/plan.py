@@ -57,6 +57,23 @@ def run_schedule(cfg: TrainConfig, train_sequences: int, world: int) -> Schedule
     return Schedule(total_steps, warmup, epoch_steps, tc.micro_batch_size * tc.gradient_accumulation_steps)
 
 
+def continued_schedule(recorded: dict, new: Schedule, step: int) -> tuple[Schedule, dict | None]:
+    """A resumed run's schedule. When train.max_steps (or epochs) now asks for more steps than the run was started
+    with, the total grows and the warmup stays the run's own (in steps); the LR curve is then the new total's from
+    this step on, so on a decaying schedule the LR rises at once to the longer curve's value here and decays from
+    it to min_lr at the new end. Returns the schedule and the extension's record (None when nothing changed)."""
+    old_total, warmup = recorded["total_steps"], recorded["warmup_steps"]
+    if new.total_steps == old_total:
+        return Schedule(old_total, warmup, new.steps_per_epoch, new.sequences_per_step), None
+    if new.total_steps < old_total:
+        raise KDError(
+            f"the run was started for {old_total} optimizer steps and this config asks for {new.total_steps}: a "
+            "resumed run can be made longer (train.max_steps, train.epochs), not shorter; stop it where you want instead"
+        )
+    extension = {"at_step": step, "total_steps_before": old_total, "total_steps": new.total_steps}
+    return Schedule(new.total_steps, warmup, new.steps_per_epoch, new.sequences_per_step), extension
+
+
 @dataclass(frozen=True)
 class Memory:
     """A step's peak memory per device, by part, in bytes."""

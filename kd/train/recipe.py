@@ -53,7 +53,7 @@ from kd.train.checkpoint import claim_run_name, prepare_run_dir, released_on_err
 from kd.train.data import epoch_order, make_loader
 from kd.train.generations import GenerationsLog, generate_replies, held_out_prompts
 from kd.train.model import DistillModel, build_student
-from kd.train.plan import Schedule, run_schedule
+from kd.train.plan import Schedule, continued_schedule, run_schedule
 from kd.train.state import EMA, RUN_FORMAT_VERSION, MetricsLog, TrainState, peak_memory_mb
 from kd.train.step import LossPlan, eval_record, optimizer_step
 from kd.train_config import TrainConfig
@@ -130,7 +130,12 @@ def setup(cfg: TrainConfig) -> Run | None:
         resume_state = prepare_run_dir(run_dir, cfg_dict, tc.resume, cache.info.config_hash)
         if resume_state is None and tc.resume and (run_dir / "final" / "kd_meta.json").exists():
             if accelerator.is_main_process:  # finished without its state (train.save_final_state): nothing to continue
-                print(f"[train] {run_dir} already finished (final/ is saved, no training state kept); nothing to do")
+                print(
+                    f"[train] {run_dir} already finished (final/ is saved, no training state kept); nothing to do. "
+                    f"To train it further: a new run with student.pretrained={run_dir / 'final'} (next time, "
+                    "train.save_final_state=true keeps the state a longer train.max_steps resumes from)",
+                    flush=True,
+                )
             if lock is not None:
                 lock.release()
             return None
@@ -147,12 +152,33 @@ def setup(cfg: TrainConfig) -> Run | None:
         if resume_state is not None:
             accelerator.load_state(str(run_dir / "checkpoints" / resume_state["path"]))
             state = TrainState.from_dict(resume_state)
+        recorded = json.loads((run_dir / "config.json").read_text()) if resume_state is not None else {}
+        extension = None
+        if resume_state is not None:  # a longer train.max_steps or epochs continues the run (plan.continued_schedule)
+            schedule, extension = continued_schedule(recorded, schedule, state.step)
+        if extension is not None:
+            state.stopped = ""  # a run that had finished trains on to the new end
+            # the next step's LR as it is now, and as the run would have had it (a finished run: its last step's)
+            before = min(state.step + 1, recorded["total_steps"])
+            extension.update(lr_before=_lr(cfg, schedule, before, recorded["total_steps"]))
+            extension.update(lr_after=_lr(cfg, schedule, state.step + 1, schedule.total_steps))
+        extensions = recorded.get("extensions", []) + ([extension] if extension else [])
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(run_dir / "config.json", _run_record(cfg, cfg_dict, cache, schedule, accelerator))
+            record = _run_record(cfg, cfg_dict, cache, schedule, accelerator, extensions)
+            write_json_atomic(run_dir / "config.json", record)
         # on resume, records the interrupted run wrote after its checkpoint are dropped (all of them if it had none)
         keep = None if not tc.resume else (state.step if resume_state is not None else -1)
         log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process, keep_until_step=keep)
+        if extension is not None:
+            log.write({"step": state.step, "event": "schedule_extended", **extension})
+            if accelerator.is_main_process:
+                print(
+                    f"[train] the run goes on to {schedule.total_steps} optimizer steps (it was started for "
+                    f"{extension['total_steps_before']}): from step {state.step} the LR follows the longer "
+                    f"{tc.schedule} curve, {extension['lr_before']:.3g} -> {extension['lr_after']:.3g} here",
+                    flush=True,
+                )
         # chat: a few greedy replies to held-out prompts at every eval (kd/train/generations.py), main process only
         prompts = held_out_prompts(eval_split, tc.eval_generations) if cache.info.chat is not None else []
         generations = GenerationsLog(run_dir, accelerator.is_main_process and bool(prompts), keep)
@@ -326,8 +352,24 @@ def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, acce
     return model, optimizer, backend, plan, ema
 
 
-def _run_record(cfg: TrainConfig, cfg_dict: dict, cache: TeacherCache, schedule: Schedule, accelerator) -> dict:
-    """runs/<name>/config.json: the resolved config, the cache's identity (checked on resume), the schedule."""
+def _lr(cfg: TrainConfig, schedule: Schedule, step: int, total_steps: int) -> float:
+    """The LR at `step` of a run of `total_steps` (the loop's own formula)."""
+    tc = cfg.train
+    return lr_at(
+        step,
+        schedule=tc.schedule,
+        lr=tc.lr,
+        min_lr=tc.min_lr,
+        warmup_steps=schedule.warmup_steps,
+        total_steps=total_steps,
+    )
+
+
+def _run_record(
+    cfg: TrainConfig, cfg_dict: dict, cache: TeacherCache, schedule: Schedule, accelerator, extensions: list
+) -> dict:
+    """runs/<name>/config.json: the resolved config, the cache's identity (checked on resume), the schedule and
+    the run's extensions (a resume that made it longer: where, from and to how many steps, the LR jump)."""
     return {
         "format": "kd-run",
         "format_version": RUN_FORMAT_VERSION,
@@ -344,6 +386,7 @@ def _run_record(cfg: TrainConfig, cfg_dict: dict, cache: TeacherCache, schedule:
         "warmup_steps": schedule.warmup_steps,
         "steps_per_epoch": schedule.steps_per_epoch,
         "num_processes": accelerator.num_processes,
+        "extensions": extensions,
     }
 
 
@@ -432,14 +475,7 @@ def train(run: Run) -> Ending:
         )[done_in_epoch * sched.sequences_per_step :]  # fmt: skip
         batches = iter(make_loader(run.train_split, order, tc.micro_batch_size, tc.num_workers, pin))
         for _ in range(min(sched.steps_per_epoch - done_in_epoch, sched.total_steps - state.step)):
-            lr = lr_at(
-                state.step + 1,
-                schedule=tc.schedule,
-                lr=tc.lr,
-                min_lr=tc.min_lr,
-                warmup_steps=sched.warmup_steps,
-                total_steps=sched.total_steps,
-            )
+            lr = _lr(run.cfg, sched, state.step + 1, sched.total_steps)
             window = [next(batches) for _ in range(tc.gradient_accumulation_steps)]
             step = optimizer_step(run.model, run.optimizer, window, run.plan, run.backend, lr, tc.max_grad_norm)
             state.step += 1
