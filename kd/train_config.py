@@ -260,10 +260,11 @@ class LossConfig:
 class TrainSection:
     """The optimisation and the run.
 
-    cache_dir: teacher cache written by cache_teacher.py.
+    cache_dir: teacher cache written by cache_teacher.py. A resumed run may name it at another path (moved or
+        copied): the cache is checked by its identity (its config hash), not by where it is.
     trust_cache: skip the per-sequence checksums on read (the shards' agreement with the manifest is checked
         either way); only for a cache checked with `python -m kd.cache verify` since it was last written.
-    output_dir: parent of run directories.
+    output_dir: parent of run directories (a run directory moved elsewhere is resumed from there).
     run_name: this run's directory name under output_dir.
     resume: continue the run in output_dir/run_name from its latest checkpoint (otherwise an existing run
         directory is refused, never overwritten).
@@ -310,9 +311,9 @@ class TrainSection:
         student's (compared at step 0): warn (loudly, and train) or refuse (stop before training).
     """
 
-    cache_dir: str = "caches/default"
+    cache_dir: str = field(default="caches/default", metadata=RESUME_FREE)  # a resume finds it by its identity
     trust_cache: bool = field(default=False, metadata=RESUME_FREE)
-    output_dir: str = "runs"
+    output_dir: str = field(default="runs", metadata=RESUME_FREE)  # a run directory may be moved and resumed
     run_name: str = "default"
     resume: bool = field(default=False, metadata=RESUME_FREE)
     max_steps: int = 0

@@ -273,6 +273,8 @@ def test_content_and_resume_free_keys_come_from_field_metadata():
         "data.streaming",
     }
     assert set(RESUME_FREE_KEYS) == {
+        "train.cache_dir",  # found by its identity on resume, wherever it is now
+        "train.output_dir",  # a moved run directory resumes
         "train.resume",
         "train.num_workers",
         "train.trust_cache",

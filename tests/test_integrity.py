@@ -262,3 +262,28 @@ def test_resuming_a_run_whose_cache_was_overwritten_is_refused(tmp_path, make_ca
     cfg.train.resume = True
     with pytest.raises(KDError, match=r"cannot resume .*: the cache at .* changed since this run started"):
         train_student.main(cfg)
+
+
+def test_a_moved_cache_and_a_moved_run_directory_resume(tmp_path, make_cache_config, llama_teacher):
+    """A run killed after its step-3 checkpoint, then its cache copied elsewhere (the original deleted) and its
+    runs folder renamed: resumed from the new paths, it logs exactly what an uninterrupted run logs. The cache is
+    recognised by its identity (its config hash), not its path."""
+    from conftest import killing_runner
+    from test_train import assert_same_metrics, make_cfg
+
+    from kd import train_student
+
+    cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
+    extra = {"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_every": 3}
+    reference = train_student.main(make_cfg(tmp_path / "c", tmp_path / "ref", **extra))
+    runner = tmp_path / "runner.py"
+    runner.write_text(killing_runner("train_student.py", "kd.train.state", "MetricsLog", "write", 7))  # at step 4
+    args = overrides(tmp_path / "c", tmp_path / "runs", **extra)
+    killed = subprocess.run([sys.executable, str(runner), "train_student.py", *args], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "runs" / "r" / "checkpoints" / "latest.json").exists()
+    shutil.copytree(tmp_path / "c", tmp_path / "moved-cache")
+    shutil.rmtree(tmp_path / "c")
+    (tmp_path / "runs").rename(tmp_path / "moved-runs")
+    cfg = make_cfg(tmp_path / "moved-cache", tmp_path / "moved-runs", **extra, **{"train.resume": "true"})
+    assert_same_metrics(reference, train_student.main(cfg))
