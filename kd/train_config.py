@@ -256,6 +256,9 @@ class LossConfig:
         return terms
 
 
+FP32_MAX = 3.4028234663852886e38
+
+
 @dataclass
 class TrainSection:
     """The optimisation and the run.
@@ -369,6 +372,12 @@ class TrainSection:
             )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise KDError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        # AdamW's first step size, lr / (1 - beta1), is an fp32 scalar: past fp32's range torch raises at step 1
+        if self.lr / (1 - self.betas[0]) > FP32_MAX:
+            raise KDError(
+                f"train.lr={self.lr} overflows AdamW's fp32 step size (lr / (1 - beta1) must be at most "
+                f"{FP32_MAX:.4g}): give a learning rate"
+            )
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise KDError("train.max_grad_norm must be > 0 or null")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:

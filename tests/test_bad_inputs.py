@@ -269,3 +269,19 @@ def test_a_nul_in_text_to_be_stored_is_refused_naming_file_and_line(tmp_path, ll
     assert (
         cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "no-text", **extra)) / "manifest.json"
     ).exists()
+
+
+def test_a_step_that_makes_the_weights_non_finite_stops_before_anything_saves_them(tiny_cache, tmp_path):
+    """An enormous but finite LR and weight decay, with finite gradients, overflow the weights at an applied step:
+    the run stops at that step, naming it; no final/, and no checkpoint of non-finite weights. An LR whose first
+    AdamW step size is past fp32 is refused with the config (it was a RuntimeError traceback)."""
+    from kd import train_student
+
+    extra = {"train.lr": 3e37, "train.min_lr": 1e37, "train.weight_decay": 100.0, "train.checkpoint_every": 1}
+    cfg = make_cfg(tiny_cache, tmp_path, **extra)  # the decay factor 1 - lr * weight_decay overflows fp32
+    with pytest.raises(KDError, match=r"step 1 made the weights non-finite \(lr .*\); stopped before anything saved"):
+        train_student.main(cfg)
+    run_dir = tmp_path / "r"
+    assert not (run_dir / "final").exists() and not list(run_dir.glob("checkpoints/step_*"))
+    with pytest.raises(KDError, match=r"train.lr=1e\+38 overflows AdamW's fp32 step size"):
+        make_cfg(tiny_cache, tmp_path, **{"train.lr": 1e38})

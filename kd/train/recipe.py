@@ -49,13 +49,20 @@ from kd.train.backend import (
     zero3_head_with_root,
 )
 from kd.train.card import CardFacts, model_card
-from kd.train.checkpoint import claim_run_name, prepare_run_dir, released_on_error, save_checkpoint, save_final
+from kd.train.checkpoint import (
+    claim_run_name,
+    prepare_run_dir,
+    read_latest,
+    released_on_error,
+    save_checkpoint,
+    save_final,
+)
 from kd.train.data import epoch_order, make_loader
 from kd.train.generations import GenerationsLog, generate_replies, held_out_prompts
 from kd.train.model import DistillModel, build_student
 from kd.train.plan import Schedule, continued_schedule, run_schedule
 from kd.train.state import EMA, RUN_FORMAT_VERSION, MetricsLog, TrainState, peak_memory_mb
-from kd.train.step import LossPlan, eval_record, optimizer_step
+from kd.train.step import LossPlan, eval_record, optimizer_step, weights_finite
 from kd.train_config import TrainConfig
 
 
@@ -480,6 +487,18 @@ def train(run: Run) -> Ending:
             step = optimizer_step(run.model, run.optimizer, window, run.plan, run.backend, lr, tc.max_grad_norm)
             state.step += 1
             state.tokens_seen += step.result.tokens
+            if step.applied and not weights_finite(run.model, accelerator):  # never trained on, never saved
+                latest = read_latest(run.run_dir)
+                raise KDError(
+                    f"step {state.step} made the weights non-finite (lr {lr:.3g}, gradient norm {step.grad_norm:.3g}); "
+                    "stopped before anything saved them. "
+                    + (
+                        f"The last good state is the checkpoint at step {latest['step']}: lower train.lr and resume "
+                        "from it (train.resume=true)"
+                        if latest
+                        else "No checkpoint was saved before it: lower train.lr and start again"
+                    )
+                )
             if step.applied:
                 state.consecutive_skips = 0
                 if run.ema is not None:

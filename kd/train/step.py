@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kd.data.pack import segment_positions
+from kd.dist import gather_rows
 from kd.errors import KDError
 from kd.losses.terms import KINDS, Term, logit_term_sums, needs_hidden
 from kd.signals import Signal, batch_signal
@@ -324,6 +325,20 @@ def optimizer_step(
     if not applied:
         nonfinite = nonfinite or ["step not applied by the back-end"]
     return StepResult(result, grad_norm, nonfinite, applied)
+
+
+def weights_finite(model, accelerator) -> bool:
+    """Whether every weight is finite on every process, each process looking at what it holds: FSDP2's shards
+    (DTensor.to_local) and DeepSpeed ZeRO-3's partitions (ds_tensor) as much as whole tensors. A step taken with
+    finite gradients can still overflow the weights (an enormous LR); they are then never saved."""
+    mine = True
+    with torch.no_grad():
+        for p in model.parameters():
+            local = p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if hasattr(p, "to_local") else p
+            if local.numel() and not bool(torch.isfinite(local).all()):
+                mine = False
+                break
+    return bool(gather_rows(accelerator, [int(mine)]).min())
 
 
 def eval_record(model, loader, plan: LossPlan, accelerator, ema, state, text_units=None, lockstep=None) -> dict:
