@@ -60,7 +60,7 @@ def configs(argv: list[str], prog: str) -> None:
     for name in shipped_configs():
         lines = (root / f"{name}.yaml").read_text().splitlines()
         first = next((line.lstrip("# ").strip() for line in lines if line.startswith("#")), "")
-        print(f"{name:<32} {first}")
+        print(f"{name:<28} {first if len(first) <= 90 else first[:87] + '...'}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,13 @@ def test_kd_lists_its_commands_and_refuses_an_unknown_one():
     ]
 
 
+def test_kd_says_its_version(capsys):
+    from kd import __version__
+
+    main(["--version"])
+    assert capsys.readouterr().out.strip() == f"kd {__version__}"
+
+
 def test_the_scripts_in_a_clone_are_the_same_entry_points():
     for script, name in (("cache_teacher.py", "cache"), ("train_student.py", "train")):
         out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT)
