@@ -285,3 +285,18 @@ def test_a_step_that_makes_the_weights_non_finite_stops_before_anything_saves_th
     assert not (run_dir / "final").exists() and not list(run_dir.glob("checkpoints/step_*"))
     with pytest.raises(KDError, match=r"train.lr=1e\+38 overflows AdamW's fp32 step size"):
         make_cfg(tiny_cache, tmp_path, **{"train.lr": 1e38})
+
+
+def test_a_split_left_empty_by_the_hash_names_the_real_cause(tmp_path, llama_teacher, make_cache_config):
+    """10,000 identical one-character documents (and one huge document) all hash to one side: the eval split is
+    empty because of the per-document split, not for want of text, and the error says so."""
+    import json
+
+    from kd import cache_teacher
+
+    (tmp_path / "same.jsonl").write_text((json.dumps({"text": "a"}) + "\n") * 10000)
+    extra = {"data.files": f"[{tmp_path / 'same.jsonl'}]", "data.eval_files": "[]", "data.max_train_sequences": "null"}
+    with pytest.raises(
+        KDError, match=r"no document fell in the (eval|train) split: .* sent all 10000 documents to the"
+    ):
+        cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c", **extra))

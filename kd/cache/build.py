@@ -198,6 +198,16 @@ def ingest(cfg: CacheConfig, accelerator, inputs: CacheInputs, out: Path) -> tup
             )
     for split in SPLITS:
         if index.num_sequences[split] == 0:
+            other = stats["split_documents"]["train" if split == "eval" else "eval"]
+            if stats["split_documents"][split] == 0 and other and not cfg.data.has_eval_source:
+                # the text is there, but the per-document hash sent all of it to the other side
+                raise KDError(
+                    f"no document fell in the {split} split: the per-document split (data.eval_fraction="
+                    f"{cfg.data.eval_fraction}) sent all {other} documents to the other one. Documents are split "
+                    "whole and identical documents always land on the same side, so a corpus of few distinct "
+                    "documents can leave a split empty: give a held-out source (data.eval_files or "
+                    "data.eval_dataset_split), more distinct documents, or another data.eval_fraction"
+                )
             if stats["split_documents"][split] == 0:
                 raise KDError(
                     f"the {split} data holds no non-empty text in field '{cfg.data.text_field}' "

@@ -163,7 +163,8 @@ def saved_activation_bytes(model_cfg, layers: int, batch: int, seq_len: int, che
     probe.vocab_size = 256
     if hasattr(probe, "layer_types") and probe.layer_types:
         probe.layer_types = probe.layer_types[:layers]
-    lm = AutoModelForCausalLM.from_config(probe)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on the training device: seconds even at 4k tokens
+    lm = AutoModelForCausalLM.from_config(probe).to(device)
     lm.train()
     if checkpointing:
         lm.gradient_checkpointing_enable()
@@ -174,7 +175,7 @@ def saved_activation_bytes(model_cfg, layers: int, batch: int, seq_len: int, che
         seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    ids = torch.randint(0, probe.vocab_size, (batch, seq_len))
+    ids = torch.randint(0, probe.vocab_size, (batch, seq_len), device=device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         body = lm.base_model(input_ids=ids, output_hidden_states=True)
         body.last_hidden_state.float().sum().backward()
@@ -182,6 +183,9 @@ def saved_activation_bytes(model_cfg, layers: int, batch: int, seq_len: int, che
 
 
 def plan(cfg: TrainConfig) -> TrainPlan:
+    """`kd train --dry-run`: the run's schedule, the student's size and a step's memory per device (module
+    docstring), from the cache's manifest and the student's config. Across tokenizers the windows are counted as
+    the cache's (the student's own, re-tokenized, may be more or fewer)."""
     tc = cfg.train
     cache = TeacherCache(tc.cache_dir, check=False)
     world, sharding = launch_layout()
