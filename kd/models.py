@@ -134,12 +134,12 @@ def check_causal(name: str, model) -> None:
         )
 
 
-def check_context(what: str, model_cfg, window: int, fix: str) -> None:
+def check_context(what: str, model_cfg, window: int, fix: str, windows: str = "windows") -> None:
     """A model must see a whole window: a shorter context scores or trains silently wrong (Llama: positions past
     its table) or fails part-way (GPT-2)."""
     context = getattr(model_cfg, "max_position_embeddings", None) or getattr(model_cfg, "n_positions", None)
     if context is not None and context < window:
-        raise KDError(f"{what}'s context ({context} positions) is shorter than the windows ({window} tokens): {fix}")
+        raise KDError(f"{what}'s context ({context} positions) is shorter than the {windows} ({window} tokens): {fix}")
 
 
 def count_parameters(model_cfg) -> int:

@@ -301,7 +301,7 @@ def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, acce
     # the student must see a whole window: a shorter context trains silently wrong (Llama) or fails mid-run (GPT-2)
     window = train_split.arrays["input_ids"].shape[1] if cross else cache.seq_len
     fix = f"give it a context of at least {window} (student.config max_position_embeddings), or re-cache with a "
-    check_context("the student", lm.config, window, fix + "smaller data.seq_len")
+    check_context("the student", lm.config, window, fix + "smaller data.seq_len", "training windows")
     need_hidden = needs_hidden(cfg.loss.loss_terms())
     pairs = cfg.loss.feature_layers
     if need_hidden and not pairs:  # only a student cut from the teacher may leave them empty (TrainConfig checks)
