@@ -46,7 +46,10 @@ def test_bad_input_is_refused_before_work(tmp_path, make_cache_config, llama_tea
         ({"data.text_field": "content", "data.files": "[{jsonl}]"}, "text field 'content' is not in the record"),
         ({"data.files": "[{empty}]"}, "holds no non-empty text"),
         ({"data.files": "[{bad_utf8}]"}, "bad.jsonl, line 2: invalid UTF-8"),
-        ({"data.eval_files": "[]", "data.eval_fraction": 0.01}, "the eval data holds no non-empty text"),
+        (
+            {"data.eval_files": "[]", "data.eval_fraction": 0.01},
+            "no document fell in the eval split: the per-document split (data.eval_fraction=0.01) sent all 5",
+        ),
     ],
 )
 def test_bad_data_found_while_reading_never_blocks_the_corrected_run(

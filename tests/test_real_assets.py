@@ -78,3 +78,33 @@ def test_real_student_learns_from_the_cache(real_cache, tmp_path):
     assert evals[-1]["eval/ppl"] < 49152 / 10
     assert np.mean([r["loss"] for r in steps[-3:]]) < np.mean([r["loss"] for r in steps[:3]])
     assert json.loads((run / "final" / "kd_meta.json").read_text())["step"] == 20
+
+
+def test_dry_runs_plan_the_real_cache_and_the_demo_student(real_cache, tmp_path):
+    """--dry-run at the demo's shapes: the cache plan against the real teacher's cache (bytes within 10%, windows
+    exact: the capped corpus is counted exactly), and the training plan's peak memory within 25% of the peak
+    resident size the demo student logs over 3 steps (each in a process of its own). bench/bench_plan.py has the
+    figures at the demo's full size and for the pruned student."""
+    import subprocess
+    import sys
+
+    from kd.cache.build import plan
+
+    cfg = load_config(
+        CacheConfig,
+        ROOT / "configs/shakespeare_smollm2.yaml",
+        ["data.max_train_sequences=48", "data.max_eval_sequences=8", f"cache.output_dir={tmp_path / 'planned'}"],
+    )
+    estimate = plan(cfg)
+    manifest = json.loads((real_cache / "manifest.json").read_text())
+    assert estimate.windows == {s: manifest["splits"][s]["num_sequences"] for s in ("train", "eval")}
+    assert estimate.bytes[0] == pytest.approx(manifest["bytes"], rel=0.10)
+    args = ["--config", "train_shakespeare", f"train.cache_dir={real_cache}", f"train.output_dir={tmp_path}"]
+    args += ["train.max_steps=3", "train.eval_every=1000", "train.checkpoint_every=0", "train.warmup_steps=1"]
+    kd = [sys.executable, "-m", "kd", "train"]
+    dry = subprocess.run([*kd, "--dry-run", *args], capture_output=True, text=True, cwd=ROOT, check=True)
+    subprocess.run([*kd, *args], capture_output=True, text=True, cwd=ROOT, check=True)
+    memory = next(line for line in dry.stdout.splitlines() if line.startswith("memory"))
+    estimate_mb = float(memory.split("~")[1].split()[0].replace(",", ""))
+    measured = max(r["peak_mem_mb"] for r in read_metrics(tmp_path / "shakespeare_demo") if "peak_mem_mb" in r)
+    assert estimate_mb == pytest.approx(measured, rel=0.25), (estimate_mb, measured)
