@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import resource
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from kd.errors import KDError
 from kd.models import count_parameters, load_tokenizer
 from kd.paths import resolve_path
 from kd.train.data import steps_per_epoch
+from kd.train.state import resident_mb
 from kd.train_config import TrainConfig
 
 MIB = 2**20
@@ -194,7 +194,7 @@ def plan(cfg: TrainConfig) -> TrainPlan:
     model_cfg = student_config(cfg, cache)
     params = count_parameters(model_cfg)
     # what a training process holds before its student: the libraries this process has now loaded too
-    runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    runtime = int(resident_mb(peak=True) * MIB)
     shard = world if sharding == "full" else 1
     opt_shard = world if sharding in ("full", "zero2") else 1
     weights = 4 * params // shard

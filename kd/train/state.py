@@ -85,9 +85,23 @@ class EMA:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated when on CUDA, else the process's peak resident set size."""
+    """Peak CUDA memory allocated when on CUDA, else the process's peak resident set size (resident_mb)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    return resident_mb(peak=True)
+
+
+def resident_mb(peak: bool) -> float:
+    """This process's resident memory, now or at its peak. On Linux from /proc/self/status (VmRSS, VmHWM): the
+    rusage maximum survives exec, so a process started by a large one (a notebook, a test runner) would report its
+    parent's size as its own peak."""
+    try:
+        key = "VmHWM:" if peak else "VmRSS:"
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
