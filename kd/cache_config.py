@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kd.config import NOT_CONTENT, marked_keys
+from kd.config import NOT_CONTENT, PATH, marked_keys
 from kd.errors import KDError
 
 
@@ -28,7 +28,7 @@ class TeacherConfig:
         takes GPUs r*D .. r*D+D-1 of its machine, so launch GPUs / D processes per machine.
     """
 
-    model: str = "asset:smollm2-135m-instruct"
+    model: str = field(default="asset:smollm2-135m-instruct", metadata=PATH)
     revision: str | None = None
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     attn_implementation: str = "sdpa"
@@ -100,9 +100,9 @@ class DataConfig:
         truncated to its first seq_len tokens (counted; dropped, and counted, if nothing it keeps is in the loss).
     """
 
-    files: list[str] = field(default_factory=list)
-    eval_files: list[str] = field(default_factory=list)
-    dataset: str | None = None
+    files: list[str] = field(default_factory=list, metadata=PATH)
+    eval_files: list[str] = field(default_factory=list, metadata=PATH)
+    dataset: str | None = field(default=None, metadata=PATH)  # a local folder, or a hub name as it is
     dataset_config: str | None = None
     dataset_split: str = "train"
     eval_dataset_split: str | None = None
@@ -119,7 +119,7 @@ class DataConfig:
     unit_bytes: int = 64 * 2**20
     format: Literal["text", "chat"] = "text"
     loss_mask: Literal["assistant", "completion", "all"] = "assistant"
-    chat_template: str | None = None
+    chat_template: str | None = field(default=None, metadata=PATH)
     messages_field: str = "messages"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
@@ -184,7 +184,7 @@ class CacheSection:
     overwrite: replace a cache in output_dir that was made with a different config (otherwise that is refused).
     """
 
-    output_dir: str = field(default="caches/default", metadata=NOT_CONTENT)
+    output_dir: str = field(default="caches/default", metadata=dict(NOT_CONTENT, **PATH))
     top_k: int = 256
     hidden_layers: list[int] = field(default_factory=list)
     id_codec: Literal["bitpack", "plain"] = "bitpack"

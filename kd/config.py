@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 from kd.errors import KDError
-from kd.paths import resolve_config
+from kd.paths import absolute_path, resolve_config
 
 T = TypeVar("T")
 
@@ -222,11 +222,15 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# Field metadata (dataclasses.field(metadata=...)) that says what a key means beyond its value:
+# Field metadata (dataclasses.field(metadata=...)) that says what a key means beyond its value (markers combine:
+# dict(RESUME_FREE, **PATH)):
 #   NOT_CONTENT  (cache config) changes nothing a cache stores: a re-run may differ in it and resume the same cache
 #   RESUME_FREE  (training config) may differ when a run is resumed
+#   PATH         a file or folder, or a list of them (globs too): a run records it resolved (kd.paths.absolute_path)
+#                and a resume compares it resolved, so `./x`, `/abs/x` and a symlink to x are one value
 NOT_CONTENT = {"content": False}
 RESUME_FREE = {"resume_free": True}
+PATH = {"path": True}
 
 
 def marked_keys(cls: type, marker: dict, prefix: str = "") -> tuple[str, ...]:
@@ -235,11 +239,25 @@ def marked_keys(cls: type, marker: dict, prefix: str = "") -> tuple[str, ...]:
     hints = typing.get_type_hints(cls)  # the annotations as types (they are strings under postponed evaluation)
     for f in dataclasses.fields(cls):
         key, tp = f"{prefix}{f.name}", hints[f.name]
+        inner = [t for t in get_args(tp) if t is not type(None)] if get_origin(tp) in (Union, types.UnionType) else []
+        if len(inner) == 1:  # an optional section (X | None): its keys, when it is given
+            tp = inner[0]
         if all(f.metadata.get(k) == v for k, v in marker.items()):
             keys.append(key)
         elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
             keys.extend(marked_keys(tp, marker, key + "."))
     return tuple(keys)
+
+
+def resolved_paths(cfg_dict: dict, cls: type) -> dict[str, Any]:
+    """Every PATH key of a config (`cls`'s dict form) with its value resolved (kd.paths.absolute_path; a list
+    element by element; None kept): what a run records beside the config as typed."""
+    flat = flatten(cfg_dict)
+    out: dict[str, Any] = {}
+    for key in marked_keys(cls, PATH):
+        value = flat.get(key)
+        out[key] = [absolute_path(v) for v in value] if isinstance(value, list) else value and absolute_path(value)
+    return out
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

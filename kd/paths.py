@@ -7,6 +7,7 @@ Small on purpose and off the training path's heavy imports: loaders import this,
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
@@ -34,6 +35,21 @@ def resolve_path(value: str) -> str:
             raise KDError(f"asset '{name}' is not installed (looked in {root}); run `python -m kd.assets fetch` first")
         return str(assets_dir() / rel)
     return os.path.expanduser(value)
+
+
+def absolute_path(value: str) -> str:
+    """A local path as a run records it: absolute, symlinks resolved, `asset:` and `~` expanded (a glob: its folder
+    resolved). Anything else (a hub id, an inline template, an asset not installed) is returned as it is."""
+    try:
+        expanded = resolve_path(value)
+    except KDError:
+        return value
+    if os.path.exists(expanded):
+        return os.path.realpath(expanded)
+    folder, pattern = os.path.split(expanded)
+    if glob.has_magic(pattern) and not glob.has_magic(folder) and os.path.isdir(folder or "."):
+        return os.path.join(os.path.realpath(folder or "."), pattern)
+    return value
 
 
 def shipped_configs_dir() -> Path:

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from kd.data.pack import Packer
+from kd.data.pack import Packer, document_pieces
 from kd.data.sources import BadRecord, expand_files, plan_file_units, unit_documents
 from kd.errors import KDError
 from kd.losses.chunked import HeadInput, chunk_logits
@@ -97,8 +97,10 @@ def text_windows(tok, files: list[str], seq_len: int, text_field: str = "text", 
         for text, _ in unit_documents(unit, text_field, "strict"):
             if isinstance(text, BadRecord):
                 raise KDError(text.message)
-            if text.strip():
-                packer.add(tok(text, add_special_tokens=False)["input_ids"])
+            if not text.strip():
+                continue
+            for a, b in document_pieces(text):  # a long document in pieces, as the caching pass tokenizes it
+                packer.add(tok(text[a:b], add_special_tokens=False)["input_ids"], first=a == 0, last=b == len(text))
     windows = packer.take(final=True)
     if max_sequences is not None:
         windows = type(windows)(windows.input_ids[:max_sequences], windows.lengths[:max_sequences], windows.doc_starts)

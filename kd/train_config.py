@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from kd.config import RESUME_FREE, marked_keys
+from kd.config import PATH, RESUME_FREE, marked_keys
 from kd.errors import KDError
 from kd.losses.divergences import REGISTRY
 from kd.losses.terms import KINDS, Term, needs_hidden, parse_terms
@@ -29,7 +29,7 @@ class FromTeacherConfig:
     calibration_sequences: the cache's first train windows the importance is measured on (one teacher forward).
     """
 
-    teacher: str | None = None
+    teacher: str | None = field(default=None, metadata=PATH)
     layers: list[int] | None = None
     num_layers: int | None = None
     rule: Literal["block", "influence", "every_other"] = "block"
@@ -69,14 +69,14 @@ class StudentConfig:
         none; `teacher` = the teacher's (the one the cache was rendered with); or a Jinja template string or file.
     """
 
-    pretrained: str | None = None
+    pretrained: str | None = field(default=None, metadata=PATH)
     config: dict[str, Any] | None = None
     from_teacher: FromTeacherConfig | None = None
-    tokenizer: str | None = None
+    tokenizer: str | None = field(default=None, metadata=PATH)
     revision: str | None = None
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
-    chat_template: str | None = None
+    chat_template: str | None = field(default=None, metadata=PATH)  # a template file; inline text as it is
 
     def __post_init__(self):
         if sum(v is not None for v in (self.pretrained, self.config, self.from_teacher)) != 1:
@@ -314,9 +314,13 @@ class TrainSection:
         student's (compared at step 0): warn (loudly, and train) or refuse (stop before training).
     """
 
-    cache_dir: str = field(default="caches/default", metadata=RESUME_FREE)  # a resume finds it by its identity
+    cache_dir: str = field(
+        default="caches/default", metadata=dict(RESUME_FREE, **PATH)
+    )  # a resume finds it by its identity
     trust_cache: bool = field(default=False, metadata=RESUME_FREE)
-    output_dir: str = field(default="runs", metadata=RESUME_FREE)  # a run directory may be moved and resumed
+    output_dir: str = field(
+        default="runs", metadata=dict(RESUME_FREE, **PATH)
+    )  # a run directory may be moved and resumed
     run_name: str = "default"
     resume: bool = field(default=False, metadata=RESUME_FREE)
     max_steps: int = 0
@@ -345,7 +349,7 @@ class TrainSection:
     seed: int = 0
     on_weaker_teacher: Literal["warn", "refuse"] = field(default="warn", metadata=RESUME_FREE)
     log_with: list[str] = field(default_factory=list, metadata=RESUME_FREE)
-    extra_eval_files: list[str] = field(default_factory=list)
+    extra_eval_files: list[str] = field(default_factory=list, metadata=PATH)
     eval_generations: int = 4
     generation_tokens: int = 48
 
@@ -411,5 +415,7 @@ class TrainConfig:
 
 # Keys a resumed run may change without changing what it computes.
 RESUME_FREE_KEYS = marked_keys(TrainConfig, RESUME_FREE)
+# Keys that name files or folders: recorded resolved by a run, and compared resolved on resume
+PATH_KEYS = marked_keys(TrainConfig, PATH)
 # Accelerate's trackers (accelerate.utils.LoggerType, "all" aside)
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")

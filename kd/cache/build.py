@@ -26,7 +26,7 @@ from kd.cache.writer import CacheWriter, ShardJob
 from kd.cache_config import CacheConfig
 from kd.data.chat import chat_template, check_chat_tokenizer
 from kd.data.ingest import IngestSpec, WindowIndex, run_ingest, windows_fingerprint
-from kd.data.pack import segment_positions
+from kd.data.pack import PIECE_CHARS, segment_positions
 from kd.data.sources import config_sources
 from kd.dist import agree, broadcast_object, gather_rows
 from kd.errors import KDError
@@ -180,6 +180,11 @@ def ingest(cfg: CacheConfig, accelerator, inputs: CacheInputs, out: Path) -> tup
         print(
             f"[ingest] {stats['documents']} documents read ({stats['empty_documents']} empty ones skipped"
             + (f", {stats['bad_records']} records without usable text skipped" if stats["bad_records"] else "")
+            + (
+                f", {stats['long_documents']} longer than {PIECE_CHARS:,} characters tokenized in pieces"
+                if stats["long_documents"]
+                else ""
+            )
             + "), "
             f"{stats['tokens']} tokens in {stats['units']} units ({stats['reused']} from an earlier run), "
             f"{index.num_sequences['train']} train / {index.num_sequences['eval']} eval windows, "

@@ -18,7 +18,7 @@ from kd import __version__
 from kd.cache.codecs import codec_specs
 from kd.cache.format import FORMAT, FORMAT_VERSION, SPLITS, shard_sequences
 from kd.cache_config import NON_CONTENT_KEYS, CacheConfig
-from kd.config import flatten
+from kd.config import flatten, resolved_paths
 from kd.data.ingest import CHAT_COUNTS, IngestSpec
 from kd.teacher import SAMPLER
 from kd.textscore import score_record
@@ -152,13 +152,15 @@ def manifest_record(meta: dict, cfg_dict: dict, records: dict, index_refs: dict,
     return dict(
         meta,
         config=cfg_dict,
+        paths=resolved_paths(cfg_dict, CacheConfig),  # the config's files and folders as the files they name
         splits=splits,
         bytes=total_bytes,
         bytes_per_token=total_bytes / total_tokens,
         created_unix=time.time(),
         ingest={
             k: stats[k]
-            for k in ("documents", "empty_documents", "bad_records", "units", "reused", "tokens", "seconds")
+            for k in ("documents", "empty_documents", "bad_records", "long_documents", "units", "reused", "tokens")
+            + ("seconds",)
             + (CHAT_COUNTS if "chat" in meta else ())
         },
     )

@@ -13,10 +13,33 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from kd.data.chat import BadConversation, render
-from kd.data.pack import MIN_WINDOW_TOKENS, ChatPacker, Packer, tokenize
+from kd.data.pack import MIN_WINDOW_TOKENS, PIECE_CHARS, ChatPacker, Packer, document_pieces, tokenize
 from kd.data.sources import NUL_IN_TEXT, BadRecord
+
+
+@dataclass(frozen=True)
+class DocumentPiece:
+    """Characters [start, end) of a text document longer than kd.data.pack.PIECE_CHARS, which is tokenized piece
+    by piece (its own payload in the batches) and packed as the one document it is."""
+
+    document: str
+    start: int
+    end: int
+
+    @property
+    def text(self) -> str:
+        return self.document[self.start : self.end]
+
+    @property
+    def first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        return self.end == len(self.document)
 
 
 class DataFormat:
@@ -24,7 +47,9 @@ class DataFormat:
     before anything else), `split_key` (what the train/eval hash is taken of), `prepare` (the payload a batch
     carries; None to drop the document, a BadRecord for one that cannot be used), `tokenize` (a batch of payloads ->
     a Future of (ids per document, per-document extras or None)), `add` (one document into its split's packer),
-    and the counts a unit records (`unit_counts`). `spec` is the run's kd.data.ingest.IngestSpec."""
+    and the counts a unit records (`unit_counts`). `spec` is the run's kd.data.ingest.IngestSpec. A payload may be
+    tokenized in pieces (`pieces`: DocumentPiece payloads in its place), each then going through `size`,
+    `tokenize` and `add` as a payload of its own."""
 
     name = ""
 
@@ -39,6 +64,10 @@ class DataFormat:
 
     def prepare(self, document, where: str, spec, tokenizer):
         raise NotImplementedError
+
+    def pieces(self, payload) -> list:
+        """The payloads one document is tokenized as: itself, or its DocumentPieces."""
+        return [payload]
 
     def size(self, payload) -> int:
         """Characters of a payload: the batch's size and the unit's statistics."""
@@ -72,16 +101,27 @@ class Text(DataFormat):
             return BadRecord(f"{where}, line {line}: {NUL_IN_TEXT}")
         return document
 
+    def pieces(self, payload) -> list:
+        # a long document in pieces: the tokenizer's memory grows with the text of one call (kd.data.pack)
+        if len(payload) <= PIECE_CHARS:
+            return [payload]
+        return [DocumentPiece(payload, a, b) for a, b in document_pieces(payload, PIECE_CHARS)]
+
     def size(self, payload) -> int:
-        return len(payload)
+        return len(payload) if isinstance(payload, str) else payload.end - payload.start
 
     def tokenize(self, pool, tokenizer, payloads, spec) -> Future:
         # the tokenizer (Rust, GIL released, on all cores) works on this batch while the ingest packs the last one
-        return pool.submit(tokenize, tokenizer, payloads, len(payloads), spec.store_text)
+        texts = [p if isinstance(p, str) else p.text for p in payloads]
+        return pool.submit(tokenize, tokenizer, texts, len(texts), spec.store_text)
 
     def add(self, packer, ids, extra, payload, spec) -> None:
         # extra: the document's character offsets when the text is kept (cross-tokenizer students align on them)
-        packer.add(ids, extra, payload if spec.store_text else None)
+        if isinstance(payload, str):
+            packer.add(ids, extra, payload if spec.store_text else None)
+            return
+        text = payload.document if spec.store_text else None
+        packer.add(ids, extra, text, start=payload.start, first=payload.first, last=payload.last)
 
 
 class Chat(DataFormat):

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from kd.data.chat import ChatFields
-from kd.data.formats import FORMATS
+from kd.data.formats import FORMATS, DocumentPiece
 from kd.data.pack import Windows
 from kd.data.sources import BadRecord, Records, Unit, unit_documents
 from kd.dist import gather_rows
@@ -210,7 +210,7 @@ def process_unit(
     stopped = dict(skip)
     docs = {s: 0 for s in SPLITS}
     tokens = {s: 0 for s in SPLITS}
-    empty, chars, bad, dropped = 0, 0, 0, 0
+    empty, chars, bad, dropped, long_documents = 0, 0, 0, 0, 0
     examples = {"empty": [], "bad": []}  # the first few, for the summary: which files (records) they were
     writer = UnitWriter(path, spec)
 
@@ -219,13 +219,15 @@ def process_unit(
         added, added_docs = {s: 0 for s in SPLITS}, 0
         for i, (split, payload) in enumerate(batch):
             toks = ids[i]
-            if stopped[split] or not toks:  # a split may have reached its cap since the batch was read
+            piece = isinstance(payload, DocumentPiece)  # a piece without tokens may still end its document
+            if stopped[split] or not (toks or piece):  # a split may have reached its cap since the batch was read
                 continue
             fmt.add(packers[split], toks, extra[i] if extra is not None else None, payload, spec)
-            docs[split] += 1
+            begins = not piece or payload.first
+            docs[split] += begins
             tokens[split] += len(toks)
             added[split] += len(toks)
-            added_docs += 1
+            added_docs += begins
         for split in SPLITS:
             if added[split]:
                 windows = packers[split].take()
@@ -285,13 +287,16 @@ def process_unit(
             if payload is None:
                 dropped += 1
                 continue
-            size = fmt.size(payload)
-            batch.append((split, payload))
-            chars += size
-            batch_chars += size
-            if len(batch) >= BATCH_DOCUMENTS or batch_chars >= BATCH_CHARS:
-                submit(batch)
-                batch, batch_chars = [], 0
+            pieces = fmt.pieces(payload)
+            long_documents += len(pieces) > 1
+            for piece in pieces:
+                size = fmt.size(piece)
+                batch.append((split, piece))
+                chars += size
+                batch_chars += size
+                if len(batch) >= BATCH_DOCUMENTS or batch_chars >= BATCH_CHARS:
+                    submit(batch)
+                    batch, batch_chars = [], 0
         if batch:
             submit(batch)
         if pending is not None:
@@ -314,6 +319,7 @@ def process_unit(
             "skipped": {s: bool(skip[s]) for s in SPLITS},
             "empty_documents": empty,
             "bad_records": bad,
+            "long_documents": long_documents,
             "examples": examples,
             "chars": chars,
             **fmt.unit_counts(packers, dropped),
@@ -389,6 +395,7 @@ def run_ingest(
         "split_documents": {s: 0 for s in SPLITS},
         "empty_documents": 0,
         "bad_records": 0,
+        "long_documents": 0,
         "tokens": 0,
         "chars": 0,
         **{k: 0 for k in CHAT_COUNTS},
@@ -411,7 +418,7 @@ def run_ingest(
                 round_units.append(u)
             if not round_units:
                 break
-            row = [source_code, -1] + [0] * (9 + len(CHAT_COUNTS))
+            row = [source_code, -1] + [0] * (10 + len(CHAT_COUNTS))
             error = None
             try:
                 for k, unit in enumerate(round_units):
@@ -439,6 +446,7 @@ def run_ingest(
                         sum(meta["tokens"].values()),
                         meta["chars"],
                         meta.get("bad_records", 0),
+                        meta.get("long_documents", 0),
                         *(meta.get("chat", {}).get(k, 0) for k in CHAT_COUNTS),
                         2 if reused else 1,
                     ]
@@ -471,9 +479,10 @@ def run_ingest(
                     totals[s] += meta["windows"][s]
                 stats["units"] += 1
                 stats["reused"] += int(r[-1] == 2)
-                for k, v in zip(CHAT_COUNTS, r[10:-1]):
+                for k, v in zip(CHAT_COUNTS, r[11:-1]):
                     stats[k] += int(v)
                 stats["bad_records"] += int(r[9])
+                stats["long_documents"] += int(r[10])
                 stats["documents"] += int(r[4] + r[5])
                 for s, n in zip(SPLITS, (r[4], r[5])):
                     stats["split_documents"][s] += int(n)

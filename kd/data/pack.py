@@ -51,6 +51,32 @@ def tokenize(
     return ids, spans if offsets else None
 
 
+# A document longer than this is tokenized in pieces of at most this many characters (document_pieces): the fast
+# tokenizer's memory grows with the text of one call (~200 bytes per character with offsets: a 12 MB document took
+# 2.4 GB), and one document is one call. Pieces of a document are packed end to end as the one document they are.
+PIECE_CHARS = 100_000
+
+
+def document_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[tuple[int, int]]:
+    """[start, end) character ranges, end to end over `text`, each at most `max_chars` long. A cut is placed where
+    tokenizers split anyway, so that the pieces' tokens are the whole text's: before a space between two words (the
+    space starts the next word's token, as in byte-level BPE and SentencePiece), else after a line break, else (a
+    run of max_chars / 2 characters with neither, e.g. text without spaces) at the limit itself."""
+    pieces, start, n = [], 0, len(text)
+    while n - start > max_chars:
+        end, lo = start + max_chars, start + max_chars // 2
+        cut = text.rfind(" ", lo, end)
+        while cut > lo and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", lo, cut)
+        if cut <= lo:
+            newline = text.rfind("\n", lo, end - 1)
+            cut = newline + 1 if newline >= lo else end
+        pieces.append((start, cut))
+        start = cut
+    pieces.append((start, n))
+    return pieces
+
+
 def _offsets_array(pairs) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(pairs), dtype=np.int64, count=2 * len(pairs)).reshape(-1, 2)
 
@@ -89,21 +115,40 @@ class Packer:
         self._first = np.zeros(0, bool)
         self._texts: dict[int, str] = {}
         self._next_doc = 0
+        self._open_doc: int | None = None  # a document whose later pieces are still to come
         self.windows_emitted = 0
 
-    def add(self, ids: list[int], offsets: np.ndarray | None = None, text: str | None = None) -> None:
-        n = len(ids)
-        d = self._next_doc
-        self._next_doc += 1
-        first = np.zeros(n + 1, bool)
-        first[0] = n > 0
-        doc = np.full(n + 1, d, np.int64)
-        doc[-1] = -1
-        offs = np.zeros((n + 1, 2), np.int64)
+    def add(
+        self,
+        ids: list[int],
+        offsets: np.ndarray | None = None,
+        text: str | None = None,
+        *,
+        start: int = 0,
+        first: bool = True,
+        last: bool = True,
+    ) -> None:
+        """One document, or one piece of a document tokenized in pieces (document_pieces): `first` starts a new
+        document (`text` is then the whole document's text), a later piece continues it (its `offsets` are in
+        the piece, which starts at character `start` of the document), and `last` ends it with the separator."""
+        n, end = len(ids), int(last)
+        if first:
+            self._next_doc += 1
+        d = self._next_doc - 1
+        self._open_doc = None if last else d  # its text stays referenced until its last piece (take)
+        if n + end == 0:
+            return
+        is_first = np.zeros(n + end, bool)
+        is_first[0] = first and n > 0
+        doc = np.full(n + end, d, np.int64)
+        doc[n:] = -1
+        offs = np.zeros((n + end, 2), np.int64)
         if self.with_text:
-            offs[:n] = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-            self._texts[d] = text
-        self._parts.append((np.asarray(list(ids) + [self.sep_id], np.int64), doc, offs, first))
+            offs[:n] = np.asarray(offsets, dtype=np.int64).reshape(-1, 2) + start
+            if first:
+                self._texts[d] = text
+        tokens = np.asarray(ids, np.int64) if not last else np.asarray(list(ids) + [self.sep_id], np.int64)
+        self._parts.append((tokens, doc, offs, is_first))
 
     def _gather(self) -> None:
         if self._parts:
@@ -135,7 +180,7 @@ class Packer:
             a[used:] for a in (self._ids, self._doc, self._offs, self._first)
         )
         if self.with_text:
-            live = set(np.unique(self._doc[self._doc >= 0]).tolist())
+            live = set(np.unique(self._doc[self._doc >= 0]).tolist()) | {self._open_doc}
             self._texts = {d: t for d, t in self._texts.items() if d in live}
         self.windows_emitted += n
         return Windows(ids, lengths, starts, texts, spans)

@@ -308,10 +308,17 @@ def _json_lines(f, path: str, records: Records, errors: str, first_byte: int, en
                 return line_no if line_no is not None else _line_number(path, start)
 
             text = _decode(raw, errors, path, line_of)
+            raw = None  # a long line is held once, not three times (bytes, text, record) while it is used
             try:
-                yield records.take(json.loads(text), lambda: f"{path}, line {line_of()}"), path
+                record = json.loads(text)
             except json.JSONDecodeError as e:
-                yield BadRecord(f"{path}, line {line_of()}: not valid JSON ({e.msg})"), path
+                record = BadRecord(f"{path}, line {line_of()}: not valid JSON ({e.msg})")
+            text = None
+            if isinstance(record, BadRecord):
+                yield record, path
+            else:
+                yield records.take(record, lambda: f"{path}, line {line_of()}"), path
+            record = None
         if line_no is not None:
             line_no += 1
 
@@ -363,7 +370,9 @@ def _read_txt(piece: Piece, records: Records, errors: str, comp: str) -> Iterato
                 ".jsonl/.json/.parquet records (or set data.format=text)"
             )
         raw = f.read()
-    yield _decode(raw, errors, path, lambda o: raw[:o].count(b"\n") + 1), path
+    text = _decode(raw, errors, path, lambda o: raw[:o].count(b"\n") + 1)
+    raw = None  # a large file's text is held once while it is used
+    yield text, path
 
 
 def _read_csv(piece: Piece, records: Records, errors: str, comp: str) -> Iterator[tuple[str, str]]:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from kd.config import diff_keys
+from kd.config import diff_keys, resolved_paths
 from kd.errors import KDError
 from kd.io import DirLock, staged_dir, write_bytes_durable, write_json_atomic
 from kd.train.state import TrainState
-from kd.train_config import RESUME_FREE_KEYS, TrainConfig
+from kd.train_config import PATH_KEYS, RESUME_FREE_KEYS, TrainConfig
 
 EXTENDABLE_KEYS = ("train.max_steps", "train.epochs")
 
@@ -59,12 +59,18 @@ def prepare_run_dir(run_dir: Path, cfg_dict: dict, resume: bool, cache_id: str |
             f"started (cache identity {started_on[:12]}... then, {cache_id[:12]}... now); resume against the "
             "cache it started with, or start a new run"
         )
-    # the run's length may grow on resume (kd.train.plan.continued_schedule); everything else must be as it was
+    # the run's length may grow on resume (kd.train.plan.continued_schedule); everything else must be as it was,
+    # paths as the files they name: typed otherwise (relative, through a symlink, from another folder) is the same
     differing = [k for k in diff_keys(saved, cfg_dict, TrainConfig) if k not in RESUME_FREE_KEYS + EXTENDABLE_KEYS]
+    then = run_record.get("paths") or resolved_paths(saved, TrainConfig)  # recorded before runs kept paths resolved
+    now = resolved_paths(cfg_dict, TrainConfig)
+    moved = [k for k in differing if k in PATH_KEYS and then.get(k) != now.get(k)]
+    differing = [k for k in differing if k not in PATH_KEYS or k in moved]
     if differing:
         raise KDError(
-            f"cannot resume {run_dir}: config differs in {', '.join(differing)}; an exact continuation "
-            "needs the same config (start a new run instead)"
+            f"cannot resume {run_dir}: config differs in {', '.join(differing)}"
+            + "".join(f" ({k}: {then.get(k)} then, {now.get(k)} now)" for k in moved)
+            + "; an exact continuation needs the same config (start a new run instead)"
         )
     return read_latest(run_dir)
 

@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 
 from kd import __version__, align
 from kd.cache import TeacherCache
-from kd.config import flatten, to_dict
+from kd.config import flatten, resolved_paths, to_dict
 from kd.data.chat import chat_template, check_chat_tokenizer
 from kd.dist import agree, gather_rows
 from kd.errors import KDError
 from kd.io import write_json_atomic
 from kd.losses.terms import needs_hidden
 from kd.models import check_context, load_causal_lm, load_tokenizer, packing_fallback_reason, tokenizer_fingerprint
+from kd.paths import absolute_path
 from kd.prune import feature_pairs
 from kd.schedule import lr_at
 from kd.signals import TARGETS
@@ -382,8 +383,9 @@ def _run_record(
         "format_version": RUN_FORMAT_VERSION,
         "kd_version": __version__,
         "config": cfg_dict,
+        "paths": resolved_paths(cfg_dict, TrainConfig),  # every path key as the file it names (resume compares these)
         "cache": {
-            "dir": cfg.train.cache_dir,
+            "dir": absolute_path(cfg.train.cache_dir),
             "teacher": asdict(cache.info.teacher),
             "top_k": cache.top_k,
             "tokenizer_fingerprint": cache.info.tokenizer.fingerprint,
