@@ -3,6 +3,7 @@ non-causal model, non-finite settings, a YAML key given twice, a student config 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -254,7 +255,6 @@ def test_a_compressed_file_that_ends_early_is_one_error_naming_it(
 def test_a_nul_in_text_to_be_stored_is_refused_naming_file_and_line(tmp_path, llama_teacher, make_cache_config):
     """HDF5's strings end at a NUL (it was a ValueError traceback from h5py): with the text stored, a record or a
     .txt line holding one is a bad record named by file and line; without stored text it is cached."""
-    import json
 
     from kd import cache_teacher
 
@@ -290,7 +290,6 @@ def test_a_step_that_makes_the_weights_non_finite_stops_before_anything_saves_th
 def test_a_split_left_empty_by_the_hash_names_the_real_cause(tmp_path, llama_teacher, make_cache_config):
     """10,000 identical one-character documents (and one huge document) all hash to one side: the eval split is
     empty because of the per-document split, not for want of text, and the error says so."""
-    import json
 
     from kd import cache_teacher
 
@@ -307,7 +306,6 @@ def test_a_resume_compares_paths_as_the_files_they_name(tmp_path, monkeypatch):
     them resolved: the same folder typed relative from another working directory, or through a symlink, resumes;
     another folder is refused naming both resolved paths. A run recorded before paths were kept resolved is
     compared by resolving its typed values."""
-    import json
 
     from kd.config import resolved_paths, to_dict
     from kd.train.checkpoint import prepare_run_dir

@@ -396,6 +396,9 @@ def test_a_signal_stops_the_caching_pass_in_seconds_and_the_rerun_resumes(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a foreground command, as Ctrl-C in a terminal reaches it: a test runner started in the background (`&`
+        # in a script) ignores SIGINT, and its children would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while not held.exists() and run.poll() is None and time.time() < deadline:
@@ -403,7 +406,10 @@ def test_a_signal_stops_the_caching_pass_in_seconds_and_the_rerun_resumes(
     assert held.exists(), run.communicate()[1][-2000:]
     sent = time.time()
     run.send_signal(sig)
-    _, stderr = run.communicate(timeout=60)
+    try:
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        run.kill()  # a run that ignored the signal is not left behind, held
     assert time.time() - sent < 5, time.time() - sent
     assert run.returncode == code, stderr[-2000:]
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]

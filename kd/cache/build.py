@@ -19,9 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kd.cache.basis import BASIS_FILE, BasisFit, HiddenBasis
-from kd.cache.format import SPLITS, sequence_bytes
+from kd.cache.format import SPLITS
 from kd.cache.manifest import cache_metadata
-from kd.cache.plan import CachePlan, plan_cache
+from kd.cache.plan import CachePlan, cache_bytes, plan_cache
 from kd.cache.writer import CacheWriter, ShardJob
 from kd.cache_config import CacheConfig
 from kd.data.chat import chat_template, check_chat_tokenizer
@@ -234,8 +234,7 @@ def warn_if_disk_too_small(accelerator, out: Path, meta: dict, my_sequences: int
     sequences, shards = (int(v) for v in gather_rows(accelerator, [my_sequences, my_shards]).sum(axis=0))
     if not accelerator.is_main_process or not sequences:
         return
-    # + HDF5's own structures, ~64 KiB per shard at most (measured: 46 KiB for 8 sequences of 32 tokens)
-    est, high = (sequences * b + shards * (64 << 10) for b in sequence_bytes(meta))
+    est, high = cache_bytes(meta, sequences, shards)  # the dry run's estimate (kd.cache.plan)
     free = shutil.disk_usage(out).free
     if high > free:
         print(

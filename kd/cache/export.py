@@ -132,7 +132,7 @@ def write_readme(out: Path, m: dict, splits: list[str], with_samples: bool) -> N
         f"Teacher cache exported by kd ({EXPORT_FORMAT}): teacher `{m['teacher']['name_or_path']}` "
         f"(vocabulary {m['teacher']['vocab_size']}), top-{m['top_k']} log-probs"
         + (f", {m['sample_n']} sampled targets per position" if with_samples else "")
-        + f", windows of {m['seq_len']} tokens. Columns: see kd/export.py.\n\nManifest of the source cache:\n\n```json\n"
+        + f", windows of {m['seq_len']} tokens. Columns: see kd/cache/export.py.\n\nManifest of the source cache:\n\n```json\n"
         + json.dumps(
             {k: m[k] for k in ("format_version", "teacher", "tokenizer", "top_k", "sample_n", "seq_len")}, indent=1
         )

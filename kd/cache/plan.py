@@ -31,6 +31,17 @@ NOT_PER_SEQUENCE_CHUNKS = ("sample_bytes", "text")
 SHARD_OVERHEAD = (32 << 10, 64 << 10)
 
 
+def cache_bytes(meta: dict, sequences: int, shards: int) -> tuple[int, int]:
+    """(estimate, bound) of the bytes `sequences` sequences take in `shards` shards of the cache `meta` describes:
+    the stored fields (kd.cache.format.sequence_bytes) plus HDF5's chunk index and per-shard structures."""
+    rows = row_datasets(meta["codecs"], len(meta["hidden_layers"]), meta.get("sample_n", 0), meta.get("store_text"))
+    chunked = len([r for r in rows if r not in NOT_PER_SEQUENCE_CHUNKS])
+    return tuple(
+        int(sequences * (b + index * chunked) + shards * overhead)
+        for b, index, overhead in zip(sequence_bytes(meta), CHUNK_INDEX_BYTES, SHARD_OVERHEAD)
+    )
+
+
 @dataclass(frozen=True)
 class CachePlan:
     """What a cache config will write, estimated. `windows`/`tokens` per split after the caps; bytes as (estimate,
@@ -147,13 +158,7 @@ def plan_cache(meta: dict, spec: IngestSpec, tokenizer, sources: list, output_di
         tokens[s] = round(tokens[s] * capped[s] / w) if w else 0
     per_shard = meta["sequences_per_shard"]
     shards = sum(-(-capped[s] // per_shard) for s in SPLITS)
-    rows = row_datasets(meta["codecs"], len(meta["hidden_layers"]), meta.get("sample_n", 0), meta.get("store_text"))
-    chunked = len([r for r in rows if r not in NOT_PER_SEQUENCE_CHUNKS])
-    n = sum(capped.values())
-    total_bytes = tuple(
-        n * (b + index * chunked) + shards * overhead
-        for b, index, overhead in zip(sequence_bytes(meta), CHUNK_INDEX_BYTES, SHARD_OVERHEAD)
-    )
+    total_bytes = cache_bytes(meta, sum(capped.values()), shards)
     probe = output_dir
     while not probe.exists():  # the nearest existing folder: the disk the cache will be written to
         probe = probe.parent
