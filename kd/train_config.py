@@ -8,7 +8,7 @@ from typing import Any, Literal
 from kd.config import PATH, RESUME_FREE, marked_keys
 from kd.errors import KDError
 from kd.losses.divergences import REGISTRY
-from kd.losses.terms import KINDS, Term, needs_hidden, parse_terms
+from kd.losses.terms import KINDS, Term, needs_hidden, needs_teacher_signal, parse_terms
 from kd.schedule import SCHEDULES
 from kd.signals import TAIL_POLICIES
 
@@ -232,6 +232,15 @@ class LossConfig:
                     "there, or loss.target=topk / online for these kinds"
                 )
 
+    def trained_terms(self) -> list:
+        """The terms training computes: those of weight > 0. A weight-0 term would cost every step what a trained
+        one costs (a CE-only run as much as a KD run); CE and KD are measured at every eval whatever the weights."""
+        return [t for t in self.loss_terms() if t.weight != 0]
+
+    def trains_on_signal(self) -> bool:
+        """Whether a trained term reads the teacher's distribution (its cached fields, or the online teacher)."""
+        return any(needs_teacher_signal(t) for t in self.trained_terms())
+
     def loss_terms(self) -> list:
         """The loss as kd.losses.terms.Term objects: `terms` parsed, or the alpha_* fields mapped onto it."""
         if self.terms:
@@ -408,7 +417,11 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self):
-        if needs_hidden(self.loss.loss_terms()) and not self.loss.feature_layers and self.student.from_teacher is None:
+        if (
+            needs_hidden(self.loss.trained_terms())
+            and not self.loss.feature_layers
+            and self.student.from_teacher is None
+        ):
             # a student cut from the teacher gets its pairs from the layers it kept (kd.prune.feature_pairs)
             raise KDError("feature / contrastive loss terms need loss.feature_layers (layer pairs to match)")
 

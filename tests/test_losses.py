@@ -100,6 +100,30 @@ def test_chunked_equals_unchunked_values_and_gradients(tail):
     torch.testing.assert_close(s2.grad, s1.grad)
 
 
+def test_ce_alone_reads_no_teacher_and_equals_cross_entropy():
+    """A training plan of CE alone (kd.train_config.LossConfig.trained_terms drops the weight-0 KD term) passes no
+    teacher signal: its analytic chunk path gives F.cross_entropy's value and gradient, and zero gradient at masked
+    positions even where their logits are not finite."""
+    g = torch.Generator().manual_seed(3)
+    N, V = 23, 50
+    targets = torch.randint(0, V, (N,), generator=g)
+    mask = torch.rand(N, generator=g) > 0.3
+    s1 = (torch.randn(N, V, generator=g) * 2).requires_grad_()
+    s2 = s1.detach().clone()
+    s2[~mask] = float("nan")
+    s2.requires_grad_()
+    F.cross_entropy(s1[mask], targets[mask], reduction="sum").mul(0.7).backward()
+    terms = [Term("ce", "ce", 1.0)]
+    total, sums = logit_term_sums(s2, targets, mask, mask, None, terms, [0.7], 1.0, 8)
+    total.backward()
+    torch.testing.assert_close(sums[0], F.cross_entropy(s1[mask], targets[mask], reduction="sum").detach())
+    assert sums[1] == 0  # no teacher: no agreement counted
+    torch.testing.assert_close(s2.grad[mask], s1.grad[mask])
+    assert (s2.grad[~mask] == 0).all()
+    _, no_grad = logit_term_sums(s2.detach(), targets, mask, mask, None, terms, [0.7], 1.0, 8, with_grad=False)
+    torch.testing.assert_close(no_grad, sums)
+
+
 def test_token_losses_ce_matches_cross_entropy_and_masks():
     g = torch.Generator().manual_seed(2)
     s = torch.randn(10, 30, generator=g)

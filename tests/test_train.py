@@ -288,6 +288,31 @@ def test_nonfinite_step_is_skipped_and_logged(tiny_cache, tmp_path, precision):
     assert all(math.isfinite(r["loss"]) for i, r in enumerate(steps) if i != 2)
 
 
+def test_a_ce_only_run_computes_and_reads_nothing_of_the_teacher(tiny_cache, tmp_path, monkeypatch):
+    """loss.alpha_kd=0 (and no feature term): training computes CE alone and reads no teacher field of the train
+    split, so NaN teacher log-probs in its windows skip no step (a weight-0 KD term used to be computed every step,
+    costing what KD costs and skipping steps on its NaN); no per-step kd or top-1 agreement is logged, and every
+    eval still measures CE and KD against the cached top-k."""
+    from kd.cache import TeacherCache
+
+    asked = {}
+    real_split = TeacherCache.split
+
+    def split(self, name, fields=()):
+        asked[name] = tuple(fields)
+        return real_split(self, name, fields)
+
+    monkeypatch.setattr(TeacherCache, "split", split)
+    cache = poisoned_cache(tiny_cache, tmp_path / "cache", None)  # every train sequence's teacher is NaN
+    ce_only = {"train.max_steps": 4, "loss.alpha_kd": 0, "loss.alpha_feature": 0, "train.eval_every": 2}
+    run = train_student.main(make_cfg(cache, tmp_path, **ce_only))
+    steps, evals = steps_of(run), evals_of(run)
+    assert asked["train"] == ("input_ids", "loss_mask", "segments")
+    assert not any(r["skipped"] for r in steps) and all(math.isfinite(r["loss"]) for r in steps)
+    assert all("kd" not in r and "top1_agreement" not in r and r["loss"] == r["w_ce"] for r in steps)
+    assert all(math.isfinite(r["eval/kd"]) and "eval/top1_agreement" in r for r in evals)
+
+
 def test_weights_unchanged_by_a_skipped_step(tiny_cache, tmp_path):
     from safetensors.torch import load_file
 
@@ -655,9 +680,9 @@ def test_new_divergence_terms_train_and_are_logged(tiny_cache, tmp_path):
     )
     steps, evals = steps_of(run), evals_of(run)
     for r in steps:
-        for name in ("ce", "reverse_kl", "jsd", "skl", "tvd"):
+        for name in ("ce", "reverse_kl", "jsd", "skl"):
             assert math.isfinite(r[name]) and r[name] >= 0 and f"w_{name}" in r
-        assert r["w_tvd"] == 0  # weight 0: computed and logged, not trained on
+        assert "tvd" not in r  # weight 0: not computed in training (it would cost what a trained term costs)
         assert r["loss"] == pytest.approx(r["w_ce"] + r["w_reverse_kl"] + r["w_jsd"] + r["w_skl"], rel=1e-9)
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert "eval/kd" in evals[-1] and evals[-1]["eval/ce"] < evals[0]["eval/ce"]

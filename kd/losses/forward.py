@@ -66,7 +66,16 @@ def ce_kd_chunk(
     # multiply with per-row coefficients (masking folded in), and [c, k]-sized corrections scattered onto the top-k
     # ids and the target.
     m_kd = m if m_kd is None else m_kd
-    if ids is None:
+    if t_values is None:  # no teacher (a run training CE alone): the CE gradient, one log-softmax and one exp
+        logp = torch.log_softmax(z, dim=-1)
+        ce = -logp.gather(-1, tgt[:, None]).squeeze(-1)
+        keep = m.float()
+        g = logp.exp_().mul_((alpha_ce * keep)[:, None])
+        g.scatter_add_(-1, tgt[:, None], (-alpha_ce * keep)[:, None])
+        if not bool(m.all()):  # a non-finite logit at an ignored position would leave 0 * NaN = NaN there
+            g[~m] = 0
+        kd = agree = torch.zeros_like(ce)
+    elif ids is None:
         g, ce, kd, agree = _dense_chunk(z, t_values.float(), tgt, m, alpha_ce, alpha_kd, T)
     else:
         t_lp = t_values.float()

@@ -158,6 +158,11 @@ KINDS: dict[str, TermKind] = {
 }
 
 
+def needs_teacher_signal(term: Term) -> bool:
+    """Whether a term reads the teacher's distribution (a logit term other than CE)."""
+    return term.kind != "ce" and not term.needs_hidden
+
+
 def needs_hidden(terms: list[Term]) -> bool:
     """Whether any term reads hidden states (the cache must then store them, the student return them)."""
     return any(t.needs_hidden for t in terms)
@@ -225,6 +230,8 @@ def _chunk_sums(z, rows, targets, mask, kd_mask, signal, terms, T):
     for term in terms:
         v, m = KINDS[term.kind].chunk(chunk, term)
         out.append(torch.where(m, v, torch.zeros_like(v)).sum())
+    if signal is None:  # no teacher (CE alone): nothing to agree with
+        return out, torch.zeros((), device=z.device)
     agree = ((z.detach().argmax(-1) == signal.top1(rows)) & kd_mask[rows]).sum().float()
     return out, agree
 
@@ -251,7 +258,9 @@ def _analytic_chunk_fn(targets, mask, kd_mask, signal, terms, weights, T):
     """A chunk function for CE + forward KL (kd.losses.forward: the analytic gradient, one softmax per chunk, no
     graph), its [CE, KD, top-1] sums put in `terms` order."""
     w = {t.kind: wt for t, wt in zip(terms, weights)}
-    if signal.name == "online":
+    if signal is None:  # CE alone
+        ids, values, tail = None, None, "bucket"
+    elif signal.name == "online":
         ids, values, tail = None, signal.logits, "bucket"
     else:  # a mapped signal is bucketed like top-k, its unmapped ids (-1) no outcome
         ids, values, tail = signal.ids, signal.logprobs, getattr(signal, "tail", "bucket")
@@ -263,13 +272,13 @@ def _analytic_chunk_fn(targets, mask, kd_mask, signal, terms, weights, T):
             targets[rows].clamp(min=0),
             mask[rows],
             None if ids is None else ids[rows],
-            values[rows],
+            None if values is None else values[rows],
             w.get("ce", 0.0),
             w.get("forward_kl", 0.0),
             T,
             tail,
             kd_mask[rows],
-            signal.unmapped_ids,
+            signal is not None and signal.unmapped_ids,
         )
         return g, sums[order]
 
@@ -281,7 +290,7 @@ def fused_eligible(terms: list[Term], signal) -> bool:
     mapped (cross-tokenizer)."""
     kinds = [t.kind for t in terms]
     return (
-        signal.name in ("topk", "sampled", "online", "mapped")
+        (signal is None or signal.name in ("topk", "sampled", "online", "mapped"))
         and set(kinds) <= {"ce", "forward_kl"}
         and kinds.count("ce") <= 1
         and kinds.count("forward_kl") <= 1

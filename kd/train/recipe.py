@@ -272,8 +272,10 @@ def _check_cache_fits(cfg: TrainConfig, cache: TeacherCache, tokenizer, tok_sour
 
 def _splits(cfg: TrainConfig, cache: TeacherCache, tokenizer, run_dir: Path, accelerator):
     """The train and eval splits, reading only the fields the loss needs; across tokenizers, the student's view."""
-    need_hidden = needs_hidden(cfg.loss.loss_terms())
-    target_fields = TARGETS[cfg.loss.target].fields
+    need_hidden = needs_hidden(cfg.loss.trained_terms())
+    # a run that trains no term against the teacher's distribution (CE only, perhaps with features) reads none of it
+    reads_signal = cfg.loss.trains_on_signal() or cfg.loss.cross_tokenizer is not None  # alignment reads top-k
+    target_fields = TARGETS[cfg.loss.target].fields if reads_signal else ()
     # a chat cache's loss_mask and segments come along (a text cache has neither: every token counts)
     chat_fields = ("loss_mask", "segments")
     train_split = cache.split(
@@ -303,7 +305,7 @@ def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, acce
     window = train_split.arrays["input_ids"].shape[1] if cross else cache.seq_len
     fix = f"give it a context of at least {window} (student.config max_position_embeddings), or re-cache with a "
     check_context("the student", lm.config, window, fix + "smaller data.seq_len", "training windows")
-    need_hidden = needs_hidden(cfg.loss.loss_terms())
+    need_hidden = needs_hidden(cfg.loss.trained_terms())
     pairs = cfg.loss.feature_layers
     if need_hidden and not pairs:  # only a student cut from the teacher may leave them empty (TrainConfig checks)
         pruned = lm.config.kd_pruned_from
@@ -349,7 +351,8 @@ def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, acce
     # how a window accumulates and ends on this back-end (kd/train/backend.py); sharded: ZeRO-3 or FSDP2
     backend = backend_for(accelerator, model)
     teacher = None
-    if cfg.loss.target == "online":  # the reference mode: the teacher in memory, as the cache exists to avoid
+    if cfg.loss.target == "online" and cfg.loss.trains_on_signal():  # the reference mode: the teacher in memory,
+        # as the cache exists to avoid (not for a run that trains CE alone)
         t = cache.info.teacher
         teacher = load_causal_lm(t.name_or_path, t.revision, t.dtype, "sdpa").to(accelerator.device).eval()
     built_whole()  # Accelerate's registration with transformers, as it was
@@ -518,7 +521,7 @@ def train(run: Run) -> Ending:
                 "loss": sum(weighted.values()),
                 **result.raw,
                 **weighted,
-                "top1_agreement": result.agree,
+                **({"top1_agreement": result.agree} if run.plan.needs_signal else {}),  # none without a teacher
                 "grad_norm": step.grad_norm,
                 "tokens_seen": state.tokens_seen,
                 "skipped_steps": state.skipped_steps,

@@ -19,7 +19,7 @@ import torch
 from kd.data.pack import segment_positions
 from kd.dist import gather_rows
 from kd.errors import KDError
-from kd.losses.terms import KINDS, Term, logit_term_sums, needs_hidden
+from kd.losses.terms import KINDS, Term, logit_term_sums, needs_hidden, needs_teacher_signal
 from kd.signals import Signal, batch_signal
 from kd.textscore import bits_per_unit
 from kd.train.backend import as_backend
@@ -40,7 +40,7 @@ class LossPlan:
     @classmethod
     def build(cls, loss_cfg: LossConfig, teacher_slots: list[int] | None = None, teacher=None) -> LossPlan:
         return cls(
-            loss_cfg.loss_terms(),
+            loss_cfg.trained_terms(),
             batch_signal(loss_cfg.target, loss_cfg.tail, loss_cfg.cross_tokenizer is not None, teacher),
             loss_cfg.temperature,
             loss_cfg.position_chunk,
@@ -74,6 +74,11 @@ class LossPlan:
     @property
     def needs_hidden(self) -> bool:
         return needs_hidden(self.terms)
+
+    @property
+    def needs_signal(self) -> bool:
+        """Whether a term reads the teacher's distribution (not so for CE, alone or with hidden-state terms)."""
+        return any(needs_teacher_signal(t) for t in self.terms)
 
 
 def positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,7 +166,7 @@ def micro_batch_sums(
     # across tokenizers the teacher (and its hidden states) exists only at aligned positions
     kd_mask = (loss_mask & batch["kd_mask"]).reshape(-1) if "kd_mask" in batch else mask
     lt = plan.logit_terms
-    signal = plan.signal(batch, attention)
+    signal = plan.signal(batch, attention) if plan.needs_signal else None  # CE alone: no teacher fields read
 
     def logit_loss(x):  # flat logits [B * T, V], or the final hidden states and the head (DistillModel.fused_head)
         return logit_term_sums(
