@@ -15,6 +15,8 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+import importlib  # noqa: E402
+
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed_reference import GA, LRS, MB, build, nan_window, rank_window  # noqa: E402
@@ -24,6 +26,10 @@ from kd.models import load_tokenizer  # noqa: E402
 from kd.train import LossPlan, TrainState, optimizer_step  # noqa: E402
 from kd.train.backend import DeepSpeedBackend  # noqa: E402
 from kd.train.checkpoint import save_final  # noqa: E402
+
+# DeepSpeed's CPU-only shared-memory all-reduce is JIT-compiled on first use (~50 s): unused here, as in
+# tests/launch_worker.py (the module from sys.modules: deepspeed.comm.torch as an attribute is the torch library)
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def whole_weights(engine) -> dict[str, torch.Tensor]:

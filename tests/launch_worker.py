@@ -84,9 +84,11 @@ def backend_on_cpu(launch_yaml: str) -> None:
         # DeepSpeed's CPU-only shared-memory all-reduce op is JIT-compiled (~50 s, a C++ compiler) on a fresh
         # machine; without it DeepSpeed reduces through torch.distributed (gloo), as it does wherever the op is
         # unavailable. Nothing of kd depends on it, and it does not exist on GPUs.
-        import deepspeed.comm.torch
+        # (the module itself, from sys.modules: the attribute deepspeed.comm.torch is the torch library, which
+        # `from .comm import *` binds over the submodule's name, so patching through it patched nothing)
+        import importlib
 
-        deepspeed.comm.torch.build_shm_op = lambda: None
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def whole_root_check(launch_yaml: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, cache_overrides, holding_runner, killing_runner, make_text
+from conftest import cache_overrides, holding_runner, killing_runner, make_text
 from test_cache import read_all
 
 from kd import cache_teacher
@@ -340,7 +340,7 @@ def uninterrupted(tmp_path_factory, corpus_dir, jsonl_corpus, llama_teacher) -> 
 
 @pytest.mark.parametrize("point", sorted(KILL_AT))
 def test_sigkill_and_resume_equals_an_uninterrupted_run(
-    tmp_path, corpus_dir, jsonl_corpus, llama_teacher, uninterrupted, point
+    tmp_path, corpus_dir, jsonl_corpus, llama_teacher, uninterrupted, point, capsys
 ):
     extra, reference = KILL_EXTRA, uninterrupted
     out = tmp_path / "c"
@@ -350,15 +350,16 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(
     killed = subprocess.run([sys.executable, str(runner), "cache_teacher.py", *args], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / MANIFEST).exists()
-    resumed = subprocess.run([sys.executable, str(ROOT / "cache_teacher.py"), *args], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    capsys.readouterr()
+    cache_teacher.main(load_config(CacheConfig, None, args))  # the resume, in this process (no start-up to pay)
+    resumed = capsys.readouterr().out
     if point != "mid-ingest":  # every unit was finished before the kill: none is tokenized again
-        units = int(resumed.stdout.split(" units (")[0].rsplit(" ", 1)[1])
-        assert f"{units} units ({units} from an earlier run)" in resumed.stdout
+        units = int(resumed.split(" units (")[0].rsplit(" ", 1)[1])
+        assert f"{units} units ({units} from an earlier run)" in resumed
     else:
-        assert " from an earlier run)" in resumed.stdout and "(0 from an earlier run)" not in resumed.stdout
+        assert " from an earlier run)" in resumed and "(0 from an earlier run)" not in resumed
     if point == "before-manifest":
-        assert "0 of them already complete" not in resumed.stdout
+        assert "0 of them already complete" not in resumed
     a, b = read_all(reference), read_all(out)
     for split in a:
         for field in a[split]:
@@ -417,8 +418,7 @@ def test_a_signal_stops_the_caching_pass_in_seconds_and_the_rerun_resumes(
     assert "Traceback" not in stderr
     assert not (out / ".lock").exists() and not (out / MANIFEST).exists()
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name or p.name.endswith(".partial")]
-    resumed = subprocess.run([sys.executable, str(ROOT / "cache_teacher.py"), *args], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    cache_teacher.main(load_config(CacheConfig, None, args))  # the same command resumes (in this process)
     a, b = read_all(uninterrupted), read_all(out)
     for split in a:
         for field in a[split]:
