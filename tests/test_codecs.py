@@ -307,6 +307,11 @@ def test_export_round_trip_equals_the_reader(tmp_path):
                 assert row["sample_ids"][t] == item["sample_ids"][t][counts[t] > 0].tolist()
                 assert row["sample_counts"][t] == counts[t][counts[t] > 0].tolist()
             assert row["text"] == item["text"] and row["token_spans"] == item["token_spans"][:n].tolist()
+    readme = (out / "README.md").read_text()  # what the cache was, from its (typed) manifest, upgraded from format 2
+    info = cache.info
+    assert f"teacher `{info.teacher.name_or_path}` (vocabulary {info.teacher.vocab_size}), top-{info.top_k}" in readme
+    source = json.loads(readme.split("```json\n")[1].split("\n```")[0])
+    assert source["format_version"] == 2 and source["top_k"] == info.top_k and source["seq_len"] == info.seq_len
     r = subprocess.run([sys.executable, "-m", "kd.cache", "export", str(v2), str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and "not empty" in r.stderr  # never writes into a non-empty directory
 

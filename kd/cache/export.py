@@ -26,10 +26,12 @@ per position). Hidden states are not exported (hundreds of bytes per token; read
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from kd.cache.manifest import Manifest
 from kd.cache.reader import TeacherCache
 from kd.data.pack import segment_positions
 from kd.errors import KDError
@@ -90,12 +92,12 @@ def export(
         raise KDError(f"{out} exists and is not a directory; export into a new directory")
     if out.exists() and any(out.iterdir()):
         raise KDError(f"{out} is not empty; export into a new directory")
-    m = cache.manifest
-    splits = splits or list(m["splits"])
-    unknown = sorted(set(splits) - set(m["splits"]))
+    info = cache.info  # the typed manifest (kd.cache.manifest.Manifest)
+    splits = splits or list(info.splits)
+    unknown = sorted(set(splits) - set(info.splits))
     if unknown:
-        raise KDError(f"cache {cache_dir} has no split(s) {unknown} (it has {sorted(m['splits'])})")
-    with_samples, with_text, with_chat = bool(m.get("sample_n")), bool(m.get("store_text")), "chat" in m
+        raise KDError(f"cache {cache_dir} has no split(s) {unknown} (it has {sorted(info.splits)})")
+    with_samples, with_text, with_chat = bool(info.sample_n), info.store_text, info.chat is not None
     fields = (
         ["input_ids", "topk_ids", "topk_logprobs"]
         + (["sample_ids", "sample_counts"] if with_samples else [])
@@ -116,25 +118,32 @@ def export(
                 ]
                 pq.write_table(_table(rows), tmp / split / f"data-{f:05d}-of-{n_files:05d}.parquet")
             log(f"[export] {split}: {len(reader)} sequences in {n_files} Parquet file(s)")
-        write_readme(tmp, m, splits, with_samples)
+        write_readme(tmp, info, splits)
     return out
 
 
-def write_readme(out: Path, m: dict, splits: list[str], with_samples: bool) -> None:
+def write_readme(out: Path, info: Manifest, splits: list[str]) -> None:
     """OUT/README.md: the YAML header mapping each folder to its split, and what the cache was."""
     import yaml
 
     header = {
         "configs": [{"config_name": "default", "data_files": [{"split": s, "path": f"{s}/*.parquet"} for s in splits]}]
     }
+    source = {
+        "format_version": info.format_version,
+        "teacher": asdict(info.teacher),
+        "tokenizer": asdict(info.tokenizer),
+        "top_k": info.top_k,
+        "sample_n": info.sample_n,
+        "seq_len": info.seq_len,
+    }
     (out / "README.md").write_text(
         "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n"
-        f"Teacher cache exported by kd ({EXPORT_FORMAT}): teacher `{m['teacher']['name_or_path']}` "
-        f"(vocabulary {m['teacher']['vocab_size']}), top-{m['top_k']} log-probs"
-        + (f", {m['sample_n']} sampled targets per position" if with_samples else "")
-        + f", windows of {m['seq_len']} tokens. Columns: see kd/cache/export.py.\n\nManifest of the source cache:\n\n```json\n"
-        + json.dumps(
-            {k: m[k] for k in ("format_version", "teacher", "tokenizer", "top_k", "sample_n", "seq_len")}, indent=1
-        )
+        f"Teacher cache exported by kd ({EXPORT_FORMAT}): teacher `{info.teacher.name_or_path}` "
+        f"(vocabulary {info.teacher.vocab_size}), top-{info.top_k} log-probs"
+        + (f", {info.sample_n} sampled targets per position" if info.sample_n else "")
+        + f", windows of {info.seq_len} tokens. Columns: see kd/cache/export.py.\n\nManifest of the source cache:\n\n"
+        + "```json\n"
+        + json.dumps(source, indent=1)
         + "\n```\n"
     )
