@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts (cache_teacher.py, train_student.py) live at the repo root
@@ -183,12 +184,16 @@ def free_port() -> int:
 
 
 def torchrun(script, *args, nproc: int = 2, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """The one place a test starts several processes: `python -m torch.distributed.run` with `nproc` processes of
-    `script` on a free port, on the CPU (gloo; ACCELERATE_USE_CPU=1 is what `accelerate launch --cpu` sets, without it
-    Accelerate ignores torchrun on CPU), one thread each. Output captured as text."""
+    """The one place a test starts several processes: `nproc` processes of `script` on a free port, on the CPU (gloo;
+    ACCELERATE_USE_CPU=1 is what `accelerate launch --cpu` sets, without it Accelerate ignores torchrun on CPU), one
+    thread each, as `python -m torch.distributed.run` starts them: its workers' environment, each process started
+    warm (tests/warm.py), or torchrun itself with KD_TEST_COLD=1. Output captured as text."""
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", **(env_extra or {}))
+    port = free_port()
+    if not os.environ.get("KD_TEST_COLD"):
+        return warm.launch([script, *args], nproc, port, env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    cmd += ["--master_port", str(free_port()), str(script), *map(str, args)]
+    cmd += ["--master_port", str(port), str(script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 

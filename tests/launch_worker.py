@@ -79,7 +79,10 @@ def backend_on_cpu(launch_yaml: str) -> None:
             state.distributed_type = getattr(DistributedType, kind)
             PartialState._shared_state["distributed_type"] = state.distributed_type
 
-    accelerate.Accelerator = OnCPU
+    real = accelerate.Accelerator
+    for module in list(sys.modules.values()):  # and every kd module that imported it first (tests/warm.py)
+        if module.__name__.split(".")[0] in ("accelerate", "kd") and getattr(module, "Accelerator", None) is real:
+            module.Accelerator = OnCPU
     if kind == "DEEPSPEED":
         # DeepSpeed's CPU-only shared-memory all-reduce op is JIT-compiled (~50 s, a C++ compiler) on a fresh
         # machine; without it DeepSpeed reduces through torch.distributed (gloo), as it does wherever the op is

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import warm
 from conftest import ROOT, TINY, cache_overrides
 from safetensors.torch import load_file, save_file
 from test_train import make_cfg, overrides
@@ -51,7 +52,7 @@ def encoder_teacher(tmp_path_factory, tokenizer_dir):
 
 
 def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kd", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    return warm.run([sys.executable, "-m", "kd", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

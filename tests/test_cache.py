@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import warm
 from conftest import ROOT, cache_overrides, reseal_row, torchrun
 
 import kd.cache.manifest
@@ -382,7 +382,7 @@ def test_killed_process_never_leaves_a_complete_looking_shard(tmp_path, corpus_d
         str(ROOT / "cache_teacher.py"),
         *cache_overrides(llama_teacher, corpus_dir, out, **{"cache.sequences_per_shard": 2, "teacher.batch_size": 1}),
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = warm.Popen(args, stdout=warm.DEVNULL, stderr=warm.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.h5"))) < 3 and proc.poll() is None:
         time.sleep(0.01)
@@ -395,7 +395,7 @@ def test_killed_process_never_leaves_a_complete_looking_shard(tmp_path, corpus_d
     for shard in shards:
         info = json.loads(shard.with_suffix(".json").read_text())
         assert sha256_file(shard) == info["sha256"], shard.name
-    subprocess.run(args, check=True, capture_output=True)
+    warm.run(args, check=True, capture_output=True)
     assert verify(out, log=lambda *_: None) == []
 
 
@@ -406,7 +406,7 @@ def test_two_processes_equal_one(tmp_path, corpus_dir, llama_teacher):
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     # one unit per play (data.unit_bytes below a play's size): both processes ingest, in rounds, up to the cap
     extra = {"data.unit_bytes": 2000}
-    subprocess.run(
+    warm.run(
         [sys.executable, str(ROOT / "cache_teacher.py"), *cache_overrides(llama_teacher, corpus_dir, one, **extra)],
         check=True,
         capture_output=True,
@@ -434,7 +434,7 @@ def test_verify_catches_a_flipped_byte(tmp_path, make_cache_config, llama_teache
     shard.write_bytes(bytes(data))
     problems = verify(out, log=lambda *_: None)
     assert problems and "train-00001.h5" in problems[0] and "sha256" in problems[0]
-    result = subprocess.run([sys.executable, "-m", "kd.cache", "verify", str(out)], capture_output=True, text=True)
+    result = warm.run([sys.executable, "-m", "kd.cache", "verify", str(out)], capture_output=True, text=True)
     assert result.returncode == 1 and "train-00001.h5" in result.stderr
 
 
@@ -489,7 +489,7 @@ for _ in range(2):
         total += int(split[int(i)]["input_ids"].sum())
 print("ok", total, len(split._files[__import__("os").getpid()]))
 """
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    r = warm.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     ok, total, still_open = r.stdout.split()
     expected = 2 * sum(int(TeacherCache(out).split("train")[i]["input_ids"].sum()) for i in range(120))

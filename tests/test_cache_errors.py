@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
+import warm
 from conftest import ROOT, cache_overrides
 
 from kd import cache_teacher
@@ -15,7 +15,7 @@ from kd.errors import KDError
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "cache_teacher.py"), *args], capture_output=True, text=True)
+    return warm.run([sys.executable, str(ROOT / "cache_teacher.py"), *args], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize(

@@ -272,14 +272,14 @@ def test_format_version_2_cache_still_reads():
 
 def test_export_round_trip_equals_the_reader(tmp_path):
     """`python -m kd.cache export` writes a datasets folder whose plain columns equal the reader's decoded values."""
-    import subprocess
     import sys
 
     import datasets
+    import warm
 
     v2 = Path(__file__).parent / "data" / "cache_v2"
     out = tmp_path / "exported"
-    r = subprocess.run(
+    r = warm.run(
         [sys.executable, "-m", "kd.cache", "export", str(v2), str(out), "--rows-per-file", "4"],
         capture_output=True,
         text=True,
@@ -312,7 +312,7 @@ def test_export_round_trip_equals_the_reader(tmp_path):
     assert f"teacher `{info.teacher.name_or_path}` (vocabulary {info.teacher.vocab_size}), top-{info.top_k}" in readme
     source = json.loads(readme.split("```json\n")[1].split("\n```")[0])
     assert source["format_version"] == 2 and source["top_k"] == info.top_k and source["seq_len"] == info.seq_len
-    r = subprocess.run([sys.executable, "-m", "kd.cache", "export", str(v2), str(out)], capture_output=True, text=True)
+    r = warm.run([sys.executable, "-m", "kd.cache", "export", str(v2), str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and "not empty" in r.stderr  # never writes into a non-empty directory
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+import warm
 import yaml
 from conftest import ROOT
 
@@ -221,14 +222,13 @@ def test_shipped_configs_load_and_validate(path):
 @pytest.mark.parametrize("script", ["cache_teacher.py", "train_student.py"])
 def test_help_lists_every_config_key_with_type_default_and_doc(script):
     """A user configures a run from `--help` alone: every key of the script's config tree, documented."""
-    import subprocess
     import sys
 
     from kd.cache_config import CacheConfig
     from kd.config import defaults, flatten
     from kd.train_config import TrainConfig
 
-    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True)
+    result = warm.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     cls = CacheConfig if script == "cache_teacher.py" else TrainConfig
     lines = {ln.strip().split(" ", 1)[0]: ln for ln in result.stdout.splitlines() if ln.startswith("  ")}

@@ -9,7 +9,6 @@ the file-size-limit tests (no privilege needed) cover the same code paths."""
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import warm
 from conftest import ROOT, cache_overrides, killing_runner
 from test_cache import read_all
 from test_train import assert_same_metrics, overrides
@@ -34,14 +34,8 @@ def run(script: str, args: list[str], fsize: int | None = None) -> subprocess.Co
     """Run a script of the repo in a fresh process, optionally under a file-size limit of `fsize` bytes (SIGXFSZ
     ignored, so a write past the limit fails with EFBIG, as it does for a process that handles the signal)."""
 
-    def limit():
-        if fsize is not None:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, preexec_fn=limit, cwd=ROOT
-    )
+    limits = {} if fsize is None else {"rlimits": {"RLIMIT_FSIZE": fsize}, "ignore_signals": ["SIGXFSZ"]}
+    return warm.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT, **limits)
 
 
 def assert_one_clean_error(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -263,7 +257,7 @@ def test_sigkill_training_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_
     runner = tmp_path / "runner.py"
     runner.write_text(killing_runner("train_student.py", *TRAIN_KILL_AT[point]))
     args = overrides(tiny_cache, tmp_path, **TRAIN_EXTRA)
-    killed = subprocess.run([sys.executable, str(runner), "train_student.py", *args], capture_output=True, text=True)
+    killed = warm.run([sys.executable, str(runner), "train_student.py", *args], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run_dir = resume(args)
     assert_same_metrics(reference_run, run_dir)

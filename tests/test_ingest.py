@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import warm
 from conftest import cache_overrides, holding_runner, killing_runner, make_text
 from test_cache import read_all
 
@@ -347,7 +347,7 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(
     args = jsonl_overrides(llama_teacher, corpus_dir, jsonl_corpus, out, **extra)
     runner = tmp_path / "runner.py"
     runner.write_text(killing_runner("cache_teacher.py", *KILL_AT[point]))
-    killed = subprocess.run([sys.executable, str(runner), "cache_teacher.py", *args], capture_output=True, text=True)
+    killed = warm.run([sys.executable, str(runner), "cache_teacher.py", *args], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / MANIFEST).exists()
     capsys.readouterr()
@@ -392,14 +392,10 @@ def test_a_signal_stops_the_caching_pass_in_seconds_and_the_rerun_resumes(
     held, release = tmp_path / "held", tmp_path / "release"
     runner = tmp_path / "runner.py"
     runner.write_text(holding_runner("cache_teacher.py", module, owner, name, held, release))
-    run = subprocess.Popen(
-        [sys.executable, str(runner), "cache_teacher.py", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # a foreground command, as Ctrl-C in a terminal reaches it: a test runner started in the background (`&`
-        # in a script) ignores SIGINT, and its children would inherit that
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    # a foreground command, as Ctrl-C in a terminal reaches it (warm.Popen's processes are, even under a test
+    # runner started in the background, which ignores SIGINT)
+    run = warm.Popen(
+        [sys.executable, str(runner), "cache_teacher.py", *args], stdout=warm.PIPE, stderr=warm.PIPE, text=True
     )
     deadline = time.time() + 120
     while not held.exists() and run.poll() is None and time.time() < deadline:
@@ -433,10 +429,10 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, corpus_dir, jso
     held, release = tmp_path / "held", tmp_path / "release"
     runner = tmp_path / "runner.py"
     runner.write_text(holding_runner("cache_teacher.py", "kd.cache.writer", "ShardWriter", "commit", held, release))
-    first = subprocess.Popen(
+    first = warm.Popen(
         [sys.executable, str(runner), "cache_teacher.py", *overrides],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=warm.PIPE,
+        stderr=warm.PIPE,
         text=True,
     )
     try:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import h5py
 import pytest
+import warm
 from test_cache import crash_part_way
 from test_train import overrides
 
@@ -201,7 +201,7 @@ def test_training_on_a_damaged_shard_exits_2_with_one_line(clean_cache, tmp_path
         str(ROOT / "train_student.py"),
         *overrides(cache, tmp_path / "runs", **{"train.num_workers": 1, "train.max_steps": 20}),
     ]
-    result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    result = warm.run(args, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "shard train-00002.h5" in errors[0] and "Traceback" not in result.stderr
@@ -283,7 +283,7 @@ def test_a_moved_cache_and_a_moved_run_directory_resume(tmp_path, make_cache_con
     runner = tmp_path / "runner.py"
     runner.write_text(killing_runner("train_student.py", "kd.train.state", "MetricsLog", "write", 7))  # at step 4
     args = overrides(tmp_path / "c", tmp_path / "runs", **extra)
-    killed = subprocess.run([sys.executable, str(runner), "train_student.py", *args], capture_output=True, text=True)
+    killed = warm.run([sys.executable, str(runner), "train_student.py", *args], capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (tmp_path / "runs" / "r" / "checkpoints" / "latest.json").exists()
     shutil.copytree(tmp_path / "c", tmp_path / "moved-cache")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import warm
 
 from kd import cache_teacher, train_student
 from kd.cache import BASIS_FILE, MANIFEST, HiddenBasis, TeacherCache, summary, verify
@@ -111,7 +111,7 @@ def test_full_rank_fp32_is_exact(tmp_path, make_cache_config, llama_teacher, fp3
 def test_rank_above_the_hidden_size_is_refused(tmp_path, corpus_dir, llama_teacher):
     from tests.conftest import cache_overrides
 
-    result = subprocess.run(
+    result = warm.run(
         [
             sys.executable,
             str(ROOT / "cache_teacher.py"),

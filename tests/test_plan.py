@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
+import warm
 from conftest import cache_overrides, make_text
 from test_chat_cache import chat_files, chat_overrides, chat_teacher  # noqa: F401  (fixtures)
 from test_train import overrides as train_overrides
@@ -92,11 +92,11 @@ def test_a_training_plan_matches_the_run(tiny_cache, tmp_path):
     """The dry run's steps, tokens and parameters are the run's; its peak-memory estimate is within 25% of the peak
     resident size the run logs (each in a process of its own, as a user runs them)."""
     args = train_overrides(tiny_cache, tmp_path, **{"train.max_steps": 4})
-    dry = subprocess.run([sys.executable, "-m", "kd", "train", "--dry-run", *args], capture_output=True, text=True)
+    dry = warm.run([sys.executable, "-m", "kd", "train", "--dry-run", *args], capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     assert not (tmp_path / "r").exists()
     lines = {line.split()[0]: line for line in dry.stdout.splitlines()}
-    real = subprocess.run([sys.executable, "-m", "kd", "train", *args], capture_output=True, text=True)
+    real = warm.run([sys.executable, "-m", "kd", "train", *args], capture_output=True, text=True)
     assert real.returncode == 0, real.stderr
     record = json.loads((tmp_path / "r" / "config.json").read_text())
     steps = [r for r in read_metrics(tmp_path / "r") if "loss" in r]

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import warm
 
 from kd.cache import MANIFEST, TeacherCache
 from kd.textscore import bits_per_unit, score_record, target_text_units
@@ -110,7 +111,6 @@ def test_step_0_compares_the_student_with_the_teacher(tiny_cache, tmp_path, caps
 def test_the_eval_command_reproduces_the_runs_final_eval(tiny_cache, tmp_path, corpus_dir):
     """`python -m kd.evaluate final/ --cache` equals the run's last eval record; on text files it scores the
     held-out play; a model with another tokenizer than the cache is refused with the way out."""
-    import subprocess
     import sys
 
     from conftest import ROOT
@@ -123,7 +123,7 @@ def test_the_eval_command_reproduces_the_runs_final_eval(tiny_cache, tmp_path, c
     final = [r for r in read_metrics(run) if "eval/ce" in r][-1]
 
     def cli(*args):
-        r = subprocess.run([sys.executable, "-m", "kd.evaluate", *args], capture_output=True, text=True, cwd=ROOT)
+        r = warm.run([sys.executable, "-m", "kd.evaluate", *args], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0, r.stderr[-2000:]
         return r.stdout
 

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import warm
 from conftest import ROOT, reseal_row, torchrun
 
 from kd import cache_teacher, train_student
@@ -121,7 +121,8 @@ def test_two_processes_match_one_process(tiny_cache, tmp_path):
 
 
 def test_scripts_run_through_accelerate_launch(tmp_path, corpus_dir, llama_teacher):
-    """The user's commands, end to end, through the real launcher: cache, then train against it."""
+    """The user's commands, end to end, through the real launcher: cache, then train against it (the launcher
+    started warm, the process it starts for the script a fresh interpreter, as a user's)."""
     from conftest import cache_overrides
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -140,7 +141,7 @@ def test_scripts_run_through_accelerate_launch(tmp_path, corpus_dir, llama_teach
         "no",
     ]
     cache = tmp_path / "cache"
-    r = subprocess.run(
+    r = warm.run(
         [*launch, str(ROOT / "cache_teacher.py"), *cache_overrides(llama_teacher, corpus_dir, cache)],
         capture_output=True,
         text=True,
@@ -148,7 +149,7 @@ def test_scripts_run_through_accelerate_launch(tmp_path, corpus_dir, llama_teach
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[cache] done: " in r.stdout and "bytes/token" in r.stdout and (cache / MANIFEST).exists()
-    r = subprocess.run(
+    r = warm.run(
         [*launch, str(ROOT / "train_student.py"), *overrides(cache, tmp_path, **{"train.max_steps": 4})],
         capture_output=True,
         text=True,
@@ -513,7 +514,7 @@ def test_empty_split_is_refused(tiny_cache, tmp_path):
 
 
 def test_cli_error_exit_code(tiny_cache, tmp_path):
-    result = subprocess.run(
+    result = warm.run(
         [
             sys.executable,
             str(ROOT / "train_student.py"),
@@ -555,7 +556,7 @@ def test_sweep_runs_the_grid_and_prints_a_table(tiny_cache, tmp_path):
         ],
         "train.lr=1e-3,3e-3",
     ]
-    result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    result = warm.run(args, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     table = result.stdout[result.stdout.index("eval/ce") :]
     assert "r-0" in table and "r-1" in table and "train.lr=1e-3" in table and "train.lr=3e-3" in table
