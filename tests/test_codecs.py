@@ -316,6 +316,76 @@ def test_export_round_trip_equals_the_reader(tmp_path):
     assert r.returncode == 2 and "not empty" in r.stderr  # never writes into a non-empty directory
 
 
+def _sampled(N: int, T: int, n: int, vocab: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Padded sampled targets [N, T, n] as the teacher pass writes them: distinct ids, most frequent first."""
+    counts, ids = np.zeros((N, T, n), np.int64), np.zeros((N, T, n), np.int64)
+    for i in range(N):
+        for t in range(T):
+            drawn = np.bincount(rng.integers(0, 6, n), minlength=6)  # n draws among 6 ids
+            order = np.argsort(-drawn, kind="stable")
+            kept = order[drawn[order] > 0]
+            counts[i, t, : len(kept)] = drawn[kept]
+            ids[i, t, : len(kept)] = rng.permutation(vocab)[: len(kept)]
+    return ids, counts
+
+
+# every field of the table (kd/cache/format.py FIELDS) with its decoded values for N sequences (d: the sizes): a
+# field added to the table fails test_every_field_round_trips_through_its_store until it is given here
+FIELD_VALUES = {
+    "input_ids": lambda d, N, rng: (rng.integers(0, 300, (N, d.T)),),
+    "topk_ids": lambda d, N, rng: (np.argsort(rng.random((N, d.T, 300)), -1)[..., : d.k],),
+    "topk_logprobs": lambda d, N, rng: (np.sort(np.log(rng.dirichlet(np.ones(d.k), (N, d.T)))).astype(np.float32),),
+    "hidden_states": lambda d, N, rng: (rng.standard_normal((N, d.L, d.T, d.H)).astype(np.float32),),
+    "loss_mask": lambda d, N, rng: (rng.integers(0, 2, (N, d.T)),),
+    "segments": lambda d, N, rng: (rng.integers(0, 4, (N, d.T)),),
+    "samples": lambda d, N, rng: _sampled(N, d.T, d.n, 300, rng),
+    "text": lambda d, N, rng: (
+        ["".join(rng.choice(list("ab é€😀\n"), 9)) for _ in range(N)],
+        rng.integers(0, 9, (N, d.T, 2)),
+    ),
+}
+
+
+def test_every_field_round_trips_through_its_store():
+    """Each field of the table through its Store and a shard file, in two batches as the writer appends them, and
+    back through the reader's rows (kd.cache.ShardRows), exactly (plain values; lossy codecs are tested above)."""
+    from kd.cache import ShardRows
+    from kd.cache.format import FIELDS, Dims
+    from kd.io import h5_in_memory
+
+    assert [f.name for f in FIELDS] == list(FIELD_VALUES)
+    dims = Dims(T=7, k=4, L=2, H=6, chat=True, n=5, text=True)
+    specs = codecs.codec_specs(300, "bitpack", "fp32", "fp32", dims.n, chat=True)
+    rng, N = np.random.default_rng(0), 4
+    for field in FIELDS:
+        assert field.stored(dims), field.name
+        store, values = field.store(specs, dims, None), FIELD_VALUES[field.name](dims, N, rng)
+        assert store.outputs == field.names and len(values) == len(field.names)
+        f = h5_in_memory(f"field-{field.name}")
+        f.create_dataset("lengths", data=np.full(N, dims.T, np.int32))
+        store.create(f, N)
+        used = 0
+        for a, b in ((0, 3), (3, 4)):
+            fixed, variable = store.encode(tuple(v[a:b] for v in values))
+            for ds, rows in fixed.items():
+                f[ds][a:b] = rows
+            if variable:
+                used = store.write_variable(f, variable, a, used)
+        assert store.check_shard(f) is None and set(store.row_datasets()) <= set(f)
+        for ds, (shape, dtype) in store.expected(N).items():
+            assert f[ds].shape == shape and (dtype is None or f[ds].dtype == dtype), ds
+        rows = ShardRows(f, check=False)
+        for i in range(N):
+            for name, got, want in zip(field.names, store.decode(rows.row(i)), (v[i] for v in values)):
+                if name == "sample_ids":  # ids past a position's distinct ones are padding
+                    got, want = np.where(values[1][i] > 0, got, 0), want
+                if isinstance(want, str):
+                    assert got == want, name
+                else:
+                    np.testing.assert_array_equal(got, want, err_msg=f"{field.name}: {name}")
+        f.close()
+
+
 # every codec of the two registries with the tests that round-trip it (a new codec fails until listed and tested)
 TESTED_CODECS = {
     "plain": "test_format_version_1_cache_still_reads, test_cache_edge_cases_k1_and_kV_decode_like_plain",
@@ -345,16 +415,7 @@ def test_each_sample_codec_round_trips_through_a_shard_file(name):
     spec = codecs.codec_specs(vocab, "bitpack" if name == "ragged" else "plain", "q8", "fp16", n)["samples"]
     assert spec["name"] == name
     codec = codecs.sample_codec(spec, T, n)
-    rng = np.random.default_rng(0)
-    counts = np.zeros((N, T, n), np.int64)
-    ids = np.zeros((N, T, n), np.int64)
-    for i in range(N):
-        for t in range(T):
-            drawn = np.bincount(rng.integers(0, 6, n), minlength=6)  # n draws among 6 ids
-            order = np.argsort(-drawn, kind="stable")
-            kept = order[drawn[order] > 0]
-            counts[i, t, : len(kept)] = drawn[kept]
-            ids[i, t, : len(kept)] = rng.permutation(vocab)[: len(kept)]
+    ids, counts = _sampled(N, T, n, vocab, np.random.default_rng(0))
     f = h5_in_memory(f"samples-{name}")
     codec.create(f, N)
     used = 0

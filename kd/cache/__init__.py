@@ -46,7 +46,8 @@ Commands:
     python -m kd.cache verify DIR    re-check checksums, shapes and log-prob sanity; exit 1 at the first bad shard
     python -m kd.cache export DIR OUT   the splits as a Hugging Face datasets folder of Parquet files (kd/cache/export.py)
 
-Modules: format.py (constants, the table of fields, what a shard holds), codecs.py (the codec registry),
+Modules: format.py (constants, the table of fields, what a shard holds), codecs.py (the codec registry and
+each field's Store),
 basis.py (the low-rank basis), writer.py (ShardWriter), reader.py (TeacherCache, CacheSplit), verify.py
 (verify, summary), export.py, __main__.py (the commands).
 """
@@ -68,7 +69,7 @@ from kd.cache.format import (  # noqa: F401
     SPLITS,
     checksum,
     dataset_mismatch,
-    field_shapes,
+    field_stores,
     manifest_codecs,
     row_datasets,
     sequence_bytes,
@@ -76,6 +77,7 @@ from kd.cache.format import (  # noqa: F401
     shard_name,
     shard_sequences,
     sidecar_path,
+    stored_fields,
 )
 from kd.cache.reader import CacheSplit, ShardRows, TeacherCache, read_manifest, shard_records, shard_table  # noqa: F401
 from kd.cache.verify import summary, verify  # noqa: F401

@@ -374,21 +374,18 @@ def field_codec(spec: dict, basis=None) -> Codec:
     return cls(spec, basis)
 
 
-# ---- sampled targets: one class per codec name of the manifest's `samples` record -------------------------------
+# ---- how a field of the table lives in a shard ---------------------------------------------------------------
 
 
-class SampleCodec:
-    """How a shard stores the sampled targets, (ids, counts) [T, n] per sequence decoded together: the datasets it
-    creates, which of them hold one checksummed row per sequence, the rows of a batch (`fixed_rows`: arrays written
-    with the other fields; `variable_rows`: per-sequence byte strings, `write_variable` appends them), decoding one
-    sequence,
-    what a shard of N sequences must hold, the bytes one sequence takes, and a shard-level consistency check.
-    `spec` is the manifest's `samples` record; T = seq_len, n = sample_n."""
+class Store:
+    """How one field of the cache's table (kd/cache/format.py FIELDS) lives in a shard of N sequences: the datasets
+    it creates, those holding one checksummed row per sequence (`row_datasets`, in the shard's `checksums` column
+    order), a batch encoded into rows (`encode`: arrays written with the other fields, and per-sequence byte strings
+    that `write_variable` appends), one sequence decoded (`decode`: one array per name in `outputs`, the names the
+    reader returns and kd.teacher.TeacherOutputs carries), what a shard must hold (`expected`), the bytes one
+    sequence takes (`sequence_bytes`: estimate, bound) and a shard-level check."""
 
-    name = ""
-
-    def __init__(self, spec: dict, seq_len: int = 0, sample_n: int = 0):
-        self.spec, self.T, self.n = spec, seq_len, sample_n
+    outputs: tuple[str, ...] = ()
 
     def row_datasets(self) -> list[str]:
         raise NotImplementedError
@@ -396,18 +393,17 @@ class SampleCodec:
     def create(self, f, N: int) -> None:
         raise NotImplementedError
 
-    def fixed_rows(self, ids, counts) -> dict[str, np.ndarray]:
-        return {}
+    def encode(self, values: tuple) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+        """A batch (one value [n, ...] per output) -> (rows of fixed-shape datasets, per-sequence byte strings)."""
+        raise NotImplementedError
 
-    def variable_rows(self, ids, counts) -> dict[str, list[np.ndarray]]:
-        return {}
-
-    def write_variable(self, f, rows: dict[str, list[np.ndarray]], cursor: int, used: int) -> int:
-        """Append a batch's byte strings (`variable_rows`) after the `used` bytes already stored, as sequences
-        cursor.. of the shard; returns the bytes stored now."""
+    def write_variable(self, f, rows: dict[str, list], cursor: int, used: int) -> int:
+        """Store a batch's byte strings (`encode`'s second part) as sequences cursor.. of the shard, after the `used`
+        bytes already stored; returns the bytes stored now."""
         return used
 
-    def decode(self, row) -> tuple[np.ndarray, np.ndarray]:
+    def decode(self, row) -> tuple:
+        """One sequence, one array per output; `row(ds)` returns its row of dataset ds as stored."""
         raise NotImplementedError
 
     def expected(self, N: int) -> dict[str, tuple[tuple, np.dtype | None]]:
@@ -415,11 +411,106 @@ class SampleCodec:
         raise NotImplementedError
 
     def sequence_bytes(self) -> tuple[int, int]:
-        """(estimate, upper bound) of one sequence's stored bytes."""
+        """(estimate, upper bound) of one sequence's stored bytes, its rows' checksums included."""
         raise NotImplementedError
 
     def check_shard(self, f) -> str | None:
         return None
+
+
+class Coded(Store):
+    """A per-position field [T, ...] stored through a codec of REGISTRY: each of its datasets [N, ...] chunked one
+    sequence per chunk."""
+
+    def __init__(self, name: str, codec: Codec, shape: tuple):
+        self.name, self.codec, self.shape, self.outputs = name, codec, shape, (name,)
+        self.datasets = codec.datasets(name, shape)
+
+    def row_datasets(self):
+        return list(self.datasets)
+
+    def create(self, f, N):
+        for ds, (shape, dtype) in self.datasets.items():
+            f.create_dataset(ds, (N,) + shape, dtype, chunks=(1,) + shape)
+
+    def encode(self, values):
+        return self.codec.encode(self.name, values[0]), {}
+
+    def decode(self, row):
+        return (self.codec.decode(row, self.name, self.shape),)
+
+    def expected(self, N):
+        return {ds: ((N,) + shape, dtype) for ds, (shape, dtype) in self.datasets.items()}
+
+    def sequence_bytes(self):
+        size = sum(int(np.prod(shape)) * dtype.itemsize + 8 for shape, dtype in self.datasets.values())
+        return size, size
+
+
+class Utf8Text(Store):
+    """A window's text and each token's [start, end) character span in it (kd/align.py aligns it to another
+    tokenizer through them): the text one UTF-8 string per sequence (h5py's variable-length strings, checksummed as
+    its UTF-8 bytes), the spans [N, T, 2] int32. T = seq_len; the estimate takes 4 bytes of text per token, the bound
+    16 (the two checksums within those)."""
+
+    name = "utf8"
+    outputs = ("text", "token_spans")
+
+    def __init__(self, seq_len: int = 0):
+        self.T = seq_len
+
+    def row_datasets(self):
+        return ["text", "token_spans"]
+
+    def create(self, f, N):
+        import h5py
+
+        f.create_dataset("text", (N,), h5py.string_dtype("utf-8"))
+        f.create_dataset("token_spans", (N, self.T, 2), np.int32, chunks=(1, self.T, 2))
+
+    def encode(self, values):
+        texts, spans = values
+        return {"token_spans": np.asarray(spans, np.int32)}, {"text": [t.encode("utf-8") for t in texts]}
+
+    def write_variable(self, f, rows, cursor, used):
+        blobs = rows["text"]
+        f["text"][cursor : cursor + len(blobs)] = blobs
+        return used
+
+    def decode(self, row):
+        return row("text").decode("utf-8"), row("token_spans").astype(np.int64)
+
+    def expected(self, N):
+        return {"text": ((N,), None), "token_spans": ((N, self.T, 2), np.dtype(np.int32))}
+
+    def sequence_bytes(self):
+        return self.T * (4 + 8), self.T * (16 + 8)
+
+
+# ---- sampled targets: one class per codec name of the manifest's `samples` record -------------------------------
+
+
+class SampleCodec(Store):
+    """How a shard stores the sampled targets, (ids, counts) [T, n] per sequence decoded together: the datasets it
+    creates, which of them hold one checksummed row per sequence, the rows of a batch (`fixed_rows`: arrays written
+    with the other fields; `variable_rows`: per-sequence byte strings, `write_variable` appends them), decoding one
+    sequence, what a shard of N sequences must hold, the bytes one sequence takes and a shard-level consistency
+    check. `spec` is the manifest's `samples` record; T = seq_len, n = sample_n."""
+
+    name = ""
+    outputs = ("sample_ids", "sample_counts")
+
+    def __init__(self, spec: dict, seq_len: int = 0, sample_n: int = 0):
+        self.spec, self.T, self.n = spec, seq_len, sample_n
+
+    def fixed_rows(self, ids, counts) -> dict[str, np.ndarray]:
+        return {}
+
+    def variable_rows(self, ids, counts) -> dict[str, list[np.ndarray]]:
+        return {}
+
+    def encode(self, values):
+        return self.fixed_rows(*values), self.variable_rows(*values)
 
     def describe(self) -> str:
         return self.name
@@ -448,7 +539,7 @@ class PlainSamples(SampleCodec):
         return {"sample_ids": ((N, self.T, self.n), None), "sample_counts": ((N, self.T, self.n), None)}
 
     def sequence_bytes(self):
-        size = self.T * self.n * (np.dtype(self.spec["dtype"]).itemsize + 1)
+        size = self.T * self.n * (np.dtype(self.spec["dtype"]).itemsize + 1) + 8 * 2
         return size, size
 
     def describe(self):
@@ -490,7 +581,7 @@ class RaggedSamples(SampleCodec):
     def sequence_bytes(self):
         # varies with the teacher: the estimate assumes n/4 distinct ids per position, the bound n
         per_id = (self.spec["id_bits"] + self.spec["count_bits"]) / 8
-        return int(self.T * (2 + per_id * max(1, self.n // 4))) + 8, int(self.T * (2 + per_id * self.n)) + 8
+        return int(self.T * (2 + per_id * max(1, self.n // 4))) + 16, int(self.T * (2 + per_id * self.n)) + 16
 
     def check_shard(self, f):
         offsets = f["sample_offsets"][:]

@@ -1,7 +1,8 @@
 """The cache format: constants, names, the table of fields, and what a shard must hold.
 
 `FIELDS` is the one table the writer (kd/cache/writer.py), the reader (kd/cache/reader.py), `verify`, the size
-estimates and the manifest's dataset check are driven by: a new field with a codec is one row here.
+estimates and the manifest's dataset check are driven by: a new field is one row here (and its Store, or a codec
+of kd/cache/codecs.py, plus their round-trip tests).
 """
 
 from __future__ import annotations
@@ -73,82 +74,95 @@ def sidecar_path(shard):
 
 @dataclass(frozen=True)
 class Dims:
-    """A cache's sizes: T = seq_len, k = top_k, L = stored layers, H = teacher hidden size; chat: the cache holds
-    packed conversations (its codecs record has `loss_mask`)."""
+    """A cache's sizes: T = seq_len, k = top_k, L = stored layers, H = teacher hidden size, n = sampled targets per
+    position (0: none); chat: the cache holds packed conversations (its codecs record has `loss_mask`); text: it
+    keeps each window's text and token spans."""
 
     T: int
     k: int
     L: int
     H: int
     chat: bool = False
+    n: int = 0
+    text: bool = False
 
     @classmethod
     def of(cls, manifest: dict) -> Dims:
+        """From a manifest, a shard's kd_meta or the teacher pass's description of the cache."""
         return cls(
             manifest["seq_len"],
             manifest["top_k"],
             len(manifest["hidden_layers"]),
             manifest["teacher"]["hidden_size"],
             "loss_mask" in manifest_codecs(manifest),
+            manifest.get("sample_n", 0),
+            bool(manifest.get("store_text")),
         )
 
 
 @dataclass(frozen=True)
 class Field:
-    """A per-position field stored through a codec: its name (as the reader returns it, and its key in the
-    manifest's `codecs`), its decoded per-sequence shape, whether a cache stores it."""
+    """A stored field: its name (its key in the manifest's `codecs` where it has one), whether a cache stores it,
+    the names its decoded values go by (the reader's item keys, kd.teacher.TeacherOutputs' attributes; default: the
+    name), and how a shard stores it (`store`: a kd.cache.codecs.Store from the manifest's codec specs, the sizes and
+    the cache's HiddenBasis)."""
 
     name: str
-    shape: Callable[[Dims], tuple]
     stored: Callable[[Dims], bool]
+    store: Callable[[dict, Dims, object], codecs.Store]
+    outputs: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.outputs or (self.name,)
+
+
+def _coded(name: str, shape: Callable[[Dims], tuple]) -> Callable[[dict, Dims, object], codecs.Store]:
+    """A per-position field of decoded per-sequence `shape`, stored through the codec its spec names (the basis goes
+    to the hidden states' codec, for `lowrank`)."""
+    return lambda specs, d, basis: codecs.Coded(
+        name, codecs.field_codec(specs[name], basis if name == "hidden_states" else None), shape(d)
+    )
 
 
 FIELDS = (
-    Field("input_ids", lambda d: (d.T,), lambda d: True),
-    Field("topk_ids", lambda d: (d.T, d.k), lambda d: True),
-    Field("topk_logprobs", lambda d: (d.T, d.k), lambda d: True),
-    Field("hidden_states", lambda d: (d.L, d.T, d.H), lambda d: d.L > 0),
-    Field("loss_mask", lambda d: (d.T,), lambda d: d.chat),
-    Field("segments", lambda d: (d.T,), lambda d: d.chat),
+    Field("input_ids", lambda d: True, _coded("input_ids", lambda d: (d.T,))),
+    Field("topk_ids", lambda d: True, _coded("topk_ids", lambda d: (d.T, d.k))),
+    Field("topk_logprobs", lambda d: True, _coded("topk_logprobs", lambda d: (d.T, d.k))),
+    Field("hidden_states", lambda d: d.L > 0, _coded("hidden_states", lambda d: (d.L, d.T, d.H))),
+    Field("loss_mask", lambda d: d.chat, _coded("loss_mask", lambda d: (d.T,))),
+    Field("segments", lambda d: d.chat, _coded("segments", lambda d: (d.T,))),
+    # ids and counts [T, n], decoded together; codec `ragged` or plain arrays (codecs.SAMPLE_CODECS)
+    Field(
+        "samples",
+        lambda d: d.n > 0,
+        lambda specs, d, basis: codecs.sample_codec(specs["samples"], d.T, d.n),
+        ("sample_ids", "sample_counts"),
+    ),
+    Field("text", lambda d: d.text, lambda specs, d, basis: codecs.Utf8Text(d.T), ("text", "token_spans")),
 )
-# Besides FIELDS: `samples` (sample_ids + sample_counts, decoded together; codec `ragged` or plain arrays), `text`
-# and `token_spans` (store_text), and the whole-shard datasets below.
+# A field's rows are the `checksums` columns in this order: a new field goes last.
 
 
-def coded_fields(dims: Dims) -> list[Field]:
+def stored_fields(dims: Dims) -> list[Field]:
     return [f for f in FIELDS if f.stored(dims)]
 
 
-def field_shapes(manifest: dict) -> dict[str, tuple]:
-    """Per-sequence decoded shape of each codec field."""
-    d = Dims.of(manifest)
-    return {f.name: f.shape(d) for f in FIELDS}
+def field_stores(specs: dict, dims: Dims, basis=None, wanted=None) -> dict[str, codecs.Store]:
+    """Field name -> its Store, for every field the cache stores (with `wanted`: only those with an output in it)."""
+    return {
+        f.name: f.store(specs, dims, basis) for f in stored_fields(dims) if wanted is None or set(f.names) & set(wanted)
+    }
 
 
 def manifest_codecs(manifest: dict) -> dict:
     return manifest["codecs"] if manifest["format_version"] >= 2 else codecs.v1_codec_specs(manifest)
 
 
-def field_codecs(specs: dict, names, basis=None) -> dict:
-    """name -> codec object for each named field (`basis`: the cache's HiddenBasis, used by a lowrank hidden codec)."""
-    return {n: codecs.field_codec(specs[n], basis if n == "hidden_states" else None) for n in names}
-
-
-def field_datasets(specs: dict, dims: Dims) -> dict[str, tuple[tuple, np.dtype]]:
-    """HDF5 datasets (name -> per-sequence shape, dtype) of every stored codec field, in table order."""
-    out = {}
-    for f in coded_fields(dims):
-        out.update(codecs.field_codec(specs[f.name]).datasets(f.name, f.shape(dims)))
-    return out
-
-
-def row_datasets(specs: dict, num_layers: int, sample_n: int, store_text: bool) -> list[str]:
+def row_datasets(specs: dict, dims: Dims) -> list[str]:
     """The datasets with one row per sequence (the ragged `sample_bytes`: one [start, end) slice per sequence), in
     the column order of a shard's `checksums` table."""
-    names = list(field_datasets(specs, Dims(1, 1, num_layers, 1, "loss_mask" in specs)))
-    if sample_n:
-        names += codecs.sample_codec(specs["samples"]).row_datasets()
-    return names + (["text", "token_spans"] if store_text else [])
+    return [ds for store in field_stores(specs, dims).values() for ds in store.row_datasets()]
 
 
 # Datasets a shard holds whole (one value per sequence, or the ragged offsets): checksummed whole, checked on open.
@@ -184,15 +198,12 @@ def _odd_weights(n: int) -> np.ndarray:
 def dataset_mismatch(f, manifest: dict, n: int) -> str | None:
     """The first dataset of an open shard of n sequences whose presence, shape or dtype differs from what the
     manifest implies (None if all match). Shared by `verify` and the reader's check on open."""
-    dims, n_samples = Dims.of(manifest), manifest.get("sample_n", 0)
-    specs = manifest_codecs(manifest)
+    dims, specs = Dims.of(manifest), manifest_codecs(manifest)
     expected = {"lengths": ((n,), None), "sequence_index": ((n,), None)}
-    expected.update({ds: ((n,) + sh, dt) for ds, (sh, dt) in field_datasets(specs, dims).items()})
-    if n_samples:
-        expected.update(codecs.sample_codec(specs["samples"], dims.T, n_samples).expected(n))
+    for store in field_stores(specs, dims).values():
+        expected.update(store.expected(n))
     if manifest["format_version"] >= 5:
-        cols = row_datasets(specs, dims.L, n_samples, bool(manifest.get("store_text")))
-        expected["checksums"] = ((n, len(cols)), np.dtype(np.uint64))
+        expected["checksums"] = ((n, len(row_datasets(specs, dims))), np.dtype(np.uint64))
     for name, (shape, dtype) in expected.items():
         if name not in f or f[name].shape != shape or (dtype is not None and f[name].dtype != dtype):
             got = f"{f[name].dtype} {f[name].shape}" if name in f else "missing"
@@ -202,24 +213,17 @@ def dataset_mismatch(f, manifest: dict, n: int) -> str | None:
 
 def sequence_bytes(meta: dict) -> tuple[int, int]:
     """(estimate, upper bound) of the bytes one sequence takes in a shard with this metadata (a manifest, or the
-    teacher pass's `meta`): exact for the fixed-size datasets; ragged sampled targets and stored text vary, so the
-    estimate assumes n/4 distinct ids per position and 4 bytes per token of text, the bound n ids and 16 bytes."""
-    specs, dims = meta["codecs"], Dims.of(meta)
-    T, n = dims.T, meta.get("sample_n", 0)
-    fixed = 4 + 8 + 8 * len(row_datasets(specs, dims.L, n, False))
-    fixed += sum(int(np.prod(sh)) * dt.itemsize for sh, dt in field_datasets(specs, dims).values())
-    est = high = fixed
-    if n:
-        sample_est, sample_high = codecs.sample_codec(specs["samples"], T, n).sequence_bytes()
-        est, high = est + sample_est, high + sample_high
-    if meta.get("store_text"):
-        est, high = est + T * (4 + 8), high + T * (16 + 8)
-    return est, high
+    teacher pass's `meta`): its length and index, then each stored field's (exact for the fixed-size ones; ragged
+    sampled targets and stored text vary, so the estimate assumes n/4 distinct ids per position and 4 bytes per
+    token of text, the bound n ids and 16 bytes)."""
+    stores = field_stores(meta["codecs"], Dims.of(meta)).values()
+    sizes = [store.sequence_bytes() for store in stores]
+    return 4 + 8 + sum(est for est, _ in sizes), 4 + 8 + sum(high for _, high in sizes)
 
 
 def shard_sequences(meta: dict, shard_bytes: int) -> int:
     """Sequences per shard so that a shard holds at most `shard_bytes` plus one sequence: the bound of
     sequence_bytes plus 1 KiB per row dataset (HDF5's chunk index, measured ~0.7 KiB per chunk) per sequence.
     A function of the config alone, so every process and every resume cuts the same shards."""
-    rows = row_datasets(meta["codecs"], len(meta["hidden_layers"]), meta.get("sample_n", 0), meta.get("store_text"))
+    rows = row_datasets(meta["codecs"], Dims.of(meta))
     return max(1, shard_bytes // (sequence_bytes(meta)[1] + 1024 * len(rows)))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 
 from kd import __version__
 from kd.cache.codecs import codec_specs
-from kd.cache.format import FORMAT, FORMAT_VERSION, SPLITS, shard_sequences
+from kd.cache.format import FORMAT, FORMAT_VERSION, SPLITS, Dims, manifest_codecs, shard_sequences
 from kd.cache_config import NON_CONTENT_KEYS, CacheConfig
 from kd.config import flatten, resolved_paths
 from kd.data.ingest import CHAT_COUNTS, IngestSpec
@@ -224,7 +224,21 @@ class SplitInfo:
     num_sequences: int
     num_tokens: int
     fingerprint: str  # sha256 over the shards' input fingerprints: the windows the teacher saw
+    num_shards: int = 0
+    num_documents: int = 0
     teacher_score: dict | None = None  # the teacher's own CE and bits per character (kd/textscore.py), when recorded
+
+    @classmethod
+    def of(cls, split: dict) -> SplitInfo:
+        """Before format 6 the shard records, and before format 3 the documents, were listed in the manifest."""
+        return cls(
+            num_sequences=split["num_sequences"],
+            num_tokens=split["num_tokens"],
+            fingerprint=split.get("fingerprint", ""),
+            num_shards=split["shard_index"]["num_shards"] if "shard_index" in split else len(split["shards"]),
+            num_documents=split.get("num_documents", len(split.get("documents", []))),
+            teacher_score=split.get("teacher_score"),
+        )
 
 
 @dataclass(frozen=True)
@@ -245,6 +259,23 @@ class Manifest:
     chat: ChatInfo | None
     splits: dict[str, SplitInfo]
     dataset: DatasetInfo
+    codecs: dict  # each stored field's codec spec (kd/cache/codecs.py); format 1's plain storage as specs
+    bytes: int = 0
+    bytes_per_token: float = 0.0
+    ingest: dict = field(default_factory=dict)  # what the caching run read (counts, seconds)
+
+    @property
+    def dims(self) -> Dims:
+        """The sizes and switches the field table (kd/cache/format.py FIELDS) is read with."""
+        return Dims(
+            self.seq_len,
+            self.top_k,
+            len(self.hidden_layers),
+            self.teacher.hidden_size,
+            "loss_mask" in self.codecs,
+            self.sample_n,
+            self.store_text,
+        )
 
     @classmethod
     def of(cls, m: dict) -> Manifest:
@@ -275,6 +306,10 @@ class Manifest:
                 template_text=chat.get("template_text"),
                 attention=chat["attention"],
             ),
-            splits={name: pick(SplitInfo, split) for name, split in m["splits"].items()},
+            splits={name: SplitInfo.of(split) for name, split in m["splits"].items()},
             dataset=pick(DatasetInfo, m.get("dataset") or {}),
+            codecs=manifest_codecs(m),
+            bytes=m.get("bytes", 0),
+            bytes_per_token=m.get("bytes_per_token", 0.0),
+            ingest=m.get("ingest") or {},
         )

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd.cache.format import SPLITS, row_datasets, sequence_bytes
+from kd.cache.format import SPLITS, Dims, row_datasets, sequence_bytes
 from kd.data.ingest import IngestSpec, process_unit
 from kd.data.sources import Unit, plan_file_units
 
@@ -34,7 +34,7 @@ SHARD_OVERHEAD = (32 << 10, 64 << 10)
 def cache_bytes(meta: dict, sequences: int, shards: int) -> tuple[int, int]:
     """(estimate, bound) of the bytes `sequences` sequences take in `shards` shards of the cache `meta` describes:
     the stored fields (kd.cache.format.sequence_bytes) plus HDF5's chunk index and per-shard structures."""
-    rows = row_datasets(meta["codecs"], len(meta["hidden_layers"]), meta.get("sample_n", 0), meta.get("store_text"))
+    rows = row_datasets(meta["codecs"], Dims.of(meta))
     chunked = len([r for r in rows if r not in NOT_PER_SEQUENCE_CHUNKS])
     return tuple(
         int(sequences * (b + index * chunked) + shards * overhead)

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from kd.cache.basis import BASIS_FILE, HiddenBasis
-from kd.cache.codecs import sample_codec
 from kd.cache.format import (
     CONFIG_FILE,
     FIELDS,
@@ -25,10 +24,9 @@ from kd.cache.format import (
     SHARD_RECORD,
     checksum,
     dataset_mismatch,
-    field_codecs,
-    field_shapes,
-    manifest_codecs,
+    field_stores,
     records_table,
+    stored_fields,
 )
 from kd.cache.manifest import Manifest
 from kd.errors import KDError
@@ -142,38 +140,23 @@ class CacheSplit:
     agreement of each shard with the manifest is checked on open either way.
     """
 
-    TENSOR_FIELDS = (
-        "input_ids",
-        "topk_ids",
-        "topk_logprobs",
-        "hidden_states",
-        "sample_ids",
-        "sample_counts",
-        "loss_mask",
-        "segments",
-    )
-    ALL_FIELDS = TENSOR_FIELDS + ("text", "token_spans")  # text is a str: ask for it explicitly (kd/align.py does)
+    # every value the field table stores (kd/cache/format.py FIELDS); the text and its spans only when asked for
+    # (kd/align.py does): the text is a str, not a tensor
+    ALL_FIELDS = tuple(name for f in FIELDS for name in f.names)
+    TENSOR_FIELDS = tuple(name for f in FIELDS if f.name != "text" for name in f.names)
 
     def __init__(
         self, root: Path, manifest: dict, split: str, fields: Iterable[str] = TENSOR_FIELDS, check: bool = True
     ):
-        if split not in manifest["splits"]:
-            raise KDError(f"cache {root} has no '{split}' split (it has {sorted(manifest['splits'])})")
+        info = Manifest.of(manifest)
+        if split not in info.splits:
+            raise KDError(f"cache {root} has no '{split}' split (it has {sorted(info.splits)})")
         self.root, self.split, self.check = root, split, check
         unknown = set(fields) - set(self.ALL_FIELDS)
         if unknown:
             raise ValueError(f"unknown cache fields {sorted(unknown)}")
-        stored = {
-            "hidden_states": bool(manifest["hidden_layers"]),
-            "sample_ids": bool(manifest.get("sample_n")),
-            "sample_counts": bool(manifest.get("sample_n")),
-            "text": bool(manifest.get("store_text")),
-            "token_spans": bool(manifest.get("store_text")),
-            # a chat cache's; a text cache (and any cache before format 7) has neither: every token counts
-            "loss_mask": "loss_mask" in manifest_codecs(manifest),
-            "segments": "loss_mask" in manifest_codecs(manifest),
-        }
-        self.fields = tuple(f for f in fields if stored.get(f, True))
+        stored = {name for f in stored_fields(info.dims) for name in f.names}
+        self.fields = tuple(f for f in fields if f in stored)
         shards = shard_table(root, manifest, split)
         # per shard only its file name, first sequence and count, as numpy arrays: a reader's memory (copied into
         # every DataLoader worker) stays small at 100,000 shards (5.6 MB), where JSON records as Python objects
@@ -181,17 +164,14 @@ class CacheSplit:
         self.files = shards["file"].copy()
         self.starts = shards["first_sequence"].copy()
         self.counts = shards["num_sequences"].copy()
-        self.length = int(manifest["splits"][split]["num_sequences"])
-        self.codecs, self.shapes = manifest_codecs(manifest), field_shapes(manifest)
+        self.length = info.splits[split].num_sequences
+        self.codecs = info.codecs
         spec = self.codecs["hidden_states"]
         basis = None
         if spec["name"] == "lowrank" and "hidden_states" in self.fields:  # [L, H, r]: small, pickled to workers
             basis = HiddenBasis.load(root / BASIS_FILE, spec.get("basis_sha256"))
-        self.field_codecs = field_codecs(self.codecs, [f.name for f in FIELDS if f.name in self.fields], basis)
-        self.seq_len, self.sample_n = manifest["seq_len"], manifest.get("sample_n", 0)
-        # the sampled targets' codec, built once: ids and counts are decoded together on every read that wants them
-        wants_samples = {"sample_ids", "sample_counts"} & set(self.fields)
-        self.samples = sample_codec(self.codecs["samples"], self.seq_len, self.sample_n) if wants_samples else None
+        # the Store of each field with a value asked for, built once (sampled ids and counts decode together)
+        self.stores = field_stores(self.codecs, info.dims, basis, wanted=self.fields)
         self.manifest = {k: v for k, v in manifest.items() if k != "splits"}  # the cache-wide description
         # the shard records must tile the split: a removed or edited record is caught here
         ends = np.cumsum(self.counts)
@@ -303,26 +283,15 @@ class CacheSplit:
         row = shard.row(r)
         item = {"length": torch.tensor(int(shard.lengths[r])), "sequence_index": torch.tensor(i)}
         # ids widen to int64 (uint16 has no torch counterpart for indexing); plain values keep their stored dtype
-        # (fp16 halves host->device traffic; losses upcast to fp32), q8 values decode to fp32.
-        for name in self.fields:
-            if name in ("sample_ids", "sample_counts"):
-                continue  # decoded together, below
-            if name == "text":  # a str, for alignment to another tokenizer (kd/align.py); never sent to a device
-                item["text"] = row("text").decode("utf-8")
-                continue
-            if name == "token_spans":
-                item["token_spans"] = torch.from_numpy(row("token_spans").astype(np.int64))
-                continue
-            value = self.field_codecs[name].decode(row, name, self.shapes[name])
-            if name in _WIDEN:  # stored small; torch indexes and compares these in these dtypes
-                value = value.astype(_WIDEN[name])
-            item[name] = torch.from_numpy(value)
-        wanted = [n for n in ("sample_ids", "sample_counts") if n in self.fields]
-        if wanted:
-            decoded = self.samples.decode(row)
-            item.update(
-                {n: torch.from_numpy(a) for n, a in zip(("sample_ids", "sample_counts"), decoded) if n in wanted}
-            )
+        # (fp16 halves host->device traffic; losses upcast to fp32), q8 values decode to fp32. Text stays a str, for
+        # alignment to another tokenizer (kd/align.py); it never goes to a device.
+        for store in self.stores.values():
+            for name, value in zip(store.outputs, store.decode(row)):
+                if name not in self.fields:
+                    continue
+                if name in _WIDEN:  # stored small; torch indexes and compares these in these dtypes
+                    value = value.astype(_WIDEN[name])
+                item[name] = value if isinstance(value, str) else torch.from_numpy(value)
         return item
 
     def __getstate__(self):

@@ -8,17 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from kd.cache.basis import BASIS_FILE, HiddenBasis
-from kd.cache.codecs import describe, sample_codec
+from kd.cache.codecs import describe
 from kd.cache.format import (
     FORMAT,
     META_ATTR,
-    Dims,
-    coded_fields,
     dataset_mismatch,
-    field_codecs,
-    field_shapes,
-    manifest_codecs,
+    field_stores,
 )
+from kd.cache.manifest import Manifest
 from kd.cache.reader import ShardRows, read_manifest, shard_records
 from kd.errors import KDError
 from kd.io import sha256_file
@@ -43,10 +40,10 @@ def _check_block(lp: np.ndarray, ids: np.ndarray, vocab: int) -> str | None:
     return None
 
 
-def _check_sequence(row, fields: dict, samples, shapes: dict, vocab: int, n_samples: int) -> str | None:
-    """Decode one sequence of an open shard (`row`: ShardRows.row; `fields`: name -> codec; `samples`: the sampled
-    targets' codec, or None) and check it; returns the first problem."""
-    decoded = {name: codec.decode(row, name, shapes[name]) for name, codec in fields.items()}
+def _check_sequence(row, stores: dict, vocab: int, n_samples: int) -> str | None:
+    """Decode one sequence of an open shard (`row`: ShardRows.row) through every field's Store, each row checked
+    against its checksum, and check the values; returns the first problem."""
+    decoded = {name: value for store in stores.values() for name, value in zip(store.outputs, store.decode(row))}
     problem = _check_block(decoded["topk_logprobs"], decoded["topk_ids"], vocab)
     if (
         problem is None
@@ -54,8 +51,8 @@ def _check_sequence(row, fields: dict, samples, shapes: dict, vocab: int, n_samp
         and not np.isfinite(decoded["hidden_states"].astype(np.float32)).all()
     ):
         problem = "hidden states are not finite"
-    if problem is None and samples is not None:
-        ids, counts = samples.decode(row)
+    if problem is None and "sample_ids" in decoded:
+        ids, counts = decoded["sample_ids"], decoded["sample_counts"]
         if (counts.sum(-1) != n_samples).any() or (ids >= vocab).any():
             problem = f"sampled counts do not sum to {n_samples} or sampled ids are out of range"
     return problem
@@ -66,10 +63,9 @@ def verify(path: str | Path, log=print) -> list[str]:
     import h5py
 
     root = Path(path)
-    manifest = read_manifest(root)
-    T, vocab = manifest["seq_len"], manifest["teacher"]["vocab_size"]
-    n_samples = manifest.get("sample_n", 0)
-    specs, shapes = manifest_codecs(manifest), field_shapes(manifest)
+    manifest = read_manifest(root)  # as read: each shard's datasets are checked against it (dataset_mismatch)
+    info = Manifest.of(manifest)
+    T, vocab, n_samples, specs = info.seq_len, info.teacher.vocab_size, info.sample_n, info.codecs
     basis = None
     if specs["hidden_states"]["name"] == "lowrank":
         try:
@@ -77,10 +73,8 @@ def verify(path: str | Path, log=print) -> list[str]:
         except KDError as e:
             return [str(e)]
         log(f"ok {BASIS_FILE}: rank {basis.rank}, variance kept {basis.variance_kept()}")
-    dims = Dims.of(manifest)
-    fields = field_codecs(specs, [f.name for f in coded_fields(dims)], basis)
-    samples = sample_codec(specs["samples"], T, n_samples) if n_samples else None
-    for split, info in manifest["splits"].items():
+    stores = field_stores(specs, info.dims, basis)
+    for split, split_info in info.splits.items():
         expected_next = 0
         try:
             records = shard_records(root, manifest, split)
@@ -103,7 +97,7 @@ def verify(path: str | Path, log=print) -> list[str]:
                 if problem:
                     return [f"{where}: {problem}"]
                 meta = json.loads(f.attrs[META_ATTR])
-                if meta.get("format_version") != manifest["format_version"] or meta.get("split") != split:
+                if meta.get("format_version") != info.format_version or meta.get("split") != split:
                     return [f"{where}: its metadata does not match the manifest"]
                 seq_index = f["sequence_index"][:]
                 if shard["first_sequence"] != expected_next or not np.array_equal(
@@ -113,7 +107,7 @@ def verify(path: str | Path, log=print) -> list[str]:
                 lengths = f["lengths"][:]
                 if int(lengths.sum()) != shard["num_tokens"] or (lengths < 2).any() or (lengths > T).any():
                     return [f"{where}: lengths are inconsistent with the manifest"]
-                problem = samples.check_shard(f) if samples is not None else None
+                problem = next(filter(None, (store.check_shard(f) for store in stores.values())), None)
                 if problem:
                     return [f"{where}: {problem}"]
                 try:
@@ -122,50 +116,47 @@ def verify(path: str | Path, log=print) -> list[str]:
                     return [f"{where}: {e}"]
                 for i in range(n):
                     try:
-                        problem = _check_sequence(rows.row(i), fields, samples, shapes, vocab, n_samples)
-                        for ds in ("text", "token_spans"):  # not decoded above, but checksummed like the rest
-                            if ds in rows.col:
-                                rows.get(ds, i)
+                        problem = _check_sequence(rows.row(i), stores, vocab, n_samples)
                     except (ValueError, IndexError) as e:  # a truncated or garbled packed field
                         problem = f"cannot decode: {e}"
                     if problem:
                         return [f"{where}, sequence {int(seq_index[i])} of split {split}: {problem}"]
             expected_next += n
             log(f"ok {shard['file']}: {n} sequences, {shard['num_tokens']} tokens")
-        if expected_next != info["num_sequences"]:
-            return [f"split {split}: shards hold {expected_next} sequences, manifest says {info['num_sequences']}"]
+        if expected_next != split_info.num_sequences:
+            return [f"split {split}: shards hold {expected_next} sequences, manifest says {split_info.num_sequences}"]
     return []
 
 
 def summary(path: str | Path) -> str:
-    m = read_manifest(path)
+    m = Manifest.of(read_manifest(path))
+    t = m.teacher
     lines = [
-        f"{FORMAT} v{m['format_version']} at {path}",
-        f"teacher   {m['teacher']['name_or_path']} ({m['teacher']['model_type']}, vocab {m['teacher']['vocab_size']}, "
-        f"hidden {m['teacher']['hidden_size']}, dtype {m['teacher']['dtype']})",
-        f"tokenizer fingerprint {m['tokenizer']['fingerprint'][:16]}...",
-        f"stored    top-{m['top_k']} ids+log-probs, hidden layers {m['hidden_layers']}, seq_len {m['seq_len']}, "
-        f"sampled targets n={m.get('sample_n', 0)}",
-        "codecs    " + ", ".join(f"{k}: {describe(v)}" for k, v in manifest_codecs(m).items()),
+        f"{FORMAT} v{m.format_version} at {path}",
+        f"teacher   {t.name_or_path} ({t.model_type}, vocab {t.vocab_size}, hidden {t.hidden_size}, dtype {t.dtype})",
+        f"tokenizer fingerprint {m.tokenizer.fingerprint[:16]}...",
+        f"stored    top-{m.top_k} ids+log-probs, hidden layers {m.hidden_layers}, seq_len {m.seq_len}, "
+        f"sampled targets n={m.sample_n}",
+        "codecs    " + ", ".join(f"{k}: {describe(v)}" for k, v in m.codecs.items()),
     ]
-    if "chat" in m:
-        c, ing = m["chat"], m.get("ingest", {})
+    if m.chat is not None:
+        c = m.chat
         lines.append(
-            f"chat      loss on {c['loss_mask']} tokens, {c['packing']} packing ({c['attention']}), template: "
-            f"{c['template']}; {ing.get('truncated', 0)} conversations cut to seq_len, {ing.get('dropped', 0)} dropped"
+            f"chat      loss on {c.loss_mask} tokens, {c.packing} packing ({c.attention}), template: "
+            f"{c.template}; {m.ingest.get('truncated', 0)} conversations cut to seq_len, "
+            f"{m.ingest.get('dropped', 0)} dropped"
         )
-    for split, info in m["splits"].items():
+    for split, info in m.splits.items():
         lines.append(
-            f"{split:<9} {info['num_sequences']} sequences, {info['num_tokens']} tokens, "
-            f"{info['shard_index']['num_shards'] if 'shard_index' in info else len(info['shards'])} shards, "
-            f"{info.get('num_documents', len(info.get('documents', [])))} documents"
+            f"{split:<9} {info.num_sequences} sequences, {info.num_tokens} tokens, {info.num_shards} shards, "
+            f"{info.num_documents} documents"
         )
-        score = info.get("teacher_score")
+        score = info.teacher_score
         if score:  # kd/textscore.py: comparable with any student's eval, whatever its tokenizer (chat: loss tokens)
             lines.append(
                 f"          teacher's own score: CE {score['ce_per_token']:.4f} nats/token, "
                 f"{score['bits_per_char']:.4f} bits/char, {score['bits_per_byte']:.4f} bits/byte "
                 f"({score['tokens']} targets, {score['chars']} characters)"
             )
-    lines.append(f"size      {m['bytes']} bytes, {m['bytes_per_token']:.0f} bytes/token")
+    lines.append(f"size      {m.bytes} bytes, {m.bytes_per_token:.0f} bytes/token")
     return "\n".join(lines)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from kd.cache.codecs import sample_codec
 from kd.cache.format import (
     CONFIG_FILE,
     FORMAT,
@@ -25,14 +24,12 @@ from kd.cache.format import (
     SPLITS,
     Dims,
     checksum,
-    coded_fields,
-    field_codecs,
-    field_datasets,
+    field_stores,
     records_table,
-    row_datasets,
     shard_index_name,
     shard_name,
     sidecar_path,
+    stored_fields,
 )
 from kd.cache.manifest import content_config, manifest_record
 from kd.cache_config import CacheConfig
@@ -66,60 +63,45 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path, meta: dict, num_sequences: int, basis=None):
-        import h5py
-
-        codecs, sample_n, store_text = meta["codecs"], meta.get("sample_n", 0), meta.get("store_text", False)
-        self.path, self.meta, self.codecs = path, meta, codecs
+        self.path, self.meta = path, meta
         self.tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        self.num_sequences, self.num_tokens, self.cursor, self.sample_bytes = num_sequences, 0, 0, 0
+        self.num_sequences, self.num_tokens, self.cursor = num_sequences, 0, 0
         try:
             self.f = h5_in_memory(str(self.tmp))
+            N = num_sequences
+            self.f.create_dataset("lengths", (N,), np.int32, chunks=(N,))
+            self.f.create_dataset("sequence_index", (N,), np.int64, chunks=(N,))
             dims = Dims.of(meta)
-            N, T = num_sequences, dims.T
+            self.fields = stored_fields(dims)
+            self.stores = field_stores(meta["codecs"], dims, basis)
+            for store in self.stores.values():
+                store.create(self.f, N)
             # Integrity: every row's checksum goes into `checksums` [N, len(rows)] at commit, and the reader checks
             # each row it reads against it (a flipped byte fails that sequence's read instead of reaching the
             # student). HDF5's fletcher32 (format 4) did the same per chunk at 3x the read cost.
-            self.rows = row_datasets(codecs, dims.L, sample_n, store_text)
+            self.rows = [ds for store in self.stores.values() for ds in store.row_datasets()]
             self.sums = np.zeros((N, len(self.rows)), np.uint64)
-            self.f.create_dataset("lengths", (N,), np.int32, chunks=(N,))
-            self.f.create_dataset("sequence_index", (N,), np.int64, chunks=(N,))
-            self.field_codecs = field_codecs(codecs, [f.name for f in coded_fields(dims)], basis)
-            for ds, (ds_shape, dtype) in field_datasets(codecs, dims).items():
-                self.f.create_dataset(ds, (N,) + ds_shape, dtype, chunks=(1,) + ds_shape)
-            if store_text:
-                self.f.create_dataset("text", (N,), h5py.string_dtype("utf-8"))
-                self.f.create_dataset("token_spans", (N, T, 2), np.int32, chunks=(1, T, 2))
-            self.samples = sample_codec(codecs["samples"], T, sample_n) if sample_n else None
-            if self.samples is not None:
-                self.samples.create(self.f, N)
+            self.used = dict.fromkeys(self.stores, 0)  # bytes of variable-length rows stored, per field
         except OSError as e:
             self.abort()
             raise KDError(f"cannot create shard {self.tmp}: {e}") from None
 
     def append(self, out: TeacherOutputs) -> None:
         """Add a batch of n sequences (kd.teacher.TeacherOutputs: the decoded layout, any dtype castable to the
-        stored one)."""
+        stored one): each stored field's values, encoded by its Store (kd/cache/format.py FIELDS)."""
         lengths = out.lengths
         n = len(lengths)
         sl = slice(self.cursor, self.cursor + n)
         try:
-            encoded = {}
-            for name, codec in self.field_codecs.items():
-                if getattr(out, name) is None:
-                    raise ValueError(f"this cache stores {name} and the batch has none")
-                encoded.update(codec.encode(name, getattr(out, name)))
-            variable = {}  # datasets of one variable-length byte string per sequence (SampleCodec.variable_rows)
-            text = None if out.text is None else (out.text, out.token_spans)
-            if out.sample_ids is not None:
-                encoded.update(self.samples.fixed_rows(out.sample_ids, out.sample_counts))
-                variable = self.samples.variable_rows(out.sample_ids, out.sample_counts)
-            if text is not None:
-                encoded["token_spans"] = np.asarray(text[1], np.int32)
+            fixed, variable = {}, {}  # per field: rows of fixed-shape datasets, per-sequence byte strings
+            for field in self.fields:
+                values = tuple(getattr(out, name) for name in field.names)
+                if any(v is None for v in values):
+                    raise ValueError(f"this cache stores {field.name} and the batch has none")
+                fixed[field.name], variable[field.name] = self.stores[field.name].encode(values)
             # the checksums of the bytes as stored: the arrays in the datasets' own dtypes
-            rows = {ds: np.asarray(arr, self.f[ds].dtype) for ds, arr in encoded.items()}
-            rows.update(variable)
-            if text is not None:
-                rows["text"] = [t.encode("utf-8") for t in text[0]]
+            rows = {ds: np.asarray(a, self.f[ds].dtype) for part in fixed.values() for ds, a in part.items()}
+            rows.update({ds: blobs for part in variable.values() for ds, blobs in part.items()})
             for col, ds in enumerate(self.rows):
                 self.sums[sl, col] = [checksum(row) for row in rows[ds]]
         except ValueError as e:
@@ -131,13 +113,13 @@ class ShardWriter:
         try:
             self.f["lengths"][sl] = lengths
             self.f["sequence_index"][sl] = out.sequence_index
-            for ds, arr in rows.items():
-                if ds not in variable and ds != "text":
-                    self.f[ds][sl] = arr
-            if variable:
-                self.sample_bytes = self.samples.write_variable(self.f, variable, self.cursor, self.sample_bytes)
-            if text is not None:
-                self.f["text"][sl] = list(text[0])
+            for name, part in fixed.items():
+                for ds in part:
+                    self.f[ds][sl] = rows[ds]
+                if variable[name]:
+                    self.used[name] = self.stores[name].write_variable(
+                        self.f, variable[name], self.cursor, self.used[name]
+                    )
         except (OSError, RuntimeError) as e:  # in memory: out of memory, or a bug
             self.abort()
             raise KDError(f"building shard {self.path.name} failed ({e})") from None
