@@ -174,14 +174,13 @@ if __name__ == "__main__":
 # ---- the tests' side -----------------------------------------------------------------------------------------
 
 _server: dict = {}
+_folders: list[Path] = []  # each process's output files, removed when the test session ends
 
 
 def _start() -> dict:
     """The warm interpreter, started on first use (~7 s, once per test session) and ended with the session."""
     if _server.get("proc") is not None and _server["proc"].poll() is None:
         return _server
-    import atexit
-
     folder = Path(tempfile.mkdtemp(prefix="kd-warm-"))
     path = str(folder / "socket")
     log = open(folder / "server.log", "wb")  # noqa: SIM115 - open for the server's life
@@ -192,11 +191,12 @@ def _start() -> dict:
     if line.strip() != b"ready":
         raise RuntimeError(f"the warm interpreter did not start: {(folder / 'server.log').read_text()[-3000:]}")
     _server.update(proc=proc, path=path, env=dict(os.environ), folder=folder)
-    atexit.register(_stop)
     return _server
 
 
 def _stop() -> None:
+    import shutil
+
     proc = _server.get("proc")
     if proc is not None and proc.poll() is None:
         try:
@@ -207,6 +207,15 @@ def _stop() -> None:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+    for folder in [*_folders, _server.get("folder")]:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ != "__main__":  # the tests' side: the warm interpreter and the processes' files go with the session
+    import atexit
+
+    atexit.register(_stop)
 
 
 def _request(request: dict) -> socket.socket:
@@ -249,6 +258,7 @@ class Popen:
             raise ValueError(f"warm.Popen runs Python commands, not {args[0]}")
         self.args, self.text, self.returncode = args, text, None
         self._folder = Path(tempfile.mkdtemp(prefix="kd-proc-"))
+        _folders.append(self._folder)
         self._outputs = {}
         paths = {}
         for name, how in (("stdout", stdout), ("stderr", stderr)):
