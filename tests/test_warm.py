@@ -31,6 +31,7 @@ sys.exit(int(os.environ.get("KD_PROBE_EXIT", "0")))
 
 def both(monkeypatch, args, **options) -> tuple:
     """The same command started warm and fresh (KD_TEST_COLD=1)."""
+    monkeypatch.delenv("KD_TEST_COLD", raising=False)
     warm_run = warm.run(args, capture_output=True, text=True, **options)
     monkeypatch.setenv("KD_TEST_COLD", "1")
     cold_run = warm.run(args, capture_output=True, text=True, **options)
@@ -64,6 +65,8 @@ def test_a_signal_ends_a_warm_process_as_it_ends_a_fresh_one(tmp_path, monkeypat
     for cold in (False, True):
         if cold:
             monkeypatch.setenv("KD_TEST_COLD", "1")
+        else:
+            monkeypatch.delenv("KD_TEST_COLD", raising=False)
         started = tmp_path / f"started-{cold}"
         proc = warm.Popen([sys.executable, str(script), started], stderr=warm.PIPE, text=True)
         deadline = time.time() + 30
@@ -91,7 +94,8 @@ def test_a_launch_gives_each_process_its_rank_and_fails_as_torchrun_does(tmp_pat
     assert failed.returncode == 1 and time.time() - start < 30  # the sleeping rank 0 was terminated
 
 
-def test_an_environment_read_at_import_time_starts_a_fresh_interpreter():
+def test_an_environment_read_at_import_time_starts_a_fresh_interpreter(monkeypatch):
+    monkeypatch.delenv("KD_TEST_COLD", raising=False)  # (a cold session starts every process fresh)
     base = dict(os.environ)
     assert not warm._cold(dict(base, KD_ANYTHING="1", OMP_NUM_THREADS="1", RANK="0", TORCHELASTIC_RUN_ID="x"))
     assert warm._cold(dict(base, HF_HUB_CACHE="/elsewhere")) and warm._cold(dict(base, PYTHONHASHSEED="3"))
