@@ -540,13 +540,16 @@ def test_report_draws_a_png(tiny_cache, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-def test_sweep_runs_the_grid_and_prints_a_table(tiny_cache, tmp_path):
+def test_sweep_runs_the_grid_and_prints_a_table(tiny_cache, tmp_path, monkeypatch, capsys):
+    """kd.sweep in this process; each of its runs a process of its own, as it starts them (`python -m
+    kd.train_student ...`), started warm (tests/warm.py)."""
+    from types import SimpleNamespace
+
+    from kd import sweep
+
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(f"student:\n  config: {STUDENT}\n")
     args = [
-        sys.executable,
-        "-m",
-        "kd.sweep",
         "--config",
         str(cfg_file),
         *[
@@ -556,9 +559,18 @@ def test_sweep_runs_the_grid_and_prints_a_table(tiny_cache, tmp_path):
         ],
         "train.lr=1e-3,3e-3",
     ]
-    result = warm.run(args, capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    table = result.stdout[result.stdout.index("eval/ce") :]
+    started = []
+
+    def run(cmd):
+        started.append(cmd)
+        return warm.run(cmd)
+
+    monkeypatch.setattr(sweep, "subprocess", SimpleNamespace(run=run))
+    rows = sweep.main(args)
+    out = capsys.readouterr().out
+    assert [c[:3] for c in started] == [[sys.executable, "-m", "kd.train_student"]] * 2
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    table = out[out.index("eval/ce") :]
     assert "r-0" in table and "r-1" in table and "train.lr=1e-3" in table and "train.lr=3e-3" in table
     assert (tmp_path / "r-0" / "final").exists() and (tmp_path / "r-1" / "final").exists()
 
