@@ -4,6 +4,7 @@ refusals and its step contract: tests/test_deepspeed.py; FSDP2 and both end to e
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -94,3 +95,56 @@ def test_the_shipped_fsdp2_config_loads_in_accelerate():
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     # what kd refuses (kd/train/backend.py check_fsdp) is off in the shipped config
     assert fsdp["fsdp_cpu_ram_efficient_loading"] is False and fsdp["fsdp_activation_checkpointing"] is False
+
+
+def test_the_fp16_gradient_scaler_path_of_a_skipped_window():
+    """Accelerate runs mixed_precision fp16 on a CPU as fp32 (no autocast, no scaler: accelerator.scaler is None), so
+    no CPU run of train_student reaches the gradient scaler. Here a real torch GradScaler stands where Accelerate puts
+    its own on a GPU (in the Accelerator before prepare, which hands it to the optimizer wrapper and wraps the forward
+    in fp16 autocast): a window with a NaN teacher value is skipped with the scale halved and the weights and the
+    optimizer state untouched, and the next windows step (had AccelerateBackend.finish not updated the scaler after
+    the skipped window's unscale_, the next unscale_ would raise)."""
+    import torch
+    from accelerate import Accelerator
+    from conftest import TINY
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kd.losses.terms import Term
+    from kd.signals import TopK
+    from kd.train import DistillModel, LossPlan, optimizer_step
+
+    V, K, B, T = 64, 8, 2, 12
+    acc = Accelerator(mixed_precision="fp16")
+    assert acc.scaler is None and not acc.native_amp  # what Accelerate does on a CPU
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**10), True
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY, vocab_size=V))
+    model, opt = acc.prepare(DistillModel(lm, [], 16), torch.optim.AdamW(lm.parameters(), lr=1e-3))
+    g = torch.Generator().manual_seed(0)
+    windows = []
+    for _ in range(4):
+        lp, ids = torch.log_softmax(torch.randn(B, T, V, generator=g) * 3, -1).topk(K, dim=-1)
+        batch = {"input_ids": torch.randint(0, V, (B, T), generator=g), "length": torch.full((B,), T)}
+        windows.append([{**batch, "topk_ids": ids, "topk_logprobs": lp}])
+    windows[1][0]["topk_logprobs"][0, 3, 0] = float("nan")
+    plan = LossPlan(
+        [Term("ce", "ce", 0.5), Term("kd", "forward_kl", 0.5)],
+        lambda b, a: TopK(b["topk_ids"].reshape(-1, K), b["topk_logprobs"].reshape(-1, K), "bucket"),
+        1.0,
+        64,
+    )
+    applied, scales = [], []
+    for i, w in enumerate(windows):
+        weights = [p.detach().clone() for p in model.parameters()]
+        moments = [s["exp_avg"].clone() for s in opt.optimizer.state.values()]
+        scales.append(acc.scaler.get_scale())
+        r = optimizer_step(model, opt, w, plan, acc, 1e-3, 1.0)
+        applied.append(r.applied)
+        if i == 1:
+            assert r.nonfinite[0] == "kd"
+            assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+            assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, opt.optimizer.state.values()))
+        else:
+            assert math.isfinite(r.result.raw["kd"]) and math.isfinite(r.grad_norm)
+    assert applied == [True, False, True, True]
+    assert scales[2] == scales[1] / 2 and scales[3] == scales[2]  # halved by the skipped window only

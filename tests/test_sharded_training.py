@@ -151,8 +151,8 @@ def test_two_sharded_processes_match_one_plain_process_and_resume_exactly(tiny_c
 
 @pytest.mark.parametrize("launch,precision", [("fsdp2.yaml", "fp16"), ("zero2.yaml", "bf16")])
 def test_mixed_precision_skips_a_nonfinite_window_and_trains_on(tiny_cache, tmp_path, launch, precision):
-    """fp16 under FSDP2: its gradient scaler is updated on the skipped window as its own skipped step would be (else
-    the next step fails). bf16 under DeepSpeed: its overflow check, on which kd's skip relies there (kd refuses
+    """fp16 under FSDP2 (as fp32 on these CPU processes: Accelerate makes no gradient scaler on a CPU; the scaler's
+    skipped-window path is tests/test_backends.py's). bf16 under DeepSpeed: its overflow check, on which kd's skip relies there (kd refuses
     bf16.check_grad_overflow: false), discards the window. (DeepSpeed has no fp16 on CPU; FSDP2's bf16 is its
     mixed-precision policy, no scaler.) The poisoned window skipped, every other step finite."""
     cache = one_poisoned_sequence(tiny_cache, tmp_path)

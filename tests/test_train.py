@@ -275,7 +275,8 @@ def poisoned_cache(src: Path, dst: Path, sequences: list[int] | None) -> Path:
 
 @pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])
 def test_nonfinite_step_is_skipped_and_logged(tiny_cache, tmp_path, precision):
-    """Also under fp16, where the gradient scaler must be updated on a skipped step (else the next step fails)."""
+    """Also under fp16, which Accelerate runs as fp32 on a CPU (no scaler: its skipped-window path is
+    tests/test_backends.py::test_the_fp16_gradient_scaler_path_of_a_skipped_window)."""
     from kd.train import epoch_order
 
     # poison exactly the sequences that make up optimizer step 3 (window of 2 x 2 sequences, seed 0)
