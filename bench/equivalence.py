@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 # metrics.jsonl keys that measure the machine, not the computation
-TIMING_KEYS = {"tokens_per_s", "elapsed_s", "peak_mem_mb"}
+TIMING_KEYS = {"tokens_per_s", "elapsed_s", "step_cpu_s", "peak_mem_mb"}
 # manifest keys that describe one run of the pass, not the cache's content
 RUN_KEYS = {"created_unix"}
 

@@ -296,6 +296,8 @@ class TrainSection:
     max_consecutive_skips: stop with an error (after saving a checkpoint) when this many optimizer steps in a
         row are skipped for non-finite losses or gradients.
     eval_every: evaluate every this many optimizer steps (and at the end).
+    eval_steps: also evaluate after these optimizer steps, e.g. log-spaced token budgets of one run
+        ([20, 40, 80, 160]) without evaluating every 20 steps.
     eval_max_sequences: cap on eval-split sequences per evaluation (null = all).
     checkpoint_every: save a resumable checkpoint every this many optimizer steps; 0 = none during the run.
     save_final_state: keep a resumable checkpoint at the end (the optimizer's moments included: ~3x the weights);
@@ -347,6 +349,7 @@ class TrainSection:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     max_consecutive_skips: int = 10
     eval_every: int = 50
+    eval_steps: list[int] = field(default_factory=list)
     eval_max_sequences: int | None = None
     checkpoint_every: int = 0
     save_final_state: bool | None = field(default=None, metadata=RESUME_FREE)
@@ -372,6 +375,8 @@ class TrainSection:
         for name in ("micro_batch_size", "gradient_accumulation_steps", "eval_every", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise KDError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if any(s < 1 for s in self.eval_steps):
+            raise KDError(f"train.eval_steps must be optimizer steps >= 1, got {self.eval_steps}")
         if not 0 < self.min_lr <= self.lr:
             raise KDError(
                 f"need 0 < train.min_lr <= train.lr (got min_lr={self.min_lr}, lr={self.lr}): "

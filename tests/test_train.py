@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -209,6 +210,35 @@ def test_accumulation_gives_the_same_gradient_as_one_big_batch(tiny_cache):
 
 
 # ---- 3, 6: evaluation of the current student; honest perplexity ----
+
+
+def test_eval_steps_add_evals_at_chosen_steps_and_a_steps_figures_are_its_own(tiny_cache, tmp_path, monkeypatch):
+    """train.eval_steps evaluates after chosen steps besides every eval_every (log-spaced budgets of one run,
+    bench/bench_budget.py). A step's tokens_per_s and step_cpu_s (CPU seconds of the process) are its own: the
+    eval after a step is not counted in the next one (it was, in tokens_per_s). Here every eval also burns 1.5 s of
+    CPU and sleeps 3 s."""
+    from kd.train import recipe
+
+    real = recipe.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        t0 = time.process_time()
+        while time.process_time() - t0 < 1.5:
+            pass
+        time.sleep(3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "evaluate", slow_evaluate)
+    cfg = {"train.max_steps": 6, "train.eval_every": 5, "train.eval_steps": "[2, 3, 9]"}
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **cfg))
+    assert [e["step"] for e in evals_of(run)] == [0, 2, 3, 5, 6]
+    steps = steps_of(run)
+    assert all(0 < r["step_cpu_s"] < 1.0 for r in steps), [r["step_cpu_s"] for r in steps]
+    assert all(r["tokens_seen"] - p["tokens_seen"] < 2.5 * r["tokens_per_s"] for p, r in zip(steps, steps[1:]))
+    with pytest.raises(KDError, match=r"train.eval_steps must be optimizer steps >= 1, got \[4, 0\]"):
+        make_cfg(tiny_cache, tmp_path, **{"train.eval_steps": "[4, 0]"})
+    with pytest.raises(KDError, match=r"'train.eval_steps\[0\]' must be an integer, got 2.5"):
+        make_cfg(tiny_cache, tmp_path, **{"train.eval_steps": "[2.5]"})
 
 
 def test_eval_reflects_the_current_student_and_ppl_is_exp_ce(tiny_cache, tmp_path):
@@ -673,7 +703,7 @@ def test_a_term_list_equal_to_the_alphas_trains_identically(tiny_cache, tmp_path
     assert len(a) == len(b) and any("w_feature" in r for r in a)
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
-        for key in set(ra) - {"tokens_per_s", "peak_mem_mb", "elapsed_s", "event"}:
+        for key in set(ra) - {"tokens_per_s", "peak_mem_mb", "elapsed_s", "step_cpu_s", "event"}:
             assert rb[key] == pytest.approx(ra[key], rel=1e-6), key
 
 

