@@ -28,7 +28,10 @@ loader, measured elsewhere (bench_head.py). What it measures, each part through 
     head     the wide student, one step over 8 x 1024 tokens in bf16, fused LM head on and off: peak
     checks   fp16: a window with a NaN teacher value is skipped through the scaler path (weights kept, scale lowered)
              and the run goes on; 20 steps in bf16 and fp16 end within a stated tolerance of fp32 on the same windows
-    backends FSDP2 on one process (through `accelerate launch`, CUDA only); DeepSpeed where it is installed
+    backends the cached step under FSDP2, and ZeRO-2/ZeRO-3 where DeepSpeed is installed, on one process through
+             `accelerate launch` with the shipped launch configs (CUDA only: Accelerate starts them on GPUs). The
+             lent machine has no DeepSpeed; its wheel and those of its pure-Python dependencies can travel in
+             the 64 MiB (`pip install --no-index --find-links DIR deepspeed` there)
 
 Peak memory: torch.cuda.max_memory_allocated, reset before each measurement. On CPU (the tiny run) the figures are
 the process's peak RSS, which cannot be reset: meaningless beyond the plumbing. Prints one table (device named) and
@@ -499,58 +502,56 @@ def check_part(shapes: Shapes, device, report: Report) -> None:
         )
 
 
+LAUNCHED = {"fsdp2": "FSDP2", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}  # configs/accelerate/*.yaml
+
+
 def backend_part(args, shapes: Shapes, device, report: Report) -> None:
-    """FSDP2 on one process through Accelerate's launcher (a child run of this script's step part); DeepSpeed said
-    so where it is not installed."""
-    if importlib.util.find_spec("deepspeed") is None:
-        report.rows.append(Row("backend", "DeepSpeed ZeRO-2/ZeRO-3", "-", note="not installed here: not measured"))
-    else:
-        report.rows.append(
-            Row(
-                "backend",
-                "DeepSpeed ZeRO-2/ZeRO-3",
-                "-",
-                note=("installed, measured by bench/gpu_check.sh (a cache, 2 GPUs); not by this script"),
+    """The cached step under each sharding back-end on one process, through Accelerate's launcher with the shipped
+    launch config (a child run of this script: `--only launched_step --launch NAME`); said so where it cannot run."""
+    for name, label in LAUNCHED.items():
+        row = f"{label} (1 process)"
+        if name.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+            report.rows.append(Row("backend", row, "-", note="DeepSpeed is not installed here: not measured"))
+            continue
+        if device.type != "cuda":
+            report.rows.append(
+                Row(
+                    "backend",
+                    row,
+                    "-",
+                    note="CUDA only: Accelerate starts FSDP and DeepSpeed on GPUs (on CPU "
+                    "processes: tests/test_sharded_training.py)",
+                )
             )
-        )
-    if device.type != "cuda":
-        report.rows.append(
-            Row(
-                "backend",
-                "FSDP2 (1 process)",
-                "-",
-                note=(
-                    "CUDA only: Accelerate starts FSDP on GPUs (FSDP2 on CPU processes: tests/test_sharded_training.py)"
-                ),
-            )
-        )
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "fsdp2.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(ROOT / "configs/accelerate/fsdp2.yaml"),
-            "--num_processes",
-            "1",
-            str(Path(__file__).resolve()),
-            "--only",
-            "fsdp2_step",
-            "--out",
-            str(out),
-        ] + (["--tiny"] if args.tiny else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0 or not out.exists():
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-            report.rows.append(Row("backend", "FSDP2 (1 process)", "bf16", note=f"failed: {' | '.join(tail)}"))
-            return
-        report.rows.extend(Row(**r) for r in json.loads(out.read_text())["rows"])
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / f"{name}.json"
+            cmd = [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(ROOT / f"configs/accelerate/{name}.yaml"),
+                "--num_processes",
+                "1",
+                str(Path(__file__).resolve()),
+                "--only",
+                "launched_step",
+                "--launch",
+                name,
+                "--out",
+                str(out),
+            ] + (["--tiny"] if args.tiny else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0 or not out.exists():
+                tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+                report.rows.append(Row("backend", row, "bf16", note=f"failed: {' | '.join(tail)}"))
+                continue
+            report.rows.extend(Row(**r) for r in json.loads(out.read_text())["rows"])
 
 
-def fsdp2_step(shapes: Shapes, device, report: Report) -> None:
-    """(the child of backend_part) the cached top-256 step in bf16 under the launcher's FSDP2 back-end."""
+def launched_step(args, shapes: Shapes, device, report: Report) -> None:
+    """(the child of backend_part) the cached top-256 step in bf16 under the launcher's back-end."""
     import torch
     from accelerate import Accelerator
 
@@ -577,7 +578,7 @@ def fsdp2_step(shapes: Shapes, device, report: Report) -> None:
     report.rows.append(
         Row(
             "backend",
-            f"FSDP2 (1 process, {type(backend).__name__}): {STEP_VARIANTS['topk']}",
+            f"{LAUNCHED[args.launch]} (1 process, {type(backend).__name__}): {STEP_VARIANTS['topk']}",
             "bf16",
             B * T * ga / per_step,
             peak_mb(accelerator.device),
@@ -656,11 +657,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where to measure (default cuda)")
     p.add_argument("--tiny", action="store_true", help="toy shapes: the plumbing in seconds")
     p.add_argument("--out", default=None, help="write the table as JSON here")
+    p.add_argument("--launch", choices=list(LAUNCHED), help="(launched_step) the launch config it runs under")
     p.add_argument(
         "--only",
         nargs="+",
         default=["cache", "step", "head", "checks", "backends"],
-        choices=["cache", "step", "head", "checks", "backends", "fsdp2_step"],
+        choices=["cache", "step", "head", "checks", "backends", "launched_step"],
         help="the parts to run",
     )
     args = p.parse_args(argv)
@@ -690,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         "step": step_part,
         "head": head_part,
         "checks": check_part,
-        "fsdp2_step": fsdp2_step,
+        "launched_step": lambda s, d, r: launched_step(args, s, d, r),
         "backends": lambda s, d, r: backend_part(args, s, d, r),
     }
     t0 = time.perf_counter()

@@ -43,8 +43,12 @@ def test_the_tiny_run_measures_every_part_with_the_lent_machines_packages(tmp_pa
     assert not any(r["note"] for r in by_part["step"])
     assert [r["name"].split(",")[0] for r in by_part["head"]] == ["fused LM head", "fused LM head off"]
     assert all(r["peak_mb"] > 0 for r in by_part["head"])
-    # backends: said, not silently left out (FSDP2 is CUDA only; DeepSpeed is measured elsewhere or absent)
-    assert [r["name"] for r in by_part["backend"]] == ["DeepSpeed ZeRO-2/ZeRO-3", "FSDP2 (1 process)"]
+    # backends: said, not silently left out (Accelerate starts them on GPUs only; DeepSpeed may be absent)
+    assert [r["name"] for r in by_part["backend"]] == [
+        "FSDP2 (1 process)",
+        "DeepSpeed ZeRO-2 (1 process)",
+        "DeepSpeed ZeRO-3 (1 process)",
+    ]
     assert all(r["note"] for r in by_part["backend"])
     # the checks ran and held; goals are judged on a GPU only
     assert [c["passed"] for c in report["checks"]] == [True, True, True], report["checks"]
@@ -128,3 +132,14 @@ def test_the_shapes_are_the_original_projects(shapes):
     if shapes is gpu_seed.FULL:
         assert round(n_teacher / 1e6, 1) == 1280.2 and round(n_student / 1e6, 1) == 134.5
         assert shapes.step == (2, 384, 16) and shapes.head_batch == (8, 1024) and shapes.top_k == 256
+
+
+def test_the_launched_child_runs_its_step(tmp_path):
+    """The child that `accelerate launch` starts per back-end, run here without the launcher (Accelerate's plain
+    back-end on CPU): its one row comes back through the JSON the parent reads."""
+    out = tmp_path / "child.json"
+    argv = ["--device", "cpu", "--tiny", "--only", "launched_step", "--launch", "zero2", "--out", str(out)]
+    assert gpu_seed.main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["name"] == "DeepSpeed ZeRO-2 (1 process, AccelerateBackend): cached top-256 KD + CE"
+    assert row["tokens_per_s"] > 0 and row["note"] == ""
