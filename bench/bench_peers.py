@@ -136,6 +136,7 @@ def kd_arm(arm: str, cache_dir: str, student: str, steps: int, out: str, seed: i
         "student.config=null",
         f"student.pretrained={student}",
         "loss.alpha_feature=0",
+        "loss.feature_layers=[]",  # caches without hidden states too
         "loss.temperature=1.0",
         f"train.cache_dir={cache_dir}",
         f"train.output_dir={out}",
