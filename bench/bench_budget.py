@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -201,7 +202,9 @@ def cmd_run(args) -> int:
                 if is_done(run_dir):
                     continue
                 cmd = train_command(STUDENTS[name], arm, seed, sys.executable, args.device, args.scale, args.cache)
-                if (run_dir / "checkpoints" / "latest.json").exists():
+                if run_dir.exists() and not (run_dir / "config.json").exists():
+                    shutil.rmtree(run_dir)  # stopped before its run began: nothing of it to keep
+                if (run_dir / "config.json").exists():  # resumes from its last checkpoint, or starts it again
                     cmd.append("train.resume=true")
                 print("[budget]", run_name(name, arm, seed), flush=True)
                 log = OUT / "logs" / f"{run_name(name, arm, seed)}.log"
