@@ -45,6 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_peers import mean_se  # noqa: E402  (the benchmarks' one mean and standard error; puts kd on the path)
+
 OUT = ROOT / "bench" / "out" / "budget"
 CACHE = ROOT / "caches" / "budget_smollm2"
 PRUNED = OUT / "pruned_15"  # the half-depth student, cut once from the teacher
@@ -179,7 +182,6 @@ def cmd_cache(args) -> int:
     if (CACHE / "manifest.json").exists():
         print(f"[budget] {CACHE} exists; verify it with: python -m kd.cache verify {CACHE}")
         return 0
-    sys.path.insert(0, str(ROOT))
     from kd.paths import assets_dir
 
     cmd = ["nice", "-n", "19", *cache_command(assets_dir(), sys.executable)]
@@ -234,9 +236,12 @@ class Curve:
     bpc: list[float]
     ood_ce: list[float]
 
+    def at(self, key: str, tokens: int) -> float:
+        """`key` (ce, bpc, ood_ce, cpu_s) at the evaluation after `tokens`."""
+        return getattr(self, key)[self.tokens.index(tokens)]
+
 
 def read_curve(run_dir: Path) -> Curve:
-    sys.path.insert(0, str(ROOT))
     from kd.train import read_metrics
 
     records = read_metrics(run_dir)
@@ -259,14 +264,6 @@ def read_curve(run_dir: Path) -> Curve:
     )
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    m = sum(values) / n
-    if n < 2:
-        return m, math.nan
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
-
-
 def tokens_to_reach(tokens: list[int], ce: list[float], target: float) -> tuple[float, bool]:
     """(training tokens at which a CE curve first reaches `target`, whether that was extrapolated): linear in log
     tokens between evaluated budgets; past the last one, the line through the last two budgets (inf when it does
@@ -287,6 +284,11 @@ def tokens_to_reach(tokens: list[int], ce: list[float], target: float) -> tuple[
     return math.exp(math.log(t1) + (target - c1) / slope), True
 
 
+def paired(runs: dict, seeds: list[int], arm: str, base: str, key: str, tokens: int) -> tuple[float, float]:
+    """Mean and standard error over `seeds` of arm - base in `key` at `tokens` (runs: (arm, seed) -> Curve)."""
+    return mean_se([runs[(arm, s)].at(key, tokens) - runs[(base, s)].at(key, tokens) for s in seeds])
+
+
 def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
     """Per student: per budget and arm, CE (in and out of domain) and bits/char over seeds; KD minus CE only paired
     over seeds; the token-efficiency ratio at the largest budget; CPU seconds per 1,000 training tokens."""
@@ -299,30 +301,19 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
         seeds = sorted({s for _, s in runs})
         complete = [s for s in seeds if all((a, s) in runs for a in arms)]
         budgets = sorted(set.intersection(*(set(c.tokens) for c in runs.values())) - {0})
+
         table = []
         for b in budgets:
             row = {"tokens": b}
             for a in arms:
-                at = [c for (arm, _), c in runs.items() if arm == a]
                 for key in ("ce", "bpc", "ood_ce"):
-                    row[f"{a}/{key}"] = mean_se([getattr(c, key)[c.tokens.index(b)] for c in at])
+                    row[f"{a}/{key}"] = mean_se([c.at(key, b) for (arm, _), c in runs.items() if arm == a])
             for a in arms:
                 if a != "ce" and "ce" in arms and complete:
                     for key in ("ce", "ood_ce"):
-                        diffs = [
-                            getattr(runs[(a, s)], key)[runs[(a, s)].tokens.index(b)]
-                            - getattr(runs[("ce", s)], key)[runs[("ce", s)].tokens.index(b)]
-                            for s in complete
-                        ]
-                        row[f"{a}-ce/{key}"] = mean_se(diffs)
+                        row[f"{a}-ce/{key}"] = paired(runs, complete, a, "ce", key, b)
             if "topk" in arms and "sampled" in arms and complete:
-                row["sampled-topk/ce"] = mean_se(
-                    [
-                        runs[("sampled", s)].ce[runs[("sampled", s)].tokens.index(b)]
-                        - runs[("topk", s)].ce[runs[("topk", s)].tokens.index(b)]
-                        for s in complete
-                    ]
-                )
+                row["sampled-topk/ce"] = paired(runs, complete, "sampled", "topk", "ce", b)
             table.append(row)
         ratios = {}
         if "ce" in arms and budgets:
@@ -332,8 +323,7 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
                     continue
                 per_seed, extrapolated = [], False
                 for s in complete:
-                    kd_ce = runs[(a, s)].ce[runs[(a, s)].tokens.index(last)]
-                    t, ex = tokens_to_reach(runs[("ce", s)].tokens, runs[("ce", s)].ce, kd_ce)
+                    t, ex = tokens_to_reach(runs[("ce", s)].tokens, runs[("ce", s)].ce, runs[(a, s)].at("ce", last))
                     per_seed.append(t / last)
                     extrapolated |= ex
                 ratios[a] = {"ratio": mean_se(per_seed), "per_seed": per_seed, "extrapolated": extrapolated}
@@ -412,10 +402,10 @@ def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]
             if not at:
                 continue
             common = sorted(set.intersection(*(set(c.tokens) for c in at)) - {0})
-            stats = [mean_se([c.ce[c.tokens.index(t)] for c in at]) for t in common]
+            stats = [mean_se([c.at("ce", t) for c in at]) for t in common]
             m = [x[0] for x in stats]
             se = [0 if math.isnan(x[1]) else x[1] for x in stats]
-            cpu = [mean_se([c.cpu_s[c.tokens.index(t)] for c in at])[0] for t in common]
+            cpu = [mean_se([c.at("cpu_s", t) for c in at])[0] for t in common]
             for ax, x in ((axes[0], common), (axes[1], cpu)):
                 ax.plot(x, m, marker="o", color=colors[a], label=f"{a} ({len(at)} seeds)")
                 ax.fill_between(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -288,10 +289,12 @@ def demo_run_tokens(cache_dir: str) -> int:
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean); the error is nan for one value (unknown, not zero). The benchmarks over
+    seeds share it (bench_budget.py, bench_sampled_gap.py)."""
     import statistics
 
     m = statistics.fmean(values)
-    return m, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0)
+    return m, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else math.nan)
 
 
 def main() -> None:

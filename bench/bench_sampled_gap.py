@@ -39,14 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_peers import MB, student_init  # noqa: E402
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, math.nan
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+from bench_peers import MB, mean_se, student_init  # noqa: E402
 
 
 def arm(kind: str, cache: str, student: Path, steps: int, seed: int) -> float:

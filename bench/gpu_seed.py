@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -364,6 +364,20 @@ STEP_VARIANTS = {
 }
 
 
+def prepared_student(
+    shapes: Shapes, accelerator, vocab: int | None = None, seed: int = 0, fused: bool = True, lr: float = 5e-4
+):
+    """A fresh random-init student (seed `seed`, at `vocab` or the shapes' student vocabulary) in kd's DistillModel
+    and its AdamW, prepared by `accelerator`: -> (model, optimizer)."""
+    import torch
+
+    from kd.train import DistillModel
+
+    lm = build_lm(shapes.student, vocab or shapes.student_vocab, torch.float32, accelerator.device, seed)
+    model = DistillModel(lm, [], shapes.teacher["hidden_size"], fused_head=fused)
+    return accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=lr))
+
+
 def train_steps(
     shapes: Shapes,
     device,
@@ -377,16 +391,11 @@ def train_steps(
     student_vocab: int | None = None,
 ):
     """`steps` optimizer steps of a fresh student (seed `seed`) over `windows` (cycled) through kd's own step:
-    -> (StepResults, seconds per step after the first, the accelerator's scaler)."""
-    import torch
-
-    from kd.train import DistillModel, LossPlan, optimizer_step
+    -> (StepResults, seconds per step after the first)."""
+    from kd.train import LossPlan, optimizer_step
 
     accelerator = fresh_accelerator(precision, device)
-    lm = build_lm(shapes.student, student_vocab or shapes.student_vocab, torch.float32, device, seed)
-    model = DistillModel(lm, [], shapes.teacher["hidden_size"], fused_head=variant != "topk_unfused")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepared_student(shapes, accelerator, student_vocab, seed, variant != "topk_unfused", lr)
     plan = LossPlan.build(loss_config(variant), teacher=teacher)
     results, t0 = [], None
     for i in range(steps):
@@ -396,7 +405,7 @@ def train_steps(
         results.append(optimizer_step(model, optimizer, windows[i % len(windows)], plan, accelerator, lr, 1.0))
     synchronize(device)
     per_step = (time.perf_counter() - t0) / max(steps - 1, 1) if t0 is not None else math.nan
-    return results, per_step, accelerator.scaler
+    return results, per_step
 
 
 def step_part(shapes: Shapes, device, report: Report) -> None:
@@ -409,7 +418,7 @@ def step_part(shapes: Shapes, device, report: Report) -> None:
             if variant == "online":  # the teacher in the training process, at the student's vocabulary
                 teacher = build_lm(shapes.teacher, shapes.student_vocab, dtype_of(precision), device).eval()
             reset_peak(device)
-            results, per_step, _ = train_steps(shapes, device, precision, variant, windows, shapes.timed + 1, teacher)
+            results, per_step = train_steps(shapes, device, precision, variant, windows, shapes.timed + 1, teacher)
             applied = sum(r.applied for r in results)
             note = f"{applied}/{len(results)} steps applied" if applied < len(results) else ""
             report.rows.append(Row("step", label, precision, B * T * ga / per_step, peak_mb(device), note))
@@ -418,24 +427,19 @@ def step_part(shapes: Shapes, device, report: Report) -> None:
 
 def head_part(shapes: Shapes, device, report: Report) -> None:
     """The wide student (V = the teacher's), one step over head_batch tokens in bf16, fused head on and off."""
-    import torch
-
     B, T = shapes.head_batch
-    wide = Shapes(**{**asdict(shapes), "step": (B, T, 1), "student_vocab": shapes.teacher["vocab_size"]})
+    wide = replace(shapes, step=(B, T, 1), student_vocab=shapes.teacher["vocab_size"])
     windows = make_windows(wide, 1, 1, 1, device)
     peaks = {}
     for variant in ("topk", "topk_unfused"):
         reset_peak(device)
-        results, _, _ = train_steps(wide, device, "bf16", variant, windows, 2)
+        train_steps(wide, device, "bf16", variant, windows, 2)
         peaks[variant] = peak_mb(device)
         note = "" if variant == "topk" else f"fused/unfused peak {peaks['topk'] / peaks['topk_unfused']:.3f}"
         name = "fused LM head" if variant == "topk" else "fused LM head off"
         report.rows.append(
             Row("head", f"{name}, V={wide.student_vocab}, {B} x {T}", "bf16", None, peaks[variant], note)
         )
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 def check_part(shapes: Shapes, device, report: Report) -> None:
@@ -448,13 +452,10 @@ def check_part(shapes: Shapes, device, report: Report) -> None:
     windows[1] = [dict(b) for b in windows[1]]
     windows[1][0]["topk_logprobs"] = windows[1][0]["topk_logprobs"].clone()
     windows[1][0]["topk_logprobs"][0, 0, 0] = float("nan")
-    accelerator = fresh_accelerator("fp16", device)
-    from kd.train import DistillModel, LossPlan, optimizer_step
+    from kd.train import LossPlan, optimizer_step
 
-    lm = build_lm(shapes.student, shapes.student_vocab, torch.float32, device)
-    model = DistillModel(lm, [], shapes.teacher["hidden_size"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator = fresh_accelerator("fp16", device)
+    model, optimizer = prepared_student(shapes, accelerator)
     plan = LossPlan.build(loss_config("topk"))
     scales, applied, kept, losses = [], [], [], []
     for w in windows:
@@ -485,7 +486,7 @@ def check_part(shapes: Shapes, device, report: Report) -> None:
     windows = make_windows(shapes, shapes.check_steps, shapes.check_ga, 3, device)
     curves = {}
     for precision in ("no", "bf16", "fp16"):
-        results, _, _ = train_steps(shapes, device, precision, "topk", windows, shapes.check_steps, seed=1)
+        results, _ = train_steps(shapes, device, precision, "topk", windows, shapes.check_steps, seed=1)
         curves[precision] = [r.result.raw["ce"] * 0.5 + r.result.raw["kd"] * 0.5 for r in results]
     for precision in ("bf16", "fp16"):
         rel = [abs(a - b) / abs(b) for a, b in zip(curves[precision], curves["no"])]
@@ -552,19 +553,15 @@ def backend_part(args, shapes: Shapes, device, report: Report) -> None:
 
 def launched_step(args, shapes: Shapes, device, report: Report) -> None:
     """(the child of backend_part) the cached top-256 step in bf16 under the launcher's back-end."""
-    import torch
     from accelerate import Accelerator
 
-    from kd.train import DistillModel, LossPlan, optimizer_step
+    from kd.train import LossPlan, optimizer_step
     from kd.train.backend import backend_for
 
     B, T, ga = shapes.step
     windows = make_windows(shapes, 1, ga, 0, device)
     accelerator = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=1)
-    lm = build_lm(shapes.student, shapes.student_vocab, torch.float32, accelerator.device)
-    model = DistillModel(lm, [], shapes.teacher["hidden_size"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepared_student(shapes, accelerator)
     backend = backend_for(accelerator, model)
     plan = LossPlan.build(loss_config("topk"))
     reset_peak(accelerator.device)
