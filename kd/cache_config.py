@@ -10,14 +10,48 @@ from kd.errors import KDError
 
 
 @dataclass
+class ServerConfig:
+    """A teacher served by an inference server (vLLM, kd/served.py) instead of loaded in process.
+
+    url: the server's base URL (http://host:port), or a list of servers of the same model: requests go to them in
+        turn (and a failed one is retried on the next).
+    model: the served model's name as requests give it (null = the server's only model).
+    concurrency: requests in flight per process; each carries teacher.batch_size windows.
+    timeout_s: seconds to wait for one request's answer.
+    retries: tries after the first for a request that fails in a way that may pass (connection refused or reset, a
+        timeout, HTTP 429 or 5xx), with exponential backoff from backoff_s (at most 30 s between tries).
+    backoff_s: the first wait before a retry.
+    """
+
+    url: str | list[str]
+    model: str | None = None
+    concurrency: int = 4
+    timeout_s: float = 600.0
+    retries: int = 5
+    backoff_s: float = 1.0
+
+    def __post_init__(self):
+        if self.concurrency < 1:
+            raise KDError(f"teacher.server.concurrency must be >= 1, got {self.concurrency}")
+        if self.retries < 0:
+            raise KDError(f"teacher.server.retries must be >= 0, got {self.retries}")
+        if not self.timeout_s > 0 or self.backoff_s < 0:
+            raise KDError(
+                f"teacher.server.timeout_s must be > 0 and backoff_s >= 0, got {self.timeout_s} and {self.backoff_s}"
+            )
+
+
+@dataclass
 class TeacherConfig:
     """The teacher model.
 
     model: local folder, `asset:NAME` (see `python -m kd.assets`) or hub id of any HF causal LM, dense or MoE.
+        With a `server`, what describes the served model: its config and tokenizer (the weights are not read).
     revision: hub revision (branch, tag or commit) when `model` is a hub id; recorded in the cache.
     dtype: compute dtype of the forward pass (fp16 for GPUs without bf16, such as the P100). Log-softmax is fp32 always.
     attn_implementation: passed to `from_pretrained` ("sdpa", "eager", "flash_attention_2", ...).
-    batch_size: sequences per forward pass. Does not change what is stored, so a resumed run may change it.
+    batch_size: sequences per forward pass (with a `server`: windows per request). Does not change what is stored,
+        so a resumed run may change it.
     device_map: null = the whole teacher on each process's device. For a teacher larger than one GPU, its layers
         placed over the `devices_per_process` GPUs of each process by transformers' device_map: `balanced` (even
         split), `sequential` (fill each GPU in turn), `auto`; or an explicit {module name: device} map ("cpu",
@@ -26,6 +60,9 @@ class TeacherConfig:
         two parts against the whole one), so a resumed run may change it.
     devices_per_process: GPUs each process's teacher spans under a named device_map: process with local rank r
         takes GPUs r*D .. r*D+D-1 of its machine, so launch GPUs / D processes per machine.
+    server: the teacher behind an inference server (ServerConfig; null = in process). The cache then records the
+        served model (name, where the server loaded it from) as the teacher's identity, and `dtype` as declared:
+        set it to the server's own dtype, which the server does not report.
     """
 
     model: str = field(default="asset:smollm2-135m-instruct", metadata=PATH)
@@ -35,6 +72,7 @@ class TeacherConfig:
     batch_size: int = field(default=8, metadata=NOT_CONTENT)
     device_map: str | dict[str, Any] | None = field(default=None, metadata=NOT_CONTENT)
     devices_per_process: int = field(default=1, metadata=NOT_CONTENT)
+    server: ServerConfig | None = field(default=None, metadata=NOT_CONTENT)
 
     def __post_init__(self):
         if self.batch_size < 1:

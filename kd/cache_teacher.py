@@ -29,7 +29,6 @@ from kd.cache_config import CacheConfig
 from kd.config import parse_cli, to_dict
 from kd.dist import agree
 from kd.errors import run_cli
-from kd.teacher import TeacherModel
 
 
 def main(cfg: CacheConfig) -> Path:
@@ -39,9 +38,11 @@ def main(cfg: CacheConfig) -> Path:
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
 
     # 1. Everything cheap, before any heavy work (an error on any process stops every process): the teacher's config
-    #    and tokenizer, the sources; then the teacher's identity (its weights' digest) and the cache's description.
+    #    and tokenizer, the sources, a served teacher's server; then the teacher's identity (its weights' digest, or
+    #    the served model's) and the cache's description.
     inputs = agree(accelerator, lambda: build.validate(cfg))
-    weights = build.teacher_weights(accelerator, cfg, inputs.model_cfg)
+    teacher = agree(accelerator, lambda: build.teacher_source(cfg, accelerator, inputs))
+    weights = build.teacher_weights(accelerator, cfg, inputs.model_cfg, teacher)
     identity = config_hash(cfg, cfg_dict, weights)
     meta = cache_metadata(cfg, identity, inputs.model_cfg, inputs.tokenizer, inputs.spec, weights)
     writer = CacheWriter(Path(cfg.cache.output_dir), cfg_dict, meta, accelerator)
@@ -57,8 +58,8 @@ def main(cfg: CacheConfig) -> Path:
         index, stats = build.ingest(cfg, accelerator, inputs, writer.out)
         writer.record_config(weights)
 
-        # 4. The teacher pass over the windows, shard by shard (the lowrank codec's basis first).
-        teacher = TeacherModel(cfg, accelerator.device, accelerator.local_process_index)
+        # 4. The teacher pass over the windows, shard by shard (the lowrank codec's basis first), by the model in
+        #    process or the server.
         basis = build.hidden_basis(cfg, accelerator, index, writer, teacher)
         jobs, tokens_done = build.teacher_pass(cfg, accelerator, index, writer, inputs, teacher, basis)
 

@@ -321,8 +321,9 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
             lines.append(f"{key}: {(tp.__doc__ or '').strip().splitlines()[0]}")
             lines += config_help(tp, key + ".")
             continue
-        default = defaults(cls)[f.name]
-        lines.append(f"  {key} ({_type_name(tp)}, default {default!r}): {docs.get(f.name, '(undocumented)')}")
+        given = defaults(cls)
+        default = f"default {given[f.name]!r}" if f.name in given else "required"
+        lines.append(f"  {key} ({_type_name(tp)}, {default}): {docs.get(f.name, '(undocumented)')}")
         inner = [t for t in get_args(tp) if dataclasses.is_dataclass(t)]
         if inner:  # an optional section (null = off): its keys too, as set when it is given
             lines += ["  " + line for line in config_help(inner[0], key + ".") if line.startswith("  ")]

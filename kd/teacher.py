@@ -175,6 +175,18 @@ def sequence_generator(seed: int, split: str, index: int, device) -> torch.Gener
 
 
 @dataclass
+class TeacherTargets:
+    """What a teacher (in process, or served: kd/served.py) gives for a batch of n windows, before the cache's fields
+    are assembled around it (kd.cache.build.TeacherBatches): torch tensors or numpy arrays, T = seq_len."""
+
+    topk_logprobs: np.ndarray | torch.Tensor  # [n, T, k] log p under the full softmax at T = 1
+    topk_ids: np.ndarray | torch.Tensor  # [n, T, k] by descending probability
+    target_logprobs: np.ndarray | torch.Tensor  # [n, T] log p(input_ids[:, t + 1]) at t (meaningless where unscored)
+    hidden_states: torch.Tensor | None = None  # [n, L, T, H] (in process only)
+    samples: tuple | None = None  # (ids [n, T, s], counts [n, T, s]) (in process only)
+
+
+@dataclass
 class TeacherOutputs:
     """One batch of n sequences as the cache stores them: one attribute per field of the cache's field table
     (kd/cache/format.py FIELDS, same names), in the decoded layout. T = seq_len, k = top_k, L = stored layers,

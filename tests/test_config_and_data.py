@@ -268,6 +268,7 @@ def test_content_and_resume_free_keys_come_from_field_metadata():
         "teacher.batch_size",
         "teacher.device_map",
         "teacher.devices_per_process",
+        "teacher.server",  # a served teacher's identity is the served model (kd.served.ServedModel.record)
         "cache.output_dir",
         "cache.overwrite",
         "data.streaming",

@@ -199,3 +199,18 @@ def test_copy_without_basis_file_is_refused(tmp_path, make_cache_config, llama_t
     (copy / BASIS_FILE).unlink()
     with pytest.raises(Exception, match="basis .* is missing"):
         TeacherCache(copy).split("train")
+
+
+def test_a_lowrank_config_that_stores_no_layers_needs_no_basis(tmp_path, make_cache_config, llama_teacher):
+    """hidden_codec=lowrank with hidden_layers=[] (the demo's config with its layers turned off, as a served teacher
+    must): no basis is fitted, and verify and the reader accept the cache without one (verify asked for it)."""
+    out = cache_teacher.main(
+        make_cache_config(
+            llama_teacher,
+            tmp_path / "c",
+            **{"cache.hidden_codec": "lowrank", "cache.hidden_layers": "[]", "cache.sample_n": 0},
+        )
+    )
+    assert not (out / BASIS_FILE).exists()
+    assert verify(out, log=lambda *a: None) == []
+    assert "hidden_states" not in TeacherCache(out).split("train")[0]

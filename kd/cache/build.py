@@ -38,7 +38,8 @@ from kd.models import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
-from kd.teacher import TeacherModel, TeacherOutputs, sequence_generator, teacher_targets
+from kd.served import ServedTeacher
+from kd.teacher import TeacherModel, TeacherOutputs, TeacherTargets, sequence_generator, teacher_targets
 from kd.textscore import chat_targets, target_text_units
 
 
@@ -136,8 +137,23 @@ def plan(cfg: CacheConfig) -> CachePlan:
     return plan_cache(meta, inputs.spec, inputs.tokenizer, inputs.sources, Path(cfg.cache.output_dir))
 
 
-def teacher_weights(accelerator, cfg: CacheConfig, model_cfg) -> dict:
-    """The teacher is identified by its weights, not its path: hashed once (main process), shared with all."""
+def teacher_source(cfg: CacheConfig, accelerator, inputs: CacheInputs) -> TeacherModel | ServedTeacher:
+    """The teacher the pass runs: in process (loaded on first use), or behind a server (teacher.server), asked
+    now what it serves and checked against what the cache asks of it (kd.served.ServedTeacher.check)."""
+    if cfg.teacher.server is None:
+        return TeacherModel(cfg, accelerator.device, accelerator.local_process_index)
+    served = ServedTeacher(cfg, inputs.tokenizer, inputs.model_cfg.vocab_size, accelerator.process_index)
+    served.check()
+    if accelerator.is_main_process:
+        print(f"[cache] teacher: {served.served.describe()}", flush=True)
+    return served
+
+
+def teacher_weights(accelerator, cfg: CacheConfig, model_cfg, teacher: TeacherModel | ServedTeacher) -> dict:
+    """The teacher is identified by its weights, not its path: hashed once (main process), shared with all. A
+    served teacher by what the server says it serves (kd.served.ServedModel.record)."""
+    if isinstance(teacher, ServedTeacher):
+        return broadcast_object(accelerator, teacher.served.record)
     return broadcast_object(
         accelerator,
         lambda: weights_fingerprint(cfg.teacher.model, cfg.teacher.revision, getattr(model_cfg, "_commit_hash", None)),
@@ -324,26 +340,40 @@ def to_numpy(t: torch.Tensor, spec: dict):
 
 @dataclass
 class TeacherBatches:
-    """The teacher run over a shard's windows, batch by batch: what each forward gives the cache (TeacherOutputs) and
-    the teacher's own score on the batch ([nats, scored tokens, their characters, their bytes], kd/textscore.py)."""
+    """The teacher run over a shard's windows, batch by batch: what each batch gives the cache (TeacherOutputs) and
+    the teacher's own score on the batch ([nats, scored tokens, their characters, their bytes], kd/textscore.py).
+    The teacher is the in-process model (`forward`), or a served one (kd/served.py) when `served` is given."""
 
     cfg: CacheConfig
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # the in-process teacher (None when served)
     device: torch.device  # where the teacher takes its inputs (its embeddings' device when placed in parts)
     codecs: dict  # the cache's codec record: how each output leaves the device (to_numpy)
     tokenizer: object
     sep_id: int
+    served: ServedTeacher | None = None
 
-    def __call__(self, w: dict, job: ShardJob, s: int, e: int) -> tuple[TeacherOutputs, np.ndarray]:
-        """Windows [s, e) of `w`, job's windows as kd.data.ingest.WindowIndex.read gives them."""
-        cfg, device, T, chat = self.cfg, self.device, self.cfg.data.seq_len, self.cfg.data.format == "chat"
+    def run(self, work):
+        """`work`: (job, its windows w, s, e) items, in order -> (job, w, s, e, TeacherOutputs, score) per item, in
+        order. A served teacher has several requests in flight (kd.served.ServedTeacher.run), across shards too:
+        the next shard's first requests go out while the last ones of this shard are answered."""
+        if self.served is None:
+            for job, w, s, e in work:
+                yield job, w, s, e, *self.outputs(w, job, s, e, self.forward(w, job, s, e))
+        else:
+            for (job, w, s, e), targets in self.served.run(work, self.cfg.data.format == "chat"):
+                yield job, w, s, e, *self.outputs(w, job, s, e, targets)
+
+    def forward(self, w: dict, job: ShardJob, s: int, e: int) -> TeacherTargets:
+        """The in-process teacher's forward over windows [s, e) (kd.teacher.teacher_targets)."""
+        cfg, device, T = self.cfg, self.device, self.cfg.data.seq_len
         ids = torch.from_numpy(w["input_ids"][s:e].astype(np.int64)).to(device)
         lengths = torch.from_numpy(w["lengths"][s:e].astype(np.int64))
         mask = (torch.arange(T)[None, :] < lengths[:, None]).long().to(device)
-        first, end = job.first + s, job.first + e
-        gens = [sequence_generator(cfg.cache.sample_seed, job.split, i, device) for i in range(first, end)]
+        gens = [
+            sequence_generator(cfg.cache.sample_seed, job.split, i, device) for i in range(job.first + s, job.first + e)
+        ]
         scores, pos = {}, None
-        if chat:
+        if cfg.data.format == "chat":
             pos = segment_positions(torch.from_numpy(w["segments"][s:e].astype(np.int64))).to(device)
         lp, top_ids, hidden, samples = teacher_targets(
             self.model,
@@ -356,24 +386,34 @@ class TeacherBatches:
             scores=scores,
             position_ids=pos,
         )
+        return TeacherTargets(lp, top_ids, scores["target_logprobs"], hidden, samples)
+
+    def outputs(self, w: dict, job: ShardJob, s: int, e: int, got: TeacherTargets) -> tuple[TeacherOutputs, np.ndarray]:
+        """The cache's fields for windows [s, e) around what the teacher gave, and its score on them."""
+        cfg, T, chat = self.cfg, self.cfg.data.seq_len, self.cfg.data.format == "chat"
+        lengths = w["lengths"][s:e].astype(np.int64)
         if chat:  # the targets eval/ce averages over: position t scores token t+1 (kd.textscore.chat_targets)
             targets = chat_targets(w["loss_mask"][s:e], w["segments"][s:e])
-            scored = torch.zeros(e - s, T, dtype=torch.bool)
-            scored[:, :-1] = torch.from_numpy(targets[:, 1:])
+            scored = np.zeros((e - s, T), dtype=bool)
+            scored[:, :-1] = targets[:, 1:]
             units = target_text_units(self.tokenizer, w["input_ids"][s:e], w["lengths"][s:e], None, targets).sum(0)
         else:
-            scored = torch.arange(T)[None, :] < (lengths[:, None] - 1)  # the targets eval/ce averages over
+            scored = np.arange(T)[None, :] < (lengths[:, None] - 1)  # the targets eval/ce averages over
             units = target_text_units(self.tokenizer, w["input_ids"][s:e], w["lengths"][s:e], self.sep_id).sum(0)
-        nats = -float(scores["target_logprobs"].cpu().double()[scored].sum())
+        target_lp = got.target_logprobs
+        target_lp = target_lp.cpu().double().numpy() if isinstance(target_lp, torch.Tensor) else target_lp
+        nats = -float(np.asarray(target_lp, np.float64)[scored].sum())
         outputs = TeacherOutputs(
             input_ids=w["input_ids"][s:e],
             lengths=w["lengths"][s:e],
-            sequence_index=np.arange(first, end),
-            topk_ids=top_ids.cpu().numpy(),
-            topk_logprobs=to_numpy(lp, self.codecs["topk_logprobs"]),
-            hidden_states=None if hidden is None else to_numpy(hidden, self.codecs["hidden_states"]),
-            sample_ids=None if samples is None else samples[0].cpu().numpy(),
-            sample_counts=None if samples is None else samples[1].cpu().numpy(),
+            sequence_index=np.arange(job.first + s, job.first + e),
+            topk_ids=np.asarray(got.topk_ids.cpu() if isinstance(got.topk_ids, torch.Tensor) else got.topk_ids),
+            topk_logprobs=to_numpy(torch.as_tensor(got.topk_logprobs), self.codecs["topk_logprobs"]),
+            hidden_states=None
+            if got.hidden_states is None
+            else to_numpy(got.hidden_states, self.codecs["hidden_states"]),
+            sample_ids=None if got.samples is None else got.samples[0].cpu().numpy(),
+            sample_counts=None if got.samples is None else got.samples[1].cpu().numpy(),
             text=w["text"][s:e] if cfg.cache.store_text else None,
             token_spans=w["token_spans"][s:e] if cfg.cache.store_text else None,
             loss_mask=w["loss_mask"][s:e] if chat else None,
@@ -388,7 +428,7 @@ def teacher_pass(
     index: WindowIndex,
     writer: CacheWriter,
     inputs: CacheInputs,
-    teacher: TeacherModel,
+    teacher: TeacherModel | ServedTeacher,
     basis: HiddenBasis | None = None,
 ) -> tuple[list[ShardJob], int]:
     """Shard j of each split (sequences [j*S, (j+1)*S)) on process j % N; returns (all shard jobs, tokens computed
@@ -417,14 +457,19 @@ def teacher_pass(
     chat, codecs = cfg.data.format == "chat", writer.meta["codecs"]
     window_fields = ["input_ids", "lengths", "doc_starts"] + (["text", "token_spans"] if cfg.cache.store_text else [])
     window_fields += ["loss_mask", "segments"] if chat else []
-    model = teacher()
-    if chat and cfg.data.packing != "one_per_window":
-        reason = packing_fallback_reason(model)
-        if reason is not None:
-            raise KDError(
-                f"data.packing={cfg.data.packing} puts several conversations in a window, and this teacher cannot keep "
-                f"them apart: {reason}. Use teacher.attn_implementation=sdpa or eager, or data.packing=one_per_window"
-            )
+    if isinstance(teacher, ServedTeacher):  # the server attends within each conversation (kd/served.py)
+        batches = TeacherBatches(cfg, None, None, codecs, inputs.tokenizer, inputs.spec.sep_id, served=teacher)
+    else:
+        model = teacher()
+        if chat and cfg.data.packing != "one_per_window":
+            reason = packing_fallback_reason(model)
+            if reason is not None:
+                raise KDError(
+                    f"data.packing={cfg.data.packing} puts several conversations in a window, and this teacher cannot "
+                    f"keep them apart: {reason}. Use teacher.attn_implementation=sdpa or eager, or "
+                    "data.packing=one_per_window"
+                )
+        batches = TeacherBatches(cfg, model, teacher.device, codecs, inputs.tokenizer, inputs.spec.sep_id)
     bar = tqdm(
         total=sum(int(index.read(j.split, j.first, j.end, ["lengths"])["lengths"].sum()) for j in todo),
         unit="tok",
@@ -433,28 +478,33 @@ def teacher_pass(
         disable=not accelerator.is_local_main_process,
         file=sys.stdout,
     )
-    batches = TeacherBatches(cfg, model, teacher.device, codecs, inputs.tokenizer, inputs.spec.sep_id)
     tokens_done = 0
-    for job in todo:
-        w = index.read(job.split, job.first, job.end, window_fields)
-        shard = writer.shard(job, basis)
-        score = np.zeros(4)  # the teacher's nats, scored tokens, their characters and bytes
-        for s in range(0, job.num_sequences, cfg.teacher.batch_size):
-            outputs, batch_score = batches(w, job, s, min(s + cfg.teacher.batch_size, job.num_sequences))
-            score += batch_score
-            shard.append(outputs)
-            tokens_done += int(outputs.lengths.sum())
-            bar.update(int(outputs.lengths.sum()))
-        shard.commit(
-            {
-                "input_sha256": windows_fingerprint(w["input_ids"], w["lengths"]),
-                **({"basis_sha256": codecs["hidden_states"]["basis_sha256"]} if basis is not None else {}),
-                "num_documents": int(w["doc_starts"].sum()),
-                "teacher_score": {
-                    "nats": float(score[0]),
-                    **dict(zip(("tokens", "chars", "bytes"), map(int, score[1:]))),
-                },
-            }
-        )
+
+    def work():  # every batch of windows of this process's shards, in order; a shard's windows read when reached
+        for job in todo:
+            w = index.read(job.split, job.first, job.end, window_fields)
+            for s in range(0, job.num_sequences, cfg.teacher.batch_size):
+                yield job, w, s, min(s + cfg.teacher.batch_size, job.num_sequences)
+
+    shard, score = None, np.zeros(4)  # the open shard; the teacher's nats, scored tokens, their characters and bytes
+    for job, w, s, e, outputs, batch_score in batches.run(work()):
+        if s == 0:
+            shard, score = writer.shard(job, basis), np.zeros(4)
+        score += batch_score
+        shard.append(outputs)
+        tokens_done += int(outputs.lengths.sum())
+        bar.update(int(outputs.lengths.sum()))
+        if e == job.num_sequences:
+            shard.commit(
+                {
+                    "input_sha256": windows_fingerprint(w["input_ids"], w["lengths"]),
+                    **({"basis_sha256": codecs["hidden_states"]["basis_sha256"]} if basis is not None else {}),
+                    "num_documents": int(w["doc_starts"].sum()),
+                    "teacher_score": {
+                        "nats": float(score[0]),
+                        **dict(zip(("tokens", "chars", "bytes"), map(int, score[1:]))),
+                    },
+                }
+            )
     bar.close()
     return jobs, tokens_done

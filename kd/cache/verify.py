@@ -67,7 +67,7 @@ def verify(path: str | Path, log=print) -> list[str]:
     info = Manifest.of(manifest)
     T, vocab, n_samples, specs = info.seq_len, info.teacher.vocab_size, info.sample_n, info.codecs
     basis = None
-    if specs["hidden_states"]["name"] == "lowrank":
+    if specs["hidden_states"]["name"] == "lowrank" and info.hidden_layers:  # no layers stored: no basis fitted
         try:
             basis = HiddenBasis.load(root / BASIS_FILE, specs["hidden_states"].get("basis_sha256"))
         except KDError as e:

@@ -228,6 +228,8 @@ def weights_change(old: dict | None, new: dict) -> str | None:
             f"{'sha256 ' + after[n]['sha256'][:12] if n in after else 'absent'})"
             for n in changed[:3]
         )
+    if old.get("kind") == new.get("kind") == "served":
+        return f"served model {old['model']} ({old['root']}) -> {new['model']} ({new['root']})"
     return f"teacher weights {old} -> {new}"
 
 
@@ -309,10 +311,15 @@ class CacheWriter:
                 ) from None
             changed = weights_change(recorded.get("teacher_weights"), weights) if weights is not None else None
             if changed and not overwrite:
+                served = weights.get("kind") == "served"
                 raise KDError(
-                    f"{out} was started with other teacher weights at {cfg_dict['teacher']['model']} "
-                    f"({changed}); restore those weights, or use cache.overwrite=true (or another "
-                    "cache.output_dir) to cache this teacher"
+                    (
+                        f"{out} was started with another served teacher ({changed}); serve that model again, "
+                        if served
+                        else f"{out} was started with other teacher weights at {cfg_dict['teacher']['model']} "
+                        f"({changed}); restore those weights, "
+                    )
+                    + "or use cache.overwrite=true (or another cache.output_dir) to cache this teacher"
                 )
             differing = diff_keys(content_config(old), content_config(cfg_dict), CacheConfig) + (
                 ["teacher weights"] if changed else []
