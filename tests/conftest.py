@@ -18,6 +18,40 @@ import warm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts (cache_teacher.py, train_student.py) live at the repo root
 
+
+def _real_tokenizers_loaded_once() -> None:
+    """The suite's in-process runs load the same real tokenizers again and again (the Qwen one's 7 MB tokenizer.json
+    takes ~1.5 s to parse; a deep copy of it ~1 s): in this process a folder holding a large tokenizer.json (> 1 MB:
+    the real Qwen and SmolLM2 ones, never the tiny ones tests build and edit) is loaded from disk once per content
+    (its files' sizes and times are in the key), then handed out as copies whose Python state (dicts, lists) is
+    their own; the Rust tokenizer underneath is shared, and transformers sets its padding and truncation on every
+    call. No test adds tokens to a real tokenizer. Processes the tests start load for real."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    load, loaded = AutoTokenizer.from_pretrained, {}
+
+    def from_pretrained(path, *args, **kwargs):
+        folder = Path(str(path))
+        big = folder / "tokenizer.json"
+        if not big.is_file() or big.stat().st_size < 2**20:
+            return load(path, *args, **kwargs)
+        stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file())
+        key = (str(folder.resolve()), args, tuple(sorted(kwargs.items())), stamp)
+        if key not in loaded:
+            loaded[key] = load(path, *args, **kwargs)
+        tok = copy.copy(loaded[key])
+        for name, value in vars(tok).items():
+            if isinstance(value, (dict, list, set)):
+                setattr(tok, name, copy.copy(value))
+        return tok
+
+    AutoTokenizer.from_pretrained = from_pretrained
+
+
+_real_tokenizers_loaded_once()
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
