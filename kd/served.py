@@ -233,7 +233,7 @@ def parse_choice(choice: dict, prompt: list[int], k: int, vocab_size: int) -> Se
         if not key.startswith("token_id:"):
             raise KDError(
                 f"the teacher server keyed a log-prob by {key!r}, not by token id: it ignored "
-                "return_tokens_as_token_ids (vLLM has it since 0.6)"
+                "return_tokens_as_token_ids (a vLLM option); serve the teacher with vLLM"
             )
         entries.append((int(key[len("token_id:") :]), float(v)))
     ids[n - 1], lps[n - 1] = _top(entries, k, vocab_size, f"position {n - 1}")

@@ -134,62 +134,73 @@ class Recording:
         return 404, {"error": {"message": f"not recorded: {method} {path}; re-record with tests/served_replay.py"}}
 
 
+def serve_local(handle) -> http.server.ThreadingHTTPServer:
+    """An HTTP server on 127.0.0.1 (a free port), in a thread of this process: `handle(method, path, body bytes or
+    None)` gives (status, JSON bytes), or None to close the connection unanswered."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # quiet
+            pass
+
+        def _serve(self, method: str):
+            n = int(self.headers.get("Content-Length") or 0)
+            got = handle(method, self.path, self.rfile.read(n) if n else None)
+            if got is None:
+                self.close_connection = True
+                self.connection.close()
+                return
+            status, data = got
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._serve("GET")
+
+        def do_POST(self):
+            self._serve("POST")
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
 class ReplayServer:
     """A recording answered over HTTP on 127.0.0.1 (a thread of the test process). `fault(path, n)` is asked before
     each request (n: that path's requests so far) and may return None (answer), an int (that HTTP status, no body
     from the recording), "drop" (close the connection unanswered) or a float (wait that many seconds, then answer).
-    `stop()` makes the port refuse connections, as a server that went away."""
+    `models` replaces the recorded GET /v1/models answer (a server of another model). `stop()` makes the port
+    refuse connections, as a server that went away."""
 
     def __init__(self, recording: Recording, fault=None, models: dict | None = None):
         self.recording, self.fault, self.models = recording, fault, models
         self.counts: dict[str, int] = {}
         self.lock = threading.Lock()
-        replay = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _serve(self, method: str):
-                n = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(n)) if n else None
-                with replay.lock:
-                    count = replay.counts.get(self.path, 0)
-                    replay.counts[self.path] = count + 1
-                action = replay.fault(self.path, count) if replay.fault else None
-                if action == "drop":
-                    self.close_connection = True
-                    self.connection.close()
-                    return
-                if isinstance(action, float):
-                    time.sleep(action)
-                    action = None
-                if isinstance(action, int):
-                    status, answer = action, {"error": {"message": f"injected HTTP {action}"}}
-                elif self.path == "/v1/models" and replay.models is not None:
-                    status, answer = 200, replay.models
-                else:
-                    status, answer = replay.recording.answer(method, self.path, body)
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._serve("GET")
-
-            def do_POST(self):
-                self._serve("POST")
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = serve_local(self.handle)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+
+    def handle(self, method: str, path: str, raw: bytes | None) -> tuple[int, bytes] | None:
+        with self.lock:
+            count = self.counts.get(path, 0)
+            self.counts[path] = count + 1
+        action = self.fault(path, count) if self.fault else None
+        if action == "drop":
+            return None
+        if isinstance(action, float):
+            time.sleep(action)
+            action = None
+        if isinstance(action, int):
+            status, answer = action, {"error": {"message": f"injected HTTP {action}"}}
+        elif path == "/v1/models" and self.models is not None:
+            status, answer = 200, self.models
+        else:
+            status, answer = self.recording.answer(method, path, json.loads(raw) if raw else None)
+        return status, json.dumps(answer).encode()
 
     def stop(self) -> None:
         self.httpd.shutdown()
@@ -203,37 +214,12 @@ class ReplayServer:
 
 
 class Recorder:
-    """A proxy to a real server that keeps every exchange."""
+    """A proxy to a real server that keeps every exchange (one per distinct request)."""
 
     def __init__(self, upstream: str):
         self.upstream, self.exchanges, self.lock = upstream.rstrip("/"), [], threading.Lock()
-        rec = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _proxy(self, method: str):
-                n = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(n) if n else None
-                status, data = rec.forward(method, self.path, raw)
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._proxy("GET")
-
-            def do_POST(self):
-                self._proxy("POST")
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = serve_local(self.forward)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def forward(self, method: str, path: str, raw: bytes | None) -> tuple[int, bytes]:
         req = urllib.request.Request(

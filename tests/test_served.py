@@ -296,3 +296,28 @@ def test_bad_server_settings_are_refused(override, message, smollm2, tmp_path):
                 CacheConfig, None, scenario_overrides(smollm2, "http://127.0.0.1:9", tmp_path, "text") + [override]
             )
         )
+
+
+def test_an_answer_not_in_vllms_shape_is_one_clear_error(recording):
+    """parse_choice on a real recorded answer, then on it edited as another server might answer: no prompt
+    log-probs, log-probs keyed by token text, fewer entries than k, an id outside the vocabulary."""
+    import copy
+
+    from kd.served import parse_choice
+
+    e = next(x for x in recording.exchanges if x["path"] == "/v1/completions" and x["status"] == 200)
+    choice, prompt = e["answer"]["choices"][0], e["body"]["prompt"][0]
+    got = parse_choice(choice, prompt, 8, 49152)
+    assert got.topk_ids.shape == (len(prompt), 8) and np.all(np.diff(got.topk_logprobs, axis=-1) <= 0)
+    bad = copy.deepcopy(choice)
+    bad["prompt_logprobs"] = None
+    with pytest.raises(KDError, match="no per-position log-probs"):
+        parse_choice(bad, prompt, 8, 49152)
+    bad = copy.deepcopy(choice)
+    bad["logprobs"]["top_logprobs"][0] = {"the": -0.1}
+    with pytest.raises(KDError, match="not by token id"):
+        parse_choice(bad, prompt, 8, 49152)
+    with pytest.raises(KDError, match="fewer than cache.top_k=9"):
+        parse_choice(choice, prompt, 9, 49152)
+    with pytest.raises(KDError, match="outside the teacher's vocabulary"):
+        parse_choice(choice, prompt, 8, 100)
