@@ -128,13 +128,15 @@ def bare(url: str, model: str, prompts: list[list[int]], top_k: int, batch: int,
     return time.perf_counter() - t0
 
 
-def agreement(a: Path, b: Path) -> dict:
+def agreement(a: Path, b: Path, splits: tuple[str, ...] = ("train", "eval")) -> dict:
+    """Two caches of the same windows (asserted) over `splits`: the share of valid positions whose top-8 ids are the
+    same set and whose top-1 is the same id, and the largest and mean |log-prob| gap over the stored top-k."""
     from kd.cache.reader import TeacherCache
 
     ca, cb = TeacherCache(a), TeacherCache(b)
     same8 = same1 = n_all = 0
     gaps = []
-    for split in ("train", "eval"):
+    for split in splits:
         sa, sb = ca.split(split), cb.split(split)
         for i in range(len(sa)):
             ra, rb = sa[i], sb[i]

@@ -314,14 +314,13 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def config_help(cls: type, prefix: str = "") -> list[str]:
     """One line per config key: dotted name, type, default, and its doc (what `--help` prints)."""
-    hints, docs, lines = typing.get_type_hints(cls), field_docs(cls), []
+    hints, docs, given, lines = typing.get_type_hints(cls), field_docs(cls), defaults(cls), []
     for f in dataclasses.fields(cls):
         key, tp = f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(tp):
             lines.append(f"{key}: {(tp.__doc__ or '').strip().splitlines()[0]}")
             lines += config_help(tp, key + ".")
             continue
-        given = defaults(cls)
         default = f"default {given[f.name]!r}" if f.name in given else "required"
         lines.append(f"  {key} ({_type_name(tp)}, {default}): {docs.get(f.name, '(undocumented)')}")
         inner = [t for t in get_args(tp) if dataclasses.is_dataclass(t)]

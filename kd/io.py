@@ -25,6 +25,12 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def json_sha256(obj) -> str:
+    """The sha256 of a JSON-able record with its keys sorted: the digest kd's identities (a cache's config hash, a
+    teacher's weights or served model, an ingest spec) are made of."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write under a temporary name, fsync, rename: readers see the old file or the whole new one, never a part.
     A failed write (full disk) removes its temporary file and raises KDError."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kd.errors import KDError
-from kd.io import sha256_file
+from kd.io import json_sha256, sha256_file
 from kd.paths import resolve_path
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,7 +49,7 @@ def weights_fingerprint(name_or_path: str, revision: str | None, commit_hash: st
         record = {"kind": "local files", "files": files}
     else:
         record = {"kind": "hub", "name": name_or_path, "revision": revision, "commit": commit_hash}
-    record["digest"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    record["digest"] = json_sha256(record)
     return record
 
 

@@ -18,7 +18,6 @@ sampled targets (kd draws from the full distribution; the server returns only it
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import threading
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kd.errors import KDError
+from kd.io import json_sha256
 from kd.teacher import TeacherTargets
 
 # A text tokenized by kd and by the server: tokenizers that disagree on it are refused (letters, digits, spaces,
@@ -63,7 +63,7 @@ class ServedModel:
         context): the same model served elsewhere, or by an upgraded server, resumes the cache. The servers' URLs
         are in the recorded config (teacher.server.url)."""
         record = {"kind": "served", "model": self.model, "root": self.root}
-        record["digest"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        record["digest"] = json_sha256(record)
         return record
 
     def describe(self) -> str:
@@ -91,10 +91,9 @@ class Client:
 
     def call(self, path: str, body: dict | None = None, url: str | None = None) -> dict:
         """GET (body None) or POST `path`; on `url`, or on the servers in turn."""
-        last = None
+        last, data = None, None if body is None else json.dumps(body).encode()
         for attempt in range(self.retries + 1):
             base = url or self._pick()
-            data = None if body is None else json.dumps(body).encode()
             req = urllib.request.Request(
                 base + path, data=data, headers={"Content-Type": "application/json"} if data else {}
             )

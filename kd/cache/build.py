@@ -338,6 +338,12 @@ def to_numpy(t: torch.Tensor, spec: dict):
     return t.to(dtype).cpu().numpy()
 
 
+def on_host(x) -> np.ndarray:
+    """A teacher's output as a numpy array: an in-process teacher's tensors leave its device, a server's arrays are
+    already here."""
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 @dataclass
 class TeacherBatches:
     """The teacher run over a shard's windows, batch by batch: what each batch gives the cache (TeacherOutputs) and
@@ -400,14 +406,12 @@ class TeacherBatches:
         else:
             scored = np.arange(T)[None, :] < (lengths[:, None] - 1)  # the targets eval/ce averages over
             units = target_text_units(self.tokenizer, w["input_ids"][s:e], w["lengths"][s:e], self.sep_id).sum(0)
-        target_lp = got.target_logprobs
-        target_lp = target_lp.cpu().double().numpy() if isinstance(target_lp, torch.Tensor) else target_lp
-        nats = -float(np.asarray(target_lp, np.float64)[scored].sum())
+        nats = -float(on_host(got.target_logprobs).astype(np.float64)[scored].sum())
         outputs = TeacherOutputs(
             input_ids=w["input_ids"][s:e],
             lengths=w["lengths"][s:e],
             sequence_index=np.arange(job.first + s, job.first + e),
-            topk_ids=np.asarray(got.topk_ids.cpu() if isinstance(got.topk_ids, torch.Tensor) else got.topk_ids),
+            topk_ids=on_host(got.topk_ids),
             topk_logprobs=to_numpy(torch.as_tensor(got.topk_logprobs), self.codecs["topk_logprobs"]),
             hidden_states=None
             if got.hidden_states is None

@@ -10,7 +10,6 @@ scheme: a resumed run whose identity differs redoes its shards instead of mixing
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field, fields
 
@@ -20,6 +19,7 @@ from kd.cache.format import FORMAT, FORMAT_VERSION, SPLITS, Dims, manifest_codec
 from kd.cache_config import NON_CONTENT_KEYS, CacheConfig
 from kd.config import flatten, resolved_paths
 from kd.data.ingest import CHAT_COUNTS, IngestSpec
+from kd.io import json_sha256
 from kd.teacher import SAMPLER
 from kd.textscore import score_record
 
@@ -39,7 +39,7 @@ def config_hash(cfg: CacheConfig, cfg_dict: dict, weights: dict) -> str:
     content = dict(content_config(cfg_dict), teacher_weights=weights["digest"], shard_format=FORMAT_VERSION)
     if cfg.cache.sample_n:  # shards drawn by another sampling scheme are redone, never mixed in on resume
         content["sampler"] = SAMPLER
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return json_sha256(content)
 
 
 def cache_metadata(cfg: CacheConfig, config_hash: str, model_cfg, tokenizer, spec: IngestSpec, weights: dict) -> dict:

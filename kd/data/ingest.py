@@ -41,7 +41,7 @@ from kd.data.pack import Windows
 from kd.data.sources import BadRecord, Records, Unit, unit_documents
 from kd.dist import gather_rows
 from kd.errors import KDError
-from kd.io import disk_error, h5_image, h5_in_memory, write_bytes_durable
+from kd.io import disk_error, h5_image, h5_in_memory, json_sha256, write_bytes_durable
 
 INGEST_DIR = "ingest"
 # Every document goes to one of these splits (document_split); the cache keeps them apart, shard by shard.
@@ -81,7 +81,7 @@ class IngestSpec:
 
     def content_hash(self) -> str:
         d = {k: v for k, v in self.__dict__.items() if not (k == "chat" and v is None)}  # text: hashes as before
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        return json_sha256(d)
 
     @property
     def format(self) -> str:
