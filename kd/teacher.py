@@ -177,7 +177,7 @@ def sequence_generator(seed: int, split: str, index: int, device) -> torch.Gener
 @dataclass
 class TeacherTargets:
     """What a teacher (in process, or served: kd/served.py) gives for a batch of n windows, before the cache's fields
-    are assembled around it (kd.cache.build.TeacherBatches): torch tensors or numpy arrays, T = seq_len."""
+    are assembled around it (kd.cache.build.CacheOutputs): torch tensors or numpy arrays, T = seq_len."""
 
     topk_logprobs: np.ndarray | torch.Tensor  # [n, T, k] log p under the full softmax at T = 1
     topk_ids: np.ndarray | torch.Tensor  # [n, T, k] by descending probability

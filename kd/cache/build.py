@@ -345,32 +345,22 @@ def on_host(x) -> np.ndarray:
 
 
 @dataclass
-class TeacherBatches:
-    """The teacher run over a shard's windows, batch by batch: what each batch gives the cache (TeacherOutputs) and
-    the teacher's own score on the batch ([nats, scored tokens, their characters, their bytes], kd/textscore.py).
-    The teacher is the in-process model (`forward`), or a served one (kd/served.py) when `served` is given."""
+class InProcessTeacher:
+    """The in-process teacher's targets over windows, in the shape of kd.served.ServedTeacher.run: the other source
+    of a caching pass."""
 
     cfg: CacheConfig
-    model: torch.nn.Module | None  # the in-process teacher (None when served)
+    model: torch.nn.Module
     device: torch.device  # where the teacher takes its inputs (its embeddings' device when placed in parts)
-    codecs: dict  # the cache's codec record: how each output leaves the device (to_numpy)
-    tokenizer: object
-    sep_id: int
-    served: ServedTeacher | None = None
 
-    def run(self, work):
-        """`work`: (job, its windows w, s, e) items, in order -> (job, w, s, e, TeacherOutputs, score) per item, in
-        order. A served teacher has several requests in flight (kd.served.ServedTeacher.run), across shards too:
-        the next shard's first requests go out while the last ones of this shard are answered."""
-        if self.served is None:
-            for job, w, s, e in work:
-                yield job, w, s, e, *self.outputs(w, job, s, e, self.forward(w, job, s, e))
-        else:
-            for (job, w, s, e), targets in self.served.run(work, self.cfg.data.format == "chat"):
-                yield job, w, s, e, *self.outputs(w, job, s, e, targets)
+    def run(self, work, chat: bool):
+        """`work`: (job, windows w, s, e) items -> (item, TeacherTargets of windows [s, e)) in order."""
+        for item in work:
+            yield item, self.forward(*item, chat)
 
-    def forward(self, w: dict, job: ShardJob, s: int, e: int) -> TeacherTargets:
-        """The in-process teacher's forward over windows [s, e) (kd.teacher.teacher_targets)."""
+    def forward(self, job: ShardJob, w: dict, s: int, e: int, chat: bool) -> TeacherTargets:
+        """One forward over windows [s, e) (kd.teacher.teacher_targets); each window's draws from its own
+        generator, so they depend on the window alone."""
         cfg, device, T = self.cfg, self.device, self.cfg.data.seq_len
         ids = torch.from_numpy(w["input_ids"][s:e].astype(np.int64)).to(device)
         lengths = torch.from_numpy(w["lengths"][s:e].astype(np.int64))
@@ -379,7 +369,7 @@ class TeacherBatches:
             sequence_generator(cfg.cache.sample_seed, job.split, i, device) for i in range(job.first + s, job.first + e)
         ]
         scores, pos = {}, None
-        if cfg.data.format == "chat":
+        if chat:
             pos = segment_positions(torch.from_numpy(w["segments"][s:e].astype(np.int64))).to(device)
         lp, top_ids, hidden, samples = teacher_targets(
             self.model,
@@ -394,8 +384,20 @@ class TeacherBatches:
         )
         return TeacherTargets(lp, top_ids, scores["target_logprobs"], hidden, samples)
 
-    def outputs(self, w: dict, job: ShardJob, s: int, e: int, got: TeacherTargets) -> tuple[TeacherOutputs, np.ndarray]:
-        """The cache's fields for windows [s, e) around what the teacher gave, and its score on them."""
+
+@dataclass
+class CacheOutputs:
+    """What a batch of the teacher's targets gives the cache (TeacherOutputs), whichever source computed them, and
+    the teacher's own score on the batch ([nats, scored tokens, their characters, their bytes], kd/textscore.py)."""
+
+    cfg: CacheConfig
+    codecs: dict  # the cache's codec record: how each output leaves the device (to_numpy)
+    tokenizer: object
+    sep_id: int
+
+    def __call__(
+        self, job: ShardJob, w: dict, s: int, e: int, got: TeacherTargets
+    ) -> tuple[TeacherOutputs, np.ndarray]:
         cfg, T, chat = self.cfg, self.cfg.data.seq_len, self.cfg.data.format == "chat"
         lengths = w["lengths"][s:e].astype(np.int64)
         if chat:  # the targets eval/ce averages over: position t scores token t+1 (kd.textscore.chat_targets)
@@ -462,7 +464,7 @@ def teacher_pass(
     window_fields = ["input_ids", "lengths", "doc_starts"] + (["text", "token_spans"] if cfg.cache.store_text else [])
     window_fields += ["loss_mask", "segments"] if chat else []
     if isinstance(teacher, ServedTeacher):  # the server attends within each conversation (kd/served.py)
-        batches = TeacherBatches(cfg, None, None, codecs, inputs.tokenizer, inputs.spec.sep_id, served=teacher)
+        source = teacher
     else:
         model = teacher()
         if chat and cfg.data.packing != "one_per_window":
@@ -473,7 +475,8 @@ def teacher_pass(
                     f"keep them apart: {reason}. Use teacher.attn_implementation=sdpa or eager, or "
                     "data.packing=one_per_window"
                 )
-        batches = TeacherBatches(cfg, model, teacher.device, codecs, inputs.tokenizer, inputs.spec.sep_id)
+        source = InProcessTeacher(cfg, model, teacher.device)
+    to_cache = CacheOutputs(cfg, codecs, inputs.tokenizer, inputs.spec.sep_id)
     bar = tqdm(
         total=sum(int(index.read(j.split, j.first, j.end, ["lengths"])["lengths"].sum()) for j in todo),
         unit="tok",
@@ -491,7 +494,10 @@ def teacher_pass(
                 yield job, w, s, min(s + cfg.teacher.batch_size, job.num_sequences)
 
     shard, score = None, np.zeros(4)  # the open shard; the teacher's nats, scored tokens, their characters and bytes
-    for job, w, s, e, outputs, batch_score in batches.run(work()):
+    # a served teacher has several requests in flight (kd.served.ServedTeacher.run), across shards too: the next
+    # shard's first requests go out while the last ones of this shard are answered
+    for (job, w, s, e), targets in source.run(work(), chat):
+        outputs, batch_score = to_cache(job, w, s, e, targets)
         if s == 0:
             shard, score = writer.shard(job, basis), np.zeros(4)
         score += batch_score
