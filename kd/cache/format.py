@@ -200,10 +200,11 @@ def dataset_mismatch(f, manifest: dict, n: int) -> str | None:
     manifest implies (None if all match). Shared by `verify` and the reader's check on open."""
     dims, specs = Dims.of(manifest), manifest_codecs(manifest)
     expected = {"lengths": ((n,), None), "sequence_index": ((n,), None)}
-    for store in field_stores(specs, dims).values():
+    stores = field_stores(specs, dims).values()
+    for store in stores:
         expected.update(store.expected(n))
-    if manifest["format_version"] >= 5:
-        expected["checksums"] = ((n, len(row_datasets(specs, dims))), np.dtype(np.uint64))
+    if manifest["format_version"] >= 5:  # one checksum column per row dataset (row_datasets)
+        expected["checksums"] = ((n, sum(len(store.row_datasets()) for store in stores)), np.dtype(np.uint64))
     for name, (shape, dtype) in expected.items():
         if name not in f or f[name].shape != shape or (dtype is not None and f[name].dtype != dtype):
             got = f"{f[name].dtype} {f[name].shape}" if name in f else "missing"

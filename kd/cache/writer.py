@@ -24,7 +24,6 @@ from kd.cache.format import (
     SPLITS,
     Dims,
     checksum,
-    field_stores,
     records_table,
     shard_index_name,
     shard_name,
@@ -72,8 +71,8 @@ class ShardWriter:
             self.f.create_dataset("lengths", (N,), np.int32, chunks=(N,))
             self.f.create_dataset("sequence_index", (N,), np.int64, chunks=(N,))
             dims = Dims.of(meta)
-            self.fields = stored_fields(dims)
-            self.stores = field_stores(meta["codecs"], dims, basis)
+            self.fields = stored_fields(dims)  # each with the outputs it takes (Field.names) and its Store
+            self.stores = {f.name: f.store(meta["codecs"], dims, basis) for f in self.fields}
             for store in self.stores.values():
                 store.create(self.f, N)
             # Integrity: every row's checksum goes into `checksums` [N, len(rows)] at commit, and the reader checks
