@@ -15,6 +15,8 @@ Configs name assets as `asset:NAME/sub/path`; `resolve_path` expands that prefix
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import shutil
 import subprocess
 import sys
@@ -213,6 +215,25 @@ FETCHERS = {
 DEFAULT_ASSETS = ["smollm2-135m-instruct", "shakespeare", "shakespeare-chat"]
 
 
+@contextlib.contextmanager
+def _fetching(root: Path):
+    """Held while assets are fetched: one process at a time per assets directory. Two fetches at once (the ranks of
+    one launch, two test workers) would both build an asset, and the second's publish would remove the first's
+    folder while it is in use; the one that waits finds the asset complete and returns at once."""
+    try:
+        lock = open(root / ".fetch.lock", "a")
+    except OSError:  # a directory this process cannot write: it publishes nothing there, so it races no one
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[kd.assets] waiting for another process fetching into {root}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # the lock goes with the file's closing, also when the process dies
+
+
 def fetch(names: list[str] | None = None) -> dict[str, Path]:
     root = assets_dir()
     try:
@@ -221,13 +242,16 @@ def fetch(names: list[str] | None = None) -> dict[str, Path]:
         raise KDError(
             f"cannot create the assets directory {root}: {e}; set KD_ASSETS_DIR to a writable place"
         ) from None
+    names = names or DEFAULT_ASSETS
+    unknown = [n for n in names if n not in FETCHERS]
+    if unknown:
+        raise KDError(f"unknown asset '{unknown[0]}'; known: {', '.join(FETCHERS)}")
     out = {}
-    for name in names or DEFAULT_ASSETS:
-        if name not in FETCHERS:
-            raise KDError(f"unknown asset '{name}'; known: {', '.join(FETCHERS)}")
-        print(f"[kd.assets] {name} ...", flush=True)
-        out[name] = FETCHERS[name](root)
-        print(f"[kd.assets] {name}: {out[name]}", flush=True)
+    with _fetching(root):
+        for name in names:
+            print(f"[kd.assets] {name} ...", flush=True)
+            out[name] = FETCHERS[name](root)
+            print(f"[kd.assets] {name}: {out[name]}", flush=True)
     return out
 
 
