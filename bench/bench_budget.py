@@ -52,6 +52,7 @@ OUT = ROOT / "bench" / "out" / "budget"
 CACHE = ROOT / "caches" / "budget_smollm2"
 PRUNED = OUT / "pruned_15"  # the half-depth student, cut once from the teacher
 TOKENS_PER_STEP = 4 * 2 * 256  # micro-batch 4 x 256 tokens, accumulation 2
+EVAL_WINDOWS = 96  # of the held-out play's 183: 24,480 scored tokens per eval, enough for paired differences
 
 HELD_OUT = "lear_gut.txt"
 OUT_OF_DOMAIN = "lallegro_il_penseroso_comus_and_lycidas_gut.txt"  # Milton, 67k characters
@@ -162,7 +163,7 @@ def train_command(
         f"train.eval_steps={steps[:-1]}",
         "train.checkpoint_every=50",
         "train.num_workers=0",  # the cache is read in the training process: its CPU is in step_cpu_s
-        "train.eval_max_sequences=96",  # 24,576 tokens of Lear per eval: paired differences need no more
+        f"train.eval_max_sequences={EVAL_WINDOWS}",
         "train.eval_generations=0",
         f"train.extra_eval_files=[asset:shakespeare/{OUT_OF_DOMAIN}]",
         "loss.alpha_feature=0.0",
@@ -235,6 +236,9 @@ class Curve:
     ce: list[float]
     bpc: list[float]
     ood_ce: list[float]
+    teacher_ce: float = (
+        math.nan
+    )  # the teacher's CE on the whole eval split (the cache's score; the evals read its start)
 
     def at(self, key: str, tokens: int) -> float:
         """`key` (ce, bpc, ood_ce, cpu_s) at the evaluation after `tokens`."""
@@ -251,6 +255,7 @@ def read_curve(run_dir: Path) -> Curve:
             total += r["step_cpu_s"]
             cpu[r["step"]] = total
     evals = {r["step"]: r for r in records if "eval/ce" in r}  # a resumed run may evaluate a step again: the last
+    teacher = next((r["teacher/ce"] for r in records if r.get("event") == "teacher_reference"), math.nan)
     steps = sorted(evals)
     return Curve(
         steps,
@@ -261,6 +266,7 @@ def read_curve(run_dir: Path) -> Curve:
         [evals[s]["eval/ce"] for s in steps],
         [evals[s]["eval/bits_per_char"] for s in steps],
         [evals[s].get("extra_eval/ce", math.nan) for s in steps],
+        teacher,
     )
 
 
@@ -331,7 +337,16 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
         for a in arms:
             rates = [1000 * c.cpu_s[-1] / c.tokens[-1] for (arm, _), c in runs.items() if arm == a and c.tokens[-1]]
             cpu[a] = mean_se(rates)
-        out[name] = {"seeds": seeds, "complete_seeds": complete, "table": table, "ratios": ratios, "cpu_per_1k": cpu}
+        start = [c.at("ce", 0) for c in runs.values() if 0 in c.tokens]  # the same student before any training
+        out[name] = {
+            "seeds": seeds,
+            "complete_seeds": complete,
+            "table": table,
+            "ratios": ratios,
+            "cpu_per_1k": cpu,
+            "start_ce": mean_se(start) if start else (math.nan, math.nan),
+            "teacher_ce": next((c.teacher_ce for c in runs.values() if not math.isnan(c.teacher_ce)), math.nan),
+        }
     return out
 
 
@@ -345,6 +360,10 @@ def render(summary: dict) -> str:
     for name, s in summary.items():
         arms = [a for a in ARMS if any(k.startswith(f"{a}/") for k in s["table"][0])] if s["table"] else []
         lines.append(f"\n## {name} student: seeds {s['seeds']} (paired over {s['complete_seeds']})\n")
+        lines.append(
+            f"held-out CE before training {fmt(s['start_ce'])}; the teacher's {s['teacher_ce']:.4f} (on all of the "
+            f"held-out play; the evals read its first {EVAL_WINDOWS} windows)\n"
+        )
         head = ["tokens"] + [f"{a} CE" for a in arms] + [f"{a} - ce" for a in arms if a != "ce"]
         head += ["sampled - topk"] if "sampled" in arms and "topk" in arms else []
         lines.append("| " + " | ".join(head) + " |")
@@ -431,15 +450,29 @@ def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]
     return written
 
 
-def cmd_report(args) -> int:
-    curves = {}
-    for run_dir in sorted((args.out / "runs").glob("*_s*")):
+def collect(runs_dir: Path) -> tuple[dict[tuple[str, str, int], Curve], list[str]]:
+    """The finished runs' curves, and the names of the runs begun but not finished: a run in progress has not
+    reached every budget (some of its curve is missing), so it is left out of the tables rather than cut them short."""
+    curves, unfinished = {}, []
+    for run_dir in sorted(runs_dir.glob("*_s*")):
         name, arm, seed = run_dir.name.rsplit("_", 2)
-        if name in STUDENTS and arm in ARMS and (run_dir / "metrics.jsonl").exists():
+        if name not in STUDENTS or arm not in ARMS or not (run_dir / "metrics.jsonl").exists():
+            continue
+        if is_done(run_dir):
             curves[(name, arm, int(seed[1:]))] = read_curve(run_dir)
+        else:
+            unfinished.append(run_dir.name)
+    return curves, unfinished
+
+
+def cmd_report(args) -> int:
+    curves, unfinished = collect(args.out / "runs")
+    if unfinished:
+        print(f"[budget] not finished, left out: {', '.join(unfinished)}")
     if not curves:
         print(
-            f"error: no runs under {args.out / 'runs'}; run `python bench/bench_budget.py run` first", file=sys.stderr
+            f"error: no finished runs under {args.out / 'runs'}; run `python bench/bench_budget.py run` first",
+            file=sys.stderr,
         )
         return 2
     summary = summarize(curves)

@@ -86,3 +86,29 @@ def test_the_summary_pairs_seeds_and_measures_token_efficiency():
     assert s["cpu_per_1k"]["ce"][0] == pytest.approx(10.0)
     table = bb.render(bb.summarize(curves))
     assert "| 100,000 |" in table and "CE only needs" in table
+
+
+def test_the_report_takes_finished_runs_and_names_the_unfinished(tmp_path):
+    import json
+
+    def run(name: str, evals: list[int], done: bool) -> None:
+        d = tmp_path / name
+        d.mkdir()
+        records = [{"step": s, "loss": 5.0, "step_cpu_s": 1.0} for s in range(1, 11)]
+        records += [{"step": s, "eval/ce": 5.0 - s / 10, "eval/bits_per_char": 2.0} for s in [0, *evals]]
+        records.append({"step": 0, "event": "teacher_reference", "teacher/ce": 3.25})
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        if done:
+            (d / "final").mkdir()
+            (d / "final" / "kd_meta.json").write_text("{}")
+
+    run("pruned_ce_s0", [5, 10], done=True)
+    run("pruned_topk_s0", [], done=False)  # begun, no budget reached yet: its curve is empty
+    run("pruned_sampled_s0", [5], done=False)  # half-way: its first budget only
+    (tmp_path / "pruned_ce_s1").mkdir()  # stopped before its run began: no metrics
+    curves, unfinished = bb.collect(tmp_path)
+    assert list(curves) == [("pruned", "ce", 0)] and unfinished == ["pruned_sampled_s0", "pruned_topk_s0"]
+    c = curves[("pruned", "ce", 0)]
+    assert c.tokens == [0, 5 * bb.TOKENS_PER_STEP, 10 * bb.TOKENS_PER_STEP] and c.cpu_s == [0.0, 5.0, 10.0]
+    table = bb.render(bb.summarize(curves))  # one arm, one seed: means without a standard error
+    assert "| 20,480 | 4.0000 |" in table and "before training 5.0000; the teacher's 3.2500" in table
