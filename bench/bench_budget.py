@@ -236,9 +236,8 @@ class Curve:
     ce: list[float]
     bpc: list[float]
     ood_ce: list[float]
-    teacher_ce: float = (
-        math.nan
-    )  # the teacher's CE on the whole eval split (the cache's score; the evals read its start)
+    # the teacher's CE on the whole eval split (the cache's score; the evals read its first EVAL_WINDOWS windows)
+    teacher_ce: float = math.nan
 
     def at(self, key: str, tokens: int) -> float:
         """`key` (ce, bpc, ood_ce, cpu_s) at the evaluation after `tokens`."""
@@ -371,13 +370,14 @@ def beyond_noise(d: tuple[float, float]) -> bool:
 def table(rows: list[dict], arms: list[str], key: str) -> list[str]:
     """A markdown table of `key` (ce: in-domain, ood_ce: out of domain) per budget: each arm's mean ± s.e. over
     seeds, then each KD arm minus CE only, and sampled minus top-k, paired over seeds (~: within noise)."""
+    both_targets = "sampled" in arms and "topk" in arms
     head = ["tokens"] + [f"{a} CE" for a in arms] + [f"{a} - ce" for a in arms if a != "ce"]
-    head += ["sampled - topk"] if "sampled" in arms and "topk" in arms else []
+    head += ["sampled - topk"] if both_targets else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [f"{row['tokens']:,}"] + [fmt(row[f"{a}/{key}"]) for a in arms]
         diffs = [row.get(f"{a}-ce/{key}") for a in arms if a != "ce"]
-        diffs += [row.get(f"sampled-topk/{key}")] if "sampled" in arms and "topk" in arms else []
+        diffs += [row.get(f"sampled-topk/{key}")] if both_targets else []
         cells += ["-" if d is None else fmt(d) + ("" if beyond_noise(d) else " ~") for d in diffs]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
