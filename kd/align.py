@@ -48,8 +48,11 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _kind(tokenizer) -> str:
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    text = json.dumps(spec.get("decoder")) + json.dumps(spec.get("pre_tokenizer"))
+    # the normalizer's, pre-tokenizer's and decoder's own JSON, not the whole tokenizer's (Qwen's is 7 MB: a second
+    # to parse), and unescaped: the "▁" of a Replace rule (Llama 2's and Gemma's conversions) is read as itself
+    backend = tokenizer.backend_tokenizer
+    parts = (backend.normalizer, backend.pre_tokenizer, backend.decoder)
+    text = "".join(part.__getstate__().decode() for part in parts if part is not None)
     if "ByteLevel" in text:
         return "byte_level"
     if "Metaspace" in text or "▁" in text:

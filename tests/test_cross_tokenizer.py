@@ -84,6 +84,40 @@ def test_vocabulary_mapping_on_the_real_tokenizers(real_tokenizers):
     assert share > 0.95
 
 
+def _sentencepiece_tokenizer():
+    """A SentencePiece-style fast tokenizer in the shape transformers converts Llama 2's and Gemma's into: "▁" marks
+    a space, <0xNN> pieces fall back to bytes, and the "▁" rule lives in the normalizer and the decoder's Replace
+    (no Metaspace step anywhere)."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "<0x41>": 2, "<0xC3>": 3, "<0xA9>": 4, "▁": 5, "t": 6, "h": 7, "e": 8}
+    vocab |= {"th": 9, "the": 10, "▁the": 11}
+    merges = [("t", "h"), ("th", "e"), ("▁", "the")]
+    backend = Tokenizer(BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(Regex(" "), "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>")
+
+
+def test_sentencepiece_pieces_keep_their_space_and_byte_pieces_their_byte(real_tokenizers):
+    """The "▁" of a SentencePiece vocabulary is a space in the token's bytes: "▁the" is " the", not "the" (which its
+    text after the decoder's Strip would give), so it maps to a byte-level tokenizer's "Ġthe"."""
+    sp = _sentencepiece_tokenizer()
+    pieces, specials = align.token_bytes(sp)
+    by_token = dict(zip(sp.convert_ids_to_tokens(list(range(len(sp)))), pieces))
+    assert by_token["▁the"] == b" the" and by_token["the"] == b"the" and by_token["▁"] == b" "
+    assert by_token["<0x41>"] == b"A" and by_token["<0xC3>"] == b"\xc3"  # a byte piece is its one byte
+    assert specials == {"<unk>": 0, "<s>": 1} and by_token["<s>"] is None
+    smol = real_tokenizers[1]
+    m = align.vocab_map(sp, smol, len(sp))
+    for tok, other in (("▁the", "Ġthe"), ("the", "the"), ("<0x41>", "A")):
+        assert smol.convert_ids_to_tokens(int(m[sp.convert_tokens_to_ids(tok)])) == other
+
+
 def test_alignment_of_a_known_sentence(real_tokenizers):
     qwen, smol, _ = real_tokenizers
     text = "Thou art more temperate: 1623.\n\nDeny thy father"
