@@ -400,6 +400,12 @@ def render(summary: dict) -> str:
         lines.append("\nout of domain (Milton: L'Allegro, Il Penseroso, Comus, Lycidas):\n")
         lines += table(s["table"], arms, "ood_ce")
         lines.append("")
+        last = s["table"][-1] if s["table"] else None
+        if last:  # tokenizer-free; with one tokenizer for every student here, it ranks the arms as CE does
+            lines.append(
+                f"bits per character in domain at {last['tokens']:,} tokens: "
+                + "; ".join(f"{a} {fmt(last[f'{a}/bpc'], 3)}" for a in arms)
+            )
         for where, ratios in (("held-out CE", s["ratios"]), ("out-of-domain CE", s["ood_ratios"])):
             for a, r in ratios.items():
                 lines.append(

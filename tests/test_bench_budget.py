@@ -89,6 +89,7 @@ def test_the_summary_pairs_seeds_and_measures_token_efficiency():
     assert table.count("| 100,000 | 4.1000 ± 0.1000 | 3.5500 ± 0.0500 | -0.5500 ± 0.0500 |") == 2  # in and out
     assert "CE only needs 3.57 ± 0.41x the tokens to reach its out-of-domain CE" in table
     assert "before training 10.1000 ± 0.0577\n" in table  # no teacher's score in these runs: none said
+    assert "bits per character in domain at 100,000 tokens: ce 2.050 ± 0.050; topk 1.775 ± 0.025" in table
 
 
 def test_the_report_takes_finished_runs_and_names_the_unfinished(tmp_path):
