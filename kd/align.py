@@ -19,6 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from array import array
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,7 @@ from kd.data.chat import render
 from kd.errors import KDError
 from kd.models import tokenizer_fingerprint
 
-ALIGN_FORMAT_VERSION = 1
+ALIGN_FORMAT_VERSION = 2  # 2: ragged, memory-mapped arrays in a folder (1: one padded .npz)
 
 
 # ---- vocabularies -------------------------------------------------------------------------------------------
@@ -143,14 +146,20 @@ def align_window(
         ids.extend(enc["input_ids"][k])
         ends.extend(base + int(e) for _, e in enc["offset_mapping"][k])
         k += 1
-    ends_arr = np.asarray(ends, dtype=np.int64)
-    teacher_end = {int(spans[t, 1]): t for t in range(length)}  # later positions overwrite: the last one wins
-    pos = np.full(len(ids), -1, dtype=np.int64)
-    for s in range(len(ids)):
-        if s + 1 < len(ids) and ends_arr[s + 1] == ends_arr[s]:
-            continue  # not the last token ending here: its prefix ends inside a character
-        pos[s] = teacher_end.get(int(ends_arr[s]), -1)
-    return ids, pos
+    return ids, _positions_ending_at(np.asarray(ends, dtype=np.int64), spans[:, 1])
+
+
+def _positions_ending_at(student_ends: np.ndarray, teacher_ends: np.ndarray) -> np.ndarray:
+    """Per student token, the last teacher position whose token ends at the same character, or -1; -1 also for a
+    student token followed by one ending at the same character (its prefix ends inside a character)."""
+    # the last teacher position per end: the first occurrence in the reversed order
+    ends, first_reversed = np.unique(teacher_ends[::-1], return_index=True)
+    last = len(teacher_ends) - 1 - first_reversed
+    k = np.minimum(np.searchsorted(ends, student_ends), max(len(ends) - 1, 0))
+    found = (ends[k] == student_ends) if len(ends) else np.zeros(len(student_ends), bool)
+    pos = np.where(found, last[k] if len(ends) else -1, -1).astype(np.int64)
+    pos[:-1][student_ends[1:] == student_ends[:-1]] = -1
+    return pos
 
 
 def align_chat_window(text: str, spans: np.ndarray, length: int, student_tok, template: str | None, mask: str):
@@ -206,61 +215,104 @@ def _student_cut(kept_end: int, t_contents, s_contents) -> float:
     return cut
 
 
-def build_alignment(
-    cache, split: str, student_tok, student_sep_id: int, pad_id: int, chat_template: str | None = None
-) -> dict[str, np.ndarray]:
-    """Alignment arrays of one split: ids [N, Ts], lengths [N], teacher_pos [N, Ts] (Ts = longest student window);
-    a chat cache's also loss_mask and segments [N, Ts], the student's own (`chat_template` renders them)."""
+# the arrays of one split's alignment, ragged (window i's student positions are [offsets[i], offsets[i + 1]) of each
+# flat array) and in the narrowest dtype that holds them: 8 bytes per student token, no padding
+ARRAYS = {"input_ids": np.int32, "teacher_pos": np.int32, "loss_mask": np.bool_, "segments": np.int32}
+CHAT_ONLY = ("loss_mask", "segments")
+BLOCK = 4096  # windows aligned between two writes to the split's files: bounds the build's memory
 
+
+@dataclass(frozen=True)
+class Alignment:
+    """One split's alignment: window i's student ids, teacher position per student position (-1: none) and, for a
+    chat cache, the student's loss mask and conversations, at [offsets[i], offsets[i + 1]) of the flat arrays.
+    Read from disk they are memory-mapped: a 10^9-token corpus's 8 GB are paged in as windows are read, and shared
+    by the processes of a launch, not copied into each."""
+
+    offsets: np.ndarray  # int64 [N + 1]
+    arrays: dict[str, np.ndarray]  # name -> flat [total] (ARRAYS; CHAT_ONLY ones for a chat cache only)
+    max_len: int  # the longest window's student length: every item is padded to it
+    pad_id: int  # what pads the student ids (the separator: a real token, masked out of every loss)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def window(self, i: int) -> dict[str, np.ndarray]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {name: arr[a:b] for name, arr in self.arrays.items()}
+
+
+def _aligned_windows(cache, split: str, student_tok, student_sep_id: int, chat_template: str | None):
+    """Each window of `split` aligned: (ids, teacher_pos) or, for a chat cache, (ids, teacher_pos, mask, segments)."""
     reader = cache.split(split, ("input_ids", "text", "token_spans"))
     chat = cache.info.chat
-    rows = []
     for i in range(len(reader)):
         it = reader[i]
+        spans, length = it["token_spans"].numpy(), int(it["length"])
         if chat is not None:
-            rows.append(
-                align_chat_window(
-                    it["text"],
-                    it["token_spans"].numpy(),
-                    int(it["length"]),
-                    student_tok,
-                    chat_template,
-                    chat.loss_mask,
-                )
+            yield align_chat_window(it["text"], spans, length, student_tok, chat_template, chat.loss_mask)
+        else:
+            sep = cache.info.tokenizer.separator_id
+            yield align_window(it["text"], spans, it["input_ids"].numpy(), length, sep, student_tok, student_sep_id)
+
+
+def build_alignment(
+    cache, split: str, student_tok, student_sep_id: int, folder: Path, chat_template: str | None = None
+) -> dict:
+    """Align every window of one split and write it to `folder` (<split>.<name>.bin, raw, in ARRAYS' dtypes), a block
+    of windows at a time: memory stays one block's (and 8 bytes per window) whatever the corpus. Returns the split's record for
+    meta.json (counts, the longest window)."""
+    names = list(ARRAYS) if cache.info.chat is not None else [n for n in ARRAYS if n not in CHAT_ONLY]
+    offsets, max_len, block = array("q", [0]), 0, []  # 8 bytes per window
+    files = {name: open(folder / f"{split}.{name}.bin", "wb") for name in names}
+    try:
+
+        def flush() -> None:
+            for k, name in enumerate(names):
+                np.concatenate([np.asarray(row[k], ARRAYS[name]) for row in block]).tofile(files[name])
+            block.clear()
+
+        for row in _aligned_windows(cache, split, student_tok, student_sep_id, chat_template):
+            offsets.append(offsets[-1] + len(row[0]))
+            max_len = max(max_len, len(row[0]))
+            block.append(row)
+            if len(block) == BLOCK:
+                flush()
+        if block:
+            flush()
+    finally:
+        for f in files.values():
+            f.close()
+    np.frombuffer(offsets, np.int64).tofile(folder / f"{split}.offsets.bin")
+    return {"windows": len(offsets) - 1, "tokens": offsets[-1], "max_len": max_len, "arrays": names}
+
+
+def read_alignment(folder: Path, split: str, record: dict, pad_id: int) -> Alignment:
+    """One split of a built alignment, memory-mapped; a file whose size is not what meta.json says (a truncated
+    copy) is refused with what to do."""
+
+    def mapped(name: str, dtype, count: int) -> np.ndarray:
+        path = folder / f"{split}.{name}.bin"
+        size = path.stat().st_size if path.exists() else -1
+        if size != count * np.dtype(dtype).itemsize:
+            raise KDError(
+                f"the cross-tokenizer alignment file {path} holds {size} bytes where {count} x "
+                f"{np.dtype(dtype).itemsize} were written: it is damaged or incomplete. Delete {folder} and the "
+                "next run builds it again"
             )
-            continue
-        rows.append(
-            align_window(
-                it["text"],
-                it["token_spans"].numpy(),
-                it["input_ids"].numpy(),
-                int(it["length"]),
-                cache.info.tokenizer.separator_id,
-                student_tok,
-                student_sep_id,
-            )
-        )
-    Ts = max(len(r[0]) for r in rows)
-    ids = np.full((len(rows), Ts), pad_id, dtype=np.int64)
-    pos = np.full((len(rows), Ts), -1, dtype=np.int64)
-    lengths = np.zeros(len(rows), dtype=np.int64)
-    out = {"input_ids": ids, "lengths": lengths, "teacher_pos": pos}
-    if chat is not None:
-        out["loss_mask"] = np.zeros((len(rows), Ts), bool)
-        out["segments"] = np.zeros((len(rows), Ts), np.int64)
-    for i, (r_ids, r_pos, *extra) in enumerate(rows):
-        ids[i, : len(r_ids)], pos[i, : len(r_pos)], lengths[i] = r_ids, r_pos, len(r_ids)
-        if extra:
-            out["loss_mask"][i, : len(r_ids)], out["segments"][i, : len(r_ids)] = extra
-    return out
+        return np.memmap(path, dtype, "r", shape=(count,)) if count else np.zeros(0, dtype)
+
+    offsets = mapped("offsets", np.int64, record["windows"] + 1)
+    arrays = {name: mapped(name, ARRAYS[name], record["tokens"]) for name in record["arrays"]}
+    return Alignment(offsets, arrays, record["max_len"], pad_id)
 
 
 def load_or_build(
     cache, student_tok, student_sep: str, fallback_dir: Path, is_main: bool, wait, chat_template: str | None = None
-) -> dict:
-    """{split: arrays} for every split, from <cache>/alignments/<student fingerprint>.npz (built by the main
-    process if missing; `wait` is a barrier). Falls back to `fallback_dir` when the cache directory is read-only.
-    A chat cache's student conversations are rendered with `chat_template` (None: the student tokenizer's own)."""
+) -> dict[str, Alignment]:
+    """{split: Alignment} for every split, from the folder <cache>/alignments/<key>/ (built by the main process if
+    missing; `wait` is a barrier). Falls back to `fallback_dir` when the cache directory is read-only. A chat
+    cache's student conversations are rendered with `chat_template` (None: the student tokenizer's own)."""
     fp = tokenizer_fingerprint(student_tok)
     chat = cache.info.chat is not None
     key = hashlib.sha256(
@@ -285,34 +337,49 @@ def load_or_build(
             f"the student tokenizer has no token {student_sep!r} to put between documents; "
             "set loss.cross_tokenizer_separator to one of its special tokens"
         )
-    candidates = [cache.root / "alignments" / f"{key}.npz", Path(fallback_dir) / f"alignment-{key}.npz"]
-    if is_main and not any(p.exists() for p in candidates):
-        arrays = {}
-        for split in cache.info.splits:
-            for name, a in build_alignment(cache, split, student_tok, sep_id, sep_id, chat_template).items():
-                arrays[f"{split}/{name}"] = a
-        arrays["meta"] = np.frombuffer(
-            json.dumps(
-                {"format_version": ALIGN_FORMAT_VERSION, "student_fingerprint": fp, "separator": student_sep}
-            ).encode(),
-            dtype=np.uint8,
-        )
-        for path in candidates:
+    candidates = [cache.root / "alignments" / key, Path(fallback_dir) / f"alignment-{key}"]
+    if is_main and not any((p / "meta.json").exists() for p in candidates):
+        for folder in candidates:
+            tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
-                np.savez(tmp, **arrays)
-                os.replace(tmp, path)
-                break
+                tmp.mkdir(parents=True)
             except OSError:
-                continue
+                continue  # read-only: the next candidate
+            try:
+                splits = {
+                    split: build_alignment(cache, split, student_tok, sep_id, tmp, chat_template)
+                    for split in cache.info.splits
+                }
+                meta = {
+                    "format_version": ALIGN_FORMAT_VERSION,
+                    "student_fingerprint": fp,
+                    "separator": student_sep,
+                    "separator_id": sep_id,
+                    "splits": splits,
+                }
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: a folder with it is complete
+                tmp.rename(folder)  # atomic; a folder left by an older, killed build is replaced below
+            except OSError as e:
+                if not folder.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise KDError(f"cannot write the alignment to {folder}: {e}") from None
+                shutil.rmtree(tmp, ignore_errors=True)
+            break
         else:
-            raise KDError(f"cannot write the alignment file to {candidates[0].parent} or {candidates[1].parent}")
+            raise KDError(f"cannot write the alignment to {candidates[0].parent} or {candidates[1].parent}")
     wait()
-    path = next(p for p in candidates if p.exists())
-    names = ("input_ids", "lengths", "teacher_pos") + (("loss_mask", "segments") if chat else ())
-    with np.load(path) as z:
-        return {split: {name: z[f"{split}/{name}"] for name in names} for split in cache.info.splits}
+    folder = next((p for p in candidates if (p / "meta.json").exists()), None)
+    if folder is None:
+        raise KDError(f"the alignment the main process built is in neither {candidates[0]} nor {candidates[1]}")
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("format_version") != ALIGN_FORMAT_VERSION:
+        raise KDError(
+            f"the alignment in {folder} has format {meta.get('format_version')}, this kd reads "
+            f"{ALIGN_FORMAT_VERSION}: delete that folder and the next run builds it again"
+        )
+    return {
+        split: read_alignment(folder, split, meta["splits"][split], meta["separator_id"]) for split in cache.info.splits
+    }
 
 
 class AlignedSplit(torch.utils.data.Dataset):
@@ -320,25 +387,35 @@ class AlignedSplit(torch.utils.data.Dataset):
     student ids, -1 = no identical student token) and hidden states at each student position's aligned teacher
     position; kd_mask marks the aligned positions."""
 
-    def __init__(self, base, arrays: dict, mapping: np.ndarray):
-        self.base, self.arrays, self.mapping = base, arrays, torch.from_numpy(mapping)
+    def __init__(self, base, alignment: Alignment, mapping: np.ndarray):
+        if len(alignment) != len(base):
+            raise KDError(f"the alignment has {len(alignment)} windows and the cache split {len(base)}")
+        self.base, self.alignment, self.mapping = base, alignment, torch.from_numpy(mapping)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict:
         item = self.base[i]
-        pos = torch.from_numpy(self.arrays["teacher_pos"][i])
+        w, T = self.alignment.window(i), self.alignment.max_len
+        n = len(w["input_ids"])
+
+        def padded(name: str, fill, dtype: torch.dtype) -> torch.Tensor:  # every item the split's longest length
+            out = torch.full((T,), fill, dtype=dtype)
+            out[:n] = torch.from_numpy(np.array(w[name])).to(dtype)  # a copy: the mapped file is read-only
+            return out
+
+        pos = padded("teacher_pos", -1, torch.int64)
         g = pos.clamp(min=0)
         out = {
-            "input_ids": torch.from_numpy(self.arrays["input_ids"][i]),
-            "length": torch.tensor(int(self.arrays["lengths"][i])),
+            "input_ids": padded("input_ids", self.alignment.pad_id, torch.int64),
+            "length": torch.tensor(n),
             "sequence_index": item["sequence_index"],
             "kd_mask": pos >= 0,
         }
-        if "loss_mask" in self.arrays:  # a chat cache: the student's own assistant mask and conversations
-            out["loss_mask"] = torch.from_numpy(self.arrays["loss_mask"][i])
-            out["segments"] = torch.from_numpy(self.arrays["segments"][i])
+        if "loss_mask" in w:  # a chat cache: the student's own assistant mask and conversations
+            out["loss_mask"] = padded("loss_mask", False, torch.bool)
+            out["segments"] = padded("segments", 0, torch.int64)
         if "topk_ids" in item:
             out["topk_ids"] = self.mapping[item["topk_ids"][g]]
             out["topk_logprobs"] = item["topk_logprobs"][g].float()

@@ -79,29 +79,31 @@ def smol_chat_cache(tmp_path_factory, smol_chat_teacher, english_chat) -> Path:
     )
 
 
-def alignment(cache: Path, tok, template=None) -> dict:
-    c = TeacherCache(cache)
-    return align.build_alignment(c, "train", tok, tok.eos_token_id, tok.eos_token_id, template)
+def alignment(cache: Path, tok, folder: Path, template=None) -> align.Alignment:
+    folder.mkdir()
+    record = align.build_alignment(TeacherCache(cache), "train", tok, tok.eos_token_id, folder, template)
+    return align.read_alignment(folder, "train", record, tok.eos_token_id)
 
 
-def test_the_teacher_itself_aligns_as_the_identity(smol_chat_cache, real_tokenizers):
+def test_the_teacher_itself_aligns_as_the_identity(smol_chat_cache, real_tokenizers, tmp_path):
     """A 'student' with the teacher's tokenizer and template: the same ids, loss mask and conversations as the
     cache, and every position the loss counts (one that predicts an assistant token) aligned to itself. Template
     text between messages aligns to nothing (alignment is on the messages), and no loss counts there."""
     smol = real_tokenizers[1]
-    a = alignment(smol_chat_cache, smol)
+    a = alignment(smol_chat_cache, smol, tmp_path / "a")
     split = TeacherCache(smol_chat_cache).split("train", ("input_ids", "loss_mask", "segments"))
     for i in range(len(split)):
         it, n = split[i], int(split[i]["length"])
-        assert int(a["lengths"][i]) == n
-        np.testing.assert_array_equal(a["input_ids"][i, :n], it["input_ids"][:n].numpy())
+        w = a.window(i)
+        assert len(w["input_ids"]) == n
+        np.testing.assert_array_equal(w["input_ids"], it["input_ids"][:n].numpy())
         counted = np.zeros(n, bool)
         counted[:-1] = chat_targets(it["loss_mask"][None, :n].numpy(), it["segments"][None, :n].numpy())[0, 1:]
         assert counted.any()
-        np.testing.assert_array_equal(a["teacher_pos"][i, :n][counted], np.arange(n)[counted])
-        assert set(a["teacher_pos"][i, :n][~counted].tolist()) <= set(range(n)) | {-1}
-        np.testing.assert_array_equal(a["loss_mask"][i, :n], it["loss_mask"][:n].numpy())
-        np.testing.assert_array_equal(a["segments"][i, :n], it["segments"][:n].numpy())
+        np.testing.assert_array_equal(w["teacher_pos"][counted], np.arange(n)[counted])
+        assert set(w["teacher_pos"][~counted].tolist()) <= set(range(n)) | {-1}
+        np.testing.assert_array_equal(w["loss_mask"], it["loss_mask"][:n].numpy())
+        np.testing.assert_array_equal(w["segments"], it["segments"][:n].numpy())
 
 
 def test_cross_mode_with_the_teachers_tokenizer_equals_plain_kd_on_chat(smol_chat_cache, tmp_path):
@@ -121,19 +123,14 @@ def test_cross_mode_with_the_teachers_tokenizer_equals_plain_kd_on_chat(smol_cha
             assert b[key] == pytest.approx(a[key], rel=2e-4), key
 
 
-def _check_student_view(cache: Path, tok, template, assistant_marker: str) -> float:
+def _check_student_view(cache: Path, tok, template, assistant_marker: str, folder: Path) -> float:
     """The student's mask covers exactly its assistant contents and end-of-turn tokens; returns the share of its
     scored targets (assistant tokens) whose predicting position is aligned to a teacher position."""
-    a = alignment(cache, tok, template)
+    a = alignment(cache, tok, folder, template)
     scored = aligned = 0
-    for i in range(len(a["lengths"])):
-        n = int(a["lengths"][i])
-        ids, mask, seg, pos = (
-            a["input_ids"][i, :n],
-            a["loss_mask"][i, :n],
-            a["segments"][i, :n],
-            a["teacher_pos"][i, :n],
-        )
+    for i in range(len(a)):
+        w = a.window(i)
+        ids, mask, seg, pos = w["input_ids"], w["loss_mask"], w["segments"], w["teacher_pos"]
         text = tok.decode(ids.tolist())
         assert assistant_marker in text
         runs = [tok.decode(ids[j:k].tolist()) for j, k in _runs(mask)]
@@ -156,15 +153,15 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def test_a_qwen_tokenizer_student_masks_its_own_assistant_tokens_and_aligns_on_the_messages(
-    smol_chat_cache, real_tokenizers
+    smol_chat_cache, real_tokenizers, tmp_path
 ):
     qwen = real_tokenizers[0]
     assert not qwen.chat_template  # the offline Qwen tokenizer has none: the teacher's template is used
     teacher_template = TeacherCache(smol_chat_cache).manifest["chat"]["template_text"]
-    share = _check_student_view(smol_chat_cache, qwen, teacher_template, "<|im_start|>assistant\n")
+    share = _check_student_view(smol_chat_cache, qwen, teacher_template, "<|im_start|>assistant\n", tmp_path / "a")
     assert share > 0.9, share
     # another template (other headers, a default system prompt): still aligned on the messages themselves
-    share = _check_student_view(smol_chat_cache, qwen, OTHER_TEMPLATE, "<|im_start|>assistant says\n")
+    share = _check_student_view(smol_chat_cache, qwen, OTHER_TEMPLATE, "<|im_start|>assistant says\n", tmp_path / "b")
     assert share > 0.9, share
 
 
@@ -258,4 +255,4 @@ def test_student_inputs_have_the_students_positions(smol_chat_cache, real_tokeni
     it = split[0]
     n = int(it["length"])
     assert it["loss_mask"][:n].any() and int(it["segments"][:n].min()) >= 1
-    assert torch.equal(it["input_ids"][:n], torch.from_numpy(arrays["train"]["input_ids"][0, :n]))
+    assert torch.equal(it["input_ids"][:n], torch.from_numpy(np.array(arrays["train"].window(0)["input_ids"])).long())

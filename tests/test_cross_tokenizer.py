@@ -255,8 +255,8 @@ def test_student_with_smollm2_tokenizer_trains_on_a_qwen_cache(qwen_cache, real_
     assert all(r["kd"] > 0 for r in steps)
     assert evals[-1]["eval/tokens"] > 0 and np.isfinite(evals[-1]["eval/kd"])
     # the alignment was built once, in the cache, and is reused by the next run
-    files = list((qwen_cache / "alignments").glob("*.npz"))
-    assert len(files) == 1
+    files = list((qwen_cache / "alignments").glob("*/meta.json"))
+    assert len(files) == 1 and not list((qwen_cache / "alignments").glob("*.tmp-*"))
     mtime = files[0].stat().st_mtime_ns
     train_student.main(
         make_cfg(
@@ -337,3 +337,68 @@ def test_bad_cross_tokenizer_inputs(qwen_cache, real_tokenizers, tmp_path, tiny_
 
     with pytest.raises(KDError, match="gives no character offsets"):
         tokenize(slow, ["text"], offsets=True)
+
+
+def test_student_positions_take_the_last_teacher_position_ending_at_their_character():
+    """The vectorised alignment rule against its plain definition, on random ends with repeats (several tokens
+    ending in one character, on both sides)."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        teacher = np.sort(rng.integers(0, 40, rng.integers(0, 30)))
+        student = np.sort(rng.integers(0, 40, rng.integers(0, 30)))
+        last = {int(e): t for t, e in enumerate(teacher)}  # later positions overwrite: the last one wins
+        expected = [
+            -1 if s + 1 < len(student) and student[s + 1] == student[s] else last.get(int(student[s]), -1)
+            for s in range(len(student))
+        ]
+        assert align._positions_ending_at(student, teacher).tolist() == expected
+
+
+def test_the_alignment_is_built_a_block_at_a_time_and_read_memory_mapped(
+    qwen_cache, real_tokenizers, tmp_path, monkeypatch
+):
+    """The same arrays whatever the block of windows between writes; read back memory-mapped, one window at a time;
+    a truncated file or another format is refused with what to do."""
+    from kd.cache import TeacherCache
+
+    smol = real_tokenizers[1]
+    cache, sep = TeacherCache(qwen_cache), smol.eos_token_id
+    built = {}
+    for block in (3, 4096):
+        monkeypatch.setattr(align, "BLOCK", block)
+        folder = tmp_path / f"b{block}"
+        folder.mkdir()
+        record = align.build_alignment(cache, "train", smol, sep, folder)
+        built[block] = align.read_alignment(folder, "train", record, sep)
+    a, b = built[3], built[4096]
+    assert len(a) == len(cache.split("train")) > 3 and a.max_len == max(
+        len(a.window(i)["input_ids"]) for i in range(len(a))
+    )
+    assert isinstance(a.arrays["input_ids"], np.memmap) and set(a.arrays) == {"input_ids", "teacher_pos"}
+    for name in a.arrays:
+        np.testing.assert_array_equal(a.arrays[name], b.arrays[name])
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    w = a.window(1)
+    text = cache.split("train", ("text",))[1]["text"]
+    assert smol.decode(w["input_ids"].tolist()).replace("<|endoftext|>", "") in text.replace("<|endoftext|>", "")
+    # through load_or_build: the folder published whole, then a damaged copy and another format refused
+    split = cache.split("train")
+    arrays = align.load_or_build(cache, smol, smol.eos_token, tmp_path, True, lambda: None)
+    item = align.AlignedSplit(split, arrays["train"], align.vocab_map(real_tokenizers[0], smol, 151_936))[1]
+    assert item["input_ids"].shape == (a.max_len,) and item["input_ids"].dtype == torch.int64
+    assert torch.equal(item["input_ids"][: len(w["input_ids"])], torch.from_numpy(np.array(w["input_ids"])).long())
+    folder = next(p.parent for p in (qwen_cache / "alignments").glob("*/meta.json"))
+    ids = folder / "train.input_ids.bin"
+    saved = ids.read_bytes()
+    try:
+        ids.write_bytes(saved[:-4])
+        with pytest.raises(KDError, match=r"damaged or incomplete\. Delete .* builds it again"):
+            align.load_or_build(cache, smol, smol.eos_token, tmp_path, True, lambda: None)
+        ids.write_bytes(saved)
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps(dict(meta, format_version=1)))
+        with pytest.raises(KDError, match="has format 1, this kd reads 2: delete that folder"):
+            align.load_or_build(cache, smol, smol.eos_token, tmp_path, True, lambda: None)
+        (folder / "meta.json").write_text(json.dumps(meta))
+    finally:
+        ids.write_bytes(saved)

@@ -302,7 +302,7 @@ def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, acce
     # across tokenizers teacher ids never index the student logits (they are mapped), so no vocabulary floor
     lm = build_student(cfg, tokenizer, 0 if cross else cache.info.teacher.vocab_size, cache, say, accelerator.device)
     # the student must see a whole window: a shorter context trains silently wrong (Llama) or fails mid-run (GPT-2)
-    window = train_split.arrays["input_ids"].shape[1] if cross else cache.seq_len
+    window = train_split.alignment.max_len if cross else cache.seq_len
     fix = f"give it a context of at least {window} (student.config max_position_embeddings), or re-cache with a "
     check_context("the student", lm.config, window, fix + "smaller data.seq_len", "training windows")
     need_hidden = needs_hidden(cfg.loss.trained_terms())
