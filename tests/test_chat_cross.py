@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import TINY, _save_model
 from test_chat_cache import make_chat_cache, train
 from test_cross_tokenizer import PARAGRAPH, qwen_teacher  # noqa: F401 - a fixture used below
@@ -250,7 +251,7 @@ def test_student_inputs_have_the_students_positions(smol_chat_cache, real_tokeni
     qwen = real_tokenizers[0]
     c = TeacherCache(smol_chat_cache)
     template = c.manifest["chat"]["template_text"]
-    arrays = align.load_or_build(c, qwen, qwen.eos_token, c.root, True, lambda: None, template)
+    arrays = align.load_or_build(c, qwen, qwen.eos_token, c.root, Accelerator(cpu=True), template)
     split = align.AlignedSplit(c.split("train"), arrays["train"], align.vocab_map(real_tokenizers[1], qwen, 49_152))
     it = split[0]
     n = int(it["length"])

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, _save_model
-from test_train import evals_of, make_cfg, steps_of
+from accelerate import Accelerator
+from conftest import ROOT, TINY, _save_model, torchrun
+from test_train import evals_of, make_cfg, overrides, steps_of
 
 from kd import align, cache_teacher, train_student
 from kd.errors import KDError
@@ -378,12 +379,26 @@ def test_the_alignment_is_built_a_block_at_a_time_and_read_memory_mapped(
     for name in a.arrays:
         np.testing.assert_array_equal(a.arrays[name], b.arrays[name])
     np.testing.assert_array_equal(a.offsets, b.offsets)
+    # three processes' shares, put end to end: the same arrays
+    parts = []
+    for index in range(3):
+        part = tmp_path / f"part-{index}"
+        part.mkdir()
+        parts.append((part, align.build_alignment(cache, "train", smol, sep, part, None, (index, 3))))
+    assert [r["windows"] for _, r in parts] == [len(a) * (i + 1) // 3 - len(a) * i // 3 for i in range(3)]
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    c = align.read_alignment(merged, "train", align.merge_parts(merged, "train", parts), sep)
+    assert c.max_len == a.max_len
+    for name in a.arrays:
+        np.testing.assert_array_equal(c.arrays[name], a.arrays[name])
+    np.testing.assert_array_equal(c.offsets, a.offsets)
     w = a.window(1)
     text = cache.split("train", ("text",))[1]["text"]
     assert smol.decode(w["input_ids"].tolist()).replace("<|endoftext|>", "") in text.replace("<|endoftext|>", "")
     # through load_or_build: the folder published whole, then a damaged copy and another format refused
     split = cache.split("train")
-    arrays = align.load_or_build(cache, smol, smol.eos_token, tmp_path, True, lambda: None)
+    arrays = align.load_or_build(cache, smol, smol.eos_token, tmp_path, Accelerator(cpu=True))
     item = align.AlignedSplit(split, arrays["train"], align.vocab_map(real_tokenizers[0], smol, 151_936))[1]
     assert item["input_ids"].shape == (a.max_len,) and item["input_ids"].dtype == torch.int64
     assert torch.equal(item["input_ids"][: len(w["input_ids"])], torch.from_numpy(np.array(w["input_ids"])).long())
@@ -393,12 +408,45 @@ def test_the_alignment_is_built_a_block_at_a_time_and_read_memory_mapped(
     try:
         ids.write_bytes(saved[:-4])
         with pytest.raises(KDError, match=r"damaged or incomplete\. Delete .* builds it again"):
-            align.load_or_build(cache, smol, smol.eos_token, tmp_path, True, lambda: None)
+            align.load_or_build(cache, smol, smol.eos_token, tmp_path, Accelerator(cpu=True))
         ids.write_bytes(saved)
         meta = json.loads((folder / "meta.json").read_text())
         (folder / "meta.json").write_text(json.dumps(dict(meta, format_version=1)))
         with pytest.raises(KDError, match="has format 1, this kd reads 2: delete that folder"):
-            align.load_or_build(cache, smol, smol.eos_token, tmp_path, True, lambda: None)
+            align.load_or_build(cache, smol, smol.eos_token, tmp_path, Accelerator(cpu=True))
         (folder / "meta.json").write_text(json.dumps(meta))
     finally:
         ids.write_bytes(saved)
+
+
+def test_the_processes_of_a_launch_build_the_alignment_each_its_share(qwen_cache, real_tokenizers, tmp_path):
+    """Two processes train across tokenizers on a cache without an alignment: each aligns its share of the windows,
+    the main process puts them end to end; the files are byte for byte the one-process build's."""
+    from kd.cache import TeacherCache
+
+    cache = tmp_path / "cache"
+    shutil.copytree(qwen_cache, cache, ignore=shutil.ignore_patterns("alignments"))
+    smol = real_tokenizers[1]
+    run = {
+        "student.tokenizer": real_tokenizers[2]["smollm2-135m-instruct"],
+        "loss.cross_tokenizer": "mapped",
+        "loss.alpha_feature": 0,
+        "loss.feature_layers": "[]",
+        "train.max_steps": 1,
+        "train.warmup_steps": 0,
+    }
+    result = torchrun(ROOT / "train_student.py", *overrides(cache, tmp_path / "two", **run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    [meta] = (cache / "alignments").glob("*/meta.json")
+    assert json.loads(meta.read_text())["processes"] == 2
+    assert [p.name for p in meta.parent.iterdir() if p.is_dir()] == [] and len(
+        list((cache / "alignments").iterdir())
+    ) == 1
+    one = tmp_path / "one"
+    one.mkdir()
+    for split in ("train", "eval"):
+        align.build_alignment(TeacherCache(cache), split, smol, smol.eos_token_id, one)
+    files = sorted(f.name for f in meta.parent.glob("*.bin"))
+    assert files == sorted(f.name for f in one.glob("*.bin")) and len(files) == 6
+    for name in files:
+        assert (meta.parent / name).read_bytes() == (one / name).read_bytes(), name

@@ -646,9 +646,7 @@ def cross_tokenizer_splits(
     teacher_tokenizer = load_tokenizer(cache.info.teacher.name_or_path, cache.info.teacher.revision)
     sep = cfg.loss.cross_tokenizer_separator or tokenizer.eos_token
     template = student_chat_template(cfg, cache, tokenizer) if cache.info.chat is not None else None
-    arrays = align.load_or_build(
-        cache, tokenizer, sep, run_dir, accelerator.is_main_process, accelerator.wait_for_everyone, template
-    )
+    arrays = align.load_or_build(cache, tokenizer, sep, run_dir, accelerator, template)
     mapping = align.vocab_map(teacher_tokenizer, tokenizer, cache.info.teacher.vocab_size)
     train = align.AlignedSplit(train_split, arrays["train"], mapping)
     evals = align.AlignedSplit(eval_split, arrays["eval"], mapping)
