@@ -450,3 +450,35 @@ def test_the_processes_of_a_launch_build_the_alignment_each_its_share(qwen_cache
     assert files == sorted(f.name for f in one.glob("*.bin")) and len(files) == 6
     for name in files:
         assert (meta.parent / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def test_the_student_context_must_hold_the_longest_window_of_either_split(qwen_cache, real_tokenizers, tmp_path):
+    """Across tokenizers the student's windows are its own lengths: a held-out window longer than every training
+    window (here by editing the built alignment's record) must fit the student's context too, or nothing trains."""
+    cache = tmp_path / "cache"
+    shutil.copytree(qwen_cache, cache, ignore=shutil.ignore_patterns("alignments"))
+    from kd.cache import TeacherCache
+
+    smol = real_tokenizers[1]
+    built = align.load_or_build(TeacherCache(cache), smol, smol.eos_token, tmp_path, Accelerator(cpu=True))
+    longest = built["train"].max_len
+    [meta] = (cache / "alignments").glob("*/meta.json")
+    record = json.loads(meta.read_text())
+    record["splits"]["eval"]["max_len"] = longest + 8
+    meta.write_text(json.dumps(record))
+    student = f"{{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: {longest}}}"
+    cfg = make_cfg(
+        cache,
+        tmp_path / "r",
+        **{
+            "student.config": student,
+            "student.tokenizer": real_tokenizers[2]["smollm2-135m-instruct"],
+            "loss.cross_tokenizer": "mapped",
+            "loss.alpha_feature": 0,
+            "loss.feature_layers": "[]",
+        },
+    )
+    with pytest.raises(
+        KDError, match=rf"context \({longest} positions\) is shorter than the training windows \({longest + 8} tokens\)"
+    ):
+        train_student.main(cfg)

@@ -152,7 +152,7 @@ def setup(cfg: TrainConfig) -> Run | None:
 
         # 2. Student, projectors, optimizer, loss plans.
         set_seed(tc.seed)
-        model, optimizer, backend, plan, ema = _student(cfg, cache, tokenizer, train_split, accelerator)
+        model, optimizer, backend, plan, ema = _student(cfg, cache, tokenizer, (train_split, eval_split), accelerator)
         eval_plan = LossPlan.for_eval(cfg.loss)  # the one choice of teacher signal and terms for eval
 
         # 3. The run's state (resumed from its checkpoint), its record and logs, the eval data.
@@ -292,7 +292,7 @@ def _splits(cfg: TrainConfig, cache: TeacherCache, tokenizer, run_dir: Path, acc
     return train_split, eval_split
 
 
-def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, accelerator):
+def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, splits, accelerator):
     """The student wrapped with its projectors, prepared by Accelerate with its optimizer (weight decay skips biases
     and norm weights, the 1-D tensors); the back-end; the training loss plan; the EMA weights when on."""
     tc = cfg.train
@@ -302,7 +302,8 @@ def _student(cfg: TrainConfig, cache: TeacherCache, tokenizer, train_split, acce
     # across tokenizers teacher ids never index the student logits (they are mapped), so no vocabulary floor
     lm = build_student(cfg, tokenizer, 0 if cross else cache.info.teacher.vocab_size, cache, say, accelerator.device)
     # the student must see a whole window: a shorter context trains silently wrong (Llama) or fails mid-run (GPT-2)
-    window = train_split.alignment.max_len if cross else cache.seq_len
+    # across tokenizers the student's windows are its own: the longest of either split (eval's may be the longer)
+    window = max(s.alignment.max_len for s in splits if s is not None) if cross else cache.seq_len
     fix = f"give it a context of at least {window} (student.config max_position_embeddings), or re-cache with a "
     check_context("the student", lm.config, window, fix + "smaller data.seq_len", "training windows")
     need_hidden = needs_hidden(cfg.loss.trained_terms())
