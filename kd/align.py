@@ -472,6 +472,11 @@ class AlignedSplit(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    @property
+    def starts(self) -> np.ndarray:
+        """The first window of each cache shard (window i is the cache's window i): train.shuffle=shards reads it."""
+        return self.base.starts
+
     def __getitem__(self, i: int) -> dict:
         item = self.base[i]
         w, T = self.alignment.window(i), self.alignment.max_len

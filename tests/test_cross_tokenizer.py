@@ -269,6 +269,7 @@ def test_student_with_smollm2_tokenizer_trains_on_a_qwen_cache(qwen_cache, real_
                 "loss.alpha_feature": 0,
                 "train.max_steps": 1,
                 "train.warmup_steps": 0,
+                "train.shuffle": "shards",  # the order at scale: the aligned split reads its cache's shard starts
             },
         )
     )
