@@ -178,15 +178,15 @@ def test_an_export_stopped_part_way_leaves_nothing_that_loads(tiny_cache, tmp_pa
 
     from kd.cache.export import export
 
-    real, calls = pq.write_table, []
+    real, calls = pq.ParquetWriter.write_batch, []
 
-    def full_disk_at_the_second_file(table, where, **kw):
-        calls.append(where)
+    def full_disk_at_the_second_file(writer, batch, *a, **kw):  # one batch per file of 16 rows here
+        calls.append(batch.num_rows)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(table, where, **kw)
+        return real(writer, batch, *a, **kw)
 
-    monkeypatch.setattr(pq, "write_table", full_disk_at_the_second_file)
+    monkeypatch.setattr(pq.ParquetWriter, "write_batch", full_disk_at_the_second_file)
     out = tmp_path / "exported"
     with pytest.raises(KDError, match=r"saving .*exported failed: .*the disk is full"):
         export(tiny_cache, out, rows_per_file=16, log=lambda *a: None)

@@ -316,6 +316,24 @@ def test_export_round_trip_equals_the_reader(tmp_path):
     assert r.returncode == 2 and "not empty" in r.stderr  # never writes into a non-empty directory
 
 
+def test_export_builds_each_file_a_bounded_batch_at_a_time(tmp_path, monkeypatch):
+    """A file is written a record batch at a time (memory: one batch's values, whatever --rows-per-file): one row
+    per batch gives the same tables as whole files do, in as many row groups as rows."""
+    import pyarrow.parquet as pq
+
+    from kd.cache import export as ex
+
+    v2 = Path(__file__).parent / "data" / "cache_v2"
+    whole = ex.export(v2, tmp_path / "whole", log=lambda *_: None)
+    monkeypatch.setattr(ex, "BATCH_VALUES", 1)
+    batched = ex.export(v2, tmp_path / "batched", log=lambda *_: None)
+    for split in ("train", "eval"):
+        [a], [b] = (sorted((d / split).glob("*.parquet")) for d in (whole, batched))
+        ta, tb = pq.read_table(a), pq.read_table(b)
+        assert ta.num_rows > 1 and ta.equals(tb)
+        assert pq.ParquetFile(a).num_row_groups == 1 and pq.ParquetFile(b).num_row_groups == ta.num_rows
+
+
 def _sampled(N: int, T: int, n: int, vocab: int, rng) -> tuple[np.ndarray, np.ndarray]:
     """Padded sampled targets [N, T, n] as the teacher pass writes them: distinct ids, most frequent first."""
     counts, ids = np.zeros((N, T, n), np.int64), np.zeros((N, T, n), np.int64)

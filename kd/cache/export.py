@@ -40,45 +40,76 @@ from kd.io import staged_dir
 EXPORT_FORMAT = "kd-teacher-cache-export"
 
 
-def _row(item: dict, with_samples: bool, with_text: bool, with_chat: bool = False) -> dict:
-    n = int(item["length"])
-    row = {
-        "sequence_index": int(item["sequence_index"]),
-        "input_ids": item["input_ids"][:n].numpy().astype(np.int32),
-        "target_token_ids": item["topk_ids"][:n].numpy().astype(np.int32),
-        "target_logprobs": item["topk_logprobs"][:n].float().numpy(),
-    }
-    row["target_mask"] = np.ones_like(row["target_token_ids"], dtype=np.int8)
-    if with_samples:
-        ids, counts = item["sample_ids"][:n].numpy(), item["sample_counts"][:n].numpy()
-        present = counts > 0
-        row["sample_ids"] = [ids[t][present[t]].astype(np.int32) for t in range(n)]
-        row["sample_counts"] = [counts[t][present[t]].astype(np.int32) for t in range(n)]
-    if with_text:
-        row["text"] = item["text"]
-        row["token_spans"] = item["token_spans"][:n].numpy().astype(np.int32)
-    if with_chat:
-        row["loss_mask"] = item["loss_mask"][:n].numpy().astype(np.int8)
-        row["position_ids"] = segment_positions(item["segments"][None, :n])[0].numpy().astype(np.int32)
-    return row
+# values per record batch: a batch's rows are built as flat numpy arrays and handed to Arrow whole, so memory is
+# ~this many values per column whatever --rows-per-file (4,096 rows of 256 x top-256 are 268 M values: as Python
+# lists, ~20 GB). Also far below list<...>'s 32-bit offsets.
+BATCH_VALUES = 1 << 22
 
 
-def _table(rows: list[dict]):
+def _schema(with_samples: bool, with_text: bool, with_chat: bool):
     import pyarrow as pa
 
-    columns = {}
-    for name in rows[0]:
-        values = [r[name] for r in rows]
-        if name in ("sequence_index", "text"):
-            columns[name] = pa.array(values)
-        elif name in ("input_ids", "position_ids"):
-            columns[name] = pa.array([v.tolist() for v in values], pa.list_(pa.int32()))
-        elif name == "loss_mask":
-            columns[name] = pa.array([v.tolist() for v in values], pa.list_(pa.int8()))
-        else:  # per position: a list of lists
-            inner = {"target_logprobs": pa.float32(), "target_mask": pa.int8()}.get(name, pa.int32())
-            columns[name] = pa.array([[list(p) for p in v] for v in values], pa.list_(pa.list_(inner)))
-    return pa.table(columns)
+    per_position = lambda t: pa.list_(pa.list_(t))  # noqa: E731
+    fields = [
+        ("sequence_index", pa.int64()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("target_token_ids", per_position(pa.int32())),
+        ("target_logprobs", per_position(pa.float32())),
+        ("target_mask", per_position(pa.int8())),
+    ]
+    if with_samples:
+        fields += [("sample_ids", per_position(pa.int32())), ("sample_counts", per_position(pa.int32()))]
+    if with_text:
+        fields += [("text", pa.string()), ("token_spans", per_position(pa.int32()))]
+    if with_chat:
+        fields += [("loss_mask", pa.list_(pa.int8())), ("position_ids", pa.list_(pa.int32()))]
+    return pa.schema(fields)
+
+
+def _lists(values: np.ndarray, sizes, inner=None):
+    """A list<...> Arrow array: consecutive runs of `sizes` elements of `values` (or of `inner`, a list array)."""
+    import pyarrow as pa
+
+    offsets = np.zeros(len(sizes) + 1, np.int32)
+    np.cumsum(sizes, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), inner if inner is not None else pa.array(values))
+
+
+def _batch(items: list[dict], schema, with_samples: bool, with_text: bool, with_chat: bool):
+    """One record batch of decoded rows, padding removed (module docstring), built from flat arrays."""
+    import pyarrow as pa
+
+    lengths = [int(it["length"]) for it in items]
+
+    def flat(name: str, dtype) -> np.ndarray:  # [sum of lengths, ...]: every row's positions end to end
+        return np.concatenate([it[name][:n].numpy() for it, n in zip(items, lengths)]).astype(dtype)
+
+    def per_position(values_2d: np.ndarray):  # [positions, k] -> list<list<...>> per row
+        k = values_2d.shape[1]
+        return _lists(None, lengths, _lists(values_2d.reshape(-1), np.full(len(values_2d), k)))
+
+    topk_ids = flat("topk_ids", np.int32)
+    columns = {
+        "sequence_index": pa.array([int(it["sequence_index"]) for it in items], pa.int64()),
+        "input_ids": _lists(flat("input_ids", np.int32), lengths),
+        "target_token_ids": per_position(topk_ids),
+        "target_logprobs": per_position(flat("topk_logprobs", np.float32)),
+        "target_mask": per_position(np.ones_like(topk_ids, np.int8)),
+    }
+    if with_samples:  # the drawn ids present at each position (count > 0), most frequent first, as stored
+        ids, counts = flat("sample_ids", np.int32), flat("sample_counts", np.int32)
+        present = counts > 0
+        sizes = present.sum(1)
+        columns["sample_ids"] = _lists(None, lengths, _lists(ids[present], sizes))
+        columns["sample_counts"] = _lists(None, lengths, _lists(counts[present], sizes))
+    if with_text:
+        columns["text"] = pa.array([it["text"] for it in items], pa.string())
+        columns["token_spans"] = per_position(flat("token_spans", np.int32))
+    if with_chat:
+        columns["loss_mask"] = _lists(flat("loss_mask", np.int8), lengths)
+        positions = [segment_positions(it["segments"][None, :n])[0].numpy() for it, n in zip(items, lengths)]
+        columns["position_ids"] = _lists(np.concatenate(positions).astype(np.int32), lengths)
+    return pa.RecordBatch.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
 
 def export(
@@ -104,6 +135,8 @@ def export(
         + (["text", "token_spans"] if with_text else [])
         + (["loss_mask", "segments"] if with_chat else [])
     )
+    schema = _schema(with_samples, with_text, with_chat)
+    per_batch = max(1, BATCH_VALUES // (info.seq_len * max(info.top_k, info.sample_n, 1)))
     # built at OUT.partial and renamed when whole (kd.io.staged_dir): an export stopped by a full disk or Ctrl-C
     # leaves nothing that loads as a partial dataset, and nothing that blocks the re-run
     with staged_dir(out) as tmp:
@@ -112,11 +145,11 @@ def export(
             (tmp / split).mkdir(parents=True)
             n_files = max(1, -(-len(reader) // rows_per_file))
             for f in range(n_files):
-                rows = [
-                    _row(reader[i], with_samples, with_text, with_chat)
-                    for i in range(f * rows_per_file, min((f + 1) * rows_per_file, len(reader)))
-                ]
-                pq.write_table(_table(rows), tmp / split / f"data-{f:05d}-of-{n_files:05d}.parquet")
+                first, end = f * rows_per_file, min((f + 1) * rows_per_file, len(reader))
+                with pq.ParquetWriter(tmp / split / f"data-{f:05d}-of-{n_files:05d}.parquet", schema) as writer:
+                    for a in range(first, end, per_batch):  # none for an empty split: a file of no rows
+                        items = [reader[i] for i in range(a, min(a + per_batch, end))]
+                        writer.write_batch(_batch(items, schema, with_samples, with_text, with_chat))
             log(f"[export] {split}: {len(reader)} sequences in {n_files} Parquet file(s)")
         write_readme(tmp, info, splits)
     return out
