@@ -13,7 +13,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import ROOT, TINY, _save_model, torchrun
-from test_train import evals_of, make_cfg, overrides, steps_of
+from test_train import STUDENT, evals_of, make_cfg, overrides, steps_of
 
 from kd import align, cache_teacher, train_student
 from kd.errors import KDError
@@ -420,6 +420,16 @@ def test_the_alignment_is_built_a_block_at_a_time_and_read_memory_mapped(
         ids.write_bytes(saved)
 
 
+def mapped_smol_student(real_tokenizers) -> dict:
+    """Overrides of a student with the SmolLM2 tokenizer in mapped cross-tokenizer KD on logits only."""
+    return {
+        "student.tokenizer": real_tokenizers[2]["smollm2-135m-instruct"],
+        "loss.cross_tokenizer": "mapped",
+        "loss.alpha_feature": 0,
+        "loss.feature_layers": "[]",
+    }
+
+
 def test_the_processes_of_a_launch_build_the_alignment_each_its_share(qwen_cache, real_tokenizers, tmp_path):
     """Two processes train across tokenizers on a cache without an alignment: each aligns its share of the windows,
     the main process puts them end to end; the files are byte for byte the one-process build's."""
@@ -428,14 +438,7 @@ def test_the_processes_of_a_launch_build_the_alignment_each_its_share(qwen_cache
     cache = tmp_path / "cache"
     shutil.copytree(qwen_cache, cache, ignore=shutil.ignore_patterns("alignments"))
     smol = real_tokenizers[1]
-    run = {
-        "student.tokenizer": real_tokenizers[2]["smollm2-135m-instruct"],
-        "loss.cross_tokenizer": "mapped",
-        "loss.alpha_feature": 0,
-        "loss.feature_layers": "[]",
-        "train.max_steps": 1,
-        "train.warmup_steps": 0,
-    }
+    run = {**mapped_smol_student(real_tokenizers), "train.max_steps": 1, "train.warmup_steps": 0}
     result = torchrun(ROOT / "train_student.py", *overrides(cache, tmp_path / "two", **run))
     assert result.returncode == 0, result.stderr[-3000:]
     [meta] = (cache / "alignments").glob("*/meta.json")
@@ -467,18 +470,8 @@ def test_the_student_context_must_hold_the_longest_window_of_either_split(qwen_c
     record = json.loads(meta.read_text())
     record["splits"]["eval"]["max_len"] = longest + 8
     meta.write_text(json.dumps(record))
-    student = f"{{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: {longest}}}"
-    cfg = make_cfg(
-        cache,
-        tmp_path / "r",
-        **{
-            "student.config": student,
-            "student.tokenizer": real_tokenizers[2]["smollm2-135m-instruct"],
-            "loss.cross_tokenizer": "mapped",
-            "loss.alpha_feature": 0,
-            "loss.feature_layers": "[]",
-        },
-    )
+    student = STUDENT.replace("max_position_embeddings: 128", f"max_position_embeddings: {longest}")
+    cfg = make_cfg(cache, tmp_path / "r", **mapped_smol_student(real_tokenizers), **{"student.config": student})
     with pytest.raises(
         KDError, match=rf"context \({longest} positions\) is shorter than the training windows \({longest + 8} tokens\)"
     ):
