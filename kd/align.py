@@ -30,6 +30,7 @@ import torch
 from kd.data.chat import render
 from kd.dist import agree, broadcast_object
 from kd.errors import KDError
+from kd.io import disk_error, write_bytes_durable
 from kd.models import tokenizer_fingerprint
 
 ALIGN_FORMAT_VERSION = 2  # 2: ragged, memory-mapped arrays in a folder (1: one padded .npz)
@@ -290,10 +291,13 @@ def build_alignment(
                 flush()
         if block:
             flush()
+        for f in files.values():  # on disk before meta.json says the alignment is complete
+            f.flush()
+            os.fsync(f.fileno())
     finally:
         for f in files.values():
             f.close()
-    np.frombuffer(offsets, np.int64).tofile(folder / f"{split}.offsets.bin")
+    write_bytes_durable(folder / f"{split}.offsets.bin", np.frombuffer(offsets, np.int64).tobytes())
     return {"windows": len(offsets) - 1, "tokens": offsets[-1], "max_len": max_len, "arrays": names}
 
 
@@ -326,11 +330,13 @@ def merge_parts(folder: Path, split: str, parts: list[tuple[Path, dict]]) -> dic
             for part, _ in parts:
                 with open(part / f"{split}.{name}.bin", "rb") as f:
                     shutil.copyfileobj(f, out, 16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
     offsets, tokens = [np.zeros(1, np.int64)], 0
     for part, record in parts:
         offsets.append(np.fromfile(part / f"{split}.offsets.bin", np.int64)[1:] + tokens)
         tokens += record["tokens"]
-    np.concatenate(offsets).tofile(folder / f"{split}.offsets.bin")
+    write_bytes_durable(folder / f"{split}.offsets.bin", np.concatenate(offsets).tobytes())
     return {
         "windows": sum(r["windows"] for _, r in parts),
         "tokens": tokens,
@@ -406,7 +412,7 @@ def load_or_build(
                 }
                 (part / "part.json").write_text(json.dumps(records))
             except OSError as e:
-                raise KDError(f"cannot write the alignment to {tmp}: {e}") from None
+                raise KDError(f"cannot write the alignment to {tmp}: {disk_error(e)}") from None
 
         def publish() -> None:
             if not accelerator.is_main_process:
@@ -430,12 +436,15 @@ def load_or_build(
                     "processes": count,
                     "splits": splits,
                 }
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: a folder with it is complete
+                # last: a folder with it is complete
+                write_bytes_durable(tmp / "meta.json", json.dumps(meta, indent=1).encode())
                 tmp.rename(folder)  # atomic
-            except OSError as e:
+            except (OSError, KDError) as e:
                 if not (folder / "meta.json").exists():  # else another launch published the same alignment first
                     shutil.rmtree(tmp, ignore_errors=True)
-                    raise KDError(f"cannot write the alignment to {folder}: {e}") from None
+                    if isinstance(e, KDError):
+                        raise
+                    raise KDError(f"cannot write the alignment to {folder}: {disk_error(e)}") from None
                 shutil.rmtree(tmp, ignore_errors=True)
 
         try:

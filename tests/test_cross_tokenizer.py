@@ -5,6 +5,7 @@ smollm2-135m-instruct`; 2.4 MB + 93 MB, prepared once). Models are tiny and rand
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -476,3 +477,28 @@ def test_the_student_context_must_hold_the_longest_window_of_either_split(qwen_c
         KDError, match=rf"context \({longest} positions\) is shorter than the training windows \({longest + 8} tokens\)"
     ):
         train_student.main(cfg)
+
+
+def test_a_full_disk_while_aligning_is_one_error_and_leaves_no_alignment(
+    qwen_cache, real_tokenizers, tmp_path, monkeypatch
+):
+    """The disk fills while the alignment's arrays are written: one KDError saying so, no folder a later run would
+    take for an alignment (nor a half-built one left behind); with room again, it builds."""
+    import errno
+
+    from kd.cache import TeacherCache
+
+    cache = tmp_path / "cache"
+    shutil.copytree(qwen_cache, cache, ignore=shutil.ignore_patterns("alignments"))
+    smol, real_fsync = real_tokenizers[1], os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(KDError, match="cannot write the alignment to .*the disk is full"):
+        align.load_or_build(TeacherCache(cache), smol, smol.eos_token, tmp_path / "run", Accelerator(cpu=True))
+    assert list((cache / "alignments").iterdir()) == []
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    built = align.load_or_build(TeacherCache(cache), smol, smol.eos_token, tmp_path / "run", Accelerator(cpu=True))
+    assert len(built["train"]) == len(TeacherCache(cache).split("train"))
