@@ -398,27 +398,25 @@ def test_the_alignment_is_built_a_block_at_a_time_and_read_memory_mapped(
     w = a.window(1)
     text = cache.split("train", ("text",))[1]["text"]
     assert smol.decode(w["input_ids"].tolist()).replace("<|endoftext|>", "") in text.replace("<|endoftext|>", "")
-    # through load_or_build: the folder published whole, then a damaged copy and another format refused
-    split = cache.split("train")
+    # through load_or_build (on a copy: the damage below stays out of the shared cache): the folder published
+    # whole, then a damaged file and another format refused
+    shutil.copytree(qwen_cache, tmp_path / "cache", ignore=shutil.ignore_patterns("alignments"))
+    cache = TeacherCache(tmp_path / "cache")
     arrays = align.load_or_build(cache, smol, smol.eos_token, tmp_path, Accelerator(cpu=True))
+    split = cache.split("train")
     item = align.AlignedSplit(split, arrays["train"], align.vocab_map(real_tokenizers[0], smol, 151_936))[1]
     assert item["input_ids"].shape == (a.max_len,) and item["input_ids"].dtype == torch.int64
     assert torch.equal(item["input_ids"][: len(w["input_ids"])], torch.from_numpy(np.array(w["input_ids"])).long())
-    folder = next(p.parent for p in (qwen_cache / "alignments").glob("*/meta.json"))
-    ids = folder / "train.input_ids.bin"
+    [meta] = (tmp_path / "cache" / "alignments").glob("*/meta.json")
+    ids = meta.parent / "train.input_ids.bin"
     saved = ids.read_bytes()
-    try:
-        ids.write_bytes(saved[:-4])
-        with pytest.raises(KDError, match=r"damaged or incomplete\. Delete .* builds it again"):
-            align.load_or_build(cache, smol, smol.eos_token, tmp_path, Accelerator(cpu=True))
-        ids.write_bytes(saved)
-        meta = json.loads((folder / "meta.json").read_text())
-        (folder / "meta.json").write_text(json.dumps(dict(meta, format_version=1)))
-        with pytest.raises(KDError, match="has format 1, this kd reads 2: delete that folder"):
-            align.load_or_build(cache, smol, smol.eos_token, tmp_path, Accelerator(cpu=True))
-        (folder / "meta.json").write_text(json.dumps(meta))
-    finally:
-        ids.write_bytes(saved)
+    ids.write_bytes(saved[:-4])
+    with pytest.raises(KDError, match=r"damaged or incomplete\. Delete .* builds it again"):
+        align.load_or_build(cache, smol, smol.eos_token, tmp_path, Accelerator(cpu=True))
+    ids.write_bytes(saved)
+    meta.write_text(json.dumps(dict(json.loads(meta.read_text()), format_version=1)))
+    with pytest.raises(KDError, match="has format 1, this kd reads 2: delete that folder"):
+        align.load_or_build(cache, smol, smol.eos_token, tmp_path, Accelerator(cpu=True))
 
 
 def mapped_smol_student(real_tokenizers) -> dict:
