@@ -154,12 +154,15 @@ def align_window(
 def _positions_ending_at(student_ends: np.ndarray, teacher_ends: np.ndarray) -> np.ndarray:
     """Per student token, the last teacher position whose token ends at the same character, or -1; -1 also for a
     student token followed by one ending at the same character (its prefix ends inside a character)."""
+    pos = np.full(len(student_ends), -1, np.int64)
+    if len(teacher_ends) == 0:
+        return pos
     # the last teacher position per end: the first occurrence in the reversed order
     ends, first_reversed = np.unique(teacher_ends[::-1], return_index=True)
     last = len(teacher_ends) - 1 - first_reversed
-    k = np.minimum(np.searchsorted(ends, student_ends), max(len(ends) - 1, 0))
-    found = (ends[k] == student_ends) if len(ends) else np.zeros(len(student_ends), bool)
-    pos = np.where(found, last[k] if len(ends) else -1, -1).astype(np.int64)
+    k = np.minimum(np.searchsorted(ends, student_ends), len(ends) - 1)
+    found = ends[k] == student_ends
+    pos[found] = last[k[found]]
     pos[:-1][student_ends[1:] == student_ends[:-1]] = -1
     return pos
 
@@ -248,7 +251,7 @@ def _aligned_windows(cache, split: str, student_tok, student_sep_id: int, chat_t
     """Each window of the `part` = (index, count)-th of `count` contiguous shares of `split`, aligned: (ids,
     teacher_pos) or, for a chat cache, (ids, teacher_pos, mask, segments)."""
     reader = cache.split(split, ("input_ids", "text", "token_spans"))
-    chat = cache.info.chat
+    chat, sep = cache.info.chat, cache.info.tokenizer.separator_id
     index, count = part
     for i in range(len(reader) * index // count, len(reader) * (index + 1) // count):
         it = reader[i]
@@ -256,7 +259,6 @@ def _aligned_windows(cache, split: str, student_tok, student_sep_id: int, chat_t
         if chat is not None:
             yield align_chat_window(it["text"], spans, length, student_tok, chat_template, chat.loss_mask)
         else:
-            sep = cache.info.tokenizer.separator_id
             yield align_window(it["text"], spans, it["input_ids"].numpy(), length, sep, student_tok, student_sep_id)
 
 
@@ -419,15 +421,15 @@ def load_or_build(
                 return
             folder = tmp.with_name(tmp.name.rsplit(".tmp-", 1)[0])
             try:
-                splits = json.loads((part / "part.json").read_text())
+                parts = [tmp / f"part-{i}" for i in range(count)] if count > 1 else [tmp]
+                records = [json.loads((p / "part.json").read_text()) for p in parts]
                 if count > 1:
-                    parts = [tmp / f"part-{i}" for i in range(count)]
-                    records = [json.loads((p / "part.json").read_text()) for p in parts]
-                    splits = {s: merge_parts(tmp, s, [(p, r[s]) for p, r in zip(parts, records)]) for s in splits}
+                    splits = {s: merge_parts(tmp, s, [(p, r[s]) for p, r in zip(parts, records)]) for s in records[0]}
                     for p in parts:
                         shutil.rmtree(p)
                 else:
-                    (part / "part.json").unlink()
+                    splits = records[0]
+                    (tmp / "part.json").unlink()
                 meta = {
                     "format_version": ALIGN_FORMAT_VERSION,
                     "student_fingerprint": fp,

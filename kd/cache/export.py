@@ -41,8 +41,8 @@ EXPORT_FORMAT = "kd-teacher-cache-export"
 
 
 # values per record batch: a batch's rows are built as flat numpy arrays and handed to Arrow whole, so memory is
-# ~this many values per column whatever --rows-per-file (4,096 rows of 256 x top-256 are 268 M values: as Python
-# lists, ~20 GB). Also far below list<...>'s 32-bit offsets.
+# ~this many values per column whatever --rows-per-file (4,096 rows of 256 x top-256 are 268 M values; built as
+# Python lists they took ~3 GB per 1,000 rows here). Also far below list<...>'s 32-bit offsets.
 BATCH_VALUES = 1 << 22
 
 
@@ -66,13 +66,14 @@ def _schema(with_samples: bool, with_text: bool, with_chat: bool):
     return pa.schema(fields)
 
 
-def _lists(values: np.ndarray, sizes, inner=None):
-    """A list<...> Arrow array: consecutive runs of `sizes` elements of `values` (or of `inner`, a list array)."""
+def _lists(sizes, values):
+    """A list<...> Arrow array: consecutive runs of `sizes` elements of `values` (a numpy array, or an Arrow list
+    array for lists of lists)."""
     import pyarrow as pa
 
     offsets = np.zeros(len(sizes) + 1, np.int32)
     np.cumsum(sizes, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), inner if inner is not None else pa.array(values))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values) if isinstance(values, np.ndarray) else values)
 
 
 def _batch(items: list[dict], schema, with_samples: bool, with_text: bool, with_chat: bool):
@@ -86,12 +87,12 @@ def _batch(items: list[dict], schema, with_samples: bool, with_text: bool, with_
 
     def per_position(values_2d: np.ndarray):  # [positions, k] -> list<list<...>> per row
         k = values_2d.shape[1]
-        return _lists(None, lengths, _lists(values_2d.reshape(-1), np.full(len(values_2d), k)))
+        return _lists(lengths, _lists(np.full(len(values_2d), k), values_2d.reshape(-1)))
 
     topk_ids = flat("topk_ids", np.int32)
     columns = {
         "sequence_index": pa.array([int(it["sequence_index"]) for it in items], pa.int64()),
-        "input_ids": _lists(flat("input_ids", np.int32), lengths),
+        "input_ids": _lists(lengths, flat("input_ids", np.int32)),
         "target_token_ids": per_position(topk_ids),
         "target_logprobs": per_position(flat("topk_logprobs", np.float32)),
         "target_mask": per_position(np.ones_like(topk_ids, np.int8)),
@@ -100,15 +101,15 @@ def _batch(items: list[dict], schema, with_samples: bool, with_text: bool, with_
         ids, counts = flat("sample_ids", np.int32), flat("sample_counts", np.int32)
         present = counts > 0
         sizes = present.sum(1)
-        columns["sample_ids"] = _lists(None, lengths, _lists(ids[present], sizes))
-        columns["sample_counts"] = _lists(None, lengths, _lists(counts[present], sizes))
+        columns["sample_ids"] = _lists(lengths, _lists(sizes, ids[present]))
+        columns["sample_counts"] = _lists(lengths, _lists(sizes, counts[present]))
     if with_text:
         columns["text"] = pa.array([it["text"] for it in items], pa.string())
         columns["token_spans"] = per_position(flat("token_spans", np.int32))
     if with_chat:
-        columns["loss_mask"] = _lists(flat("loss_mask", np.int8), lengths)
+        columns["loss_mask"] = _lists(lengths, flat("loss_mask", np.int8))
         positions = [segment_positions(it["segments"][None, :n])[0].numpy() for it, n in zip(items, lengths)]
-        columns["position_ids"] = _lists(np.concatenate(positions).astype(np.int32), lengths)
+        columns["position_ids"] = _lists(lengths, np.concatenate(positions).astype(np.int32))
     return pa.RecordBatch.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
 
