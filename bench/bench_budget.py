@@ -29,8 +29,14 @@ process, train.num_workers=0, so what each arm reads is counted; evals, checkpoi
 
 Each run is kd's own train_student.py in a process of its own at `nice -n 19` (the figures are what users get),
 checkpointed every 50 steps: a killed run resumes where it stopped when this script is run again, a finished one is
-skipped. With --device cuda the runs train in bf16 on the machine's GPU, at --scale times the budgets; the cache
-(1.2 GB) and the teacher must be on that machine (they cannot travel to a lent GPU machine: 64 MiB of files).
+skipped. A finished run leaves a record of a few KB in bench/results/budget/ (its curve, config, the cache's identity,
+the code's commit, the machine), committed with the code: the report reads those records, so its tables come back
+from a clone without the runs' folders (GBs of checkpoints), and runs made in different sessions and on different
+machines add up, as long as they read the same cache (the report refuses records of different caches).
+
+With --device cuda the runs train in bf16 on the machine's GPU, at --scale times the budgets; the cache
+(1.2 GB) and the teacher must be on that machine (they cannot travel to a lent GPU machine: 64 MiB of files); their
+records go to bench/results/budget_cuda/, a table of their own.
 """
 
 from __future__ import annotations
@@ -38,10 +44,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +60,8 @@ from bench_peers import mean_se  # noqa: E402  (the benchmarks' one mean and sta
 OUT = ROOT / "bench" / "out" / "budget"
 CACHE = ROOT / "caches" / "budget_smollm2"
 PRUNED = OUT / "pruned_15"  # the half-depth student, cut once from the teacher
+RESULTS = ROOT / "bench" / "results" / "budget"  # one record per finished run, committed (see the docstring)
+RECORD_FORMAT, RECORD_VERSION = "kd-bench-budget-run", 1
 TOKENS_PER_STEP = 4 * 2 * 256  # micro-batch 4 x 256 tokens, accumulation 2
 EVAL_WINDOWS = 96  # of the held-out play's 183: 24,480 scored tokens per eval, enough for paired differences
 
@@ -130,6 +141,14 @@ def run_name(student: str, arm: str, seed: int) -> str:
     return f"{student}_{arm}_s{seed}"
 
 
+def parse_run_name(name: str) -> tuple[str, str, int] | None:
+    """(student, arm, seed) of a run's name, None for a name this benchmark does not give."""
+    student, arm, seed = (name.rsplit("_", 2) + ["", ""])[:3]
+    if student not in STUDENTS or arm not in ARMS or not (seed[:1] == "s" and seed[1:].isdigit()):
+        return None
+    return student, arm, int(seed[1:])
+
+
 def prune_command(cache: Path, python: str) -> list[str]:
     """The pruned student, cut once (the same cut configs/train_pruned.yaml makes at every run's start)."""
     return [python, "-m", "kd.prune", "--cache", str(cache), "--layers", "15", "--rule", "block", "--out", str(PRUNED)]
@@ -203,6 +222,7 @@ def cmd_run(args) -> int:
             for arm in args.arms:
                 run_dir = OUT / "runs" / run_name(name, arm, seed)
                 if is_done(run_dir):
+                    save_record(run_dir, args.results)  # a run finished before its record was written
                     continue
                 cmd = train_command(STUDENTS[name], arm, seed, sys.executable, args.device, args.scale, args.cache)
                 if run_dir.exists() and not (run_dir / "config.json").exists():
@@ -217,7 +237,97 @@ def cmd_run(args) -> int:
                 if rc != 0:
                     print(f"[budget] {run_name(name, arm, seed)} failed ({rc}): {log}", file=sys.stderr)
                     return rc
+                print(f"[budget] recorded {save_record(run_dir, args.results)}", flush=True)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- a finished run's record
+
+
+def git_commit() -> str:
+    """The code's commit, with "+changes" when the work tree differs from it ("unknown" outside a clone)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def machine() -> dict:
+    info = Path("/proc/cpuinfo")
+    text = info.read_text() if info.exists() else ""  # Linux; elsewhere the CPU goes unnamed
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    cpu = names[0] if names else "unknown"
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0], "torch": version("torch")}
+
+
+def make_record(run_dir: Path) -> dict:
+    """A finished run's record: its curve, and what decides whether it can stand beside runs made elsewhere: the
+    run's resolved config and the cache's identity (kd's runs/<name>/config.json, and the windows the teacher saw
+    from the cache's manifest), the code's commit and the machine."""
+    run = json.loads((run_dir / "config.json").read_text())
+    manifest = json.loads((Path(run["cache"]["dir"]) / "manifest.json").read_text())
+    student, arm, seed = parse_run_name(run_dir.name)
+    return {
+        "format": RECORD_FORMAT,
+        "format_version": RECORD_VERSION,
+        "run": run_dir.name,
+        "student": student,
+        "arm": arm,
+        "seed": seed,
+        "curve": asdict(read_curve(run_dir)),
+        "cache": cache_identity(manifest, run["cache"]["teacher"]),
+        "config": run["config"],
+        "kd_version": run["kd_version"],
+        "code": git_commit(),
+        "machine": machine(),
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def cache_identity(manifest: dict, teacher: dict) -> dict:
+    """What two runs' caches must share for their curves to be compared: the same windows, config and teacher. (The
+    teacher's outputs are not fingerprinted: made again on another CPU they may differ in the last bits; each curve
+    keeps the teacher's score on the held-out play, which shows a difference that matters.)"""
+    return {
+        "windows": manifest["dataset"]["fingerprint"],
+        "config_hash": manifest["config_hash"],
+        "teacher_weights": teacher.get("weights"),
+    }
+
+
+def save_record(run_dir: Path, results: Path) -> Path:
+    from kd.io import write_json_atomic
+
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{run_dir.name}.json"
+    if not path.exists():
+        write_json_atomic(path, make_record(run_dir))
+    return path
+
+
+def read_records(results: Path) -> dict[tuple[str, str, int], Curve]:
+    """The curves of the records under `results`, refused when they are not of one cache (an error that says which
+    records differ) or of a format this script does not read."""
+    curves, identity, first = {}, None, None
+    for path in sorted(results.glob("*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("format") != RECORD_FORMAT or rec.get("format_version") != RECORD_VERSION:
+            raise SystemExit(
+                f"error: {path} is not a budget record of format {RECORD_VERSION} (it says "
+                f"{rec.get('format')} {rec.get('format_version')}); move it away or make it again with `run`"
+            )
+        if identity is None:
+            identity, first = rec["cache"], path.name
+        elif rec["cache"] != identity:
+            diff = sorted(k for k in identity if identity[k] != rec["cache"].get(k))
+            raise SystemExit(
+                f"error: {path.name} and {first} were trained on different caches ({', '.join(diff)} differ): "
+                f"their curves cannot share a table; keep the records of one cache under {results}"
+            )
+        curves[(rec["student"], rec["arm"], rec["seed"])] = Curve(**rec["curve"])
+    return curves
 
 
 # ------------------------------------------------------------------------------------------------------- the report
@@ -475,33 +585,30 @@ def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]
     return written
 
 
-def collect(runs_dir: Path) -> tuple[dict[tuple[str, str, int], Curve], list[str]]:
-    """The finished runs' curves, and the names of the runs begun but not finished: a run in progress has not
-    reached every budget (some of its curve is missing), so it is left out of the tables rather than cut them short."""
-    curves, unfinished = {}, []
-    for run_dir in sorted(runs_dir.glob("*_s*")):
-        name, arm, seed = run_dir.name.rsplit("_", 2)
-        if name not in STUDENTS or arm not in ARMS or not (run_dir / "metrics.jsonl").exists():
-            continue
-        if is_done(run_dir):
-            curves[(name, arm, int(seed[1:]))] = read_curve(run_dir)
-        else:
-            unfinished.append(run_dir.name)
-    return curves, unfinished
+def unfinished_runs(runs_dir: Path) -> list[str]:
+    """The runs begun here but not finished: a run in progress has not reached every budget (some of its curve is
+    missing), so it has no record and stays out of the tables rather than cut them short."""
+    return [
+        d.name
+        for d in sorted(runs_dir.glob("*_s*"))
+        if parse_run_name(d.name) and (d / "metrics.jsonl").exists() and not is_done(d)
+    ]
 
 
 def cmd_report(args) -> int:
-    curves, unfinished = collect(args.out / "runs")
+    unfinished = unfinished_runs(args.out / "runs")
     if unfinished:
         print(f"[budget] not finished, left out: {', '.join(unfinished)}")
+    curves = read_records(args.results)
     if not curves:
         print(
-            f"error: no finished runs under {args.out / 'runs'}; run `python bench/bench_budget.py run` first",
+            f"error: no records of finished runs under {args.results}; run `python bench/bench_budget.py run` first",
             file=sys.stderr,
         )
         return 2
     summary = summarize(curves)
     print(render(summary))
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     if args.png:
         for path in plot(curves, Path(args.png)):
@@ -519,10 +626,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     r.add_argument("--scale", type=float, default=1.0, help="budgets times this (a GPU's larger budgets)")
-    rep = sub.add_parser("report", help="tables (and PNG curves) from the runs so far")
+    rep = sub.add_parser("report", help="tables (and PNG curves) from the records of the runs so far")
     rep.add_argument("--png", default=None, help="write the curves here (e.g. docs/img)")
+    for q in (r, rep):  # a GPU's runs (other budgets, bf16) are a table of their own: --results elsewhere
+        q.add_argument("--results", type=Path, default=None, help=f"the runs' records (default {RESULTS})")
     args = p.parse_args(argv)
     args.out, args.cache = OUT, CACHE
+    if args.results is None:
+        cuda = getattr(args, "device", "cpu") == "cuda"
+        args.results = RESULTS.with_name("budget_cuda") if cuda else RESULTS
     return {"cache": cmd_cache, "run": cmd_run, "report": cmd_report}[args.command](args)
 
 

@@ -4,8 +4,11 @@ needs to reach KD's held-out CE) is right on curves whose answers are known."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -92,30 +95,77 @@ def test_the_summary_pairs_seeds_and_measures_token_efficiency():
     assert "bits per character in domain at 100,000 tokens: ce 2.050 ± 0.050; topk 1.775 ± 0.025" in table
 
 
-def test_the_report_takes_finished_runs_and_names_the_unfinished(tmp_path):
-    import json
+def fake_run(runs: Path, name: str, evals: list[int], done: bool, cache: Path) -> Path:
+    """A run folder as kd leaves it: config.json (the cache's identity), metrics.jsonl, and final/ once done."""
+    d = runs / name
+    d.mkdir(parents=True)
+    teacher = {"name_or_path": "teacher", "weights": {"sha256": "w"}}
+    run = {"cache": {"dir": str(cache), "teacher": teacher}, "config": {"train": {"seed": 0}}, "kd_version": "1.0"}
+    (d / "config.json").write_text(json.dumps(run))
+    records = [{"step": s, "loss": 5.0, "step_cpu_s": 1.0} for s in range(1, 11)]
+    records += [{"step": s, "eval/ce": 5.0 - s / 10, "eval/bits_per_char": 2.0} for s in [0, *evals]]
+    records.append({"step": 0, "event": "teacher_reference", "teacher/ce": 3.25})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if done:
+        (d / "final").mkdir()
+        (d / "final" / "kd_meta.json").write_text("{}")
+    return d
 
-    def run(name: str, evals: list[int], done: bool) -> None:
-        d = tmp_path / name
-        d.mkdir()
-        records = [{"step": s, "loss": 5.0, "step_cpu_s": 1.0} for s in range(1, 11)]
-        records += [{"step": s, "eval/ce": 5.0 - s / 10, "eval/bits_per_char": 2.0} for s in [0, *evals]]
-        records.append({"step": 0, "event": "teacher_reference", "teacher/ce": 3.25})
-        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        if done:
-            (d / "final").mkdir()
-            (d / "final" / "kd_meta.json").write_text("{}")
 
-    run("pruned_ce_s0", [5, 10], done=True)
-    run("pruned_topk_s0", [], done=False)  # begun, no budget reached yet: its curve is empty
-    run("pruned_sampled_s0", [5], done=False)  # half-way: its first budget only
-    (tmp_path / "pruned_ce_s1").mkdir()  # stopped before its run began: no metrics
-    curves, unfinished = bb.collect(tmp_path)
-    assert list(curves) == [("pruned", "ce", 0)] and unfinished == ["pruned_sampled_s0", "pruned_topk_s0"]
+def fake_cache(path: Path, windows: str) -> Path:
+    path.mkdir(parents=True)
+    manifest = {"dataset": {"fingerprint": windows}, "config_hash": "c"}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_run_names_are_parsed_back():
+    assert bb.parse_run_name(bb.run_name("pruned", "topk", 12)) == ("pruned", "topk", 12)
+    for name in ("pruned_15", "demo_topk_sx", "demo_kl_s0", "other_ce_s0", "ce_s0"):
+        assert bb.parse_run_name(name) is None
+
+
+def test_the_report_reads_the_records_of_finished_runs_and_names_the_unfinished(tmp_path):
+    cache, runs, results = fake_cache(tmp_path / "cache", "w1"), tmp_path / "runs", tmp_path / "results"
+    done = fake_run(runs, "pruned_ce_s0", [5, 10], done=True, cache=cache)
+    fake_run(runs, "pruned_topk_s0", [], done=False, cache=cache)  # begun, no budget reached yet
+    fake_run(runs, "pruned_sampled_s0", [5], done=False, cache=cache)  # half-way: its first budget only
+    (runs / "pruned_ce_s1").mkdir()  # stopped before its run began: no metrics
+    path = bb.save_record(done, results)
+    assert path == results / "pruned_ce_s0.json" and sorted(p.name for p in results.iterdir()) == [path.name]
+    assert bb.unfinished_runs(runs) == ["pruned_sampled_s0", "pruned_topk_s0"]
+
+    record = json.loads(path.read_text())
+    assert (record["format"], record["format_version"]) == (bb.RECORD_FORMAT, bb.RECORD_VERSION)
+    assert (record["student"], record["arm"], record["seed"]) == ("pruned", "ce", 0)
+    assert record["cache"]["windows"] == "w1" and record["cache"]["teacher_weights"] == {"sha256": "w"}
+    assert record["config"] == {"train": {"seed": 0}} and record["code"] and record["machine"]["cores"]
+
+    shutil.rmtree(runs)  # the records alone make the report: a clone has no runs' folders
+    curves = bb.read_records(results)
+    assert list(curves) == [("pruned", "ce", 0)]
     c = curves[("pruned", "ce", 0)]
     assert c.tokens == [0, 5 * bb.TOKENS_PER_STEP, 10 * bb.TOKENS_PER_STEP] and c.cpu_s == [0.0, 5.0, 10.0]
     table = bb.render(bb.summarize(curves))  # one arm, one seed: means without a standard error
     assert "| 20,480 | 4.0000 |" in table and "before training 5.0000; the teacher's 3.2500" in table
+
+
+def test_records_of_different_caches_or_formats_are_refused(tmp_path):
+    results = tmp_path / "results"
+    for name, windows in (("demo_ce_s0", "w1"), ("demo_topk_s0", "w2")):
+        cache = fake_cache(tmp_path / f"cache_{name}", windows)
+        bb.save_record(fake_run(tmp_path / "runs", name, [5], done=True, cache=cache), results)
+    with pytest.raises(
+        SystemExit,
+        match="demo_topk_s0.json and demo_ce_s0.json were trained on different caches "
+        r"\(windows differ\)",
+    ):
+        bb.read_records(results)
+    (results / "demo_topk_s0.json").unlink()
+    record = json.loads((results / "demo_ce_s0.json").read_text())
+    (results / "demo_ce_s0.json").write_text(json.dumps(dict(record, format_version=bb.RECORD_VERSION + 1)))
+    with pytest.raises(SystemExit, match="is not a budget record of format 1"):
+        bb.read_records(results)
 
 
 def test_the_curves_are_drawn_per_student(tmp_path):
