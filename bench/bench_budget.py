@@ -472,14 +472,17 @@ def fmt(ms: tuple[float, float], digits: int = 4) -> str:
     return f"{m:.{digits}f}" if math.isnan(se) else f"{m:.{digits}f} ± {se:.{digits}f}"
 
 
-def beyond_noise(d: tuple[float, float]) -> bool:
-    """A paired difference more than twice its standard error away from 0 (unknown with one seed)."""
-    return not math.isnan(d[1]) and abs(d[0]) > 2 * d[1]
+def noise_mark(d: tuple[float, float]) -> str:
+    """ " ~" for a paired difference within twice its standard error of 0, "" beyond it, and " ?" with one seed (no
+    standard error: whether it is beyond the noise is not known)."""
+    if math.isnan(d[1]):
+        return " ?"
+    return "" if abs(d[0]) > 2 * d[1] else " ~"
 
 
 def table(rows: list[dict], arms: list[str], key: str) -> list[str]:
     """A markdown table of `key` (ce: in-domain, ood_ce: out of domain) per budget: each arm's mean ± s.e. over
-    seeds, then each KD arm minus CE only, and sampled minus top-k, paired over seeds (~: within noise)."""
+    seeds, then each KD arm minus CE only, and sampled minus top-k, paired over seeds (~: within noise; ?: one seed)."""
     both_targets = "sampled" in arms and "topk" in arms
     head = ["tokens"] + [f"{a} CE" for a in arms] + [f"{a} - ce" for a in arms if a != "ce"]
     head += ["sampled - topk"] if both_targets else []
@@ -488,7 +491,7 @@ def table(rows: list[dict], arms: list[str], key: str) -> list[str]:
         cells = [f"{row['tokens']:,}"] + [fmt(row[f"{a}/{key}"]) for a in arms]
         diffs = [row.get(f"{a}-ce/{key}") for a in arms if a != "ce"]
         diffs += [row.get(f"sampled-topk/{key}")] if both_targets else []
-        cells += ["-" if d is None else fmt(d) + ("" if beyond_noise(d) else " ~") for d in diffs]
+        cells += ["-" if d is None else fmt(d) + noise_mark(d) for d in diffs]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -527,7 +530,9 @@ def render(summary: dict) -> str:
             "CPU seconds per 1,000 training tokens: "
             + "; ".join(f"{a} {fmt(v, 2)}" for a, v in s["cpu_per_1k"].items())
         )
-    lines.append("\n~ : within twice the standard error of the paired difference (within noise)")
+    lines.append(
+        "\n~ : within twice the standard error of the paired difference (within noise); ? : one seed, no standard error"
+    )
     return "\n".join(lines)
 
 

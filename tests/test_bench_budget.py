@@ -93,6 +93,10 @@ def test_the_summary_pairs_seeds_and_measures_token_efficiency():
     assert "CE only needs 3.57 ± 0.41x the tokens to reach its out-of-domain CE" in table
     assert "before training 10.1000 ± 0.0577\n" in table  # no teacher's score in these runs: none said
     assert "bits per character in domain at 100,000 tokens: ce 2.050 ± 0.050; topk 1.775 ± 0.025" in table
+    one_seed = bb.render(bb.summarize({k: c for k, c in curves.items() if k[2] == 0}))
+    assert "| 100,000 | 4.0000 | 3.5000 | -0.5000 ? |" in one_seed  # no standard error: beyond noise not known
+    curves[("demo", "topk", 1)] = curve(tokens, [10.2, 6.7, 5.7, 4.7])  # seed 1: KD 0.5 above CE only
+    assert "| 0.0000 ± 0.5000 ~ |" in bb.render(bb.summarize(curves))  # -0.5 and +0.5: within the noise
 
 
 def fake_run(runs: Path, name: str, evals: list[int], done: bool, cache: Path) -> Path:
