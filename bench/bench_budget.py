@@ -298,6 +298,7 @@ def cache_identity(manifest: dict, teacher: dict) -> dict:
 
 
 def save_record(run_dir: Path, results: Path) -> Path:
+    """Write a finished run's record under `results` once (a record already there is kept: it describes that run)."""
     from kd.io import write_json_atomic
 
     results.mkdir(parents=True, exist_ok=True)
@@ -312,7 +313,12 @@ def read_records(results: Path) -> dict[tuple[str, str, int], Curve]:
     records differ) or of a format this script does not read."""
     curves, identity, first = {}, None, None
     for path in sorted(results.glob("*.json")):
-        rec = json.loads(path.read_text())
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError as e:  # written whole (write_json_atomic): a damaged copy
+            raise SystemExit(
+                f"error: {path} is not JSON ({e}); take it again from git, or make it again with `run`"
+            ) from None
         if rec.get("format") != RECORD_FORMAT or rec.get("format_version") != RECORD_VERSION:
             raise SystemExit(
                 f"error: {path} is not a budget record of format {RECORD_VERSION} (it says "
@@ -473,8 +479,8 @@ def fmt(ms: tuple[float, float], digits: int = 4) -> str:
 
 
 def noise_mark(d: tuple[float, float]) -> str:
-    """ " ~" for a paired difference within twice its standard error of 0, "" beyond it, and " ?" with one seed (no
-    standard error: whether it is beyond the noise is not known)."""
+    """The mark after a paired difference: none beyond twice its standard error from 0, "~" within it, "?" with one
+    seed (no standard error: whether it is beyond the noise is not known)."""
     if math.isnan(d[1]):
         return " ?"
     return "" if abs(d[0]) > 2 * d[1] else " ~"

@@ -1,6 +1,7 @@
 """bench/bench_budget.py's plumbing (the benchmark itself runs for hours, outside the suite): every run it starts is
 a valid kd config with the budgets as eval steps, and its report's arithmetic (paired differences, the tokens CE only
-needs to reach KD's held-out CE) is right on curves whose answers are known."""
+needs to reach KD's held-out CE) is right on curves whose answers are known, and a finished run's record carries
+what the report needs, refused when of another cache or format."""
 
 from __future__ import annotations
 
@@ -169,6 +170,9 @@ def test_records_of_different_caches_or_formats_are_refused(tmp_path):
     record = json.loads((results / "demo_ce_s0.json").read_text())
     (results / "demo_ce_s0.json").write_text(json.dumps(dict(record, format_version=bb.RECORD_VERSION + 1)))
     with pytest.raises(SystemExit, match="is not a budget record of format 1"):
+        bb.read_records(results)
+    (results / "demo_ce_s0.json").write_text(json.dumps(record)[:100])  # a truncated copy
+    with pytest.raises(SystemExit, match="demo_ce_s0.json is not JSON .*take it again from git"):
         bb.read_records(results)
 
 
