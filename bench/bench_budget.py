@@ -640,7 +640,12 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="tables (and PNG curves) from the records of the runs so far")
     rep.add_argument("--png", default=None, help="write the curves here (e.g. docs/img)")
     for q in (r, rep):  # a GPU's runs (other budgets, bf16) are a table of their own: --results elsewhere
-        q.add_argument("--results", type=Path, default=None, help=f"the runs' records (default {RESULTS})")
+        q.add_argument(
+            "--results",
+            type=Path,
+            default=None,
+            help=f"the runs' records (default {RESULTS}; with --device cuda, its sibling budget_cuda)",
+        )
     args = p.parse_args(argv)
     args.out, args.cache = OUT, CACHE
     if args.results is None:
