@@ -513,7 +513,10 @@ def render(summary: dict) -> str:
             if not math.isnan(s["teacher_ce"])
             else ""
         )
-        lines.append(f"held-out CE before training {fmt(s['start_ce'])}{teacher}\n")
+        start = s["start_ce"]
+        # the cut student's weights do not depend on the seed: its first score is one number, not a spread of 0
+        start_text = f"{start[0]:.4f} (every seed alike)" if start[1] == 0 else fmt(start)
+        lines.append(f"held-out CE before training {start_text}{teacher}\n")
         lines.append(f"in domain ({HELD_OUT_TITLE}):\n")
         lines += table(s["table"], arms, "ce")
         lines.append("\nout of domain (Milton: L'Allegro, Il Penseroso, Comus, Lycidas):\n")

@@ -98,6 +98,11 @@ def test_the_summary_pairs_seeds_and_measures_token_efficiency():
     assert "| 100,000 | 4.0000 | 3.5000 | -0.5000 ? |" in one_seed  # no standard error: beyond noise not known
     curves[("demo", "topk", 1)] = curve(tokens, [10.2, 6.7, 5.7, 4.7])  # seed 1: KD 0.5 above CE only
     assert "| 0.0000 ± 0.5000 ~ |" in bb.render(bb.summarize(curves))  # -0.5 and +0.5: within the noise
+    for seed in (0, 1):  # one init for every seed (the cut student): its first score said once, not "± 0.0000"
+        for arm in ("ce", "topk"):
+            c = curves[("demo", arm, seed)]
+            curves[("demo", arm, seed)] = curve(tokens, [10.0, *c.ce[1:]])
+    assert "before training 10.0000 (every seed alike)\n" in bb.render(bb.summarize(curves))
 
 
 def fake_run(runs: Path, name: str, evals: list[int], done: bool, cache: Path) -> Path:
