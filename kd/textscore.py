@@ -86,6 +86,18 @@ def score_record(nats: float, tokens: int, chars: int, nbytes: int) -> dict:
 # ---- scoring a model on text packed as the caching pass packs it (kd.evaluate --text, train.extra_eval_files) ----
 
 
+def eval_text_differs(student: dict, teacher: dict) -> str:
+    """Empty when the student's eval scored the tokens the teacher's score counts (the whole eval split); else what
+    each was scored on, to print after the two figures (train.eval_max_sequences scores the first windows only)."""
+    n_student, n_teacher = student.get("eval/tokens"), teacher.get("tokens")
+    if n_student is None or n_teacher is None or n_student == n_teacher:
+        return ""
+    return (
+        f" (the teacher on all {n_teacher:,} eval tokens, the student on the first {n_student:,}: "
+        "train.eval_max_sequences)"
+    )
+
+
 def text_windows(tok, files: list[str], seq_len: int, text_field: str = "text", max_sequences: int | None = None):
     """Text files packed into windows of `seq_len` tokens with the tokenizer's EOS between documents, as the caching
     pass packs them (the first `max_sequences` windows, or all): (kd.data.pack.Windows, the separator id)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import yaml
 
 from kd.cache.manifest import Manifest
+from kd.textscore import eval_text_differs
 from kd.train_config import TrainConfig
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -115,7 +116,11 @@ def model_card(f: CardFacts) -> str:
     ]
     if score:
         rows.append(
-            ("teacher, held-out", f"CE {score['ce_per_token']:.4f} nats/token, {score['bits_per_char']:.4f} bits/char")
+            (
+                "teacher, held-out",
+                f"CE {score['ce_per_token']:.4f} nats/token, {score['bits_per_char']:.4f} bits/char"
+                + eval_text_differs(ev, score),
+            )
         )
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""---

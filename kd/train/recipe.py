@@ -40,7 +40,7 @@ from kd.paths import absolute_path
 from kd.prune import feature_pairs
 from kd.schedule import lr_at
 from kd.signals import TARGETS
-from kd.textscore import batch_text_units, score_record, score_windows, text_windows
+from kd.textscore import batch_text_units, eval_text_differs, score_record, score_windows, text_windows
 from kd.train.backend import (
     backend_for,
     backend_kind,
@@ -730,6 +730,9 @@ def compare_with_teacher(cfg: TrainConfig, cache: TeacherCache, student: dict, l
     teacher = cache.info.splits["eval"].teacher_score if "eval" in cache.info.splits else None
     if not teacher or not math.isfinite(student.get("eval/bits_per_char", math.nan)):
         return  # a cache made before kd recorded the teacher's score
+    # the teacher was scored on the whole eval split when it was cached; train.eval_max_sequences scores the
+    # student on the split's first windows only, and then the two figures are over different text: said, not hidden
+    other_text = eval_text_differs(student, teacher)
     log.write(
         {
             "step": 0,
@@ -737,16 +740,17 @@ def compare_with_teacher(cfg: TrainConfig, cache: TeacherCache, student: dict, l
             "teacher/bits_per_char": teacher["bits_per_char"],
             "teacher/bits_per_byte": teacher["bits_per_byte"],
             "teacher/ce": teacher["ce_per_token"],
+            "teacher/tokens": teacher["tokens"],
         }
     )
     t, s = teacher["bits_per_char"], student["eval/bits_per_char"]
     if accelerator.is_main_process:
-        print(f"[train] held-out bits/char: teacher {t:.4f}, student before training {s:.4f}", flush=True)
+        print(f"[train] held-out bits/char: teacher {t:.4f}, student before training {s:.4f}{other_text}", flush=True)
     if t < s:
         return
     message = (
         f"the teacher is not better than the student on the eval text: {t:.4f} bits/char for the teacher "
-        f"({cache.info.teacher.name_or_path}) against {s:.4f} for the untrained student. Distilling it "
+        f"({cache.info.teacher.name_or_path}) against {s:.4f} for the untrained student{other_text}. Distilling it "
         "pulls the student towards a weaker model; check the teacher (python -m kd.evaluate) or use a stronger one"
     )
     warn_or_refuse(accelerator, message, cfg.train.on_weaker_teacher, "train.on_weaker_teacher")
