@@ -432,8 +432,12 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
             continue
         arms = [a for a in ARMS if any(k[0] == a for k in runs)]
         seeds = sorted({s for _, s in runs})
-        complete = [s for s in seeds if all((a, s) in runs for a in arms)]
         budgets = sorted(set.intersection(*(set(c.tokens) for c in runs.values())) - {0})
+        # each difference over the seeds both its arms have run: while runs are still being made, a finished
+        # pair of arms is not held back by a third arm's missing seed
+        pairs = [(a, "ce") for a in arms if a != "ce" and "ce" in arms]
+        pairs += [("sampled", "topk")] if "topk" in arms and "sampled" in arms else []
+        pair_seeds = {f"{a}-{base}": [s for s in seeds if (a, s) in runs and (base, s) in runs] for a, base in pairs}
 
         table = []
         for b in budgets:
@@ -441,20 +445,16 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
             for a in arms:
                 for key in ("ce", "bpc", "ood_ce"):
                     row[f"{a}/{key}"] = mean_se([c.at(key, b) for (arm, _), c in runs.items() if arm == a])
-            for a in arms:
-                if a != "ce" and "ce" in arms and complete:
+            for a, base in pairs:
+                if pair_seeds[f"{a}-{base}"]:
                     for key in ("ce", "ood_ce"):
-                        row[f"{a}-ce/{key}"] = paired(runs, complete, a, "ce", key, b)
-            if "topk" in arms and "sampled" in arms and complete:
-                for key in ("ce", "ood_ce"):
-                    row[f"sampled-topk/{key}"] = paired(runs, complete, "sampled", "topk", key, b)
+                        row[f"{a}-{base}/{key}"] = paired(runs, pair_seeds[f"{a}-{base}"], a, base, key, b)
             table.append(row)
         ratios, ood_ratios = {}, {}
-        if "ce" in arms and budgets and complete:
-            for a in arms:
-                if a != "ce":
-                    ratios[a] = token_efficiency(runs, complete, a, "ce", budgets[-1])
-                    ood_ratios[a] = token_efficiency(runs, complete, a, "ood_ce", budgets[-1])
+        for a, base in pairs:
+            if base == "ce" and budgets and pair_seeds[f"{a}-ce"]:
+                ratios[a] = token_efficiency(runs, pair_seeds[f"{a}-ce"], a, "ce", budgets[-1])
+                ood_ratios[a] = token_efficiency(runs, pair_seeds[f"{a}-ce"], a, "ood_ce", budgets[-1])
         cpu = {}
         for a in arms:
             rates = [1000 * c.cpu_s[-1] / c.tokens[-1] for (arm, _), c in runs.items() if arm == a and c.tokens[-1]]
@@ -462,7 +462,7 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
         start = [c.at("ce", 0) for c in runs.values() if 0 in c.tokens]  # the same student before any training
         out[name] = {
             "seeds": seeds,
-            "complete_seeds": complete,
+            "pair_seeds": pair_seeds,
             "table": table,
             "ratios": ratios,
             "ood_ratios": ood_ratios,
@@ -506,7 +506,8 @@ def render(summary: dict) -> str:
     lines = []
     for name, s in summary.items():
         arms = [a for a in ARMS if any(k.startswith(f"{a}/") for k in s["table"][0])] if s["table"] else []
-        lines.append(f"\n## {name} student: seeds {s['seeds']} (paired over {s['complete_seeds']})\n")
+        paired_over = "; ".join(f"{pair} over {seeds}" for pair, seeds in s["pair_seeds"].items())
+        lines.append(f"\n## {name} student: seeds {s['seeds']} (differences paired: {paired_over})\n")
         teacher = (
             f"; the teacher's {s['teacher_ce']:.4f} (on all of the held-out play; the evals read its first "
             f"{EVAL_WINDOWS} windows)"

@@ -80,7 +80,7 @@ def test_the_summary_pairs_seeds_and_measures_token_efficiency():
             tokens, [10.0 + shift] + [c + shift - 0.5 - 0.1 * seed for c in (6.0, 5.0, 4.0)]
         )
     s = bb.summarize(curves)["demo"]
-    assert s["complete_seeds"] == [0, 1] and [r["tokens"] for r in s["table"]] == tokens[1:]
+    assert s["pair_seeds"] == {"topk-ce": [0, 1]} and [r["tokens"] for r in s["table"]] == tokens[1:]
     m, se = s["table"][-1]["topk-ce/ce"]
     assert m == pytest.approx(-0.55) and se == pytest.approx(0.05)  # differences -0.5 and -0.6: sd 0.0707 / sqrt 2
     # CE only falls 1 nat per decade past 100k: it reaches KD's final CE (3.5 on seed 0, 3.6 against its 4.2 on
@@ -98,6 +98,15 @@ def test_the_summary_pairs_seeds_and_measures_token_efficiency():
     assert "| 100,000 | 4.0000 | 3.5000 | -0.5000 ? |" in one_seed  # no standard error: beyond noise not known
     curves[("demo", "topk", 1)] = curve(tokens, [10.2, 6.7, 5.7, 4.7])  # seed 1: KD 0.5 above CE only
     assert "| 0.0000 ± 0.5000 ~ |" in bb.render(bb.summarize(curves))  # -0.5 and +0.5: within the noise
+    # a third arm with seed 0 only (its seed 1 still running): the pairs both of whose arms have seed 1 keep it
+    partial = {**curves, ("demo", "sampled", 0): curve(tokens, [10.0, 5.8, 4.8, 3.8])}
+    s = bb.summarize(partial)["demo"]
+    assert s["pair_seeds"] == {"topk-ce": [0, 1], "sampled-ce": [0], "sampled-topk": [0]}
+    assert s["table"][-1]["topk-ce/ce"][1] == pytest.approx(0.5)  # -0.5 and +0.5 over both seeds
+    assert s["table"][-1]["sampled-ce/ce"] == (pytest.approx(-0.2), pytest.approx(math.nan, nan_ok=True))
+    assert "differences paired: topk-ce over [0, 1]; sampled-ce over [0]; sampled-topk over [0]" in bb.render(
+        bb.summarize(partial)
+    )
     for seed in (0, 1):  # one init for every seed (the cut student): its first score said once, not "± 0.0000"
         for arm in ("ce", "topk"):
             c = curves[("demo", arm, seed)]
