@@ -548,7 +548,9 @@ def render(summary: dict) -> str:
 
 def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]:
     """Per student: held-out CE against training tokens (log scale) and against CPU seconds, and out-of-domain CE
-    against training tokens; each arm's mean over seeds with a band of one standard error."""
+    against training tokens, each arm's mean over seeds with a band of one standard error; and each KD arm minus CE
+    only (paired over seeds, in and out of domain) with error bars of twice its standard error, the panel that
+    shows whether a gain is beyond the noise at each budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -558,11 +560,13 @@ def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     colors = {"ce": "tab:gray", "topk": "tab:blue", "sampled": "tab:orange"}
+    summary = summarize(curves)
     for name in STUDENTS:
         runs = {(a, s): c for (n, a, s), c in curves.items() if n == name}
         if not runs:
             continue
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+        fig, grid = plt.subplots(2, 2, figsize=(13, 8.5))
+        axes = grid.ravel()
         for a in ARMS:
             at = [c for (arm, _), c in runs.items() if arm == a]
             if not at:
@@ -586,8 +590,31 @@ def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend()
+        table, gain = summary[name]["table"], axes[3]
+        for a in [a for a in ARMS if a != "ce"]:
+            for key, style, where in (("ce", "-", "in domain"), ("ood_ce", "--", "out of domain")):
+                d = [row.get(f"{a}-ce/{key}") for row in table]
+                if not table or any(v is None for v in d):
+                    continue
+                seeds = summary[name]["pair_seeds"][f"{a}-ce"]
+                gain.errorbar(
+                    [row["tokens"] for row in table],
+                    [v[0] for v in d],
+                    yerr=[0 if math.isnan(v[1]) else 2 * v[1] for v in d],
+                    color=colors[a],
+                    linestyle=style,
+                    marker="o",
+                    capsize=3,
+                    label=f"{a} - ce, {where} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
+                )
+        gain.axhline(0, color="black", linewidth=0.8)
+        gain.set_xlabel("training tokens")
+        gain.set_ylabel("KD minus CE only, nats/token (± 2 s.e.)")
+        gain.grid(alpha=0.3)
+        if gain.has_data():
+            gain.legend()
         budgets = sorted(set.union(*(set(c.tokens) for c in runs.values())) - {0})
-        for ax in (axes[0], axes[2]):  # the budgets themselves as ticks: log-spaced, and the only points there are
+        for ax in (axes[0], axes[2], axes[3]):  # the budgets as ticks: log-spaced, and the only points there are
             ax.set_xscale("log")
             ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xticks(budgets, [f"{t / 1000:,.0f}k" for t in budgets])

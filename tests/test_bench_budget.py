@@ -199,3 +199,6 @@ def test_the_curves_are_drawn_per_student(tmp_path):
     }
     assert bb.plot(curves, tmp_path / "img") == [tmp_path / "img" / "budget_pruned.png"]
     assert (tmp_path / "img" / "budget_pruned.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # CE only so far (no KD arm to subtract it from): the gain panel stays empty and the figure is still drawn
+    ce_only = {k: c for k, c in curves.items() if k[1] == "ce"}
+    assert bb.plot(ce_only, tmp_path / "ce_only") == [tmp_path / "ce_only" / "budget_pruned.png"]
