@@ -590,7 +590,7 @@ def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend()
-        table, gain = summary[name]["table"], axes[3]
+        table, gain, drawn = summary[name]["table"], axes[3], False
         for a in [a for a in ARMS if a != "ce"]:
             for key, style, where in (("ce", "-", "in domain"), ("ood_ce", "--", "out of domain")):
                 d = [row.get(f"{a}-ce/{key}") for row in table]
@@ -607,11 +607,12 @@ def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]
                     capsize=3,
                     label=f"{a} - ce, {where} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
                 )
+                drawn = True
         gain.axhline(0, color="black", linewidth=0.8)
         gain.set_xlabel("training tokens")
         gain.set_ylabel("KD minus CE only, nats/token (± 2 s.e.)")
         gain.grid(alpha=0.3)
-        if gain.has_data():
+        if drawn:  # (the zero line alone has no label)
             gain.legend()
         budgets = sorted(set.union(*(set(c.tokens) for c in runs.values())) - {0})
         for ax in (axes[0], axes[2], axes[3]):  # the budgets as ticks: log-spaced, and the only points there are
