@@ -181,6 +181,8 @@ class DataConfig:
                 raise KDError(f"data.{name} must be >= 1 or null, got {getattr(self, name)}")
         if self.unit_bytes < 1:
             raise KDError(f"data.unit_bytes must be >= 1, got {self.unit_bytes}")
+        if not -(2**63) <= self.split_seed < 2**63:  # the split hash's 8-byte key (it was an OverflowError mid-ingest)
+            raise KDError(f"data.split_seed must fit in 64 bits (-2**63..2**63-1), got {self.split_seed}")
         if not self.files and not self.dataset:
             raise KDError("no data given: set data.files (local files) or data.dataset (a Hugging Face dataset)")
         if self.files and self.dataset:

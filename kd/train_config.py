@@ -370,6 +370,8 @@ class TrainSection:
             raise KDError(f"unknown LR schedule train.schedule={self.schedule!r}; choose one of {list(SCHEDULES)}")
         if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
             raise KDError("set train.max_steps > 0 or train.epochs > 0")
+        if not 0 <= self.seed < 2**32:  # numpy's seeding takes no other (it was a ValueError traceback at start-up)
+            raise KDError(f"train.seed must be in 0..2**32-1, got {self.seed}")
         if self.eval_generations < 0 or self.generation_tokens < 1:
             raise KDError("train.eval_generations must be >= 0 and train.generation_tokens >= 1")
         for name in ("micro_batch_size", "gradient_accumulation_steps", "eval_every", "max_consecutive_skips"):

@@ -82,6 +82,16 @@ def test_an_encoder_is_not_a_causal_lm_for_the_cache_the_evaluator_or_the_traine
         build_student(cfg, None, 0)
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_out_of_range_is_refused_with_the_config(tiny_cache, tmp_path, make_cache_config, llama_teacher, seed):
+    """train.seed outside numpy's range was a ValueError traceback at start-up, data.split_seed outside 64 bits an
+    OverflowError mid-ingest: both are refused when the config is read."""
+    with pytest.raises(KDError, match=rf"train.seed must be in 0..2\*\*32-1, got {seed}"):
+        load_config(TrainConfig, None, [*overrides(tiny_cache, tmp_path), f"train.seed={seed}"])
+    with pytest.raises(KDError, match=rf"data.split_seed must fit in 64 bits .*, got {seed * 2**64}"):
+        make_cache_config(llama_teacher, tmp_path / "c", **{"data.split_seed": seed * 2**64})
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
