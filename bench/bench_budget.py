@@ -654,9 +654,32 @@ def cmd_report(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     if args.png:
-        for path in plot(curves, Path(args.png)):
+        try:
+            written = plot(curves, Path(args.png))
+        except OSError as e:  # the tables above are printed and kept in summary.json; only the figures are missing
+            print(
+                f"error: cannot write the curves to {args.png} ({e.strerror or e}); give --png a writable folder",
+                file=sys.stderr,
+            )
+            return 2
+        for path in written:
             print(f"[budget] wrote {path}")
     return 0
+
+
+def seed_arg(text: str) -> int:
+    """A seed kd takes (train.seed: 0..2**32-1), refused here rather than by each of the runs it would start."""
+    seed = int(text)
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed is in 0..2**32-1, got {text}")
+    return seed
+
+
+def scale_arg(text: str) -> float:
+    scale = float(text)
+    if not (math.isfinite(scale) and scale > 0):
+        raise argparse.ArgumentTypeError(f"the budgets' scale must be a finite number > 0, got {text}")
+    return scale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -666,9 +689,9 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="every run not yet done")
     r.add_argument("--student", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
     r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--seeds", nargs="+", type=seed_arg, default=[0, 1, 2])
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    r.add_argument("--scale", type=float, default=1.0, help="budgets times this (a GPU's larger budgets)")
+    r.add_argument("--scale", type=scale_arg, default=1.0, help="budgets times this (a GPU's larger budgets)")
     rep = sub.add_parser("report", help="tables (and PNG curves) from the records of the runs so far")
     rep.add_argument("--png", default=None, help="write the curves here (e.g. docs/img)")
     for q in (r, rep):  # a GPU's runs (other budgets, bf16) are a table of their own: --results elsewhere

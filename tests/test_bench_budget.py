@@ -202,3 +202,24 @@ def test_the_curves_are_drawn_per_student(tmp_path):
     # CE only so far (no KD arm to subtract it from): the gain panel stays empty and the figure is still drawn
     ce_only = {k: c for k, c in curves.items() if k[1] == "ce"}
     assert bb.plot(ce_only, tmp_path / "ce_only") == [tmp_path / "ce_only" / "budget_pruned.png"]
+
+
+def test_bad_arguments_are_one_error_and_an_unwritable_png_folder_keeps_the_tables(tmp_path, monkeypatch, capsys):
+    """A seed kd would refuse (it was a traceback in each run's log, one run per arm) and a scale that makes no
+    budget are refused by the command line; a --png folder that cannot be made is one error after the tables."""
+    for argv, said in (
+        (["run", "--seeds", "0", "-1"], "a seed is in 0..2**32-1, got -1"),
+        (["run", "--scale", "0"], "must be a finite number > 0, got 0"),
+        (["run", "--scale", "nan"], "must be a finite number > 0, got nan"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            bb.main(argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    cache, results = fake_cache(tmp_path / "cache", "w1"), tmp_path / "results"
+    bb.save_record(fake_run(tmp_path / "runs", "pruned_ce_s0", [5, 10], done=True, cache=cache), results)
+    monkeypatch.setattr(bb, "OUT", tmp_path / "out")  # the report's summary.json, not the repository's bench/out
+    (tmp_path / "a_file").write_text("")
+    assert bb.main(["report", "--results", str(results), "--png", str(tmp_path / "a_file" / "img")]) == 2
+    out, err = capsys.readouterr()
+    assert "| 20,480 | 4.0000 |" in out and f"error: cannot write the curves to {tmp_path / 'a_file' / 'img'}" in err
+    assert (tmp_path / "out" / "summary.json").exists()
