@@ -53,10 +53,21 @@ def weights_fingerprint(name_or_path: str, revision: str | None, commit_hash: st
     return record
 
 
+def model_source(name_or_path: str, what: str) -> str:
+    """The folder or hub id transformers is given. A string that can only be a local path (absolute, `./`, `../`,
+    `~`, `asset:`, or more than one `/`, which no hub id has) and names nothing is refused here: transformers would
+    read it as a malformed hub id and say so, which hides the real cause."""
+    path = resolve_path(name_or_path)
+    local = os.path.isabs(path) or name_or_path.startswith((".", "~", "asset:")) or name_or_path.count("/") > 1
+    if local and not os.path.exists(path):
+        raise KDError(f"no {what} at '{name_or_path}': that path does not exist (a hub id is written owner/name)")
+    return path
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    path = resolve_path(name_or_path)
+    path = model_source(name_or_path, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
@@ -67,7 +78,7 @@ def load_model_config(name_or_path: str, revision: str | None = None):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(resolve_path(name_or_path), revision=revision)
+        return AutoConfig.from_pretrained(model_source(name_or_path, "model"), revision=revision)
     except (OSError, ValueError) as e:
         raise KDError(f"cannot load a model config from '{name_or_path}': {e}") from None
 
@@ -79,7 +90,7 @@ def load_causal_lm(name_or_path: str, revision: str | None, dtype: str, attn_imp
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            resolve_path(name_or_path),
+            model_source(name_or_path, "model"),
             revision=revision,
             dtype=DTYPES[dtype],
             attn_implementation=attn_implementation,

@@ -120,7 +120,25 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path, corpus_dir, llama_teacher):
 
 def test_cli_missing_teacher(tmp_path, corpus_dir):
     result = run_cli(*cache_overrides(tmp_path / "no-model", corpus_dir, tmp_path / "c"))
-    assert result.returncode == 2 and "cannot load a model config from" in result.stderr
+    assert (
+        result.returncode == 2 and f"no model at '{tmp_path / 'no-model'}': that path does not exist" in result.stderr
+    )
+
+
+def test_a_model_path_that_names_nothing_is_said_so_and_a_hub_id_passes(tmp_path, llama_teacher):
+    """transformers reads a missing local path as a malformed hub id ("Repo id must use alphanumeric chars"): kd
+    says the path does not exist instead, for every spelling that can only be a path; owner/name goes on to the hub."""
+    from kd.models import load_causal_lm, load_tokenizer, model_source
+
+    for missing in (str(tmp_path / "nothing"), "./nothing", "../nothing", "~/nothing", "runs/x/final"):
+        with pytest.raises(KDError, match=r"no model at '.*nothing|no model at 'runs/x/final'"):
+            model_source(missing, "model")
+    with pytest.raises(KDError, match=r"no tokenizer at 'runs/x/final': that path does not exist"):
+        load_tokenizer("runs/x/final")
+    with pytest.raises(KDError, match=r"no model at 'runs/x/final'"):
+        load_causal_lm("runs/x/final", None, "fp32", "sdpa")
+    assert model_source("HuggingFaceTB/SmolLM2-135M", "model") == "HuggingFaceTB/SmolLM2-135M"
+    assert model_source(str(llama_teacher), "model") == str(llama_teacher)
 
 
 def test_unwritable_output_dir(tmp_path, make_cache_config, llama_teacher):
