@@ -86,14 +86,14 @@ def score_record(nats: float, tokens: int, chars: int, nbytes: int) -> dict:
 # ---- scoring a model on text packed as the caching pass packs it (kd.evaluate --text, train.extra_eval_files) ----
 
 
-def eval_text_differs(student: dict, teacher: dict) -> str:
-    """Empty when the student's eval scored the tokens the teacher's score counts (the whole eval split); else what
-    each was scored on, to print after the two figures (train.eval_max_sequences scores the first windows only)."""
-    n_student, n_teacher = student.get("eval/tokens"), teacher.get("tokens")
-    if n_student is None or n_teacher is None or n_student == n_teacher:
+def eval_text_differs(eval_max_sequences: int | None, num_sequences: int) -> str:
+    """Empty when the student's evals score the whole eval split, as the teacher's score (from the caching pass) does;
+    else what each was scored on, to print after the two figures. Counted in windows, not tokens: with another
+    tokenizer than the teacher's the two token counts differ over the same text."""
+    if eval_max_sequences is None or eval_max_sequences >= num_sequences:
         return ""
     return (
-        f" (the teacher on all {n_teacher:,} eval tokens, the student on the first {n_student:,}: "
+        f" (the teacher on all {num_sequences:,} eval windows, the student on the first {eval_max_sequences:,}: "
         "train.eval_max_sequences)"
     )
 

@@ -119,7 +119,7 @@ def model_card(f: CardFacts) -> str:
             (
                 "teacher, held-out",
                 f"CE {score['ce_per_token']:.4f} nats/token, {score['bits_per_char']:.4f} bits/char"
-                + eval_text_differs(ev, score),
+                + eval_text_differs(f.cfg.train.eval_max_sequences, f.cache.splits["eval"].num_sequences),
             )
         )
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
