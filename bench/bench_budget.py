@@ -546,11 +546,11 @@ def render(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]:
+def plot(curves: dict[tuple[str, str, int], Curve], summary: dict, out_dir: Path) -> list[Path]:
     """Per student: held-out CE against training tokens (log scale) and against CPU seconds, and out-of-domain CE
     against training tokens, each arm's mean over seeds with a band of one standard error; and each KD arm minus CE
     only (paired over seeds, in and out of domain) with error bars of twice its standard error, the panel that
-    shows whether a gain is beyond the noise at each budget."""
+    shows whether a gain is beyond the noise at each budget (from `summary`, summarize(curves))."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -560,7 +560,6 @@ def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     colors = {"ce": "tab:gray", "topk": "tab:blue", "sampled": "tab:orange"}
-    summary = summarize(curves)
     for name in STUDENTS:
         runs = {(a, s): c for (n, a, s), c in curves.items() if n == name}
         if not runs:
@@ -591,12 +590,12 @@ def plot(curves: dict[tuple[str, str, int], Curve], out_dir: Path) -> list[Path]
             ax.grid(alpha=0.3)
             ax.legend()
         table, gain, drawn = summary[name]["table"], axes[3], False
-        for a in [a for a in ARMS if a != "ce"]:
+        for pair, seeds in summary[name]["pair_seeds"].items():
+            a, base = pair.split("-")
+            if base != "ce" or not seeds or not table:
+                continue
             for key, style, where in (("ce", "-", "in domain"), ("ood_ce", "--", "out of domain")):
-                d = [row.get(f"{a}-ce/{key}") for row in table]
-                if not table or any(v is None for v in d):
-                    continue
-                seeds = summary[name]["pair_seeds"][f"{a}-ce"]
+                d = [row[f"{pair}/{key}"] for row in table]
                 gain.errorbar(
                     [row["tokens"] for row in table],
                     [v[0] for v in d],
@@ -655,7 +654,7 @@ def cmd_report(args) -> int:
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     if args.png:
         try:
-            written = plot(curves, Path(args.png))
+            written = plot(curves, summary, Path(args.png))
         except OSError as e:  # the tables above are printed and kept in summary.json; only the figures are missing
             print(
                 f"error: cannot write the curves to {args.png} ({e.strerror or e}); give --png a writable folder",
@@ -669,8 +668,10 @@ def cmd_report(args) -> int:
 
 def seed_arg(text: str) -> int:
     """A seed kd takes (train.seed: 0..2**32-1), refused here rather than by each of the runs it would start."""
+    from kd.train_config import SEED_LIMIT
+
     seed = int(text)
-    if not 0 <= seed < 2**32:
+    if not 0 <= seed < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"a seed is in 0..2**32-1, got {text}")
     return seed
 

@@ -266,6 +266,7 @@ class LossConfig:
 
 
 FP32_MAX = 3.4028234663852886e38
+SEED_LIMIT = 2**32  # train.seed is in 0..SEED_LIMIT-1: numpy's seeding (accelerate's set_seed) takes no other
 
 
 @dataclass
@@ -370,7 +371,7 @@ class TrainSection:
             raise KDError(f"unknown LR schedule train.schedule={self.schedule!r}; choose one of {list(SCHEDULES)}")
         if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
             raise KDError("set train.max_steps > 0 or train.epochs > 0")
-        if not 0 <= self.seed < 2**32:  # numpy's seeding takes no other (it was a ValueError traceback at start-up)
+        if not 0 <= self.seed < SEED_LIMIT:  # numpy's seeding takes no other (a ValueError traceback at start-up)
             raise KDError(f"train.seed must be in 0..2**32-1, got {self.seed}")
         if self.eval_generations < 0 or self.generation_tokens < 1:
             raise KDError("train.eval_generations must be >= 0 and train.generation_tokens >= 1")

@@ -197,11 +197,11 @@ def test_the_curves_are_drawn_per_student(tmp_path):
         for a, d in (("ce", 0), ("topk", 0.1))
         for s in (0, 1)
     }
-    assert bb.plot(curves, tmp_path / "img") == [tmp_path / "img" / "budget_pruned.png"]
+    assert bb.plot(curves, bb.summarize(curves), tmp_path / "img") == [tmp_path / "img" / "budget_pruned.png"]
     assert (tmp_path / "img" / "budget_pruned.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # CE only so far (no KD arm to subtract it from): the gain panel stays empty and the figure is still drawn
     ce_only = {k: c for k, c in curves.items() if k[1] == "ce"}
-    assert bb.plot(ce_only, tmp_path / "ce_only") == [tmp_path / "ce_only" / "budget_pruned.png"]
+    assert bb.plot(ce_only, bb.summarize(ce_only), tmp_path / "ce_only") == [tmp_path / "ce_only" / "budget_pruned.png"]
 
 
 def test_bad_arguments_are_one_error_and_an_unwritable_png_folder_keeps_the_tables(tmp_path, monkeypatch, capsys):

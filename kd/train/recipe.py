@@ -732,7 +732,8 @@ def compare_with_teacher(cfg: TrainConfig, cache: TeacherCache, student: dict, l
         return  # a cache made before kd recorded the teacher's score
     # the teacher was scored on the whole eval split when it was cached; train.eval_max_sequences scores the
     # student on the split's first windows only, and then the two figures are over different text: said, not hidden
-    other_text = eval_text_differs(cfg.train.eval_max_sequences, cache.info.splits["eval"].num_sequences)
+    windows = cache.info.splits["eval"].num_sequences
+    other_text = eval_text_differs(cfg.train.eval_max_sequences, windows)
     log.write(
         {
             "step": 0,
@@ -740,7 +741,7 @@ def compare_with_teacher(cfg: TrainConfig, cache: TeacherCache, student: dict, l
             "teacher/bits_per_char": teacher["bits_per_char"],
             "teacher/bits_per_byte": teacher["bits_per_byte"],
             "teacher/ce": teacher["ce_per_token"],
-            "teacher/windows": cache.info.splits["eval"].num_sequences,
+            "teacher/windows": windows,
         }
     )
     t, s = teacher["bits_per_char"], student["eval/bits_per_char"]
