@@ -24,6 +24,10 @@ steps where its token budgets end (train.eval_steps, log-spaced). Every evaluate
 comparison between arms (the same LR, tokens, windows and order in each arm), at the cost of one run instead of one
 run per budget; what a decayed schedule would add at each budget (it lowers every arm's loss) is not measured here.
 
+The report's gain trend: how each KD arm's gain over CE only moves from the first budget of at least the student's
+`trend_from` tokens to the last (grows, holds or fades: the change paired over seeds, against twice its standard
+error); for the random-init student, the issue's question from 0.16 M to 1 M tokens.
+
 CPU time: the sum of kd's per-step `step_cpu_s` (every thread of the training process; the cache is read in that
 process, train.num_workers=0, so what each arm reads is counted; evals, checkpoints and start-up are not).
 
@@ -92,6 +96,9 @@ class Student:
     config: str
     lr: float
     budgets: tuple[int, ...]  # evaluated after the step where each ends; the last is the run's length
+    # the report says how each KD arm's gain over CE only moves from the first budget of at least this many tokens
+    # to the last (the issue's question for the random-init student: from 0.16 M to 1 M tokens)
+    trend_from: int
 
     def steps(self, scale: float = 1.0) -> list[int]:
         return [max(1, math.ceil(b * scale / TOKENS_PER_STEP)) for b in self.budgets]
@@ -99,9 +106,16 @@ class Student:
 
 STUDENTS = {
     "demo": Student(
-        "demo", "configs/train_shakespeare.yaml", 1e-3, (40_000, 80_000, 160_000, 320_000, 640_000, 1_000_000)
+        "demo",
+        "configs/train_shakespeare.yaml",
+        1e-3,
+        (40_000, 80_000, 160_000, 320_000, 640_000, 1_000_000),
+        trend_from=160_000,
     ),
-    "pruned": Student("pruned", "configs/train_pruned.yaml", 3e-4, (20_000, 40_000, 80_000, 160_000, 300_000)),
+    # its in-domain gain stopped growing after 80 k tokens (3 seeds): from there, does it hold or fade?
+    "pruned": Student(
+        "pruned", "configs/train_pruned.yaml", 3e-4, (20_000, 40_000, 80_000, 160_000, 300_000), trend_from=80_000
+    ),
 }
 ARMS = {
     "ce": ["loss.alpha_ce=1.0", "loss.alpha_kd=0.0"],
@@ -422,9 +436,36 @@ def token_efficiency(runs: dict, seeds: list[int], arm: str, key: str, last: int
     return {"ratio": mean_se(per_seed), "per_seed": per_seed, "extrapolated": extrapolated}
 
 
+def gain_trend(runs: dict, seeds: list[int], arm: str, key: str, first: int, last: int) -> dict:
+    """How `arm`'s gain over CE only (CE only's `key` minus the arm's, nats: > 0 where KD is better) moves from
+    `first` to `last` tokens: the gain at each, and its change paired over `seeds` (per seed, the gain at `last`
+    minus the gain at `first`). The verdict: `grows` or `fades` where the change is beyond twice its standard error,
+    `holds` within it, `?` with one seed (no standard error)."""
+
+    def gain(s: int, tokens: int) -> float:
+        return runs[("ce", s)].at(key, tokens) - runs[(arm, s)].at(key, tokens)
+
+    change = mean_se([gain(s, last) - gain(s, first) for s in seeds])
+    if math.isnan(change[1]):
+        verdict = "?"
+    elif abs(change[0]) <= 2 * change[1]:
+        verdict = "holds"
+    else:
+        verdict = "grows" if change[0] > 0 else "fades"
+    return {
+        "from": first,
+        "to": last,
+        "gain_from": mean_se([gain(s, first) for s in seeds]),
+        "gain_to": mean_se([gain(s, last) for s in seeds]),
+        "change": change,
+        "verdict": verdict,
+    }
+
+
 def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
     """Per student: per budget and arm, CE (in and out of domain) and bits/char over seeds; KD minus CE only paired
-    over seeds; the token-efficiency ratio at the largest budget; CPU seconds per 1,000 training tokens."""
+    over seeds; the token-efficiency ratio at the largest budget; how the gain moves from `trend_from` to the last
+    budget; CPU seconds per 1,000 training tokens."""
     out = {}
     for name in STUDENTS:
         runs = {(a, s): c for (n, a, s), c in curves.items() if n == name}
@@ -450,11 +491,17 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
                     for key in ("ce", "ood_ce"):
                         row[f"{a}-{base}/{key}"] = paired(runs, pair_seeds[f"{a}-{base}"], a, base, key, b)
             table.append(row)
-        ratios, ood_ratios = {}, {}
+        ratios, ood_ratios, trends = {}, {}, {}
+        trend_from = next((b for b in budgets if b >= STUDENTS[name].trend_from), None)
         for a, base in pairs:
             if base == "ce" and budgets and pair_seeds[f"{a}-ce"]:
                 ratios[a] = token_efficiency(runs, pair_seeds[f"{a}-ce"], a, "ce", budgets[-1])
                 ood_ratios[a] = token_efficiency(runs, pair_seeds[f"{a}-ce"], a, "ood_ce", budgets[-1])
+                if trend_from is not None and trend_from < budgets[-1]:
+                    trends[a] = {
+                        key: gain_trend(runs, pair_seeds[f"{a}-ce"], a, key, trend_from, budgets[-1])
+                        for key in ("ce", "ood_ce")
+                    }
         cpu = {}
         for a in arms:
             rates = [1000 * c.cpu_s[-1] / c.tokens[-1] for (arm, _), c in runs.items() if arm == a and c.tokens[-1]]
@@ -466,6 +513,7 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
             "table": table,
             "ratios": ratios,
             "ood_ratios": ood_ratios,
+            "trends": trends,
             "cpu_per_1k": cpu,
             "start_ce": mean_se(start) if start else (math.nan, math.nan),
             "teacher_ce": next((c.teacher_ce for c in runs.values() if not math.isnan(c.teacher_ce)), math.nan),
@@ -535,6 +583,13 @@ def render(summary: dict) -> str:
                     f"token efficiency of {a} at {s['table'][-1]['tokens']:,} tokens: CE only needs "
                     f"{fmt(r['ratio'], 2)}x the tokens to reach its {where}"
                     + (" (extrapolated past the last budget)" if r["extrapolated"] else "")
+                )
+        for a, by_key in s["trends"].items():
+            for key, where in (("ce", "in domain"), ("ood_ce", "out of domain")):
+                t = by_key[key]
+                lines.append(
+                    f"gain of {a} over CE only {where}, {t['from']:,} -> {t['to']:,} tokens: {t['verdict']} "
+                    f"({fmt(t['gain_from'])} -> {fmt(t['gain_to'])} nats; change {fmt(t['change'])})"
                 )
         lines.append(
             "CPU seconds per 1,000 training tokens: "

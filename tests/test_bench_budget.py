@@ -114,6 +114,39 @@ def test_the_summary_pairs_seeds_and_measures_token_efficiency():
     assert "before training 10.0000 (every seed alike)\n" in bb.render(bb.summarize(curves))
 
 
+def test_the_report_says_whether_the_kd_gain_grows_holds_or_fades_from_trend_from_to_the_last_budget():
+    tokens = [0, 40_000, 161_792, 501_760, 1_001_472]  # the demo student's: its trend starts at 161,792 (>= 160,000)
+    curves = {}
+    for seed, noise in ((0, 0.0), (1, 0.01), (2, -0.01)):
+        ce = [10.0, 6.0, 5.0, 4.5, 4.0]
+        curves[("demo", "ce", seed)] = curve(tokens, ce)
+        # gains over CE only at 161,792 and at 1,001,472: topk 0.1 -> 0.3 (grows), sampled 0.2 -> 0.2 (within its
+        # noise: holds); the 40,000 budget (a gain of 0.5) is before the trend starts and changes nothing
+        for arm, g0, g1, spread in (("topk", 0.1, 0.3, 0.01), ("sampled", 0.2, 0.2, 0.05)):
+            n = noise * spread / 0.01
+            curves[("demo", arm, seed)] = curve(tokens, [10.0, 5.5, 5.0 - g0, 4.4, 4.0 - g1 - n])
+    s = bb.summarize(curves)["demo"]
+    grows, holds = s["trends"]["topk"]["ce"], s["trends"]["sampled"]["ce"]
+    assert (grows["from"], grows["to"], grows["verdict"], holds["verdict"]) == (161_792, 1_001_472, "grows", "holds")
+    assert grows["gain_from"][0] == pytest.approx(0.1) and grows["change"][0] == pytest.approx(0.2)
+    assert grows["change"][1] == pytest.approx(0.01 / 3**0.5)  # per seed 0.2, 0.21, 0.19: paired over seeds
+    text = bb.render(bb.summarize(curves))
+    assert (
+        "gain of topk over CE only in domain, 161,792 -> 1,001,472 tokens: grows (0.1000 ± 0.0000 -> 0.3000 ± 0.0058 "
+        "nats; change 0.2000 ± 0.0058)" in text
+    )
+    # KD whose gain shrinks beyond the noise fades; with one seed whether it moved is not known
+    for seed, noise in ((0, 0.0), (1, 0.01), (2, -0.01)):
+        curves[("demo", "topk", seed)] = curve(tokens, [10.0, 5.5, 4.7, 4.4, 3.95 - noise])
+    assert bb.summarize(curves)["demo"]["trends"]["topk"]["ce"]["verdict"] == "fades"  # 0.3 -> 0.05
+    one_seed = bb.summarize({k: c for k, c in curves.items() if k[2] == 0})["demo"]
+    assert one_seed["trends"]["topk"]["ce"]["verdict"] == "?"
+    # no budget at or past trend_from before the last: no trend (the pruned student's begins at 80,000)
+    short = {(n, a, s): curve(tokens[:3], c.ce[:3]) for (n, a, s), c in curves.items()}
+    assert bb.summarize(short)["demo"]["trends"] == {}
+    assert "gain of" not in bb.render(bb.summarize(short))
+
+
 def fake_run(runs: Path, name: str, evals: list[int], done: bool, cache: Path) -> Path:
     """A run folder as kd leaves it: config.json (the cache's identity), metrics.jsonl, and final/ once done."""
     d = runs / name
