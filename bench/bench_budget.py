@@ -366,8 +366,11 @@ class Curve:
     ce: list[float]
     bpc: list[float]
     ood_ce: list[float]
-    # the teacher's CE on the whole eval split (the cache's score; the evals read its first EVAL_WINDOWS windows)
+    # the teacher's CE on the eval text (the cache's score) and the windows it is over: the evals' first
+    # EVAL_WINDOWS from a format-8 cache (a score per window), the whole split from an older one (None: a record made
+    # before runs logged it, all of them from a format-7 cache)
     teacher_ce: float = math.nan
+    teacher_windows: int | None = None
 
     def at(self, key: str, tokens: int) -> float:
         """`key` (ce, bpc, ood_ce, cpu_s) at the evaluation after `tokens`."""
@@ -384,7 +387,7 @@ def read_curve(run_dir: Path) -> Curve:
             total += r["step_cpu_s"]
             cpu[r["step"]] = total
     evals = {r["step"]: r for r in records if "eval/ce" in r}  # a resumed run may evaluate a step again: the last
-    teacher = next((r["teacher/ce"] for r in records if r.get("event") == "teacher_reference"), math.nan)
+    teacher = next((r for r in records if r.get("event") == "teacher_reference"), {})
     steps = sorted(evals)
     return Curve(
         steps,
@@ -395,7 +398,8 @@ def read_curve(run_dir: Path) -> Curve:
         [evals[s]["eval/ce"] for s in steps],
         [evals[s]["eval/bits_per_char"] for s in steps],
         [evals[s].get("extra_eval/ce", math.nan) for s in steps],
-        teacher,
+        teacher.get("teacher/ce", math.nan),
+        teacher.get("teacher/windows"),
     )
 
 
@@ -517,6 +521,7 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
             "cpu_per_1k": cpu,
             "start_ce": mean_se(start) if start else (math.nan, math.nan),
             "teacher_ce": next((c.teacher_ce for c in runs.values() if not math.isnan(c.teacher_ce)), math.nan),
+            "teacher_windows": next((c.teacher_windows for c in runs.values() if not math.isnan(c.teacher_ce)), None),
         }
     return out
 
@@ -556,12 +561,12 @@ def render(summary: dict) -> str:
         arms = [a for a in ARMS if any(k.startswith(f"{a}/") for k in s["table"][0])] if s["table"] else []
         paired_over = "; ".join(f"{pair} over {seeds}" for pair, seeds in s["pair_seeds"].items())
         lines.append(f"\n## {name} student: seeds {s['seeds']} (differences paired: {paired_over})\n")
-        teacher = (
-            f"; the teacher's {s['teacher_ce']:.4f} (on all of the held-out play; the evals read its first "
-            f"{EVAL_WINDOWS} windows)"
-            if not math.isnan(s["teacher_ce"])
-            else ""
+        over = (  # a format-8 cache scores the teacher on the evals' own windows, an older one on the whole play
+            f"on the same {EVAL_WINDOWS} windows"
+            if s["teacher_windows"] == EVAL_WINDOWS
+            else f"on all of the held-out play; the evals read its first {EVAL_WINDOWS} windows"
         )
+        teacher = f"; the teacher's {s['teacher_ce']:.4f} ({over})" if not math.isnan(s["teacher_ce"]) else ""
         start = s["start_ce"]
         # the cut student's weights do not depend on the seed: its first score is one number, not a spread of 0
         start_text = f"{start[0]:.4f} (every seed alike)" if start[1] == 0 else fmt(start)

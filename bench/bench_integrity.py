@@ -53,13 +53,16 @@ def rewrite(src: Path, dst: Path, shards: int) -> dict:
     dst.mkdir(parents=True)
     cache = TeacherCache(src)
     m = json.loads(json.dumps(cache.manifest))
-    train = {k: v for k, v in m["splits"]["train"].items() if k != "shard_index"}  # records listed in the JSON
+    # records listed in the JSON; the split's teacher score is left out (these are its first shards only)
+    train = {k: v for k, v in m["splits"]["train"].items() if k not in ("shard_index", "teacher_score")}
     m["splits"] = {"train": dict(train, shards=shard_records(src, cache.manifest, "train")[:shards])}
     m["splits"]["train"]["num_sequences"] = sum(s["num_sequences"] for s in m["splits"]["train"]["shards"])
     m["format_version"], m["store_text"] = FORMAT_VERSION, False  # text: not read by the training step
     reader = cache.split("train", CacheSplit.TENSOR_FIELDS)
+    # the teacher's per-window scores travel where the source has them (format 8 on); else NaN rows, "not recorded"
+    scores = reader.teacher_scores(m["splits"]["train"]["num_sequences"]) if cache.info.format_version >= 8 else None
     basis = None
-    if m["codecs"]["hidden_states"]["name"] == "lowrank":  # re-encoded on the same basis (decoded states lie in it)
+    if m["codecs"]["hidden_states"]["name"] == "lowrank" and m["hidden_layers"]:  # re-encoded on the same basis
         shutil.copy(src / BASIS_FILE, dst / BASIS_FILE)
         basis = HiddenBasis.load(dst / BASIS_FILE)
     for rec in m["splits"]["train"]["shards"]:
@@ -79,6 +82,7 @@ def rewrite(src: Path, dst: Path, shards: int) -> dict:
                     it.get("hidden_states"),
                     it.get("sample_ids"),
                     it.get("sample_counts"),
+                    teacher_score=None if scores is None else scores[i : i + 1],
                 )
             )
         rec.update(w.commit())

@@ -33,14 +33,14 @@ def _load(model_dir: str, dtype: str):
 
 
 def on_cache(model_dir: str, cache_dir: str, split: str, max_sequences: int | None, batch_size: int, dtype: str):
-    """(metrics as the trainer logs them, eval/*, the teacher's score on the split from the manifest or None)."""
+    """(metrics as the trainer logs them, eval/*, the teacher's score on the same windows kept in the cache, or None
+    where it kept none: before format 8 a score per shard only, so none for the first `max_sequences` windows)."""
     cache = TeacherCache(cache_dir)
     lm, tok = _load(model_dir, dtype)
     check_context(model_dir, lm.config, cache.seq_len, "it cannot score this cache's windows")
     metrics = score_on_cache(lm, tok, cache, split, max_sequences, batch_size, where=model_dir)
-    info = cache.info.splits[split]
-    full = max_sequences is None or max_sequences >= info.num_sequences
-    return metrics, info.teacher_score if full else None
+    ref = cache.teacher_reference(split, max_sequences)
+    return metrics, ref.score if ref is not None and not ref.note else None
 
 
 def score_on_cache(lm, tok, cache, split: str, max_sequences: int | None = None, batch_size: int = 8, where="model"):

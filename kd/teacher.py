@@ -206,6 +206,9 @@ class TeacherOutputs:
     token_spans: np.ndarray | None = None  # [n, T, 2] each token's [start, end) characters in text (store_text)
     loss_mask: np.ndarray | None = None  # [n, T] a chat cache's tokens the loss counts
     segments: np.ndarray | None = None  # [n, T] a chat cache's conversation of each token in its window
+    # [n, 4] the teacher's own score on each window: nats on its scored targets, their count, characters and bytes
+    # (kd/textscore.py; kd.cache.format.TEACHER_SCORE_COLUMNS); NaN rows where a writer has no teacher to score
+    teacher_score: np.ndarray | None = None
 
 
 class TeacherModel:

@@ -147,7 +147,7 @@ def test_the_report_says_whether_the_kd_gain_grows_holds_or_fades_from_trend_fro
     assert "gain of" not in bb.render(bb.summarize(short))
 
 
-def fake_run(runs: Path, name: str, evals: list[int], done: bool, cache: Path) -> Path:
+def fake_run(runs: Path, name: str, evals: list[int], done: bool, cache: Path, teacher_windows=None) -> Path:
     """A run folder as kd leaves it: config.json (the cache's identity), metrics.jsonl, and final/ once done."""
     d = runs / name
     d.mkdir(parents=True)
@@ -156,7 +156,8 @@ def fake_run(runs: Path, name: str, evals: list[int], done: bool, cache: Path) -
     (d / "config.json").write_text(json.dumps(run))
     records = [{"step": s, "loss": 5.0, "step_cpu_s": 1.0} for s in range(1, 11)]
     records += [{"step": s, "eval/ce": 5.0 - s / 10, "eval/bits_per_char": 2.0} for s in [0, *evals]]
-    records.append({"step": 0, "event": "teacher_reference", "teacher/ce": 3.25})
+    teacher = {"step": 0, "event": "teacher_reference", "teacher/ce": 3.25}
+    records.append(teacher if teacher_windows is None else dict(teacher, **{"teacher/windows": teacher_windows}))
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if done:
         (d / "final").mkdir()
@@ -200,6 +201,12 @@ def test_the_report_reads_the_records_of_finished_runs_and_names_the_unfinished(
     assert c.tokens == [0, 5 * bb.TOKENS_PER_STEP, 10 * bb.TOKENS_PER_STEP] and c.cpu_s == [0.0, 5.0, 10.0]
     table = bb.render(bb.summarize(curves))  # one arm, one seed: means without a standard error
     assert "| 20,480 | 4.0000 |" in table and "before training 5.0000; the teacher's 3.2500" in table
+    # a record made before runs logged the teacher's windows (a format-7 cache): its score is on the whole play
+    assert "3.2500 (on all of the held-out play; the evals read its first 96 windows)" in table
+    # from a format-8 cache the teacher is scored on the evals' own windows, and the report says so
+    same = fake_run(tmp_path / "runs8", "pruned_ce_s0", [5, 10], done=True, cache=cache, teacher_windows=96)
+    bb.save_record(same, tmp_path / "results8")
+    assert "3.2500 (on the same 96 windows)" in bb.render(bb.summarize(bb.read_records(tmp_path / "results8")))
 
 
 def test_records_of_different_caches_or_formats_are_refused(tmp_path):

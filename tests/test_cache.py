@@ -458,6 +458,38 @@ def test_verify_names_the_bad_sequence(tmp_path, make_cache_config, llama_teache
     assert problems == ["shard train-00001.h5, sequence 11 of split train: log-probs are positive"]
 
 
+def test_verify_checks_the_windows_teacher_scores_against_the_manifest(tmp_path, make_cache_config, llama_teacher):
+    """Format 8 keeps the teacher's score per window: verify adds the windows' up and compares them with the split's
+    total in the manifest, and refuses a window that scores more targets than it holds (a buggy writer's shard,
+    its checksums and sha256 made valid again)."""
+    from kd.cache import checksum, sha256_file
+
+    out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
+    assert verify(out, log=lambda *_: None) == []
+    m = json.loads((out / MANIFEST).read_text())
+    edited = json.loads(json.dumps(m))
+    edited["splits"]["eval"]["teacher_score"]["nats"] += 0.5
+    (out / MANIFEST).write_text(json.dumps(edited))
+    (problem,) = verify(out, log=lambda *_: None)
+    assert problem.startswith("split eval: the windows' teacher scores (nats ") and "do not add up" in problem
+
+    (out / MANIFEST).write_text(json.dumps(m))
+    shard = out / "train-00001.h5"
+    with h5py.File(shard, "r+") as f:
+        f["teacher_score"][2, 1] = f["lengths"][2]  # one target more than tokens 1 .. L-1
+        whole = json.loads(f["checksums"].attrs["whole"])
+        f["checksums"].attrs["whole"] = json.dumps(dict(whole, teacher_score=checksum(f["teacher_score"][:])))
+    records = shard_records(out, m, "train")
+    for r in records:
+        if r["file"] == shard.name:
+            r["sha256"] = sha256_file(shard)
+    m["splits"]["train"]["shard_index"] = write_shard_index(out, "train", records)
+    (out / MANIFEST).write_text(json.dumps(m))
+    assert verify(out, log=lambda *_: None) == [
+        "shard train-00001.h5: its teacher scores count more targets than its windows hold"
+    ]
+
+
 def test_reader_keeps_few_files_open(tmp_path, make_cache_config, llama_teacher):
     """More shards than the process may open files (ulimit -n 64), read in a random order, twice: no error, and
     the values equal a fresh reader's."""

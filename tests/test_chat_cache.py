@@ -15,7 +15,7 @@ from conftest import ROOT, TINY, make_text, torchrun
 from test_train import overrides
 
 from kd import cache_teacher, train_student
-from kd.cache import TeacherCache
+from kd.cache import FORMAT_VERSION, TeacherCache
 from kd.cache_config import CacheConfig
 from kd.config import load_config
 from kd.data.chat import conversation, render
@@ -141,7 +141,7 @@ def test_every_conversation_is_cached_whole_once_with_its_assistant_mask(chat_ca
     m_ff, m_one = (TeacherCache(chat_caches[p]).manifest for p in ("first_fit", "one_per_window"))
     assert m_one["splits"]["train"]["num_sequences"] == 48  # one conversation per window
     assert m_ff["splits"]["train"]["num_sequences"] <= 0.7 * 48  # first fit: several per window
-    assert m_ff["format_version"] == 7 and m_ff["chat"]["loss_mask"] == "assistant"
+    assert m_ff["format_version"] == FORMAT_VERSION and m_ff["chat"]["loss_mask"] == "assistant"
     assert m_ff["ingest"]["truncated"] == m_ff["ingest"]["dropped"] == 0
 
 

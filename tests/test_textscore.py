@@ -48,30 +48,42 @@ def test_rates_from_sums():
     assert math.isnan(bits_per_unit(1.0, 0))
 
 
-def test_the_manifest_holds_the_teachers_score_recomputed(tiny_cache, llama_teacher):
-    """The caching pass's teacher score per split equals a full-softmax recomputation over the cached windows."""
+def recomputed_scores(cache, teacher, split: str) -> np.ndarray:
+    """[windows, 4] the teacher's score on each window of a cache split (nats, scored targets, characters, bytes),
+    recomputed with a full softmax in fp64 over the cached windows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    m = json.loads((tiny_cache / MANIFEST).read_text())
-    model = AutoModelForCausalLM.from_pretrained(llama_teacher).eval()
-    tok = AutoTokenizer.from_pretrained(llama_teacher)
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    tok = AutoTokenizer.from_pretrained(teacher)
     sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    reader = TeacherCache(cache).split(split, ("input_ids",))
+    rows = []
+    for i in range(len(reader)):
+        item = reader[i]
+        n = int(item["length"])
+        ids = item["input_ids"][:n][None]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits.double(), -1)[0, :-1]
+        units = target_text_units(tok, item["input_ids"][None].numpy(), [n], sep)[0]
+        rows.append([-float(lp.gather(1, ids[0, 1:, None]).sum()), n - 1, *units])
+    return np.array(rows)
+
+
+def test_the_cache_holds_the_teachers_score_recomputed(tiny_cache, llama_teacher):
+    """The caching pass's teacher score on each window (in its shard, format 8) and per split (in the manifest)
+    equals a full-softmax recomputation over the cached windows."""
+    m = json.loads((tiny_cache / MANIFEST).read_text())
     for split in ("train", "eval"):
-        reader = TeacherCache(tiny_cache).split(split, ("input_ids",))
-        nats, tokens, units = 0.0, 0, np.zeros(2, np.int64)
-        for i in range(len(reader)):
-            item = reader[i]
-            n = int(item["length"])
-            ids = item["input_ids"][:n][None]
-            with torch.no_grad():
-                lp = torch.log_softmax(model(ids).logits.double(), -1)[0, :-1]
-            nats -= float(lp.gather(1, ids[0, 1:, None]).sum())
-            tokens += n - 1
-            units += target_text_units(tok, item["input_ids"][None].numpy(), [n], sep)[0]
+        want = recomputed_scores(tiny_cache, llama_teacher, split)
+        reader = TeacherCache(tiny_cache).split(split, ())
+        stored = reader.teacher_scores(len(reader))
+        assert stored[:, 1:].tolist() == want[:, 1:].tolist()  # targets, characters, bytes: exact
+        np.testing.assert_allclose(stored[:, 0], want[:, 0], rtol=1e-5)
+        nats, tokens, chars, nbytes = want.sum(0)
         got = m["splits"][split]["teacher_score"]
-        assert got["tokens"] == tokens and [got["chars"], got["bytes"]] == units.tolist()
+        assert [got["tokens"], got["chars"], got["bytes"]] == [tokens, chars, nbytes]
         assert got["nats"] == pytest.approx(nats, rel=1e-5)
-        assert got["bits_per_char"] == pytest.approx(nats / math.log(2) / units[0], rel=1e-5)
+        assert got["bits_per_char"] == pytest.approx(nats / math.log(2) / chars, rel=1e-5)
 
 
 @pytest.mark.parametrize("teacher_bpc,warned", [(99.0, True), (0.01, False)])
@@ -108,24 +120,46 @@ def test_step_0_compares_the_student_with_the_teacher(tiny_cache, tmp_path, caps
             )
 
 
-def test_a_capped_eval_says_the_teacher_was_scored_on_other_text(tiny_cache, tmp_path, capsys):
-    """train.eval_max_sequences scores the student on the eval split's first windows, while the teacher's score
-    (from the caching pass) counts all of them: the step-0 line, its record and the model card say so; uncapped
-    (or capped at the split's size) nothing is said."""
+def test_a_capped_eval_is_compared_with_the_teacher_on_the_same_windows(tiny_cache, llama_teacher, tmp_path, capsys):
+    """train.eval_max_sequences scores the student on the eval split's first windows: the step-0 reference, its
+    record and the model card give the teacher's score on those same windows (kept per window since format 8),
+    and say nothing more; on a cache older than format 8 (the score per shard only) they say that the teacher was
+    scored on the whole split."""
     from test_train import make_cfg
 
     from kd import train_student
+    from kd.evaluate import on_cache
     from kd.textscore import eval_text_differs
     from kd.train import read_metrics
 
     windows = json.loads((tiny_cache / MANIFEST).read_text())["splits"]["eval"]["num_sequences"]
-    assert windows > 1 and eval_text_differs(None, windows) == eval_text_differs(windows, windows) == ""
-    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 3, "train.eval_max_sequences": 1}))
+    assert windows > 3 and eval_text_differs(None, windows) == eval_text_differs(windows, windows) == ""
+    nats, tokens, chars, _ = recomputed_scores(tiny_cache, llama_teacher, "eval")[:3].sum(0)
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 3, "train.eval_max_sequences": 3}))
+    ref = next(r for r in read_metrics(run) if r.get("event") == "teacher_reference")
+    assert ref["teacher/windows"] == 3 and ref["teacher/ce"] == pytest.approx(nats / tokens, rel=1e-5)
+    bpc = nats / math.log(2) / chars
+    assert ref["teacher/bits_per_char"] == pytest.approx(bpc, rel=1e-5)
+    whole = TeacherCache(tiny_cache).info.splits["eval"].teacher_score["bits_per_char"]
+    assert abs(whole - bpc) > 1e-3  # the first 3 windows score otherwise than the whole split: the test can tell
+    out, card = capsys.readouterr().out, (run / "final" / "README.md").read_text()
+    assert f"held-out bits/char: teacher {ref['teacher/bits_per_char']:.4f}, student" in out
+    assert "train.eval_max_sequences" not in out and "train.eval_max_sequences" not in card
+    assert f"{ref['teacher/bits_per_char']:.4f} bits/char" in card
+    _, teacher = on_cache(str(run / "final"), str(tiny_cache), "eval", 3, 8, "fp32")  # python -m kd.evaluate
+    assert teacher["bits_per_char"] == ref["teacher/bits_per_char"]
+
+    old = tmp_path / "format7"  # as a format-7 cache reads: its per-window scores are not looked for
+    shutil.copytree(tiny_cache, old)
+    m = json.loads((old / MANIFEST).read_text())
+    (old / MANIFEST).write_text(json.dumps(dict(m, format_version=7)))
+    run = train_student.main(make_cfg(old, tmp_path / "b", **{"train.max_steps": 3, "train.eval_max_sequences": 1}))
     records = read_metrics(run)
     assert next(r for r in records if r.get("event") == "teacher_reference")["teacher/windows"] == windows
     said = f"(the teacher on all {windows:,} eval windows, the student on the first 1: train.eval_max_sequences)"
     assert said in capsys.readouterr().out
     assert said in (run / "final" / "README.md").read_text()
+    assert on_cache(str(run / "final"), str(old), "eval", 1, 8, "fp32")[1] is None  # not on the same windows
 
 
 def test_the_eval_command_reproduces_the_runs_final_eval(tiny_cache, tmp_path, corpus_dir):

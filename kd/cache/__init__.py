@@ -1,6 +1,6 @@
 """The teacher cache: a directory of self-describing HDF5 shards plus `manifest.json`.
 
-Layout of DIR (format version 7; versions 1 to 6 are still read; docs/formats.md lists what each added):
+Layout of DIR (format version 8; versions 1 to 7 are still read; docs/formats.md lists what each added):
     cache_config.json        resolved config of the run that writes DIR (written once the input is ingested; re-runs are
                              checked against it)
     ingest/, .lock           only while the cache is being built: the packed windows (kd/data/ingest.py), and the
@@ -35,10 +35,12 @@ Fields of each sequence, as the reader returns them (T = seq_len, k = top_k, L =
                                  with [start, end) in `sample_offsets` [N + 1]
     loss_mask       [T]          only in a chat cache (format 7 on): the tokens the losses count
     segments        [T]          only in a chat cache: each token's conversation in its window (1, 2, ...; 0 = padding)
+    teacher_score   [N, 4]       (per shard, format 8 on) float64 the teacher's own score on each window: nats on its
+                                 scored targets, their count, characters and bytes (kd/textscore.py)
 Position t's targets describe the token at t+1. Every fixed-size dataset is chunked one sequence per chunk, so
 reading sequence i touches one chunk per dataset. `checksums` [N, D] uint64 holds kd.cache.checksum of each
 sequence's row of each of the D datasets its attribute `rows` names, and its attribute `whole` the checksums of the
-whole-shard datasets (lengths, sequence_index, sample_offsets); the reader checks both (ShardRows). Each shard's
+whole-shard datasets (lengths, sequence_index, sample_offsets, teacher_score); the reader checks both (ShardRows). Each shard's
 attribute `kd_meta` (JSON) repeats the cache-wide metadata plus the shard's own split, index and counts.
 
 Commands:

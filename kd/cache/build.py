@@ -387,29 +387,28 @@ class InProcessTeacher:
 
 @dataclass
 class CacheOutputs:
-    """What a batch of the teacher's targets gives the cache (TeacherOutputs), whichever source computed them, and
-    the teacher's own score on the batch ([nats, scored tokens, their characters, their bytes], kd/textscore.py)."""
+    """What a batch of the teacher's targets gives the cache (TeacherOutputs), whichever source computed them, the
+    teacher's own score on each window among them ([nats, scored tokens, their characters, their bytes],
+    kd/textscore.py)."""
 
     cfg: CacheConfig
     codecs: dict  # the cache's codec record: how each output leaves the device (to_numpy)
     tokenizer: object
     sep_id: int
 
-    def __call__(
-        self, job: ShardJob, w: dict, s: int, e: int, got: TeacherTargets
-    ) -> tuple[TeacherOutputs, np.ndarray]:
+    def __call__(self, job: ShardJob, w: dict, s: int, e: int, got: TeacherTargets) -> TeacherOutputs:
         cfg, T, chat = self.cfg, self.cfg.data.seq_len, self.cfg.data.format == "chat"
         lengths = w["lengths"][s:e].astype(np.int64)
         if chat:  # the targets eval/ce averages over: position t scores token t+1 (kd.textscore.chat_targets)
             targets = chat_targets(w["loss_mask"][s:e], w["segments"][s:e])
             scored = np.zeros((e - s, T), dtype=bool)
             scored[:, :-1] = targets[:, 1:]
-            units = target_text_units(self.tokenizer, w["input_ids"][s:e], w["lengths"][s:e], None, targets).sum(0)
+            units = target_text_units(self.tokenizer, w["input_ids"][s:e], w["lengths"][s:e], None, targets)
         else:
             scored = np.arange(T)[None, :] < (lengths[:, None] - 1)  # the targets eval/ce averages over
-            units = target_text_units(self.tokenizer, w["input_ids"][s:e], w["lengths"][s:e], self.sep_id).sum(0)
-        nats = -float(on_host(got.target_logprobs).astype(np.float64)[scored].sum())
-        outputs = TeacherOutputs(
+            units = target_text_units(self.tokenizer, w["input_ids"][s:e], w["lengths"][s:e], self.sep_id)
+        nats = -np.where(scored, on_host(got.target_logprobs).astype(np.float64), 0.0).sum(1)
+        return TeacherOutputs(
             input_ids=w["input_ids"][s:e],
             lengths=w["lengths"][s:e],
             sequence_index=np.arange(job.first + s, job.first + e),
@@ -424,8 +423,8 @@ class CacheOutputs:
             token_spans=w["token_spans"][s:e] if cfg.cache.store_text else None,
             loss_mask=w["loss_mask"][s:e] if chat else None,
             segments=w["segments"][s:e] if chat else None,
+            teacher_score=np.column_stack([nats, scored.sum(1), units]).astype(np.float64),
         )
-        return outputs, np.array([nats, int(scored.sum()), *units], dtype=np.float64)
 
 
 def teacher_pass(
@@ -497,10 +496,10 @@ def teacher_pass(
     # a served teacher has several requests in flight (kd.served.ServedTeacher.run), across shards too: the next
     # shard's first requests go out while the last ones of this shard are answered
     for (job, w, s, e), targets in source.run(work(), chat):
-        outputs, batch_score = to_cache(job, w, s, e, targets)
+        outputs = to_cache(job, w, s, e, targets)
         if s == 0:
             shard, score = writer.shard(job, basis), np.zeros(4)
-        score += batch_score
+        score += outputs.teacher_score.sum(0)
         shard.append(outputs)
         tokens_done += int(outputs.lengths.sum())
         bar.update(int(outputs.lengths.sum()))

@@ -18,7 +18,11 @@ from kd.cache import codecs
 from kd.data.ingest import SPLITS  # noqa: F401 - the splits the ingest writes are the cache's
 
 FORMAT = "kd-teacher-cache"
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
+# 8: `teacher_score` [N, 4] per shard: the teacher's own score on each window (nats on its scored targets, their
+#    count, characters and bytes; kd/textscore.py), so that a student evaluated on the first windows of a split
+#    (train.eval_max_sequences) is compared with the teacher on the same windows; 7 and older carry the score per
+#    shard only (in its record), and a capped eval is then compared with the teacher's score on the whole split
 # 7: chat caches (data.format=chat) add two per-token fields, `loss_mask` (the tokens the loss counts) and
 #    `segments` (each token's conversation in its window: attention stays within it); text caches as 6, and a
 #    6 cache reads as every token counting in one causal stream
@@ -166,7 +170,9 @@ def row_datasets(specs: dict, dims: Dims) -> list[str]:
 
 
 # Datasets a shard holds whole (one value per sequence, or the ragged offsets): checksummed whole, checked on open.
-SHARD_DATASETS = ("lengths", "sequence_index", "sample_offsets")
+SHARD_DATASETS = ("lengths", "sequence_index", "sample_offsets", "teacher_score")
+# a teacher_score row: the teacher's nats on the window's scored targets, their count, characters and bytes
+TEACHER_SCORE_COLUMNS = ("nats", "tokens", "chars", "bytes")
 
 
 def checksum(a) -> int:
@@ -200,6 +206,8 @@ def dataset_mismatch(f, manifest: dict, n: int) -> str | None:
     manifest implies (None if all match). Shared by `verify` and the reader's check on open."""
     dims, specs = Dims.of(manifest), manifest_codecs(manifest)
     expected = {"lengths": ((n,), None), "sequence_index": ((n,), None)}
+    if manifest["format_version"] >= 8:
+        expected["teacher_score"] = ((n, len(TEACHER_SCORE_COLUMNS)), np.dtype(np.float64))
     stores = field_stores(specs, dims).values()
     for store in stores:
         expected.update(store.expected(n))
@@ -214,12 +222,13 @@ def dataset_mismatch(f, manifest: dict, n: int) -> str | None:
 
 def sequence_bytes(meta: dict) -> tuple[int, int]:
     """(estimate, upper bound) of the bytes one sequence takes in a shard with this metadata (a manifest, or the
-    teacher pass's `meta`): its length and index, then each stored field's (exact for the fixed-size ones; ragged
+    teacher pass's `meta`): its length, index and teacher score, then each stored field's (exact for the fixed-size ones; ragged
     sampled targets and stored text vary, so the estimate assumes n/4 distinct ids per position and 4 bytes per
     token of text, the bound n ids and 16 bytes)."""
     stores = field_stores(meta["codecs"], Dims.of(meta)).values()
     sizes = [store.sequence_bytes() for store in stores]
-    return 4 + 8 + sum(est for est, _ in sizes), 4 + 8 + sum(high for _, high in sizes)
+    own = 4 + 8 + 8 * len(TEACHER_SCORE_COLUMNS)  # its length, index and teacher score
+    return own + sum(est for est, _ in sizes), own + sum(high for _, high in sizes)
 
 
 def shard_sequences(meta: dict, shard_bytes: int) -> int:

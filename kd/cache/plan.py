@@ -25,10 +25,11 @@ SAMPLE_BYTES = 4 << 20  # input sampled per source: a few seconds of tokenizing
 # HDF5's own bytes beside the data, as (estimate, bound), measured on shards of 8 and of 193-370 sequences of 32
 # tokens: ~32 KiB per shard (the datasets' headers and first index nodes) and ~80 bytes of chunk index per sequence
 # and dataset chunked one sequence per chunk (every row dataset but the ragged sampled targets' bytes and the text's
-# variable-length strings); the bounds are the format's own (kd.cache.format.shard_sequences: 1 KiB per chunk)
+# variable-length strings); the bounds are the format's own (kd.cache.format.shard_sequences: 1 KiB per chunk).
+# Format 8's contiguous teacher_score adds ~1 KiB of header per shard (its data is in sequence_bytes).
 CHUNK_INDEX_BYTES = (80, 1024)
 NOT_PER_SEQUENCE_CHUNKS = ("sample_bytes", "text")
-SHARD_OVERHEAD = (32 << 10, 64 << 10)
+SHARD_OVERHEAD = (33 << 10, 64 << 10)
 
 
 def cache_bytes(meta: dict, sequences: int, shards: int) -> tuple[int, int]:

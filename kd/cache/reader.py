@@ -8,6 +8,7 @@ import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from kd.cache.format import (
 )
 from kd.cache.manifest import Manifest
 from kd.errors import KDError
+from kd.textscore import eval_text_differs, score_record
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -294,6 +296,21 @@ class CacheSplit:
                 item[name] = value if isinstance(value, str) else torch.from_numpy(value)
         return item
 
+    def teacher_scores(self, count: int) -> np.ndarray:
+        """[count, 4] the teacher's own score on each of the split's first `count` windows (format 8 on: nats on
+        its scored targets, their count, characters and bytes), read from their shards, checked on open."""
+        parts = []
+        for j in range(int(np.searchsorted(self.starts, count, side="left"))):
+            try:
+                parts.append(self._file(j).f["teacher_score"][:])
+            except (OSError, KeyError) as e:
+                raise KDError(
+                    f"shard {self.files[j].decode()} of cache {self.root}: its teacher scores cannot be read "
+                    f"({str(e).splitlines()[0]}); the cache is damaged: run python -m kd.cache verify {self.root}, "
+                    "or re-cache"
+                ) from None
+        return np.concatenate(parts)[:count] if parts else np.zeros((0, 4))
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_files"] = {}
@@ -301,6 +318,17 @@ class CacheSplit:
 
 
 _WIDEN = {"loss_mask": np.bool_, "segments": np.int64}
+
+
+@dataclass(frozen=True)
+class TeacherReference:
+    """The teacher's own score (kd.textscore.score_record) on the text a student's evals read: the first `windows`
+    windows of a split. `note` is empty when both are over the same windows; a cache older than format 8 kept the
+    score per shard only, so a capped eval is compared with the score on the whole split, and `note` says so."""
+
+    score: dict
+    windows: int
+    note: str = ""
 
 
 class TeacherCache:
@@ -314,6 +342,21 @@ class TeacherCache:
 
     def split(self, name: str, fields: Iterable[str] = CacheSplit.TENSOR_FIELDS) -> CacheSplit:
         return CacheSplit(self.root, self.manifest, name, fields, self.check)
+
+    def teacher_reference(self, split: str, max_sequences: int | None) -> TeacherReference | None:
+        """The teacher's score on the first `max_sequences` windows of `split` (None: all), as a student evaluated
+        with that cap (train.eval_max_sequences) reads them; None when the caching pass recorded no score."""
+        info = self.info.splits.get(split)
+        if info is None or not info.teacher_score:
+            return None
+        n = info.num_sequences
+        if max_sequences is None or max_sequences >= n:
+            return TeacherReference(info.teacher_score, n)
+        rows = self.split(split, ()).teacher_scores(max_sequences) if self.info.format_version >= 8 else None
+        if rows is None or np.isnan(rows).any():  # per shard only: the whole split's score, said to be so
+            return TeacherReference(info.teacher_score, n, eval_text_differs(max_sequences, n))
+        nats, tokens, chars, nbytes = rows.sum(0)
+        return TeacherReference(score_record(float(nats), int(tokens), int(chars), int(nbytes)), max_sequences)
 
     @property
     def top_k(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ def verify(path: str | Path, log=print) -> list[str]:
         log(f"ok {BASIS_FILE}: rank {basis.rank}, variance kept {basis.variance_kept()}")
     stores = field_stores(specs, info.dims, basis)
     for split, split_info in info.splits.items():
-        expected_next = 0
+        expected_next, scores = 0, np.zeros(4)  # the teacher's per-window scores summed (format 8 on)
         try:
             records = shard_records(root, manifest, split)
         except KDError as e:
@@ -107,6 +108,12 @@ def verify(path: str | Path, log=print) -> list[str]:
                 lengths = f["lengths"][:]
                 if int(lengths.sum()) != shard["num_tokens"] or (lengths < 2).any() or (lengths > T).any():
                     return [f"{where}: lengths are inconsistent with the manifest"]
+                if "teacher_score" in f:
+                    rows_score = f["teacher_score"][:]
+                    # at most tokens 1 .. L-1 are scored (NaN rows: a writer that had no teacher to score)
+                    if (rows_score[:, 1] > lengths - 1).any():
+                        return [f"{where}: its teacher scores count more targets than its windows hold"]
+                    scores += rows_score.sum(0)
                 problem = next(filter(None, (store.check_shard(f) for store in stores.values())), None)
                 if problem:
                     return [f"{where}: {problem}"]
@@ -125,6 +132,17 @@ def verify(path: str | Path, log=print) -> list[str]:
             log(f"ok {shard['file']}: {n} sequences, {shard['num_tokens']} tokens")
         if expected_next != split_info.num_sequences:
             return [f"split {split}: shards hold {expected_next} sequences, manifest says {split_info.num_sequences}"]
+        total = split_info.teacher_score
+        if info.format_version >= 8 and total:  # the windows' scores add up to the split's, kept in the manifest
+            nats, *counts = scores
+            if counts != [total["tokens"], total["chars"], total["bytes"]] or not math.isclose(
+                nats, total["nats"], rel_tol=1e-9, abs_tol=1e-6
+            ):
+                return [
+                    f"split {split}: the windows' teacher scores (nats {nats:.6f}, counts {[int(c) for c in counts]}) "
+                    f"do not add up to the manifest's (nats {total['nats']:.6f}, counts "
+                    f"{[total['tokens'], total['chars'], total['bytes']]})"
+                ]
     return []
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import yaml
 
 from kd.cache.manifest import Manifest
-from kd.textscore import eval_text_differs
+from kd.cache.reader import TeacherReference
 from kd.train_config import TrainConfig
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -32,6 +32,7 @@ class CardFacts:
     final_eval: dict  # the last eval of these weights (eval/ce, eval/ppl, eval/bits_per_char, ...)
     parameters: int
     weights: str  # "trained" | "ema (decay ...)"
+    teacher_reference: TeacherReference | None  # the teacher's score on the windows the evals read, when recorded
 
 
 def hub_id(name: str | None) -> str | None:
@@ -77,7 +78,7 @@ def model_card(f: CardFacts) -> str:
         "tokens": f.tokens,
     }
     ev = f.final_eval
-    score = f.cache.splits["eval"].teacher_score if "eval" in f.cache.splits else None
+    ref = f.teacher_reference
     terms = ", ".join(
         f"{t.weight:g} x {t.kind}" + (f" ({t.name})" if t.name != t.kind else "") for t in f.cfg.loss.loss_terms()
     )
@@ -114,12 +115,11 @@ def model_card(f: CardFacts) -> str:
             f"top-1 agreement with the teacher {ev.get('eval/top1_agreement', float('nan')):.3f}",
         ),
     ]
-    if score:
+    if ref:
         rows.append(
             (
                 "teacher, held-out",
-                f"CE {score['ce_per_token']:.4f} nats/token, {score['bits_per_char']:.4f} bits/char"
-                + eval_text_differs(f.cfg.train.eval_max_sequences, f.cache.splits["eval"].num_sequences),
+                f"CE {ref.score['ce_per_token']:.4f} nats/token, {ref.score['bits_per_char']:.4f} bits/char" + ref.note,
             )
         )
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -40,7 +40,7 @@ from kd.paths import absolute_path
 from kd.prune import feature_pairs
 from kd.schedule import lr_at
 from kd.signals import TARGETS
-from kd.textscore import batch_text_units, eval_text_differs, score_record, score_windows, text_windows
+from kd.textscore import batch_text_units, score_record, score_windows, text_windows
 from kd.train.backend import (
     backend_for,
     backend_kind,
@@ -594,6 +594,7 @@ def finish(run: Run, ending: Ending) -> Path:
 
     def card(folder: str, weights: str, scores: dict) -> Callable[[int], str]:  # README.md: how it was made
         facts = dict(cfg=run.cfg, cache=run.cache.info, run_name=tc.run_name, folder=folder, weights=weights)
+        facts.update(teacher_reference=run.cache.teacher_reference("eval", tc.eval_max_sequences))
         facts.update(step=state.step, tokens=state.tokens_seen, stop_reason=ending.stop_reason, final_eval=scores)
         return lambda parameters: model_card(CardFacts(**facts, parameters=parameters))
 
@@ -724,16 +725,13 @@ def start_trackers(accelerator, tc, cfg_dict: dict) -> None:
 
 
 def compare_with_teacher(cfg: TrainConfig, cache: TeacherCache, student: dict, log, accelerator) -> None:
-    """Step 0: the teacher's own bits per character on the eval split (kept in the manifest by the caching pass)
-    against the student's before training. A teacher that is not better can only pull the student towards a
-    weaker model: warned loudly, or refused with train.on_weaker_teacher=refuse."""
-    teacher = cache.info.splits["eval"].teacher_score if "eval" in cache.info.splits else None
-    if not teacher or not math.isfinite(student.get("eval/bits_per_char", math.nan)):
+    """Step 0: the teacher's own bits per character on the eval windows the student is scored on (kept in the
+    cache by the caching pass) against the student's before training. A teacher that is not better can only pull
+    the student towards a weaker model: warned loudly, or refused with train.on_weaker_teacher=refuse."""
+    ref = cache.teacher_reference("eval", cfg.train.eval_max_sequences)
+    if ref is None or not math.isfinite(student.get("eval/bits_per_char", math.nan)):
         return  # a cache made before kd recorded the teacher's score
-    # the teacher was scored on the whole eval split when it was cached; train.eval_max_sequences scores the
-    # student on the split's first windows only, and then the two figures are over different text: said, not hidden
-    windows = cache.info.splits["eval"].num_sequences
-    other_text = eval_text_differs(cfg.train.eval_max_sequences, windows)
+    teacher, other_text = ref.score, ref.note  # the note: a capped eval on a cache older than format 8
     log.write(
         {
             "step": 0,
@@ -741,7 +739,7 @@ def compare_with_teacher(cfg: TrainConfig, cache: TeacherCache, student: dict, l
             "teacher/bits_per_char": teacher["bits_per_char"],
             "teacher/bits_per_byte": teacher["bits_per_byte"],
             "teacher/ce": teacher["ce_per_token"],
-            "teacher/windows": windows,
+            "teacher/windows": ref.windows,
         }
     )
     t, s = teacher["bits_per_char"], student["eval/bits_per_char"]
