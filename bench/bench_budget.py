@@ -36,7 +36,9 @@ checkpointed every 50 steps: a killed run resumes where it stopped when this scr
 skipped. A finished run leaves a record of a few KB in bench/results/budget/ (its curve, config, the cache's identity,
 the code's commit, the machine), committed with the code: the report reads those records, so its tables come back
 from a clone without the runs' folders (GBs of checkpoints), and runs made in different sessions and on different
-machines add up, as long as they read the same cache (the report refuses records of different caches).
+machines add up, as long as they read the same cache (the report refuses records of different caches). The cache's
+identity includes its format: bench/results/budget/ was made on a format-7 cache, so on a machine without it, make
+it with the code its records name (`code`: `git worktree add ../snap <commit>`, then `cache` there).
 
 With --device cuda the runs train in bf16 on the machine's GPU, at --scale times the budgets; the cache
 (1.2 GB) and the teacher must be on that machine (they cannot travel to a lent GPU machine: 64 MiB of files); their
