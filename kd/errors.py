@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import sys
 import threading
@@ -14,6 +16,8 @@ class KDError(Exception):
 
 # Exit status for a KDError; distinct from 1 (an unexpected crash) so scripts and tests can tell them apart.
 EXIT_USER_ERROR = 2
+# Exit status when what reads the output went away (`... | head`): the shell's for a death by SIGPIPE
+EXIT_OUTPUT_CLOSED = 128 + 13
 
 
 class Terminated(BaseException):
@@ -24,14 +28,27 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return bool(poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll on this platform, or no real stdout
+        return False
+
+
 def run_cli(fn: Callable[[], object]) -> None:
     """Run a command-line entry point: a KDError is one line on stderr and exit status 2; Ctrl-C (SIGINT) and
     SIGTERM are one line and the shell's 130 and 143, after the clean-up on the way out (locks released, partial
-    files removed: complete shards and checkpoints are kept, so the same command resumes)."""
+    files removed: complete shards and checkpoints are kept, so the same command resumes). Output read by a command
+    that stops early (`python -m kd.cache verify DIR | head`) ends the run quietly with the shell's 141, as `cat`
+    does, not with a traceback; a broken pipe anywhere else (a socket) is still an error."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
         fn()
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would be a message "Exception ignored ..."
     except KDError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
@@ -45,3 +62,9 @@ def run_cli(fn: Callable[[], object]) -> None:
             flush=True,
         )
         sys.exit(code)
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # Python flushes stdout again on the way out and would fail on the same pipe: point it at /dev/null
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_OUTPUT_CLOSED)

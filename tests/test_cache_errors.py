@@ -177,3 +177,23 @@ def test_reader_refuses_unfinished_cache(tmp_path, make_cache_config, llama_teac
         TeacherCache(out)
     with pytest.raises(KDError, match="no teacher cache at"):
         TeacherCache(tmp_path / "nowhere")
+
+
+def test_output_read_by_a_command_that_stops_early_ends_quietly(tiny_cache):
+    """`python -m kd.cache verify DIR | head`: what reads the output goes away (here before anything is written);
+    the command ends with the shell's 141 (SIGPIPE) and nothing on stderr, not a traceback. A broken pipe that is
+    not standard output's (a socket) is still an unexpected error."""
+    import subprocess
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "kd.cache", "verify", str(tiny_cache)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 141 and err == b""
+    code = "from kd.errors import run_cli\ndef f():\n    raise BrokenPipeError('a socket')\nrun_cli(f)"
+    other = warm.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert other.returncode == 1 and "BrokenPipeError: a socket" in other.stderr

@@ -40,8 +40,8 @@ Fields of each sequence, as the reader returns them (T = seq_len, k = top_k, L =
 Position t's targets describe the token at t+1. Every fixed-size dataset is chunked one sequence per chunk, so
 reading sequence i touches one chunk per dataset. `checksums` [N, D] uint64 holds kd.cache.checksum of each
 sequence's row of each of the D datasets its attribute `rows` names, and its attribute `whole` the checksums of the
-whole-shard datasets (lengths, sequence_index, sample_offsets, teacher_score); the reader checks both (ShardRows). Each shard's
-attribute `kd_meta` (JSON) repeats the cache-wide metadata plus the shard's own split, index and counts.
+whole-shard datasets (lengths, sequence_index, sample_offsets, teacher_score); the reader checks both (ShardRows).
+Each shard's attribute `kd_meta` (JSON) repeats the cache-wide metadata plus the shard's own split, index and counts.
 
 Commands:
     python -m kd.cache info DIR      summary of a cache

@@ -222,9 +222,9 @@ def dataset_mismatch(f, manifest: dict, n: int) -> str | None:
 
 def sequence_bytes(meta: dict) -> tuple[int, int]:
     """(estimate, upper bound) of the bytes one sequence takes in a shard with this metadata (a manifest, or the
-    teacher pass's `meta`): its length, index and teacher score, then each stored field's (exact for the fixed-size ones; ragged
-    sampled targets and stored text vary, so the estimate assumes n/4 distinct ids per position and 4 bytes per
-    token of text, the bound n ids and 16 bytes)."""
+    teacher pass's `meta`): its length, index and teacher score, then each stored field's (exact for the fixed-size
+    ones; ragged sampled targets and stored text vary, so the estimate assumes n/4 distinct ids per position and 4
+    bytes per token of text, the bound n ids and 16 bytes)."""
     stores = field_stores(meta["codecs"], Dims.of(meta)).values()
     sizes = [store.sequence_bytes() for store in stores]
     own = 4 + 8 + 8 * len(TEACHER_SCORE_COLUMNS)  # its length, index and teacher score
