@@ -42,7 +42,7 @@ def run_cli(fn: Callable[[], object]) -> None:
     """Run a command-line entry point: a KDError is one line on stderr and exit status 2; Ctrl-C (SIGINT) and
     SIGTERM are one line and the shell's 130 and 143, after the clean-up on the way out (locks released, partial
     files removed: complete shards and checkpoints are kept, so the same command resumes). Output read by a command
-    that stops early (`python -m kd.cache verify DIR | head`) ends the run quietly with the shell's 141, as `cat`
+    that stops early (`kd verify DIR | head`) ends the run quietly with the shell's 141, as `cat`
     does, not with a traceback; a broken pipe anywhere else (a socket) is still an error."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
