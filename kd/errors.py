@@ -38,6 +38,17 @@ def _stdout_closed() -> bool:
         return False
 
 
+def _flush_stdout() -> None:
+    """Flush standard output now: a reader that has gone makes it /dev/null (Python would otherwise flush again on
+    the way out, fail on the same pipe, print "Exception ignored ..." and exit 120 whatever the command's status)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def run_cli(fn: Callable[[], object]) -> None:
     """Run a command-line entry point: a KDError is one line on stderr and exit status 2; Ctrl-C (SIGINT) and
     SIGTERM are one line and the shell's 130 and 143, after the clean-up on the way out (locks released, partial
@@ -48,23 +59,27 @@ def run_cli(fn: Callable[[], object]) -> None:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         fn()
-        sys.stdout.flush()  # here, not at exit, where a closed pipe would be a message "Exception ignored ..."
+        sys.stdout.flush()  # here, where a closed pipe is the BrokenPipeError below, not at exit
     except KDError as e:
+        _flush_stdout()  # the error and its status matter more than output nobody reads
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     except (KeyboardInterrupt, Terminated) as e:
         what, code = (
             ("interrupted (Ctrl-C)", 130) if isinstance(e, KeyboardInterrupt) else ("terminated (SIGTERM)", 143)
         )
+        _flush_stdout()
         print(
             f"error: {what}; what was complete is kept (shards, checkpoints): the same command resumes",
             file=sys.stderr,
             flush=True,
         )
         sys.exit(code)
+    except SystemExit:  # a command's own status (verify's 1 for a damaged cache) is kept
+        _flush_stdout()
+        raise
     except BrokenPipeError:
         if not _stdout_closed():
             raise
-        # Python flushes stdout again on the way out and would fail on the same pipe: point it at /dev/null
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush on the way out
         sys.exit(EXIT_OUTPUT_CLOSED)

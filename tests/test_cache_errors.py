@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -185,15 +186,22 @@ def test_output_read_by_a_command_that_stops_early_ends_quietly(tiny_cache):
     not standard output's (a socket) is still an unexpected error."""
     import subprocess
 
-    p = subprocess.Popen(
-        [sys.executable, "-m", "kd.cache", "verify", str(tiny_cache)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-    )
-    p.stdout.close()
-    err = p.stderr.read()
-    assert p.wait(timeout=300) == 141 and err == b""
-    code = "from kd.errors import run_cli\ndef f():\n    raise BrokenPipeError('a socket')\nrun_cli(f)"
-    other = warm.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    # output buffered, as users' Python has it (this environment may set PYTHONUNBUFFERED)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+    def closed_early(*args) -> tuple[int, str]:
+        p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+        p.stdout.close()  # before the command writes anything
+        err = p.stderr.read().decode()
+        return p.wait(timeout=300), err
+
+    assert closed_early("-m", "kd.cache", "verify", str(tiny_cache)) == (141, "")
+    # a command that ends with its own status after writing: the status and its error line stay, nothing else
+    # (the output left in the buffer once made it "Exception ignored ... BrokenPipeError" and 120)
+    head = "from kd.errors import KDError, run_cli\ndef f():\n    print('ok shard ' * 100)\n"
+    assert closed_early("-c", head + "    raise KDError('bad')\nrun_cli(f)") == (2, "error: bad\n")
+    assert closed_early("-c", head + "    raise SystemExit(1)\nrun_cli(f)") == (1, "")
+    # a broken pipe that is not standard output's (stdout read to the end here): still an unexpected error
+    code = head + "    raise BrokenPipeError('a socket')\nrun_cli(f)"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert other.returncode == 1 and "BrokenPipeError: a socket" in other.stderr
