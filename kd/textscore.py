@@ -87,14 +87,15 @@ def score_record(nats: float, tokens: int, chars: int, nbytes: int) -> dict:
 
 
 def eval_text_differs(eval_max_sequences: int | None, num_sequences: int) -> str:
-    """Empty when the student's evals score the whole eval split, as the teacher's score (from the caching pass) does;
-    else what each was scored on, to print after the two figures. Counted in windows, not tokens: with another
-    tokenizer than the teacher's the two token counts differ over the same text."""
+    """Empty when the student's evals score the whole eval split, as the teacher's score of a cache older than format
+    8 does (kept per split only); else what each was scored on, to print after the two figures, and the way to the
+    same windows. Counted in windows, not tokens: with another tokenizer than the teacher's the two token counts
+    differ over the same text."""
     if eval_max_sequences is None or eval_max_sequences >= num_sequences:
         return ""
     return (
         f" (the teacher on all {num_sequences:,} eval windows, the student on the first {eval_max_sequences:,}: "
-        "train.eval_max_sequences)"
+        "train.eval_max_sequences; a cache of format 8 on, cache.overwrite=true, keeps the teacher's score per window)"
     )
 
 

@@ -405,6 +405,9 @@ class TrainSection:
             raise KDError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise KDError("train.early_stopping_patience must be >= 1 or null")
+        # a slice's bound, [:n]: -1 evaluated all windows but the last, 0 none (an eval of nothing, NaN)
+        if self.eval_max_sequences is not None and self.eval_max_sequences < 1:
+            raise KDError(f"train.eval_max_sequences must be >= 1 or null (all), got {self.eval_max_sequences}")
         if self.shuffle_buffer_shards < 1:
             raise KDError(f"train.shuffle_buffer_shards must be >= 1, got {self.shuffle_buffer_shards}")
         if self.checkpoint_every < 0 or self.num_workers < 0:

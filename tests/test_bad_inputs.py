@@ -92,6 +92,13 @@ def test_a_seed_out_of_range_is_refused_with_the_config(tiny_cache, tmp_path, ma
         make_cache_config(llama_teacher, tmp_path / "c", **{"data.split_seed": seed * 2**64})
 
 
+@pytest.mark.parametrize("cap", [0, -1])
+def test_an_eval_cap_below_one_is_refused_with_the_config(tiny_cache, tmp_path, cap):
+    """train.eval_max_sequences is a slice's bound: -1 scored every eval window but the last, 0 none (NaN evals)."""
+    with pytest.raises(KDError, match=rf"train.eval_max_sequences must be >= 1 or null \(all\), got {cap}"):
+        load_config(TrainConfig, None, [*overrides(tiny_cache, tmp_path), f"train.eval_max_sequences={cap}"])
+
+
 @pytest.mark.parametrize(
     "override, key",
     [

@@ -460,8 +460,9 @@ def test_verify_names_the_bad_sequence(tmp_path, make_cache_config, llama_teache
 
 def test_verify_checks_the_windows_teacher_scores_against_the_manifest(tmp_path, make_cache_config, llama_teacher):
     """Format 8 keeps the teacher's score per window: verify adds the windows' up and compares them with the split's
-    total in the manifest, and refuses a window that scores more targets than it holds (a buggy writer's shard,
-    its checksums and sha256 made valid again)."""
+    total in the manifest, and refuses a window that scores more targets than it holds, a score that is not a sum,
+    and a window without a score where the manifest has the split's (a buggy writer's shard, its checksums and
+    sha256 made valid again)."""
     from kd.cache import checksum, sha256_file
 
     out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
@@ -472,22 +473,76 @@ def test_verify_checks_the_windows_teacher_scores_against_the_manifest(tmp_path,
     (out / MANIFEST).write_text(json.dumps(edited))
     (problem,) = verify(out, log=lambda *_: None)
     assert problem.startswith("split eval: the windows' teacher scores (nats ") and "do not add up" in problem
+    (out / MANIFEST).write_text(json.dumps(m))
 
-    (out / MANIFEST).write_text(json.dumps(m))
-    shard = out / "train-00001.h5"
-    with h5py.File(shard, "r+") as f:
-        f["teacher_score"][2, 1] = f["lengths"][2]  # one target more than tokens 1 .. L-1
-        whole = json.loads(f["checksums"].attrs["whole"])
-        f["checksums"].attrs["whole"] = json.dumps(dict(whole, teacher_score=checksum(f["teacher_score"][:])))
-    records = shard_records(out, m, "train")
-    for r in records:
-        if r["file"] == shard.name:
-            r["sha256"] = sha256_file(shard)
-    m["splits"]["train"]["shard_index"] = write_shard_index(out, "train", records)
-    (out / MANIFEST).write_text(json.dumps(m))
-    assert verify(out, log=lambda *_: None) == [
-        "shard train-00001.h5: its teacher scores count more targets than its windows hold"
-    ]
+    shard, index = out / "train-00001.h5", out / m["splits"]["train"]["shard_index"]["file"]
+    original, original_index = shard.read_bytes(), index.read_bytes()
+
+    def verify_with(column: int, value) -> list[str]:  # window 2 of the shard edited, resealed
+        shard.write_bytes(original)
+        index.write_bytes(original_index)
+        with h5py.File(shard, "r+") as f:
+            f["teacher_score"][2, column] = value(f) if callable(value) else value
+            whole = json.loads(f["checksums"].attrs["whole"])
+            f["checksums"].attrs["whole"] = json.dumps(dict(whole, teacher_score=checksum(f["teacher_score"][:])))
+        manifest = json.loads(json.dumps(m))
+        records = shard_records(out, manifest, "train")
+        for r in records:
+            if r["file"] == shard.name:
+                r["sha256"] = sha256_file(shard)
+        manifest["splits"]["train"]["shard_index"] = write_shard_index(out, "train", records)
+        (out / MANIFEST).write_text(json.dumps(manifest))
+        return verify(out, log=lambda *_: None)
+
+    where = "shard train-00001.h5: its teacher scores"
+    assert verify_with(1, lambda f: f["lengths"][2]) == [f"{where} count more targets than its windows hold"]
+    assert verify_with(0, -1.0) == [f"{where} are not sums (finite, >= 0, whole counts)"]
+    assert verify_with(2, 0.5) == [f"{where} are not sums (finite, >= 0, whole counts)"]
+    assert verify_with(0, np.inf) == [f"{where} are not sums (finite, >= 0, whole counts)"]
+    # a whole row NaN: "not recorded", which the manifest's total for the split contradicts
+    nan_row = verify_with(slice(None), np.nan)
+    assert nan_row == ["split train: 1 window(s) carry no teacher score, and the manifest gives the split's"]
+
+
+def test_a_cache_of_an_older_format_is_read_as_it_is_rewritten_on_request_and_a_begun_one_goes_on(
+    tmp_path, make_cache_config, llama_teacher, capsys
+):
+    """The cache format is part of a cache's identity. A finished cache of an older format (as format 7 wrote it:
+    no per-window teacher scores) is complete to a newer kd, which says that cache.overwrite=true rewrites it, and
+    does; shards an older kd began (another identity) are computed again, and the run says so."""
+    from kd.cache.format import FORMAT_VERSION
+
+    cfg = make_cache_config(llama_teacher, tmp_path / "c")
+    out = cache_teacher.main(cfg)
+
+    def as_format_7(finished: bool) -> None:
+        recorded = json.loads((out / "cache_config.json").read_text())
+        (out / "cache_config.json").write_text(json.dumps(dict(recorded, format_version=7)))
+        m = json.loads((out / MANIFEST).read_text())
+        (out / MANIFEST).write_text(json.dumps(dict(m, format_version=7)))
+        for side in out.glob("*-0*.json"):  # the sidecars: shards of another identity
+            side.write_text(json.dumps(dict(json.loads(side.read_text()), config_hash="older")))
+        if not finished:
+            (out / MANIFEST).unlink()
+
+    as_format_7(finished=True)
+    capsys.readouterr()
+    assert cache_teacher.main(cfg) == out
+    said = capsys.readouterr().out
+    assert "is a cache of format 7, which this kd reads as it is; cache.overwrite=true rewrites it in format " in said
+    assert "already complete" in said and TeacherCache(out).info.format_version == 7  # untouched
+
+    cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c", **{"cache.overwrite": True}))
+    said = capsys.readouterr().out
+    assert f"rewriting {out}: the cache format (7; this kd writes {FORMAT_VERSION})" in said
+    assert TeacherCache(out).info.format_version == FORMAT_VERSION and verify(out, log=lambda *_: None) == []
+
+    as_format_7(finished=False)  # killed before its manifest: its shards carry the older identity
+    cache_teacher.main(cfg)
+    said = capsys.readouterr().out
+    assert f"was begun by a kd writing cache format 7: its shards are computed again in format {FORMAT_VERSION}" in said
+    assert ", 0 of them already complete" in said
+    assert TeacherCache(out).info.format_version == FORMAT_VERSION and verify(out, log=lambda *_: None) == []
 
 
 def test_reader_keeps_few_files_open(tmp_path, make_cache_config, llama_teacher):

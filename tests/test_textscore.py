@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -134,29 +135,41 @@ def test_a_capped_eval_is_compared_with_the_teacher_on_the_same_windows(tiny_cac
 
     windows = json.loads((tiny_cache / MANIFEST).read_text())["splits"]["eval"]["num_sequences"]
     assert windows > 3 and eval_text_differs(None, windows) == eval_text_differs(windows, windows) == ""
-    nats, tokens, chars, _ = recomputed_scores(tiny_cache, llama_teacher, "eval")[:3].sum(0)
-    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 3, "train.eval_max_sequences": 3}))
+    per_shard = int(TeacherCache(tiny_cache).manifest["sequences_per_shard"])
+    cap = per_shard + 1  # the first shard's windows and one of the next
+    assert cap < windows
+    nats, tokens, chars, _ = recomputed_scores(tiny_cache, llama_teacher, "eval")[:cap].sum(0)
+    run = train_student.main(make_cfg(tiny_cache, tmp_path, **{"train.max_steps": 3, "train.eval_max_sequences": cap}))
     ref = next(r for r in read_metrics(run) if r.get("event") == "teacher_reference")
-    assert ref["teacher/windows"] == 3 and ref["teacher/ce"] == pytest.approx(nats / tokens, rel=1e-5)
+    assert ref["teacher/windows"] == cap and ref["teacher/ce"] == pytest.approx(nats / tokens, rel=1e-5)
     bpc = nats / math.log(2) / chars
     assert ref["teacher/bits_per_char"] == pytest.approx(bpc, rel=1e-5)
     whole = TeacherCache(tiny_cache).info.splits["eval"].teacher_score["bits_per_char"]
-    assert abs(whole - bpc) > 1e-3  # the first 3 windows score otherwise than the whole split: the test can tell
+    assert abs(whole - bpc) > 1e-3  # the first windows score otherwise than the whole split: the test can tell
     out, card = capsys.readouterr().out, (run / "final" / "README.md").read_text()
     assert f"held-out bits/char: teacher {ref['teacher/bits_per_char']:.4f}, student" in out
     assert "train.eval_max_sequences" not in out and "train.eval_max_sequences" not in card
     assert f"{ref['teacher/bits_per_char']:.4f} bits/char" in card
-    _, teacher = on_cache(str(run / "final"), str(tiny_cache), "eval", 3, 8, "fp32")  # python -m kd.evaluate
+    _, teacher = on_cache(str(run / "final"), str(tiny_cache), "eval", cap, 8, "fp32")  # python -m kd.evaluate
     assert teacher["bits_per_char"] == ref["teacher/bits_per_char"]
 
-    old = tmp_path / "format7"  # as a format-7 cache reads: its per-window scores are not looked for
+    old = tmp_path / "format7"  # the same cache as format 7 wrote it: no per-window scores in its shards
     shutil.copytree(tiny_cache, old)
     m = json.loads((old / MANIFEST).read_text())
     (old / MANIFEST).write_text(json.dumps(dict(m, format_version=7)))
+    for shard in old.glob("*.h5"):
+        with h5py.File(shard, "r+") as f:
+            del f["teacher_score"]
+            whole = json.loads(f["checksums"].attrs["whole"])
+            f["checksums"].attrs["whole"] = json.dumps({k: v for k, v in whole.items() if k != "teacher_score"})
+            f.attrs["kd_meta"] = json.dumps(dict(json.loads(f.attrs["kd_meta"]), format_version=7))
     run = train_student.main(make_cfg(old, tmp_path / "b", **{"train.max_steps": 3, "train.eval_max_sequences": 1}))
     records = read_metrics(run)
     assert next(r for r in records if r.get("event") == "teacher_reference")["teacher/windows"] == windows
-    said = f"(the teacher on all {windows:,} eval windows, the student on the first 1: train.eval_max_sequences)"
+    said = (
+        f"(the teacher on all {windows:,} eval windows, the student on the first 1: train.eval_max_sequences; a cache "
+        "of format 8 on, cache.overwrite=true, keeps the teacher's score per window)"
+    )
     assert said in capsys.readouterr().out
     assert said in (run / "final" / "README.md").read_text()
     assert on_cache(str(run / "final"), str(old), "eval", 1, 8, "fp32")[1] is None  # not on the same windows

@@ -81,7 +81,15 @@ from kd.cache.format import (  # noqa: F401
     sidecar_path,
     stored_fields,
 )
-from kd.cache.reader import CacheSplit, ShardRows, TeacherCache, read_manifest, shard_records, shard_table  # noqa: F401
+from kd.cache.reader import (  # noqa: F401
+    CacheSplit,
+    ShardRows,
+    TeacherCache,
+    TeacherReference,
+    read_manifest,
+    shard_records,
+    shard_table,
+)
 from kd.cache.verify import summary, verify  # noqa: F401
 from kd.cache.writer import ShardWriter, complete_shard_info, write_shard_index  # noqa: F401
 from kd.io import sha256_file, write_json_atomic  # noqa: F401

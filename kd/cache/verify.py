@@ -76,7 +76,8 @@ def verify(path: str | Path, log=print) -> list[str]:
         log(f"ok {BASIS_FILE}: rank {basis.rank}, variance kept {basis.variance_kept()}")
     stores = field_stores(specs, info.dims, basis)
     for split, split_info in info.splits.items():
-        expected_next, scores = 0, np.zeros(4)  # the teacher's per-window scores summed (format 8 on)
+        # the teacher's per-window scores summed (format 8 on), and the windows a writer had no teacher to score
+        expected_next, scores, unscored = 0, np.zeros(4), 0
         try:
             records = shard_records(root, manifest, split)
         except KDError as e:
@@ -110,10 +111,14 @@ def verify(path: str | Path, log=print) -> list[str]:
                     return [f"{where}: lengths are inconsistent with the manifest"]
                 if "teacher_score" in f:
                     rows_score = f["teacher_score"][:]
-                    # at most tokens 1 .. L-1 are scored (NaN rows: a writer that had no teacher to score)
-                    if (rows_score[:, 1] > lengths - 1).any():
+                    recorded = ~np.isnan(rows_score).all(axis=1)  # NaN rows: "not recorded"
+                    got = rows_score[recorded]
+                    if not np.isfinite(got).all() or (got < 0).any() or (got[:, 1:] != np.round(got[:, 1:])).any():
+                        return [f"{where}: its teacher scores are not sums (finite, >= 0, whole counts)"]
+                    if (got[:, 1] > lengths[recorded] - 1).any():  # at most tokens 1 .. L-1 are scored
                         return [f"{where}: its teacher scores count more targets than its windows hold"]
-                    scores += rows_score.sum(0)
+                    scores += got.sum(0)
+                    unscored += int((~recorded).sum())
                 problem = next(filter(None, (store.check_shard(f) for store in stores.values())), None)
                 if problem:
                     return [f"{where}: {problem}"]
@@ -134,6 +139,10 @@ def verify(path: str | Path, log=print) -> list[str]:
             return [f"split {split}: shards hold {expected_next} sequences, manifest says {split_info.num_sequences}"]
         total = split_info.teacher_score
         if info.format_version >= 8 and total:  # the windows' scores add up to the split's, kept in the manifest
+            if unscored:
+                return [
+                    f"split {split}: {unscored} window(s) carry no teacher score, and the manifest gives the split's"
+                ]
             nats, *counts = scores
             if counts != [total["tokens"], total["chars"], total["bytes"]] or not math.isclose(
                 nats, total["nats"], rel_tol=1e-9, abs_tol=1e-6

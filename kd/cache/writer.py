@@ -327,6 +327,26 @@ class CacheWriter:
             differing = diff_keys(content_config(old), content_config(cfg_dict), CacheConfig) + (
                 ["teacher weights"] if changed else []
             )
+            # the cache format is part of a cache's identity (its shards' config hash): shards a kd of another
+            # format began are computed again, said here; a finished cache of another format stays as it is (kd
+            # reads it), unless cache.overwrite=true rewrites it in this kd's format
+            fmt = recorded.get("format_version")
+            if fmt != FORMAT_VERSION and not differing:
+                if not (out / MANIFEST).exists():
+                    print(
+                        f"[cache] {out} was begun by a kd writing cache format {fmt}: its shards are computed again "
+                        f"in format {FORMAT_VERSION} (its ingested windows are kept)",
+                        flush=True,
+                    )
+                elif overwrite and writable:
+                    differing = [f"the cache format ({fmt}; this kd writes {FORMAT_VERSION})"]
+                    print(f"[cache] rewriting {out}: {differing[0]}", flush=True)
+                else:
+                    print(
+                        f"[cache] {out} is a cache of format {fmt}, which this kd reads as it is; cache.overwrite=true "
+                        f"rewrites it in format {FORMAT_VERSION} (docs/formats.md says what that adds)",
+                        flush=True,
+                    )
             if differing and (not overwrite or not writable):
                 raise KDError(
                     f"{out} holds a cache made with a different config (differing keys: {', '.join(differing)}). "

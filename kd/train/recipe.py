@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from kd import __version__, align
-from kd.cache import TeacherCache
+from kd.cache import TeacherCache, TeacherReference
 from kd.config import flatten, resolved_paths, to_dict
 from kd.data.chat import chat_template, check_chat_tokenizer
 from kd.dist import agree, gather_rows
@@ -97,6 +97,8 @@ class Run:
     extra_windows: object  # train.extra_eval_files as windows (kd.textscore.text_windows), or None
     extra_sep: int | None
     units_sep: int | None  # the separator id bits per character are counted with (kd/textscore.py)
+    # the teacher's own score on the eval windows the student is scored on (step 0's line, the model card), or None
+    teacher_reference: TeacherReference | None
     t_start: float
 
     def say(self, *args, **kwargs) -> None:
@@ -234,6 +236,7 @@ def setup(cfg: TrainConfig) -> Run | None:
             extra_windows=extra_windows,
             extra_sep=extra_sep,
             units_sep=units_sep,
+            teacher_reference=cache.teacher_reference("eval", tc.eval_max_sequences),
             t_start=t_start,
         )
 
@@ -464,7 +467,7 @@ def train(run: Run) -> Ending:
     rank, world = accelerator.process_index, accelerator.num_processes
     last_eval = evaluate(run) if state.step == 0 else None
     if last_eval is not None:
-        compare_with_teacher(run.cfg, run.cache, last_eval, run.log, accelerator)
+        compare_with_teacher(run, last_eval)
     # resuming a run that had finished training (its last state saved before final/): its final eval is logged
     finished_before = run.resumed and (state.step >= sched.total_steps or bool(state.stopped))
     bar = tqdm(
@@ -594,7 +597,7 @@ def finish(run: Run, ending: Ending) -> Path:
 
     def card(folder: str, weights: str, scores: dict) -> Callable[[int], str]:  # README.md: how it was made
         facts = dict(cfg=run.cfg, cache=run.cache.info, run_name=tc.run_name, folder=folder, weights=weights)
-        facts.update(teacher_reference=run.cache.teacher_reference("eval", tc.eval_max_sequences))
+        facts.update(teacher_reference=run.teacher_reference)
         facts.update(step=state.step, tokens=state.tokens_seen, stop_reason=ending.stop_reason, final_eval=scores)
         return lambda parameters: model_card(CardFacts(**facts, parameters=parameters))
 
@@ -724,13 +727,15 @@ def start_trackers(accelerator, tc, cfg_dict: dict) -> None:
         ) from None
 
 
-def compare_with_teacher(cfg: TrainConfig, cache: TeacherCache, student: dict, log, accelerator) -> None:
+def compare_with_teacher(run: Run, student: dict) -> None:
     """Step 0: the teacher's own bits per character on the eval windows the student is scored on (kept in the
     cache by the caching pass) against the student's before training. A teacher that is not better can only pull
     the student towards a weaker model: warned loudly, or refused with train.on_weaker_teacher=refuse."""
-    ref = cache.teacher_reference("eval", cfg.train.eval_max_sequences)
+    cfg, cache, log, accelerator, ref = run.cfg, run.cache, run.log, run.accelerator, run.teacher_reference
     if ref is None or not math.isfinite(student.get("eval/bits_per_char", math.nan)):
         return  # a cache made before kd recorded the teacher's score
+    if not math.isfinite(ref.score["bits_per_char"]):
+        return  # windows without a character to score (no text a rate can be given for)
     teacher, other_text = ref.score, ref.note  # the note: a capped eval on a cache older than format 8
     log.write(
         {
