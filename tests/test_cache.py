@@ -440,22 +440,27 @@ def test_verify_catches_a_flipped_byte(tmp_path, make_cache_config, llama_teache
 
 def test_verify_names_the_bad_sequence(tmp_path, make_cache_config, llama_teacher):
     """A value that is wrong but checksummed (a buggy writer) is caught by the content checks."""
-    from kd.cache import sha256_file
-
     out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
     shard = out / "train-00001.h5"
     with h5py.File(shard, "r+") as f:
         f["topk_logprobs_q8"][3, 5, 0] = 0.5  # the anchor (top-1 log-prob) of a position made positive
         reseal_row(f, "topk_logprobs_q8", 3)
-    m = json.loads((out / MANIFEST).read_text())
-    records = shard_records(out, m, "train")
-    for s in records:
-        if s["file"] == shard.name:
-            s["sha256"] = sha256_file(shard)
-    m["splits"]["train"]["shard_index"] = write_shard_index(out, "train", records)
-    (out / MANIFEST).write_text(json.dumps(m))
+    reseal_train_shard(out, json.loads((out / MANIFEST).read_text()), shard)
     problems = verify(out, log=lambda *_: None)
     assert problems == ["shard train-00001.h5, sequence 11 of split train: log-probs are positive"]
+
+
+def reseal_train_shard(out: Path, manifest: dict, shard: Path) -> None:
+    """An edited train shard's sha256 recorded in its shard index and the manifest: the cache a buggy writer would
+    leave (consistent, and wrong), for the checks beyond checksums."""
+    from kd.cache import sha256_file
+
+    records = shard_records(out, manifest, "train")
+    for r in records:
+        if r["file"] == shard.name:
+            r["sha256"] = sha256_file(shard)
+    manifest["splits"]["train"]["shard_index"] = write_shard_index(out, "train", records)
+    (out / MANIFEST).write_text(json.dumps(manifest))
 
 
 def test_verify_checks_the_windows_teacher_scores_against_the_manifest(tmp_path, make_cache_config, llama_teacher):
@@ -463,7 +468,7 @@ def test_verify_checks_the_windows_teacher_scores_against_the_manifest(tmp_path,
     total in the manifest, and refuses a window that scores more targets than it holds, a score that is not a sum,
     and a window without a score where the manifest has the split's (a buggy writer's shard, its checksums and
     sha256 made valid again)."""
-    from kd.cache import checksum, sha256_file
+    from kd.cache import checksum
 
     out = cache_teacher.main(make_cache_config(llama_teacher, tmp_path / "c"))
     assert verify(out, log=lambda *_: None) == []
@@ -485,13 +490,7 @@ def test_verify_checks_the_windows_teacher_scores_against_the_manifest(tmp_path,
             f["teacher_score"][2, column] = value(f) if callable(value) else value
             whole = json.loads(f["checksums"].attrs["whole"])
             f["checksums"].attrs["whole"] = json.dumps(dict(whole, teacher_score=checksum(f["teacher_score"][:])))
-        manifest = json.loads(json.dumps(m))
-        records = shard_records(out, manifest, "train")
-        for r in records:
-            if r["file"] == shard.name:
-                r["sha256"] = sha256_file(shard)
-        manifest["splits"]["train"]["shard_index"] = write_shard_index(out, "train", records)
-        (out / MANIFEST).write_text(json.dumps(manifest))
+        reseal_train_shard(out, json.loads(json.dumps(m)), shard)
         return verify(out, log=lambda *_: None)
 
     where = "shard train-00001.h5: its teacher scores"
