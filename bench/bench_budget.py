@@ -29,7 +29,9 @@ The report's gain trend: how each KD arm's gain over CE only moves from the firs
 error); for the random-init student, the issue's question from 0.16 M to 1 M tokens.
 
 CPU time: the sum of kd's per-step `step_cpu_s` (every thread of the training process; the cache is read in that
-process, train.num_workers=0, so what each arm reads is counted; evals, checkpoints and start-up are not).
+process, train.num_workers=0, so what each arm reads is counted; evals, checkpoints and start-up are not). Other
+work on the shared machine inflates it (threads spin while they wait for a core), so the report also gives each
+run's least loaded stretch: the lowest rate over the segments between its evaluated budgets.
 
 Each run is kd's own train_student.py in a process of its own at `nice -n 19` (the figures are what users get),
 checkpointed every 50 steps: a killed run resumes where it stopped when this script is run again, a finished one is
@@ -468,10 +470,19 @@ def gain_trend(runs: dict, seeds: list[int], arm: str, key: str, first: int, las
     }
 
 
+def quiet_rate(c: Curve) -> float:
+    """CPU seconds per 1,000 training tokens in the run's least loaded stretch: the lowest rate over the segments
+    between its evaluated budgets. The machine is shared: other work on it inflates a step's CPU time too (the
+    training's threads spin while they wait for a core), so a run's whole rate depends on what else ran; the lowest
+    segment is the step's own cost, as timeit takes the fastest of its repeats."""
+    pts = [(t, s) for t, s in zip(c.tokens, c.cpu_s) if not math.isnan(s)]
+    return min(1000 * (s1 - s0) / (t1 - t0) for (t0, s0), (t1, s1) in zip(pts, pts[1:]) if t1 > t0)
+
+
 def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
     """Per student: per budget and arm, CE (in and out of domain) and bits/char over seeds; KD minus CE only paired
     over seeds; the token-efficiency ratio at the largest budget; how the gain moves from `trend_from` to the last
-    budget; CPU seconds per 1,000 training tokens."""
+    budget; CPU seconds per 1,000 training tokens, over whole runs and in their least loaded stretch."""
     out = {}
     for name in STUDENTS:
         runs = {(a, s): c for (n, a, s), c in curves.items() if n == name}
@@ -508,10 +519,11 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
                         key: gain_trend(runs, pair_seeds[f"{a}-ce"], a, key, trend_from, budgets[-1])
                         for key in ("ce", "ood_ce")
                     }
-        cpu = {}
+        cpu, cpu_quiet = {}, {}
         for a in arms:
             rates = [1000 * c.cpu_s[-1] / c.tokens[-1] for (arm, _), c in runs.items() if arm == a and c.tokens[-1]]
             cpu[a] = mean_se(rates)
+            cpu_quiet[a] = mean_se([quiet_rate(c) for (arm, _), c in runs.items() if arm == a and c.tokens[-1]])
         start = [c.at("ce", 0) for c in runs.values() if 0 in c.tokens]  # the same student before any training
         out[name] = {
             "seeds": seeds,
@@ -521,6 +533,7 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
             "ood_ratios": ood_ratios,
             "trends": trends,
             "cpu_per_1k": cpu,
+            "cpu_per_1k_quiet": cpu_quiet,
             "start_ce": mean_se(start) if start else (math.nan, math.nan),
             "teacher_ce": next((c.teacher_ce for c in runs.values() if not math.isnan(c.teacher_ce)), math.nan),
             "teacher_windows": next((c.teacher_windows for c in runs.values() if not math.isnan(c.teacher_ce)), None),
@@ -601,6 +614,8 @@ def render(summary: dict) -> str:
         lines.append(
             "CPU seconds per 1,000 training tokens: "
             + "; ".join(f"{a} {fmt(v, 2)}" for a, v in s["cpu_per_1k"].items())
+            + " (whole runs); in each run's least loaded budget segment: "
+            + "; ".join(f"{a} {fmt(v, 2)}" for a, v in s["cpu_per_1k_quiet"].items())
         )
     lines.append(
         "\n~ : within twice the standard error of the paired difference (within noise); ? : one seed, no standard error"

@@ -147,6 +147,21 @@ def test_the_report_says_whether_the_kd_gain_grows_holds_or_fades_from_trend_fro
     assert "gain of" not in bb.render(bb.summarize(short))
 
 
+def test_the_cpu_cost_is_also_given_in_each_runs_least_loaded_stretch():
+    """Other work on the machine inflates a step's CPU time (here a stretch at 3x): the whole run's rate carries it,
+    the lowest rate over the segments between budgets does not."""
+    tokens = [0, 1000, 2000, 3000]
+    quiet = curve(tokens, [10.0, 6.0, 5.0, 4.0])  # 10 CPU seconds per 1,000 tokens throughout
+    loaded = bb.Curve(quiet.steps, tokens, [0.0, 10.0, 40.0, 50.0], quiet.ce, quiet.bpc, quiet.ood_ce)
+    assert bb.quiet_rate(quiet) == pytest.approx(10.0) and bb.quiet_rate(loaded) == pytest.approx(10.0)
+    s = bb.summarize({("demo", "ce", 0): quiet, ("demo", "ce", 1): loaded})["demo"]
+    assert s["cpu_per_1k"]["ce"][0] == pytest.approx((10.0 + 50.0 / 3) / 2)
+    assert s["cpu_per_1k_quiet"]["ce"] == (pytest.approx(10.0), pytest.approx(0.0))
+    assert "(whole runs); in each run's least loaded budget segment: ce 10.00 ± 0.00" in bb.render(
+        bb.summarize({("demo", "ce", 0): quiet, ("demo", "ce", 1): loaded})
+    )
+
+
 def fake_run(runs: Path, name: str, evals: list[int], done: bool, cache: Path, teacher_windows=None) -> Path:
     """A run folder as kd leaves it: config.json (the cache's identity), metrics.jsonl, and final/ once done."""
     d = runs / name
