@@ -525,6 +525,7 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
             cpu[a] = mean_se(rates)
             cpu_quiet[a] = mean_se([quiet_rate(c) for (arm, _), c in runs.items() if arm == a and c.tokens[-1]])
         start = [c.at("ce", 0) for c in runs.values() if 0 in c.tokens]  # the same student before any training
+        scored = next((c for c in runs.values() if not math.isnan(c.teacher_ce)), None)  # one that logged the teacher
         out[name] = {
             "seeds": seeds,
             "pair_seeds": pair_seeds,
@@ -535,8 +536,8 @@ def summarize(curves: dict[tuple[str, str, int], Curve]) -> dict:
             "cpu_per_1k": cpu,
             "cpu_per_1k_quiet": cpu_quiet,
             "start_ce": mean_se(start) if start else (math.nan, math.nan),
-            "teacher_ce": next((c.teacher_ce for c in runs.values() if not math.isnan(c.teacher_ce)), math.nan),
-            "teacher_windows": next((c.teacher_windows for c in runs.values() if not math.isnan(c.teacher_ce)), None),
+            "teacher_ce": scored.teacher_ce if scored else math.nan,
+            "teacher_windows": scored.teacher_windows if scored else None,
         }
     return out
 

@@ -38,23 +38,28 @@ def _stdout_closed() -> bool:
         return False
 
 
+def _drop_stdout() -> None:
+    """Standard output to /dev/null, once its reader has gone: Python flushes it again on the way out, and on the
+    closed pipe that prints "Exception ignored ..." and exits 120 whatever the command's status."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _flush_stdout() -> None:
-    """Flush standard output now: a reader that has gone makes it /dev/null (Python would otherwise flush again on
-    the way out, fail on the same pipe, print "Exception ignored ..." and exit 120 whatever the command's status)."""
+    """Flush standard output now, dropping it if its reader has gone."""
     try:
         sys.stdout.flush()
     except BrokenPipeError:
         if not _stdout_closed():
             raise
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
 
 
 def run_cli(fn: Callable[[], object]) -> None:
     """Run a command-line entry point: a KDError is one line on stderr and exit status 2; Ctrl-C (SIGINT) and
     SIGTERM are one line and the shell's 130 and 143, after the clean-up on the way out (locks released, partial
     files removed: complete shards and checkpoints are kept, so the same command resumes). Output read by a command
-    that stops early (`kd verify DIR | head`) ends the run quietly with the shell's 141, as `cat`
-    does, not with a traceback; a broken pipe anywhere else (a socket) is still an error."""
+    that stops early (`kd verify DIR | head`) ends the run quietly with the shell's 141, as `cat` does, not with a
+    traceback; a broken pipe anywhere else (a socket) is still an error."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -81,5 +86,5 @@ def run_cli(fn: Callable[[], object]) -> None:
     except BrokenPipeError:
         if not _stdout_closed():
             raise
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush on the way out
+        _drop_stdout()
         sys.exit(EXIT_OUTPUT_CLOSED)

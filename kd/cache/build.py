@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kd.cache.basis import BASIS_FILE, BasisFit, HiddenBasis
-from kd.cache.format import SPLITS
+from kd.cache.format import SPLITS, TEACHER_SCORE_COLUMNS
 from kd.cache.manifest import cache_metadata
 from kd.cache.plan import CachePlan, cache_bytes, plan_cache
 from kd.cache.writer import CacheWriter, ShardJob
@@ -492,13 +492,14 @@ def teacher_pass(
             for s in range(0, job.num_sequences, cfg.teacher.batch_size):
                 yield job, w, s, min(s + cfg.teacher.batch_size, job.num_sequences)
 
-    shard, score = None, np.zeros(4)  # the open shard; the teacher's nats, scored tokens, their characters and bytes
+    # the open shard; the teacher's nats, scored tokens, their characters and bytes over its windows so far
+    shard, score = None, np.zeros(len(TEACHER_SCORE_COLUMNS))
     # a served teacher has several requests in flight (kd.served.ServedTeacher.run), across shards too: the next
     # shard's first requests go out while the last ones of this shard are answered
     for (job, w, s, e), targets in source.run(work(), chat):
         outputs = to_cache(job, w, s, e, targets)
         if s == 0:
-            shard, score = writer.shard(job, basis), np.zeros(4)
+            shard, score = writer.shard(job, basis), np.zeros(len(TEACHER_SCORE_COLUMNS))
         score += outputs.teacher_score.sum(0)
         shard.append(outputs)
         tokens_done += int(outputs.lengths.sum())
@@ -509,10 +510,8 @@ def teacher_pass(
                     "input_sha256": windows_fingerprint(w["input_ids"], w["lengths"]),
                     **({"basis_sha256": codecs["hidden_states"]["basis_sha256"]} if basis is not None else {}),
                     "num_documents": int(w["doc_starts"].sum()),
-                    "teacher_score": {
-                        "nats": float(score[0]),
-                        **dict(zip(("tokens", "chars", "bytes"), map(int, score[1:]))),
-                    },
+                    # nats a float, the counts whole numbers
+                    "teacher_score": dict(zip(TEACHER_SCORE_COLUMNS, [float(score[0]), *map(int, score[1:])])),
                 }
             )
     bar.close()

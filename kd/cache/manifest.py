@@ -15,7 +15,15 @@ from dataclasses import dataclass, field, fields
 
 from kd import __version__
 from kd.cache.codecs import codec_specs
-from kd.cache.format import FORMAT, FORMAT_VERSION, SPLITS, Dims, manifest_codecs, shard_sequences
+from kd.cache.format import (
+    FORMAT,
+    FORMAT_VERSION,
+    SPLITS,
+    TEACHER_SCORE_COLUMNS,
+    Dims,
+    manifest_codecs,
+    shard_sequences,
+)
 from kd.cache_config import NON_CONTENT_KEYS, CacheConfig
 from kd.config import flatten, resolved_paths
 from kd.data.ingest import CHAT_COUNTS, IngestSpec
@@ -133,10 +141,8 @@ def manifest_record(meta: dict, cfg_dict: dict, records: dict, index_refs: dict,
             "shard_index": index_refs[split],
         }
         if all("teacher_score" in sh for sh in shards):  # shards written by an older kd carry none
-            total = {k: sum(sh["teacher_score"][k] for sh in shards) for k in ("nats", "tokens", "chars", "bytes")}
-            splits[split]["teacher_score"] = score_record(
-                total["nats"], total["tokens"], total["chars"], total["bytes"]
-            )
+            total = [sum(sh["teacher_score"][k] for sh in shards) for k in TEACHER_SCORE_COLUMNS]
+            splits[split]["teacher_score"] = score_record(*total)
     total_bytes = sum(sh["bytes"] for sp in records.values() for sh in sp)
     total_tokens = sum(sp["num_tokens"] for sp in splits.values())
     meta = dict(

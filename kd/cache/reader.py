@@ -23,6 +23,7 @@ from kd.cache.format import (
     MAX_OPEN_FILES,
     META_ATTR,
     SHARD_RECORD,
+    TEACHER_SCORE_COLUMNS,
     checksum,
     dataset_mismatch,
     field_stores,
@@ -297,8 +298,8 @@ class CacheSplit:
         return item
 
     def teacher_scores(self, count: int) -> np.ndarray:
-        """[count, 4] the teacher's own score on each of the split's first `count` windows (format 8 on: nats on
-        its scored targets, their count, characters and bytes), read from their shards, checked on open."""
+        """[count, 4] the teacher's own score on each of the split's first `count` windows (format 8 on:
+        TEACHER_SCORE_COLUMNS), read from their shards, checked on open."""
         parts = []
         for j in range(int(np.searchsorted(self.starts, count, side="left"))):
             try:
@@ -309,7 +310,7 @@ class CacheSplit:
                     f"({str(e).splitlines()[0]}); the cache is damaged: run python -m kd.cache verify {self.root}, "
                     "or re-cache"
                 ) from None
-        return np.concatenate(parts)[:count] if parts else np.zeros((0, 4))
+        return np.concatenate(parts)[:count] if parts else np.zeros((0, len(TEACHER_SCORE_COLUMNS)))
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -13,6 +13,7 @@ from kd.cache.codecs import describe
 from kd.cache.format import (
     FORMAT,
     META_ATTR,
+    TEACHER_SCORE_COLUMNS,
     dataset_mismatch,
     field_stores,
 )
@@ -77,7 +78,7 @@ def verify(path: str | Path, log=print) -> list[str]:
     stores = field_stores(specs, info.dims, basis)
     for split, split_info in info.splits.items():
         # the teacher's per-window scores summed (format 8 on), and the windows a writer had no teacher to score
-        expected_next, scores, unscored = 0, np.zeros(4), 0
+        expected_next, scores, unscored = 0, np.zeros(len(TEACHER_SCORE_COLUMNS)), 0
         try:
             records = shard_records(root, manifest, split)
         except KDError as e:
@@ -144,13 +145,11 @@ def verify(path: str | Path, log=print) -> list[str]:
                     f"split {split}: {unscored} window(s) carry no teacher score, and the manifest gives the split's"
                 ]
             nats, *counts = scores
-            if counts != [total["tokens"], total["chars"], total["bytes"]] or not math.isclose(
-                nats, total["nats"], rel_tol=1e-9, abs_tol=1e-6
-            ):
+            want = [total[c] for c in TEACHER_SCORE_COLUMNS[1:]]  # tokens, characters, bytes
+            if counts != want or not math.isclose(nats, total["nats"], rel_tol=1e-9, abs_tol=1e-6):
                 return [
                     f"split {split}: the windows' teacher scores (nats {nats:.6f}, counts {[int(c) for c in counts]}) "
-                    f"do not add up to the manifest's (nats {total['nats']:.6f}, counts "
-                    f"{[total['tokens'], total['chars'], total['bytes']]})"
+                    f"do not add up to the manifest's (nats {total['nats']:.6f}, counts {want})"
                 ]
     return []
 
