@@ -70,6 +70,9 @@ CACHE = ROOT / "caches" / "budget_smollm2"
 PRUNED = OUT / "pruned_15"  # the half-depth student, cut once from the teacher
 RESULTS = ROOT / "bench" / "results" / "budget"  # one record per finished run, committed (see the docstring)
 RECORD_FORMAT, RECORD_VERSION = "kd-bench-budget-run", 1
+# how far past the last budget a token-efficiency ratio is extrapolated: one decade, on the line through CE only's
+# last two budgets; further than that a ratio is only said to be larger
+EXTRAPOLATION_LIMIT = 10.0
 TOKENS_PER_STEP = 4 * 2 * 256  # micro-batch 4 x 256 tokens, accumulation 2
 EVAL_WINDOWS = 96  # of the held-out play's 183: 24,480 scored tokens per eval, enough for paired differences
 
@@ -434,14 +437,18 @@ def paired(runs: dict, seeds: list[int], arm: str, base: str, key: str, tokens: 
 
 def token_efficiency(runs: dict, seeds: list[int], arm: str, key: str, last: int) -> dict:
     """Per seed, the tokens CE only needs to reach `arm`'s `key` (ce, ood_ce) at the last budget, over that budget;
-    their mean ± s.e., and whether any was extrapolated past the last budget (inf: CE only's curve no longer falls)."""
+    whether any was extrapolated past the last budget (inf: CE only's curve no longer falls); their mean ± s.e.,
+    or None where a seed's lies beyond EXTRAPOLATION_LIMIT (`beyond`: how many): a line through two budgets says
+    nothing a decade further on, and one nearly flat segment would make the mean any number at all."""
     per_seed, extrapolated = [], False
     for s in seeds:
         base = runs[("ce", s)]
         t, ex = tokens_to_reach(base.tokens, getattr(base, key), runs[(arm, s)].at(key, last))
         per_seed.append(t / last)
         extrapolated |= ex
-    return {"ratio": mean_se(per_seed), "per_seed": per_seed, "extrapolated": extrapolated}
+    beyond = sum(r > EXTRAPOLATION_LIMIT for r in per_seed)
+    ratio = None if beyond else mean_se(per_seed)
+    return {"ratio": ratio, "per_seed": per_seed, "extrapolated": extrapolated, "beyond": beyond}
 
 
 def gain_trend(runs: dict, seeds: list[int], arm: str, key: str, first: int, last: int) -> dict:
@@ -600,9 +607,19 @@ def render(summary: dict) -> str:
             )
         for where, ratios in (("held-out CE", s["ratios"]), ("out-of-domain CE", s["ood_ratios"])):
             for a, r in ratios.items():
+                head = f"token efficiency of {a} at {s['table'][-1]['tokens']:,} tokens: CE only needs "
+                if r["ratio"] is None:
+                    per_seed = ", ".join(
+                        f">{EXTRAPOLATION_LIMIT:g}x" if x > EXTRAPOLATION_LIMIT else f"{x:.2f}x" for x in r["per_seed"]
+                    )
+                    lines.append(
+                        f"{head}more than {EXTRAPOLATION_LIMIT:g}x the tokens to reach its {where} on {r['beyond']} "
+                        f"of {len(r['per_seed'])} seeds (per seed {per_seed}): CE only's curve is too flat past the "
+                        "last budget to extrapolate further"
+                    )
+                    continue
                 lines.append(
-                    f"token efficiency of {a} at {s['table'][-1]['tokens']:,} tokens: CE only needs "
-                    f"{fmt(r['ratio'], 2)}x the tokens to reach its {where}"
+                    f"{head}{fmt(r['ratio'], 2)}x the tokens to reach its {where}"
                     + (" (extrapolated past the last budget)" if r["extrapolated"] else "")
                 )
         for a, by_key in s["trends"].items():

@@ -114,6 +114,27 @@ def test_the_summary_pairs_seeds_and_measures_token_efficiency():
     assert "before training 10.0000 (every seed alike)\n" in bb.render(bb.summarize(curves))
 
 
+def test_a_token_efficiency_ratio_is_not_extrapolated_more_than_a_decade_past_the_last_budget():
+    tokens = [0, 1000, 10_000, 100_000]
+    curves = {}
+    # seed 0: CE only falls 1 nat per decade, KD 0.5 below it (10**0.5 x); seed 1: CE only falls 0.01 nats in its
+    # last decade, so KD's 0.5 nats would take it 50 decades more: a line through two budgets cannot say that
+    for seed, last_two in ((0, (5.0, 4.0)), (1, (5.0, 4.99))):
+        curves[("demo", "ce", seed)] = curve(tokens, [10.0, 6.0, *last_two])
+        curves[("demo", "topk", seed)] = curve(tokens, [10.0, 5.5, last_two[0] - 0.5, last_two[1] - 0.5])
+    r = bb.summarize(curves)["demo"]["ratios"]["topk"]
+    assert r["ratio"] is None and r["beyond"] == 1 and r["extrapolated"]
+    assert r["per_seed"][0] == pytest.approx(10**0.5) and r["per_seed"][1] > 1e40
+    assert (
+        "CE only needs more than 10x the tokens to reach its held-out CE on 1 of 2 seeds (per seed 3.16x, >10x)"
+        in bb.render(bb.summarize(curves))
+    )
+    curves[("demo", "ce", 1)] = curve(tokens, [10.0, 6.0, 5.0, 4.0])  # both a decade or less: a mean again
+    curves[("demo", "topk", 1)] = curve(tokens, [10.0, 5.5, 4.5, 3.5])
+    r = bb.summarize(curves)["demo"]["ratios"]["topk"]
+    assert r["beyond"] == 0 and r["ratio"][0] == pytest.approx(10**0.5)
+
+
 def test_the_report_says_whether_the_kd_gain_grows_holds_or_fades_from_trend_from_to_the_last_budget():
     tokens = [0, 40_000, 161_792, 501_760, 1_001_472]  # the demo student's: its trend starts at 161,792 (>= 160,000)
     curves = {}
