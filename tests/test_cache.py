@@ -503,6 +503,47 @@ def test_verify_checks_the_windows_teacher_scores_against_the_manifest(tmp_path,
     assert nan_row == ["split train: 1 window(s) carry no teacher score, and the manifest gives the split's"]
 
 
+def test_export_carries_each_windows_teacher_score(tiny_cache, tmp_path):
+    """The exported rows carry the teacher's score per window (format 8): equal to the shards', adding up to the
+    manifest's totals per split; a window the caching pass did not score is null, not NaN and garbage counts."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from kd.cache import checksum
+    from kd.cache.export import SCORE_FIELDS, export
+
+    def exported(cache: Path, out: Path) -> dict:  # split -> the rows' score columns, in sequence order
+        export(cache, out, rows_per_file=5, log=lambda *_: None)  # several files, shards cut across
+        tables = {}
+        for split in ("train", "eval"):
+            t = pq.read_table(sorted((out / split).glob("*.parquet"))).sort_by("sequence_index")
+            tables[split] = {name: t[name].to_pylist() for name in SCORE_FIELDS}
+        return tables
+
+    m = json.loads((tiny_cache / MANIFEST).read_text())
+    rows = exported(tiny_cache, tmp_path / "out")
+    for split, cols in rows.items():
+        stored = TeacherCache(tiny_cache).split(split, ()).teacher_scores(m["splits"][split]["num_sequences"])
+        assert [list(r) for r in zip(*cols.values())] == stored.tolist()
+        total = m["splits"][split]["teacher_score"]
+        assert [sum(cols[f]) for f in SCORE_FIELDS[1:]] == [total["tokens"], total["chars"], total["bytes"]]
+        assert sum(cols["teacher_nats"]) == pytest.approx(total["nats"], rel=1e-9)
+
+    unscored = tmp_path / "unscored"  # window 2 of a train shard without a score, resealed
+    shutil.copytree(tiny_cache, unscored)
+    shard = unscored / "train-00001.h5"
+    with h5py.File(shard, "r+") as f:
+        first = json.loads(f.attrs["kd_meta"])["first_sequence"]
+        f["teacher_score"][2, :] = np.nan
+        whole = json.loads(f["checksums"].attrs["whole"])
+        f["checksums"].attrs["whole"] = json.dumps(dict(whole, teacher_score=checksum(f["teacher_score"][:])))
+    reseal_train_shard(unscored, json.loads((unscored / MANIFEST).read_text()), shard)
+    train = exported(unscored, tmp_path / "out_unscored")["train"]
+    assert [train[f][first + 2] for f in SCORE_FIELDS] == [None] * 4
+    assert train["teacher_scored_tokens"][first + 1] == rows["train"]["teacher_scored_tokens"][first + 1]
+
+
 def test_a_cache_of_an_older_format_is_read_as_it_is_rewritten_on_request_and_a_begun_one_goes_on(
     tmp_path, make_cache_config, llama_teacher, capsys
 ):

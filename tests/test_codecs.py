@@ -287,6 +287,7 @@ def test_export_round_trip_equals_the_reader(tmp_path):
     assert r.returncode == 0, r.stderr
     ds = datasets.load_dataset(str(out))
     assert set(ds) == {"train", "eval"}
+    assert "teacher_nats" not in ds["train"].column_names  # format 2 kept no score per window: no column of nulls
     cache = TeacherCache(v2)
     for split in ("train", "eval"):
         reader = cache.split(

@@ -17,6 +17,10 @@ cached sequence, every column decoded (no kd codec is needed to read it), paddin
     loss_mask        list<int8>    [T]      (chat caches) 1 where the token is a training target (the assistant's)
     position_ids     list<int32>   [T]      (chat caches) positions restarting at each packed conversation: a
                                             conversation attends only within its own run of positions
+    teacher_nats     float64                (format 8 on) the teacher's own score on the window: its nats on
+    teacher_scored_tokens, teacher_chars,   the scored targets, their count, the characters and bytes they
+    teacher_bytes    int64                  cover (null where the caching pass scored none); summed over any rows:
+                                            the teacher's CE per token and bits per character on those windows
 
 Position t describes the teacher's prediction of token t+1, as HF logits do. The column names and shapes of the
 top-k targets are those of axolotl's KD plugin datasets (`target_token_ids`, `target_logprobs`, `target_mask`,
@@ -26,11 +30,12 @@ per position). Hidden states are not exported (hundreds of bytes per token; read
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from kd.cache.format import TEACHER_SCORE_COLUMNS
 from kd.cache.manifest import Manifest
 from kd.cache.reader import TeacherCache
 from kd.data.pack import segment_positions
@@ -46,7 +51,25 @@ EXPORT_FORMAT = "kd-teacher-cache-export"
 BATCH_VALUES = 1 << 22
 
 
-def _schema(with_samples: bool, with_text: bool, with_chat: bool):
+# the export's column of each TEACHER_SCORE_COLUMNS entry: its nats, scored tokens, characters and bytes
+SCORE_FIELDS = tuple(f"teacher_{c}" if c != "tokens" else "teacher_scored_tokens" for c in TEACHER_SCORE_COLUMNS)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which optional column groups a cache exports (module docstring): what its manifest says it holds."""
+
+    samples: bool
+    text: bool
+    chat: bool
+    score: bool  # format 8 on: the teacher's score per window
+
+    @classmethod
+    def of(cls, info: Manifest) -> Columns:
+        return cls(bool(info.sample_n), info.store_text, info.chat is not None, info.format_version >= 8)
+
+
+def _schema(cols: Columns):
     import pyarrow as pa
 
     per_position = lambda t: pa.list_(pa.list_(t))  # noqa: E731
@@ -57,12 +80,14 @@ def _schema(with_samples: bool, with_text: bool, with_chat: bool):
         ("target_logprobs", per_position(pa.float32())),
         ("target_mask", per_position(pa.int8())),
     ]
-    if with_samples:
+    if cols.samples:
         fields += [("sample_ids", per_position(pa.int32())), ("sample_counts", per_position(pa.int32()))]
-    if with_text:
+    if cols.text:
         fields += [("text", pa.string()), ("token_spans", per_position(pa.int32()))]
-    if with_chat:
+    if cols.chat:
         fields += [("loss_mask", pa.list_(pa.int8())), ("position_ids", pa.list_(pa.int32()))]
+    if cols.score:
+        fields += [(name, pa.float64() if i == 0 else pa.int64()) for i, name in enumerate(SCORE_FIELDS)]
     return pa.schema(fields)
 
 
@@ -76,8 +101,9 @@ def _lists(sizes, values):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values) if isinstance(values, np.ndarray) else values)
 
 
-def _batch(items: list[dict], schema, with_samples: bool, with_text: bool, with_chat: bool):
-    """One record batch of decoded rows, padding removed (module docstring), built from flat arrays."""
+def _batch(items: list[dict], schema, cols: Columns, scores: np.ndarray | None):
+    """One record batch of decoded rows, padding removed (module docstring), built from flat arrays; `scores`: the
+    rows' teacher scores [len(items), 4] where cols.score."""
     import pyarrow as pa
 
     lengths = [int(it["length"]) for it in items]
@@ -97,19 +123,24 @@ def _batch(items: list[dict], schema, with_samples: bool, with_text: bool, with_
         "target_logprobs": per_position(flat("topk_logprobs", np.float32)),
         "target_mask": per_position(np.ones_like(topk_ids, np.int8)),
     }
-    if with_samples:  # the drawn ids present at each position (count > 0), most frequent first, as stored
+    if cols.samples:  # the drawn ids present at each position (count > 0), most frequent first, as stored
         ids, counts = flat("sample_ids", np.int32), flat("sample_counts", np.int32)
         present = counts > 0
         sizes = present.sum(1)
         columns["sample_ids"] = _lists(lengths, _lists(sizes, ids[present]))
         columns["sample_counts"] = _lists(lengths, _lists(sizes, counts[present]))
-    if with_text:
+    if cols.text:
         columns["text"] = pa.array([it["text"] for it in items], pa.string())
         columns["token_spans"] = per_position(flat("token_spans", np.int32))
-    if with_chat:
+    if cols.chat:
         columns["loss_mask"] = _lists(lengths, flat("loss_mask", np.int8))
         positions = [segment_positions(it["segments"][None, :n])[0].numpy() for it, n in zip(items, lengths)]
         columns["position_ids"] = _lists(lengths, np.concatenate(positions).astype(np.int32))
+    if cols.score:  # NaN rows (windows the caching pass did not score) become nulls, not a NaN and garbage counts
+        unscored = np.isnan(scores).any(1)
+        for i, name in enumerate(SCORE_FIELDS):
+            values = scores[:, i] if i == 0 else np.nan_to_num(scores[:, i]).astype(np.int64)
+            columns[name] = pa.array(values, mask=unscored)
     return pa.RecordBatch.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
 
@@ -129,14 +160,14 @@ def export(
     unknown = sorted(set(splits) - set(info.splits))
     if unknown:
         raise KDError(f"cache {cache_dir} has no split(s) {unknown} (it has {sorted(info.splits)})")
-    with_samples, with_text, with_chat = bool(info.sample_n), info.store_text, info.chat is not None
+    cols = Columns.of(info)
     fields = (
         ["input_ids", "topk_ids", "topk_logprobs"]
-        + (["sample_ids", "sample_counts"] if with_samples else [])
-        + (["text", "token_spans"] if with_text else [])
-        + (["loss_mask", "segments"] if with_chat else [])
+        + (["sample_ids", "sample_counts"] if cols.samples else [])
+        + (["text", "token_spans"] if cols.text else [])
+        + (["loss_mask", "segments"] if cols.chat else [])
     )
-    schema = _schema(with_samples, with_text, with_chat)
+    schema = _schema(cols)
     per_batch = max(1, BATCH_VALUES // (info.seq_len * max(info.top_k, info.sample_n, 1)))
     # built at OUT.partial and renamed when whole (kd.io.staged_dir): an export stopped by a full disk or Ctrl-C
     # leaves nothing that loads as a partial dataset, and nothing that blocks the re-run
@@ -149,8 +180,9 @@ def export(
                 first, end = f * rows_per_file, min((f + 1) * rows_per_file, len(reader))
                 with pq.ParquetWriter(tmp / split / f"data-{f:05d}-of-{n_files:05d}.parquet", schema) as writer:
                     for a in range(first, end, per_batch):  # none for an empty split: a file of no rows
-                        items = [reader[i] for i in range(a, min(a + per_batch, end))]
-                        writer.write_batch(_batch(items, schema, with_samples, with_text, with_chat))
+                        b = min(a + per_batch, end)
+                        scores = reader.teacher_scores(b, a) if cols.score else None
+                        writer.write_batch(_batch([reader[i] for i in range(a, b)], schema, cols, scores))
             log(f"[export] {split}: {len(reader)} sequences in {n_files} Parquet file(s)")
         write_readme(tmp, info, splits)
     return out

@@ -297,11 +297,15 @@ class CacheSplit:
                 item[name] = value if isinstance(value, str) else torch.from_numpy(value)
         return item
 
-    def teacher_scores(self, count: int) -> np.ndarray:
-        """[count, 4] the teacher's own score on each of the split's first `count` windows (format 8 on:
-        TEACHER_SCORE_COLUMNS), read from their shards, checked on open."""
+    def teacher_scores(self, count: int, start: int = 0) -> np.ndarray:
+        """[count - start, 4] the teacher's own score on each of the split's windows `start`..`count` - 1 (format 8
+        on: TEACHER_SCORE_COLUMNS; NaN for a window the caching pass did not score), read from their shards only,
+        checked on open."""
+        count = min(count, self.length)
+        start = min(start, count)
+        first = max(0, int(np.searchsorted(self.starts, start, side="right")) - 1)
         parts = []
-        for j in range(int(np.searchsorted(self.starts, count, side="left"))):
+        for j in range(first, int(np.searchsorted(self.starts, count, side="left"))):
             try:
                 parts.append(self._file(j).f["teacher_score"][:])
             except (OSError, KeyError) as e:
@@ -310,7 +314,10 @@ class CacheSplit:
                     f"({str(e).splitlines()[0]}); the cache is damaged: run python -m kd.cache verify {self.root}, "
                     "or re-cache"
                 ) from None
-        return np.concatenate(parts)[:count] if parts else np.zeros((0, len(TEACHER_SCORE_COLUMNS)))
+        if not parts:
+            return np.zeros((0, len(TEACHER_SCORE_COLUMNS)))
+        offset = start - int(self.starts[first])
+        return np.concatenate(parts)[offset : offset + count - start]
 
     def __getstate__(self):
         state = dict(self.__dict__)
