@@ -722,6 +722,18 @@ def plot(curves: dict[tuple[str, str, int], Curve], summary: dict, out_dir: Path
     return written
 
 
+def json_safe(value):
+    """`value` with every NaN or infinity (one seed's standard error, a ratio CE only never reaches) as null:
+    summary.json stays JSON that strict readers take."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def unfinished_runs(runs_dir: Path) -> list[str]:
     """The runs begun here but not finished: a run in progress has not reached every budget (some of its curve is
     missing), so it has no record and stays out of the tables rather than cut them short."""
@@ -746,7 +758,7 @@ def cmd_report(args) -> int:
     summary = summarize(curves)
     print(render(summary))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (args.out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
     if args.png:
         try:
             written = plot(curves, summary, Path(args.png))

@@ -17,4 +17,4 @@ docs_log=$(NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --site-dir "$si
 rm -rf "$site"
 # the package as a user installs it (a wheel in an environment of its own, run outside the clone): ~1 minute
 if [ -z "${KD_SKIP_WHEEL_CHECK:-}" ]; then bash scripts/wheel_check.sh; fi
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=15 "$@"

@@ -129,6 +129,12 @@ def test_a_token_efficiency_ratio_is_not_extrapolated_more_than_a_decade_past_th
         "CE only needs more than 10x the tokens to reach its held-out CE on 1 of 2 seeds (per seed 3.16x, >10x)"
         in bb.render(bb.summarize(curves))
     )
+    curves[("demo", "ce", 1)] = curve(tokens, [10.0, 6.0, 5.0, 5.0])  # CE only stopped falling: never, said so
+    summary = bb.summarize(curves)
+    assert summary["demo"]["ratios"]["topk"]["per_seed"][1] == math.inf
+    assert "on 1 of 2 seeds (per seed 3.16x, >10x)" in bb.render(summary)
+    safe = json.loads(json.dumps(bb.json_safe(summary), allow_nan=False))  # strict JSON: null for inf and NaN
+    assert safe["demo"]["ratios"]["topk"]["per_seed"] == [pytest.approx(10**0.5), None]
     curves[("demo", "ce", 1)] = curve(tokens, [10.0, 6.0, 5.0, 4.0])  # both a decade or less: a mean again
     curves[("demo", "topk", 1)] = curve(tokens, [10.0, 5.5, 4.5, 3.5])
     r = bb.summarize(curves)["demo"]["ratios"]["topk"]

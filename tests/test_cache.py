@@ -503,7 +503,7 @@ def test_verify_checks_the_windows_teacher_scores_against_the_manifest(tmp_path,
     assert nan_row == ["split train: 1 window(s) carry no teacher score, and the manifest gives the split's"]
 
 
-def test_export_carries_each_windows_teacher_score(tiny_cache, tmp_path):
+def test_export_carries_each_windows_teacher_score(tiny_cache, tmp_path, monkeypatch):
     """The exported rows carry the teacher's score per window (format 8): equal to the shards', adding up to the
     manifest's totals per split; a window the caching pass did not score is null, not NaN and garbage counts."""
     import shutil
@@ -511,6 +511,7 @@ def test_export_carries_each_windows_teacher_score(tiny_cache, tmp_path):
     import pyarrow.parquet as pq
 
     from kd.cache import checksum
+    from kd.cache import export as ex
     from kd.cache.export import SCORE_FIELDS, export
 
     def exported(cache: Path, out: Path) -> dict:  # split -> the rows' score columns, in sequence order
@@ -539,6 +540,7 @@ def test_export_carries_each_windows_teacher_score(tiny_cache, tmp_path):
         whole = json.loads(f["checksums"].attrs["whole"])
         f["checksums"].attrs["whole"] = json.dumps(dict(whole, teacher_score=checksum(f["teacher_score"][:])))
     reseal_train_shard(unscored, json.loads((unscored / MANIFEST).read_text()), shard)
+    monkeypatch.setattr(ex, "BATCH_VALUES", 1)  # one row per record batch: each row's score read on its own
     train = exported(unscored, tmp_path / "out_unscored")["train"]
     assert [train[f][first + 2] for f in SCORE_FIELDS] == [None] * 4
     assert train["teacher_scored_tokens"][first + 1] == rows["train"]["teacher_scored_tokens"][first + 1]

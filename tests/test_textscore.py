@@ -85,11 +85,13 @@ def test_the_cache_holds_the_teachers_score_recomputed(tiny_cache, llama_teacher
         assert [got["tokens"], got["chars"], got["bytes"]] == [tokens, chars, nbytes]
         assert got["nats"] == pytest.approx(nats, rel=1e-5)
         assert got["bits_per_char"] == pytest.approx(nats / math.log(2) / chars, rel=1e-5)
-        # any run of windows, read from its own shards only: across shard boundaries, empty, and past the end
+        # any run of windows: across shard boundaries, from one, empty, and past the end
         assert len(reader.starts) > 1
         n = len(reader)
         for start, end in ((0, n), (1, n - 1), (int(reader.starts[1]), n), (n - 1, n + 5), (2, 2), (n, n)):
-            np.testing.assert_array_equal(reader.teacher_scores(end, start), stored[start:end])
+            np.testing.assert_array_equal(reader.teacher_scores(end, start=start), stored[start:end])
+        with pytest.raises(ValueError, match="not a range"):
+            reader.teacher_scores(2, start=3)
 
 
 @pytest.mark.parametrize("teacher_bpc,warned", [(99.0, True), (0.01, False)])

@@ -19,8 +19,8 @@ cached sequence, every column decoded (no kd codec is needed to read it), paddin
                                             conversation attends only within its own run of positions
     teacher_nats     float64                (format 8 on) the teacher's own score on the window: its nats on
     teacher_scored_tokens, teacher_chars,   the scored targets, their count, the characters and bytes they
-    teacher_bytes    int64                  cover (null where the caching pass scored none); summed over any rows:
-                                            the teacher's CE per token and bits per character on those windows
+    teacher_bytes    int64                  cover (null where the caching pass scored none); summed over rows
+                                            that have one: the teacher's CE per token and bits per character there
 
 Position t describes the teacher's prediction of token t+1, as HF logits do. The column names and shapes of the
 top-k targets are those of axolotl's KD plugin datasets (`target_token_ids`, `target_logprobs`, `target_mask`,
@@ -181,7 +181,7 @@ def export(
                 with pq.ParquetWriter(tmp / split / f"data-{f:05d}-of-{n_files:05d}.parquet", schema) as writer:
                     for a in range(first, end, per_batch):  # none for an empty split: a file of no rows
                         b = min(a + per_batch, end)
-                        scores = reader.teacher_scores(b, a) if cols.score else None
+                        scores = reader.teacher_scores(b, start=a) if cols.score else None
                         writer.write_batch(_batch([reader[i] for i in range(a, b)], schema, cols, scores))
             log(f"[export] {split}: {len(reader)} sequences in {n_files} Parquet file(s)")
         write_readme(tmp, info, splits)

@@ -297,15 +297,17 @@ class CacheSplit:
                 item[name] = value if isinstance(value, str) else torch.from_numpy(value)
         return item
 
-    def teacher_scores(self, count: int, start: int = 0) -> np.ndarray:
-        """[count - start, 4] the teacher's own score on each of the split's windows `start`..`count` - 1 (format 8
-        on: TEACHER_SCORE_COLUMNS; NaN for a window the caching pass did not score), read from their shards only,
-        checked on open."""
-        count = min(count, self.length)
-        start = min(start, count)
+    def teacher_scores(self, end: int, *, start: int = 0) -> np.ndarray:
+        """[end - start, 4] the teacher's own score on each of the split's windows `start`..`end` - 1 (format 8 on:
+        TEACHER_SCORE_COLUMNS; NaN for a window the caching pass did not score; `end` past the split: to its end),
+        read from the shards that hold them, checked on open."""
+        if not 0 <= start <= end:
+            raise ValueError(f"teacher_scores: windows {start}..{end} are not a range (0 <= start <= end)")
+        end = min(end, self.length)
+        start = min(start, end)
         first = max(0, int(np.searchsorted(self.starts, start, side="right")) - 1)
         parts = []
-        for j in range(first, int(np.searchsorted(self.starts, count, side="left"))):
+        for j in range(first, int(np.searchsorted(self.starts, end, side="left"))):
             try:
                 parts.append(self._file(j).f["teacher_score"][:])
             except (OSError, KeyError) as e:
@@ -317,7 +319,7 @@ class CacheSplit:
         if not parts:
             return np.zeros((0, len(TEACHER_SCORE_COLUMNS)))
         offset = start - int(self.starts[first])
-        return np.concatenate(parts)[offset : offset + count - start]
+        return np.concatenate(parts)[offset : offset + end - start]
 
     def __getstate__(self):
         state = dict(self.__dict__)
