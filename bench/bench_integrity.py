@@ -37,6 +37,7 @@ from kd.cache import (  # noqa: E402
     FORMAT_VERSION,
     MANIFEST,
     META_ATTR,
+    WINDOW_SCORES_SINCE,
     CacheSplit,
     HiddenBasis,
     ShardWriter,
@@ -60,7 +61,11 @@ def rewrite(src: Path, dst: Path, shards: int) -> dict:
     m["format_version"], m["store_text"] = FORMAT_VERSION, False  # text: not read by the training step
     reader = cache.split("train", CacheSplit.TENSOR_FIELDS)
     # the teacher's per-window scores travel where the source has them (format 8 on); else NaN rows, "not recorded"
-    scores = reader.teacher_scores(m["splits"]["train"]["num_sequences"]) if cache.info.format_version >= 8 else None
+    scores = (
+        reader.teacher_scores(m["splits"]["train"]["num_sequences"])
+        if cache.info.format_version >= WINDOW_SCORES_SINCE
+        else None
+    )
     basis = None
     if m["codecs"]["hidden_states"]["name"] == "lowrank" and m["hidden_layers"]:  # re-encoded on the same basis
         shutil.copy(src / BASIS_FILE, dst / BASIS_FILE)

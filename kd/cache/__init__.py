@@ -69,6 +69,7 @@ from kd.cache.format import (  # noqa: F401
     SHARD_DATASETS,
     SHARD_RECORD,
     SPLITS,
+    WINDOW_SCORES_SINCE,
     checksum,
     dataset_mismatch,
     field_stores,

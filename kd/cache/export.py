@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd.cache.format import TEACHER_SCORE_COLUMNS
+from kd.cache.format import TEACHER_SCORE_COLUMNS, WINDOW_SCORES_SINCE
 from kd.cache.manifest import Manifest
 from kd.cache.reader import TeacherCache
 from kd.data.pack import segment_positions
@@ -66,7 +66,9 @@ class Columns:
 
     @classmethod
     def of(cls, info: Manifest) -> Columns:
-        return cls(bool(info.sample_n), info.store_text, info.chat is not None, info.format_version >= 8)
+        return cls(
+            bool(info.sample_n), info.store_text, info.chat is not None, info.format_version >= WINDOW_SCORES_SINCE
+        )
 
 
 def _schema(cols: Columns):

@@ -173,6 +173,7 @@ def row_datasets(specs: dict, dims: Dims) -> list[str]:
 SHARD_DATASETS = ("lengths", "sequence_index", "sample_offsets", "teacher_score")
 # a teacher_score row: the teacher's nats on the window's scored targets, their count, characters and bytes
 TEACHER_SCORE_COLUMNS = ("nats", "tokens", "chars", "bytes")
+WINDOW_SCORES_SINCE = 8  # the first format whose shards keep teacher_score (older ones: per shard record only)
 
 
 def checksum(a) -> int:
@@ -206,7 +207,7 @@ def dataset_mismatch(f, manifest: dict, n: int) -> str | None:
     manifest implies (None if all match). Shared by `verify` and the reader's check on open."""
     dims, specs = Dims.of(manifest), manifest_codecs(manifest)
     expected = {"lengths": ((n,), None), "sequence_index": ((n,), None)}
-    if manifest["format_version"] >= 8:
+    if manifest["format_version"] >= WINDOW_SCORES_SINCE:
         expected["teacher_score"] = ((n, len(TEACHER_SCORE_COLUMNS)), np.dtype(np.float64))
     stores = field_stores(specs, dims).values()
     for store in stores:

@@ -24,6 +24,7 @@ from kd.cache.format import (
     META_ATTR,
     SHARD_RECORD,
     TEACHER_SCORE_COLUMNS,
+    WINDOW_SCORES_SINCE,
     checksum,
     dataset_mismatch,
     field_stores,
@@ -362,7 +363,11 @@ class TeacherCache:
         n = info.num_sequences
         if max_sequences is None or max_sequences >= n:
             return TeacherReference(info.teacher_score, n)
-        rows = self.split(split, ()).teacher_scores(max_sequences) if self.info.format_version >= 8 else None
+        rows = (
+            self.split(split, ()).teacher_scores(max_sequences)
+            if self.info.format_version >= WINDOW_SCORES_SINCE
+            else None
+        )
         if rows is None or np.isnan(rows).any():  # per shard only: the whole split's score, said to be so
             return TeacherReference(info.teacher_score, n, eval_text_differs(max_sequences, n))
         nats, tokens, chars, nbytes = rows.sum(0)

@@ -14,6 +14,7 @@ from kd.cache.format import (
     FORMAT,
     META_ATTR,
     TEACHER_SCORE_COLUMNS,
+    WINDOW_SCORES_SINCE,
     dataset_mismatch,
     field_stores,
 )
@@ -139,7 +140,9 @@ def verify(path: str | Path, log=print) -> list[str]:
         if expected_next != split_info.num_sequences:
             return [f"split {split}: shards hold {expected_next} sequences, manifest says {split_info.num_sequences}"]
         total = split_info.teacher_score
-        if info.format_version >= 8 and total:  # the windows' scores add up to the split's, kept in the manifest
+        if (
+            info.format_version >= WINDOW_SCORES_SINCE and total
+        ):  # the windows' scores add up to the split's, kept in the manifest
             if unscored:
                 return [
                     f"split {split}: {unscored} window(s) carry no teacher score, and the manifest gives the split's"
